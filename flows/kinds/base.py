@@ -1,0 +1,37 @@
+"""What a trigger kind is: a strict spec model plus the SQL that finds who is due."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import Select
+
+from flows.spec.common import TriggerBase
+
+Category = Literal["marketing", "transactional"]
+Reference = Literal["cart", "complaint"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One trigger kind.
+
+    ``due(spec, now)`` selects ``customer_id``, ``ref_id`` and ``ref_time``: one row per
+    occurrence that is due at ``now``. ``occurrence(spec, now, ref_id, ref_time)`` names
+    that occurrence for the send key, so the same cart state, complaint, onboarding
+    day or campaign slot is never mailed twice.
+    """
+
+    name: str
+    spec: type[TriggerBase]
+    category: Category
+    due: Callable[[TriggerBase, datetime], Select]
+    occurrence: Callable[[TriggerBase, datetime, int | None, datetime | None], str]
+    reference: Reference | None = None
+
+
+def stamp(moment: datetime | None) -> str:
+    """A compact, sortable UTC stamp for send keys."""
+    assert moment is not None
+    return moment.strftime("%Y%m%dT%H%M%SZ")

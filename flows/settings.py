@@ -1,0 +1,57 @@
+"""Settings from the environment (``LIFECYCLE_*``); secrets never come from files in the repo."""
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flows.spec.common import check_sender
+
+log = logging.getLogger(__name__)
+
+# Signs unsubscribe links in development only; production refuses to start with it.
+DEVELOPMENT_SECRET = "lifecycle-development-secret-do-not-use-in-production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    database_url: str = Field("sqlite:///lifecycle.db", description="SQLAlchemy URL of the customer store.")
+    smtp_url: str = Field(
+        "smtp://127.0.0.1:25", description="smtp://user:pass@host:587?tls=starttls&connections=4&timeout=30"
+    )
+    triggers_dir: Path = Path("triggers")
+    templates_dir: Path = Path("templates")
+    sender: str = "Lifecycle Shop <hello@shop.example>"
+    secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    base_url: str = Field("http://127.0.0.1:8025", description="Where unsubscribe links point.")
+    shop_url: str = "https://shop.example"
+    default_language: str = "en"
+    batch_size: int = Field(500, ge=1, le=20000, description="Recipients per render/dispatch task.")
+    in_flight: int = Field(32, ge=1, le=1000, description="Ledger claims taken at once while sending.")
+    smtp_attempts: int = Field(5, ge=1, le=20)
+    smtp_backoff_seconds: float = Field(1.0, ge=0)
+    smtp_backoff_max_seconds: float = Field(30.0, ge=0)
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        return check_sender(value)
+
+    @model_validator(mode="after")
+    def _no_unsafe_defaults(self) -> "Settings":
+        if self.secret.get_secret_value() == DEVELOPMENT_SECRET:
+            if self.environment == "production":
+                raise ValueError("LIFECYCLE_SECRET must be set in production (it signs unsubscribe links)")
+        elif len(self.secret.get_secret_value()) < 16:
+            raise ValueError("LIFECYCLE_SECRET must be at least 16 characters")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

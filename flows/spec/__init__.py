@@ -1,0 +1,1 @@
+"""Trigger files and the stage rules: parsing, strict models, and located errors."""

@@ -1,0 +1,210 @@
+"""Loading the whole project: stage rules, every trigger file, every template.
+
+Everything is checked and every problem collected, so ``lifecycle validate`` can show
+them all at once and a run can go ahead with the healthy triggers.
+"""
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from flows.kinds import KINDS
+from flows.kinds.base import Kind
+from flows.context import sample_contexts
+from flows.render import TemplateCatalog
+from flows.spec.common import TriggerBase
+from flows.spec.problems import Path_, Problem, SpecError, format_path
+from flows.spec.stages import StageRules
+from flows.spec.yaml_source import YamlDocument, YamlSyntaxError, load_yaml
+
+STAGES_FILE = "stages.yaml"
+NOT_TRIGGERS = {STAGES_FILE, "policy.yaml"}
+
+
+@dataclass
+class Project:
+    triggers_dir: Path
+    catalog: TemplateCatalog
+    stages: StageRules | None
+    triggers: dict[str, TriggerBase] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    broken_files: set[Path] = field(default_factory=set)
+
+    def kind(self, trigger: TriggerBase) -> Kind:
+        return KINDS[trigger.kind]
+
+    def trigger(self, name: str) -> TriggerBase:
+        """The named trigger, or a SpecError with that trigger's problems."""
+        if name in self.triggers:
+            return self.triggers[name]
+        own = [p for p in self.problems if p.file.stem == name or f"'{name}'" in p.message]
+        if own:
+            raise SpecError(own)
+        known = ", ".join(sorted(self.triggers)) or "none"
+        hint = difflib.get_close_matches(name, list(self.triggers), n=1)
+        suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise SpecError([Problem(self.triggers_dir, None, "", f"no trigger named {name!r}{suffix} (valid: {known})")])
+
+
+def load_project(triggers_dir: Path, templates_dir: Path, default_language: str = "en",
+                 base_url: str = "http://localhost", shop_url: str = "https://shop.example") -> Project:
+    catalog = TemplateCatalog(templates_dir, default_language)
+    project = Project(triggers_dir, catalog, stages=None)
+    if not triggers_dir.is_dir():
+        project.problems.append(Problem(triggers_dir, None, "", "triggers folder not found"))
+        return project
+    if not templates_dir.is_dir():
+        project.problems.append(Problem(templates_dir, None, "", "templates folder not found"))
+
+    project.stages = _load_stages(triggers_dir / STAGES_FILE, project.problems)
+    stage_names = project.stages.names if project.stages else None
+
+    for path in sorted(triggers_dir.glob("*.y*ml")):
+        if path.name in NOT_TRIGGERS:
+            continue
+        before = len(project.problems)
+        spec = _load_trigger(path, stage_names, catalog, project.problems)
+        if spec is not None:
+            if spec.name in project.files:
+                project.problems.append(
+                    Problem(path, None, "name", f"trigger name {spec.name!r} is already used by {project.files[spec.name]}")
+                )
+            else:
+                project.problems.extend(_check_templates(spec, project, base_url, shop_url))
+                if len(project.problems) == before:
+                    project.triggers[spec.name] = spec
+                    project.files[spec.name] = path
+        if len(project.problems) > before:
+            project.broken_files.add(path)
+    if templates_dir.is_dir():
+        known = {(p.file, p.line) for p in project.problems}
+        project.problems.extend(p for p in catalog.check_syntax() if (p.file, p.line) not in known)
+    return project
+
+
+def _load_stages(path: Path, problems: list[Problem]) -> StageRules | None:
+    if not path.is_file():
+        problems.append(Problem(path, None, "", "stage rules file not found"))
+        return None
+    try:
+        doc = load_yaml(path)
+    except YamlSyntaxError as exc:
+        problems.append(exc.problem)
+        return None
+    try:
+        return StageRules.model_validate(doc.data)
+    except ValidationError as exc:
+        problems.extend(problems_from(doc, exc, StageRules))
+        return None
+
+
+def _load_trigger(path: Path, stages: list[str] | None, catalog: TemplateCatalog,
+                  problems: list[Problem]) -> TriggerBase | None:
+    try:
+        doc = load_yaml(path)
+    except YamlSyntaxError as exc:
+        problems.append(exc.problem)
+        return None
+    if not isinstance(doc.data, dict):
+        problems.append(doc.problem((), "", "expected a mapping of fields (name, kind, schedule, email…)"))
+        return None
+    kind_name = doc.data.get("kind")
+    if kind_name not in KINDS:
+        message = f"unknown kind {kind_name!r}; valid kinds: {', '.join(KINDS)}" if kind_name else (
+            f"required field is missing; valid kinds: {', '.join(KINDS)}")
+        problems.append(doc.problem(("kind",), "kind", message))
+        return None
+    model = KINDS[kind_name].spec
+    try:
+        spec = model.model_validate(doc.data, context={"stages": stages})
+    except ValidationError as exc:
+        problems.extend(problems_from(doc, exc, model))
+        return None
+    if not catalog.exists(spec.email.template):
+        choices = sorted(p.name for p in catalog.root.iterdir() if p.is_dir() and not p.name.startswith("_")) \
+            if catalog.root.is_dir() else []
+        problems.append(doc.problem(("email", "template"), "email.template",
+                                    f"no folder templates/{spec.email.template}/; valid templates: {', '.join(choices)}"))
+        return None
+    return spec
+
+
+def _check_templates(spec: TriggerBase, project: Project, base_url: str, shop_url: str) -> list[Problem]:
+    catalog = project.catalog
+    all_stages = project.stages.names if project.stages else ["default"]
+    stages = spec.audience.stages or all_stages
+    languages = {catalog.default_language} | catalog.languages(spec.email.template)
+    languages |= {lang for lang in spec.email.subject if lang != "*"} | set(spec.audience.locales or [])
+    samples = sample_contexts(KINDS[spec.kind].reference, base_url, shop_url)
+    return catalog.check(spec.email, stages, languages, samples)
+
+
+# -- pydantic errors → located problems ---------------------------------------------
+
+def problems_from(doc: YamlDocument, exc: ValidationError, model: type[BaseModel]) -> list[Problem]:
+    out = []
+    for error in exc.errors():
+        path = _data_path(doc.data, tuple(error["loc"]))
+        out.append(doc.problem(path, format_path(path), _describe(error, model, path)))
+    return out
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
+    """Keep the parts of a pydantic location that exist in the data (drop union tags)."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and not part.startswith(("function-", "union[")):
+            path.append(part)  # a missing field: its parent's line is the best we have
+            node = None
+    return tuple(path)
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel], path: Path_) -> str:
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        valid = sorted(_fields_at(model, path[:-1]))
+        close = difflib.get_close_matches(str(path[-1]), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown field{hint} (valid fields: {', '.join(valid)})"
+    if kind == "missing":
+        return "required field is missing"
+    if message.startswith("Value error, "):
+        return message.removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], (dict, list)):
+        return f"{message[0].lower()}{message[1:]}, got {error['input']!r}"
+    return message[0].lower() + message[1:]
+
+
+def _fields_at(model: type[BaseModel], path: Path_) -> list[str]:
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        current = _inner_model(fields[part].annotation)
+    return list(getattr(current, "model_fields", {}))
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    if get_origin(annotation) is None:
+        return None
+    return None

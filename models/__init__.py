@@ -1,0 +1,24 @@
+"""The customer store and the send ledger (SQLModel tables)."""
+
+from models.commerce import CART_OPEN, CART_ORDERED, Cart, CartItem, Order
+from models.customer import Customer
+from models.events import Event, StoreMeta
+from models.ledger import Send, SendStatus
+from models.support import Complaint
+from models.suppression import Suppression, SuppressionReason
+
+__all__ = [
+    "CART_OPEN",
+    "CART_ORDERED",
+    "Cart",
+    "CartItem",
+    "Complaint",
+    "Customer",
+    "Event",
+    "Order",
+    "Send",
+    "SendStatus",
+    "StoreMeta",
+    "Suppression",
+    "SuppressionReason",
+]

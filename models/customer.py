@@ -1,0 +1,24 @@
+"""Customers: who we may write to, in which language, and since when they consented."""
+
+from datetime import datetime
+
+from sqlalchemy import Column
+from sqlmodel import Field, SQLModel
+
+from models.types import UtcDateTime, utcnow
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customers"
+
+    id: int | None = Field(default=None, primary_key=True)
+    external_id: str = Field(max_length=255, unique=True, index=True, description="The shop's userId.")
+    email: str | None = Field(default=None, max_length=320, index=True)
+    first_name: str | None = Field(default=None, max_length=200)
+    last_name: str | None = Field(default=None, max_length=200)
+    locale: str = Field(default="en", max_length=35)
+    timezone: str | None = Field(default=None, max_length=64)
+    marketing_consent: bool = Field(default=False)
+    consent_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True))
+    last_seen_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), index=True))

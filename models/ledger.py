@@ -1,0 +1,53 @@
+"""The send ledger: one row per send key, claimed before sending and marked after.
+
+States (a row only ever moves forward):
+
+``sending``  claimed by a run, just before its message is handed to the SMTP server.
+             Claims are taken a few dozen at a time (the in-flight window), so at
+             most that many rows can be left here if the run is killed. Such a row
+             is "in doubt": the server may or may not have accepted it. It is never
+             sent again automatically (a duplicate is worse than a gap); ``lifecycle
+             ledger in-doubt`` lists them and ``lifecycle ledger release`` frees
+             them once ops have checked the SMTP server's log.
+``sent``     the server accepted it (``smtp_reply`` holds the reply).
+``failed``   permanently rejected (5xx) or not renderable; never retried.
+
+A temporary failure that outlasts its retries deletes the claim, so the next run
+tries again: the server said no, so nothing was sent.
+"""
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import Column, Index
+from sqlmodel import Field, SQLModel
+
+from models.types import UtcDateTime
+
+
+class SendStatus(StrEnum):
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Send(SQLModel, table=True):
+    __tablename__ = "sends"
+    __table_args__ = (Index("ix_sends_trigger_customer_evaluated", "trigger", "customer_id", "evaluated_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    send_key: str = Field(max_length=255, unique=True, description="trigger/customer/occurrence")
+    trigger: str = Field(max_length=64)
+    customer_id: int = Field(foreign_key="customers.id")
+    occurrence: str = Field(max_length=128)
+    status: str = Field(max_length=16, index=True)
+    run_id: str = Field(max_length=64)
+    stage: str = Field(default="", max_length=32)
+    template: str = Field(default="", max_length=255)
+    email: str = Field(max_length=320)
+    message_id: str = Field(default="", max_length=255)
+    evaluated_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    claimed_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
+    smtp_reply: str = Field(default="", max_length=1000)
+    error: str = Field(default="", max_length=1000)
