@@ -73,7 +73,7 @@ class RenderError(Exception):
     """A template failed for one recipient; carries the template file and line."""
 
     def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
-        self.file, self.line = file, line
+        self.file, self.line, self.detail = file, line, message
         where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
         super().__init__(where + message)
 
@@ -203,7 +203,7 @@ class TemplateCatalog:
     def _problem(self, exc: RenderError, case: str = "") -> Problem:
         file = self.root / exc.file if exc.file else self.root
         text = file.read_text(encoding="utf-8") if file.is_file() else ""
-        message = str(exc).split(": ", 2)[-1] if exc.line else str(exc).removeprefix(f"{exc.file}: ")
+        message = exc.detail
         if case:
             message += f" (test render: {case})"
         return Problem(file, exc.line, "", message, snippet(text, exc.line))

@@ -1,0 +1,243 @@
+"""SMTP delivery: a few reused connections, retries for what is temporary, nothing twice.
+
+Only this module talks to the SMTP server. Each message goes MAIL → RCPT → DATA on
+one of ``connections`` open sessions. A 4xx reply or a dropped connection before
+DATA is retried with exponential backoff (tenacity); a 5xx is final. A connection
+lost *during* DATA is ambiguous (the server may have accepted the message), so it
+is never retried: it is reported ``in_doubt`` and its claim stays in the ledger.
+"""
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from types import TracebackType
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiosmtplib
+from aiosmtplib import SMTPRecipientsRefused, SMTPResponseException
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    hostname: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: str = "none"  # none | starttls | ssl
+    timeout: float = 30.0
+    connections: int = 4
+
+    @classmethod
+    def from_url(cls, url: str) -> "SmtpConfig":
+        """``smtp://user:pass@host:587?tls=starttls&connections=4&timeout=30`` (``smtps://`` = TLS)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError(f"LIFECYCLE_SMTP_URL must look like smtp://user:pass@host:587?tls=starttls, got {url!r}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        tls = "ssl" if parts.scheme == "smtps" else query.get("tls", "none")
+        if tls not in ("none", "starttls", "ssl"):
+            raise ValueError(f"tls must be none, starttls or ssl, got {tls!r}")
+        default_port = {"ssl": 465, "starttls": 587}.get(tls, 25)
+        return cls(
+            hostname=parts.hostname,
+            port=parts.port or default_port,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+            timeout=float(query.get("timeout", 30)),
+            connections=max(1, int(query.get("connections", 4))),
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    backoff: float = 1.0
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    key: str
+    sender: str
+    recipient: str
+    data: bytes
+
+
+class Result(StrEnum):
+    SENT = "sent"
+    BOUNCED = "bounced"  # the recipient was refused permanently (5xx at RCPT)
+    REJECTED = "rejected"  # the message was refused permanently (5xx at MAIL or DATA)
+    DEFERRED = "deferred"  # still temporary after every retry: nothing was accepted
+    IN_DOUBT = "in_doubt"  # connection lost during DATA: maybe accepted
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    key: str
+    result: Result
+    reply: str
+
+
+class SmtpUnavailable(Exception):
+    """The server could not be reached even after retries; ``done`` lists what was delivered."""
+
+    def __init__(self, message: str, done: list[Delivery]) -> None:
+        super().__init__(message)
+        self.done = done
+
+
+class _InDoubt(Exception):
+    pass
+
+
+def _code(exc: BaseException) -> int | None:
+    if isinstance(exc, SMTPRecipientsRefused):
+        return exc.recipients[0].code if exc.recipients else None
+    if isinstance(exc, SMTPResponseException):
+        return exc.code
+    return None
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) and _code(exc) is None
+
+
+def is_transient(exc: BaseException) -> bool:
+    code = _code(exc)
+    return (code is not None and 400 <= code < 500) or _connection_lost(exc)
+
+
+class Mailer:
+    """``async with Mailer(config, policy) as mailer: await mailer.send(envelopes)``."""
+
+    def __init__(self, config: SmtpConfig, policy: RetryPolicy) -> None:
+        self.config, self.policy = config, policy
+        self._idle: list[aiosmtplib.SMTP] = []
+
+    async def __aenter__(self) -> "Mailer":
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await asyncio.gather(*(self._close(client) for client in self._idle))
+        self._idle.clear()
+
+    async def check(self) -> None:
+        """Fail fast (before the first mail) when the server cannot be reached."""
+        client = await self._connect()
+        await client.noop()
+        self._idle.append(client)
+
+    async def send(self, envelopes: Sequence[Envelope]) -> list[Delivery]:
+        queue = deque(envelopes)
+        done: list[Delivery] = []
+        unreachable: list[BaseException] = []
+
+        async def worker() -> None:
+            client = self._idle.pop() if self._idle else None
+            try:
+                while queue and not unreachable:
+                    envelope = queue.popleft()
+                    try:
+                        delivery, client = await self._deliver(client, envelope)
+                    except Exception as exc:  # connection failures outlasting every retry
+                        unreachable.append(exc)
+                        return
+                    done.append(delivery)
+            finally:
+                if client is not None and client.is_connected:
+                    self._idle.append(client)
+
+        workers = min(self.config.connections, len(envelopes))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        if unreachable:
+            raise SmtpUnavailable(
+                f"SMTP server {self.config.hostname}:{self.config.port} unreachable after "
+                f"{self.policy.attempts} attempts: {unreachable[0]!r}",
+                done,
+            )
+        return done
+
+    async def _deliver(self, client: aiosmtplib.SMTP | None, envelope: Envelope) -> tuple[Delivery, aiosmtplib.SMTP | None]:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.policy.attempts),
+            wait=wait_exponential(multiplier=self.policy.backoff, max=self.policy.backoff_max),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if client is None or not client.is_connected:
+                        client = await self._connect()
+                    try:
+                        reply = await self._transaction(client, envelope)
+                    except Exception as exc:
+                        if _connection_lost(exc) or _code(exc) == 421:
+                            await self._close(client)
+                            client = None
+                        raise
+            return Delivery(envelope.key, Result.SENT, reply), client
+        except _InDoubt as exc:
+            return Delivery(envelope.key, Result.IN_DOUBT, str(exc)), client
+        except (SMTPRecipientsRefused, SMTPResponseException) as exc:
+            code = _code(exc) or 0
+            reply = f"{code} {getattr(exc, 'message', '') or exc}"
+            if code >= 500:
+                result = Result.BOUNCED if isinstance(exc, SMTPRecipientsRefused) else Result.REJECTED
+                return Delivery(envelope.key, result, reply), client
+            return Delivery(envelope.key, Result.DEFERRED, reply), client
+
+    async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
+        try:
+            await client.mail(envelope.sender)
+            try:
+                await client.rcpt(envelope.recipient)
+            except SMTPResponseException as exc:
+                raise SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(exc.code, exc.message, envelope.recipient)]) from None
+        except SMTPResponseException:
+            await _reset(client)
+            raise
+        try:
+            response = await client.data(envelope.data)
+        except SMTPResponseException:
+            await _reset(client)
+            raise
+        except Exception as exc:
+            if _connection_lost(exc):
+                await self._close(client)
+                raise _InDoubt(f"connection lost during DATA: {exc!r}") from None
+            raise
+        return f"{response.code} {response.message}"
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        config = self.config
+        client = aiosmtplib.SMTP(
+            hostname=config.hostname,
+            port=config.port,
+            username=config.username,
+            password=config.password,
+            use_tls=config.tls == "ssl",
+            start_tls=config.tls == "starttls",
+            timeout=config.timeout,
+        )
+        await client.connect()
+        return client
+
+    @staticmethod
+    async def _close(client: aiosmtplib.SMTP) -> None:
+        try:
+            if client.is_connected:
+                await client.quit()
+        except Exception:
+            client.close()
+
+
+async def _reset(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.rset()
+    except Exception:
+        pass

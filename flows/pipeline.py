@@ -1,0 +1,327 @@
+"""A trigger run: audience → render → dispatch → ledger → summary.
+
+``execute`` wires the stages and takes the render and dispatch steps as arguments:
+the Prefect flow passes them as tasks (one task per batch, never per recipient), a
+dry run passes the plain functions and needs no Prefect server at all.
+"""
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from sqlmodel import Session
+
+from flows import ledger
+from flows.audience import Candidate, Skip, stream_candidates
+from flows.clock import parse_now
+from flows.compose import Sender, build_message, message_id
+from flows.context import (
+    CustomerView,
+    Links,
+    TriggerView,
+    load_carts,
+    load_complaints,
+    load_latest_orders,
+)
+from flows.dispatch import Delivery, Envelope, Mailer, Result, RetryPolicy, SmtpConfig, SmtpUnavailable
+from flows.kinds import KINDS
+from flows.kinds.base import Kind
+from flows.links import unsubscribe_url
+from flows.render import RenderError, TemplateCatalog
+from flows.report import DEFERRED, SENT, WOULD_SEND, PlannedMail, RunSummary, failed, skipped
+from flows.settings import Settings, get_settings
+from flows.spec.common import TriggerBase
+from flows.spec.project import Project, load_project
+from flows.spec.stages import StageRules
+from models import SendStatus, SuppressionReason
+from models.db import get_engine
+from models.types import utcnow
+
+PLANNED_LINES = 50
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one run of one trigger needs; immutable for the whole run."""
+
+    trigger: TriggerBase
+    kind: Kind
+    stages: StageRules
+    catalog: TemplateCatalog
+    settings: Settings
+    now: datetime
+    run_id: str
+    dry_run: bool = False
+
+    @property
+    def sender(self) -> Sender:
+        return Sender.parse(self.trigger.email.sender or self.settings.sender)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    candidate: Candidate
+    claim: ledger.Claim
+    envelope: Envelope
+    subject: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    candidate: Candidate
+    reason: str
+    message: str
+
+
+def load(settings: Settings) -> Project:
+    return load_project(
+        settings.triggers_dir, settings.templates_dir, settings.default_language, settings.base_url, settings.shop_url
+    )
+
+
+def prepare_job(
+    trigger_name: str,
+    now: datetime,
+    *,
+    settings: Settings,
+    dry_run: bool = False,
+    project: Project | None = None,
+    run_id: str | None = None,
+) -> Job:
+    """Validate (the trigger, its templates: a test render of each) before anything is sent."""
+    project = project or load(settings)
+    trigger = project.trigger(trigger_name)  # SpecError names file, line and field
+    assert project.stages is not None  # a trigger only loads when the stage rules did
+    return Job(
+        trigger=trigger,
+        kind=KINDS[trigger.kind],
+        stages=project.stages,
+        catalog=project.catalog,
+        settings=settings,
+        now=now,
+        run_id=run_id or uuid.uuid4().hex,
+        dry_run=dry_run,
+    )
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("lifecycle")
+
+
+# -- render ------------------------------------------------------------------------
+
+def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0) -> tuple[list[Prepared], list[Failure]]:
+    """Render and compose each due candidate; one recipient's bad data fails only that one."""
+    settings = job.settings
+    engine = get_engine(settings.database_url)
+    refs = [c.ref_id for c in candidates if c.ref_id is not None]
+    with Session(engine) as session:
+        carts = load_carts(session, refs) if job.kind.reference == "cart" else {}
+        complaints = load_complaints(session, refs) if job.kind.reference == "complaint" else {}
+        orders = load_latest_orders(session, [c.customer_id for c in candidates], job.now)
+    sender, secret, date = job.sender, settings.secret.get_secret_value(), utcnow()
+    trigger_view = TriggerView(job.trigger.name, job.trigger.description)
+    prepared: list[Prepared] = []
+    failures: list[Failure] = []
+    for c in candidates:
+        assert c.email is not None
+        customer = CustomerView(c.external_id, c.email, c.first_name, c.last_name, c.locale, c.language)
+        context: dict[str, Any] = {
+            "customer": customer,
+            "stage": c.stage,
+            "lang": c.language,
+            "cart": carts.get(c.ref_id) if c.ref_id is not None else None,
+            "complaint": complaints.get(c.ref_id) if c.ref_id is not None else None,
+            "order": orders.get(c.customer_id),
+            "links": Links(
+                unsubscribe_url(settings.base_url, secret, c.external_id, job.trigger.kind), settings.shop_url
+            ),
+            "trigger": trigger_view,
+            "now": job.now,
+        }
+        try:
+            rendered = job.catalog.render(job.trigger.email, context)
+            msg_id = message_id(c.send_key, sender)
+            data = build_message(
+                rendered, sender=sender, to_address=c.email, to_name=customer.name, msg_id=msg_id, date=date
+            )
+        except RenderError as exc:
+            failures.append(Failure(c, "render_error", str(exc)))
+            continue
+        except (ValueError, TypeError, IndexError) as exc:
+            failures.append(Failure(c, "invalid_message", f"{type(exc).__name__}: {exc}"))
+            continue
+        claim = ledger.Claim(c.send_key, job.trigger.name, c.customer_id, c.occurrence, c.stage,
+                             rendered.template, c.email, msg_id)
+        prepared.append(Prepared(c, claim, Envelope(c.send_key, sender.address, c.email, data), rendered.subject))
+    return prepared, failures
+
+
+# -- dispatch ----------------------------------------------------------------------
+
+_OUTCOME = {
+    Result.SENT: SENT,
+    Result.BOUNCED: failed("bounced"),
+    Result.REJECTED: failed("rejected"),
+    Result.DEFERRED: DEFERRED,
+    Result.IN_DOUBT: failed("in_doubt"),
+}
+_LEDGER = {
+    Result.SENT: SendStatus.SENT,
+    Result.BOUNCED: SendStatus.FAILED,
+    Result.REJECTED: SendStatus.FAILED,
+    Result.DEFERRED: SendStatus.SENDING,  # released: the next run tries again
+}
+
+
+def dispatch_prepared(job: Job, prepared: Sequence[Prepared], batch: int = 0) -> Counter[tuple[str, str]]:
+    settings = job.settings
+    config = SmtpConfig.from_url(settings.smtp_url)
+    policy = RetryPolicy(settings.smtp_attempts, settings.smtp_backoff_seconds, settings.smtp_backoff_max_seconds)
+    return asyncio.run(_dispatch(job, prepared, config, policy))
+
+
+async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
+                    policy: RetryPolicy) -> Counter[tuple[str, str]]:
+    """Claim a window of keys, send them, record them; repeat. At most ``in_flight``
+    claims are ever open at once, which bounds what a crash can leave in doubt."""
+    engine = get_engine(job.settings.database_url)
+    counts: Counter[tuple[str, str]] = Counter()
+    async with Mailer(config, policy) as mailer:
+        size = job.settings.in_flight
+        for window in (prepared[i : i + size] for i in range(0, len(prepared), size)):
+            by_key = {p.claim.send_key: p for p in window}
+            won = await asyncio.to_thread(ledger.claim, engine, [p.claim for p in window], job.run_id, job.now)
+            for key in by_key.keys() - won:
+                counts[(by_key[key].candidate.stage, skipped(Skip.ALREADY_SENT))] += 1
+            envelopes = [p.envelope for p in window if p.claim.send_key in won]
+            if not envelopes:
+                continue
+            try:
+                deliveries = await mailer.send(envelopes)
+            except SmtpUnavailable as exc:
+                await asyncio.to_thread(_record, engine, exc.done, by_key, counts)
+                attempted = {d.key for d in exc.done}
+                await asyncio.to_thread(ledger.release, engine, [k for k in won if k not in attempted])
+                raise
+            await asyncio.to_thread(_record, engine, deliveries, by_key, counts)
+    return counts
+
+
+def _record(engine, deliveries: Sequence[Delivery], by_key: dict[str, Prepared],
+            counts: Counter[tuple[str, str]]) -> None:
+    outcomes = [
+        ledger.Outcome(d.key, _LEDGER[d.result], reply=d.reply if d.result == Result.SENT else "",
+                       error="" if d.result == Result.SENT else d.reply)
+        for d in deliveries
+        if d.result in _LEDGER
+    ]
+    ledger.record(engine, outcomes)
+    bounced = [by_key[d.key].envelope.recipient for d in deliveries if d.result == Result.BOUNCED]
+    ledger.suppress(engine, bounced, SuppressionReason.HARD_BOUNCE, "5xx at RCPT")
+    for d in deliveries:
+        counts[(by_key[d.key].candidate.stage, _OUTCOME[d.result])] += 1
+
+
+def check_smtp(settings: Settings) -> None:
+    """Connect once before the first batch: an unreachable server fails the run early."""
+    config = SmtpConfig.from_url(settings.smtp_url)
+
+    async def probe() -> None:
+        async with Mailer(config, RetryPolicy()) as mailer:
+            await mailer.check()
+
+    asyncio.run(probe())
+
+
+# -- the run -----------------------------------------------------------------------
+
+RenderStep = Callable[..., tuple[list[Prepared], list[Failure]]]
+DispatchStep = Callable[..., Counter[tuple[str, str]]]
+
+
+def execute(job: Job, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared) -> RunSummary:
+    log = _logger()
+    settings = job.settings
+    engine = get_engine(settings.database_url)
+    summary = RunSummary(job.trigger.name, job.now, job.dry_run)
+    log.info("Evaluating %s (%s) as of %s%s", job.trigger.name, job.trigger.kind, job.now.isoformat(),
+             " (dry run)" if job.dry_run else "")
+    batches = stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
+                                settings.default_language)
+    for number, batch in enumerate(batches, start=1):
+        due = []
+        for candidate in batch:
+            if candidate.skip is None:
+                due.append(candidate)
+            else:
+                summary.add(candidate.stage, skipped(candidate.skip))
+        skipped_here = len(batch) - len(due)
+        if not due:
+            log.info("Batch %d: %d candidates, all skipped", number, len(batch))
+            continue
+        prepared, failures = render(job, due, batch=number)
+        for failure in failures:
+            summary.add(failure.candidate.stage, failed(failure.reason))
+            log.warning("Customer %s not rendered: %s", failure.candidate.external_id, failure.message)
+        summary.templates.update(p.claim.template for p in prepared)
+        if job.dry_run:
+            for p in prepared:
+                summary.add(p.candidate.stage, WOULD_SEND)
+                if len(summary.planned) < PLANNED_LINES:
+                    c = p.candidate
+                    summary.planned.append(PlannedMail(c.external_id, c.stage, c.language, p.claim.template, p.subject))
+        else:
+            summary.merge(dispatch(job, prepared, batch=number))
+        log.info("Batch %d: %d candidates, %d due, %d skipped, %d not renderable",
+                 number, len(batch), len(due), skipped_here, len(failures))
+    log.info(summary.headline())
+    return summary
+
+
+def _run_name() -> str:
+    parameters = flow_run.parameters
+    moment = parse_now(parameters.get("now"))
+    suffix = " (dry run)" if parameters.get("dry_run") else ""
+    return f"{parameters['trigger']} @ {moment:%Y-%m-%d %H:%M} UTC{suffix}"
+
+
+render_batch = task(render_candidates, name="render", task_run_name="render-batch-{batch}", cache_policy=NO_CACHE)
+dispatch_batch = task(dispatch_prepared, name="dispatch", task_run_name="dispatch-batch-{batch}", cache_policy=NO_CACHE)
+
+
+@flow(name="lifecycle-trigger", flow_run_name=_run_name, validate_parameters=True)
+def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) -> RunSummary:
+    """Evaluate one trigger at ``now`` (ISO 8601; default: the current time) and send."""
+    settings = get_settings()
+    job = prepare_job(trigger, parse_now(now), settings=settings, dry_run=dry_run, run_id=str(flow_run.id or ""))
+    if not dry_run:
+        check_smtp(settings)
+    summary = execute(job, render=render_batch, dispatch=dispatch_batch)
+    publish(summary)
+    return summary
+
+
+def compile_flow(trigger: TriggerBase):
+    """The trigger as its own Prefect flow, named after it in the UI."""
+    return trigger_flow.with_options(name=trigger.name)
+
+
+def publish(summary: RunSummary) -> None:
+    key = "".join(ch if ch.isalnum() else "-" for ch in summary.trigger.lower())
+    create_markdown_artifact(key=f"{key}-summary", markdown=summary.to_markdown(), description=summary.headline())
+    create_table_artifact(key=f"{key}-counts", table=summary.table(), description="Counts per stage and outcome")

@@ -1,0 +1,92 @@
+"""The per-run summary: counts per stage and outcome, for the terminal and the Prefect UI."""
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+SENT = "sent"
+WOULD_SEND = "would_send"
+DEFERRED = "deferred"
+
+
+def skipped(reason: str) -> str:
+    return f"skipped:{reason}"
+
+
+def failed(reason: str) -> str:
+    return f"failed:{reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedMail:
+    """One line of a dry run: who would get what (no address: ids only)."""
+
+    customer: str
+    stage: str
+    language: str
+    template: str
+    subject: str
+
+
+@dataclass
+class RunSummary:
+    trigger: str
+    evaluated_at: datetime
+    dry_run: bool = False
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    planned: list[PlannedMail] = field(default_factory=list)
+    templates: set[str] = field(default_factory=set)
+
+    def add(self, stage: str, outcome: str, count: int = 1) -> None:
+        self.counts[(stage, outcome)] += count
+
+    def merge(self, other: Counter[tuple[str, str]]) -> None:
+        self.counts.update(other)
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for (_, outcome), count in self.counts.items():
+            totals[outcome] += count
+        return totals
+
+    @property
+    def stages(self) -> list[str]:
+        return sorted({stage for stage, _ in self.counts})
+
+    @property
+    def sent(self) -> int:
+        return self.outcomes[SENT]
+
+    def table(self) -> list[dict[str, object]]:
+        """One row per stage, one column per outcome, plus a total row."""
+        columns = sorted(self.outcomes)
+        rows: list[dict[str, object]] = []
+        for stage in self.stages:
+            row: dict[str, object] = {"stage": stage}
+            row.update({c: self.counts.get((stage, c), 0) for c in columns})
+            rows.append(row)
+        total: dict[str, object] = {"stage": "total"}
+        total.update({c: self.outcomes[c] for c in columns})
+        rows.append(total)
+        return rows
+
+    def headline(self) -> str:
+        totals = self.outcomes
+        main = totals[WOULD_SEND] if self.dry_run else totals[SENT]
+        verb = "would send" if self.dry_run else "sent"
+        others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()) if name not in (SENT, WOULD_SEND))
+        return f"{self.trigger} @ {self.evaluated_at:%Y-%m-%d %H:%M:%S} UTC: {verb} {main}" + (
+            f"; {others}" if others else ""
+        )
+
+    def to_markdown(self) -> str:
+        rows = self.table()
+        if len(rows) == 1:
+            body = "_Nobody was due._"
+        else:
+            columns = list(rows[0])
+            body = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            body += "\n".join("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows)
+        templates = "\n".join(f"- `{t}`" for t in sorted(self.templates)) or "- none"
+        return f"# {self.trigger}\n\n{self.headline()}\n\n{body}\n\n## Templates used\n{templates}\n"
