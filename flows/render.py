@@ -88,6 +88,13 @@ def _date(context: Context, value: datetime, format: str = "medium") -> str:
     return format_date(value, format=format, locale=context.get("lang", "en"))
 
 
+def html_to_text(html: str) -> str:
+    """The text part for templates without a .txt.j2: layout whitespace folded away."""
+    lines = [line.rstrip() for line in get_text(html, _TEXT_CONFIG).splitlines()]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.strip() if not line.strip() else line for line in lines))
+    return text.strip() + "\n"
+
+
 def language_of(locale: str | None, default: str) -> str:
     """``de-AT`` → ``de``; empty or odd values fall back to the default language."""
     lang = (locale or "").replace("_", "-").split("-")[0].lower()
@@ -156,7 +163,7 @@ class TemplateCatalog:
         text_name = self.resolve(email.template, stage, lang, "txt")
         subject = one_line(self._render_string(email.subject_for(lang), context))
         html = self._render_file(html_name, context)
-        text = self._render_file(text_name, context) if text_name else get_text(html, _TEXT_CONFIG).strip() + "\n"
+        text = self._render_file(text_name, context) if text_name else html_to_text(html)
         return Rendered(subject=subject, html=html, text=text, template=html_name)
 
     def _render_file(self, name: str, context: dict[str, Any]) -> str:

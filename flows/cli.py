@@ -1,0 +1,241 @@
+"""The ``lifecycle`` command: validate, ingest, run, preview, demo, ledger."""
+
+import os
+
+# No internet here or in many shops' networks: Prefect must not try to phone home.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.clock import parse_now
+from flows.report import RunSummary
+from flows.settings import Settings, get_settings
+from flows.spec.problems import Problem, SpecError
+
+app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+ledger_app = typer.Typer(help="Inspect and repair the send ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _settings(triggers: Path | None = None, templates: Path | None = None) -> Settings:
+    try:
+        settings = get_settings()
+    except ValueError as exc:
+        errors.print(f"[red]Configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+    updates = {k: v for k, v in {"triggers_dir": triggers, "templates_dir": templates}.items() if v}
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def _engine(settings: Settings):
+    from models.db import create_schema, get_engine
+
+    engine = get_engine(settings.database_url)
+    create_schema(engine)
+    return engine
+
+
+def _now(value: str | None) -> datetime:
+    try:
+        return parse_now(value)
+    except ValueError:
+        errors.print(f"[red]--now must be an ISO-8601 moment such as 2026-03-14T09:30:00Z, got {value!r}[/]")
+        raise typer.Exit(2) from None
+
+
+def print_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        errors.print(f"[bold red]{problem.location}[/]: " + (f"[yellow]{problem.field}[/]: " if problem.field else "")
+                     + problem.message, markup=True, highlight=False, soft_wrap=True)
+        if problem.snippet:
+            errors.print(problem.snippet, markup=False, highlight=False)
+        errors.print()
+
+
+TriggersOpt = Annotated[Optional[Path], typer.Option("--triggers", help="Triggers folder (LIFECYCLE_TRIGGERS_DIR).")]
+TemplatesOpt = Annotated[Optional[Path], typer.Option("--templates", help="Templates folder (LIFECYCLE_TEMPLATES_DIR).")]
+
+
+@app.command()
+def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> None:
+    """Check every trigger file, the stage rules and every template; report all problems."""
+    from flows.pipeline import load
+
+    settings = _settings(triggers, templates)
+    project = load(settings)
+    if project.problems:
+        print_problems(project.problems)
+        files = {p.file for p in project.problems}
+        errors.print(f"[red]{len(project.problems)} problem(s) in {len(files)} file(s).[/] "
+                     f"{len(project.triggers)} trigger(s) are valid.")
+        raise typer.Exit(1)
+    names = ", ".join(sorted(project.triggers))
+    console.print(f"[green]All good:[/] {len(project.triggers)} triggers ({names}), "
+                  f"{len(project.stages.stages) if project.stages else 0} stages, templates render.")
+
+
+@app.command()
+def ingest(file: Annotated[str, typer.Argument(help="A .jsonl file of Segment events, or - for stdin.")]) -> None:
+    """Load Segment events (identify, track) into the customer store; re-loading is harmless."""
+    from flows.ingest import ingest_lines
+
+    settings = _settings()
+    engine = _engine(settings)
+    if file == "-":
+        report = ingest_lines(engine, sys.stdin)
+    else:
+        path = Path(file)
+        if not path.is_file():
+            errors.print(f"[red]{file}: no such file[/]")
+            raise typer.Exit(2)
+        with path.open(encoding="utf-8") as handle:
+            report = ingest_lines(engine, handle)
+    for line, reason in report.errors:
+        errors.print(f"[red]{file}:{line}[/]: {reason}", highlight=False)
+    console.print(f"Loaded {report.loaded} event(s), {report.duplicates} already known, "
+                  f"{len(report.errors)} bad line(s) skipped.")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def summary_table(summary: RunSummary) -> Table:
+    rows = summary.table()
+    table = Table(title=summary.headline(), title_justify="left", min_width=80)
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in rows:
+        style = "bold" if row["stage"] == "total" else None
+        table.add_row(*(str(v) for v in row.values()), style=style)
+    return table
+
+
+def planned_table(summary: RunSummary) -> Table:
+    table = Table(title=f"Who would get what (first {len(summary.planned)})", title_justify="left")
+    for column in ("customer", "stage", "language", "template", "subject"):
+        table.add_column(column)
+    for mail in summary.planned:
+        table.add_row(mail.customer, mail.stage, mail.language, mail.template, mail.subject)
+    return table
+
+
+@app.command()
+def run(
+    triggers: Annotated[Optional[list[str]], typer.Argument(help="Trigger names (see `lifecycle validate`).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Run every enabled trigger.")] = False,
+    now: Annotated[Optional[str], typer.Option(help="Evaluate as of this ISO-8601 moment (default: now).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show who would get what; send and record nothing.")] = False,
+) -> None:
+    """Run triggers through Prefect (or, with --dry-run, just show the plan)."""
+    from flows.pipeline import compile_flow, execute, load, prepare_job
+
+    if bool(triggers) == all_:
+        errors.print("[red]Name one or more triggers, or pass --all.[/]")
+        raise typer.Exit(2)
+    settings = _settings()
+    moment = _now(now)
+    _engine(settings)
+    project = load(settings)
+    if project.problems:
+        errors.print("[yellow]Some files have problems; their triggers are skipped:[/]")
+        print_problems(project.problems)
+    names = [n for n, t in project.triggers.items() if t.enabled] if all_ else list(triggers or [])
+    failed = bool(project.problems) and all_
+    for name in names:
+        try:
+            if dry_run:
+                summary = execute(prepare_job(name, moment, settings=settings, dry_run=True, project=project))
+            else:
+                spec = project.trigger(name)
+                summary = compile_flow(spec)(trigger=name, now=moment.isoformat(), dry_run=False)
+        except SpecError as exc:
+            print_problems(exc.problems)
+            failed = True
+            continue
+        except Exception as exc:  # one broken trigger never stops the others
+            errors.print(f"[red]{name} failed:[/] {exc}")
+            failed = True
+            continue
+        console.print(summary_table(summary))
+        if dry_run and summary.planned:
+            console.print(planned_table(summary))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def preview(
+    trigger: Annotated[str, typer.Argument(help="Trigger name.")],
+    customer: Annotated[Optional[str], typer.Option(help="A customer's external id: render with their real data.")] = None,
+    stage: Annotated[Optional[list[str]], typer.Option(help="Stage(s) to preview with sample data (default: all).")] = None,
+    language: Annotated[Optional[list[str]], typer.Option(help="Language(s) (default: every one the template has).")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write .html, .txt and .eml files.")] = Path("preview"),
+    now: Annotated[Optional[str], typer.Option(help="Evaluation time for the customer's stage.")] = None,
+) -> None:
+    """Render a trigger's mail to files, with sample data or a real customer's."""
+    from flows.preview import PreviewError, preview_customer, preview_samples
+
+    settings = _settings()
+    try:
+        if customer:
+            written = preview_customer(settings, trigger, customer, _now(now), out, _engine(settings))
+        else:
+            written = preview_samples(settings, trigger, stage, language, out)
+    except SpecError as exc:
+        print_problems(exc.problems)
+        raise typer.Exit(1) from None
+    except PreviewError as exc:
+        errors.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(help="How many demo customers to create on first run.")] = 300,
+    outbox: Annotated[Path, typer.Option(help="Where the capture SMTP server writes messages.")] = Path("outbox"),
+) -> None:
+    """Seed a demo store, start a capture SMTP server, run every trigger through Prefect."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.demo import run_demo
+
+    run_demo(_settings(), customers, outbox, console)
+
+
+@ledger_app.command("in-doubt")
+def in_doubt(minutes: Annotated[int, typer.Option(help="Claims older than this many minutes.")] = 10) -> None:
+    """List sends whose run died between claiming and recording (the server may have them)."""
+    from datetime import timedelta
+
+    from flows.ledger import in_doubt as find
+
+    rows = find(_engine(_settings()), timedelta(minutes=minutes))
+    table = Table(title=f"{len(rows)} send(s) in doubt", title_justify="left")
+    for column in ("send key", "customer", "claimed at", "message id"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.send_key, str(row.customer_id), row.claimed_at.isoformat(), row.message_id)
+    console.print(table)
+
+
+@ledger_app.command("release")
+def release(keys: Annotated[list[str], typer.Argument(help="Send keys to free, after checking the SMTP log.")]) -> None:
+    """Free in-doubt claims so the next run sends them (only if the server never got them)."""
+    from flows.ledger import release as free
+
+    count = free(_engine(_settings()), keys)
+    console.print(f"Released {count} claim(s).")
+
+
+if __name__ == "__main__":
+    app()

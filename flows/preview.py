@@ -1,0 +1,90 @@
+"""Previews: a trigger's mail rendered to .html, .txt and .eml files, exactly as sent."""
+
+from email import message_from_bytes, policy
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+from sqlmodel import Session
+
+from flows.audience import Candidate, send_key
+from flows.compose import build_message, message_id
+from flows.context import sample_contexts
+from flows.pipeline import load, prepare_job, render_candidates
+from flows.render import RenderError, language_of
+from flows.settings import Settings
+from flows.stages import customer_stages
+from models import CART_OPEN, Cart, Complaint, Customer
+from models.types import utcnow
+
+
+class PreviewError(Exception):
+    pass
+
+
+def _write(out: Path, name: str, eml: bytes) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    message = message_from_bytes(eml, policy=policy.default)
+    html = message.get_body(("html",))
+    text = message.get_body(("plain",))
+    paths = [out / f"{name}.eml", out / f"{name}.html", out / f"{name}.txt"]
+    paths[0].write_bytes(eml)
+    paths[1].write_text(html.get_content() if html else "", encoding="utf-8")
+    paths[2].write_text(text.get_content() if text else "", encoding="utf-8")
+    return paths
+
+
+def preview_samples(settings: Settings, trigger: str, stages: list[str] | None, languages: list[str] | None,
+                    out: Path) -> list[Path]:
+    project = load(settings)
+    job = prepare_job(trigger, utcnow(), settings=settings, project=project)
+    catalog, email = job.catalog, job.trigger.email
+    stages = stages or job.trigger.audience.stages or job.stages.names
+    unknown = [s for s in stages if s not in job.stages.names]
+    if unknown:
+        raise PreviewError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(job.stages.names)}")
+    languages = languages or sorted(catalog.languages(email.template) | {catalog.default_language})
+    sample = sample_contexts(job.kind.reference, settings.base_url, settings.shop_url)[0]
+    written: list[Path] = []
+    for stage in stages:
+        for lang in languages:
+            try:
+                rendered = catalog.render(email, {**sample, "stage": stage, "lang": lang})
+            except RenderError as exc:
+                raise PreviewError(str(exc)) from None
+            key = send_key(trigger, 0, f"preview:{stage}:{lang}")
+            eml = build_message(rendered, sender=job.sender, to_address="preview@example.com",
+                                to_name=sample["customer"].name, msg_id=message_id(key, job.sender), date=utcnow())
+            written += _write(out / trigger, f"{stage}.{lang}", eml)
+    return written
+
+
+def preview_customer(settings: Settings, trigger: str, external_id: str, now: datetime, out: Path,
+                     engine: Engine) -> list[Path]:
+    project = load(settings)
+    job = prepare_job(trigger, now, settings=settings, project=project)
+    with Session(engine) as session:
+        customer = session.execute(select(Customer).where(Customer.external_id == external_id)).scalar_one_or_none()
+        if customer is None:
+            raise PreviewError(f"no customer with id {external_id!r}")
+        if not customer.email:
+            raise PreviewError(f"customer {external_id!r} has no email address")
+        stage = session.execute(
+            customer_stages(job.stages, now).where(Customer.id == customer.id)
+        ).one().stage
+        ref_id = None
+        if job.kind.reference == "cart":
+            ref_id = session.execute(select(Cart.id).where(Cart.customer_id == customer.id, Cart.status == CART_OPEN)
+                                     .order_by(Cart.updated_at.desc())).scalars().first()
+        elif job.kind.reference == "complaint":
+            ref_id = session.execute(select(Complaint.id).where(Complaint.customer_id == customer.id)
+                                     .order_by(Complaint.received_at.desc())).scalars().first()
+        if job.kind.reference and ref_id is None:
+            raise PreviewError(f"customer {external_id!r} has no {job.kind.reference} to preview this trigger with")
+    language = language_of(customer.locale, settings.default_language)
+    candidate = Candidate(customer.id, customer.external_id, customer.email, customer.first_name, customer.last_name,
+                          customer.locale, language, stage, ref_id, "preview", send_key(trigger, customer.id, "preview"))
+    prepared, failures = render_candidates(job, [candidate])
+    if failures:
+        raise PreviewError(failures[0].message)
+    return _write(out / trigger, f"{external_id}.{stage}.{language}", prepared[0].envelope.data)

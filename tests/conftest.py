@@ -1,0 +1,91 @@
+"""Real parts: SQLite files and the local PostgreSQL, an SMTP server on loopback, Prefect's test server."""
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlmodel import SQLModel
+
+from flows.settings import Settings, get_settings
+from models.db import create_schema, dispose_engines, make_engine
+from tests.builders import Store
+from tests.smtp_server import SmtpServer
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get("LIFECYCLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every store test runs on a fresh SQLite file and on a clean PostgreSQL database."""
+    dispose_engines()
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    engine = make_engine(POSTGRES_URL)
+    import models  # noqa: F401
+
+    SQLModel.metadata.drop_all(engine)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    engine.dispose()
+    yield POSTGRES_URL
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine: Engine) -> Store:
+    return Store(engine)
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def project_dir(tmp_path: Path) -> Path:
+    """A copy of the shipped triggers and templates that a test may edit."""
+    target = tmp_path / "project"
+    shutil.copytree(ROOT / "triggers", target / "triggers")
+    shutil.copytree(ROOT / "templates", target / "templates")
+    return target
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch, db_url: str, smtp: SmtpServer, project_dir: Path) -> Iterator[Settings]:
+    """Settings through the environment, as a worker would get them."""
+    monkeypatch.setenv("LIFECYCLE_DATABASE_URL", db_url)
+    monkeypatch.setenv("LIFECYCLE_SMTP_URL", smtp.url)
+    monkeypatch.setenv("LIFECYCLE_TRIGGERS_DIR", str(project_dir / "triggers"))
+    monkeypatch.setenv("LIFECYCLE_TEMPLATES_DIR", str(project_dir / "templates"))
+    monkeypatch.setenv("LIFECYCLE_SMTP_BACKOFF_SECONDS", "0.01")
+    monkeypatch.setenv("LIFECYCLE_SMTP_BACKOFF_MAX_SECONDS", "0.05")
+    monkeypatch.setenv("LIFECYCLE_SECRET", "test-secret-0123456789")
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def prefect() -> Iterator[None]:
+    """One temporary Prefect server for every test that runs a real flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -1,0 +1,86 @@
+"""A real SMTP server on loopback (aiosmtpd) that records what it accepts and can be told to fail."""
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+
+from aiosmtpd.controller import Controller
+
+from flows.outbox import free_port
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        return message_from_bytes(self.data, policy=policy.default)  # type: ignore[return-value]
+
+
+@dataclass
+class Script:
+    """Replies to give, in order, for one recipient: at RCPT, or at DATA."""
+
+    rcpt: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    drop_at_data: int = 0  # close the connection at the DATA end this many times
+
+
+class RecordingHandler:
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.scripts: dict[str, Script] = defaultdict(Script)
+        self.rcpt_attempts: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+        with self.lock:
+            self.rcpt_attempts[address] += 1
+            script = self.scripts.get(address)
+            if script and script.rcpt:
+                return script.rcpt.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+        recipient = envelope.rcpt_tos[0]
+        with self.lock:
+            script = self.scripts.get(recipient)
+            if script and script.drop_at_data:
+                script.drop_at_data -= 1
+                server.transport.close()
+                return "421 closing"
+            if script and script.data:
+                return script.data.pop(0)
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 queued"
+
+    def to(self, address: str) -> list[Received]:
+        return [r for r in self.received if address in r.recipients]
+
+
+class SmtpServer:
+    def __init__(self) -> None:
+        self.handler = RecordingHandler()
+        self.port = free_port()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, decode_data=False)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}?connections=2&timeout=5"
+
+    @property
+    def received(self) -> list[Received]:
+        return self.handler.received
+
+    def start(self) -> "SmtpServer":
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
