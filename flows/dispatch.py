@@ -16,7 +16,7 @@ from types import TracebackType
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
-from aiosmtplib import SMTPRecipientsRefused, SMTPResponseException
+from aiosmtplib import SMTPRecipientRefused, SMTPResponseException
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 
@@ -95,11 +95,7 @@ class _InDoubt(Exception):
 
 
 def _code(exc: BaseException) -> int | None:
-    if isinstance(exc, SMTPRecipientsRefused):
-        return exc.recipients[0].code if exc.recipients else None
-    if isinstance(exc, SMTPResponseException):
-        return exc.code
-    return None
+    return exc.code if isinstance(exc, SMTPResponseException) else None
 
 
 def _connection_lost(exc: BaseException) -> bool:
@@ -183,21 +179,18 @@ class Mailer:
             return Delivery(envelope.key, Result.SENT, reply), client
         except _InDoubt as exc:
             return Delivery(envelope.key, Result.IN_DOUBT, str(exc)), client
-        except (SMTPRecipientsRefused, SMTPResponseException) as exc:
-            code = _code(exc) or 0
-            reply = f"{code} {getattr(exc, 'message', '') or exc}"
+        except SMTPResponseException as exc:
+            code = exc.code
+            reply = f"{code} {exc.message}"
             if code >= 500:
-                result = Result.BOUNCED if isinstance(exc, SMTPRecipientsRefused) else Result.REJECTED
+                result = Result.BOUNCED if isinstance(exc, SMTPRecipientRefused) else Result.REJECTED
                 return Delivery(envelope.key, result, reply), client
             return Delivery(envelope.key, Result.DEFERRED, reply), client
 
     async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
         try:
             await client.mail(envelope.sender)
-            try:
-                await client.rcpt(envelope.recipient)
-            except SMTPResponseException as exc:
-                raise SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(exc.code, exc.message, envelope.recipient)]) from None
+            await client.rcpt(envelope.recipient)  # a refusal raises SMTPRecipientRefused
         except SMTPResponseException:
             await _reset(client)
             raise

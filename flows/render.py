@@ -169,13 +169,13 @@ class TemplateCatalog:
     def _render_file(self, name: str, context: dict[str, Any]) -> str:
         try:
             return self.env.get_template(name).render(context)
-        except TemplateError as exc:
+        except Exception as exc:  # data-dependent errors too (a division, a None): one recipient fails
             raise _located(exc, name) from None
 
     def _render_string(self, source: str, context: dict[str, Any]) -> str:
         try:
             return self.subject_env.from_string(source).render(context)
-        except TemplateError as exc:
+        except Exception as exc:
             raise RenderError(f"subject: {_describe(exc)}") from None
 
     # -- checking -----------------------------------------------------------------
@@ -224,8 +224,8 @@ def _stage_facts(sample: dict[str, Any], stage: str) -> dict[str, Any]:
 _NO_ATTRIBUTE = re.compile(r"'(?:[\w.]+\.)?(\w+) object' has no attribute '(\w+)'")
 
 
-def _describe(exc: TemplateError) -> str:
-    message = exc.message or str(exc)
+def _describe(exc: Exception) -> str:
+    message = (exc.message if isinstance(exc, TemplateError) else None) or f"{type(exc).__name__}: {exc}"
     if "is undefined" in message:
         message += f"; the context has: {', '.join(CONTEXT_NAMES)}"
     match = _NO_ATTRIBUTE.search(message)
@@ -238,7 +238,7 @@ def _describe(exc: TemplateError) -> str:
     return message
 
 
-def _located(exc: TemplateError, name: str) -> RenderError:
+def _located(exc: Exception, name: str) -> RenderError:
     if isinstance(exc, TemplateSyntaxError):
         return RenderError(exc.message or str(exc), exc.name or name, exc.lineno)
     if isinstance(exc, TemplateNotFound):

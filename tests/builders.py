@@ -33,7 +33,7 @@ class Store:
                  created: datetime | None = None, last_seen: datetime | None = None,
                  last_name: str | None = "Schäfer") -> Customer:
         n = next(_ids)
-        address = f"{name.lower().split()[0] if name else 'x'}{n}@example.de" if email == "" else email
+        address = f"kunde{n}@example.de" if email == "" else email
         customer = Customer(external_id=f"c-{n}", email=address, first_name=name, last_name=last_name, locale=locale,
                             marketing_consent=consent, consent_at=ago(days=400) if consent else None,
                             created_at=created or ago(days=500), last_seen_at=last_seen or ago(days=1))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from flows.kinds import KINDS
@@ -32,7 +33,7 @@ class Project:
     triggers: dict[str, TriggerBase] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
-    broken_files: set[Path] = field(default_factory=set)
+    rejected: dict[str, list[Problem]] = field(default_factory=dict)  # trigger name → why it is not loaded
 
     def kind(self, trigger: TriggerBase) -> Kind:
         return KINDS[trigger.kind]
@@ -41,9 +42,8 @@ class Project:
         """The named trigger, or a SpecError with that trigger's problems."""
         if name in self.triggers:
             return self.triggers[name]
-        own = [p for p in self.problems if p.file.stem == name or f"'{name}'" in p.message]
-        if own:
-            raise SpecError(own)
+        if name in self.rejected:
+            raise SpecError(self.rejected[name])
         known = ", ".join(sorted(self.triggers)) or "none"
         hint = difflib.get_close_matches(name, list(self.triggers), n=1)
         suffix = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -79,11 +79,21 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
                     project.triggers[spec.name] = spec
                     project.files[spec.name] = path
         if len(project.problems) > before:
-            project.broken_files.add(path)
+            project.rejected[_declared_name(path)] = project.problems[before:]
     if templates_dir.is_dir():
         known = {(p.file, p.line) for p in project.problems}
         project.problems.extend(p for p in catalog.check_syntax() if (p.file, p.line) not in known)
     return project
+
+
+def _declared_name(path: Path) -> str:
+    """The name a broken file meant to declare (or its file name), for error look-ups."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        data = None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else path.stem
 
 
 def _load_stages(path: Path, problems: list[Problem]) -> StageRules | None:

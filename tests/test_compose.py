@@ -1,0 +1,49 @@
+"""MIME: multipart/alternative, encoded headers, no header injection."""
+
+from datetime import datetime, timezone
+from email import message_from_bytes, policy
+
+from flows.compose import Sender, build_message, message_id
+from flows.render import Rendered
+
+SENDER = Sender.parse("Kundenservice Müller <service@shop.example>")
+
+
+def build(**overrides) -> bytes:
+    args = dict(sender=SENDER, to_address="juergen@example.de", to_name="Jürgen Groß",
+                msg_id=message_id("t/1/x", SENDER), date=datetime(2026, 3, 16, 12, tzinfo=timezone.utc))
+    args.update(overrides)
+    rendered = Rendered(subject="Grüße aus Köln – 15 % für dich", html="<p>Grüße</p>", text="Grüße\n", template="t")
+    return build_message(rendered, **args)
+
+
+def test_message_is_multipart_alternative_with_text_then_html() -> None:
+    msg = message_from_bytes(build(), policy=policy.default)
+    assert msg.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    assert msg.get_body(("html",)).get_content().strip() == "<p>Grüße</p>"
+    assert msg["Date"] == "Mon, 16 Mar 2026 12:00:00 +0000"
+
+
+def test_non_ascii_headers_are_encoded_and_decode_back() -> None:
+    raw = build()
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()  # RFC 2047: nothing 8-bit on the wire in headers
+    msg = message_from_bytes(raw, policy=policy.default)
+    assert msg["Subject"] == "Grüße aus Köln – 15 % für dich"
+    assert msg["To"].addresses[0].display_name == "Jürgen Groß"
+    assert msg["From"].addresses[0].display_name == "Kundenservice Müller"
+
+
+def test_crlf_in_customer_data_cannot_add_headers() -> None:
+    raw = build(to_name="Eve\r\nBcc: victim@example.net")
+    msg = message_from_bytes(raw, policy=policy.default)
+    assert msg["Bcc"] is None
+    assert [a.addr_spec for a in msg["To"].addresses] == ["juergen@example.de"]
+    assert b"\r\nBcc:" not in raw
+
+
+def test_message_id_is_stable_per_send_key_and_uses_the_sender_domain() -> None:
+    assert message_id("a/1/x", SENDER) == message_id("a/1/x", SENDER)
+    assert message_id("a/1/x", SENDER) != message_id("a/1/y", SENDER)
+    assert message_id("a/1/x", SENDER).endswith("@shop.example>")

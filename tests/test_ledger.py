@@ -1,0 +1,75 @@
+"""The ledger decides every race: a send key is claimed by exactly one run."""
+
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from flows import ledger
+from models import Send, SendStatus, Suppression, SuppressionReason
+from models.types import utcnow
+from tests.builders import NOW, Store
+
+
+def claims(customer_id: int, count: int) -> list[ledger.Claim]:
+    return [ledger.Claim(f"t/{customer_id}/occ-{i}", "t", customer_id, f"occ-{i}", "new", "tpl", "a@example.de",
+                         f"<{i}@x>") for i in range(count)]
+
+
+def test_two_runs_claiming_the_same_keys_at_once_split_them_without_overlap(store: Store) -> None:
+    customer = store.customer()
+    wanted = claims(customer.id, 200)
+    won: dict[str, set[str]] = {}
+    barrier = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        barrier.wait()
+        won[name] = set()
+        for i in range(0, len(wanted), 20):
+            won[name] |= ledger.claim(store.engine, wanted[i:i + 20], name, NOW)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert won["a"].isdisjoint(won["b"])
+    assert won["a"] | won["b"] == {c.send_key for c in wanted}
+
+
+def test_recording_marks_sent_and_failed_and_releases_deferred(store: Store) -> None:
+    customer = store.customer()
+    a, b, c = claims(customer.id, 3)
+    assert ledger.claim(store.engine, [a, b, c], "run", NOW) == {a.send_key, b.send_key, c.send_key}
+    ledger.record(store.engine, [
+        ledger.Outcome(a.send_key, SendStatus.SENT, reply="250 ok"),
+        ledger.Outcome(b.send_key, SendStatus.FAILED, error="550 no such user"),
+        ledger.Outcome(c.send_key, SendStatus.SENDING),  # deferred: release
+    ])
+    with Session(store.engine) as session:
+        rows = {r.send_key: r for r in session.execute(select(Send)).scalars()}
+    assert rows[a.send_key].status == "sent" and rows[a.send_key].smtp_reply == "250 ok"
+    assert rows[b.send_key].status == "failed" and rows[b.send_key].error == "550 no such user"
+    assert c.send_key not in rows
+    assert ledger.claim(store.engine, [c], "next-run", NOW) == {c.send_key}  # the next run may try again
+
+
+def test_in_doubt_lists_claims_left_behind_and_release_frees_them(store: Store) -> None:
+    customer = store.customer()
+    [stuck] = claims(customer.id, 1)
+    ledger.claim(store.engine, [stuck], "crashed-run", NOW)
+    assert ledger.in_doubt(store.engine, timedelta(minutes=10)) == []  # a live run may still hold it
+    assert [r.send_key for r in ledger.in_doubt(store.engine, timedelta(seconds=-1))] == [stuck.send_key]
+    assert ledger.claim(store.engine, [stuck], "second-run", NOW) == set()  # never resent automatically
+    assert ledger.release(store.engine, [stuck.send_key]) == 1
+    assert ledger.claim(store.engine, [stuck], "second-run", NOW) == {stuck.send_key}
+
+
+def test_suppress_is_idempotent_and_lower_cases(store: Store) -> None:
+    ledger.suppress(store.engine, ["Bounce@Example.DE"], SuppressionReason.HARD_BOUNCE, "550")
+    ledger.suppress(store.engine, ["bounce@example.de"], SuppressionReason.HARD_BOUNCE, "550 again")
+    with Session(store.engine) as session:
+        rows = session.execute(select(Suppression)).scalars().all()
+    assert [(r.email, r.reason, r.detail) for r in rows] == [("bounce@example.de", "hard_bounce", "550")]
+    assert rows[0].created_at <= utcnow()
