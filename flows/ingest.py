@@ -174,7 +174,9 @@ def parse_line(text: str) -> _Parsed:
 
 
 def _reasons(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
-    return "; ".join(f"{format_path(prefix + tuple(e['loc']))}: {e['msg']}" for e in exc.errors())
+    return "; ".join(
+        f"{format_path(prefix + tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+    )
 
 
 def ingest_lines(engine: Engine, lines: Iterable[str]) -> IngestReport:

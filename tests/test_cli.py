@@ -1,0 +1,117 @@
+"""The lifecycle command as marketers and ops use it."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.settings import Settings
+from tests.builders import NOW, Store, ago
+from tests.smtp_server import SmtpServer
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+def test_validate_passes_on_the_shipped_project(settings: Settings) -> None:
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 0, result.output
+    assert "All good: 6 triggers" in result.output
+
+
+def test_validate_reports_every_problem_with_file_and_line_and_exits_1(settings: Settings) -> None:
+    triggers = Path(settings.triggers_dir)
+    text = (triggers / "winback.yaml").read_text()
+    (triggers / "winback.yaml").write_text(text.replace("  stages: [lapsed]", "  stages: [lapsd]"))
+    text = (triggers / "complaint.yaml").read_text()
+    (triggers / "complaint.yaml").write_text(text.replace("max_age: 7d", "max_age: 7 days"))
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 1
+    assert "winback.yaml:9: audience.stages: unknown stage 'lapsd'; valid stages: prospect, lapsed" in result.output
+    assert "complaint.yaml:4: max_age: expected a duration" in result.output
+    assert "> 4 | max_age: 7 days" in result.output  # the offending line is shown
+    assert "2 problem(s) in 2 file(s). 4 trigger(s) are valid." in result.output
+
+
+def test_validate_as_an_installed_command(settings: Settings) -> None:
+    lifecycle = shutil.which("lifecycle")
+    assert lifecycle, "the console script is installed by pip install"
+    done = subprocess.run([lifecycle, "validate"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ingest_reports_bad_lines_and_exits_1(settings: Settings, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    good = {"type": "identify", "userId": "u1", "timestamp": "2026-03-01T10:00:00Z", "traits": {"email": "a@b.de"}}
+    events.write_text(json.dumps(good) + "\n" + '{"type": "track"}\n')
+    result = runner.invoke(app, ["ingest", str(events)])
+    assert result.exit_code == 1
+    assert f"{events}:2: " in result.output and "userId" in result.output
+    assert "Loaded 1 event(s), 0 already known, 1 bad line(s) skipped." in result.output
+    again = runner.invoke(app, ["ingest", "-"], input=json.dumps(good) + "\n")
+    assert again.exit_code == 0 and "Loaded 0 event(s), 1 already known" in again.output
+
+
+def test_dry_run_prints_counts_and_who_would_get_what(settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    store.order(store.customer("Lea"), ago(days=500))
+    store.order(store.customer("Ohne", consent=False), ago(days=500))
+    result = runner.invoke(app, ["run", "winback-lapsed", "--dry-run", "--now", NOW.isoformat()])
+    assert result.exit_code == 0, result.output
+    assert "winback-lapsed @ 2026-03-16 12:00:00 UTC: would send 1; skipped:no_consent 1" in result.output
+    assert "Lea, 15 % Rabatt nur für dich" in result.output
+    assert smtp.received == []
+
+
+def test_run_names_an_unknown_trigger_and_suggests_one(settings: Settings) -> None:
+    result = runner.invoke(app, ["run", "winback", "--dry-run"])
+    assert result.exit_code == 1
+    assert "no trigger named 'winback'; did you mean 'winback-lapsed'?" in result.output
+
+
+def test_run_needs_names_or_all(settings: Settings) -> None:
+    assert runner.invoke(app, ["run"]).exit_code == 2
+
+
+def test_preview_renders_every_stage_and_language_to_files(settings: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "preview"
+    result = runner.invoke(app, ["preview", "abandoned-cart", "--stage", "loyal", "--stage", "new", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (out / "abandoned-cart").iterdir())
+    assert names == sorted(f"{s}.{lang}.{ext}" for s in ("loyal", "new") for lang in ("de", "en")
+                           for ext in ("eml", "html", "txt"))
+    assert "Stammkunde" in (out / "abandoned-cart" / "loyal.de.html").read_text()
+    assert "Stammkunde" not in (out / "abandoned-cart" / "new.de.html").read_text()
+
+
+def test_preview_with_a_real_customer_uses_their_cart(settings: Settings, store: Store, tmp_path: Path) -> None:
+    customer = store.customer("Jürgen")
+    store.cart(customer, ago(hours=3), items=[("Rucksack 28 l", 99.0, 1)])
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["preview", "abandoned-cart", "--customer", customer.external_id, "--out", str(out),
+                                 "--now", NOW.isoformat()])
+    assert result.exit_code == 0, result.output
+    html = (out / "abandoned-cart" / f"{customer.external_id}.prospect.de.html").read_text()
+    assert "Rucksack 28 l" in html and "Hallo Jürgen" in html
+
+
+@pytest.mark.usefixtures("prefect")
+def test_demo_sends_into_the_outbox_and_a_second_run_sends_nothing(settings: Settings, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    first = runner.invoke(app, ["demo", "--customers", "80"])
+    assert first.exit_code == 0, first.output
+    sent = sorted((tmp_path / "outbox").glob("*.eml"))
+    assert len(sent) > 10
+    assert f"{len(sent)} message(s) received by the capture server this run" in first.output
+    second = runner.invoke(app, ["demo", "--customers", "80"])
+    assert second.exit_code == 0, second.output
+    assert "0 message(s) received by the capture server this run" in second.output
+    assert sorted((tmp_path / "outbox").glob("*.eml")) == sent
