@@ -122,10 +122,27 @@ class Mailer:
         self._idle.clear()
 
     async def check(self) -> None:
-        """Fail fast (before the first mail) when the server cannot be reached."""
-        client = await self._connect()
-        await client.noop()
+        """Before the first mail: reach the server (with the usual retries) or fail the run."""
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    client = await self._connect()
+                    await client.noop()
+        except Exception as exc:
+            raise SmtpUnavailable(self._unreachable(exc), []) from exc
         self._idle.append(client)
+
+    def _unreachable(self, exc: BaseException) -> str:
+        return (f"SMTP server {self.config.hostname}:{self.config.port} unreachable after "
+                f"{self.policy.attempts} attempts: {exc!r}")
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.policy.attempts),
+            wait=wait_exponential(multiplier=self.policy.backoff, max=self.policy.backoff_max),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
 
     async def send(self, envelopes: Sequence[Envelope]) -> list[Delivery]:
         queue = deque(envelopes)
@@ -150,22 +167,12 @@ class Mailer:
         workers = min(self.config.connections, len(envelopes))
         await asyncio.gather(*(worker() for _ in range(workers)))
         if unreachable:
-            raise SmtpUnavailable(
-                f"SMTP server {self.config.hostname}:{self.config.port} unreachable after "
-                f"{self.policy.attempts} attempts: {unreachable[0]!r}",
-                done,
-            )
+            raise SmtpUnavailable(self._unreachable(unreachable[0]), done)
         return done
 
     async def _deliver(self, client: aiosmtplib.SMTP | None, envelope: Envelope) -> tuple[Delivery, aiosmtplib.SMTP | None]:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.policy.attempts),
-            wait=wait_exponential(multiplier=self.policy.backoff, max=self.policy.backoff_max),
-            retry=retry_if_exception(is_transient),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
+            async for attempt in self._retrying():
                 with attempt:
                     if client is None or not client.is_connected:
                         client = await self._connect()

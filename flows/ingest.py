@@ -11,10 +11,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import Engine, select
 from sqlmodel import Session
 
@@ -37,6 +37,14 @@ COMMIT_EVERY = 500
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _number_as_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# Shops send ids as numbers or strings; we store them as text.
+Id = Annotated[str, BeforeValidator(_number_as_text), Field(min_length=1, max_length=255)]
 
 
 class _Lenient(BaseModel):
@@ -66,57 +74,42 @@ class Traits(_Lenient):
 
 
 class Product(_Lenient):
-    product_id: str = Field(validation_alias=AliasChoices("product_id", "productId", "sku", "id"), min_length=1)
+    product_id: Id = Field(validation_alias=AliasChoices("product_id", "productId", "sku", "id"))
     name: str = Field("", max_length=500)
     price: float = Field(0, ge=0)
     quantity: int = Field(1, ge=1)
     url: str | None = None
     image_url: str | None = None
-    cart_id: str | None = None
-
-    @field_validator("product_id", "cart_id", mode="before")
-    @classmethod
-    def _text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
+    cart_id: Id | None = None
 
 
 class OrderCompleted(_Lenient):
-    order_id: str = Field(min_length=1)
+    order_id: Id
     total: float | None = Field(None, ge=0)
     revenue: float | None = Field(None, ge=0)
     currency: str = Field("EUR", min_length=3, max_length=3)
     products: list[dict[str, Any]] = Field(default_factory=list)
-    cart_id: str | None = None
-
-    @field_validator("order_id", "cart_id", mode="before")
-    @classmethod
-    def _text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
+    cart_id: Id | None = None
 
 
 class ComplaintReceived(_Lenient):
-    complaint_id: str = Field(min_length=1)
+    complaint_id: Id
     subject: str = Field("", max_length=500)
 
 
 class ComplaintAnswered(_Lenient):
-    complaint_id: str = Field(min_length=1)
+    complaint_id: Id
 
 
 class SegmentEvent(_Lenient):
     type: Literal["identify", "track"]
-    user_id: str = Field(validation_alias=AliasChoices("userId", "user_id"), min_length=1, max_length=255)
+    user_id: Id = Field(validation_alias=AliasChoices("userId", "user_id"))
     timestamp: datetime
     message_id: str | None = Field(None, validation_alias=AliasChoices("messageId", "message_id"), max_length=255)
     traits: Traits = Field(default_factory=Traits)
     event: str | None = Field(None, max_length=255)
     properties: dict[str, Any] = Field(default_factory=dict)
     context: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("user_id", mode="before")
-    @classmethod
-    def _user(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
 
 
 PROPERTIES: dict[str, type[_Lenient]] = {

@@ -189,10 +189,7 @@ _LEDGER = {
 
 
 def dispatch_prepared(job: Job, prepared: Sequence[Prepared], batch: int = 0) -> Counter[tuple[str, str]]:
-    settings = job.settings
-    config = SmtpConfig.from_url(settings.smtp_url)
-    policy = RetryPolicy(settings.smtp_attempts, settings.smtp_backoff_seconds, settings.smtp_backoff_max_seconds)
-    return asyncio.run(_dispatch(job, prepared, config, policy))
+    return asyncio.run(_dispatch(job, prepared, *_smtp(job.settings)))
 
 
 async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
@@ -237,12 +234,16 @@ def _record(engine, deliveries: Sequence[Delivery], by_key: dict[str, Prepared],
         counts[(by_key[d.key].candidate.stage, _OUTCOME[d.result])] += 1
 
 
+def _smtp(settings: Settings) -> tuple[SmtpConfig, RetryPolicy]:
+    policy = RetryPolicy(settings.smtp_attempts, settings.smtp_backoff_seconds, settings.smtp_backoff_max_seconds)
+    return SmtpConfig.from_url(settings.smtp_url), policy
+
+
 def check_smtp(settings: Settings) -> None:
-    """Connect once before the first batch: an unreachable server fails the run early."""
-    config = SmtpConfig.from_url(settings.smtp_url)
+    """Reach the server before the first batch: if it is down, the run fails before sending."""
 
     async def probe() -> None:
-        async with Mailer(config, RetryPolicy()) as mailer:
+        async with Mailer(*_smtp(settings)) as mailer:
             await mailer.check()
 
     asyncio.run(probe())

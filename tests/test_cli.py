@@ -115,3 +115,13 @@ def test_demo_sends_into_the_outbox_and_a_second_run_sends_nothing(settings: Set
     assert second.exit_code == 0, second.output
     assert "0 message(s) received by the capture server this run" in second.output
     assert sorted((tmp_path / "outbox").glob("*.eml")) == sent
+
+
+def test_run_all_reports_a_broken_file_and_still_runs_the_healthy_triggers(settings: Settings, store: Store) -> None:
+    store.order(store.customer("Lea"), ago(days=500))
+    (Path(settings.triggers_dir) / "broken.yaml").write_text("name: broken\nkind: abandoned_cart\nidle_for: soon\n")
+    result = runner.invoke(app, ["run", "--all", "--dry-run", "--now", NOW.isoformat()])
+    assert result.exit_code == 1
+    assert "broken.yaml:3: idle_for: expected a duration" in result.output
+    assert "winback-lapsed @ 2026-03-16 12:00:00 UTC: would send 1" in result.output
+    assert "abandoned-cart @ 2026-03-16 12:00:00 UTC: would send 0" in result.output

@@ -186,3 +186,18 @@ def test_flow_runs_are_named_after_the_trigger_and_publish_artifacts(settings: S
     assert flow.name == "complaint-ack"
     keys = {a["key"] for a in response.json()}
     assert keys == {"complaint-ack-summary", "complaint-ack-counts"}
+
+
+def test_an_unreachable_smtp_server_fails_the_run_and_marks_nothing_sent(settings: Settings, store: Store,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.dispatch import SmtpUnavailable
+    from flows.outbox import free_port
+    from flows.settings import get_settings
+
+    store.complaint(store.customer("Uwe"), ago(hours=1))
+    monkeypatch.setenv("LIFECYCLE_SMTP_URL", f"smtp://127.0.0.1:{free_port()}?timeout=1")
+    monkeypatch.setenv("LIFECYCLE_SMTP_ATTEMPTS", "3")
+    get_settings.cache_clear()
+    with pytest.raises(SmtpUnavailable, match="unreachable after 3 attempts"):
+        run_flow(get_settings(), "complaint-ack")
+    assert ledger_rows(store) == []

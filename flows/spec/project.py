@@ -7,7 +7,7 @@ them all at once and a run can go ahead with the healthy triggers.
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -211,10 +211,8 @@ def _fields_at(model: type[BaseModel], path: Path_) -> list[str]:
 def _inner_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in get_args(annotation):
+    for arg in get_args(annotation):  # Optional[...], list[...], Annotated[...]
         found = _inner_model(arg)
         if found is not None:
             return found
-    if get_origin(annotation) is None:
-        return None
     return None
