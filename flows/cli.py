@@ -23,6 +23,8 @@ app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", 
                   add_completion=False, pretty_exceptions_enable=False)
 ledger_app = typer.Typer(help="Inspect and repair the send ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
+db_app = typer.Typer(help="The customer store's schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 console = Console()
 errors = Console(stderr=True)
 
@@ -38,10 +40,17 @@ def _settings(triggers: Path | None = None, templates: Path | None = None) -> Se
 
 
 def _engine(settings: Settings):
+    """The store's engine. Development migrates on the fly; production expects `lifecycle db upgrade`."""
     from models.db import create_schema, get_engine
+    from models.migrate import current, head
 
     engine = get_engine(settings.database_url)
-    create_schema(engine)
+    if settings.environment == "development":
+        create_schema(engine)
+    elif current(engine) != head(engine):
+        errors.print(f"[red]The store is at migration {current(engine)}, the code expects {head(engine)}: "
+                     "run `lifecycle db upgrade` first.[/]")
+        raise typer.Exit(2)
     return engine
 
 
@@ -235,6 +244,28 @@ def release(keys: Annotated[list[str], typer.Argument(help="Send keys to free, a
 
     count = free(_engine(_settings()), keys)
     console.print(f"Released {count} claim(s).")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration to LIFECYCLE_DATABASE_URL."""
+    from models.db import create_schema, get_engine
+    from models.migrate import current
+
+    engine = get_engine(_settings().database_url)
+    before = current(engine)
+    create_schema(engine)
+    console.print(f"Store migrated from {before or 'empty'} to {current(engine)}.")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the store's migration and the newest one."""
+    from models.db import get_engine
+    from models.migrate import current, head
+
+    engine = get_engine(_settings().database_url)
+    console.print(f"store: {current(engine) or 'empty'}; newest: {head(engine)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 
 def normalise_url(url: str) -> str:
@@ -54,9 +54,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_schema(engine: Engine) -> None:
-    import models  # noqa: F401  (registers every table)
+    """Bring the schema to the newest migration (a new database gets every table)."""
+    from models.migrate import upgrade
 
-    SQLModel.metadata.create_all(engine)
+    upgrade(engine)
 
 
 @contextmanager
