@@ -246,6 +246,38 @@ def release(keys: Annotated[list[str], typer.Argument(help="Send keys to free, a
     console.print(f"Released {count} claim(s).")
 
 
+@app.command()
+def deployments(
+    write: Annotated[bool, typer.Option("--write", help="Regenerate the deployments section of prefect.yaml.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1, with a diff, if prefect.yaml disagrees with triggers/.")] = False,
+    file: Annotated[Path, typer.Option(help="The Prefect project file.")] = Path("prefect.yaml"),
+) -> None:
+    """Keep prefect.yaml's deployments in step with the trigger files (one deployment per trigger)."""
+    from flows.deployments import diff, render
+    from flows.pipeline import load
+
+    if write == check:
+        errors.print("[red]Pass exactly one of --write or --check.[/]")
+        raise typer.Exit(2)
+    project = load(_settings())
+    if project.problems:
+        print_problems(project.problems)
+        errors.print("[red]Fix the trigger files first: deployments are generated from valid triggers only.[/]")
+        raise typer.Exit(1)
+    triggers = list(project.triggers.values())
+    if write:
+        current = file.read_text(encoding="utf-8") if file.exists() else ""
+        file.write_text(render(current, triggers), encoding="utf-8")
+        console.print(f"Wrote {len(triggers)} deployments to {file}.")
+        return
+    difference = diff(file, triggers)
+    if difference:
+        errors.print(difference, markup=False, highlight=False, soft_wrap=True)
+        errors.print(f"[red]{file} does not match triggers/: run `lifecycle deployments --write`.[/]")
+        raise typer.Exit(1)
+    console.print(f"{file} matches triggers/ ({len(triggers)} deployments).")
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply every pending migration to LIFECYCLE_DATABASE_URL."""
