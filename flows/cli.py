@@ -113,6 +113,11 @@ def ingest(file: Annotated[str, typer.Argument(help="A .jsonl file of Segment ev
         errors.print(f"[red]{file}:{line}[/]: {reason}", highlight=False)
     console.print(f"Loaded {report.loaded} event(s), {report.duplicates} already known, "
                   f"{len(report.errors)} bad line(s) skipped.")
+    from flows.events import emit_complaints
+
+    announced = emit_complaints(report.complaints)
+    if announced:
+        console.print(f"Announced {announced} new complaint(s) to Prefect.")
     if report.errors:
         raise typer.Exit(1)
 

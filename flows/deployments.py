@@ -13,12 +13,11 @@ from typing import Any
 
 import yaml
 
+from flows.events import COMPLAINT_EVENT, COMPLAINT_RESOURCE_PREFIX
 from flows.spec.common import TriggerBase
 
 ENTRYPOINT = "flows/pipeline.py:trigger_flow"
 WORK_POOL = "lifecycle"
-COMPLAINT_EVENT = "lifecycle.complaint.received"
-COMPLAINT_RESOURCE = "lifecycle.complaint.*"
 SECTION = "deployments:"
 
 
@@ -37,7 +36,7 @@ def deployment(trigger: TriggerBase) -> dict[str, Any]:
         entry["triggers"] = [{
             "type": "event",
             "enabled": trigger.enabled,
-            "match": {"prefect.resource.id": COMPLAINT_RESOURCE},
+            "match": {"prefect.resource.id": f"{COMPLAINT_RESOURCE_PREFIX}*"},
             "expect": [COMPLAINT_EVENT],
             "posture": "Reactive",
             "threshold": 1,
