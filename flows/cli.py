@@ -252,6 +252,19 @@ def release(keys: Annotated[list[str], typer.Argument(help="Send keys to free, a
 
 
 @app.command()
+def serve(workers: Annotated[int, typer.Option(help="Triggers that may run at the same time.")] = 4) -> None:
+    """Run every enabled trigger on its schedule in this process (no Prefect server needed)."""
+    import logging
+
+    from flows.serve import serve as run_scheduler
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    _engine(settings)
+    raise typer.Exit(run_scheduler(settings, workers))
+
+
+@app.command()
 def deployments(
     write: Annotated[bool, typer.Option("--write", help="Regenerate the deployments section of prefect.yaml.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Exit 1, with a diff, if prefect.yaml disagrees with triggers/.")] = False,

@@ -255,7 +255,9 @@ RenderStep = Callable[..., tuple[list[Prepared], list[Failure]]]
 DispatchStep = Callable[..., Counter[tuple[str, str]]]
 
 
-def execute(job: Job, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared) -> RunSummary:
+def execute(job: Job, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
+            should_stop: Callable[[], bool] = lambda: False) -> RunSummary:
+    """Run the stages batch by batch; ``should_stop`` is asked between batches (graceful shutdown)."""
     log = _logger()
     settings = job.settings
     engine = get_engine(settings.database_url)
@@ -265,6 +267,10 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
     batches = stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
                                 settings.default_language)
     for number, batch in enumerate(batches, start=1):
+        if should_stop():
+            log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
+            summary.interrupted = True
+            break
         due = []
         for candidate in batch:
             if candidate.skip is None:

@@ -36,6 +36,7 @@ class RunSummary:
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     planned: list[PlannedMail] = field(default_factory=list)
     templates: set[str] = field(default_factory=set)
+    interrupted: bool = False  # stopped between batches by a shutdown
 
     def add(self, stage: str, outcome: str, count: int = 1) -> None:
         self.counts[(stage, outcome)] += count
@@ -76,7 +77,8 @@ class RunSummary:
         main = totals[WOULD_SEND] if self.dry_run else totals[SENT]
         verb = "would send" if self.dry_run else "sent"
         others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()) if name not in (SENT, WOULD_SEND))
-        return f"{self.trigger} @ {self.evaluated_at:%Y-%m-%d %H:%M:%S} UTC: {verb} {main}" + (
+        stopped = " (interrupted by shutdown)" if self.interrupted else ""
+        return f"{self.trigger} @ {self.evaluated_at:%Y-%m-%d %H:%M:%S} UTC{stopped}: {verb} {main}" + (
             f"; {others}" if others else ""
         )
 

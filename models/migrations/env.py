@@ -10,7 +10,15 @@ connection = context.config.attributes.get("connection")
 if connection is None:
     raise RuntimeError("run migrations through `lifecycle db upgrade`, which passes the connection")
 
+# `lifecycle serve` keeps APScheduler's jobs in the same database; they are not ours to migrate.
+NOT_OURS = {"apscheduler_jobs"}
+
+
+def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001, ANN201
+    return not (type_ == "table" and name in NOT_OURS)
+
+
 context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
-                  render_as_batch=connection.dialect.name == "sqlite")
+                  include_object=include_object, render_as_batch=connection.dialect.name == "sqlite")
 with context.begin_transaction():
     context.run_migrations()

@@ -1,0 +1,191 @@
+"""Single-machine mode: every enabled trigger on its own cron schedule, in-process (APScheduler).
+
+No Prefect server is involved: each scheduled run calls the engine directly. Policy:
+
+- **Schedules** are the trigger files' cron expressions in their time zones.
+- **No overlap**: at most one run of a trigger at a time (``max_instances=1``); a run
+  still going at the next tick makes that tick skip, with a warning.
+- **Missed runs** (the machine was down): jobs live in the store's database, so after
+  a restart each trigger whose slot passed runs *once* right away (``coalesce``, no
+  misfire grace limit). Whether anything is still due then is the trigger's own call:
+  a campaign's ``send_window``, onboarding's ``catch_up``, a cart's ``give_up_after``.
+- **Reload**: trigger files and templates are re-read on SIGHUP and when a file under
+  them changes (checked every few seconds); a broken file is reported and its trigger
+  keeps its previous schedule until fixed.
+- **Shutdown**: SIGTERM (or Ctrl-C) stops scheduling, lets each running trigger
+  finish the batch it is dispatching, and exits.
+"""
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from flows.settings import Settings, get_settings
+from flows.spec.common import TriggerBase
+from flows.spec.problems import Problem
+from models.db import normalise_url
+
+log = logging.getLogger("lifecycle.serve")
+JOBS_TABLE = "apscheduler_jobs"
+WATCH_SECONDS = 5
+JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
+
+# Set on SIGTERM: running triggers stop after the batch they are dispatching.
+stopping = threading.Event()
+
+
+def run_scheduled(trigger: str) -> None:
+    """One scheduled run (module level, so the persistent job store can refer to it)."""
+    from flows.clock import parse_now
+    from flows.pipeline import check_smtp, execute, prepare_job
+
+    settings = get_settings()
+    job = prepare_job(trigger, parse_now(None), settings=settings)
+    check_smtp(settings)
+    summary = execute(job, should_stop=stopping.is_set)
+    log.info(summary.headline())
+
+
+_WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+
+
+def cron_trigger(expression: str, timezone: str) -> CronTrigger:
+    """A standard five-field cron expression as an APScheduler trigger.
+
+    APScheduler 3 numbers weekdays from Monday = 0, standard cron from Sunday = 0 (7 too);
+    numeric weekdays are therefore spelled out as names, which both read the same way.
+    """
+    minute, hour, day, month, weekday = expression.split()
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_weekday_names(weekday),
+                       timezone=timezone)
+
+
+def _weekday_names(field: str) -> str:
+    if not any(ch.isdigit() for ch in field):
+        return field  # *, or names such as mon-fri, mean the same to both
+    days: set[int] = set()
+    for part in field.split(","):
+        span, _, step = part.partition("/")
+        if span in ("*", "?"):
+            first, last = 0, 6
+        elif "-" in span:
+            first, last = (int(x) for x in span.split("-"))
+        else:
+            first = last = int(span)
+            if step:
+                last = 6
+        days.update(d % 7 for d in range(first, last + 1, int(step or 1)))
+    return ",".join(_WEEKDAYS[d] for d in sorted(days))
+
+
+def job_store(settings: Settings) -> SQLAlchemyJobStore:
+    return SQLAlchemyJobStore(url=normalise_url(settings.database_url), tablename=JOBS_TABLE)
+
+
+@dataclass
+class TriggerScheduler:
+    """Keeps an APScheduler scheduler's jobs in step with the trigger files."""
+
+    scheduler: BaseScheduler
+    load_project: Callable[[], Any]
+    roots: list[Path]
+    run: Callable[[str], None] | str = "flows.serve:run_scheduled"
+    schedules: dict[str, tuple[str, str]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    _stamp: tuple = ()
+
+    def sync(self) -> list[str]:
+        """(Re)load the trigger files and add, change or remove jobs; returns what changed."""
+        project = self.load_project()
+        self.problems = project.problems
+        for problem in project.problems:
+            log.warning("Not loaded: %s", problem)
+        wanted: dict[str, TriggerBase] = {n: t for n, t in project.triggers.items() if t.enabled}
+        broken = set(project.rejected)
+        changes = []
+        for name in list(self.schedules):
+            if name not in wanted and name not in broken:  # removed or disabled (a broken file keeps its job)
+                self.scheduler.remove_job(name)
+                del self.schedules[name]
+                changes.append(f"removed {name}")
+        for name, trigger in wanted.items():
+            schedule = (trigger.schedule.cron, trigger.schedule.timezone)
+            if self.schedules.get(name) == schedule and self.scheduler.get_job(name):
+                continue
+            existing = self.scheduler.get_job(name)
+            cron = cron_trigger(*schedule)
+            if existing is not None and name not in self.schedules:
+                # Known from the persistent store (a restart): keep its next run time, so a
+                # slot missed while we were down still fires (once) — unless the cron changed.
+                if repr(existing.trigger) == repr(cron):
+                    self.schedules[name] = schedule
+                    continue
+            self.scheduler.add_job(self.run, cron, args=[name], id=name, name=name, replace_existing=True)
+            changes.append(f"{'rescheduled' if name in self.schedules else 'scheduled'} {name} ({schedule[0]} {schedule[1]})")
+            self.schedules[name] = schedule
+        for change in changes:
+            log.info(change.capitalize())
+        self._stamp = self.stamp()
+        return changes
+
+    def stamp(self) -> tuple:
+        """Names and modification times of every file under the watched folders."""
+        return tuple(sorted((str(p), p.stat().st_mtime_ns) for root in self.roots if root.is_dir()
+                            for p in root.rglob("*") if p.is_file()))
+
+    def reload_if_changed(self) -> list[str]:
+        return self.sync() if self.stamp() != self._stamp else []
+
+
+def serve(settings: Settings, workers: int = 4) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    from flows.pipeline import load
+
+    scheduler = BackgroundScheduler(jobstores={"default": job_store(settings)},
+                                    executors={"default": ThreadPoolExecutor(workers)},
+                                    job_defaults=JOB_DEFAULTS, timezone="UTC")
+    triggers = TriggerScheduler(scheduler, lambda: load(settings), [settings.triggers_dir, settings.templates_dir])
+    scheduler.start(paused=True)  # jobs from the store are loaded, nothing runs before we sync
+    triggers.sync()
+    watcher = threading.Thread(target=_watch, args=(triggers,), daemon=True)
+    done = threading.Event()
+
+    def on_hangup(*_: Any) -> None:
+        log.info("SIGHUP: reloading trigger files")
+        triggers.sync()
+
+    def on_stop(signum: int, *_: Any) -> None:
+        log.info("%s: finishing running batches, then stopping", signal.Signals(signum).name)
+        stopping.set()
+        done.set()
+
+    signal.signal(signal.SIGHUP, on_hangup)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    scheduler.resume()
+    watcher.start()
+    for job in scheduler.get_jobs():
+        log.info("Next run of %s: %s", job.id, job.next_run_time)
+    done.wait()
+    scheduler.shutdown(wait=True)  # waits for running triggers, which stop after their batch
+    log.info("Stopped")
+    return 0
+
+
+def _watch(triggers: TriggerScheduler) -> None:
+    while not stopping.wait(WATCH_SECONDS):
+        try:
+            triggers.reload_if_changed()
+        except Exception:  # a reload must never kill the scheduler
+            log.exception("Reloading trigger files failed")
