@@ -265,6 +265,19 @@ def serve(workers: Annotated[int, typer.Option(help="Triggers that may run at th
 
 
 @app.command()
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
+) -> None:
+    """Serve template previews (linked from each Prefect run's summary) over HTTP."""
+    import uvicorn
+
+    from flows.web import create_app
+
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info")
+
+
+@app.command()
 def deployments(
     write: Annotated[bool, typer.Option("--write", help="Regenerate the deployments section of prefect.yaml.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Exit 1, with a diff, if prefect.yaml disagrees with triggers/.")] = False,

@@ -37,7 +37,7 @@ from flows.context import (
 from flows.dispatch import Delivery, Envelope, Mailer, Result, RetryPolicy, SmtpConfig, SmtpUnavailable
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
-from flows.links import unsubscribe_url
+from flows.links import preview_url, unsubscribe_url
 from flows.render import RenderError, TemplateCatalog
 from flows.report import DEFERRED, SENT, WOULD_SEND, PlannedMail, RunSummary, failed, skipped
 from flows.settings import Settings, get_settings
@@ -285,7 +285,7 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
         for failure in failures:
             summary.add(failure.candidate.stage, failed(failure.reason))
             log.warning("Customer %s not rendered: %s", failure.candidate.external_id, failure.message)
-        summary.templates.update(p.claim.template for p in prepared)
+        summary.templates.update((p.claim.template, p.candidate.stage, p.candidate.language) for p in prepared)
         if job.dry_run:
             for p in prepared:
                 summary.add(p.candidate.stage, WOULD_SEND)
@@ -319,7 +319,7 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) ->
     if not dry_run:
         check_smtp(settings)
     summary = execute(job, render=render_batch, dispatch=dispatch_batch)
-    publish(summary)
+    publish(summary, settings)
     return summary
 
 
@@ -328,7 +328,14 @@ def compile_flow(trigger: TriggerBase):
     return trigger_flow.with_options(name=trigger.name)
 
 
-def publish(summary: RunSummary) -> None:
+def publish(summary: RunSummary, settings: Settings) -> None:
+    """Artifacts for the Prefect UI: the summary (with preview links to `lifecycle web`) and the counts."""
     key = "".join(ch if ch.isalnum() else "-" for ch in summary.trigger.lower())
-    create_markdown_artifact(key=f"{key}-summary", markdown=summary.to_markdown(), description=summary.headline())
+    secret = settings.secret.get_secret_value()
+
+    def preview(stage: str, language: str) -> str:
+        return preview_url(settings.base_url, secret, summary.trigger, stage, language)
+
+    create_markdown_artifact(key=f"{key}-summary", markdown=summary.to_markdown(preview),
+                             description=summary.headline())
     create_table_artifact(key=f"{key}-counts", table=summary.table(), description="Counts per stage and outcome")

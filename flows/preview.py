@@ -10,7 +10,7 @@ from sqlmodel import Session
 from flows.audience import Candidate, send_key
 from flows.compose import build_message, message_id
 from flows.context import sample_contexts
-from flows.pipeline import load, prepare_job, render_candidates
+from flows.pipeline import Job, load, prepare_job, render_candidates
 from flows.render import RenderError, language_of
 from flows.settings import Settings
 from flows.stages import customer_stages
@@ -24,12 +24,10 @@ class PreviewError(Exception):
 
 def _write(out: Path, name: str, eml: bytes) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    message = message_from_bytes(eml, policy=policy.default)
-    html = message.get_body(("html",))
-    text = message.get_body(("plain",))
+    text = message_from_bytes(eml, policy=policy.default).get_body(("plain",))
     paths = [out / f"{name}.eml", out / f"{name}.html", out / f"{name}.txt"]
     paths[0].write_bytes(eml)
-    paths[1].write_text(html.get_content() if html else "", encoding="utf-8")
+    paths[1].write_text(html_part(eml), encoding="utf-8")
     paths[2].write_text(text.get_content() if text else "", encoding="utf-8")
     return paths
 
@@ -44,19 +42,29 @@ def preview_samples(settings: Settings, trigger: str, stages: list[str] | None, 
     if unknown:
         raise PreviewError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(job.stages.names)}")
     languages = languages or sorted(catalog.languages(email.template) | {catalog.default_language})
-    sample = sample_contexts(job.kind.reference, settings.base_url, settings.shop_url)[0]
     written: list[Path] = []
     for stage in stages:
         for lang in languages:
-            try:
-                rendered = catalog.render(email, {**sample, "stage": stage, "lang": lang})
-            except RenderError as exc:
-                raise PreviewError(str(exc)) from None
-            key = send_key(trigger, 0, f"preview:{stage}:{lang}")
-            eml = build_message(rendered, sender=job.sender, to_address="preview@example.com",
-                                to_name=sample["customer"].name, msg_id=message_id(key, job.sender), date=utcnow())
-            written += _write(out / trigger, f"{stage}.{lang}", eml)
+            written += _write(out / trigger, f"{stage}.{lang}", sample_message(job, stage, lang))
     return written
+
+
+def sample_message(job: Job, stage: str, language: str) -> bytes:
+    """The trigger's mail for a sample customer in ``stage`` speaking ``language``, as sent."""
+    settings = job.settings
+    sample = sample_contexts(job.kind.reference, settings.base_url, settings.shop_url)[0]
+    try:
+        rendered = job.catalog.render(job.trigger.email, {**sample, "stage": stage, "lang": language})
+    except RenderError as exc:
+        raise PreviewError(str(exc)) from None
+    key = send_key(job.trigger.name, 0, f"preview:{stage}:{language}")
+    return build_message(rendered, sender=job.sender, to_address="preview@example.com",
+                         to_name=sample["customer"].name, msg_id=message_id(key, job.sender), date=utcnow())
+
+
+def html_part(eml: bytes) -> str:
+    body = message_from_bytes(eml, policy=policy.default).get_body(("html",))
+    return body.get_content() if body else ""
 
 
 def preview_customer(settings: Settings, trigger: str, external_id: str, now: datetime, out: Path,

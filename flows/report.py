@@ -1,6 +1,7 @@
 """The per-run summary: counts per stage and outcome, for the terminal and the Prefect UI."""
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -35,7 +36,7 @@ class RunSummary:
     dry_run: bool = False
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     planned: list[PlannedMail] = field(default_factory=list)
-    templates: set[str] = field(default_factory=set)
+    templates: set[tuple[str, str, str]] = field(default_factory=set)  # (template file, stage, language)
     interrupted: bool = False  # stopped between batches by a shutdown
 
     def add(self, stage: str, outcome: str, count: int = 1) -> None:
@@ -82,7 +83,8 @@ class RunSummary:
             f"; {others}" if others else ""
         )
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, preview: Callable[[str, str], str] | None = None) -> str:
+        """The summary for the Prefect UI; ``preview(stage, language)`` gives each template's preview link."""
         rows = self.table()
         if len(rows) == 1:
             body = "_Nobody was due._"
@@ -90,5 +92,8 @@ class RunSummary:
             columns = list(rows[0])
             body = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
             body += "\n".join("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows)
-        templates = "\n".join(f"- `{t}`" for t in sorted(self.templates)) or "- none"
+        templates = "\n".join(
+            f"- [`{name}` ({stage}, {lang})]({preview(stage, lang)})" if preview else f"- `{name}` ({stage}, {lang})"
+            for name, stage, lang in sorted(self.templates)
+        ) or "- none"
         return f"# {self.trigger}\n\n{self.headline()}\n\n{body}\n\n## Templates used\n{templates}\n"

@@ -1,7 +1,10 @@
 """Whole runs: real Prefect flows, a real SMTP server, SQLite and PostgreSQL."""
 
+import re
 import threading
 from pathlib import Path
+
+import httpx
 
 import pytest
 from sqlalchemy import select
@@ -10,9 +13,11 @@ from sqlmodel import Session
 from flows.pipeline import compile_flow, execute, load, prepare_job
 from flows.settings import Settings
 from flows.spec.problems import SpecError
+from flows.web import create_app
 from models import Send, Suppression
 from tests.builders import NOW, Store, ago
 from tests.smtp_server import Script, SmtpServer
+from tests.web_server import WebServer
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -184,8 +189,23 @@ def test_flow_runs_are_named_after_the_trigger_and_publish_artifacts(settings: S
         response = client.request("POST", "/artifacts/filter", json={
             "artifacts": {"flow_run_id": {"any_": [str(runs[0].id)]}}, "limit": 50, "offset": 0, "sort": "ID_DESC"})
     assert flow.name == "complaint-ack"
-    keys = {a["key"] for a in response.json()}
-    assert keys == {"complaint-ack-summary", "complaint-ack-counts"}
+    artifacts = {a["key"]: a for a in response.json()}
+    assert set(artifacts) == {"complaint-ack-summary", "complaint-ack-counts"}
+    assert artifacts["complaint-ack-counts"]["type"] == "table"
+    summary = artifacts["complaint-ack-summary"]["data"]
+    assert "complaint-ack @ 2026-03-16 12:00:00 UTC: sent 1" in summary
+
+    # Each template used links to its preview, served by `lifecycle web`.
+    [link] = re.findall(r"\(([^)]+/preview/[^)]+)\)", summary)
+    assert "`complaint_ack/default.de.html.j2` (prospect, de)" in summary
+    web = WebServer(create_app(settings)).start()
+    try:
+        page = httpx.get(link.replace(settings.base_url, web.url), timeout=30)
+        forged = httpx.get(f"{web.url}/preview/{link.rsplit('/', 1)[1][:-3]}abc", timeout=30)
+    finally:
+        web.stop()
+    assert page.status_code == 200 and "Wir melden uns innerhalb von 24 Stunden" in page.text
+    assert forged.status_code == 404
 
 
 def test_an_unreachable_smtp_server_fails_the_run_and_marks_nothing_sent(settings: Settings, store: Store,
