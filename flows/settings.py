@@ -12,6 +12,8 @@ from flows.spec.common import check_sender
 
 log = logging.getLogger(__name__)
 
+SECRET_BLOCK_PREFIX = "prefect-secret:"
+
 # Signs unsubscribe links in development only; production refuses to start with it.
 DEVELOPMENT_SECRET = "lifecycle-development-secret-do-not-use-in-production"
 
@@ -36,6 +38,17 @@ class Settings(BaseSettings):
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)
+
+    @field_validator("database_url", "smtp_url", "secret", mode="before")
+    @classmethod
+    def _from_secret_block(cls, value: object) -> object:
+        """``prefect-secret:NAME`` reads the value from the Prefect Secret block NAME."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and raw.startswith(SECRET_BLOCK_PREFIX):
+            from prefect.blocks.system import Secret
+
+            return Secret.load(raw.removeprefix(SECRET_BLOCK_PREFIX)).get()
+        return value
 
     @field_validator("sender")
     @classmethod
