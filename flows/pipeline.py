@@ -272,14 +272,16 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
             summary.interrupted = True
             break
         due = []
+        reasons: Counter[str] = Counter()
         for candidate in batch:
             if candidate.skip is None:
                 due.append(candidate)
             else:
                 summary.add(candidate.stage, skipped(candidate.skip))
-        skipped_here = len(batch) - len(due)
+                reasons[candidate.skip] += 1
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none"
         if not due:
-            log.info("Batch %d: %d candidates, all skipped", number, len(batch))
+            log.info("Batch %d: %d candidates, none due (skipped: %s)", number, len(batch), why)
             continue
         prepared, failures = render(job, due, batch=number)
         for failure in failures:
@@ -294,8 +296,8 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
                     summary.planned.append(PlannedMail(c.external_id, c.stage, c.language, p.claim.template, p.subject))
         else:
             summary.merge(dispatch(job, prepared, batch=number))
-        log.info("Batch %d: %d candidates, %d due, %d skipped, %d not renderable",
-                 number, len(batch), len(due), skipped_here, len(failures))
+        log.info("Batch %d: %d candidates, %d due (skipped: %s), %d not renderable",
+                 number, len(batch), len(due), why, len(failures))
     log.info(summary.headline())
     return summary
 
