@@ -5,12 +5,12 @@ and the trigger's send history, so each row arrives with everything needed to de
 "send" or "skip, because …" without another query per customer.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Engine, and_, exists, false, func, select
+from sqlalchemy import Engine, and_, exists, false, func, or_, select
 from sqlmodel import Session
 
 from flows.kinds.base import Kind
@@ -18,15 +18,18 @@ from flows.render import language_of
 from flows.spec.common import TriggerBase
 from flows.spec.stages import StageRules
 from flows.stages import order_stats, stage_expression
-from models import Customer, Send, SendStatus, Suppression
+from models import CategoryOptOut, Customer, Send, SendStatus, Suppression, SuppressionReason
 
 
 class Skip(StrEnum):
     NO_EMAIL = "no_email"
     SUPPRESSED = "suppressed"
     NO_CONSENT = "no_consent"
+    CONSENT_PENDING = "consent_pending"  # asked, not yet confirmed (double opt-in)
+    OPTED_OUT = "opted_out"  # left this category on the preference page
     REENTRY = "reentry"
     ALREADY_SENT = "already_sent"
+    UNSUBSCRIBED = "unsubscribed_during_run"  # checked again just before sending
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,8 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     due = kind.due(trigger, now).subquery("due")
     stats = order_stats(now).subquery("stats")
     stage = stage_expression(rules, stats, now)
-    suppressed = exists().where(Suppression.email == func.lower(Customer.email))
+    suppressed = suppressed_for(kind)
+    opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
     reentry = _reentry_blocked(trigger, now)
     audience = trigger.audience
     orders = func.coalesce(stats.c.order_count, 0)
@@ -68,10 +72,12 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
             Customer.last_name,
             Customer.locale,
             Customer.marketing_consent,
+            Customer.consent_requested_at,
             due.c.ref_id,
             due.c.ref_time,
             stage.label("stage"),
             suppressed.label("suppressed"),
+            opted_out.label("opted_out"),
             reentry.label("reentry_blocked"),
         )
         .select_from(due)
@@ -91,6 +97,27 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     if audience.max_lifetime_value is not None:
         query = query.where(value <= round(audience.max_lifetime_value * 100))
     return query.order_by(Customer.id, due.c.ref_id)
+
+
+def suppressed_for(kind: Kind):
+    """Marketing stops for any suppression; service mail only for undeliverable or complaining addresses."""
+    condition = Suppression.email == func.lower(Customer.email)
+    if kind.category == "transactional":
+        condition = and_(condition, Suppression.reason != SuppressionReason.UNSUBSCRIBED)
+    return exists().where(condition)
+
+
+def withdrawn(engine: Engine, kind: Kind, customer_ids: Sequence[int]) -> set[int]:
+    """Customers who, since the audience was read, unsubscribed, left this category or were
+    suppressed: checked again right before each batch is sent, so it takes effect at once."""
+    if not customer_ids:
+        return set()
+    blocked = suppressed_for(kind)
+    if kind.category == "marketing":
+        opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
+        blocked = or_(blocked, Customer.marketing_consent.is_(False), opted_out)
+    with engine.connect() as connection:
+        return set(connection.execute(select(Customer.id).where(Customer.id.in_(customer_ids), blocked)).scalars())
 
 
 def _reentry_blocked(trigger: TriggerBase, now: datetime):
@@ -133,7 +160,9 @@ def _candidate(row, trigger: TriggerBase, kind: Kind, now: datetime, default_lan
     elif row.suppressed:
         skip = Skip.SUPPRESSED
     elif kind.category == "marketing" and not row.marketing_consent:
-        skip = Skip.NO_CONSENT
+        skip = Skip.CONSENT_PENDING if row.consent_requested_at else Skip.NO_CONSENT
+    elif kind.category == "marketing" and row.opted_out:
+        skip = Skip.OPTED_OUT
     elif row.reentry_blocked:
         skip = Skip.REENTRY
     return Candidate(

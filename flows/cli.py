@@ -25,6 +25,9 @@ ledger_app = typer.Typer(help="Inspect and repair the send ledger.", no_args_is_
 app.add_typer(ledger_app, name="ledger")
 db_app = typer.Typer(help="The customer store's schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+suppress_app = typer.Typer(help="Addresses no trigger may write to (bounces, complaints, unsubscribes, manual).",
+                           no_args_is_help=True)
+app.add_typer(suppress_app, name="suppress")
 console = Console()
 errors = Console(stderr=True)
 
@@ -307,6 +310,61 @@ def deployments(
         errors.print(f"[red]{file} does not match triggers/: run `lifecycle deployments --write`.[/]")
         raise typer.Exit(1)
     console.print(f"{file} matches triggers/ ({len(triggers)} deployments).")
+
+
+@suppress_app.command("add")
+def suppress_add(
+    emails: Annotated[list[str], typer.Argument(help="Addresses to suppress.")],
+    reason: Annotated[str, typer.Option(help="unsubscribed, hard_bounce, spam_complaint or manual.")] = "manual",
+    note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+) -> None:
+    """Suppress addresses: every trigger skips them from the next batch on."""
+    from flows.ledger import suppress
+    from models import SuppressionReason
+
+    try:
+        why = SuppressionReason(reason)
+    except ValueError:
+        errors.print(f"[red]--reason must be one of {', '.join(r.value for r in SuppressionReason)}[/]")
+        raise typer.Exit(2) from None
+    suppress(_engine(_settings()), emails, why, note or "lifecycle suppress add")
+    console.print(f"Suppressed {len(set(e.lower() for e in emails))} address(es) ({why.value}).")
+
+
+@suppress_app.command("remove")
+def suppress_remove(emails: Annotated[list[str], typer.Argument(help="Addresses to allow again.")]) -> None:
+    """Lift suppressions (marketing still needs confirmed consent)."""
+    from sqlalchemy import delete
+
+    from models import Suppression
+
+    with _engine(_settings()).begin() as connection:
+        removed = connection.execute(delete(Suppression).where(Suppression.email.in_([e.lower() for e in emails])))
+    console.print(f"Removed {removed.rowcount} suppression(s).")
+
+
+@suppress_app.command("list")
+def suppress_list(
+    reason: Annotated[Optional[str], typer.Option(help="Only this reason.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+) -> None:
+    """List suppressed addresses, newest first."""
+    from sqlalchemy import select
+    from sqlmodel import Session
+
+    from models import Suppression
+
+    query = select(Suppression).order_by(Suppression.created_at.desc()).limit(limit)
+    if reason:
+        query = query.where(Suppression.reason == reason)
+    with Session(_engine(_settings())) as session:
+        rows = session.execute(query).scalars().all()
+    table = Table(title=f"{len(rows)} suppressed address(es)", title_justify="left")
+    for column in ("email", "reason", "since", "detail"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.email, row.reason, row.created_at.strftime("%Y-%m-%d %H:%M"), row.detail)
+    console.print(table)
 
 
 @db_app.command("upgrade")

@@ -14,6 +14,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
 
+from flows.dkim_signer import DkimSigner
 from flows.render import Rendered, one_line
 
 
@@ -46,6 +47,7 @@ def build_message(
     msg_id: str,
     date: datetime,
     extra_headers: dict[str, str] | None = None,
+    signer: DkimSigner | None = None,
 ) -> bytes:
     msg = EmailMessage(policy=SMTP)
     msg["From"] = Address(display_name=sender.name, addr_spec=sender.address)
@@ -57,4 +59,5 @@ def build_message(
         msg[name] = one_line(value)
     msg.set_content(rendered.text, charset="utf-8")
     msg.add_alternative(rendered.html, subtype="html", charset="utf-8")
-    return msg.as_bytes()
+    data = msg.as_bytes()
+    return signer.sign(data) if signer else data

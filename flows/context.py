@@ -69,7 +69,9 @@ class ComplaintView:
 @dataclass(frozen=True, slots=True)
 class Links:
     unsubscribe: str
+    preferences: str
     shop: str
+    confirm: str | None = None  # consent confirmation mails only
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +132,8 @@ def sample_contexts(reference: str | None, base_url: str, shop_url: str) -> list
         "cart": cart if reference == "cart" else None,
         "complaint": ComplaintView("C-1", "Lieferung beschädigt", now) if reference == "complaint" else None,
         "order": OrderView("1001", now, 5990, "EUR"),
-        "links": Links(f"{base_url}/u/sample-token", shop_url),
+        "links": Links(f"{base_url}/u/sample-token", f"{base_url}/preferences/sample-token", shop_url,
+                       f"{base_url}/confirm/sample-token" if reference == "consent" else None),
         "trigger": TriggerView("sample", "sample"),
         "now": now,
     }

@@ -119,6 +119,8 @@ def generate(anchor: datetime, customers: int = 300, seed: int = 7) -> list[dict
             orders = sorted((rng.uniform(380, 780) for _ in range(rng.randint(1, 3))), reverse=True)
         signup = max(signup, max(orders, default=0) + 1)
         consent = rng.random() < 0.85
+        # Most opted in long ago and confirmed; some of today's sign-ups still have to confirm.
+        confirmed = consent and (profile != "signed_up_today" or rng.random() < 0.5)
 
         # Most customers were around recently; some went quiet two to six months ago.
         newest_order = min(orders, default=signup)
@@ -137,7 +139,7 @@ def generate(anchor: datetime, customers: int = 300, seed: int = 7) -> list[dict
 
         event("identify", signup, traits={
             "email": email, "first_name": first, "last_name": last, "locale": locale, "timezone": zone,
-            "marketing_consent": consent, "created_at": _iso(at(signup)),
+            "marketing_consent": consent, "consent_confirmed": confirmed, "created_at": _iso(at(signup)),
         })
         for i, days_ago in enumerate(orders):
             picked = rng.sample(PRODUCTS, rng.randint(1, 3))

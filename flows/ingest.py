@@ -60,6 +60,8 @@ class Traits(_Lenient):
     locale: str | None = Field(None, max_length=35)
     timezone: str | None = Field(None, max_length=64)
     marketing_consent: bool | None = None
+    consent_confirmed: bool = False  # the shop ran its own double opt-in already
+    consent_source: str | None = Field(None, max_length=64)
     created_at: datetime | None = Field(None, validation_alias=AliasChoices("created_at", "createdAt"))
 
     @field_validator("email")
@@ -263,9 +265,14 @@ class _Store:
         if traits.created_at is not None:
             customer.created_at = _aware(traits.created_at)
         if traits.marketing_consent is True and not customer.marketing_consent:
-            customer.marketing_consent, customer.consent_at = True, ts
+            if traits.consent_confirmed:
+                customer.marketing_consent, customer.consent_at = True, ts
+                customer.consent_source = traits.consent_source or "shop (confirmed)"
+            elif customer.consent_requested_at is None:
+                customer.consent_requested_at = ts  # double opt-in: the confirmation mail asks
+                customer.consent_source = traits.consent_source
         elif traits.marketing_consent is False:
-            customer.marketing_consent, customer.consent_at = False, None
+            withdraw_consent(customer)
 
     # -- track events ---------------------------------------------------------------
     def open_cart(self, customer: Customer, cart_id: str | None, ts: datetime) -> Cart:
@@ -341,10 +348,14 @@ class _Store:
         complaint.answered_at = ts
 
     def unsubscribed(self, customer: Customer, _details: None, ts: datetime) -> None:
-        customer.marketing_consent, customer.consent_at = False, None
+        withdraw_consent(customer)
         if customer.email and self.session.get(Suppression, customer.email.lower()) is None:
             self.session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED,
                                          detail="Unsubscribed event", created_at=ts))
+
+
+def withdraw_consent(customer: Customer) -> None:
+    customer.marketing_consent, customer.consent_at, customer.consent_requested_at = False, None, None
 
 
 _TRACK_HANDLERS = {

@@ -1,37 +1,48 @@
-"""Signed links that go into every mail (unsubscribe): forged or altered tokens fail."""
+"""Signed links in mails and run summaries: a forged or altered token is refused.
+
+Tokens are HMAC-signed (itsdangerous) with ``LIFECYCLE_SECRET``; each purpose has its
+own salt, so an unsubscribe token cannot be replayed as a confirmation.
+"""
+
+from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
-UNSUBSCRIBE_SALT = "lifecycle.unsubscribe"
-PREVIEW_SALT = "lifecycle.preview"
+UNSUBSCRIBE = "lifecycle.unsubscribe"
+PREFERENCES = "lifecycle.preferences"
+CONFIRM = "lifecycle.confirm"
+PREVIEW = "lifecycle.preview"
 
 
-def unsubscribe_token(secret: str, customer: str, category: str) -> str:
-    return URLSafeSerializer(secret, salt=UNSUBSCRIBE_SALT).dumps({"c": customer, "k": category})
+def sign(secret: str, purpose: str, data: dict[str, Any]) -> str:
+    return URLSafeSerializer(secret, salt=purpose).dumps(data)
 
 
-def read_unsubscribe_token(secret: str, token: str) -> tuple[str, str] | None:
-    """``(customer, category)`` for a genuine token, ``None`` for a forged one."""
+def read(secret: str, purpose: str, token: str) -> dict[str, Any] | None:
+    """The signed data, or ``None`` for a forged, altered or foreign token."""
     try:
-        data = URLSafeSerializer(secret, salt=UNSUBSCRIBE_SALT).loads(token)
+        data = URLSafeSerializer(secret, salt=purpose).loads(token)
     except BadSignature:
         return None
-    return data["c"], data["k"]
+    return data if isinstance(data, dict) else None
+
+
+def _url(base_url: str, path: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/{path}/{token}"
 
 
 def unsubscribe_url(base_url: str, secret: str, customer: str, category: str) -> str:
-    return f"{base_url.rstrip('/')}/u/{unsubscribe_token(secret, customer, category)}"
+    return _url(base_url, "u", sign(secret, UNSUBSCRIBE, {"c": customer, "k": category}))
+
+
+def preferences_url(base_url: str, secret: str, customer: str) -> str:
+    return _url(base_url, "preferences", sign(secret, PREFERENCES, {"c": customer}))
+
+
+def confirm_url(base_url: str, secret: str, customer: str) -> str:
+    return _url(base_url, "confirm", sign(secret, CONFIRM, {"c": customer}))
 
 
 def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: str) -> str:
     """A link to a trigger's mail rendered with sample data; signed, so only links we made work."""
-    token = URLSafeSerializer(secret, salt=PREVIEW_SALT).dumps({"t": trigger, "s": stage, "l": language})
-    return f"{base_url.rstrip('/')}/preview/{token}"
-
-
-def read_preview_token(secret: str, token: str) -> tuple[str, str, str] | None:
-    try:
-        data = URLSafeSerializer(secret, salt=PREVIEW_SALT).loads(token)
-    except BadSignature:
-        return None
-    return data["t"], data["s"], data["l"]
+    return _url(base_url, "preview", sign(secret, PREVIEW, {"t": trigger, "s": stage, "l": language}))

@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from prefect.runtime import flow_run
 from sqlmodel import Session
 
 from flows import ledger
-from flows.audience import Candidate, Skip, stream_candidates
+from flows.audience import Candidate, Skip, stream_candidates, withdrawn
 from flows.clock import parse_now
 from flows.compose import Sender, build_message, message_id
 from flows.context import (
@@ -35,9 +36,10 @@ from flows.context import (
     load_latest_orders,
 )
 from flows.dispatch import Delivery, Envelope, Mailer, Result, RetryPolicy, SmtpConfig, SmtpUnavailable
+from flows.dkim_signer import DkimSigner
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
-from flows.links import preview_url, unsubscribe_url
+from flows.links import confirm_url, preferences_url, preview_url, unsubscribe_url
 from flows.render import RenderError, TemplateCatalog
 from flows.report import DEFERRED, SENT, WOULD_SEND, PlannedMail, RunSummary, failed, skipped
 from flows.settings import Settings, get_settings
@@ -67,6 +69,13 @@ class Job:
     @property
     def sender(self) -> Sender:
         return Sender.parse(self.trigger.email.sender or self.settings.sender)
+
+    @cached_property
+    def signer(self) -> DkimSigner | None:
+        s = self.settings
+        key = s.dkim_private_key.get_secret_value() if s.dkim_private_key else None
+        return DkimSigner.from_settings(s.dkim_selector, s.dkim_domain, key, s.dkim_private_key_file,
+                                        self.sender.domain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +149,12 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
     for c in candidates:
         assert c.email is not None
         customer = CustomerView(c.external_id, c.email, c.first_name, c.last_name, c.locale, c.language)
+        links = Links(
+            unsubscribe=unsubscribe_url(settings.base_url, secret, c.external_id, job.trigger.kind),
+            preferences=preferences_url(settings.base_url, secret, c.external_id),
+            shop=settings.shop_url,
+            confirm=confirm_url(settings.base_url, secret, c.external_id) if job.kind.reference == "consent" else None,
+        )
         context: dict[str, Any] = {
             "customer": customer,
             "stage": c.stage,
@@ -147,18 +162,15 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
             "cart": carts.get(c.ref_id) if c.ref_id is not None else None,
             "complaint": complaints.get(c.ref_id) if c.ref_id is not None else None,
             "order": orders.get(c.customer_id),
-            "links": Links(
-                unsubscribe_url(settings.base_url, secret, c.external_id, job.trigger.kind), settings.shop_url
-            ),
+            "links": links,
             "trigger": trigger_view,
             "now": job.now,
         }
         try:
             rendered = job.catalog.render(job.trigger.email, context)
             msg_id = message_id(c.send_key, sender)
-            data = build_message(
-                rendered, sender=sender, to_address=c.email, to_name=customer.name, msg_id=msg_id, date=date
-            )
+            data = build_message(rendered, sender=sender, to_address=c.email, to_name=customer.name, msg_id=msg_id,
+                                 date=date, extra_headers=list_headers(job, links), signer=job.signer)
         except RenderError as exc:
             failures.append(Failure(c, "render_error", str(exc)))
             continue
@@ -169,6 +181,20 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
                              rendered.template, c.email, msg_id)
         prepared.append(Prepared(c, claim, Envelope(c.send_key, sender.address, c.email, data), rendered.subject))
     return prepared, failures
+
+
+def list_headers(job: Job, links: Links) -> dict[str, str]:
+    """RFC 8058 one-click unsubscribe and RFC 2919 List-Id, on marketing mail only."""
+    if job.kind.category != "marketing":
+        return {}
+    domain = job.sender.domain
+    token = links.unsubscribe.rsplit("/", 1)[1]
+    mailbox = job.settings.unsubscribe_mailbox or f"unsubscribe@{domain}"
+    return {
+        "List-Unsubscribe": f"<{links.unsubscribe}>, <mailto:{mailbox}?subject=unsubscribe%20{token}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "List-Id": f"<{job.trigger.name}.{domain}>",
+    }
 
 
 # -- dispatch ----------------------------------------------------------------------
@@ -198,6 +224,11 @@ async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
     claims are ever open at once, which bounds what a crash can leave in doubt."""
     engine = get_engine(job.settings.database_url)
     counts: Counter[tuple[str, str]] = Counter()
+    gone = await asyncio.to_thread(withdrawn, engine, job.kind, [p.candidate.customer_id for p in prepared])
+    for p in prepared:
+        if p.candidate.customer_id in gone:
+            counts[(p.candidate.stage, skipped(Skip.UNSUBSCRIBED))] += 1
+    prepared = [p for p in prepared if p.candidate.customer_id not in gone]
     async with Mailer(config, policy) as mailer:
         size = job.settings.in_flight
         for window in (prepared[i : i + size] for i in range(0, len(prepared), size)):

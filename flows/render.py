@@ -8,7 +8,8 @@ the first of these that exists is used:
 
 A ``.txt.j2`` found the same way becomes the text part; otherwise the text part is
 derived from the HTML. HTML is autoescaped, every template is sandboxed, and an
-undefined name is an error, never an empty string.
+undefined name is an error, never an empty string. A ``<style>`` block is inlined into
+``style`` attributes (css-inline), since many mail clients ignore stylesheets.
 
 The context every template and subject gets:
 
@@ -36,6 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import css_inline
 from babel.dates import format_date
 from babel.numbers import format_currency
 from inscriptis import get_text
@@ -163,6 +165,8 @@ class TemplateCatalog:
         text_name = self.resolve(email.template, stage, lang, "txt")
         subject = one_line(self._render_string(email.subject_for(lang), context))
         html = self._render_file(html_name, context)
+        if "<style" in html:  # mail clients drop <style>: move the rules into style attributes
+            html = css_inline.inline(html)
         text = self._render_file(text_name, context) if text_name else html_to_text(html)
         return Rendered(subject=subject, html=html, text=text, template=html_name)
 

@@ -32,14 +32,19 @@ class Settings(BaseSettings):
     secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
     base_url: str = Field("http://127.0.0.1:8025", description="Where unsubscribe links point.")
     shop_url: str = "https://shop.example"
+    unsubscribe_mailbox: str | None = Field(None, description="mailto: in List-Unsubscribe; default unsubscribe@<sender domain>.")
     default_language: str = "en"
+    dkim_selector: str | None = Field(None, description="Signs every mail with DKIM when set.")
+    dkim_domain: str | None = Field(None, description="d= of the signature; default: the sender's domain.")
+    dkim_private_key: SecretStr | None = Field(None, description="PEM; or use dkim_private_key_file.")
+    dkim_private_key_file: Path | None = None
     batch_size: int = Field(500, ge=1, le=20000, description="Recipients per render/dispatch task.")
     in_flight: int = Field(32, ge=1, le=1000, description="Ledger claims taken at once while sending.")
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)
 
-    @field_validator("database_url", "smtp_url", "secret", mode="before")
+    @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", mode="before")
     @classmethod
     def _from_secret_block(cls, value: object) -> object:
         """``prefect-secret:NAME`` reads the value from the Prefect Secret block NAME."""

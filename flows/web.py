@@ -1,20 +1,206 @@
-"""``lifecycle web``: the small HTTP side of Lifecycle (template previews linked from Prefect runs)."""
+"""``lifecycle web``: the customer-facing links in every mail, and template previews for ops.
 
-from fastapi import FastAPI, HTTPException
+- ``/u/{token}``: GET shows a confirmation page; POST with ``List-Unsubscribe=One-Click``
+  (RFC 8058, as mail providers send it, or our page's button) unsubscribes at once and
+  answers 200 — no redirect, no cookies.
+- ``/preferences/{token}``: leave single categories (e.g. win-back campaigns), or all.
+- ``/confirm/{token}``: double opt-in; POST records the consent with its time and source.
+- ``/preview/{token}``: a trigger's mail with sample data (linked from Prefect runs).
+
+GET never changes anything (mail scanners follow links); every token is signed.
+Pages speak the customer's language (German or English).
+"""
+
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
+from jinja2 import Environment
+from sqlalchemy import delete, select
+from sqlmodel import Session
 
-from flows.links import read_preview_token
+from flows.kinds import KINDS
+from flows.links import CONFIRM, PREFERENCES, PREVIEW, UNSUBSCRIBE, preferences_url, read
+from flows.render import language_of
 from flows.settings import Settings
 from flows.spec.problems import SpecError
+from models import CategoryOptOut, Customer, Suppression, SuppressionReason
+from models.db import get_engine
+from models.types import utcnow
+
+MARKETING = [name for name, kind in KINDS.items() if kind.category == "marketing"]
+
+WORDS: dict[str, dict[str, Any]] = {
+    "de": {
+        "unsubscribe_title": "Abmelden", "unsubscribe_question": "Möchtest du keine Werbe-E-Mails mehr an {email} erhalten?",
+        "unsubscribe_button": "Ja, abmelden", "unsubscribed": "Du bist abgemeldet. Du erhältst keine Werbe-E-Mails mehr an {email}.",
+        "preferences_link": "Lieber nur einzelne Themen abbestellen?", "preferences_title": "Deine E-Mail-Einstellungen",
+        "preferences_intro": "Wähle, welche E-Mails du an {email} bekommen möchtest:", "save": "Speichern",
+        "saved": "Gespeichert.", "all": "Von allen Werbe-E-Mails abmelden",
+        "confirm_title": "Anmeldung bestätigen", "confirm_question": "Bitte bestätige, dass wir dir unsere Angebote an {email} schicken dürfen.",
+        "confirm_button": "Anmeldung bestätigen", "confirmed": "Danke! Deine Anmeldung ist bestätigt.",
+        "invalid": "Dieser Link ist ungültig.",
+        "categories": {"abandoned_cart": "Erinnerungen an deinen Warenkorb",
+                       "inactivity": "Nachrichten, wenn du länger nicht bei uns warst",
+                       "onboarding": "Willkommens- und Einstiegstipps", "campaign": "Angebote und Aktionen"},
+    },
+    "en": {
+        "unsubscribe_title": "Unsubscribe", "unsubscribe_question": "Stop marketing emails to {email}?",
+        "unsubscribe_button": "Yes, unsubscribe", "unsubscribed": "You are unsubscribed. No more marketing emails will go to {email}.",
+        "preferences_link": "Rather leave only some topics?", "preferences_title": "Your email preferences",
+        "preferences_intro": "Choose which emails {email} should get:", "save": "Save", "saved": "Saved.",
+        "all": "Unsubscribe from all marketing emails",
+        "confirm_title": "Confirm your subscription", "confirm_question": "Please confirm that we may send our offers to {email}.",
+        "confirm_button": "Confirm subscription", "confirmed": "Thank you! Your subscription is confirmed.",
+        "invalid": "This link is not valid.",
+        "categories": {"abandoned_cart": "Reminders about your cart", "inactivity": "Messages when you have been away",
+                       "onboarding": "Welcome and getting-started tips", "campaign": "Offers and campaigns"},
+    },
+}
+
+_PAGE = Environment(autoescape=True).from_string("""<!DOCTYPE html>
+<html lang="{{ lang }}"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex"><title>{{ title }}</title></head>
+<body style="font-family:Helvetica,Arial,sans-serif;max-width:560px;margin:40px auto;padding:0 16px;color:#18181b">
+<h1 style="font-size:22px">{{ title }}</h1>
+{% for line in lines %}<p>{{ line }}</p>{% endfor %}
+{% if form == "unsubscribe" %}
+<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">
+<button type="submit">{{ w.unsubscribe_button }}</button></form>
+<p><a href="{{ preferences }}">{{ w.preferences_link }}</a></p>
+{% elif form == "preferences" %}
+<form method="post">
+{% for name, label, on in categories %}<p><label><input type="checkbox" name="category" value="{{ name }}"{{ " checked" if on }}> {{ label }}</label></p>{% endfor %}
+<p><button type="submit">{{ w.save }}</button></p></form>
+<form method="post"><input type="hidden" name="all" value="1"><button type="submit">{{ w.all }}</button></form>
+{% elif form == "confirm" %}
+<form method="post"><input type="hidden" name="confirm" value="1"><button type="submit">{{ w.confirm_button }}</button></form>
+{% endif %}
+</body></html>""")
+
+
+def page(lang: str, title_key: str, lines: list[str], status: int = 200, **extra: Any) -> HTMLResponse:
+    words = WORDS.get(lang, WORDS["en"])
+    html = _PAGE.render(lang=lang, title=words[title_key], lines=lines, w=words, **extra)
+    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})
+
+
+def masked(email: str) -> str:
+    """``j***@example.de``: enough to recognise, not enough to harvest."""
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+def unsubscribe_all(session: Session, customer: Customer, detail: str) -> None:
+    customer.marketing_consent, customer.consent_at, customer.consent_requested_at = False, None, None
+    session.add(customer)
+    if customer.email and session.get(Suppression, customer.email.lower()) is None:
+        session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED, detail=detail))
 
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None)
     secret = settings.secret.get_secret_value()
+    engine = get_engine(settings.database_url)
+
+    def customer_for(purpose: str, token: str, session: Session) -> tuple[Customer, dict[str, Any]]:
+        data = read(secret, purpose, token)
+        customer = None
+        if data is not None:
+            customer = session.execute(select(Customer).where(Customer.external_id == data["c"])).scalar_one_or_none()
+        if customer is None or not customer.email:
+            raise HTTPException(status_code=404)
+        return customer, data
+
+    def lang_of(customer: Customer) -> str:
+        return language_of(customer.locale, settings.default_language) if customer.locale else "en"
+
+    @app.exception_handler(HTTPException)
+    async def not_valid(request: Request, exc: HTTPException) -> HTMLResponse:
+        lang = "de" if request.headers.get("accept-language", "").lower().startswith("de") else "en"
+        return page(lang, "unsubscribe_title" if "/u/" in request.url.path else "confirm_title",
+                    [WORDS[lang]["invalid"]], status=exc.status_code)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
         return "ok"
+
+    @app.get("/u/{token}")
+    def unsubscribe_page(token: str) -> HTMLResponse:
+        with Session(engine) as session:
+            customer, _ = customer_for(UNSUBSCRIBE, token, session)
+            lang = lang_of(customer)
+            return page(lang, "unsubscribe_title",
+                        [WORDS[lang]["unsubscribe_question"].format(email=masked(customer.email))],
+                        form="unsubscribe", preferences=preferences_url("", secret, customer.external_id))
+
+    @app.post("/u/{token}")
+    async def unsubscribe(token: str, request: Request) -> HTMLResponse:
+        form = await request.form()
+        if form.get("List-Unsubscribe") != "One-Click":
+            raise HTTPException(status_code=400)
+        with Session(engine) as session:
+            customer, data = customer_for(UNSUBSCRIBE, token, session)
+            unsubscribe_all(session, customer, f"one-click unsubscribe ({data.get('k')})")
+            session.commit()
+            lang = lang_of(customer)
+            return page(lang, "unsubscribe_title", [WORDS[lang]["unsubscribed"].format(email=masked(customer.email))])
+
+    @app.get("/preferences/{token}")
+    def preferences_page(token: str) -> HTMLResponse:
+        with Session(engine) as session:
+            customer, _ = customer_for(PREFERENCES, token, session)
+            return _preferences(session, customer, [])
+
+    def _preferences(session: Session, customer: Customer, lines: list[str]) -> HTMLResponse:
+        lang = lang_of(customer)
+        left = set(session.execute(select(CategoryOptOut.category)
+                                   .where(CategoryOptOut.customer_id == customer.id)).scalars())
+        everything = session.get(Suppression, customer.email.lower()) is not None or not customer.marketing_consent
+        labels = WORDS[lang]["categories"]
+        categories = [(name, labels.get(name, name), not everything and name not in left) for name in MARKETING]
+        return page(lang, "preferences_title",
+                    lines + [WORDS[lang]["preferences_intro"].format(email=masked(customer.email))],
+                    form="preferences", categories=categories)
+
+    @app.post("/preferences/{token}")
+    async def save_preferences(token: str, request: Request) -> HTMLResponse:
+        form = await request.form()
+        with Session(engine) as session:
+            customer, _ = customer_for(PREFERENCES, token, session)
+            if form.get("all") == "1":
+                unsubscribe_all(session, customer, "preference page: all")
+            else:
+                keep = set(form.getlist("category")) & set(MARKETING)
+                session.execute(delete(CategoryOptOut).where(CategoryOptOut.customer_id == customer.id))
+                for category in sorted(set(MARKETING) - keep):
+                    session.add(CategoryOptOut(customer_id=customer.id, category=category))
+            session.commit()
+            return _preferences(session, customer, [WORDS[lang_of(customer)]["saved"]])
+
+    @app.get("/confirm/{token}")
+    def confirm_page(token: str) -> HTMLResponse:
+        with Session(engine) as session:
+            customer, _ = customer_for(CONFIRM, token, session)
+            lang = lang_of(customer)
+            if customer.marketing_consent:
+                return page(lang, "confirm_title", [WORDS[lang]["confirmed"]])
+            return page(lang, "confirm_title", [WORDS[lang]["confirm_question"].format(email=masked(customer.email))],
+                        form="confirm")
+
+    @app.post("/confirm/{token}")
+    def confirm(token: str) -> HTMLResponse:
+        with Session(engine) as session:
+            customer, _ = customer_for(CONFIRM, token, session)
+            if not customer.marketing_consent:
+                customer.marketing_consent, customer.consent_at = True, utcnow()
+                customer.consent_source = "double opt-in link"
+                session.add(customer)
+                suppression = session.get(Suppression, customer.email.lower())
+                if suppression is not None and suppression.reason == SuppressionReason.UNSUBSCRIBED:
+                    session.delete(suppression)  # a confirmed new opt-in lifts an old unsubscribe
+                session.commit()
+            return page(lang_of(customer), "confirm_title", [WORDS[lang_of(customer)]["confirmed"]])
 
     @app.get("/preview/{token}", response_class=HTMLResponse)
     def preview(token: str) -> HTMLResponse:
@@ -23,13 +209,12 @@ def create_app(settings: Settings) -> FastAPI:
         from flows.pipeline import prepare_job
         from flows.preview import PreviewError, html_part, sample_message
 
-        found = read_preview_token(secret, token)
+        found = read(secret, PREVIEW, token)
         if found is None:
             raise HTTPException(status_code=404, detail="unknown preview")
-        trigger, stage, language = found
         try:
-            job = prepare_job(trigger, parse_now(None), settings=settings)
-            html = html_part(sample_message(job, stage, language))
+            job = prepare_job(found["t"], parse_now(None), settings=settings)
+            html = html_part(sample_message(job, found["s"], found["l"]))
         except (SpecError, PreviewError) as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})

@@ -4,6 +4,7 @@ from models.commerce import CART_OPEN, CART_ORDERED, Cart, CartItem, Order
 from models.customer import Customer
 from models.events import Event, StoreMeta
 from models.ledger import Send, SendStatus
+from models.preferences import CategoryOptOut
 from models.support import Complaint
 from models.suppression import Suppression, SuppressionReason
 
@@ -11,6 +12,7 @@ __all__ = [
     "CART_OPEN",
     "CART_ORDERED",
     "Cart",
+    "CategoryOptOut",
     "CartItem",
     "Complaint",
     "Customer",

@@ -9,6 +9,10 @@ from models.types import UtcDateTime, utcnow
 
 
 class Customer(SQLModel, table=True):
+    """Marketing consent is double opt-in: ``marketing_consent`` is True only once confirmed
+    (``consent_at``, ``consent_source``); a request still waiting for confirmation has
+    ``consent_requested_at`` set and ``marketing_consent`` False."""
+
     __tablename__ = "customers"
 
     id: int | None = Field(default=None, primary_key=True)
@@ -20,5 +24,7 @@ class Customer(SQLModel, table=True):
     timezone: str | None = Field(default=None, max_length=64)
     marketing_consent: bool = Field(default=False)
     consent_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
+    consent_source: str | None = Field(default=None, max_length=64)
+    consent_requested_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), index=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True))
     last_seen_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), index=True))

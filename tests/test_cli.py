@@ -24,7 +24,7 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validate_passes_on_the_shipped_project(settings: Settings) -> None:
     result = runner.invoke(app, ["validate"])
     assert result.exit_code == 0, result.output
-    assert "All good: 6 triggers" in result.output
+    assert "All good: 7 triggers" in result.output
 
 
 def test_validate_reports_every_problem_with_file_and_line_and_exits_1(settings: Settings) -> None:
@@ -38,7 +38,7 @@ def test_validate_reports_every_problem_with_file_and_line_and_exits_1(settings:
     assert "winback.yaml:9: audience.stages: unknown stage 'lapsd'; valid stages: prospect, lapsed" in result.output
     assert "complaint.yaml:4: max_age: expected a duration" in result.output
     assert "> 4 | max_age: 7 days" in result.output  # the offending line is shown
-    assert "2 problem(s) in 2 file(s). 4 trigger(s) are valid." in result.output
+    assert "2 problem(s) in 2 file(s). 5 trigger(s) are valid." in result.output
 
 
 def test_validate_as_an_installed_command(settings: Settings) -> None:
@@ -125,3 +125,19 @@ def test_run_all_reports_a_broken_file_and_still_runs_the_healthy_triggers(setti
     assert "broken.yaml:3: idle_for: expected a duration" in result.output
     assert "winback-lapsed @ 2026-03-16 12:00:00 UTC: would send 1" in result.output
     assert "abandoned-cart @ 2026-03-16 12:00:00 UTC: would send 0" in result.output
+
+
+def test_suppress_add_list_remove(settings: Settings, store: Store) -> None:
+    customer = store.customer("Sina", last_seen=ago(days=70))
+    store.order(customer, ago(days=80))
+    added = runner.invoke(app, ["suppress", "add", customer.email.upper(), "--reason", "spam_complaint",
+                                "--note", "FBL report 4711"])
+    assert added.exit_code == 0 and "Suppressed 1 address(es) (spam_complaint)." in added.output
+    listed = runner.invoke(app, ["suppress", "list"])
+    assert customer.email in listed.output and "spam_complaint" in listed.output and "FBL report 4711" in listed.output
+    dry = runner.invoke(app, ["run", "we-miss-you", "--dry-run", "--now", NOW.isoformat()])
+    assert "skipped:suppressed 1" in dry.output
+    removed = runner.invoke(app, ["suppress", "remove", customer.email])
+    assert removed.exit_code == 0 and "Removed 1 suppression(s)." in removed.output
+    assert "would send 1" in runner.invoke(app, ["run", "we-miss-you", "--dry-run", "--now", NOW.isoformat()]).output
+    assert runner.invoke(app, ["suppress", "add", "x@example.de", "--reason", "whim"]).exit_code == 2

@@ -33,7 +33,7 @@ def test_shipped_triggers_and_templates_are_valid(project_dir: Path) -> None:
     project = load_project(project_dir / "triggers", project_dir / "templates")
     assert project.problems == []
     assert {t.kind for t in project.triggers.values()} == {
-        "abandoned_cart", "inactivity", "onboarding", "complaint", "campaign"}
+        "abandoned_cart", "inactivity", "onboarding", "complaint", "campaign", "consent_confirmation"}
 
 
 def test_a_valid_file_loads_with_its_parameters(project_dir: Path) -> None:

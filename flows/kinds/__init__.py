@@ -1,10 +1,10 @@
 """The registry of trigger kinds: ``kind:`` in a trigger file names one of these."""
 
-from flows.kinds import abandoned_cart, campaign, complaint, inactivity, onboarding
+from flows.kinds import abandoned_cart, campaign, complaint, consent_confirmation, inactivity, onboarding
 from flows.kinds.base import Kind
 
 KINDS: dict[str, Kind] = {
-    module.KIND.name: module.KIND for module in (abandoned_cart, inactivity, onboarding, complaint, campaign)
+    module.KIND.name: module.KIND for module in (abandoned_cart, inactivity, onboarding, complaint, campaign, consent_confirmation)
 }
 
 __all__ = ["KINDS", "Kind"]

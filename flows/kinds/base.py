@@ -10,7 +10,7 @@ from sqlalchemy import Select
 from flows.spec.common import TriggerBase
 
 Category = Literal["marketing", "transactional"]
-Reference = Literal["cart", "complaint"]
+Reference = Literal["cart", "complaint", "consent"]
 
 
 @dataclass(frozen=True)
