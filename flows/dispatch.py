@@ -16,6 +16,7 @@ from types import TracebackType
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
+from aiolimiter import AsyncLimiter
 from aiosmtplib import SMTPRecipientRefused, SMTPResponseException
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -28,11 +29,12 @@ class SmtpConfig:
     password: str | None = None
     tls: str = "none"  # none | starttls | ssl
     timeout: float = 30.0
-    connections: int = 4
+    connections: int = 4  # concurrent sessions this provider allows us
+    rate: float | None = None  # messages per second this provider allows us (None: unlimited)
 
     @classmethod
     def from_url(cls, url: str) -> "SmtpConfig":
-        """``smtp://user:pass@host:587?tls=starttls&connections=4&timeout=30`` (``smtps://`` = TLS)."""
+        """``smtp://user:pass@host:587?tls=starttls&connections=4&rate=50&timeout=30`` (``smtps://`` = TLS)."""
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ValueError(f"LIFECYCLE_SMTP_URL must look like smtp://user:pass@host:587?tls=starttls, got {url!r}")
@@ -49,6 +51,7 @@ class SmtpConfig:
             tls=tls,
             timeout=float(query.get("timeout", 30)),
             connections=max(1, int(query.get("connections", 4))),
+            rate=float(query["rate"]) if "rate" in query else None,
         )
 
 
@@ -113,6 +116,8 @@ class Mailer:
     def __init__(self, config: SmtpConfig, policy: RetryPolicy) -> None:
         self.config, self.policy = config, policy
         self._idle: list[aiosmtplib.SMTP] = []
+        # One message per 1/rate seconds, shared by all connections: no bursts above the limit.
+        self._pace = AsyncLimiter(1, 1 / config.rate) if config.rate else None
 
     async def __aenter__(self) -> "Mailer":
         return self
@@ -174,6 +179,8 @@ class Mailer:
         try:
             async for attempt in self._retrying():
                 with attempt:
+                    if self._pace is not None:
+                        await self._pace.acquire()
                     if client is None or not client.is_connected:
                         client = await self._connect()
                     try:

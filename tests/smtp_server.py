@@ -1,6 +1,7 @@
 """A real SMTP server on loopback (aiosmtpd) that records what it accepts and can be told to fail."""
 
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -16,6 +17,8 @@ class Received:
     sender: str
     recipients: list[str]
     data: bytes
+    peer: tuple = ()  # the client's address and port: one per SMTP session
+    at: float = 0.0  # when the server accepted it (monotonic)
 
     @property
     def message(self) -> EmailMessage:
@@ -57,7 +60,8 @@ class RecordingHandler:
                 return "421 closing"
             if script and script.data:
                 return script.data.pop(0)
-            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                                          tuple(session.peer), time.monotonic()))
         return "250 2.0.0 queued"
 
     def to(self, address: str) -> list[Received]:

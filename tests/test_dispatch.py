@@ -39,6 +39,18 @@ def test_every_message_is_delivered_once_over_reused_connections(smtp: SmtpServe
     assert sorted(r.recipients[0] for r in smtp.received) == sorted(f"r{i}@example.de" for i in range(20))
 
 
+def test_the_provider_limits_on_connections_and_rate_are_honoured(smtp: SmtpServer) -> None:
+    url = f"smtp://127.0.0.1:{smtp.port}?connections=3&rate=20"
+    assert SmtpConfig.from_url(url).rate == 20.0
+    send(url, [envelope(f"r{i}@example.de") for i in range(30)])
+    assert len(smtp.received) == 30
+    assert len({r.peer for r in smtp.received}) <= 3  # never more sessions than allowed
+    gaps = [b.at - a.at for a, b in zip(smtp.received, smtp.received[1:])]
+    # 20 per second means one every 50 ms; allow scheduling jitter, but no bursts.
+    assert smtp.received[-1].at - smtp.received[0].at >= 29 * 0.05 * 0.9
+    assert sorted(gaps)[len(gaps) // 2] >= 0.04
+
+
 def test_a_4xx_is_retried_and_then_sent_exactly_once(smtp: SmtpServer) -> None:
     smtp.handler.scripts["busy@example.de"] = Script(rcpt=["451 4.7.1 Greylisted, try again"], data=["452 4.3.1 Full"])
     results = send(smtp.url, [envelope("busy@example.de"), envelope("calm@example.de")])
