@@ -10,12 +10,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Engine, and_, exists, false, func, or_, select
+from sqlalchemy import Engine, Select, and_, exists, false, func, null, or_, select
 from sqlmodel import Session
 
 from flows.kinds.base import Kind
+from flows.policy import QUIET_HOURS, customer_zone, longest_window, next_allowed
 from flows.render import language_of
 from flows.spec.common import TriggerBase
+from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
 from flows.stages import order_stats, stage_expression
 from models import CategoryOptOut, Customer, Send, SendStatus, Suppression, SuppressionReason
@@ -29,7 +31,16 @@ class Skip(StrEnum):
     OPTED_OUT = "opted_out"  # left this category on the preference page
     REENTRY = "reentry"
     ALREADY_SENT = "already_sent"
+    EXPIRED = "expired"  # deferred longer than its trigger allows
     UNSUBSCRIBED = "unsubscribed_during_run"  # checked again just before sending
+    # Not skipped for good: deferred to the next allowed moment by the sending policy.
+    QUIET_HOURS = "deferred:quiet_hours"
+    FREQUENCY_CAP = "deferred:frequency_cap"
+    WAITING = "deferred:waiting"  # deferred by an earlier run, its moment not reached yet
+
+    @property
+    def deferred(self) -> bool:
+        return self.value.startswith("deferred:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +57,24 @@ class Candidate:
     occurrence: str
     send_key: str
     skip: Skip | None = None
+    timezone: str | None = None
+    not_before: datetime | None = None  # set when deferred by the policy
 
 
 def send_key(trigger: str, customer_id: int, occurrence: str) -> str:
     return f"{trigger}/{customer_id}/{occurrence}"
 
 
-def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime):
-    due = kind.due(trigger, now).subquery("due")
+def deferred_due(trigger: TriggerBase, now: datetime) -> Select:
+    """This trigger's deferred sends whose moment has come (for the sweep after the audience)."""
+    return select(Send.customer_id, Send.ref_id, null().label("ref_time"), Send.occurrence, Send.send_key).where(
+        Send.trigger == trigger.name, Send.status == SendStatus.DEFERRED, Send.not_before <= now)
+
+
+def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime, due: Select | None = None):
+    """Everyone due (or, with ``due``, those rows: deferred sends, already past the audience filters)."""
+    sweep = due is not None
+    due = (due if sweep else kind.due(trigger, now)).subquery("due")
     stats = order_stats(now).subquery("stats")
     stage = stage_expression(rules, stats, now)
     suppressed = suppressed_for(kind)
@@ -73,6 +94,7 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
             Customer.locale,
             Customer.marketing_consent,
             Customer.consent_requested_at,
+            Customer.timezone,
             due.c.ref_id,
             due.c.ref_time,
             stage.label("stage"),
@@ -84,6 +106,8 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         .join(Customer, Customer.id == due.c.customer_id)
         .outerjoin(stats, stats.c.customer_id == Customer.id)
     )
+    if sweep:
+        return query.add_columns(due.c.occurrence, due.c.send_key).order_by(Customer.id, due.c.send_key)
     if audience.stages:
         query = query.where(stage.in_(audience.stages))
     if audience.locales:
@@ -143,17 +167,27 @@ def stream_candidates(
     now: datetime,
     batch_size: int,
     default_language: str,
+    policy: Policy | None = None,
+    due: Select | None = None,
 ) -> Iterator[list[Candidate]]:
-    """Batches of candidates, each already classified (``skip`` set or ``None`` for due)."""
-    query = audience_query(trigger, kind, rules, now).execution_options(yield_per=batch_size)
+    """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
+
+    Marketing candidates also pass the sending ``policy``: those it holds back come out
+    deferred, with the moment they may go (``not_before``).
+    """
+    query = audience_query(trigger, kind, rules, now, due).execution_options(yield_per=batch_size)
     with Session(engine) as reader, Session(engine) as ledger:
         for rows in reader.execute(query).partitions(batch_size):
-            batch = [_candidate(row, trigger, kind, now, default_language) for row in rows]
-            yield _mark_already_sent(ledger, batch)
+            batch = _mark_already_sent(ledger, [_candidate(row, trigger, kind, now, default_language) for row in rows],
+                                       now)
+            if policy is not None and kind.category == "marketing":
+                batch = _apply_policy(ledger, batch, policy, now)
+            yield batch
 
 
 def _candidate(row, trigger: TriggerBase, kind: Kind, now: datetime, default_language: str) -> Candidate:
-    occurrence = kind.occurrence(trigger, now, row.ref_id, row.ref_time)
+    swept = "send_key" in row._fields  # a deferred send: its occurrence and key are on record
+    occurrence = row.occurrence if swept else kind.occurrence(trigger, now, row.ref_id, row.ref_time)
     skip = None
     if not row.email:
         skip = Skip.NO_EMAIL
@@ -176,21 +210,57 @@ def _candidate(row, trigger: TriggerBase, kind: Kind, now: datetime, default_lan
         stage=row.stage,
         ref_id=row.ref_id,
         occurrence=occurrence,
-        send_key=send_key(trigger.name, row.id, occurrence),
+        send_key=row.send_key if swept else send_key(trigger.name, row.id, occurrence),
         skip=skip,
+        timezone=row.timezone,
     )
 
 
-def _mark_already_sent(session: Session, batch: list[Candidate]) -> list[Candidate]:
-    """One lookup per batch; the claim at dispatch remains the real guard."""
+def _mark_already_sent(session: Session, batch: list[Candidate], now: datetime) -> list[Candidate]:
+    """One lookup per batch; the claim at dispatch remains the real guard.
+
+    A key deferred earlier whose moment has come stays due: the claim picks it up.
+    """
     keys = [c.send_key for c in batch]
     if not keys:
         return batch
-    done = set(session.execute(select(Send.send_key).where(Send.send_key.in_(keys))).scalars())
+    rows = session.execute(select(Send.send_key, Send.status, Send.not_before).where(Send.send_key.in_(keys)))
+    known = {key: (status, not_before) for key, status, not_before in rows}
     session.rollback()  # end the read transaction so SQLite can checkpoint
-    if not done:
+    marked = []
+    for c in batch:
+        if c.send_key in known and c.skip in (None, Skip.REENTRY):
+            status, not_before = known[c.send_key]
+            if status == SendStatus.DEFERRED:
+                c = replace(c, skip=None) if not_before <= now else replace(c, skip=Skip.WAITING, not_before=not_before)
+            else:
+                c = replace(c, skip=Skip.EXPIRED if status == SendStatus.EXPIRED else Skip.ALREADY_SENT)
+        marked.append(c)
+    return marked
+
+
+def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now: datetime) -> list[Candidate]:
+    """Frequency caps and quiet hours, with one query for the whole batch's recent sends."""
+    due = [c for c in batch if c.skip is None]
+    if not due:
         return batch
-    return [
-        replace(c, skip=Skip.ALREADY_SENT) if c.send_key in done and c.skip in (None, Skip.REENTRY) else c
-        for c in batch
-    ]
+    recent: dict[int, list[datetime]] = {}
+    window = longest_window(policy)
+    if window:
+        rows = session.execute(select(Send.customer_id, Send.evaluated_at).where(
+            Send.customer_id.in_({c.customer_id for c in due}), Send.category == "marketing",
+            Send.status.in_([SendStatus.SENDING, SendStatus.SENT]),
+            Send.evaluated_at > now - window, Send.evaluated_at <= now))
+        for customer_id, at in rows:
+            recent.setdefault(customer_id, []).append(at)
+        session.rollback()
+    out = []
+    for c in batch:
+        if c.skip is None:
+            zone = customer_zone(c.timezone, policy, c.external_id)
+            moment, reason = next_allowed(now, recent.get(c.customer_id, []), zone, policy)
+            if reason is not None:
+                c = replace(c, skip=Skip.QUIET_HOURS if reason == QUIET_HOURS else Skip.FREQUENCY_CAP,
+                            not_before=moment)
+        out.append(c)
+    return out

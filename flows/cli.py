@@ -287,7 +287,7 @@ def deployments(
     file: Annotated[Path, typer.Option(help="The Prefect project file.")] = Path("prefect.yaml"),
 ) -> None:
     """Keep prefect.yaml's deployments in step with the trigger files (one deployment per trigger)."""
-    from flows.deployments import diff, render
+    from flows.deployments import deployments as generated, diff, render
     from flows.pipeline import load
 
     if write == check:
@@ -302,14 +302,14 @@ def deployments(
     if write:
         current = file.read_text(encoding="utf-8") if file.exists() else ""
         file.write_text(render(current, triggers), encoding="utf-8")
-        console.print(f"Wrote {len(triggers)} deployments to {file}.")
+        console.print(f"Wrote {len(generated(triggers))} deployments to {file}.")
         return
     difference = diff(file, triggers)
     if difference:
         errors.print(difference, markup=False, highlight=False, soft_wrap=True)
         errors.print(f"[red]{file} does not match triggers/: run `lifecycle deployments --write`.[/]")
         raise typer.Exit(1)
-    console.print(f"{file} matches triggers/ ({len(triggers)} deployments).")
+    console.print(f"{file} matches triggers/ ({len(generated(triggers))} deployments).")
 
 
 @suppress_app.command("add")
@@ -329,6 +329,32 @@ def suppress_add(
         raise typer.Exit(2) from None
     suppress(_engine(_settings()), emails, why, note or "lifecycle suppress add")
     console.print(f"Suppressed {len(set(e.lower() for e in emails))} address(es) ({why.value}).")
+
+
+@suppress_app.command("from-mail")
+def suppress_from_mail(files: Annotated[list[Path], typer.Argument(help=".eml files received at the unsubscribe mailbox.")]) -> None:
+    """Apply unsubscribe requests mailed to the List-Unsubscribe mailto: address (subject: unsubscribe TOKEN)."""
+    import re
+    from email import message_from_bytes, policy
+
+    from flows.web import unsubscribe_by_token
+
+    settings = _settings()
+    engine = _engine(settings)
+    done = refused = 0
+    for file in files:
+        subject = str(message_from_bytes(file.read_bytes(), policy=policy.default).get("Subject", ""))
+        match = re.search(r"unsubscribe\s+(\S+)", subject, re.IGNORECASE)
+        customer = match and unsubscribe_by_token(engine, settings.secret.get_secret_value(), match.group(1),
+                                                  "unsubscribe mail")
+        if customer:
+            done += 1
+        else:
+            refused += 1
+            errors.print(f"[yellow]{file}: no valid unsubscribe token in the subject[/]")
+    console.print(f"Unsubscribed {done} customer(s); {refused} mail(s) without a valid token.")
+    if refused:
+        raise typer.Exit(1)
 
 
 @suppress_app.command("remove")

@@ -197,7 +197,12 @@ def run_demo(settings: Settings, customers: int, outbox: Path, console: Console)
     create_schema(engine)
     anchor = anchor_of(engine)
     if anchor is None:
-        anchor = utcnow().replace(microsecond=0)
+        # The latest 15:00 UTC: daytime for every demo customer (Berlin, London, New York),
+        # so quiet hours defer nothing just because the demo ran at night.
+        now = utcnow()
+        anchor = now.replace(hour=15, minute=0, second=0, microsecond=0)
+        if anchor > now:
+            anchor -= timedelta(days=1)
         report = seed(engine, anchor, customers)
         console.print(f"Seeded the demo store ({settings.database_url}) with {customers} customers, "
                       f"{report.loaded} events.")

@@ -1,6 +1,7 @@
 """``prefect.yaml``'s deployments, generated from the trigger files.
 
-One deployment per trigger file: the shared entrypoint, the trigger's name as its
+One deployment per trigger file (plus ``deferred-sends``, which sends what the policy
+deferred once its moment has come): the shared entrypoint, the trigger's name as its
 parameter, its cron schedule (paused when the trigger is disabled), a ``kind:`` tag,
 and the trigger's description. Complaint triggers also get a Prefect deployment
 trigger (event automation) so a new complaint starts a run within seconds instead of
@@ -17,6 +18,14 @@ from flows.events import COMPLAINT_EVENT, COMPLAINT_RESOURCE_PREFIX
 from flows.spec.common import TriggerBase
 
 ENTRYPOINT = "flows/pipeline.py:trigger_flow"
+DEFERRED = {
+    "name": "deferred-sends",
+    "entrypoint": "flows/pipeline.py:deferred_flow",
+    "description": "Sends what the sending policy deferred (quiet hours, frequency caps) once its moment has come.",
+    "tags": ["lifecycle", "policy"],
+    "parameters": {},
+    "schedules": [{"cron": "*/5 * * * *", "timezone": "UTC", "active": True}],
+}
 WORK_POOL = "lifecycle"
 SECTION = "deployments:"
 
@@ -46,13 +55,18 @@ def deployment(trigger: TriggerBase) -> dict[str, Any]:
     return entry
 
 
+def deployments(triggers: list[TriggerBase]) -> list[dict[str, Any]]:
+    """One per trigger (sorted by name, stable), then the deferred-sends sweep."""
+    return [deployment(t) for t in sorted(triggers, key=lambda t: t.name)] + [
+        {**DEFERRED, "work_pool": {"name": WORK_POOL}}]
+
+
 def render(existing: str, triggers: list[TriggerBase]) -> str:
-    """The file with its deployments section regenerated (sorted by name, stable)."""
+    """The file with its deployments section regenerated."""
     head, _, _ = existing.partition("\n" + SECTION)
     if existing.startswith(SECTION):
         head = ""
-    body = yaml.safe_dump({"deployments": [deployment(t) for t in sorted(triggers, key=lambda t: t.name)]},
-                          sort_keys=False, allow_unicode=True, width=120)
+    body = yaml.safe_dump({"deployments": deployments(triggers)}, sort_keys=False, allow_unicode=True, width=120)
     return (head.rstrip("\n") + "\n\n" if head.strip() else "") + body
 
 
@@ -63,7 +77,7 @@ def diff(path: Path, triggers: list[TriggerBase]) -> str:
     """
     current = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
     have = (current or {}).get("deployments") or []
-    want = [deployment(t) for t in sorted(triggers, key=lambda t: t.name)]
+    want = deployments(triggers)
     if have == want:
         return ""
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, bindparam, delete, select, update
+from sqlalchemy import Engine, bindparam, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -27,6 +27,8 @@ class Claim:
     template: str
     email: str
     message_id: str
+    category: str = "marketing"
+    ref_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,33 +43,72 @@ def _insert(engine: Engine):
     return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
 
 
-def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: datetime) -> set[str]:
-    """Insert ``sending`` rows; returns the keys this run won (the others are taken)."""
-    if not claims:
-        return set()
+def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at: datetime,
+          **extra: object) -> list[dict[str, object]]:
     now = utcnow()
-    rows = [
+    return [
         {
-            "send_key": c.send_key,
-            "trigger": c.trigger,
-            "customer_id": c.customer_id,
-            "occurrence": c.occurrence,
-            "status": SendStatus.SENDING.value,
-            "run_id": run_id,
-            "stage": c.stage,
-            "template": c.template,
-            "email": c.email,
-            "message_id": c.message_id,
-            "evaluated_at": evaluated_at,
-            "claimed_at": now,
+            "send_key": c.send_key, "trigger": c.trigger, "customer_id": c.customer_id, "occurrence": c.occurrence,
+            "category": c.category, "ref_id": c.ref_id, "status": status.value, "run_id": run_id, "stage": c.stage,
+            "template": c.template, "email": c.email, "message_id": c.message_id, "evaluated_at": evaluated_at,
+            "claimed_at": now, **extra,
         }
         for c in claims
     ]
-    statement = (
-        _insert(engine)(Send).values(rows).on_conflict_do_nothing(index_elements=["send_key"]).returning(Send.send_key)
-    )
+
+
+def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: datetime) -> set[str]:
+    """Mark keys ``sending`` for this run; returns the keys it won (the others are taken).
+
+    A new key is inserted; a key the policy deferred earlier is taken over once its
+    moment has come. Either way a single statement decides, so two runs never both win.
+    """
+    if not claims:
+        return set()
+    insert = (_insert(engine)(Send).values(_rows(claims, SendStatus.SENDING, run_id, evaluated_at))
+              .on_conflict_do_nothing(index_elements=["send_key"]).returning(Send.send_key))
     with engine.begin() as connection:
-        return set(connection.execute(statement).scalars())
+        won = set(connection.execute(insert).scalars())
+        taken = [c for c in claims if c.send_key not in won]
+        for c in taken:  # only deferred keys can still be won; usually none or few
+            resumed = connection.execute(
+                update(Send).where(Send.send_key == c.send_key, Send.status == SendStatus.DEFERRED,
+                                   Send.not_before <= evaluated_at,
+                                   or_(Send.expires_at.is_(None), Send.expires_at > evaluated_at))
+                .values(status=SendStatus.SENDING, run_id=run_id, claimed_at=utcnow(), evaluated_at=evaluated_at,
+                        stage=c.stage, template=c.template, message_id=c.message_id)
+                .returning(Send.send_key)).scalar_one_or_none()
+            if resumed:
+                won.add(resumed)
+    return won
+
+
+def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | None]], run_id: str,
+          evaluated_at: datetime) -> None:
+    """Record sends the policy held back: ``(claim, not_before, expires_at)``.
+
+    Deferring again (the moment came, but a cap still applies) moves ``not_before`` on.
+    """
+    if not claims:
+        return
+    rows = [row | {"not_before": not_before, "expires_at": expires_at}
+            for (claim_, not_before, expires_at), row in zip(
+                claims, _rows([c for c, _, _ in claims], SendStatus.DEFERRED, run_id, evaluated_at))]
+    statement = _insert(engine)(Send).values(rows)
+    statement = statement.on_conflict_do_update(
+        index_elements=["send_key"], set_={"not_before": statement.excluded.not_before},
+        where=Send.status == SendStatus.DEFERRED)
+    with engine.begin() as connection:
+        connection.execute(statement)
+
+
+def expire(engine: Engine, trigger: str, now: datetime) -> int:
+    """Deferred sends past their trigger's ``deferred_expires_after`` will not go out."""
+    with engine.begin() as connection:
+        result = connection.execute(
+            update(Send).where(Send.trigger == trigger, Send.status == SendStatus.DEFERRED, Send.expires_at <= now)
+            .values(status=SendStatus.EXPIRED, finished_at=utcnow()))
+        return result.rowcount or 0
 
 
 def record(engine: Engine, outcomes: Iterable[Outcome]) -> None:

@@ -10,7 +10,8 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 from functools import cached_property
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,7 @@ from prefect.runtime import flow_run
 from sqlmodel import Session
 
 from flows import ledger
-from flows.audience import Candidate, Skip, stream_candidates, withdrawn
+from flows.audience import Candidate, Skip, deferred_due, stream_candidates, withdrawn
 from flows.clock import parse_now
 from flows.compose import Sender, build_message, message_id
 from flows.context import (
@@ -41,9 +42,10 @@ from flows.kinds import KINDS
 from flows.kinds.base import Kind
 from flows.links import confirm_url, preferences_url, preview_url, unsubscribe_url
 from flows.render import RenderError, TemplateCatalog
-from flows.report import DEFERRED, SENT, WOULD_SEND, PlannedMail, RunSummary, failed, skipped
+from flows.report import RETRY, SENT, WOULD_SEND, PlannedMail, RunSummary, failed, skipped
 from flows.settings import Settings, get_settings
 from flows.spec.common import TriggerBase
+from flows.spec.policy import Policy
 from flows.spec.project import Project, load_project
 from flows.spec.stages import StageRules
 from models import SendStatus, SuppressionReason
@@ -65,6 +67,7 @@ class Job:
     now: datetime
     run_id: str
     dry_run: bool = False
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def sender(self) -> Sender:
@@ -121,6 +124,7 @@ def prepare_job(
         now=now,
         run_id=run_id or uuid.uuid4().hex,
         dry_run=dry_run,
+        policy=project.policy,
     )
 
 
@@ -177,10 +181,15 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
         except (ValueError, TypeError, IndexError) as exc:
             failures.append(Failure(c, "invalid_message", f"{type(exc).__name__}: {exc}"))
             continue
-        claim = ledger.Claim(c.send_key, job.trigger.name, c.customer_id, c.occurrence, c.stage,
-                             rendered.template, c.email, msg_id)
+        claim = claim_for(job, c, rendered.template, msg_id)
         prepared.append(Prepared(c, claim, Envelope(c.send_key, sender.address, c.email, data), rendered.subject))
     return prepared, failures
+
+
+def claim_for(job: Job, c: Candidate, template: str = "", msg_id: str = "") -> ledger.Claim:
+    assert c.email is not None
+    return ledger.Claim(c.send_key, job.trigger.name, c.customer_id, c.occurrence, c.stage, template, c.email,
+                        msg_id, job.kind.category, c.ref_id)
 
 
 def list_headers(job: Job, links: Links) -> dict[str, str]:
@@ -203,7 +212,7 @@ _OUTCOME = {
     Result.SENT: SENT,
     Result.BOUNCED: failed("bounced"),
     Result.REJECTED: failed("rejected"),
-    Result.DEFERRED: DEFERRED,
+    Result.DEFERRED: RETRY,
     Result.IN_DOUBT: failed("in_doubt"),
 }
 _LEDGER = {
@@ -287,30 +296,46 @@ DispatchStep = Callable[..., Counter[tuple[str, str]]]
 
 
 def execute(job: Job, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
-            should_stop: Callable[[], bool] = lambda: False) -> RunSummary:
-    """Run the stages batch by batch; ``should_stop`` is asked between batches (graceful shutdown)."""
+            should_stop: Callable[[], bool] = lambda: False, audience: bool = True) -> RunSummary:
+    """Run the stages batch by batch: first everyone due, then the sends the policy deferred
+    whose moment has come (``audience=False``: only those). ``should_stop`` is asked between
+    batches (graceful shutdown)."""
     log = _logger()
     settings = job.settings
     engine = get_engine(settings.database_url)
     summary = RunSummary(job.trigger.name, job.now, job.dry_run)
     log.info("Evaluating %s (%s) as of %s%s", job.trigger.name, job.trigger.kind, job.now.isoformat(),
              " (dry run)" if job.dry_run else "")
-    batches = stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
-                                settings.default_language)
+    if not job.dry_run:
+        expired = ledger.expire(engine, job.trigger.name, job.now)
+        if expired:
+            summary.add("-", skipped(Skip.EXPIRED), expired)
+            log.info("%d deferred send(s) expired (deferred_expires_after)", expired)
+
+    def stream(due=None):  # noqa: ANN001, ANN202
+        return stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
+                                 settings.default_language, job.policy, due)
+
+    batches = chain(stream() if audience else [], stream(deferred_due(job.trigger, job.now)))
     for number, batch in enumerate(batches, start=1):
         if should_stop():
             log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
             summary.interrupted = True
             break
-        due = []
+        due, deferred = [], []
         reasons: Counter[str] = Counter()
         for candidate in batch:
             if candidate.skip is None:
                 due.append(candidate)
-            else:
-                summary.add(candidate.stage, skipped(candidate.skip))
-                reasons[candidate.skip] += 1
+                continue
+            reasons[candidate.skip] += 1
+            summary.add(candidate.stage, candidate.skip.value if candidate.skip.deferred else skipped(candidate.skip))
+            if candidate.skip in (Skip.QUIET_HOURS, Skip.FREQUENCY_CAP):
+                deferred.append(candidate)
         why = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none"
+        if deferred and not job.dry_run:
+            expires = job.now + job.trigger.deferred_expires_after if job.trigger.deferred_expires_after else None
+            ledger.defer(engine, [(claim_for(job, c), c.not_before, expires) for c in deferred], job.run_id, job.now)
         if not due:
             log.info("Batch %d: %d candidates, none due (skipped: %s)", number, len(batch), why)
             continue
@@ -354,6 +379,27 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) ->
     summary = execute(job, render=render_batch, dispatch=dispatch_batch)
     publish(summary, settings)
     return summary
+
+
+def _deferred_run_name() -> str:
+    return f"deferred sends @ {parse_now(flow_run.parameters.get('now')):%Y-%m-%d %H:%M} UTC"
+
+
+@flow(name="lifecycle-deferred", flow_run_name=_deferred_run_name, validate_parameters=True)
+def deferred_flow(now: str | None = None) -> dict[str, RunSummary]:
+    """Send what the policy deferred, for every trigger, as soon as its moment has come
+    (scheduled every few minutes, so a deferral does not wait for its trigger's next run)."""
+    settings = get_settings()
+    moment = parse_now(now)
+    project = load(settings)
+    summaries = {}
+    if any(t.enabled for t in project.triggers.values()):
+        check_smtp(settings)
+    for name, trigger in project.triggers.items():
+        if trigger.enabled:
+            job = prepare_job(name, moment, settings=settings, project=project, run_id=str(flow_run.id or ""))
+            summaries[name] = execute(job, render=render_batch, dispatch=dispatch_batch, audience=False)
+    return summaries
 
 
 def compile_flow(trigger: TriggerBase):

@@ -7,7 +7,7 @@ from datetime import datetime
 
 SENT = "sent"
 WOULD_SEND = "would_send"
-DEFERRED = "deferred"
+RETRY = "retry:smtp_temporary"  # the server said "later" after every retry: the next run tries again
 
 
 def skipped(reason: str) -> str:

@@ -12,6 +12,8 @@ No Prefect server is involved: each scheduled run calls the engine directly. Pol
 - **Reload**: trigger files and templates are re-read on SIGHUP and when a file under
   them changes (checked every few seconds); a broken file is reported and its trigger
   keeps its previous schedule until fixed.
+- **Deferred sends** (quiet hours, frequency caps) go out every 5 minutes once their
+  moment has come, whatever their trigger's own schedule.
 - **Shutdown**: SIGTERM (or Ctrl-C) stops scheduling, lets each running trigger
   finish the batch it is dispatching, and exits.
 """
@@ -89,6 +91,30 @@ def _weekday_names(field: str) -> str:
     return ",".join(_WEEKDAYS[d] for d in sorted(days))
 
 
+DEFERRED_JOB = "lifecycle:deferred-sends"
+DEFERRED_MINUTES = 5
+
+
+def run_deferred() -> None:
+    """Every few minutes: send what the policy deferred, for every trigger, once its moment has come."""
+    from flows.clock import parse_now
+    from flows.pipeline import check_smtp, execute, load, prepare_job
+
+    settings = get_settings()
+    project = load(settings)
+    now = parse_now(None)
+    enabled = [name for name, trigger in project.triggers.items() if trigger.enabled]
+    if enabled:
+        check_smtp(settings)
+    for name in enabled:
+        if stopping.is_set():
+            return
+        summary = execute(prepare_job(name, now, settings=settings, project=project), audience=False,
+                          should_stop=stopping.is_set)
+        if summary.counts:
+            log.info(summary.headline())
+
+
 def job_store(settings: Settings) -> SQLAlchemyJobStore:
     return SQLAlchemyJobStore(url=normalise_url(settings.database_url), tablename=JOBS_TABLE)
 
@@ -158,6 +184,8 @@ def serve(settings: Settings, workers: int = 4) -> int:
     triggers = TriggerScheduler(scheduler, lambda: load(settings), [settings.triggers_dir, settings.templates_dir])
     scheduler.start(paused=True)  # jobs from the store are loaded, nothing runs before we sync
     triggers.sync()
+    scheduler.add_job("flows.serve:run_deferred", "interval", minutes=DEFERRED_MINUTES, id=DEFERRED_JOB,
+                      name="deferred sends", replace_existing=True)
     watcher = threading.Thread(target=_watch, args=(triggers,), daemon=True)
     done = threading.Event()
 

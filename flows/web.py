@@ -98,6 +98,20 @@ def unsubscribe_all(session: Session, customer: Customer, detail: str) -> None:
         session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED, detail=detail))
 
 
+def unsubscribe_by_token(engine, secret: str, token: str, via: str) -> Customer | None:  # noqa: ANN001
+    """Unsubscribe the customer a genuine unsubscribe token names; None for a forged one."""
+    data = read(secret, UNSUBSCRIBE, token)
+    if data is None:
+        return None
+    with Session(engine, expire_on_commit=False) as session:
+        customer = session.execute(select(Customer).where(Customer.external_id == data["c"])).scalar_one_or_none()
+        if customer is None or not customer.email:
+            return None
+        unsubscribe_all(session, customer, f"{via} ({data.get('k')})")
+        session.commit()
+        return customer
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None)
     secret = settings.secret.get_secret_value()
@@ -139,12 +153,11 @@ def create_app(settings: Settings) -> FastAPI:
         form = await request.form()
         if form.get("List-Unsubscribe") != "One-Click":
             raise HTTPException(status_code=400)
-        with Session(engine) as session:
-            customer, data = customer_for(UNSUBSCRIBE, token, session)
-            unsubscribe_all(session, customer, f"one-click unsubscribe ({data.get('k')})")
-            session.commit()
-            lang = lang_of(customer)
-            return page(lang, "unsubscribe_title", [WORDS[lang]["unsubscribed"].format(email=masked(customer.email))])
+        customer = unsubscribe_by_token(engine, secret, token, "one-click unsubscribe")
+        if customer is None or not customer.email:
+            raise HTTPException(status_code=404)
+        lang = lang_of(customer)
+        return page(lang, "unsubscribe_title", [WORDS[lang]["unsubscribed"].format(email=masked(customer.email))])
 
     @app.get("/preferences/{token}")
     def preferences_page(token: str) -> HTMLResponse:

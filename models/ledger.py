@@ -11,6 +11,9 @@ States (a row only ever moves forward):
              them once ops have checked the SMTP server's log.
 ``sent``     the server accepted it (``smtp_reply`` holds the reply).
 ``failed``   permanently rejected (5xx) or not renderable; never retried.
+``deferred`` held back by the sending policy (frequency cap, quiet hours) until
+             ``not_before``; the next run after that moment claims and sends it.
+``expired``  deferred past its trigger's ``deferred_expires_after``: not sent.
 
 A temporary failure that outlasts its retries deletes the claim, so the next run
 tries again: the server said no, so nothing was sent.
@@ -29,17 +32,25 @@ class SendStatus(StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    DEFERRED = "deferred"
+    EXPIRED = "expired"
 
 
 class Send(SQLModel, table=True):
     __tablename__ = "sends"
-    __table_args__ = (Index("ix_sends_trigger_customer_evaluated", "trigger", "customer_id", "evaluated_at"),)
+    __table_args__ = (
+        Index("ix_sends_trigger_customer_evaluated", "trigger", "customer_id", "evaluated_at"),
+        Index("ix_sends_customer_category_evaluated", "customer_id", "category", "evaluated_at"),
+        Index("ix_sends_trigger_status_not_before", "trigger", "status", "not_before"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     send_key: str = Field(max_length=255, unique=True, description="trigger/customer/occurrence")
     trigger: str = Field(max_length=64)
     customer_id: int = Field(foreign_key="customers.id")
     occurrence: str = Field(max_length=128)
+    category: str = Field(default="marketing", max_length=16, description="marketing or transactional")
+    ref_id: int | None = Field(default=None, description="The cart or complaint the mail is about.")
     status: str = Field(max_length=16, index=True)
     run_id: str = Field(max_length=64)
     stage: str = Field(default="", max_length=32)
@@ -49,5 +60,7 @@ class Send(SQLModel, table=True):
     evaluated_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     claimed_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
     finished_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
+    not_before: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
+    expires_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
     smtp_reply: str = Field(default="", max_length=1000)
     error: str = Field(default="", max_length=1000)

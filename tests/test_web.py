@@ -127,7 +127,9 @@ def test_leaving_one_category_keeps_the_others(settings: Settings, store: Store,
         assert [o.category for o in session.execute(select(CategoryOptOut)).scalars()] == ["campaign"]
     assert run(settings, "winback-lapsed", NOW + __import__("datetime").timedelta(days=7)).outcomes == \
         {"skipped:opted_out": 1}
-    assert run(settings, "abandoned-cart").outcomes == {"sent": 1}
+    # Still subscribed to cart reminders: held back only by the 1-per-16h cap, then sent.
+    assert run(settings, "abandoned-cart").outcomes == {"deferred:frequency_cap": 1}
+    assert run(settings, "abandoned-cart", NOW + __import__("datetime").timedelta(hours=20)).outcomes == {"sent": 1}
 
 
 def test_an_unsubscribe_during_a_run_is_honoured_before_the_next_batch_is_sent(settings: Settings, store: Store,
@@ -181,3 +183,26 @@ def test_double_opt_in_pending_consent_gets_a_confirmation_and_no_marketing(sett
     assert customer.marketing_consent and customer.consent_source == "double opt-in link"
     assert customer.consent_at is not None
     assert run(settings, "winback-lapsed").outcomes == {"sent": 1}
+
+
+def test_the_mailto_unsubscribe_is_applied_from_the_received_mail(settings: Settings, store: Store, smtp: SmtpServer,
+                                                                  tmp_path) -> None:
+    from urllib.parse import unquote
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    customer = lapsed(store)
+    run(settings, "winback-lapsed")
+    mailto = re.search(r"<(mailto:[^>]+)>", smtp.handler.to(customer.email)[0].message["List-Unsubscribe"]).group(1)
+    address, _, query = mailto.removeprefix("mailto:").partition("?subject=")
+    request = tmp_path / "request.eml"  # what a mail client sends to that address
+    request.write_text(f"From: {customer.email}\r\nTo: {address}\r\nSubject: {unquote(query)}\r\n\r\n")
+    forged = tmp_path / "forged.eml"
+    forged.write_text(f"From: x@example.de\r\nTo: {address}\r\nSubject: unsubscribe abc.def\r\n\r\n")
+    result = CliRunner().invoke(app, ["suppress", "from-mail", str(request), str(forged)])
+    assert result.exit_code == 1
+    assert "Unsubscribed 1 customer(s); 1 mail(s) without a valid token." in result.output
+    with Session(store.engine) as session:
+        assert session.get(Suppression, customer.email).detail == "unsubscribe mail (campaign)"

@@ -167,3 +167,6 @@ class TriggerBase(StrictModel):
     audience: Audience = Audience()
     email: EmailSpec
     reentry: ReentryRule
+    deferred_expires_after: Duration | None = Field(
+        default=None, description="Drop a mail the sending policy deferred for longer than this (default: never)."
+    )

@@ -7,7 +7,7 @@ them all at once and a run can go ahead with the healthy triggers.
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -18,11 +18,14 @@ from flows.context import sample_contexts
 from flows.render import TemplateCatalog
 from flows.spec.common import TriggerBase
 from flows.spec.problems import Path_, Problem, SpecError, format_path
+from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
 from flows.spec.yaml_source import YamlDocument, YamlSyntaxError, load_yaml
 
+M = TypeVar("M", bound=BaseModel)
 STAGES_FILE = "stages.yaml"
-NOT_TRIGGERS = {STAGES_FILE, "policy.yaml"}
+POLICY_FILE = "policy.yaml"
+NOT_TRIGGERS = {STAGES_FILE, POLICY_FILE}
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Project:
     triggers_dir: Path
     catalog: TemplateCatalog
     stages: StageRules | None
+    policy: Policy = field(default_factory=Policy)
     triggers: dict[str, TriggerBase] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
@@ -60,7 +64,10 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
     if not templates_dir.is_dir():
         project.problems.append(Problem(templates_dir, None, "", "templates folder not found"))
 
-    project.stages = _load_stages(triggers_dir / STAGES_FILE, project.problems)
+    project.stages = _load_model(triggers_dir / STAGES_FILE, StageRules, project.problems)
+    policy_file = triggers_dir / POLICY_FILE
+    if policy_file.is_file():  # optional: without it no caps, no quiet hours
+        project.policy = _load_model(policy_file, Policy, project.problems) or Policy()
     stage_names = project.stages.names if project.stages else None
 
     for path in sorted(triggers_dir.glob("*.y*ml")):
@@ -96,9 +103,9 @@ def _declared_name(path: Path) -> str:
     return name if isinstance(name, str) else path.stem
 
 
-def _load_stages(path: Path, problems: list[Problem]) -> StageRules | None:
+def _load_model(path: Path, model: type[M], problems: list[Problem]) -> M | None:
     if not path.is_file():
-        problems.append(Problem(path, None, "", "stage rules file not found"))
+        problems.append(Problem(path, None, "", f"{path.name} not found"))
         return None
     try:
         doc = load_yaml(path)
@@ -106,9 +113,9 @@ def _load_stages(path: Path, problems: list[Problem]) -> StageRules | None:
         problems.append(exc.problem)
         return None
     try:
-        return StageRules.model_validate(doc.data)
+        return model.model_validate(doc.data or {})
     except ValidationError as exc:
-        problems.extend(problems_from(doc, exc, StageRules))
+        problems.extend(problems_from(doc, exc, model))
         return None
 
 

@@ -1,8 +1,8 @@
-"""Double opt-in (consent source and pending request) and per-category opt-outs.
+"""Consent and pressure: double opt-in, category opt-outs, deferred sends and frequency caps.
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-22 17:15:02.743644
+Create Date: 2026-11-22 17:22:51.266390
 """
 
 from collections.abc import Sequence
@@ -33,9 +33,27 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('consent_requested_at', models.types.UtcDateTime(), nullable=True))
         batch_op.create_index(batch_op.f('ix_customers_consent_requested_at'), ['consent_requested_at'], unique=False)
 
+    with op.batch_alter_table('sends', schema=None) as batch_op:
+        # Existing rows predate service mail in the ledger: they were all marketing.
+        batch_op.add_column(sa.Column('category', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False,
+                                      server_default='marketing'))
+        batch_op.add_column(sa.Column('ref_id', sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column('not_before', models.types.UtcDateTime(), nullable=True))
+        batch_op.add_column(sa.Column('expires_at', models.types.UtcDateTime(), nullable=True))
+        batch_op.create_index('ix_sends_customer_category_evaluated', ['customer_id', 'category', 'evaluated_at'], unique=False)
+        batch_op.create_index('ix_sends_trigger_status_not_before', ['trigger', 'status', 'not_before'], unique=False)
+
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('sends', schema=None) as batch_op:
+        batch_op.drop_index('ix_sends_trigger_status_not_before')
+        batch_op.drop_index('ix_sends_customer_category_evaluated')
+        batch_op.drop_column('expires_at')
+        batch_op.drop_column('not_before')
+        batch_op.drop_column('ref_id')
+        batch_op.drop_column('category')
+
     with op.batch_alter_table('customers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_customers_consent_requested_at'))
         batch_op.drop_column('consent_requested_at')

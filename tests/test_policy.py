@@ -1,0 +1,118 @@
+"""Sending policy: frequency caps and quiet hours defer marketing mail to the next allowed moment."""
+
+import logging
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session
+
+from flows.pipeline import execute, prepare_job
+from flows.policy import customer_zone, next_allowed
+from flows.settings import Settings
+from flows.spec.policy import Policy
+from flows.spec.project import load_project
+from models import Customer, Send
+from tests.builders import NOW, Store, ago
+from tests.smtp_server import SmtpServer
+
+UTC = timezone.utc
+BERLIN = ZoneInfo("Europe/Berlin")
+POLICY = Policy.model_validate({"default_timezone": "Europe/Berlin",
+                                "frequency_caps": [{"max": 1, "per": "16h"}, {"max": 3, "per": "7d"}],
+                                "quiet_hours": {"start": "21:00", "end": "08:00"}})
+
+
+def at(day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(2026, 3, day, hour, minute, tzinfo=UTC)
+
+
+def test_a_mail_may_go_now_when_no_rule_applies() -> None:
+    assert next_allowed(at(16, 12), [], BERLIN, POLICY) == (at(16, 12), None)
+
+
+def test_quiet_hours_are_the_customers_own_local_time() -> None:
+    new_york = ZoneInfo("America/New_York")  # 12:00 UTC in March is 08:00 in New York (EDT since the 8th)
+    assert next_allowed(at(16, 11, 30), [], new_york, POLICY) == (at(16, 12), "quiet_hours")
+    assert next_allowed(at(16, 11, 30), [], BERLIN, POLICY) == (at(16, 11, 30), None)  # 12:30 in Berlin
+    # 22:00 in Berlin (21:00 UTC) waits for 08:00 the next morning (07:00 UTC).
+    assert next_allowed(at(16, 21), [], BERLIN, POLICY) == (at(17, 7), "quiet_hours")
+
+
+def test_frequency_caps_wait_for_the_window_to_free() -> None:
+    assert next_allowed(at(16, 12), [at(16, 10)], BERLIN, POLICY) == (at(17, 7), "frequency_cap")  # 02:00 UTC: quiet
+    three = [at(15, 9), at(13, 9), at(10, 9)]
+    assert next_allowed(at(16, 12), three, BERLIN, POLICY) == (at(17, 9), "frequency_cap")  # the 10th + 7 days
+
+
+def test_an_invalid_time_zone_falls_back_to_the_default_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert customer_zone("Mars/Olympus_Mons", POLICY, "c-9") == BERLIN
+    assert "Customer c-9 has an invalid time zone 'Mars/Olympus_Mons'; using Europe/Berlin" in caplog.text
+    assert customer_zone(None, POLICY) == BERLIN
+
+
+def test_policy_file_mistakes_are_located(project_dir: Path) -> None:
+    policy = project_dir / "triggers" / "policy.yaml"
+    policy.write_text(policy.read_text().replace('start: "21:00"', 'start: "9pm"').replace("per: 7d", "per: a week"))
+    problems = [str(p) for p in load_project(project_dir / "triggers", project_dir / "templates").problems]
+    assert any("policy.yaml:12: frequency_caps[1].per: expected a duration" in p for p in problems), problems
+    assert any("policy.yaml:16: quiet_hours.start: expected a clock time such as 21:00" in p for p in problems), problems
+
+
+def customer_in(store: Store, zone: str | None, name: str = "Nora") -> Customer:
+    customer = store.customer(name)
+    with Session(store.engine) as session:
+        row = session.get(Customer, customer.id)
+        row.timezone = zone
+        session.add(row)
+        session.commit()
+    store.order(customer, ago(days=500))
+    return customer
+
+
+def test_dry_run_shows_deferrals_as_their_own_reasons(settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    customer_in(store, "Europe/Berlin", "Berta")
+    customer_in(store, "America/Los_Angeles", "Liz")  # 05:00 there at 12:00 UTC
+    customer_in(store, "Not/A_Zone", "Otto")  # falls back to Berlin: not quiet
+    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings, dry_run=True))
+    assert summary.outcomes == {"would_send": 2, "deferred:quiet_hours": 1}
+    assert smtp.received == []
+
+
+def test_a_deferred_mail_is_sent_once_at_its_moment_not_dropped(settings: Settings, store: Store,
+                                                               smtp: SmtpServer) -> None:
+    la = customer_in(store, "America/Los_Angeles", "Liz")
+    first = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    assert first.outcomes == {"deferred:quiet_hours": 1} and smtp.received == []
+    with Session(store.engine) as session:
+        [row] = session.execute(select(Send)).scalars().all()
+    assert row.status == "deferred" and row.not_before == at(16, 15)  # 08:00 in Los Angeles (PDT)
+
+    early = execute(prepare_job("winback-lapsed", at(16, 14), settings=settings), audience=False)
+    assert early.outcomes == {} and smtp.received == []
+    swept = execute(prepare_job("winback-lapsed", at(16, 15, 5), settings=settings), audience=False)
+    assert swept.outcomes == {"sent": 1}
+    assert [r.recipients for r in smtp.received] == [[la.email]]
+    again = execute(prepare_job("winback-lapsed", at(16, 16), settings=settings))
+    assert again.outcomes == {"skipped:already_sent": 1} and len(smtp.received) == 1
+
+
+def test_a_trigger_may_let_deferred_mail_expire(settings: Settings, store: Store, smtp: SmtpServer,
+                                                project_dir: Path) -> None:
+    winback = project_dir / "triggers" / "winback.yaml"
+    winback.write_text(winback.read_text() + "deferred_expires_after: 2h\n")
+    customer_in(store, "America/Los_Angeles", "Liz")
+    execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    later = execute(prepare_job("winback-lapsed", NOW + timedelta(hours=3), settings=settings), audience=False)
+    assert later.outcomes == {"skipped:expired": 1} and smtp.received == []
+    with Session(store.engine) as session:
+        assert session.execute(select(Send.status)).scalar_one() == "expired"
+
+
+def test_service_mail_ignores_the_policy(settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    customer = customer_in(store, "America/Los_Angeles", "Liz")
+    store.complaint(customer, ago(hours=1))
+    assert execute(prepare_job("complaint-ack", NOW, settings=settings)).outcomes == {"sent": 1}
