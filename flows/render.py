@@ -45,6 +45,7 @@ from inscriptis.model.config import ParserConfig
 from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
+    Template,
     TemplateError,
     TemplateNotFound,
     TemplateSyntaxError,
@@ -116,6 +117,7 @@ class TemplateCatalog:
         self.default_language = default_language
         self.env = self._environment(autoescape=select_autoescape(enabled_extensions=("html", "html.j2")))
         self.subject_env = self._environment(autoescape=False)
+        self._subjects: dict[str, Template] = {}
 
     def _environment(self, autoescape: Any) -> SandboxedEnvironment:
         env = SandboxedEnvironment(
@@ -178,7 +180,10 @@ class TemplateCatalog:
 
     def _render_string(self, source: str, context: dict[str, Any]) -> str:
         try:
-            return self.subject_env.from_string(source).render(context)
+            template = self._subjects.get(source)
+            if template is None:  # compiling costs more than rendering: once per subject
+                template = self._subjects[source] = self.subject_env.from_string(source)
+            return template.render(context)
         except Exception as exc:
             raise RenderError(f"subject: {_describe(exc)}") from None
 

@@ -47,3 +47,20 @@ def test_message_id_is_stable_per_send_key_and_uses_the_sender_domain() -> None:
     assert message_id("a/1/x", SENDER) == message_id("a/1/x", SENDER)
     assert message_id("a/1/x", SENDER) != message_id("a/1/y", SENDER)
     assert message_id("a/1/x", SENDER).endswith("@shop.example>")
+
+
+def test_bodies_survive_a_round_trip_exactly_whatever_they_contain() -> None:
+    tricky_html = "<p>" + "Grüße = 100 % 🎉 " * 30 + "</p>\n<p>trailing space \t\n.\n.leading dot</p>\n"
+    tricky_text = "Zeile mit =3D und Tab\there \nlange " + "x" * 200 + "\n"
+    rendered = Rendered(subject="Ein sehr langer Betreff mit Umlauten äöü " * 4, html=tricky_html, text=tricky_text,
+                        template="t")
+    raw = build_message(rendered, sender=SENDER, to_address="a@example.de", to_name="O'Brien, Jr.",
+                        msg_id=message_id("k", SENDER), date=datetime(2026, 3, 16, tzinfo=timezone.utc))
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78  # folded and soft-broken for old MTAs
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only
+    msg = message_from_bytes(raw, policy=policy.default)
+    assert msg["Subject"] == rendered.subject.strip()
+    assert msg["To"].addresses[0].display_name == "O'Brien, Jr."
+    assert msg.get_body(("html",)).get_content().replace("\r\n", "\n") == tricky_html
+    assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == tricky_text
+    assert not msg.defects and all(not part.defects for part in msg.walk())
