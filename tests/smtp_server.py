@@ -1,5 +1,6 @@
 """A real SMTP server on loopback (aiosmtpd) that records what it accepts and can be told to fail."""
 
+import asyncio
 import threading
 import time
 from collections import defaultdict
@@ -32,10 +33,12 @@ class Script:
     rcpt: list[str] = field(default_factory=list)
     data: list[str] = field(default_factory=list)
     drop_at_data: int = 0  # close the connection at the DATA end this many times
+    drop_at_rcpt: int = 0  # close the connection at RCPT (before any DATA) this many times
 
 
 class RecordingHandler:
-    def __init__(self) -> None:
+    def __init__(self, data_delay: float = 0.0) -> None:
+        self.data_delay = data_delay  # seconds before answering DATA: a slow server
         self.received: list[Received] = []
         self.scripts: dict[str, Script] = defaultdict(Script)
         self.rcpt_attempts: dict[str, int] = defaultdict(int)
@@ -45,12 +48,18 @@ class RecordingHandler:
         with self.lock:
             self.rcpt_attempts[address] += 1
             script = self.scripts.get(address)
+            if script and script.drop_at_rcpt:
+                script.drop_at_rcpt -= 1
+                server.transport.close()
+                return "421 closing"
             if script and script.rcpt:
                 return script.rcpt.pop(0)
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         recipient = envelope.rcpt_tos[0]
         with self.lock:
             script = self.scripts.get(recipient)
@@ -69,8 +78,8 @@ class RecordingHandler:
 
 
 class SmtpServer:
-    def __init__(self) -> None:
-        self.handler = RecordingHandler()
+    def __init__(self, data_delay: float = 0.0) -> None:
+        self.handler = RecordingHandler(data_delay)
         self.port = free_port()
         self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, decode_data=False)
 
