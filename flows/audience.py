@@ -7,7 +7,7 @@ and the trigger's send history, so each row arrives with everything needed to de
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy import Engine, Select, and_, exists, false, func, null, or_, select
@@ -21,6 +21,7 @@ from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
 from flows.stages import order_stats, stage_expression
 from models import CategoryOptOut, Customer, Send, SendStatus, Suppression, SuppressionReason
+from models.types import utcnow
 
 
 class Skip(StrEnum):
@@ -152,7 +153,7 @@ def _reentry_blocked(trigger: TriggerBase, now: datetime):
     earlier = and_(
         Send.trigger == trigger.name,
         Send.customer_id == Customer.id,
-        Send.status.in_([SendStatus.SENDING, SendStatus.SENT]),
+        Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT]),
     )
     if rule.mode == "cooldown":
         earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
@@ -169,6 +170,7 @@ def stream_candidates(
     default_language: str,
     policy: Policy | None = None,
     due: Select | None = None,
+    lease: timedelta = timedelta(minutes=10),
 ) -> Iterator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
 
@@ -179,7 +181,7 @@ def stream_candidates(
     with Session(engine) as reader, Session(engine) as ledger:
         for rows in reader.execute(query).partitions(batch_size):
             batch = _mark_already_sent(ledger, [_candidate(row, trigger, kind, now, default_language) for row in rows],
-                                       now)
+                                       now, lease)
             if policy is not None and kind.category == "marketing":
                 batch = _apply_policy(ledger, batch, policy, now)
             yield batch
@@ -216,7 +218,8 @@ def _candidate(row, trigger: TriggerBase, kind: Kind, now: datetime, default_lan
     )
 
 
-def _mark_already_sent(session: Session, batch: list[Candidate], now: datetime) -> list[Candidate]:
+def _mark_already_sent(session: Session, batch: list[Candidate], now: datetime,
+                       lease: timedelta) -> list[Candidate]:
     """One lookup per batch; the claim at dispatch remains the real guard.
 
     A key deferred earlier whose moment has come stays due: the claim picks it up.
@@ -224,14 +227,18 @@ def _mark_already_sent(session: Session, batch: list[Candidate], now: datetime) 
     keys = [c.send_key for c in batch]
     if not keys:
         return batch
-    rows = session.execute(select(Send.send_key, Send.status, Send.not_before).where(Send.send_key.in_(keys)))
-    known = {key: (status, not_before) for key, status, not_before in rows}
+    rows = session.execute(select(Send.send_key, Send.status, Send.not_before, Send.claimed_at)
+                           .where(Send.send_key.in_(keys)))
+    known = {key: (status, not_before, claimed_at) for key, status, not_before, claimed_at in rows}
     session.rollback()  # end the read transaction so SQLite can checkpoint
+    stale = utcnow() - lease
     marked = []
     for c in batch:
         if c.send_key in known and c.skip in (None, Skip.REENTRY):
-            status, not_before = known[c.send_key]
-            if status == SendStatus.DEFERRED:
+            status, not_before, claimed_at = known[c.send_key]
+            if status == SendStatus.CLAIMED and claimed_at < stale:
+                c = replace(c, skip=None)  # its run died before sending it: the claim takes it over
+            elif status == SendStatus.DEFERRED:
                 c = replace(c, skip=None) if not_before <= now else replace(c, skip=Skip.WAITING, not_before=not_before)
             else:
                 c = replace(c, skip=Skip.EXPIRED if status == SendStatus.EXPIRED else Skip.ALREADY_SENT)
@@ -249,7 +256,7 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
     if window:
         rows = session.execute(select(Send.customer_id, Send.evaluated_at).where(
             Send.customer_id.in_({c.customer_id for c in due}), Send.category == "marketing",
-            Send.status.in_([SendStatus.SENDING, SendStatus.SENT]),
+            Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT]),
             Send.evaluated_at > now - window, Send.evaluated_at <= now))
         for customer_id, at in rows:
             recent.setdefault(customer_id, []).append(at)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, bindparam, delete, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -31,10 +31,15 @@ class Claim:
     ref_id: int | None = None
 
 
+IN_PROGRESS = (SendStatus.CLAIMED, SendStatus.SENDING)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """``status`` None releases the claim: the server said "later", so the next run tries again."""
+
     send_key: str
-    status: SendStatus
+    status: SendStatus | None
     reply: str = ""
     error: str = ""
 
@@ -57,30 +62,41 @@ def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at
     ]
 
 
-def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: datetime) -> set[str]:
-    """Mark keys ``sending`` for this run; returns the keys it won (the others are taken).
+def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: datetime,
+          lease: timedelta = timedelta(minutes=10)) -> set[str]:
+    """Reserve keys for this run (``claimed``); returns the keys it won (the others are taken).
 
-    A new key is inserted; a key the policy deferred earlier is taken over once its
-    moment has come. Either way a single statement decides, so two runs never both win.
+    A new key is inserted. An existing one is taken over only when the policy deferred it
+    and its moment has come, or when it is still ``claimed`` by a run whose lease ran out
+    (that run died before handing it to the server). A single statement decides each key,
+    so two runs never both win.
     """
     if not claims:
         return set()
-    insert = (_insert(engine)(Send).values(_rows(claims, SendStatus.SENDING, run_id, evaluated_at))
+    insert = (_insert(engine)(Send).values(_rows(claims, SendStatus.CLAIMED, run_id, evaluated_at))
               .on_conflict_do_nothing(index_elements=["send_key"]).returning(Send.send_key))
+    stale = utcnow() - lease
     with engine.begin() as connection:
         won = set(connection.execute(insert).scalars())
-        taken = [c for c in claims if c.send_key not in won]
-        for c in taken:  # only deferred keys can still be won; usually none or few
+        for c in (c for c in claims if c.send_key not in won):  # usually none or few
             resumed = connection.execute(
-                update(Send).where(Send.send_key == c.send_key, Send.status == SendStatus.DEFERRED,
-                                   Send.not_before <= evaluated_at,
-                                   or_(Send.expires_at.is_(None), Send.expires_at > evaluated_at))
-                .values(status=SendStatus.SENDING, run_id=run_id, claimed_at=utcnow(), evaluated_at=evaluated_at,
+                update(Send).where(Send.send_key == c.send_key, or_(
+                    and_(Send.status == SendStatus.DEFERRED, Send.not_before <= evaluated_at,
+                         or_(Send.expires_at.is_(None), Send.expires_at > evaluated_at)),
+                    and_(Send.status == SendStatus.CLAIMED, Send.claimed_at < stale)))
+                .values(status=SendStatus.CLAIMED, run_id=run_id, claimed_at=utcnow(), evaluated_at=evaluated_at,
                         stage=c.stage, template=c.template, message_id=c.message_id)
                 .returning(Send.send_key)).scalar_one_or_none()
             if resumed:
                 won.add(resumed)
     return won
+
+
+def mark_sending(engine: Engine, send_key: str) -> None:
+    """Just before DATA: from here on a crash leaves this one key in doubt."""
+    with engine.begin() as connection:
+        connection.execute(update(Send).where(Send.send_key == send_key, Send.status == SendStatus.CLAIMED)
+                           .values(status=SendStatus.SENDING))
 
 
 def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | None]], run_id: str,
@@ -119,12 +135,13 @@ def record(engine: Engine, outcomes: Iterable[Outcome]) -> None:
         for o in outcomes
         if o.status in (SendStatus.SENT, SendStatus.FAILED)
     ]
-    released = [o.send_key for o in outcomes if o.status == SendStatus.SENDING]
+    released = [o.send_key for o in outcomes if o.status is None]
     with engine.begin() as connection:
         if finished:
             connection.execute(
                 update(Send)
-                .where(Send.send_key == bindparam("b_key"), Send.status == SendStatus.SENDING)
+                .where(Send.send_key == bindparam("b_key"),  # (no IN here: executemany cannot expand it)
+                       or_(Send.status == SendStatus.CLAIMED, Send.status == SendStatus.SENDING))
                 .values(status=bindparam("b_status"), smtp_reply=bindparam("b_reply"), error=bindparam("b_error"),
                         finished_at=bindparam("b_at"))
                 .execution_options(synchronize_session=False),
@@ -132,7 +149,7 @@ def record(engine: Engine, outcomes: Iterable[Outcome]) -> None:
             )
         if released:
             connection.execute(
-                delete(Send).where(Send.send_key.in_(released), Send.status == SendStatus.SENDING)
+                delete(Send).where(Send.send_key.in_(released), Send.status.in_(IN_PROGRESS))
             )
 
 
@@ -141,7 +158,7 @@ def release(engine: Engine, keys: Sequence[str]) -> int:
     if not keys:
         return 0
     with engine.begin() as connection:
-        result = connection.execute(delete(Send).where(Send.send_key.in_(keys), Send.status == SendStatus.SENDING))
+        result = connection.execute(delete(Send).where(Send.send_key.in_(keys), Send.status.in_(IN_PROGRESS)))
         return result.rowcount or 0
 
 

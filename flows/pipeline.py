@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from functools import cached_property
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import flow, task
@@ -215,11 +215,11 @@ _OUTCOME = {
     Result.DEFERRED: RETRY,
     Result.IN_DOUBT: failed("in_doubt"),
 }
-_LEDGER = {
+_LEDGER: dict[Result, SendStatus | None] = {
     Result.SENT: SendStatus.SENT,
     Result.BOUNCED: SendStatus.FAILED,
     Result.REJECTED: SendStatus.FAILED,
-    Result.DEFERRED: SendStatus.SENDING,  # released: the next run tries again
+    Result.DEFERRED: None,  # released: the next run tries again
 }
 
 
@@ -238,11 +238,17 @@ async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
         if p.candidate.customer_id in gone:
             counts[(p.candidate.stage, skipped(Skip.UNSUBSCRIBED))] += 1
     prepared = [p for p in prepared if p.candidate.customer_id not in gone]
+    lease = timedelta(seconds=job.settings.claim_lease_seconds)
+
+    async def handing_over(key: str) -> None:
+        await asyncio.to_thread(ledger.mark_sending, engine, key)
+
     async with Mailer(config, policy) as mailer:
+        mailer.before_data = handing_over
         size = job.settings.in_flight
         for window in (prepared[i : i + size] for i in range(0, len(prepared), size)):
             by_key = {p.claim.send_key: p for p in window}
-            won = await asyncio.to_thread(ledger.claim, engine, [p.claim for p in window], job.run_id, job.now)
+            won = await asyncio.to_thread(ledger.claim, engine, [p.claim for p in window], job.run_id, job.now, lease)
             for key in by_key.keys() - won:
                 counts[(by_key[key].candidate.stage, skipped(Skip.ALREADY_SENT))] += 1
             envelopes = [p.envelope for p in window if p.claim.send_key in won]
@@ -314,7 +320,8 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
 
     def stream(due=None):  # noqa: ANN001, ANN202
         return stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
-                                 settings.default_language, job.policy, due)
+                                 settings.default_language, job.policy, due,
+                                 timedelta(seconds=settings.claim_lease_seconds))
 
     batches = chain(stream() if audience else [], stream(deferred_due(job.trigger, job.now)))
     for number, batch in enumerate(batches, start=1):

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     dkim_private_key: SecretStr | None = Field(None, description="PEM; or use dkim_private_key_file.")
     dkim_private_key_file: Path | None = None
     batch_size: int = Field(500, ge=1, le=20000, description="Recipients per render/dispatch task.")
-    in_flight: int = Field(32, ge=1, le=1000, description="Ledger claims taken at once while sending.")
+    in_flight: int = Field(32, ge=1, le=5000, description="Ledger claims taken at once while sending.")
+    claim_lease_seconds: float = Field(600, ge=0, description="After this, a dead run's unsent claims are taken over.")
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)

@@ -2,10 +2,14 @@
 
 States (a row only ever moves forward):
 
-``sending``  claimed by a run, just before its message is handed to the SMTP server.
-             Claims are taken a few dozen at a time (the in-flight window), so at
-             most that many rows can be left here if the run is killed. Such a row
-             is "in doubt": the server may or may not have accepted it. It is never
+``claimed``  reserved by a run, not yet handed to the SMTP server. Claims are taken
+             a few dozen at a time; if the run dies, a later run takes them over
+             once the claim is older than the lease (``LIFECYCLE_CLAIM_LEASE_SECONDS``),
+             and sends them: nothing reached the server, so nothing is sent twice.
+``sending``  set just before DATA, when a message starts to be handed over; it becomes
+             ``sent`` when its window of claims is recorded. If the run is killed in
+             between, the server may or may not have accepted it: the row is "in
+             doubt" — at most ``LIFECYCLE_IN_FLIGHT`` of them. It is never
              sent again automatically (a duplicate is worse than a gap); ``lifecycle
              ledger in-doubt`` lists them and ``lifecycle ledger release`` frees
              them once ops have checked the SMTP server's log.
@@ -29,6 +33,7 @@ from models.types import UtcDateTime
 
 
 class SendStatus(StrEnum):
+    CLAIMED = "claimed"
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"

@@ -45,7 +45,7 @@ def test_recording_marks_sent_and_failed_and_releases_deferred(store: Store) -> 
     ledger.record(store.engine, [
         ledger.Outcome(a.send_key, SendStatus.SENT, reply="250 ok"),
         ledger.Outcome(b.send_key, SendStatus.FAILED, error="550 no such user"),
-        ledger.Outcome(c.send_key, SendStatus.SENDING),  # deferred: release
+        ledger.Outcome(c.send_key, None),  # the server said "later": release
     ])
     with Session(store.engine) as session:
         rows = {r.send_key: r for r in session.execute(select(Send)).scalars()}
@@ -59,6 +59,8 @@ def test_in_doubt_lists_claims_left_behind_and_release_frees_them(store: Store) 
     customer = store.customer()
     [stuck] = claims(customer.id, 1)
     ledger.claim(store.engine, [stuck], "crashed-run", NOW)
+    ledger.mark_sending(store.engine, stuck.send_key)  # the run died while handing it over
+    assert ledger.claim(store.engine, [stuck], "second-run", NOW, lease=timedelta(0)) == set()
     assert ledger.in_doubt(store.engine, timedelta(minutes=10)) == []  # a live run may still hold it
     assert [r.send_key for r in ledger.in_doubt(store.engine, timedelta(seconds=-1))] == [stuck.send_key]
     assert ledger.claim(store.engine, [stuck], "second-run", NOW) == set()  # never resent automatically
@@ -73,3 +75,12 @@ def test_suppress_is_idempotent_and_lower_cases(store: Store) -> None:
         rows = session.execute(select(Suppression)).scalars().all()
     assert [(r.email, r.reason, r.detail) for r in rows] == [("bounce@example.de", "hard_bounce", "550")]
     assert rows[0].created_at <= utcnow()
+
+
+def test_a_dead_runs_unsent_claims_are_taken_over_once_its_lease_has_passed(store: Store) -> None:
+    customer = store.customer()
+    [waiting] = claims(customer.id, 1)
+    assert ledger.claim(store.engine, [waiting], "run-that-died", NOW) == {waiting.send_key}
+    assert ledger.claim(store.engine, [waiting], "next-run", NOW) == set()  # it may still be alive
+    assert ledger.claim(store.engine, [waiting], "next-run", NOW, lease=timedelta(0)) == {waiting.send_key}
+    assert ledger.claim(store.engine, [waiting], "third-run", NOW) == set()
