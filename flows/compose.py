@@ -10,7 +10,6 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from email.header import Header
 from email.utils import format_datetime, formataddr, parseaddr
 
 from flows.dkim_signer import DkimSigner
@@ -87,10 +86,30 @@ def _quoted_printable(text: str) -> bytes:
 
 
 def _text(value: str, name: str) -> str:
-    """An unstructured header value: as is when ASCII, else RFC 2047 encoded words."""
+    """An unstructured header value: as is when ASCII, else RFC 2047 encoded words.
+
+    Base64 words (binascii, in C); the standard library's Header picks Q-encoding one
+    character at a time in Python, which was a third of the cost of a message.
+    """
     if value.isascii():
         return value
-    return Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    words, chunk, size = [], [], 0
+    # The first word shares its line with "Name: "; base64 turns 3 bytes into 4 characters.
+    budget = min(_WORD_BYTES, (78 - len(name) - 2 - len("=?utf-8?b??=")) // 4 * 3)
+    for char in value:
+        encoded = char.encode("utf-8")
+        if size + len(encoded) > budget:  # never split a character across words
+            words.append(b"".join(chunk))
+            chunk, size, budget = [], 0, _WORD_BYTES
+        chunk.append(encoded)
+        size += len(encoded)
+    words.append(b"".join(chunk))
+    return "\r\n ".join(f"=?utf-8?b?{binascii.b2a_base64(word, newline=False).decode()}?=" for word in words)
+
+
+# 45 bytes of UTF-8 become 60 characters of base64: with "=?utf-8?b?…?=" a word stays
+# within 75 characters, and a folded line within 78 (RFC 2047, RFC 5322).
+_WORD_BYTES = 45
 
 
 def _address(name: str, address: str) -> str:

@@ -69,7 +69,7 @@ class Job:
     dry_run: bool = False
     policy: Policy = field(default_factory=Policy)
 
-    @property
+    @cached_property
     def sender(self) -> Sender:
         return Sender.parse(self.trigger.email.sender or self.settings.sender)
 

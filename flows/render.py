@@ -106,7 +106,9 @@ def language_of(locale: str | None, default: str) -> str:
 
 def one_line(value: str) -> str:
     """Header-safe text: CR, LF and other control characters become single spaces."""
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in value).split())
+    if not value.isprintable():
+        value = "".join(ch if ch.isprintable() else " " for ch in value)
+    return " ".join(value.split())
 
 
 class TemplateCatalog:
@@ -124,6 +126,7 @@ class TemplateCatalog:
             loader=FileSystemLoader(str(self.root)),
             autoescape=autoescape,
             undefined=StrictUndefined,
+            auto_reload=False,  # a run's templates do not change under it (serve reloads a new catalog)
             trim_blocks=True,
             lstrip_blocks=True,
         )
