@@ -20,7 +20,14 @@ from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
 from flows.stages import order_stats, stage_expression
-from models import CategoryOptOut, Customer, Send, SendStatus, Suppression, SuppressionReason
+from models import (
+    CategoryOptOut,
+    Customer,
+    Send,
+    SendStatus,
+    Suppression,
+    SuppressionReason,
+)
 from models.types import utcnow
 
 

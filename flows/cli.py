@@ -287,7 +287,8 @@ def deployments(
     file: Annotated[Path, typer.Option(help="The Prefect project file.")] = Path("prefect.yaml"),
 ) -> None:
     """Keep prefect.yaml's deployments in step with the trigger files (one deployment per trigger)."""
-    from flows.deployments import deployments as generated, diff, render
+    from flows.deployments import deployments as generated
+    from flows.deployments import diff, render
     from flows.pipeline import load
 
     if write == check:

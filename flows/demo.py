@@ -9,9 +9,8 @@ import json
 import random
 import unicodedata
 from datetime import datetime, timedelta
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from sqlalchemy import Engine

@@ -18,7 +18,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import aiosmtplib
 from aiolimiter import AsyncLimiter
 from aiosmtplib import SMTPRecipientRefused, SMTPResponseException
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 
 @dataclass(frozen=True)

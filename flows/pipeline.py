@@ -1,4 +1,5 @@
-"""A trigger run: audience → render → dispatch → ledger → summary.
+"""A trigger run: audience → render → dispatch → ledger → summary, then the sends the
+policy deferred whose moment has come.
 
 ``execute`` wires the stages and takes the render and dispatch steps as arguments:
 the Prefect flow passes them as tasks (one task per batch, never per recipient), a
@@ -11,9 +12,9 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from datetime import datetime
 from functools import cached_property
-from datetime import datetime, timedelta
+from itertools import chain
 from typing import Any
 
 from prefect import flow, task
@@ -36,13 +37,29 @@ from flows.context import (
     load_complaints,
     load_latest_orders,
 )
-from flows.dispatch import Delivery, Envelope, Mailer, Result, RetryPolicy, SmtpConfig, SmtpUnavailable
+from flows.dispatch import (
+    Delivery,
+    Envelope,
+    Mailer,
+    Result,
+    RetryPolicy,
+    SmtpConfig,
+    SmtpUnavailable,
+)
 from flows.dkim_signer import DkimSigner
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
 from flows.links import confirm_url, preferences_url, preview_url, unsubscribe_url
 from flows.render import RenderError, TemplateCatalog
-from flows.report import RETRY, SENT, WOULD_SEND, PlannedMail, RunSummary, failed, skipped
+from flows.report import (
+    RETRY,
+    SENT,
+    WOULD_SEND,
+    PlannedMail,
+    RunSummary,
+    failed,
+    skipped,
+)
 from flows.settings import Settings, get_settings
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
@@ -238,7 +255,7 @@ async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
         if p.candidate.customer_id in gone:
             counts[(p.candidate.stage, skipped(Skip.UNSUBSCRIBED))] += 1
     prepared = [p for p in prepared if p.candidate.customer_id not in gone]
-    lease = timedelta(seconds=job.settings.claim_lease_seconds)
+    lease = job.settings.claim_lease
 
     async def handing_over(key: str) -> None:
         await asyncio.to_thread(ledger.mark_sending, engine, key)
@@ -320,8 +337,7 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
 
     def stream(due=None):  # noqa: ANN001, ANN202
         return stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
-                                 settings.default_language, job.policy, due,
-                                 timedelta(seconds=settings.claim_lease_seconds))
+                                 settings.default_language, job.policy, due, settings.claim_lease)
 
     batches = chain(stream() if audience else [], stream(deferred_due(job.trigger, job.now)))
     for number, batch in enumerate(batches, start=1):

@@ -1,7 +1,7 @@
 """Previews: a trigger's mail rendered to .html, .txt and .eml files, exactly as sent."""
 
-from email import message_from_bytes, policy
 from datetime import datetime
+from email import message_from_bytes, policy
 from pathlib import Path
 
 from sqlalchemy import Engine, select

@@ -1,6 +1,7 @@
 """Settings from the environment (``LIFECYCLE_*``); secrets never come from files in the repo."""
 
 import logging
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,10 @@ class Settings(BaseSettings):
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)
+
+    @property
+    def claim_lease(self) -> timedelta:
+        return timedelta(seconds=self.claim_lease_seconds)
 
     @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", mode="before")
     @classmethod

@@ -2,7 +2,18 @@
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Select, and_, case, false, func, literal, or_, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+)
 
 from flows.spec.stages import StageCondition, StageRules
 from models import Customer, Order

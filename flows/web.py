@@ -20,7 +20,14 @@ from sqlalchemy import delete, select
 from sqlmodel import Session
 
 from flows.kinds import KINDS
-from flows.links import CONFIRM, PREFERENCES, PREVIEW, UNSUBSCRIBE, preferences_url, read
+from flows.links import (
+    CONFIRM,
+    PREFERENCES,
+    PREVIEW,
+    UNSUBSCRIBE,
+    preferences_url,
+    read,
+)
 from flows.render import language_of
 from flows.settings import Settings
 from flows.spec.problems import SpecError

@@ -130,6 +130,7 @@ def test_reentry_cooldown_and_already_sent(store: Store) -> None:
     assert plan(store, trigger, NOW) == {customer.id: Skip.ALREADY_SENT}
     # Activity makes a new occurrence; the cool-down still holds it back for 90 days.
     from sqlmodel import Session
+
     from models import Customer
     with Session(store.engine) as session:
         row = session.get(Customer, customer.id)

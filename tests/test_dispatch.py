@@ -4,7 +4,14 @@ import asyncio
 
 import pytest
 
-from flows.dispatch import Envelope, Mailer, Result, RetryPolicy, SmtpConfig, SmtpUnavailable
+from flows.dispatch import (
+    Envelope,
+    Mailer,
+    Result,
+    RetryPolicy,
+    SmtpConfig,
+    SmtpUnavailable,
+)
 from flows.outbox import free_port
 from tests.smtp_server import Script, SmtpServer
 

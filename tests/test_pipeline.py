@@ -5,7 +5,6 @@ import threading
 from pathlib import Path
 
 import httpx
-
 import pytest
 from sqlalchemy import select
 from sqlmodel import Session

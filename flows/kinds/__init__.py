@@ -1,6 +1,13 @@
 """The registry of trigger kinds: ``kind:`` in a trigger file names one of these."""
 
-from flows.kinds import abandoned_cart, campaign, complaint, consent_confirmation, inactivity, onboarding
+from flows.kinds import (
+    abandoned_cart,
+    campaign,
+    complaint,
+    consent_confirmation,
+    inactivity,
+    onboarding,
+)
 from flows.kinds.base import Kind
 
 KINDS: dict[str, Kind] = {

@@ -12,13 +12,13 @@ from typing import Any, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from flows.context import sample_contexts
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
-from flows.context import sample_contexts
 from flows.render import TemplateCatalog
 from flows.spec.common import TriggerBase
-from flows.spec.problems import Path_, Problem, SpecError, format_path
 from flows.spec.policy import Policy
+from flows.spec.problems import Path_, Problem, SpecError, format_path
 from flows.spec.stages import StageRules
 from flows.spec.yaml_source import YamlDocument, YamlSyntaxError, load_yaml
 
