@@ -1,12 +1,10 @@
 """Engines and sessions for the customer store, on SQLite or PostgreSQL alike."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
-from sqlmodel import Session, create_engine
+from sqlmodel import create_engine
 
 
 def normalise_url(url: str) -> str:
@@ -58,9 +56,3 @@ def create_schema(engine: Engine) -> None:
     from models.migrate import upgrade
 
     upgrade(engine)
-
-
-@contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
