@@ -9,7 +9,7 @@ is never retried: it is reported ``in_doubt`` and its claim stays in the ledger.
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -97,6 +97,9 @@ class SmtpUnavailable(Exception):
         super().__init__(message)
         self.done = done
 
+    def __reduce__(self) -> tuple:  # raised in a sender process, re-raised in the flow's
+        return (type(self), (str(self), self.done))
+
 
 class _InDoubt(Exception):
     pass
@@ -121,8 +124,6 @@ class Mailer:
     def __init__(self, config: SmtpConfig, policy: RetryPolicy) -> None:
         self.config, self.policy = config, policy
         self._idle: list[aiosmtplib.SMTP] = []
-        # Called with the envelope's key just before DATA, when the message starts to be handed over.
-        self.before_data: Callable[[str], Awaitable[None]] | None = None
         # One message per 1/rate seconds, shared by all connections: no bursts above the limit.
         self._pace = AsyncLimiter(1, 1 / config.rate) if config.rate else None
 
@@ -215,8 +216,6 @@ class Mailer:
         except SMTPResponseException:
             await _reset(client)
             raise
-        if self.before_data is not None:
-            await self.before_data(envelope.key)
         try:
             response = await client.data(envelope.data)
         except SMTPResponseException:

@@ -73,11 +73,13 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
     """
     if not claims:
         return set()
-    insert = (_insert(engine)(Send).values(_rows(claims, SendStatus.CLAIMED, run_id, evaluated_at))
-              .on_conflict_do_nothing(index_elements=["send_key"]).returning(Send.send_key))
+    # executemany, not one VALUES list: the statement is compiled once and cached, and
+    # SQLAlchemy still sends the rows in a few multi-row INSERTs ("insertmanyvalues").
+    insert = (_insert(engine)(Send).on_conflict_do_nothing(index_elements=["send_key"])
+              .returning(Send.send_key))
     stale = utcnow() - lease
     with engine.begin() as connection:
-        won = set(connection.execute(insert).scalars())
+        won = set(connection.execute(insert, _rows(claims, SendStatus.CLAIMED, run_id, evaluated_at)).scalars())
         for c in (c for c in claims if c.send_key not in won):  # usually none or few
             resumed = connection.execute(
                 update(Send).where(Send.send_key == c.send_key, or_(
@@ -92,11 +94,19 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
     return won
 
 
-def mark_sending(engine: Engine, send_key: str) -> None:
-    """Just before DATA: from here on a crash leaves this one key in doubt."""
+def mark_sending(engine: Engine, keys: Iterable[str], run_id: str) -> set[str]:
+    """Just before a window's first DATA: from here on a crash leaves these keys in doubt.
+
+    Only keys still ``claimed`` by this run move on (returned): a run that stalled past
+    its lease may have lost a claim to another run, and must then not send it.
+    """
+    keys = list(keys)
+    if not keys:
+        return set()
     with engine.begin() as connection:
-        connection.execute(update(Send).where(Send.send_key == send_key, Send.status == SendStatus.CLAIMED)
-                           .values(status=SendStatus.SENDING))
+        return set(connection.execute(
+            update(Send).where(Send.send_key.in_(keys), Send.status == SendStatus.CLAIMED, Send.run_id == run_id)
+            .values(status=SendStatus.SENDING).returning(Send.send_key)).scalars())
 
 
 def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | None]], run_id: str,

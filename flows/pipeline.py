@@ -1,19 +1,18 @@
 """A trigger run: audience → render → dispatch → ledger → summary, then the sends the
 policy deferred whose moment has come.
 
-``execute`` wires the stages and takes the render and dispatch steps as arguments:
-the Prefect flow passes them as tasks (one task per batch, never per recipient), a
-dry run passes the plain functions and needs no Prefect server at all.
+``execute`` wires the stages; the per-batch work lives in ``delivery``. It takes the
+render and dispatch steps as arguments: the Prefect flow passes them as tasks (one
+task per batch, never per recipient), a dry run passes the plain functions and needs
+no Prefect server at all. A run with more than one batch hands its batches to sender
+processes (``senders``), one per core.
 """
 
-import asyncio
 import logging
-import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from functools import cached_property
+from concurrent.futures import Future
+from contextlib import ExitStack
 from itertools import chain
 from typing import Any
 
@@ -23,126 +22,31 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from sqlmodel import Session
 
 from flows import ledger
-from flows.audience import Candidate, Skip, deferred_due, stream_candidates, withdrawn
+from flows.audience import Candidate, Skip, deferred_due, stream_candidates
 from flows.clock import parse_now
-from flows.compose import Sender, build_message, message_id
-from flows.context import (
-    CustomerView,
-    Links,
-    TriggerView,
-    load_carts,
-    load_complaints,
-    load_latest_orders,
+from flows.delivery import (
+    PLANNED_LINES,
+    BatchOutcome,
+    Job,
+    check_smtp,
+    claim_for,
+    deliver,
+    dispatch_prepared,
+    load,
+    prepare_job,
+    render_candidates,
 )
-from flows.dispatch import (
-    Delivery,
-    Envelope,
-    Mailer,
-    Result,
-    RetryPolicy,
-    SmtpConfig,
-    SmtpUnavailable,
-)
-from flows.dkim_signer import DkimSigner
-from flows.kinds import KINDS
-from flows.kinds.base import Kind
-from flows.links import confirm_url, preferences_url, preview_url, unsubscribe_url
-from flows.render import RenderError, TemplateCatalog
-from flows.report import (
-    RETRY,
-    SENT,
-    WOULD_SEND,
-    PlannedMail,
-    RunSummary,
-    failed,
-    skipped,
-)
+from flows.links import preview_url
+from flows.report import RunSummary, skipped
+from flows.senders import SenderPool
 from flows.settings import Settings, get_settings
 from flows.spec.common import TriggerBase
-from flows.spec.policy import Policy
-from flows.spec.project import Project, load_project
-from flows.spec.stages import StageRules
-from models import SendStatus, SuppressionReason
 from models.db import get_engine
-from models.types import utcnow
 
-PLANNED_LINES = 50
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything one run of one trigger needs; immutable for the whole run."""
-
-    trigger: TriggerBase
-    kind: Kind
-    stages: StageRules
-    catalog: TemplateCatalog
-    settings: Settings
-    now: datetime
-    run_id: str
-    dry_run: bool = False
-    policy: Policy = field(default_factory=Policy)
-
-    @cached_property
-    def sender(self) -> Sender:
-        return Sender.parse(self.trigger.email.sender or self.settings.sender)
-
-    @cached_property
-    def signer(self) -> DkimSigner | None:
-        s = self.settings
-        key = s.dkim_private_key.get_secret_value() if s.dkim_private_key else None
-        return DkimSigner.from_settings(s.dkim_selector, s.dkim_domain, key, s.dkim_private_key_file,
-                                        self.sender.domain)
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    candidate: Candidate
-    claim: ledger.Claim
-    envelope: Envelope
-    subject: str
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    candidate: Candidate
-    reason: str
-    message: str
-
-
-def load(settings: Settings) -> Project:
-    return load_project(
-        settings.triggers_dir, settings.templates_dir, settings.default_language, settings.base_url, settings.shop_url
-    )
-
-
-def prepare_job(
-    trigger_name: str,
-    now: datetime,
-    *,
-    settings: Settings,
-    dry_run: bool = False,
-    project: Project | None = None,
-    run_id: str | None = None,
-) -> Job:
-    """Validate (the trigger, its templates: a test render of each) before anything is sent."""
-    project = project or load(settings)
-    trigger = project.trigger(trigger_name)  # SpecError names file, line and field
-    assert project.stages is not None  # a trigger only loads when the stage rules did
-    return Job(
-        trigger=trigger,
-        kind=KINDS[trigger.kind],
-        stages=project.stages,
-        catalog=project.catalog,
-        settings=settings,
-        now=now,
-        run_id=run_id or uuid.uuid4().hex,
-        dry_run=dry_run,
-        policy=project.policy,
-    )
+__all__ = ["Job", "compile_flow", "deferred_flow", "dispatch_prepared", "execute", "load", "prepare_job",
+           "render_candidates", "trigger_flow"]
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -152,177 +56,30 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("lifecycle")
 
 
-# -- render ------------------------------------------------------------------------
-
-def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0) -> tuple[list[Prepared], list[Failure]]:
-    """Render and compose each due candidate; one recipient's bad data fails only that one."""
-    settings = job.settings
-    engine = get_engine(settings.database_url)
-    refs = [c.ref_id for c in candidates if c.ref_id is not None]
-    with Session(engine) as session:
-        carts = load_carts(session, refs) if job.kind.reference == "cart" else {}
-        complaints = load_complaints(session, refs) if job.kind.reference == "complaint" else {}
-        orders = load_latest_orders(session, [c.customer_id for c in candidates], job.now)
-    sender, secret, date = job.sender, settings.secret.get_secret_value(), utcnow()
-    trigger_view = TriggerView(job.trigger.name, job.trigger.description)
-    prepared: list[Prepared] = []
-    failures: list[Failure] = []
-    for c in candidates:
-        assert c.email is not None
-        customer = CustomerView(c.external_id, c.email, c.first_name, c.last_name, c.locale, c.language)
-        links = Links(
-            unsubscribe=unsubscribe_url(settings.base_url, secret, c.external_id, job.trigger.kind),
-            preferences=preferences_url(settings.base_url, secret, c.external_id),
-            shop=settings.shop_url,
-            confirm=confirm_url(settings.base_url, secret, c.external_id) if job.kind.reference == "consent" else None,
-        )
-        context: dict[str, Any] = {
-            "customer": customer,
-            "stage": c.stage,
-            "lang": c.language,
-            "cart": carts.get(c.ref_id) if c.ref_id is not None else None,
-            "complaint": complaints.get(c.ref_id) if c.ref_id is not None else None,
-            "order": orders.get(c.customer_id),
-            "links": links,
-            "trigger": trigger_view,
-            "now": job.now,
-        }
-        try:
-            rendered = job.catalog.render(job.trigger.email, context)
-            msg_id = message_id(c.send_key, sender)
-            data = build_message(rendered, sender=sender, to_address=c.email, to_name=customer.name, msg_id=msg_id,
-                                 date=date, extra_headers=list_headers(job, links), signer=job.signer)
-        except RenderError as exc:
-            failures.append(Failure(c, "render_error", str(exc)))
-            continue
-        except (ValueError, TypeError, IndexError) as exc:
-            failures.append(Failure(c, "invalid_message", f"{type(exc).__name__}: {exc}"))
-            continue
-        claim = claim_for(job, c, rendered.template, msg_id)
-        prepared.append(Prepared(c, claim, Envelope(c.send_key, sender.address, c.email, data), rendered.subject))
-    return prepared, failures
-
-
-def claim_for(job: Job, c: Candidate, template: str = "", msg_id: str = "") -> ledger.Claim:
-    assert c.email is not None
-    return ledger.Claim(c.send_key, job.trigger.name, c.customer_id, c.occurrence, c.stage, template, c.email,
-                        msg_id, job.kind.category, c.ref_id)
-
-
-def list_headers(job: Job, links: Links) -> dict[str, str]:
-    """RFC 8058 one-click unsubscribe and RFC 2919 List-Id, on marketing mail only."""
-    if job.kind.category != "marketing":
-        return {}
-    domain = job.sender.domain
-    token = links.unsubscribe.rsplit("/", 1)[1]
-    mailbox = job.settings.unsubscribe_mailbox or f"unsubscribe@{domain}"
-    return {
-        "List-Unsubscribe": f"<{links.unsubscribe}>, <mailto:{mailbox}?subject=unsubscribe%20{token}>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-        "List-Id": f"<{job.trigger.name}.{domain}>",
-    }
-
-
-# -- dispatch ----------------------------------------------------------------------
-
-_OUTCOME = {
-    Result.SENT: SENT,
-    Result.BOUNCED: failed("bounced"),
-    Result.REJECTED: failed("rejected"),
-    Result.DEFERRED: RETRY,
-    Result.IN_DOUBT: failed("in_doubt"),
-}
-_LEDGER: dict[Result, SendStatus | None] = {
-    Result.SENT: SendStatus.SENT,
-    Result.BOUNCED: SendStatus.FAILED,
-    Result.REJECTED: SendStatus.FAILED,
-    Result.DEFERRED: None,  # released: the next run tries again
-}
-
-
-def dispatch_prepared(job: Job, prepared: Sequence[Prepared], batch: int = 0) -> Counter[tuple[str, str]]:
-    return asyncio.run(_dispatch(job, prepared, *_smtp(job.settings)))
-
-
-async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
-                    policy: RetryPolicy) -> Counter[tuple[str, str]]:
-    """Claim a window of keys, send them, record them; repeat. At most ``in_flight``
-    claims are ever open at once, which bounds what a crash can leave in doubt."""
-    engine = get_engine(job.settings.database_url)
-    counts: Counter[tuple[str, str]] = Counter()
-    gone = await asyncio.to_thread(withdrawn, engine, job.kind, [p.candidate.customer_id for p in prepared])
-    for p in prepared:
-        if p.candidate.customer_id in gone:
-            counts[(p.candidate.stage, skipped(Skip.UNSUBSCRIBED))] += 1
-    prepared = [p for p in prepared if p.candidate.customer_id not in gone]
-    lease = job.settings.claim_lease
-
-    async def handing_over(key: str) -> None:
-        await asyncio.to_thread(ledger.mark_sending, engine, key)
-
-    async with Mailer(config, policy) as mailer:
-        mailer.before_data = handing_over
-        size = job.settings.in_flight
-        for window in (prepared[i : i + size] for i in range(0, len(prepared), size)):
-            by_key = {p.claim.send_key: p for p in window}
-            won = await asyncio.to_thread(ledger.claim, engine, [p.claim for p in window], job.run_id, job.now, lease)
-            for key in by_key.keys() - won:
-                counts[(by_key[key].candidate.stage, skipped(Skip.ALREADY_SENT))] += 1
-            envelopes = [p.envelope for p in window if p.claim.send_key in won]
-            if not envelopes:
-                continue
-            try:
-                deliveries = await mailer.send(envelopes)
-            except SmtpUnavailable as exc:
-                await asyncio.to_thread(_record, engine, exc.done, by_key, counts)
-                attempted = {d.key for d in exc.done}
-                await asyncio.to_thread(ledger.release, engine, [k for k in won if k not in attempted])
-                raise
-            await asyncio.to_thread(_record, engine, deliveries, by_key, counts)
-    return counts
-
-
-def _record(engine, deliveries: Sequence[Delivery], by_key: dict[str, Prepared],
-            counts: Counter[tuple[str, str]]) -> None:
-    outcomes = [
-        ledger.Outcome(d.key, _LEDGER[d.result], reply=d.reply if d.result == Result.SENT else "",
-                       error="" if d.result == Result.SENT else d.reply)
-        for d in deliveries
-        if d.result in _LEDGER
-    ]
-    ledger.record(engine, outcomes)
-    bounced = [by_key[d.key].envelope.recipient for d in deliveries if d.result == Result.BOUNCED]
-    ledger.suppress(engine, bounced, SuppressionReason.HARD_BOUNCE, "5xx at RCPT")
-    for d in deliveries:
-        counts[(by_key[d.key].candidate.stage, _OUTCOME[d.result])] += 1
-
-
-def _smtp(settings: Settings) -> tuple[SmtpConfig, RetryPolicy]:
-    policy = RetryPolicy(settings.smtp_attempts, settings.smtp_backoff_seconds, settings.smtp_backoff_max_seconds)
-    return SmtpConfig.from_url(settings.smtp_url), policy
-
-
-def check_smtp(settings: Settings) -> None:
-    """Reach the server before the first batch: if it is down, the run fails before sending."""
-
-    async def probe() -> None:
-        async with Mailer(*_smtp(settings)) as mailer:
-            await mailer.check()
-
-    asyncio.run(probe())
-
-
 # -- the run -----------------------------------------------------------------------
 
-RenderStep = Callable[..., tuple[list[Prepared], list[Failure]]]
+RenderStep = Callable[..., Any]
 DispatchStep = Callable[..., Counter[tuple[str, str]]]
+# Hands a batch to a sender process; returns something with ``.result()`` (a Future, a PrefectFuture).
+SubmitStep = Callable[[SenderPool, list[Candidate], int], Any]
+
+
+def _to_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> "Future[BatchOutcome]":
+    return senders.submit(candidates, batch)
 
 
 def execute(job: Job, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
-            should_stop: Callable[[], bool] = lambda: False, audience: bool = True) -> RunSummary:
+            should_stop: Callable[[], bool] = lambda: False, audience: bool = True,
+            submit: SubmitStep = _to_sender) -> RunSummary:
     """Run the stages batch by batch: first everyone due, then the sends the policy deferred
     whose moment has come (``audience=False``: only those). ``should_stop`` is asked between
-    batches (graceful shutdown)."""
+    batches (graceful shutdown).
+
+    The first batch is sent here. If another full batch follows, ``LIFECYCLE_WORKERS`` sender
+    processes start and take one batch each at a time (``submit``), while this process reads
+    the audience ahead by at most one batch per sender: memory stays flat however large
+    the audience.
+    """
     log = _logger()
     settings = job.settings
     engine = get_engine(settings.database_url)
@@ -339,46 +96,66 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
         return stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
                                  settings.default_language, job.policy, due, settings.claim_lease)
 
-    batches = chain(stream() if audience else [], stream(deferred_due(job.trigger, job.now)))
-    for number, batch in enumerate(batches, start=1):
-        if should_stop():
-            log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
-            summary.interrupted = True
-            break
-        due, deferred = [], []
-        reasons: Counter[str] = Counter()
-        for candidate in batch:
-            if candidate.skip is None:
-                due.append(candidate)
-                continue
-            reasons[candidate.skip] += 1
-            summary.add(candidate.stage, candidate.skip.value if candidate.skip.deferred else skipped(candidate.skip))
-            if candidate.skip in (Skip.QUIET_HOURS, Skip.FREQUENCY_CAP):
-                deferred.append(candidate)
-        why = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none"
-        if deferred and not job.dry_run:
-            expires = job.now + job.trigger.deferred_expires_after if job.trigger.deferred_expires_after else None
-            ledger.defer(engine, [(claim_for(job, c), c.not_before, expires) for c in deferred], job.run_id, job.now)
-        if not due:
-            log.info("Batch %d: %d candidates, none due (skipped: %s)", number, len(batch), why)
-            continue
-        prepared, failures = render(job, due, batch=number)
-        for failure in failures:
-            summary.add(failure.candidate.stage, failed(failure.reason))
+    def finish(number: int, size: int, due: int, why: str, outcome: BatchOutcome) -> None:
+        summary.merge(outcome.counts)
+        summary.templates.update(outcome.templates)
+        summary.planned.extend(outcome.planned[: PLANNED_LINES - len(summary.planned)])
+        for failure in outcome.failures:
             log.warning("Customer %s not rendered: %s", failure.candidate.external_id, failure.message)
-        summary.templates.update((p.claim.template, p.candidate.stage, p.candidate.language) for p in prepared)
-        if job.dry_run:
-            for p in prepared:
-                summary.add(p.candidate.stage, WOULD_SEND)
-                if len(summary.planned) < PLANNED_LINES:
-                    c = p.candidate
-                    summary.planned.append(PlannedMail(c.external_id, c.stage, c.language, p.claim.template, p.subject))
-        else:
-            summary.merge(dispatch(job, prepared, batch=number))
         log.info("Batch %d: %d candidates, %d due (skipped: %s), %d not renderable",
-                 number, len(batch), len(due), why, len(failures))
+                 number, size, due, why, len(outcome.failures))
+
+    def settle_oldest() -> None:
+        number, size, due, why, future = pending.popleft()
+        finish(number, size, due, why, future.result())
+
+    parallel = settings.workers > 1 and not job.dry_run
+    senders: SenderPool | None = None
+    pending: deque[tuple[int, int, int, str, Any]] = deque()  # batches handed to senders, oldest first
+    batches = chain(stream() if audience else [], stream(deferred_due(job.trigger, job.now)))
+    with ExitStack() as stack:
+        for number, batch in enumerate(batches, start=1):
+            if should_stop():
+                log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
+                summary.interrupted = True
+                break
+            due, why = _classify(job, batch, summary)
+            if not due:
+                log.info("Batch %d: %d candidates, none due (skipped: %s)", number, len(batch), why)
+                continue
+            if senders is None and parallel and number > 1 and len(batch) == settings.batch_size:
+                log.info("Starting %d sender processes for a large audience", settings.workers)
+                senders = stack.enter_context(SenderPool(job, settings.workers))
+            if senders is None:
+                finish(number, len(batch), len(due), why, deliver(job, due, number, render, dispatch))
+                continue
+            pending.append((number, len(batch), len(due), why, submit(senders, due, number)))
+            # One batch per sender, plus one queued so that no sender waits for the next read.
+            if len(pending) > senders.workers + 1:
+                settle_oldest()
+        while pending:  # a shutdown too lets the batches already handed over finish
+            settle_oldest()
     log.info(summary.headline())
     return summary
+
+
+def _classify(job: Job, batch: Sequence[Candidate], summary: RunSummary) -> tuple[list[Candidate], str]:
+    """Count the skipped, record what the policy deferred; returns who is due and why the rest are not."""
+    due, deferred = [], []
+    reasons: Counter[str] = Counter()
+    for candidate in batch:
+        if candidate.skip is None:
+            due.append(candidate)
+            continue
+        reasons[candidate.skip] += 1
+        summary.add(candidate.stage, candidate.skip.value if candidate.skip.deferred else skipped(candidate.skip))
+        if candidate.skip in (Skip.QUIET_HOURS, Skip.FREQUENCY_CAP):
+            deferred.append(candidate)
+    if deferred and not job.dry_run:
+        expires = job.now + job.trigger.deferred_expires_after if job.trigger.deferred_expires_after else None
+        ledger.defer(get_engine(job.settings.database_url),
+                     [(claim_for(job, c), c.not_before, expires) for c in deferred], job.run_id, job.now)
+    return due, ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none"
 
 
 def _run_name() -> str:
@@ -388,8 +165,18 @@ def _run_name() -> str:
     return f"{parameters['trigger']} @ {moment:%Y-%m-%d %H:%M} UTC{suffix}"
 
 
+def _in_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> BatchOutcome:
+    return senders.submit(candidates, batch).result()
+
+
 render_batch = task(render_candidates, name="render", task_run_name="render-batch-{batch}", cache_policy=NO_CACHE)
 dispatch_batch = task(dispatch_prepared, name="dispatch", task_run_name="dispatch-batch-{batch}", cache_policy=NO_CACHE)
+# A batch rendered and sent in a sender process: one task run per batch, submitted so batches overlap.
+send_batch = task(_in_sender, name="send", task_run_name="send-batch-{batch}", cache_policy=NO_CACHE)
+
+
+def _send_task(senders: SenderPool, candidates: list[Candidate], batch: int) -> Any:
+    return send_batch.submit(senders, candidates, batch)
 
 
 @flow(name="lifecycle-trigger", flow_run_name=_run_name, validate_parameters=True)
@@ -399,7 +186,7 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) ->
     job = prepare_job(trigger, parse_now(now), settings=settings, dry_run=dry_run, run_id=str(flow_run.id or ""))
     if not dry_run:
         check_smtp(settings)
-    summary = execute(job, render=render_batch, dispatch=dispatch_batch)
+    summary = execute(job, render=render_batch, dispatch=dispatch_batch, submit=_send_task)
     publish(summary, settings)
     return summary
 
@@ -421,7 +208,8 @@ def deferred_flow(now: str | None = None) -> dict[str, RunSummary]:
     for name, trigger in project.triggers.items():
         if trigger.enabled:
             job = prepare_job(name, moment, settings=settings, project=project, run_id=str(flow_run.id or ""))
-            summaries[name] = execute(job, render=render_batch, dispatch=dispatch_batch, audience=False)
+            summaries[name] = execute(job, render=render_batch, dispatch=dispatch_batch, audience=False,
+                                      submit=_send_task)
     return summaries
 
 

@@ -10,7 +10,7 @@ from sqlmodel import Session
 from flows.audience import Candidate, send_key
 from flows.compose import build_message, message_id
 from flows.context import sample_contexts
-from flows.pipeline import Job, load, prepare_job, render_candidates
+from flows.delivery import Job, load, prepare_job, render_candidates
 from flows.render import RenderError, language_of
 from flows.settings import Settings
 from flows.stages import customer_stages

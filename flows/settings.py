@@ -1,6 +1,7 @@
 """Settings from the environment (``LIFECYCLE_*``); secrets never come from files in the repo."""
 
 import logging
+import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     dkim_private_key_file: Path | None = None
     batch_size: int = Field(500, ge=1, le=20000, description="Recipients per render/dispatch task.")
     in_flight: int = Field(32, ge=1, le=5000, description="Ledger claims taken at once while sending.")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64,
+                         description="Sender processes for runs of more than one batch (1: send in the run's process).")
     claim_lease_seconds: float = Field(600, ge=0, description="After this, a dead run's unsent claims are taken over.")
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)

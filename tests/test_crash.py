@@ -21,7 +21,8 @@ from tests.smtp_server import SmtpServer
 
 RECIPIENTS = 300
 CONNECTIONS = 4
-IN_FLIGHT = 20  # claims open at once; accepted mail is recorded per window of this size
+IN_FLIGHT = 20  # claims open at once per sender; accepted mail is recorded per window of this size
+WORKERS = 2  # sender processes: a kill of the run kills them too
 CHILD = """
 import sys
 from datetime import datetime
@@ -45,14 +46,18 @@ def test_a_hard_kill_then_a_rerun_sends_every_mail_once(settings: Settings, stor
                "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{slow.port}?connections={CONNECTIONS}",
                "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
                "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates"),
-               "LIFECYCLE_BATCH_SIZE": "100", "LIFECYCLE_IN_FLIGHT": str(IN_FLIGHT), "LIFECYCLE_SECRET": "crash-test-secret"}
+               "LIFECYCLE_BATCH_SIZE": "100", "LIFECYCLE_IN_FLIGHT": str(IN_FLIGHT), "LIFECYCLE_WORKERS": str(WORKERS),
+               "LIFECYCLE_SECRET": "crash-test-secret"}
         child = subprocess.Popen([sys.executable, "-c", CHILD, NOW.isoformat()], env=env)
         deadline = time.monotonic() + 60
         while len(slow.received) < kill_after and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+        time.sleep(0.3)  # what was on the wire at the kill lands
         before = len(slow.received)
+        time.sleep(0.7)
+        assert len(slow.received) == before, "a sender process outlived the killed run and kept sending"
         assert 0 < before < RECIPIENTS, "the kill must land mid-run"
 
         # The next run (the killed run's lease is over: it is dead) finishes the job.
@@ -69,6 +74,6 @@ def test_a_hard_kill_then_a_rerun_sends_every_mail_once(settings: Settings, stor
     print(f"\nkilled after {before} accepted: {len(in_doubt)} in doubt, "
           f"{sum(1 for e in in_doubt if e in received)} of them accepted by the server")
     assert set(received.values()) == {1}  # nobody got it twice
-    assert len(in_doubt) <= IN_FLIGHT  # at most the messages in flight when the kill came
+    assert len(in_doubt) <= WORKERS * IN_FLIGHT  # at most the messages in flight when the kill came
     assert set(received) | in_doubt == emails  # nobody lost but those in doubt (listed for ops)
     assert sent == set(received) - in_doubt  # the ledger never claims more than the server took

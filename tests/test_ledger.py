@@ -59,7 +59,7 @@ def test_in_doubt_lists_claims_left_behind_and_release_frees_them(store: Store) 
     customer = store.customer()
     [stuck] = claims(customer.id, 1)
     ledger.claim(store.engine, [stuck], "crashed-run", NOW)
-    ledger.mark_sending(store.engine, stuck.send_key)  # the run died while handing it over
+    assert ledger.mark_sending(store.engine, [stuck.send_key], "crashed-run") == {stuck.send_key}  # then it died
     assert ledger.claim(store.engine, [stuck], "second-run", NOW, lease=timedelta(0)) == set()
     assert ledger.in_doubt(store.engine, timedelta(minutes=10)) == []  # a live run may still hold it
     assert [r.send_key for r in ledger.in_doubt(store.engine, timedelta(seconds=-1))] == [stuck.send_key]
@@ -84,3 +84,12 @@ def test_a_dead_runs_unsent_claims_are_taken_over_once_its_lease_has_passed(stor
     assert ledger.claim(store.engine, [waiting], "next-run", NOW) == set()  # it may still be alive
     assert ledger.claim(store.engine, [waiting], "next-run", NOW, lease=timedelta(0)) == {waiting.send_key}
     assert ledger.claim(store.engine, [waiting], "third-run", NOW) == set()
+
+
+def test_a_run_that_stalled_past_its_lease_cannot_send_what_another_run_took_over(store: Store) -> None:
+    customer = store.customer()
+    [key] = claims(customer.id, 1)
+    assert ledger.claim(store.engine, [key], "stalled-run", NOW) == {key.send_key}
+    assert ledger.claim(store.engine, [key], "next-run", NOW, lease=timedelta(0)) == {key.send_key}
+    assert ledger.mark_sending(store.engine, [key.send_key], "stalled-run") == set()  # it wakes up: too late
+    assert ledger.mark_sending(store.engine, [key.send_key], "next-run") == {key.send_key}

@@ -200,7 +200,8 @@ def test_a_shutdown_lets_the_running_batch_finish_and_stops_before_the_next(
         settings: Settings, store: Store, smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(12):
         store.order(store.customer(f"K{i}"), ago(days=500))
-    job = prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5}))
+    # In-process sending (workers 1), where the test can signal between batches.
+    job = prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5, "workers": 1}))
     stop = threading.Event()
 
     def dispatch_then_get_signalled(job, prepared, batch=0):  # noqa: ANN001, ANN202
