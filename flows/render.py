@@ -40,8 +40,6 @@ from typing import Any
 import css_inline
 from babel.dates import format_date
 from babel.numbers import format_currency
-from inscriptis import get_text
-from inscriptis.model.config import ParserConfig
 from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
@@ -56,12 +54,12 @@ from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from flows.context import VIEW_ATTRIBUTES
+from flows.plaintext import html_to_text
 from flows.spec.common import EmailSpec
 from flows.spec.problems import Problem, snippet
 
 CONTEXT_NAMES = ("customer", "stage", "cart", "order", "complaint", "links", "trigger", "now", "lang")
 LAYOUT_DIR = "_layout"
-_TEXT_CONFIG = ParserConfig(display_links=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +89,6 @@ def _date(context: Context, value: datetime, format: str = "medium") -> str:
     return format_date(value, format=format, locale=context.get("lang", "en"))
 
 
-def html_to_text(html: str) -> str:
-    """The text part for templates without a .txt.j2: layout whitespace folded away."""
-    lines = [line.rstrip() for line in get_text(html, _TEXT_CONFIG).splitlines()]
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.strip() if not line.strip() else line for line in lines))
-    return text.strip() + "\n"
-
-
 def language_of(locale: str | None, default: str) -> str:
     """``de-AT`` → ``de``; empty or odd values fall back to the default language."""
     lang = (locale or "").replace("_", "-").split("-")[0].lower()
@@ -120,6 +111,7 @@ class TemplateCatalog:
         self.env = self._environment(autoescape=select_autoescape(enabled_extensions=("html", "html.j2")))
         self.subject_env = self._environment(autoescape=False)
         self._subjects: dict[str, Template] = {}
+        self._files: dict[str, set[str]] = {}
 
     def _environment(self, autoescape: Any) -> SandboxedEnvironment:
         env = SandboxedEnvironment(
@@ -139,8 +131,11 @@ class TemplateCatalog:
         return (self.root / template).is_dir()
 
     def files(self, template: str) -> set[str]:
-        folder = self.root / template
-        return {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+        """The folder's files, listed once: a catalog lives for one run (serve loads a new one)."""
+        if template not in self._files:
+            folder = self.root / template
+            self._files[template] = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+        return self._files[template]
 
     def languages(self, template: str) -> set[str]:
         """Languages a template folder has files for (``welcome.de.html.j2`` → ``de``)."""

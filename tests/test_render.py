@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from flows.context import sample_contexts
-from flows.render import RenderError, TemplateCatalog, html_to_text, language_of
+from flows.render import RenderError, TemplateCatalog, language_of
 from flows.spec.common import EmailSpec
 
 
@@ -88,8 +88,3 @@ def test_money_is_formatted_per_language(tmp_path: Path, lang: str, expected: st
 @pytest.mark.parametrize(("locale", "expected"), [("de-AT", "de"), ("en_GB", "en"), ("", "en"), (None, "en"), ("??", "en")])
 def test_language_of_locale(locale: str | None, expected: str) -> None:
     assert language_of(locale, "en") == expected
-
-
-def test_derived_text_keeps_links_and_drops_layout_whitespace() -> None:
-    html = "<table><tr><td>  <p>Hallo</p>  </td></tr><tr><td><a href='https://x.example/u/1'>Abmelden</a></td></tr></table>"
-    assert html_to_text(html) == "Hallo\n\n[Abmelden](https://x.example/u/1)\n"
