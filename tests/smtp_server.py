@@ -1,12 +1,18 @@
 """A real SMTP server on loopback (aiosmtpd) that records what it accepts and can be told to fail."""
 
 import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
@@ -97,3 +103,49 @@ class SmtpServer:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+class PostfixSink:
+    """Postfix's ``smtp-sink`` on loopback (Debian package ``postfix``), counting at its dump file.
+
+    ``flags`` inject faults the way Postfix's own tests do: ``-r RCPT`` (4xx at every RCPT),
+    ``-f RCPT`` (5xx), ``-Q RCPT`` (421 and hang up), ``-w 1`` (slow DATA replies).
+    """
+
+    def __init__(self, *flags: str, port: int | None = None) -> None:
+        self.flags, self.port = list(flags), port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        # The sink writes as ``nobody`` when started by root: a folder it may write to.
+        folder = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
+        folder.chmod(0o777)
+        self.dump = folder / "dump"
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}?connections=2&timeout=5"
+
+    def start(self) -> "PostfixSink":
+        binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.process = subprocess.Popen([binary, *user, "-D", str(self.dump), *self.flags, f"127.0.0.1:{self.port}", "100"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError(f"smtp-sink did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+        shutil.rmtree(self.dump.parent, ignore_errors=True)
+
+    def recipients(self) -> list[str]:
+        """One entry per accepted message (its RCPT), from the sink's own dump."""
+        if not self.dump.exists():
+            return []
+        return [line.split(":", 1)[1].strip().strip("<>") for line in self.dump.read_text(errors="replace").splitlines()
+                if line.startswith("X-Rcpt-Args:")]

@@ -1,17 +1,20 @@
 """Faults at the SMTP server: every deliverable mail arrives exactly once, counted at the server."""
 
 import random
+import threading
+import time
 from collections import Counter
 
 import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from flows.dispatch import SmtpUnavailable
 from flows.pipeline import execute, prepare_job
 from flows.settings import Settings, get_settings
 from models import Send, Suppression
 from tests.builders import NOW, Store, ago
-from tests.smtp_server import Script, SmtpServer
+from tests.smtp_server import PostfixSink, Script, SmtpServer
 
 
 def lapsed_customers(store: Store, count: int) -> list[str]:
@@ -87,3 +90,116 @@ def test_a_slow_server_slows_the_run_but_never_causes_duplicates(db_url: str, st
     received = Counter(r.recipients[0] for r in slow.received)
     assert set(received.values()) == {1}  # in doubt or not: never twice
     assert set(emails) <= set(received)
+
+
+# -- against Postfix's smtp-sink, counted at the sink's own dump ------------------------
+
+def with_sink(settings: Settings, sink: PostfixSink, monkeypatch: pytest.MonkeyPatch, **update: object) -> Settings:
+    monkeypatch.setenv("LIFECYCLE_SMTP_URL", sink.url)  # for flows, which read the environment
+    get_settings.cache_clear()
+    return settings.model_copy(update={"smtp_url": sink.url, **update})
+
+
+def test_sender_processes_deliver_every_mail_once_to_postfix(settings: Settings, store: Store,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    emails = lapsed_customers(store, 90)
+    sink = PostfixSink().start()
+    try:
+        run = with_sink(settings, sink, monkeypatch, batch_size=10, workers=2, in_flight=4)
+        summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+        received = Counter(sink.recipients())
+    finally:
+        sink.stop()
+    assert summary.outcomes == {"sent": 90}
+    assert set(received) == set(emails) and set(received.values()) == {1}
+    assert sent_in_ledger(store) == set(emails)
+
+
+@pytest.mark.parametrize(("flags", "outcome", "suppressed"), [
+    (["-r", "RCPT"], "retry:smtp_temporary", False),  # 450 at every RCPT
+    (["-Q", "RCPT"], "retry:smtp_temporary", False),  # 421 and the connection dropped mid-session
+    (["-f", "RCPT"], "failed:bounced", True),  # 500 at every RCPT: hard bounces
+])
+def test_postfix_refusing_every_recipient_sends_and_marks_nothing(settings: Settings, store: Store,
+                                                                  monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                                                  outcome: str, suppressed: bool) -> None:
+    emails = lapsed_customers(store, 6)
+    sink = PostfixSink(*flags).start()
+    try:
+        run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
+        summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+        received = sink.recipients()
+    finally:
+        sink.stop()
+    assert summary.outcomes == {outcome: 6}
+    assert received == [] and sent_in_ledger(store) == set()
+    with Session(store.engine) as session:
+        rows = session.execute(select(Send.status)).scalars().all()
+        assert {s.email for s in session.execute(select(Suppression)).scalars()} == (set(emails) if suppressed else set())
+    assert rows == (["failed"] * 6 if suppressed else [])  # temporary: released for the next run
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_server_down_for_a_while_is_waited_for_with_backoff(settings: Settings, store: Store,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    emails = lapsed_customers(store, 5)
+    sink = PostfixSink()
+    comes_back = threading.Timer(1.0, sink.start)
+    run = with_sink(settings, sink, monkeypatch, smtp_attempts=6, smtp_backoff_seconds=0.3,
+                    smtp_backoff_max_seconds=1.0)
+    comes_back.start()
+    try:
+        summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+        received = Counter(sink.recipients())
+    finally:
+        comes_back.join()
+        sink.stop()
+    assert summary.outcomes == {"sent": 5}
+    assert set(received) == set(emails) and set(received.values()) == {1}
+
+
+@pytest.mark.usefixtures("prefect")
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_server_lost_mid_run_fails_the_flow_and_a_rerun_completes_it_once(settings: Settings, store: Store,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.pipeline import compile_flow, load
+
+    emails = set(lapsed_customers(store, 600))
+    sink = PostfixSink().start()
+    monkeypatch.setenv("LIFECYCLE_BATCH_SIZE", "40")
+    monkeypatch.setenv("LIFECYCLE_WORKERS", "2")
+    monkeypatch.setenv("LIFECYCLE_SMTP_ATTEMPTS", "3")
+    run = with_sink(settings, sink, monkeypatch)
+    flow = compile_flow(load(run).trigger("winback-lapsed"))
+
+    def lose_the_server() -> None:
+        deadline = time.monotonic() + 60
+        while len(sink.recipients()) < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sink.process.kill()  # type: ignore[union-attr]
+
+    killer = threading.Thread(target=lose_the_server)
+    killer.start()
+    try:
+        with pytest.raises(SmtpUnavailable, match="unreachable after 3 attempts"):
+            flow(trigger="winback-lapsed", now=NOW.isoformat())
+    finally:
+        killer.join()
+    first = sink.recipients()
+    with Session(store.engine) as session:
+        statuses = Counter(session.execute(select(Send.status)).scalars())
+        in_doubt = set(session.execute(select(Send.email).where(Send.status == "sending")).scalars())
+    assert 60 <= len(first) < 600 and statuses["claimed"] == 0
+    assert sent_in_ledger(store) == set(first) - in_doubt  # nothing reported sent that the sink did not take
+    assert len(in_doubt) <= 2 * 2  # what each sender's 2 connections were handing over
+
+    back = PostfixSink(port=sink.port).start()
+    try:
+        flow(trigger="winback-lapsed", now=NOW.isoformat())
+        second = back.recipients()
+    finally:
+        back.stop()
+        sink.stop()
+    received = Counter(first + second)
+    assert set(received.values()) == {1}  # nobody twice across both runs
+    assert set(received) | in_doubt == emails
