@@ -2,31 +2,38 @@
 
     python bench/run.py [--customers N] [--naive N] [--databases sqlite,postgresql]
 
-Measures, in one run:
-1. the ceiling: Postfix's C smtp-source blasting the same sink with same-size messages;
-2. Lifecycle end to end: the win-back campaign over the whole store
-   (audience → render per stage → MIME → SMTP → ledger), messages per second;
-3. a naive baseline: one Prefect task per recipient, email.message.EmailMessage and a
-   new SMTP connection per mail (on --naive recipients);
-4. audience query time for every shipped trigger, on each database;
-5. peak resident memory of the end-to-end run.
+Grows a synthetic store (``bench/store.py``: about ten events per customer) through
+10,000, 100,000 and 1,000,000 customers, up to ``--customers`` (default 100,000), and
+measures in one run:
 
-Prints a table and writes bench/results.json. Needs Debian's `postfix` package
-(smtp-sink, smtp-source) and, for PostgreSQL, the server at 127.0.0.1:5432.
+1. the ceiling: Postfix's C ``smtp-source`` sending messages of the same size to the
+   same ``smtp-sink``, with as many sessions as Lifecycle opens, reusing connections;
+2. Lifecycle end to end at each size: the win-back campaign flow over the whole store
+   (audience → render per stage → MIME → SMTP → ledger), run as a Prefect flow against
+   a Prefect server, as in production; messages per second;
+3. a naive baseline: one Prefect task per recipient, ``email.message.EmailMessage``
+   and a new SMTP connection per mail;
+4. audience query time of every trigger kind at each size, on SQLite and PostgreSQL;
+5. peak memory of the Lifecycle run at each size: the flow's process and its sender
+   processes together (sum of RSS; PSS counts shared pages once).
+
+Prints a table and writes ``bench/results.json``. Needs Debian's ``postfix`` package
+(``smtp-sink``, ``smtp-source``) and, for PostgreSQL, the server at 127.0.0.1:5432.
 """
 
 import argparse
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +43,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 NOW = datetime(2026, 3, 16, 12, 0, tzinfo=timezone.utc)  # a Monday, daytime in Europe
 POSTGRES_URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-CHUNK = 20_000
+SIZES = (10_000, 100_000, 1_000_000)
+CONNECTIONS = 4  # SMTP sessions per sender process
+BATCH_SIZE = 2000
 
 
 def free_port() -> int:
@@ -45,72 +54,62 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def postfix_tool(name: str) -> str:
+    found = shutil.which(name) or f"/usr/sbin/{name}"
+    if not Path(found).exists():
+        sys.exit(f"{name} not found: apt-get install postfix")
+    return found
+
+
 @contextmanager
-def smtp_sink():
+def smtp_sink() -> Iterator[int]:
     """Postfix's smtp-sink on a free loopback port: accepts and discards everything."""
-    binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    if not Path(binary).exists():
-        sys.exit("smtp-sink not found: apt-get install postfix")
     port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    process = subprocess.Popen([binary, *user, f"127.0.0.1:{port}", "1000"], stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
+    process = subprocess.Popen([postfix_tool("smtp-sink"), *user, f"127.0.0.1:{port}", "1000"],
+                               stderr=subprocess.DEVNULL)
     try:
+        wait_for_port(port)
         yield port
     finally:
         process.terminate()
         process.wait()
 
 
-def ceiling(port: int, count: int, size: int) -> float:
-    binary = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """A Prefect server of its own, so the measured runs pay no temporary-server start."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("wb")
+    process = subprocess.Popen([shutil.which("prefect") or "prefect", "server", "start", "--host", "127.0.0.1",
+                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, timeout=120)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def ceiling(port: int, count: int, size: int, sessions: int) -> float:
     start = time.perf_counter()
-    subprocess.run([binary, "-d", "-s", "4", "-l", str(size), "-m", str(count), "-f", "hello@shop.example",
-                    "-t", "kunde@example.de", f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([postfix_tool("smtp-source"), "-d", "-s", str(sessions), "-l", str(size), "-m", str(count),
+                    "-f", "hello@shop.example", "-t", "kunde@example.de", f"127.0.0.1:{port}"],
+                   check=True, stdout=subprocess.DEVNULL)
     return count / (time.perf_counter() - start)
-
-
-def seed(url: str, customers: int) -> None:
-    """A synthetic store, bulk-inserted: customers in every stage, orders, carts, complaints."""
-    from sqlalchemy import insert
-
-    from models import Cart, CartItem, Complaint, Customer, Order
-    from models.db import create_schema, make_engine
-
-    engine = make_engine(url)
-    create_schema(engine)
-    rng = random.Random(1)
-    with engine.begin() as connection:
-        for first in range(1, customers + 1, CHUNK):
-            ids = range(first, min(first + CHUNK, customers + 1))
-            connection.execute(insert(Customer), [{
-                "id": i, "external_id": f"c{i}", "email": f"kunde{i}@example.de", "first_name": "Jürgen",
-                "last_name": "Groß", "locale": "de-DE" if i % 2 else "en-GB", "timezone": "Europe/Berlin",
-                "marketing_consent": i % 10 != 0, "created_at": NOW - timedelta(days=400 + i % 900),
-                "last_seen_at": NOW - timedelta(days=i % 200),
-            } for i in ids])
-            orders = []
-            for i in ids:
-                for n in range(i % 4):  # 0–3 orders: prospects, new, active, at risk, lapsed
-                    orders.append({"external_id": f"o{i}-{n}", "customer_id": i, "total_cents": 2000 + i % 9000,
-                                   "placed_at": NOW - timedelta(days=rng.choice([10, 90, 200, 400, 600]) + n),
-                                   "currency": "EUR", "products": []})
-            connection.execute(insert(Order), orders)
-            carts = [{"id": i, "external_id": f"cart{i}", "customer_id": i, "status": "open",
-                      "created_at": NOW - timedelta(hours=5), "updated_at": NOW - timedelta(hours=3)}
-                     for i in ids if i % 10 == 3]
-            if carts:
-                connection.execute(insert(Cart), carts)
-                connection.execute(insert(CartItem), [{"cart_id": c["id"], "product_id": "p1", "name": "Rucksack",
-                                                       "price_cents": 9900, "quantity": 1} for c in carts])
-            complaints = [{"external_id": f"k{i}", "customer_id": i, "subject": "Paket",
-                           "received_at": NOW - timedelta(hours=2)} for i in ids if i % 100 == 7]
-            if complaints:
-                connection.execute(insert(Complaint), complaints)
-    with engine.begin() as connection:
-        # A live store has planner statistics (autovacuum); a bulk load has none until this.
-        connection.exec_driver_sql("ANALYZE")
-    engine.dispose()
 
 
 def reset_postgres() -> None:
@@ -128,8 +127,9 @@ def reset_postgres() -> None:
 
 
 def audience_seconds(url: str) -> dict[str, float]:
+    """Reading every trigger's whole audience, classified, as a run streams it."""
     from flows.audience import stream_candidates
-    from flows.pipeline import load, prepare_job
+    from flows.delivery import load, prepare_job
     from flows.settings import Settings
     from models.db import get_engine
 
@@ -145,45 +145,130 @@ def audience_seconds(url: str) -> dict[str, float]:
     return timings
 
 
+def clear_ledger(url: str) -> None:
+    """Forget the previous end-to-end run's sends (the seeded history stays)."""
+    from sqlalchemy import text
+
+    from models.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM sends WHERE run_id <> 'bench'"))
+        connection.execute(text("DELETE FROM suppressions"))
+    engine.dispose()
+
+
+class TreeMemory:
+    """Samples the memory of a process and all its descendants every few milliseconds."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_rss, self.peak_pss = pid, 0, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _tree(self) -> list[int]:
+        pids, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                try:
+                    todo.extend(int(child) for child in task.read_text().split())
+                except OSError:
+                    pass
+        return pids
+
+    @staticmethod
+    def _kib(path: str, field: str) -> int:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(field):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            pids = self._tree()
+            self.peak_rss = max(self.peak_rss, sum(self._kib(f"/proc/{p}/status", "VmRSS:") for p in pids))
+            self.peak_pss = max(self.peak_pss, sum(self._kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids))
+
+
 END_TO_END = """
-import json, os, resource, sys, time
-sys.path.insert(0, {root!r})
-from datetime import datetime
-from flows.pipeline import execute, prepare_job
-from flows.settings import get_settings
-job = prepare_job("winback-lapsed", datetime.fromisoformat({now!r}), settings=get_settings())
-start = time.perf_counter()
-summary = execute(job)
-elapsed = time.perf_counter() - start
-print(json.dumps({{"sent": summary.outcomes["sent"], "seconds": elapsed,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+import json, sys, time
+from flows.pipeline import trigger_flow
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    summary = trigger_flow(trigger="winback-lapsed", now=sys.argv[1])
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"sent": summary.outcomes["sent"], "seconds": elapsed, "outcomes": summary.outcomes}))
 """
 
 
-def end_to_end(url: str, port: int) -> dict:
-    """The real engine in a fresh process (so its peak memory is its own)."""
-    env = {**os.environ, "LIFECYCLE_DATABASE_URL": url, "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{port}?connections=4",
+def end_to_end(url: str, port: int, api_url: str, workers: int) -> dict:
+    """The win-back flow in a fresh process, as a worker would run it; its whole tree is measured."""
+    env = {**os.environ, "PREFECT_API_URL": api_url, "LIFECYCLE_DATABASE_URL": url,
+           "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{port}?connections={CONNECTIONS}",
            "LIFECYCLE_TRIGGERS_DIR": str(ROOT / "triggers"), "LIFECYCLE_TEMPLATES_DIR": str(ROOT / "templates"),
-           "LIFECYCLE_BATCH_SIZE": "2000", "LIFECYCLE_IN_FLIGHT": "200"}
-    out = subprocess.run([sys.executable, "-c", END_TO_END.format(root=str(ROOT), now=NOW.isoformat())], env=env,
-                         capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+           "LIFECYCLE_BATCH_SIZE": str(BATCH_SIZE), "LIFECYCLE_IN_FLIGHT": "200", "LIFECYCLE_WORKERS": str(workers),
+           "PYTHONPATH": str(ROOT)}
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(END_TO_END)
+    try:
+        process = subprocess.Popen([sys.executable, script.name, NOW.isoformat()], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with TreeMemory(process.pid) as memory:
+            out, err = process.communicate()
+    finally:
+        os.unlink(script.name)
+    if process.returncode != 0:
+        raise RuntimeError(f"end-to-end run failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
     result["msgs_per_s"] = result["sent"] / result["seconds"]
+    result["peak_rss_mb"] = memory.peak_rss / 1024
+    result["peak_pss_mb"] = memory.peak_pss / 1024
     return result
+
+
+def message_size() -> int:
+    """The size of one win-back mail as Lifecycle builds it, for smtp-source to match."""
+    from flows.compose import Sender, build_message, message_id
+    from flows.context import sample_contexts
+    from flows.delivery import load
+    from flows.settings import Settings
+
+    settings = Settings(triggers_dir=ROOT / "triggers", templates_dir=ROOT / "templates")
+    project = load(settings)
+    trigger = project.trigger("winback-lapsed")
+    context = {**sample_contexts(None, settings.base_url, settings.shop_url)[0], "stage": "lapsed", "lang": "de"}
+    rendered = project.catalog.render(trigger.email, context)
+    sender = Sender.parse(settings.sender)
+    return len(build_message(rendered, sender=sender, to_address="kunde1@example.de", to_name="Jürgen Groß",
+                             msg_id=message_id("x", sender), date=NOW))
 
 
 NAIVE = """
 import smtplib, sys, time
 from email.message import EmailMessage
 from prefect import flow, task
-PORT, COUNT = {port}, {count}
+PORT, COUNT, SIZE = {port}, {count}, {size}
 
 @task
 def send_one(i: int) -> None:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "hello@shop.example", f"kunde{{i}}@example.de", "Wir vermissen dich"
-    msg.set_content("Hallo Jürgen, " * 100)
-    msg.add_alternative("<p>Hallo Jürgen</p>" * 100, subtype="html")
+    msg.set_content("Hallo Jürgen, " * (SIZE // 60))
+    msg.add_alternative("<p>Hallo Jürgen</p>" * (SIZE // 60), subtype="html")
     with smtplib.SMTP("127.0.0.1", PORT) as smtp:
         smtp.send_message(msg)
 
@@ -192,60 +277,120 @@ def naive() -> None:
     for i in range(COUNT):
         send_one(i)
 
-naive()  # the temporary Prefect server starts before the first task
-start = time.perf_counter()
-naive()
-print(COUNT / (time.perf_counter() - start))
+if __name__ == "__main__":
+    start = time.perf_counter()
+    naive()
+    print(COUNT / (time.perf_counter() - start))
 """
 
 
-def naive(port: int, count: int) -> float:
-    out = subprocess.run([sys.executable, "-c", NAIVE.format(port=port, count=count)], capture_output=True,
-                         text=True, check=True)
+def naive(port: int, count: int, size: int, api_url: str) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(NAIVE.format(port=port, count=count, size=size))
+    try:
+        out = subprocess.run([sys.executable, script.name], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PREFECT_API_URL": api_url})
+    finally:
+        os.unlink(script.name)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--customers", type=int, default=100_000, help="the largest store size")
     parser.add_argument("--naive", type=int, default=300, help="recipients for the naive baseline")
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sender processes")
     args = parser.parse_args()
-    results: dict = {"cores": os.cpu_count(), "customers": args.customers, "audience_seconds": {},
-                     "peak_rss_mb": {}}
-    with tempfile.TemporaryDirectory() as folder, smtp_sink() as port:
-        print(f"Seeding {args.customers:,} customers …", flush=True)
-        urls = {}
-        for database in args.databases.split(","):
-            url = f"sqlite:///{folder}/bench.db" if database == "sqlite" else POSTGRES_URL
-            if database == "postgresql":
-                reset_postgres()
-            start = time.perf_counter()
-            seed(url, args.customers)
-            print(f"  {database}: {time.perf_counter() - start:.1f} s", flush=True)
-            urls[database] = url
-            results["audience_seconds"][f"{database}/{args.customers}"] = audience_seconds(url)
-        e2e = end_to_end(urls[args.databases.split(",")[0]], port)
-        results["e2e_msgs_per_s"] = round(e2e["msgs_per_s"], 1)
-        results["e2e_sent"] = e2e["sent"]
-        results["peak_rss_mb"][str(args.customers)] = round(e2e["peak_rss_mb"], 1)
-        results["ceiling_msgs_per_s"] = round(ceiling(port, 20_000, 6_000), 1)
-        results["naive_msgs_per_s"] = round(naive(port, args.naive), 1)
+    from models.db import create_schema, make_engine
+
+    sizes = [s for s in SIZES if s < args.customers] + [args.customers]
+    databases = args.databases.split(",")
+    results: dict = {"cores": os.cpu_count(), "customers": args.customers, "workers": args.workers,
+                     "connections_per_worker": CONNECTIONS, "sizes": sizes, "seed_seconds": {}, "rows": {},
+                     "audience_seconds": {d: {} for d in databases}, "e2e": {}, "peak_rss_mb": {},
+                     "peak_pss_mb": {}}
+    with tempfile.TemporaryDirectory() as folder, smtp_sink() as port, prefect_server(Path(folder)) as api_url:
+        urls = {d: f"sqlite:///{folder}/bench.db" if d == "sqlite" else POSTGRES_URL for d in databases}
+        if "postgresql" in urls:
+            reset_postgres()
+        from bench.store import grow
+
+        engines = {d: make_engine(url) for d, url in urls.items()}
+        for engine in engines.values():
+            create_schema(engine)
+        loaded, totals = 0, {}
+        for size in sizes:
+            for database, engine in engines.items():
+                print(f"Growing the {database} store to {size:,} customers …", flush=True)
+                start = time.perf_counter()
+                rows = grow(engine, loaded + 1, size, NOW)
+                seconds = round(time.perf_counter() - start, 1)
+                results["seed_seconds"].setdefault(database, {})[str(size)] = seconds
+                if database == databases[0]:  # the same rows go into every database
+                    totals = {t: totals.get(t, 0) + n for t, n in rows.items()}
+                    results["rows"][str(size)] = totals
+                print(f"  {seconds} s ({', '.join(f'{n:,} {t}' for t, n in rows.items())})", flush=True)
+                results["audience_seconds"][database][str(size)] = audience_seconds(urls[database])
+            loaded = size
+            database = databases[0]
+            print(f"End to end on {database}, {size:,} customers …", flush=True)
+            e2e = end_to_end(urls[database], port, api_url, args.workers)
+            clear_ledger(urls[database])
+            results["e2e"][f"{database}/{size}"] = {k: round(v, 1) if isinstance(v, float) else v
+                                                    for k, v in e2e.items()}
+            results["peak_rss_mb"][str(size)] = round(e2e["peak_rss_mb"], 1)
+            results["peak_pss_mb"][str(size)] = round(e2e["peak_pss_mb"], 1)
+            print(f"  {e2e['sent']:,} mails in {e2e['seconds']:.1f} s: {e2e['msgs_per_s']:,.0f}/s, "
+                  f"peak {e2e['peak_rss_mb']:.0f} MB RSS / {e2e['peak_pss_mb']:.0f} MB PSS", flush=True)
+        for database in databases[1:]:  # the production store too, at the largest size
+            print(f"End to end on {database}, {sizes[-1]:,} customers …", flush=True)
+            e2e = end_to_end(urls[database], port, api_url, args.workers)
+            clear_ledger(urls[database])
+            results["e2e"][f"{database}/{sizes[-1]}"] = {k: round(v, 1) if isinstance(v, float) else v
+                                                         for k, v in e2e.items()}
+        for engine in engines.values():
+            engine.dispose()
+        size = message_size()
+        sessions = args.workers * CONNECTIONS
+        results["message_bytes"] = size
+        results["ceiling_sessions"] = sessions
+        results["ceiling_msgs_per_s"] = round(ceiling(port, 50_000, size, sessions), 1)
+        results["ceiling_one_session_msgs_per_s"] = round(ceiling(port, 20_000, size, 1), 1)
+        results["naive_msgs_per_s"] = round(naive(port, args.naive, size, api_url), 1)
+    headline = results["e2e"][f"{databases[0]}/{sizes[-1]}"]
+    results["e2e_msgs_per_s"] = headline["msgs_per_s"]
+    results["e2e_sent"] = headline["sent"]
     results["e2e_vs_ceiling"] = round(results["e2e_msgs_per_s"] / results["ceiling_msgs_per_s"], 3)
     results["e2e_vs_naive"] = round(results["e2e_msgs_per_s"] / results["naive_msgs_per_s"], 1)
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{'measure':<40} {'value':>12}")
-    print(f"{'cores':<40} {results['cores']:>12}")
-    print(f"{'end to end (msgs/s)':<40} {results['e2e_msgs_per_s']:>12,.1f}")
-    print(f"{'  messages sent':<40} {results['e2e_sent']:>12,}")
-    print(f"{'smtp-source ceiling (msgs/s)':<40} {results['ceiling_msgs_per_s']:>12,.1f}")
-    print(f"{'naive baseline (msgs/s)':<40} {results['naive_msgs_per_s']:>12,.1f}")
-    print(f"{'end to end / ceiling':<40} {results['e2e_vs_ceiling']:>12.1%}")
-    print(f"{'end to end / naive':<40} {results['e2e_vs_naive']:>11.1f}x")
-    print(f"{'peak RSS of the run (MB)':<40} {results['peak_rss_mb'][str(args.customers)]:>12,.1f}")
-    for key, timings in results["audience_seconds"].items():
-        for kind, seconds in timings.items():
-            print(f"{'audience ' + kind + ' (' + key + ') s':<40} {seconds:>12.3f}")
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    def row(label: str, value: str) -> None:
+        print(f"{label:<52} {value:>14}")
+
+    print()
+    row("measure", "value")
+    row("cores / sender processes", f"{results['cores']} / {results['workers']}")
+    for key, e2e in results["e2e"].items():
+        row(f"end to end, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
+        row(f"  mails sent / seconds", f"{e2e['sent']:,} / {e2e['seconds']:.1f}")
+    row(f"smtp-source ceiling, {results['ceiling_sessions']} sessions (msgs/s)", f"{results['ceiling_msgs_per_s']:,.0f}")
+    row("smtp-source, 1 session (msgs/s)", f"{results['ceiling_one_session_msgs_per_s']:,.0f}")
+    row("naive baseline (msgs/s)", f"{results['naive_msgs_per_s']:,.1f}")
+    row("end to end / ceiling", f"{results['e2e_vs_ceiling']:.1%}")
+    row("end to end / naive", f"{results['e2e_vs_naive']:.1f}x")
+    for size in results["sizes"]:
+        row(f"peak memory at {size:,} customers (MB RSS / PSS)",
+            f"{results['peak_rss_mb'][str(size)]:.0f} / {results['peak_pss_mb'][str(size)]:.0f}")
+    for database, by_size in results["audience_seconds"].items():
+        for size, timings in by_size.items():
+            slowest = max(timings, key=timings.get)
+            row(f"audience, {database}, {int(size):,}: slowest ({slowest}) s", f"{timings[slowest]:.2f}")
+    for database, by_size in results["seed_seconds"].items():
+        row(f"store growth on {database} (s, cumulative sizes)", " / ".join(str(s) for s in by_size.values()))
     print("\nwrote bench/results.json")
 
 
