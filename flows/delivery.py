@@ -315,5 +315,3 @@ def check_smtp(settings: Settings) -> None:
             await mailer.check()
 
     asyncio.run(probe())
-
-

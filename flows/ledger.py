@@ -120,12 +120,12 @@ def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | Non
     rows = [row | {"not_before": not_before, "expires_at": expires_at}
             for (claim_, not_before, expires_at), row in zip(
                 claims, _rows([c for c, _, _ in claims], SendStatus.DEFERRED, run_id, evaluated_at))]
-    statement = _insert(engine)(Send).values(rows)
+    statement = _insert(engine)(Send)  # executemany, as in ``claim``: compiled once, cached
     statement = statement.on_conflict_do_update(
         index_elements=["send_key"], set_={"not_before": statement.excluded.not_before},
         where=Send.status == SendStatus.DEFERRED)
     with engine.begin() as connection:
-        connection.execute(statement)
+        connection.execute(statement, rows)
 
 
 def expire(engine: Engine, trigger: str, now: datetime) -> int:
