@@ -2,6 +2,7 @@
 
 import re
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
@@ -57,8 +58,11 @@ def check_cron(expression: str) -> str:
     return expression
 
 
+@lru_cache(maxsize=64)
 def last_slot(expression: str, tz: str, now: datetime) -> datetime:
-    """The latest cron slot at or before ``now`` in time zone ``tz`` (as UTC)."""
+    """The latest cron slot at or before ``now`` in time zone ``tz`` (as UTC).
+
+    Cached: a campaign's audience names the same slot in every one of its keys."""
     local = now.astimezone(zone(tz))
     # CronSim in reverse yields slots strictly before its start; nudge by a microsecond.
     slot = next(CronSim(expression, local + timedelta(microseconds=1), reverse=True))

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from models import Cart, CartItem, Complaint, Order
+from models.db import one_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ def load_latest_orders(session: Session, customer_ids: Sequence[int], now: datet
         return {}
     latest = (
         select(Order.customer_id, func.max(Order.placed_at).label("placed_at"))
-        .where(Order.customer_id.in_(customer_ids), Order.placed_at <= now)
+        .where(one_of(Order.customer_id, customer_ids, session.get_bind().dialect.name), Order.placed_at <= now)
         .group_by(Order.customer_id)
         .subquery()
     )

@@ -5,10 +5,11 @@ policy deferred whose moment has come.
 render and dispatch steps as arguments: the Prefect flow passes them as tasks (one
 task per batch, never per recipient), a dry run passes the plain functions and needs
 no Prefect server at all. A run with more than one batch hands its batches to sender
-processes (``senders``), one per core.
+processes (``senders``) and sends alongside them, so every core sends.
 """
 
 import logging
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -75,10 +76,11 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
     whose moment has come (``audience=False``: only those). ``should_stop`` is asked between
     batches (graceful shutdown).
 
-    The first batch is sent here. If another full batch follows, ``LIFECYCLE_WORKERS`` sender
-    processes start and take one batch each at a time (``submit``), while this process reads
-    the audience ahead by at most one batch per sender: memory stays flat however large
-    the audience.
+    The first batch is sent here. If another full batch follows, ``LIFECYCLE_WORKERS - 1``
+    sender processes start: each works on one batch and has one more queued (``submit``);
+    when they are all busy, this process sends the next batch itself. So every core sends,
+    and the audience is read ahead by at most two batches per sender: memory stays flat
+    however large the audience.
     """
     log = _logger()
     settings = job.settings
@@ -105,13 +107,19 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
         log.info("Batch %d: %d candidates, %d due (skipped: %s), %d not renderable",
                  number, size, due, why, len(outcome.failures))
 
-    def settle_oldest() -> None:
-        number, size, due, why, future = pending.popleft()
-        finish(number, size, due, why, future.result())
+    def hand_over(pool: SenderPool, number: int, size: int, due: list[Candidate], why: str) -> None:
+        future, done = submit(pool, due, number), threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        pending.append((number, size, len(due), why, future, done))
+
+    def settle(finished_only: bool) -> None:
+        while pending and (pending[0][5].is_set() or not finished_only):
+            number, size, due, why, future, _ = pending.popleft()
+            finish(number, size, due, why, future.result())
 
     parallel = settings.workers > 1 and not job.dry_run
     senders: SenderPool | None = None
-    pending: deque[tuple[int, int, int, str, Any]] = deque()  # batches handed to senders, oldest first
+    pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
     batches = chain(stream() if audience else [], stream(deferred_due(job.trigger, job.now)))
     with ExitStack() as stack:
         for number, batch in enumerate(batches, start=1):
@@ -124,17 +132,15 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
                 log.info("Batch %d: %d candidates, none due (skipped: %s)", number, len(batch), why)
                 continue
             if senders is None and parallel and number > 1 and len(batch) == settings.batch_size:
-                log.info("Starting %d sender processes for a large audience", settings.workers)
-                senders = stack.enter_context(SenderPool(job, settings.workers))
-            if senders is None:
-                finish(number, len(batch), len(due), why, deliver(job, due, number, render, dispatch))
-                continue
-            pending.append((number, len(batch), len(due), why, submit(senders, due, number)))
-            # One batch per sender, plus one queued so that no sender waits for the next read.
-            if len(pending) > senders.workers + 1:
-                settle_oldest()
-        while pending:  # a shutdown too lets the batches already handed over finish
-            settle_oldest()
+                log.info("Starting %d sender process(es) for a large audience", settings.workers - 1)
+                senders = stack.enter_context(SenderPool(job, settings.workers - 1))
+            if senders is not None:
+                settle(finished_only=True)
+                if len(pending) < 2 * senders.workers:  # one at work and one queued per sender
+                    hand_over(senders, number, len(batch), due, why)
+                    continue
+            finish(number, len(batch), len(due), why, deliver(job, due, number, render, dispatch))
+        settle(finished_only=False)  # a shutdown too lets the batches already handed over finish
     log.info(summary.headline())
     return summary
 

@@ -1,9 +1,9 @@
 """Sender processes: a large run renders and sends on every core.
 
 Rendering, MIME and the SMTP client are CPU-bound Python, so one process sends on one
-core. A run with more than one batch starts ``LIFECYCLE_WORKERS`` sender processes
-(default: the number of cores), hands each a batch at a time and merges what they
-report. Each sender runs ``delivery.deliver`` exactly as the flow's own process
+core. A run with more than one batch starts ``LIFECYCLE_WORKERS - 1`` sender
+processes (the run's own process is the last of the workers; default: one per core),
+hands each a batch at a time and merges what they report. Each sender runs ``delivery.deliver`` exactly as the flow's own process
 would: it claims every key in the shared ledger before sending it, so splitting the
 work across processes changes nothing about exactly-once.
 
@@ -16,10 +16,13 @@ import ctypes
 import multiprocessing
 import os
 import signal
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from datetime import datetime
-from types import TracebackType
+from types import ModuleType, TracebackType
 
 from flows.audience import Candidate
 from flows.delivery import BatchOutcome, Job, deliver, prepare_job
@@ -50,6 +53,26 @@ def _ready() -> int:
     return os.getpid()
 
 
+_starting = threading.Lock()
+
+
+@contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start senders without the parent's ``__main__``.
+
+    ``spawn`` re-runs the parent's main module in every child. That module is a
+    worker's entry point or a script that imports the flow, so each sender would
+    import Prefect for nothing (about 40 MB each). Senders need only this module.
+    """
+    with _starting:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
+
+
 def _deliver(candidates: Sequence[Candidate], batch: int) -> BatchOutcome:
     assert _job is not None, "sender process started without a job"
     return deliver(_job, candidates, batch)
@@ -70,7 +93,9 @@ class SenderPool:
     def __enter__(self) -> "SenderPool":
         # Start every sender now, from this thread: the run's thread lives as long as the
         # run, and a sender dies with the thread that started it.
-        done, _ = wait([self._executor.submit(_ready) for _ in range(self.workers)])
+        with _main_hidden():  # each submit below starts one sender
+            started = [self._executor.submit(_ready) for _ in range(self.workers)]
+        done, _ = wait(started)
         for future in done:
             future.result()  # a sender that could not load the project fails the run here
         return self

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(500, ge=1, le=20000, description="Recipients per render/dispatch task.")
     in_flight: int = Field(32, ge=1, le=5000, description="Ledger claims taken at once while sending.")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64,
-                         description="Sender processes for runs of more than one batch (1: send in the run's process).")
+                         description="Processes that send a run of more than one batch, the run's own included "
+                                     "(1: only the run's process).")
     claim_lease_seconds: float = Field(600, ge=0, description="After this, a dead run's unsent claims are taken over.")
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)

@@ -1,8 +1,10 @@
 """Engines and sessions for the customer store, on SQLite or PostgreSQL alike."""
 
+import json
+from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import ARRAY, ColumnElement, Engine, any_, bindparam, event, func, literal_column, select
 from sqlalchemy.engine import make_url
 from sqlmodel import create_engine
 
@@ -56,3 +58,17 @@ def create_schema(engine: Engine) -> None:
     from models.migrate import upgrade
 
     upgrade(engine)
+
+
+def one_of(column: Any, values: Collection[Any], dialect: str) -> ColumnElement[bool]:
+    """``column IN values`` with the values bound as one parameter: an array on PostgreSQL,
+    a JSON list on SQLite.
+
+    A batch checks thousands of keys at once; as thousands of placeholders, the statement
+    is rendered, sent and parsed anew every time (about 0.1 s per 5,000 keys on PostgreSQL).
+    """
+    values = list(values)
+    if dialect == "postgresql":
+        return column == any_(bindparam("one_of", values, type_=ARRAY(column.type)))
+    listed = select(literal_column("value")).select_from(func.json_each(bindparam("one_of", json.dumps(values))))
+    return column.in_(listed)
