@@ -186,16 +186,27 @@ class TreeMemory:
         self._thread.join()
 
     def _tree(self) -> list[int]:
+        """The process and its descendants, less children caught between fork and exec:
+        such a child still maps its parent's pages, and RSS would count them twice."""
         pids, todo = [], [self.pid]
         while todo:
             pid = todo.pop()
             pids.append(pid)
+            command = self._cmdline(pid)
             for task in Path(f"/proc/{pid}/task").glob("*/children"):
                 try:
-                    todo.extend(int(child) for child in task.read_text().split())
+                    children = [int(child) for child in task.read_text().split()]
                 except OSError:
-                    pass
+                    continue
+                todo.extend(child for child in children if self._cmdline(child) != command)
         return pids
+
+    @staticmethod
+    def _cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
 
     @staticmethod
     def _kib(path: str, field: str) -> int:

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from flows import ledger
 from flows.audience import Candidate, Skip, deferred_due, stream_candidates
@@ -180,9 +181,21 @@ dispatch_batch = task(dispatch_prepared, name="dispatch", task_run_name="dispatc
 # A batch rendered and sent in a sender process: one task run per batch, submitted so batches overlap.
 send_batch = task(_in_sender, name="send", task_run_name="send-batch-{batch}", cache_policy=NO_CACHE)
 
+# The steps as a flow run calls them. Prefect walks every task parameter, element by element,
+# looking for futures (about 70 ms and a copy per 2,000 candidates); ``quote`` spares the batch
+# and the job that walk: neither can hold a future.
+
+
+def _render_task(job: Job, candidates: Sequence[Candidate], batch: int = 0) -> Any:
+    return render_batch(quote(job), quote(candidates), batch=batch)
+
+
+def _dispatch_task(job: Job, prepared: Sequence[Any], batch: int = 0) -> Any:
+    return dispatch_batch(quote(job), quote(prepared), batch=batch)
+
 
 def _send_task(senders: SenderPool, candidates: list[Candidate], batch: int) -> Any:
-    return send_batch.submit(senders, candidates, batch)
+    return send_batch.submit(quote(senders), quote(candidates), batch)
 
 
 @flow(name="lifecycle-trigger", flow_run_name=_run_name, validate_parameters=True)
@@ -192,7 +205,7 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) ->
     job = prepare_job(trigger, parse_now(now), settings=settings, dry_run=dry_run, run_id=str(flow_run.id or ""))
     if not dry_run:
         check_smtp(settings)
-    summary = execute(job, render=render_batch, dispatch=dispatch_batch, submit=_send_task)
+    summary = execute(job, render=_render_task, dispatch=_dispatch_task, submit=_send_task)
     publish(summary, settings)
     return summary
 
@@ -214,7 +227,7 @@ def deferred_flow(now: str | None = None) -> dict[str, RunSummary]:
     for name, trigger in project.triggers.items():
         if trigger.enabled:
             job = prepare_job(name, moment, settings=settings, project=project, run_id=str(flow_run.id or ""))
-            summaries[name] = execute(job, render=render_batch, dispatch=dispatch_batch, audience=False,
+            summaries[name] = execute(job, render=_render_task, dispatch=_dispatch_task, audience=False,
                                       submit=_send_task)
     return summaries
 

@@ -33,7 +33,8 @@ import re
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,14 @@ def _money(context: Context, cents: int | None, currency: str = "EUR") -> str:
 
 @pass_context
 def _date(context: Context, value: datetime, format: str = "medium") -> str:
-    return format_date(value, format=format, locale=context.get("lang", "en"))
+    day = value.date() if isinstance(value, datetime) else value
+    return _formatted_date(day, format, context.get("lang", "en"))
+
+
+@lru_cache(maxsize=4096)
+def _formatted_date(day: date, format: str, lang: str) -> str:
+    """Cached: a batch formats the same few days (``now``, recent orders) thousands of times."""
+    return format_date(day, format=format, locale=lang)
 
 
 def language_of(locale: str | None, default: str) -> str:
