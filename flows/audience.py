@@ -19,7 +19,7 @@ from flows.render import language_of
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
-from flows.stages import order_stats, stage_expression
+from flows.stages import customer_stage, order_count, order_value
 from models import (
     CategoryOptOut,
     Customer,
@@ -85,14 +85,11 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     """Everyone due (or, with ``due``, those rows: deferred sends, already past the audience filters)."""
     sweep = due is not None
     due = (due if sweep else kind.due(trigger, now)).subquery("due")
-    stats = order_stats(now).subquery("stats")
-    stage = stage_expression(rules, stats, now)
+    stage = customer_stage(rules, Customer.id, now)
     suppressed = suppressed_for(kind)
     opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
     reentry = _reentry_blocked(trigger, now)
     audience = trigger.audience
-    orders = func.coalesce(stats.c.order_count, 0)
-    value = func.coalesce(stats.c.total_cents, 0)
 
     query = (
         select(  # read positionally by _classifier: keep the order
@@ -114,23 +111,24 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         )
         .select_from(due)
         .join(Customer, Customer.id == due.c.customer_id)
-        .outerjoin(stats, stats.c.customer_id == Customer.id)
     )
     if sweep:
         return query.add_columns(due.c.occurrence, due.c.send_key).order_by(Customer.id, due.c.send_key)
-    if audience.stages:
-        query = query.where(stage.in_(audience.stages))
     if audience.locales:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
     if audience.min_orders is not None:
-        query = query.where(orders >= audience.min_orders)
+        query = query.where(order_count(Customer.id, now) >= audience.min_orders)
     if audience.max_orders is not None:
-        query = query.where(orders <= audience.max_orders)
+        query = query.where(order_count(Customer.id, now) <= audience.max_orders)
     if audience.min_lifetime_value is not None:
-        query = query.where(value >= round(audience.min_lifetime_value * 100))
+        query = query.where(order_value(Customer.id, now) >= round(audience.min_lifetime_value * 100))
     if audience.max_lifetime_value is not None:
-        query = query.where(value <= round(audience.max_lifetime_value * 100))
-    return query.order_by(Customer.id, due.c.ref_id)
+        query = query.where(order_value(Customer.id, now) <= round(audience.max_lifetime_value * 100))
+    if not audience.stages:
+        return query.order_by(Customer.id, due.c.ref_id)
+    # Filtered outside, so each customer's stage is computed once, not again for the filter.
+    rows = query.subquery("audience")
+    return select(rows).where(rows.c.stage.in_(audience.stages)).order_by(rows.c.id, rows.c.ref_id)
 
 
 def suppressed_for(kind: Kind):
