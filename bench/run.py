@@ -47,7 +47,7 @@ NOW = datetime(2026, 3, 16, 12, 0, tzinfo=timezone.utc)  # a Monday, daytime in 
 POSTGRES_URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SIZES = (10_000, 100_000, 1_000_000)
 CONNECTIONS = 4  # SMTP sessions per sender process
-BATCH_SIZE = 2000
+BATCH_SIZE = 1000
 
 
 def free_port() -> int:

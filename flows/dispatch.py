@@ -149,10 +149,13 @@ class Mailer:
         return (f"SMTP server {self.config.hostname}:{self.config.port} unreachable after "
                 f"{self.policy.attempts} attempts: {exc!r}")
 
-    def _retrying(self) -> AsyncRetrying:
+    def _retrying(self, after_first: bool = False) -> AsyncRetrying:
+        """Attempts with exponential backoff; ``after_first``: the rest of them, once a first
+        attempt made outside (see ``_deliver``) has failed and its backoff been waited."""
+        policy, skipped = self.policy, 1 if after_first else 0
         return AsyncRetrying(
-            stop=stop_after_attempt(self.policy.attempts),
-            wait=wait_exponential(multiplier=self.policy.backoff, max=self.policy.backoff_max),
+            stop=stop_after_attempt(policy.attempts - skipped),
+            wait=wait_exponential(multiplier=policy.backoff * 2**skipped, max=policy.backoff_max),
             retry=retry_if_exception(is_transient),
             reraise=True,
         )
@@ -184,30 +187,42 @@ class Mailer:
         return done
 
     async def _deliver(self, client: aiosmtplib.SMTP | None, envelope: Envelope) -> tuple[Delivery, aiosmtplib.SMTP | None]:
+        connection = client
+
+        async def attempt() -> str:
+            nonlocal connection
+            if self._pace is not None:
+                await self._pace.acquire()
+            if connection is None or not connection.is_connected:
+                connection = await self._connect()
+            try:
+                return await self._transaction(connection, envelope)
+            except Exception as exc:
+                if _connection_lost(exc) or _code(exc) == 421:
+                    await self._close(connection)
+                    connection = None
+                raise
+
         try:
-            async for attempt in self._retrying():
-                with attempt:
-                    if self._pace is not None:
-                        await self._pace.acquire()
-                    if client is None or not client.is_connected:
-                        client = await self._connect()
-                    try:
-                        reply = await self._transaction(client, envelope)
-                    except Exception as exc:
-                        if _connection_lost(exc) or _code(exc) == 421:
-                            await self._close(client)
-                            client = None
-                        raise
-            return Delivery(envelope.key, Result.SENT, reply), client
+            try:
+                # Nearly every mail goes on its first try: that one skips the retry machinery
+                # (about 25 µs a mail, a tenth of what its SMTP commands cost).
+                reply = await attempt()
+            except Exception as exc:
+                if not is_transient(exc) or self.policy.attempts < 2:
+                    raise
+                await asyncio.sleep(min(self.policy.backoff, self.policy.backoff_max))
+                reply = await self._retrying(after_first=True)(attempt)
+            return Delivery(envelope.key, Result.SENT, reply), connection
         except _InDoubt as exc:
-            return Delivery(envelope.key, Result.IN_DOUBT, str(exc)), client
+            return Delivery(envelope.key, Result.IN_DOUBT, str(exc)), connection
         except SMTPResponseException as exc:
             code = exc.code
             reply = f"{code} {exc.message}"
             if code >= 500:
                 result = Result.BOUNCED if isinstance(exc, SMTPRecipientRefused) else Result.REJECTED
-                return Delivery(envelope.key, result, reply), client
-            return Delivery(envelope.key, Result.DEFERRED, reply), client
+                return Delivery(envelope.key, result, reply), connection
+            return Delivery(envelope.key, Result.DEFERRED, reply), connection
 
     async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
         try:
