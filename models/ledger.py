@@ -9,7 +9,7 @@ States (a row only ever moves forward):
 ``sending``  set just before DATA, when a message starts to be handed over; it becomes
              ``sent`` when its window of claims is recorded. If the run is killed in
              between, the server may or may not have accepted it: the row is "in
-             doubt" — at most ``LIFECYCLE_IN_FLIGHT`` of them. It is never
+             doubt" — at most ``LIFECYCLE_IN_FLIGHT`` per sending process. It is never
              sent again automatically (a duplicate is worse than a gap); ``lifecycle
              ledger in-doubt`` lists them and ``lifecycle ledger release`` frees
              them once ops have checked the SMTP server's log.
