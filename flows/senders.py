@@ -3,9 +3,10 @@
 Rendering, MIME and the SMTP client are CPU-bound Python, so one process sends on one
 core. A run with more than one batch starts ``LIFECYCLE_WORKERS - 1`` sender
 processes (the run's own process is the last of the workers; default: one per core),
-hands each a batch at a time and merges what they report. Each sender runs ``delivery.deliver`` exactly as the flow's own process
-would: it claims every key in the shared ledger before sending it, so splitting the
-work across processes changes nothing about exactly-once.
+hands each a batch at a time and merges what they report. Each sender runs
+``delivery.deliver`` exactly as the flow's own process would: it claims every key in
+the shared ledger before sending it, so splitting the work across processes changes
+nothing about exactly-once.
 
 Senders are started with ``spawn`` (the flow's process has Prefect's threads running,
 which ``fork`` must not copy), import no Prefect (less memory), load the same trigger
