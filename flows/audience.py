@@ -264,32 +264,36 @@ def _mark_already_sent(session: Session, trigger: str, batch: list[Candidate], n
 
 
 def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now: datetime) -> list[Candidate]:
-    """Frequency caps and quiet hours, with one query for the whole batch's recent sends."""
+    """Frequency caps and quiet hours, with one query for the whole batch's recent sends.
+
+    A candidate's own key does not count against it: a dead run's unsent claim of that
+    very mail, about to be taken over, is not an earlier mail.
+    """
     due = [c for c in batch if c.skip is None]
     if not due:
         return batch
-    recent: dict[int, list[datetime]] = {}
+    recent: dict[int, list[tuple[str, datetime]]] = {}
     window = longest_window(policy)
     if window:
         ids = [c.customer_id for c in due]  # in customer order: one index range scan
-        rows = session.execute(select(Send.customer_id, Send.evaluated_at).where(
+        rows = session.execute(select(Send.customer_id, Send.send_key, Send.evaluated_at).where(
             Send.customer_id.between(min(ids), max(ids)), Send.category == "marketing",
             Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT]),
             Send.evaluated_at > now - window, Send.evaluated_at <= now))
-        for customer_id, at in rows:
-            recent.setdefault(customer_id, []).append(at)
+        for customer_id, key, at in rows:
+            recent.setdefault(customer_id, []).append((key, at))
         session.rollback()
     out = []
     unsent: dict[str | None, tuple[datetime, str | None]] = {}  # by time zone, for customers with no recent send
     for c in batch:
         if c.skip is None:
-            earlier = recent.get(c.customer_id)
-            if earlier is None and c.timezone in unsent:
+            earlier = [at for key, at in recent.get(c.customer_id, ()) if key != c.send_key]
+            if not earlier and c.timezone in unsent:
                 moment, reason = unsent[c.timezone]
             else:
                 zone = customer_zone(c.timezone, policy, c.external_id)
-                moment, reason = next_allowed(now, earlier or [], zone, policy)
-                if earlier is None:
+                moment, reason = next_allowed(now, earlier, zone, policy)
+                if not earlier:
                     unsent[c.timezone] = moment, reason
             if reason is not None:
                 c = c._replace(skip=Skip.QUIET_HOURS if reason == QUIET_HOURS else Skip.FREQUENCY_CAP,

@@ -9,6 +9,9 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from flows import ledger
+from flows.audience import stream_candidates
+from flows.delivery import claim_for
 from flows.pipeline import execute, prepare_job
 from flows.policy import customer_zone, next_allowed
 from flows.settings import Settings
@@ -110,6 +113,20 @@ def test_a_trigger_may_let_deferred_mail_expire(settings: Settings, store: Store
     assert later.outcomes == {"skipped:expired": 1} and smtp.received == []
     with Session(store.engine) as session:
         assert session.execute(select(Send.status)).scalar_one() == "expired"
+
+
+def test_a_dead_runs_claim_of_the_same_mail_does_not_count_against_its_cap(settings: Settings, store: Store,
+                                                                            smtp: SmtpServer) -> None:
+    customer = customer_in(store, "Europe/Berlin")
+    job = prepare_job("winback-lapsed", NOW, settings=settings)
+    [candidate] = [c for batch in stream_candidates(store.engine, job.trigger, job.kind, job.stages, NOW, 10, "en",
+                                                    job.policy) for c in batch]
+    ledger.claim(store.engine, [claim_for(job, candidate)], "a-run-killed-before-sending", NOW)
+
+    rerun = settings.model_copy(update={"claim_lease_seconds": 0})  # the killed run's lease is over
+    summary = execute(prepare_job("winback-lapsed", NOW, settings=rerun))
+    assert summary.outcomes == {"sent": 1}  # taken over, not held back by a cap it would break only with itself
+    assert [r.recipients for r in smtp.received] == [[customer.email]]
 
 
 def test_service_mail_ignores_the_policy(settings: Settings, store: Store, smtp: SmtpServer) -> None:
