@@ -325,7 +325,8 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=100_000, help="the largest store size")
     parser.add_argument("--naive", type=int, default=300, help="recipients for the naive baseline")
     parser.add_argument("--databases", default="sqlite,postgresql")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sender processes")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="sending processes, the run's own included (LIFECYCLE_WORKERS)")
     args = parser.parse_args()
     from models.db import create_schema, make_engine
 
@@ -404,7 +405,7 @@ def print_table(results: dict) -> None:
 
     print()
     row("measure", "value")
-    row("cores / sender processes", f"{results['cores']} / {results['workers']}")
+    row("cores / sending processes (the run's own included)", f"{results['cores']} / {results['workers']}")
     for key, e2e in results["e2e"].items():
         row(f"end to end, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
         row(f"  mails sent / seconds", f"{e2e['sent']:,} / {e2e['seconds']:.1f}")
