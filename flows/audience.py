@@ -245,7 +245,7 @@ def _mark_already_sent(session: Session, trigger: str, batch: list[Candidate], n
     ids = [c.customer_id for c in batch]
     rows = session.execute(select(Send.send_key, Send.status, Send.not_before, Send.claimed_at).where(
         Send.trigger == trigger, Send.customer_id.between(min(ids), max(ids)),
-        one_of(Send.occurrence, {c.occurrence for c in batch}, _dialect(session))))
+        one_of(Send.occurrence, {c.occurrence for c in batch}, session.get_bind().dialect.name)))
     known = {key: (status, not_before, claimed_at) for key, status, not_before, claimed_at in rows}
     session.rollback()  # end the read transaction so SQLite can checkpoint
     stale = utcnow() - lease
@@ -300,7 +300,3 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
                             not_before=moment)
         out.append(c)
     return out
-
-
-def _dialect(session: Session) -> str:
-    return session.get_bind().dialect.name
