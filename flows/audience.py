@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple
 
-from sqlalchemy import Engine, Row, Select, and_, exists, false, func, null, or_, select
+from sqlalchemy import DateTime, Engine, Row, Select, and_, exists, false, func, null, or_, select, type_coerce
 from sqlmodel import Session
 
 from flows.kinds.base import Kind
@@ -19,7 +19,7 @@ from flows.render import language_of
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
-from flows.stages import customer_stage, order_count, order_value
+from flows.stages import customer_stage, order_count, order_value, with_orders
 from models import (
     CategoryOptOut,
     Customer,
@@ -81,14 +81,13 @@ def deferred_due(trigger: TriggerBase, now: datetime) -> Select:
         Send.trigger == trigger.name, Send.status == SendStatus.DEFERRED, Send.not_before <= now)
 
 
-def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime, due: Select | None = None):
-    """Everyone due (or, with ``due``, those rows: deferred sends, already past the audience filters)."""
+def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime,
+                   due: Select | None = None) -> Select:
+    """Everyone due (or, with ``due``, those rows: deferred sends, already past the audience
+    filters), in customer order, each customer's stage computed once."""
     sweep = due is not None
     due = (due if sweep else kind.due(trigger, now)).subquery("due")
-    stage = customer_stage(rules, Customer.id, now)
-    suppressed = suppressed_for(kind)
-    opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
-    reentry = _reentry_blocked(trigger, now)
+    stage = customer_stage(rules, now)
     audience = trigger.audience
 
     query = (
@@ -103,32 +102,40 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
             Customer.consent_requested_at.is_not(None).label("consent_requested"),
             Customer.timezone,
             due.c.ref_id,
-            due.c.ref_time,
+            # Naive UTC as stored: occurrences only stamp it, and attaching a zone costs
+            # more than parsing (a microsecond a row).
+            type_coerce(due.c.ref_time, DateTime()).label("ref_time"),
             stage.label("stage"),
-            suppressed.label("suppressed"),
-            opted_out.label("opted_out"),
-            reentry.label("reentry_blocked"),
+            suppressed_for(kind).label("suppressed"),
+            exists().where(CategoryOptOut.customer_id == Customer.id,
+                           CategoryOptOut.category == kind.name).label("opted_out"),
+            _reentry_blocked(trigger, now).label("reentry_blocked"),
         )
         .select_from(due)
         .join(Customer, Customer.id == due.c.customer_id)
     )
+    # One group per occurrence (the kind's due rows are one per occurrence), ordered as
+    # grouped so that both databases stream it without sorting.
+    occurrence = [Customer.id, due.c.ref_id, due.c.ref_time]
     if sweep:
-        return query.add_columns(due.c.occurrence, due.c.send_key).order_by(Customer.id, due.c.send_key)
-    if audience.locales:
+        query = query.add_columns(due.c.occurrence, due.c.send_key)
+        occurrence += [due.c.occurrence, due.c.send_key]
+    if audience.locales and not sweep:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
+    query = with_orders(query, due.c.customer_id, now).group_by(*occurrence).order_by(*occurrence)
+    if sweep:
+        return query
+    if audience.stages:
+        query = query.having(stage.in_(audience.stages))
     if audience.min_orders is not None:
-        query = query.where(order_count(Customer.id, now) >= audience.min_orders)
+        query = query.having(order_count() >= audience.min_orders)
     if audience.max_orders is not None:
-        query = query.where(order_count(Customer.id, now) <= audience.max_orders)
+        query = query.having(order_count() <= audience.max_orders)
     if audience.min_lifetime_value is not None:
-        query = query.where(order_value(Customer.id, now) >= round(audience.min_lifetime_value * 100))
+        query = query.having(order_value() >= round(audience.min_lifetime_value * 100))
     if audience.max_lifetime_value is not None:
-        query = query.where(order_value(Customer.id, now) <= round(audience.max_lifetime_value * 100))
-    if not audience.stages:
-        return query.order_by(Customer.id, due.c.ref_id)
-    # Filtered outside, so each customer's stage is computed once, not again for the filter.
-    rows = query.subquery("audience")
-    return select(rows).where(rows.c.stage.in_(audience.stages)).order_by(rows.c.id, rows.c.ref_id)
+        query = query.having(order_value() <= round(audience.max_lifetime_value * 100))
+    return query
 
 
 def suppressed_for(kind: Kind):

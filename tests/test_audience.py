@@ -155,3 +155,19 @@ def test_large_audiences_stream_in_batches(store: Store) -> None:
     batches = list(stream_candidates(store.engine, spec("inactivity", inactive_for="60d"), KINDS["inactivity"],
                                      RULES, NOW, 10, "en"))
     assert [len(b) for b in batches] == [10, 10, 5]
+
+
+def test_each_occurrence_counts_the_customers_orders_once(store: Store) -> None:
+    # Stage and order conditions aggregate the orders joined to each due row: a customer
+    # due twice (two open carts) must not see her orders twice.
+    customer = store.customer("Olga")
+    for days, total in ((100, 40.0), (90, 50.0), (10, 60.0)):
+        store.order(customer, ago(days=days), total=total)
+    store.cart(customer, ago(hours=3))
+    store.cart(customer, ago(hours=5))
+    trigger = spec("abandoned_cart", idle_for="2h", reentry="every_occurrence",
+                   audience={"max_orders": 3, "max_lifetime_value": 200, "stages": ["active"]})
+    candidates = [c for b in stream_candidates(store.engine, trigger, KINDS["abandoned_cart"], RULES, NOW, 10, "en")
+                  for c in b]
+    assert [(c.customer_id, c.stage, c.skip) for c in candidates] == [(customer.id, "active", None)] * 2
+    assert len({c.send_key for c in candidates}) == 2
