@@ -408,7 +408,7 @@ def print_table(results: dict) -> None:
     row("cores / sending processes (the run's own included)", f"{results['cores']} / {results['workers']}")
     for key, e2e in results["e2e"].items():
         row(f"end to end, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
-        row(f"  mails sent / seconds", f"{e2e['sent']:,} / {e2e['seconds']:.1f}")
+        row("  mails sent / seconds", f"{e2e['sent']:,} / {e2e['seconds']:.1f}")
     row(f"smtp-source ceiling, {results['ceiling_sessions']} sessions (msgs/s)", f"{results['ceiling_msgs_per_s']:,.0f}")
     row("smtp-source, 1 session (msgs/s)", f"{results['ceiling_one_session_msgs_per_s']:,.0f}")
     row("naive baseline (msgs/s)", f"{results['naive_msgs_per_s']:,.1f}")

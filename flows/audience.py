@@ -6,13 +6,15 @@ and the trigger's send history, so each row arrives with everything needed to de
 """
 
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple
 
-from sqlalchemy import DateTime, Engine, Row, Select, and_, exists, false, func, null, or_, select, type_coerce
+from sqlalchemy import DateTime, Engine, Row, Select, and_, exists, false, func, null, or_, select, true, type_coerce
 from sqlmodel import Session
 
+from flows.collector import frozen_heap
 from flows.kinds.base import Kind
 from flows.policy import QUIET_HOURS, customer_zone, longest_window, next_allowed
 from flows.render import language_of
@@ -86,43 +88,50 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     """Everyone due (or, with ``due``, those rows: deferred sends, already past the audience
     filters), in customer order, each customer's stage computed once."""
     sweep = due is not None
-    due = (due if sweep else kind.due(trigger, now)).subquery("due")
+    due = due if sweep else kind.due(trigger, now)
+    if _over_customers(due):
+        # The kind's filter goes straight into this query: joining customers to a
+        # subquery over customers cost a second lookup per customer.
+        columns = due.selected_columns
+        ref_id, ref_time = columns.ref_id, columns.ref_time
+        occurrence = [Customer.id]  # one row per customer; both databases accept its columns
+        base = select().select_from(Customer).where(true() if due.whereclause is None else due.whereclause)
+    else:
+        subquery = due.subquery("due")
+        ref_id, ref_time = subquery.c.ref_id, subquery.c.ref_time
+        # One group per occurrence (the kind's due rows are one per occurrence).
+        occurrence = [Customer.id, ref_id, ref_time]
+        base = select().select_from(subquery).join(Customer, Customer.id == subquery.c.customer_id)
     stage = customer_stage(rules, now)
     audience = trigger.audience
 
-    query = (
-        select(  # read positionally by _classifier: keep the order
-            Customer.id,
-            Customer.external_id,
-            Customer.email,
-            Customer.first_name,
-            Customer.last_name,
-            Customer.locale,
-            Customer.marketing_consent,
-            Customer.consent_requested_at.is_not(None).label("consent_requested"),
-            Customer.timezone,
-            due.c.ref_id,
-            # Naive UTC as stored: occurrences only stamp it, and attaching a zone costs
-            # more than parsing (a microsecond a row).
-            type_coerce(due.c.ref_time, DateTime()).label("ref_time"),
-            stage.label("stage"),
-            suppressed_for(kind).label("suppressed"),
-            exists().where(CategoryOptOut.customer_id == Customer.id,
-                           CategoryOptOut.category == kind.name).label("opted_out"),
-            _reentry_blocked(trigger, now).label("reentry_blocked"),
-        )
-        .select_from(due)
-        .join(Customer, Customer.id == due.c.customer_id)
+    query = base.add_columns(  # read positionally by _classifier: keep the order
+        Customer.id,
+        Customer.external_id,
+        Customer.email,
+        Customer.first_name,
+        Customer.last_name,
+        Customer.locale,
+        Customer.marketing_consent,
+        Customer.consent_requested_at.is_not(None).label("consent_requested"),
+        Customer.timezone,
+        ref_id,
+        # Naive UTC as stored: occurrences only stamp it, and attaching a zone costs
+        # more than parsing (a microsecond a row).
+        type_coerce(ref_time, DateTime()).label("ref_time"),
+        stage.label("stage"),
+        suppressed_for(kind).label("suppressed"),
+        exists().where(CategoryOptOut.customer_id == Customer.id,
+                       CategoryOptOut.category == kind.name).label("opted_out"),
+        _reentry_blocked(trigger, now).label("reentry_blocked"),
     )
-    # One group per occurrence (the kind's due rows are one per occurrence), ordered as
-    # grouped so that both databases stream it without sorting.
-    occurrence = [Customer.id, due.c.ref_id, due.c.ref_time]
     if sweep:
-        query = query.add_columns(due.c.occurrence, due.c.send_key)
-        occurrence += [due.c.occurrence, due.c.send_key]
+        query = query.add_columns(subquery.c.occurrence, subquery.c.send_key)
+        occurrence += [subquery.c.occurrence, subquery.c.send_key]
     if audience.locales and not sweep:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
-    query = with_orders(query, due.c.customer_id, now).group_by(*occurrence).order_by(*occurrence)
+    # Grouped and ordered alike, so that both databases stream it without sorting.
+    query = with_orders(query, Customer.id, now).group_by(*occurrence).order_by(*occurrence)
     if sweep:
         return query
     if audience.stages:
@@ -136,6 +145,11 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     if audience.max_lifetime_value is not None:
         query = query.having(order_value() <= round(audience.max_lifetime_value * 100))
     return query
+
+
+def _over_customers(due: Select) -> bool:
+    """A kind's due query that only filters customers (see ``Kind``)."""
+    return due.get_final_froms() == [Customer.__table__]
 
 
 def suppressed_for(kind: Kind):
@@ -194,12 +208,26 @@ def stream_candidates(
     """
     query = audience_query(trigger, kind, rules, now, due)
     classify = _classifier(trigger, kind, now, default_language, swept=due is not None)
-    with engine.connect() as reader, Session(engine) as ledger:
-        for rows in reader.execution_options(yield_per=batch_size).execute(query).partitions(batch_size):
+    # Batches are handled (sent, in a run) while this waits at ``yield``, still frozen.
+    with frozen_heap(), engine.connect() as reader, Session(engine) as ledger:
+        chunks = reader.execution_options(yield_per=batch_size).execute(query).partitions(batch_size)
+        for rows in chunks if engine.dialect.name == "sqlite" else _read_ahead(chunks):
             batch = _mark_already_sent(ledger, trigger.name, [classify(row) for row in rows], now, lease)
             if policy is not None and kind.category == "marketing":
                 batch = _apply_policy(ledger, batch, policy, now)
             yield batch
+
+
+def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
+    """Fetch the next chunk in a thread while the caller works on this one, so a database
+    server computes it meanwhile on another core. Not for SQLite: it computes in this
+    process, and its driver lets go of the GIL at every row, so the two threads would pass
+    it back and forth all along."""
+    with ThreadPoolExecutor(1, thread_name_prefix="audience-read") as reader:
+        upcoming = reader.submit(next, chunks, None)
+        while (chunk := upcoming.result()) is not None:
+            upcoming = reader.submit(next, chunks, None)
+            yield chunk
 
 
 def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str,

@@ -14,6 +14,7 @@ files and templates, and die with their parent: a killed run leaves no orphan se
 """
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -48,6 +49,7 @@ def _start(trigger: str, now: datetime, settings: Settings, run_id: str, parent:
     global _job
     # Each sender loads and compiles the templates itself: compiled Jinja does not pickle.
     _job = prepare_job(trigger, now, settings=settings, run_id=run_id)
+    gc.freeze()  # what the sender starts with stays out of the collector's scans (see flows.collector)
 
 
 def _ready() -> int:

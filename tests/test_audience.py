@@ -1,5 +1,6 @@
 """Who is due for each kind of trigger, and why others are skipped."""
 
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,22 @@ def test_audience_conditions_filter_in_sql(store: Store) -> None:
 
 
 def test_large_audiences_stream_in_batches(store: Store) -> None:
-    for i in range(25):
-        store.customer(f"K{i}", last_seen=ago(days=70))
+    ids = [store.customer(f"K{i}", last_seen=ago(days=70)).id for i in range(25)]
     batches = list(stream_candidates(store.engine, spec("inactivity", inactive_for="60d"), KINDS["inactivity"],
                                      RULES, NOW, 10, "en"))
     assert [len(b) for b in batches] == [10, 10, 5]
+    assert [c.customer_id for b in batches for c in b] == sorted(ids)
+
+
+def test_a_stream_left_early_lets_go_of_its_reader(store: Store) -> None:
+    for i in range(25):
+        store.customer(f"K{i}", last_seen=ago(days=70))
+    stream = stream_candidates(store.engine, spec("inactivity", inactive_for="60d"), KINDS["inactivity"],
+                               RULES, NOW, 10, "en")
+    assert len(next(stream)) == 10
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("audience-read")]
+    assert store.engine.pool.checkedout() == 0
 
 
 def test_each_occurrence_counts_the_customers_orders_once(store: Store) -> None:

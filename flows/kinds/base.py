@@ -18,9 +18,11 @@ class Kind:
     """One trigger kind.
 
     ``due(spec, now)`` selects ``customer_id``, ``ref_id`` and ``ref_time``: one row per
-    occurrence that is due at ``now``. ``occurrence(spec, now, ref_id, ref_time)`` names
-    that occurrence for the send key (``ref_time`` comes in naive UTC, as stored), so the
-    same cart state, complaint, onboarding day or campaign slot is never mailed twice.
+    occurrence that is due at ``now``. A query over customers alone must be a plain filter
+    (no grouping, one row per customer): the audience folds it into its own query.
+    ``occurrence(spec, now, ref_id, ref_time)`` names that occurrence for the send key
+    (``ref_time`` comes in naive UTC, as stored), so the same cart state, complaint,
+    onboarding day or campaign slot is never mailed twice.
     """
 
     name: str
