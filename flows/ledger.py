@@ -9,11 +9,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, bindparam, delete, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from models import Send, SendStatus, Suppression, SuppressionReason
+from models.db import one_of
 from models.types import utcnow
 
 
@@ -62,6 +64,18 @@ def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at
     ]
 
 
+_CLAIMED = ("send_key", "trigger", "customer_id", "occurrence", "category", "ref_id", "status", "run_id", "stage",
+            "template", "email", "message_id", "evaluated_at", "claimed_at")  # the keys of ``_rows``
+
+
+def _unnested_insert():
+    """``INSERT INTO sends (…) SELECT … FROM unnest(:send_key, :trigger, …)``: a batch as arrays."""
+    columns = [Send.__table__.c[name] for name in _CLAIMED]
+    arrays = func.unnest(*(bindparam(c.name, type_=ARRAY(c.type)) for c in columns))
+    rows = arrays.table_valued(*_CLAIMED).render_derived()
+    return pg_insert(Send).from_select(list(_CLAIMED), select(*rows.c))
+
+
 def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: datetime,
           lease: timedelta = timedelta(minutes=10)) -> set[str]:
     """Reserve keys for this run (``claimed``); returns the keys it won (the others are taken).
@@ -73,13 +87,18 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
     """
     if not claims:
         return set()
-    # executemany, not one VALUES list: the statement is compiled once and cached, and
-    # SQLAlchemy still sends the rows in a few multi-row INSERTs ("insertmanyvalues").
-    insert = (_insert(engine)(Send).on_conflict_do_nothing(index_elements=["send_key"])
-              .returning(Send.send_key))
+    rows = _rows(claims, SendStatus.CLAIMED, run_id, evaluated_at)
+    if engine.dialect.name == "postgresql":
+        # One array per column, unnested by the server: a multi-row VALUES list of 14,000
+        # parameters cost the driver three times as much to parse as the server to insert.
+        insert, parameters = _unnested_insert(), {name: [row[name] for row in rows] for name in _CLAIMED}
+    else:
+        # executemany: compiled once and cached, sent as a few multi-row INSERTs.
+        insert, parameters = _insert(engine)(Send), rows
+    insert = insert.on_conflict_do_nothing(index_elements=["send_key"]).returning(Send.send_key)
     stale = utcnow() - lease
     with engine.begin() as connection:
-        won = set(connection.execute(insert, _rows(claims, SendStatus.CLAIMED, run_id, evaluated_at)).scalars())
+        won = set(connection.execute(insert, parameters).scalars())
         for c in (c for c in claims if c.send_key not in won):  # usually none or few
             resumed = connection.execute(
                 update(Send).where(Send.send_key == c.send_key, or_(
@@ -105,7 +124,8 @@ def mark_sending(engine: Engine, keys: Iterable[str], run_id: str) -> set[str]:
         return set()
     with engine.begin() as connection:
         return set(connection.execute(
-            update(Send).where(Send.send_key.in_(keys), Send.status == SendStatus.CLAIMED, Send.run_id == run_id)
+            update(Send).where(one_of(Send.send_key, keys, engine.dialect.name), Send.status == SendStatus.CLAIMED,
+                               Send.run_id == run_id)
             .values(status=SendStatus.SENDING).returning(Send.send_key)).scalars())
 
 
@@ -159,7 +179,7 @@ def record(engine: Engine, outcomes: Iterable[Outcome]) -> None:
             )
         if released:
             connection.execute(
-                delete(Send).where(Send.send_key.in_(released), Send.status.in_(IN_PROGRESS))
+                delete(Send).where(one_of(Send.send_key, released, engine.dialect.name), Send.status.in_(IN_PROGRESS))
             )
 
 
@@ -168,7 +188,8 @@ def release(engine: Engine, keys: Sequence[str]) -> int:
     if not keys:
         return 0
     with engine.begin() as connection:
-        result = connection.execute(delete(Send).where(Send.send_key.in_(keys), Send.status.in_(IN_PROGRESS)))
+        result = connection.execute(delete(Send).where(one_of(Send.send_key, keys, engine.dialect.name),
+                                                        Send.status.in_(IN_PROGRESS)))
         return result.rowcount or 0
 
 
