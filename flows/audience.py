@@ -89,7 +89,7 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     filters), in customer order, each customer's stage computed once."""
     sweep = due is not None
     due = due if sweep else kind.due(trigger, now)
-    if _over_customers(due):
+    if not sweep and _over_customers(due):
         # The kind's filter goes straight into this query: joining customers to a
         # subquery over customers cost a second lookup per customer.
         columns = due.selected_columns

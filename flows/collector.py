@@ -3,7 +3,7 @@
 A run allocates a few tuples per recipient, batch after batch, and CPython's collector
 answers with a full collection every few batches, each walking every object the process
 holds: Prefect, SQLAlchemy, pydantic and compiled templates, some 170,000 objects. That
-cost a third of the time of a 360,000-row audience. Freezing the objects that exist when
+cost a quarter of the time of a 360,000-row audience. Freezing the objects that exist when
 the stream starts (``gc.freeze``) takes them out of those scans; they return to the
 collector when the last concurrent stream ends.
 """
