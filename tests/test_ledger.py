@@ -1,7 +1,7 @@
 """The ledger decides every race: a send key is claimed by exactly one run."""
 
 import threading
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 from sqlalchemy import select
 from sqlmodel import Session
@@ -36,6 +36,22 @@ def test_two_runs_claiming_the_same_keys_at_once_split_them_without_overlap(stor
         t.join()
     assert won["a"].isdisjoint(won["b"])
     assert won["a"] | won["b"] == {c.send_key for c in wanted}
+
+
+def test_a_claim_stores_every_field_as_given_and_its_moment_in_utc(store: Store) -> None:
+    customer = store.customer()
+    claim = ledger.Claim("t/1/cart", "t", customer.id, "cart", "active", "cart.html", "a@example.de", "<1@x>",
+                         category="transactional", ref_id=42)
+    evaluated_at = NOW.astimezone(timezone(timedelta(hours=-5)))  # the same moment, another zone
+    assert ledger.claim(store.engine, [claim], "run-1", evaluated_at) == {"t/1/cart"}
+    with Session(store.engine) as session:
+        send = session.exec(select(Send)).scalars().one()
+    assert (send.send_key, send.trigger, send.customer_id, send.occurrence, send.stage, send.template, send.email,
+            send.message_id, send.category, send.ref_id, send.status, send.run_id) == (
+        "t/1/cart", "t", customer.id, "cart", "active", "cart.html", "a@example.de", "<1@x>", "transactional", 42,
+        SendStatus.CLAIMED, "run-1")
+    assert send.evaluated_at == NOW
+    assert (send.smtp_reply, send.error, send.finished_at) == ("", "", None)
 
 
 def test_recording_marks_sent_and_failed_and_releases_deferred(store: Store) -> None:
