@@ -14,20 +14,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _lock = threading.Lock()
-_runs = 0
+_streams = 0
 
 
 @contextmanager
 def frozen_heap() -> Iterator[None]:
     """Objects alive now are left out of collections until the last stream inside this ends."""
-    global _runs
+    global _streams
     with _lock:
-        _runs += 1
+        _streams += 1
         gc.freeze()
     try:
         yield
     finally:
         with _lock:
-            _runs -= 1
-            if _runs == 0:
+            _streams -= 1
+            if _streams == 0:
                 gc.unfreeze()

@@ -64,16 +64,13 @@ def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at
     ]
 
 
-_CLAIMED = ("send_key", "trigger", "customer_id", "occurrence", "category", "ref_id", "status", "run_id", "stage",
-            "template", "email", "message_id", "evaluated_at", "claimed_at")  # the keys of ``_rows``
-
-
-def _unnested_insert():
-    """``INSERT INTO sends (…) SELECT … FROM unnest(:send_key, :trigger, …)``: a batch as arrays."""
-    columns = [Send.__table__.c[name] for name in _CLAIMED]
+def _unnested_insert(names: Sequence[str]):
+    """``INSERT INTO sends (…) SELECT … FROM unnest(:send_key, :trigger, …)``: a batch as
+    one array per column, each bound under its column's name and typed after it."""
+    columns = [Send.__table__.c[name] for name in names]
     arrays = func.unnest(*(bindparam(c.name, type_=ARRAY(c.type)) for c in columns))
-    rows = arrays.table_valued(*_CLAIMED).render_derived()
-    return pg_insert(Send).from_select(list(_CLAIMED), select(*rows.c))
+    rows = arrays.table_valued(*names).render_derived()
+    return pg_insert(Send).from_select(list(names), select(*rows.c))
 
 
 def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: datetime,
@@ -91,7 +88,8 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
     if engine.dialect.name == "postgresql":
         # One array per column, unnested by the server: a multi-row VALUES list of 14,000
         # parameters cost the driver three times as much to parse as the server to insert.
-        insert, parameters = _unnested_insert(), {name: [row[name] for row in rows] for name in _CLAIMED}
+        names = list(rows[0])
+        insert, parameters = _unnested_insert(names), {name: [row[name] for row in rows] for name in names}
     else:
         # executemany: compiled once and cached, sent as a few multi-row INSERTs.
         insert, parameters = _insert(engine)(Send), rows
