@@ -41,11 +41,14 @@ from flows.delivery import (
     render_candidates,
 )
 from flows.links import preview_url
+from flows.memory import one_malloc_arena
 from flows.report import RunSummary, skipped
 from flows.senders import SenderPool
 from flows.settings import Settings, get_settings
 from flows.spec.common import TriggerBase
 from models.db import get_engine
+
+one_malloc_arena()  # before Prefect starts the run's threads (see flows.memory)
 
 __all__ = ["Job", "compile_flow", "deferred_flow", "dispatch_prepared", "execute", "load", "prepare_job",
            "render_candidates", "trigger_flow"]
@@ -121,9 +124,12 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
     parallel = settings.workers > 1 and not job.dry_run
     senders: SenderPool | None = None
     pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
-    batches = chain(stream() if audience else [], stream(deferred_due(job.trigger, job.now)))
+    streams = [stream()] if audience else []
+    streams.append(stream(deferred_due(job.trigger, job.now)))
     with ExitStack() as stack:
-        for number, batch in enumerate(batches, start=1):
+        for opened in streams:  # closed on every way out, a failure too: each holds a connection
+            stack.callback(opened.close)
+        for number, batch in enumerate(chain.from_iterable(streams), start=1):
             if should_stop():
                 log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
                 summary.interrupted = True

@@ -8,106 +8,231 @@ hands each a batch at a time and merges what they report. Each sender runs
 the shared ledger before sending it, so splitting the work across processes changes
 nothing about exactly-once.
 
-Senders are started with ``spawn`` (the flow's process has Prefect's threads running,
-which ``fork`` must not copy), import no Prefect (less memory), load the same trigger
-files and templates, and die with their parent: a killed run leaves no orphan sending.
+A sender is a fresh interpreter (the flow's process has Prefect's threads running,
+which ``fork`` must not copy) that imports no Prefect, loads the same trigger files and
+templates, and dies with its parent: a killed run leaves no orphan sending. Batches and
+outcomes travel as pickles over a pair of pipes. ``multiprocessing``'s own pools would
+do the same but start a resource-tracker process besides (13 MB, a twentieth of a run's
+memory) to clean up the named semaphores their queues use; pipes need none.
 """
 
 import ctypes
 import gc
-import multiprocessing
 import os
+import pickle
+import queue
 import signal
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import datetime
-from types import ModuleType, TracebackType
+from multiprocessing.connection import Connection
+from types import TracebackType
 
 from flows.audience import Candidate
 from flows.delivery import BatchOutcome, Job, deliver, prepare_job
+from flows.memory import one_malloc_arena
 from flows.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
-_job: Job | None = None  # the sender process's own copy of the run's job
+
+
+class SenderDied(RuntimeError):
+    """A sender process ended while it had a batch, or before it was ready."""
 
 
 def _die_with_parent(parent: int) -> None:
     """Linux kills this process when the thread that started it ends (SIGKILL included)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: rely on the closed task queue
+    except (OSError, AttributeError):  # not Linux: rely on the closed pipe
         pass
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
 
 
-def _start(trigger: str, now: datetime, settings: Settings, run_id: str, parent: int) -> None:
+def _portable(error: BaseException) -> BaseException:
+    """The error as the flow's process can unpickle it, with the sender's traceback as a note."""
+    error.add_note("".join(traceback.format_exception(error)).rstrip() + f"\n(in sender process {os.getpid()})")
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - an exception that does not survive a pickle
+        return RuntimeError("".join(traceback.format_exception(error)).rstrip())
+
+
+def serve(requests_fd: int, replies_fd: int) -> None:
+    """A sender process's life: load the job, then deliver each batch handed over until the
+    run closes the pipe."""
+    requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
+    one_malloc_arena()
+    trigger, now, settings, run_id, parent = requests.recv()
     _die_with_parent(parent)
-    global _job
-    # Each sender loads and compiles the templates itself: compiled Jinja does not pickle.
-    _job = prepare_job(trigger, now, settings=settings, run_id=run_id)
-    gc.freeze()  # what the sender starts with stays out of the collector's scans (see flows.collector)
-
-
-def _ready() -> int:
-    return os.getpid()
-
-
-_starting = threading.Lock()
-
-
-@contextmanager
-def _main_hidden() -> Iterator[None]:
-    """Start senders without the parent's ``__main__``.
-
-    ``spawn`` re-runs the parent's main module in every child. That module is a
-    worker's entry point or a script that imports the flow, so each sender would
-    import Prefect for nothing (about 40 MB each). Senders need only this module.
-    """
-    with _starting:
-        main = sys.modules["__main__"]
-        sys.modules["__main__"] = ModuleType("__main__")
+    try:
+        # Each sender loads and compiles the templates itself: compiled Jinja does not pickle.
+        job = prepare_job(trigger, now, settings=settings, run_id=run_id)
+    except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it
+        replies.send(("failed", _portable(error)))
+        return
+    gc.freeze()  # what the sender starts with stays out of the collector's scans (see flows.memory)
+    replies.send(("ready", os.getpid()))
+    while True:
         try:
-            yield
-        finally:
-            sys.modules["__main__"] = main
+            candidates, batch = requests.recv()
+        except EOFError:  # the run is done with this sender
+            return
+        try:
+            replies.send(("done", deliver(job, candidates, batch)))
+        except Exception as error:  # noqa: BLE001 - the run fails the batch with it
+            replies.send(("failed", _portable(error)))
 
 
-def _deliver(candidates: Sequence[Candidate], batch: int) -> BatchOutcome:
-    assert _job is not None, "sender process started without a job"
-    return deliver(_job, candidates, batch)
+_Work = tuple[Future, list[Candidate], int] | None  # None: no more batches for this sender
+
+
+class _Sender:
+    """One sender process and the thread in the run's process that feeds it a batch at a time."""
+
+    def __init__(self, job_args: tuple[str, datetime, Settings, str, int]) -> None:
+        to_child, from_parent = os.pipe()
+        to_parent, from_child = os.pipe()
+        code = f"from flows.senders import serve; serve({to_child}, {from_child})"
+        self.process = subprocess.Popen(
+            [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],  # type: ignore[attr-defined]
+            pass_fds=(to_child, from_child),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        os.close(to_child)
+        os.close(from_child)
+        self._requests = Connection(from_parent, readable=False)
+        self._replies = Connection(to_parent, writable=False)
+        self._requests.send(job_args)
+        self.thread: threading.Thread | None = None
+
+    def ready(self) -> None:
+        """Wait until the sender has loaded the project; raise what stopped it if it could not."""
+        status, detail = self._receive("before it was ready")
+        if status == "failed":
+            raise detail
+
+    def feed(self, work: "queue.Queue[_Work]", on_death: Callable[[SenderDied], None]) -> None:
+        """Hand this sender the queue's batches one after the other (its thread's body)."""
+        while (item := work.get()) is not None:
+            future, candidates, batch = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                self._requests.send((candidates, batch))
+                status, detail = self._receive(f"while it was sending batch {batch}")
+            except (SenderDied, OSError) as error:
+                death = error if isinstance(error, SenderDied) else self._died(f"while it was sending batch {batch}")
+                future.set_exception(death)
+                on_death(death)
+                break
+            if status == "done":
+                future.set_result(detail)
+            else:
+                future.set_exception(detail)
+        self.close()
+
+    def close(self) -> None:
+        self._requests.close()  # the sender reads the end of its pipe and exits
+        self.process.wait()
+        self._replies.close()
+
+    def _receive(self, when: str) -> tuple[str, object]:
+        try:
+            return self._replies.recv()
+        except EOFError:
+            raise self._died(when) from None
+
+    def _died(self, when: str) -> SenderDied:
+        code = self.process.wait()
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return SenderDied(f"sender process {self.process.pid} {how} {when}")
 
 
 class SenderPool:
-    """``with SenderPool(job, 2) as senders: senders.submit(candidates, batch).result()``."""
+    """``with SenderPool(job, 2) as senders: senders.submit(candidates, batch).result()``.
+
+    Batches wait in one queue and go to whichever sender is free. If a sender dies, its
+    batch and every batch still waiting fail with ``SenderDied``, and so does any later
+    ``submit``: the run fails instead of waiting for a sender that is gone.
+    """
 
     def __init__(self, job: Job, workers: int) -> None:
         self.workers = workers
-        self._executor = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start,
-            initargs=(job.trigger.name, job.now, job.settings, job.run_id, os.getpid()),
-        )
+        self._job_args = (job.trigger.name, job.now, job.settings, job.run_id, os.getpid())
+        self._work: queue.Queue[_Work] = queue.Queue()
+        self._senders: list[_Sender] = []
+        self._lock = threading.Lock()
+        self._broken: SenderDied | None = None
 
     def __enter__(self) -> "SenderPool":
         # Start every sender now, from this thread: the run's thread lives as long as the
         # run, and a sender dies with the thread that started it.
-        with _main_hidden():  # each submit below starts one sender
-            started = [self._executor.submit(_ready) for _ in range(self.workers)]
-        done, _ = wait(started)
-        for future in done:
-            future.result()  # a sender that could not load the project fails the run here
+        try:
+            self._senders = [_Sender(self._job_args) for _ in range(self.workers)]
+            for sender in self._senders:
+                sender.ready()  # a sender that could not load the project fails the run here
+        except BaseException:
+            for sender in self._senders:
+                sender.process.kill()
+                sender.close()
+            raise
+        for sender in self._senders:
+            sender.thread = threading.Thread(target=sender.feed, args=(self._work, self._fail_waiting),
+                                             name=f"sender-{sender.process.pid}", daemon=True)
+            sender.thread.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         # On failure, batches not yet started are dropped (their keys were never claimed).
-        self._executor.shutdown(wait=True, cancel_futures=error is not None)
+        if error is not None:
+            self._cancel_waiting()
+        for _ in self._senders:
+            self._work.put(None)
+        for sender in self._senders:
+            assert sender.thread is not None
+            sender.thread.join()
 
     def submit(self, candidates: Sequence[Candidate], batch: int) -> "Future[BatchOutcome]":
-        return self._executor.submit(_deliver, list(candidates), batch)
+        future: Future[BatchOutcome] = Future()
+        with self._lock:
+            if self._broken is not None:
+                future.set_exception(self._broken)
+            else:
+                self._work.put((future, list(candidates), batch))
+        return future
 
+    def _fail_waiting(self, death: SenderDied) -> None:
+        with self._lock:
+            self._broken = death
+            for future in self._drain():
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(death)
+
+    def _cancel_waiting(self) -> None:
+        with self._lock:
+            for future in self._drain():
+                future.cancel()
+
+    def _drain(self) -> list[Future]:
+        """Take every waiting batch off the queue; the senders' ends of work stay on it."""
+        drained, ends = [], 0
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                ends += 1
+            else:
+                drained.append(item[0])
+        for _ in range(ends):
+            self._work.put(None)
+        return drained

@@ -63,5 +63,14 @@ class Store:
         self._add(complaint)
         return complaint
 
+    def lapsed(self, count: int) -> list[str]:
+        """``count`` customers whose last order is 500 days old (the win-back's audience); their emails."""
+        emails = []
+        for i in range(count):
+            customer = self.customer(f"K{i}")
+            self.order(customer, ago(days=500))
+            emails.append(customer.email)
+        return emails
+
     def suppress(self, email: str, reason: str = "manual") -> None:
         self._add(Suppression(email=email.lower(), reason=reason))

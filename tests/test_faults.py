@@ -17,15 +17,6 @@ from tests.builders import NOW, Store, ago
 from tests.smtp_server import PostfixSink, Script, SmtpServer
 
 
-def lapsed_customers(store: Store, count: int) -> list[str]:
-    emails = []
-    for i in range(count):
-        customer = store.customer(f"K{i}")
-        store.order(customer, ago(days=500))
-        emails.append(customer.email)
-    return emails
-
-
 def sent_in_ledger(store: Store) -> set[str]:
     with Session(store.engine) as session:
         return set(session.execute(select(Send.email).where(Send.status == "sent")).scalars())
@@ -33,7 +24,7 @@ def sent_in_ledger(store: Store) -> set[str]:
 
 def test_a_mix_of_temporary_rejections_dropped_connections_and_hard_bounces(settings: Settings, store: Store,
                                                                            smtp: SmtpServer) -> None:
-    emails = lapsed_customers(store, 120)
+    emails = store.lapsed(120)
     rng = random.Random(7)
     bounced, flaky = set(), set()
     for email in emails:
@@ -64,7 +55,7 @@ def test_a_slow_server_slows_the_run_but_never_causes_duplicates(db_url: str, st
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     slow = SmtpServer(data_delay=0.3).start()
     try:
-        emails = lapsed_customers(store, 12)
+        emails = store.lapsed(12)
         # Half a second allowed per reply: 0.3 s is slow but fine; then slower than the timeout.
         for url, expect_in_doubt in ((f"smtp://127.0.0.1:{slow.port}?connections=4&timeout=0.5", False),
                                      (f"smtp://127.0.0.1:{slow.port}?connections=4&timeout=0.2", True)):
@@ -102,7 +93,7 @@ def with_sink(settings: Settings, sink: PostfixSink, monkeypatch: pytest.MonkeyP
 
 def test_sender_processes_deliver_every_mail_once_to_postfix(settings: Settings, store: Store,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    emails = lapsed_customers(store, 90)
+    emails = store.lapsed(90)
     sink = PostfixSink().start()
     try:
         run = with_sink(settings, sink, monkeypatch, batch_size=10, workers=2, in_flight=4)
@@ -123,7 +114,7 @@ def test_sender_processes_deliver_every_mail_once_to_postfix(settings: Settings,
 def test_postfix_refusing_every_recipient_sends_and_marks_nothing(settings: Settings, store: Store,
                                                                   monkeypatch: pytest.MonkeyPatch, flags: list[str],
                                                                   outcome: str, suppressed: bool) -> None:
-    emails = lapsed_customers(store, 6)
+    emails = store.lapsed(6)
     sink = PostfixSink(*flags).start()
     try:
         run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
@@ -142,7 +133,7 @@ def test_postfix_refusing_every_recipient_sends_and_marks_nothing(settings: Sett
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_server_down_for_a_while_is_waited_for_with_backoff(settings: Settings, store: Store,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    emails = lapsed_customers(store, 5)
+    emails = store.lapsed(5)
     sink = PostfixSink()
     comes_back = threading.Timer(1.0, sink.start)
     run = with_sink(settings, sink, monkeypatch, smtp_attempts=6, smtp_backoff_seconds=0.3,
@@ -164,7 +155,7 @@ def test_a_server_lost_mid_run_fails_the_flow_and_a_rerun_completes_it_once(sett
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.pipeline import compile_flow, load
 
-    emails = set(lapsed_customers(store, 600))
+    emails = set(store.lapsed(600))
     sink = PostfixSink().start()
     monkeypatch.setenv("LIFECYCLE_BATCH_SIZE", "40")
     monkeypatch.setenv("LIFECYCLE_WORKERS", "2")

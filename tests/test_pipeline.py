@@ -220,3 +220,24 @@ def test_an_unreachable_smtp_server_fails_the_run_and_marks_nothing_sent(setting
     with pytest.raises(SmtpUnavailable, match="unreachable after 3 attempts"):
         run_flow(get_settings(), "complaint-ack")
     assert ledger_rows(store) == []
+
+
+def test_a_failed_run_closes_its_audience_even_while_its_error_is_kept(settings: Settings, store: Store) -> None:
+    """The error's traceback keeps the run's frames alive (Prefect keeps it in the run's
+    state), so the audience must not wait for the garbage collector to end: it holds a
+    connection and keeps the collector away from the process's objects."""
+    import gc
+
+    from models.db import get_engine
+
+    store.complaint(store.customer("Uwe"), ago(hours=1))
+    job = prepare_job("complaint-ack", NOW, settings=settings)
+
+    def dispatch(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the relay went away")
+
+    with pytest.raises(RuntimeError, match="the relay went away") as failure:
+        execute(job, dispatch=dispatch)
+    assert failure.value.__traceback__ is not None  # the frames are still referenced
+    assert gc.get_freeze_count() == 0
+    assert get_engine(settings.database_url).pool.checkedout() == 0

@@ -5,6 +5,7 @@ from textwrap import dedent
 
 import pytest
 
+from flows.spec.problems import SpecError
 from flows.spec.project import load_project
 
 VALID = dedent("""\
@@ -81,6 +82,12 @@ def test_duplicate_keys_cite_both_lines(project_dir: Path) -> None:
 def test_yaml_syntax_errors_have_a_line(project_dir: Path) -> None:
     project = load(project_dir, VALID.replace("audience:\n", "audience: [\n"))
     assert any(p.file.name == "broken.yaml" and p.line and "invalid YAML" in p.message for p in project.problems)
+
+
+def test_a_trigger_whose_file_yaml_cannot_parse_is_named_by_that_error(project_dir: Path) -> None:
+    project = load(project_dir, VALID.replace("audience:\n", "audience: [\n"))
+    with pytest.raises(SpecError, match=r"broken.yaml:\d+: invalid YAML"):
+        project.trigger("cart-reminder")  # its name line survived the broken syntax
 
 
 def test_all_problems_of_all_files_are_reported_at_once_and_healthy_triggers_survive(project_dir: Path) -> None:

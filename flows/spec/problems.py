@@ -41,6 +41,10 @@ class SpecError(Exception):
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
 
+    def __reduce__(self) -> tuple[type["SpecError"], tuple[list[Problem]], dict]:
+        """Pickled whole, problems and notes, as a sender process reports it to the run."""
+        return SpecError, (self.problems,), self.__dict__
+
 
 def snippet(text: str, line: int | None, context: int = 1) -> str:
     """The numbered lines around ``line``, the offending one marked with ``>``."""

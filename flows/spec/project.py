@@ -5,6 +5,7 @@ them all at once and a run can go ahead with the healthy triggers.
 """
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -94,11 +95,15 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
 
 
 def _declared_name(path: Path) -> str:
-    """The name a broken file meant to declare (or its file name), for error look-ups."""
+    """The name a broken file meant to declare (or its file name), for error look-ups. A file
+    YAML cannot parse is searched for its ``name:`` line, so running the trigger by name
+    shows the syntax error rather than "no trigger named"."""
+    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError:
-        data = None
+        line = re.search(r"^name:[ \t]*[\"']?([\w.-]+)", text, re.MULTILINE)
+        return line.group(1) if line else path.stem
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) else path.stem
 
