@@ -68,6 +68,10 @@ def serve(requests_fd: int, replies_fd: int) -> None:
     """A sender process's life: load the job, then deliver each batch handed over until the
     run closes the pipe."""
     requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
+    # A Ctrl-C reaches the terminal's whole process group. Only the run decides: it stops
+    # handing over batches, and a sender finishes the one it has rather than leave its
+    # recipients in doubt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     one_malloc_arena()
     trigger, now, settings, run_id, parent = requests.recv()
     _die_with_parent(parent)
@@ -125,18 +129,27 @@ class _Sender:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                self._requests.send((candidates, batch))
-                status, detail = self._receive(f"while it was sending batch {batch}")
-            except (SenderDied, OSError) as error:
-                death = error if isinstance(error, SenderDied) else self._died(f"while it was sending batch {batch}")
+                status, detail = self._exchange(candidates, batch)
+            except SenderDied as death:
                 future.set_exception(death)
                 on_death(death)
                 break
+            except Exception as error:  # noqa: BLE001 - a batch or reply that does not pickle
+                future.set_exception(error)
+                continue
             if status == "done":
                 future.set_result(detail)
             else:
                 future.set_exception(detail)
         self.close()
+
+    def _exchange(self, candidates: list[Candidate], batch: int) -> tuple[str, object]:
+        when = f"while it was sending batch {batch}"
+        try:
+            self._requests.send((candidates, batch))  # pickled whole before the first byte is written
+        except OSError:
+            raise self._died(when) from None
+        return self._receive(when)
 
     def close(self) -> None:
         self._requests.close()  # the sender reads the end of its pipe and exits
@@ -175,7 +188,8 @@ class SenderPool:
         # Start every sender now, from this thread: the run's thread lives as long as the
         # run, and a sender dies with the thread that started it.
         try:
-            self._senders = [_Sender(self._job_args) for _ in range(self.workers)]
+            for _ in range(self.workers):
+                self._senders.append(_Sender(self._job_args))
             for sender in self._senders:
                 sender.ready()  # a sender that could not load the project fails the run here
         except BaseException:

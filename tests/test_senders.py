@@ -105,3 +105,23 @@ def test_a_killed_sender_fails_its_batch_every_waiting_one_and_later_ones(settin
     finally:
         slow.stop()
     assert children() == before
+
+
+def test_a_ctrl_c_lets_a_sender_finish_its_batch(settings: Settings, store: Store) -> None:
+    """SIGINT reaches the terminal's whole process group; the run, not the sender, decides."""
+    emails = store.lapsed(5)
+    slow = SmtpServer(data_delay=0.2).start()
+    try:
+        job = winback(settings, smtp_url=slow.url, in_flight=1)
+        [batch] = due(job)
+        before = children()
+        with SenderPool(job, 1) as senders:
+            [sender] = children() - before
+            future = senders.submit(batch, 1)
+            while not slow.received:
+                time.sleep(0.05)
+            os.kill(sender, signal.SIGINT)
+            assert future.result(timeout=60).counts == {("lapsed", "sent"): 5}
+    finally:
+        slow.stop()
+    assert sorted(r.recipients[0] for r in slow.received) == sorted(emails)
