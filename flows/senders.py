@@ -101,18 +101,18 @@ class _Sender:
     """One sender process and the thread in the run's process that feeds it a batch at a time."""
 
     def __init__(self, job_args: tuple[str, datetime, Settings, str, int]) -> None:
-        to_child, from_parent = os.pipe()
-        to_parent, from_child = os.pipe()
-        code = f"from flows.senders import serve; serve({to_child}, {from_child})"
+        requests_in, requests_out = os.pipe()  # batches: the run writes, the sender reads
+        replies_in, replies_out = os.pipe()  # outcomes: the sender writes, the run reads
+        code = f"from flows.senders import serve; serve({requests_in}, {replies_out})"
         self.process = subprocess.Popen(
             [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],  # type: ignore[attr-defined]
-            pass_fds=(to_child, from_child),
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            pass_fds=(requests_in, replies_out),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # what the run imports, it imports
         )
-        os.close(to_child)
-        os.close(from_child)
-        self._requests = Connection(from_parent, readable=False)
-        self._replies = Connection(to_parent, writable=False)
+        os.close(requests_in)
+        os.close(replies_out)
+        self._requests = Connection(requests_out, readable=False)
+        self._replies = Connection(replies_in, writable=False)
         self._requests.send(job_args)
         self.thread: threading.Thread | None = None
 
