@@ -7,7 +7,8 @@ Grows a synthetic store (``bench/store.py``: about ten events per customer) thro
 measures in one run:
 
 1. the ceiling: Postfix's C ``smtp-source`` sending messages of the same size to the
-   same ``smtp-sink``, with as many sessions as Lifecycle opens, reusing connections;
+   same ``smtp-sink``, as it does by default (one session; the "about 3,500/s" the
+   issue plans by), and besides with as many parallel sessions as Lifecycle opens;
 2. Lifecycle end to end at each size: the win-back campaign flow over the whole store
    (audience → render per stage → MIME → SMTP → ledger), run as a Prefect flow against
    a Prefect server, as in production; messages per second;
@@ -384,16 +385,15 @@ def main() -> None:
         size = message_size()
         sessions = args.workers * CONNECTIONS
         results["message_bytes"] = size
-        results["ceiling_sessions"] = sessions
-        results["ceiling_msgs_per_s"] = round(ceiling(port, 50_000, size, sessions), 1)
-        results["ceiling_one_session_msgs_per_s"] = round(ceiling(port, 20_000, size, 1), 1)
+        results["ceiling_msgs_per_s"] = round(ceiling(port, 20_000, size, 1), 1)
+        results["ceiling_parallel_sessions"] = sessions
+        results["ceiling_parallel_msgs_per_s"] = round(ceiling(port, 50_000, size, sessions), 1)
         results["naive_msgs_per_s"] = round(naive(port, args.naive, size, api_url), 1)
     headline = results["e2e"][f"{databases[0]}/{sizes[-1]}"]
     results["e2e_msgs_per_s"] = headline["msgs_per_s"]
     results["e2e_sent"] = headline["sent"]
     results["e2e_vs_ceiling"] = round(results["e2e_msgs_per_s"] / results["ceiling_msgs_per_s"], 3)
-    results["e2e_vs_one_session_ceiling"] = round(results["e2e_msgs_per_s"]
-                                                  / results["ceiling_one_session_msgs_per_s"], 3)
+    results["e2e_vs_parallel_ceiling"] = round(results["e2e_msgs_per_s"] / results["ceiling_parallel_msgs_per_s"], 3)
     results["e2e_vs_naive"] = round(results["e2e_msgs_per_s"] / results["naive_msgs_per_s"], 1)
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
@@ -409,11 +409,12 @@ def print_table(results: dict) -> None:
     for key, e2e in results["e2e"].items():
         row(f"end to end, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
         row("  mails sent / seconds", f"{e2e['sent']:,} / {e2e['seconds']:.1f}")
-    row(f"smtp-source ceiling, {results['ceiling_sessions']} sessions (msgs/s)", f"{results['ceiling_msgs_per_s']:,.0f}")
-    row("smtp-source, 1 session (msgs/s)", f"{results['ceiling_one_session_msgs_per_s']:,.0f}")
+    parallel = results["ceiling_parallel_sessions"]
+    row("smtp-source ceiling, its default 1 session (msgs/s)", f"{results['ceiling_msgs_per_s']:,.0f}")
+    row(f"smtp-source, {parallel} parallel sessions (msgs/s)", f"{results['ceiling_parallel_msgs_per_s']:,.0f}")
     row("naive baseline (msgs/s)", f"{results['naive_msgs_per_s']:,.1f}")
-    row(f"end to end / ceiling, {results['ceiling_sessions']} sessions", f"{results['e2e_vs_ceiling']:.1%}")
-    row("end to end / smtp-source, 1 session", f"{results['e2e_vs_one_session_ceiling']:.1%}")
+    row("end to end / ceiling", f"{results['e2e_vs_ceiling']:.1%}")
+    row(f"end to end / smtp-source, {parallel} parallel sessions", f"{results['e2e_vs_parallel_ceiling']:.1%}")
     row("end to end / naive", f"{results['e2e_vs_naive']:.1f}x")
     for size in results["sizes"]:
         row(f"peak memory at {size:,} customers (MB RSS / PSS)",
