@@ -12,13 +12,15 @@ from flows.memory import frozen_heap
 
 
 def test_objects_alive_at_the_start_stay_frozen_until_the_last_stream_ends() -> None:
+    # Frozen objects may still be freed by other threads, so the count can drop a little
+    # while frozen; unfreezing moves every one of them back (count 0).
     assert gc.get_freeze_count() == 0
     with frozen_heap():
         outer = gc.get_freeze_count()
-        assert outer > 0
+        assert outer > 1000
         with frozen_heap():
-            assert gc.get_freeze_count() >= outer
-        assert gc.get_freeze_count() >= outer  # the outer stream still runs
+            assert gc.get_freeze_count() > outer // 2
+        assert gc.get_freeze_count() > outer // 2  # the outer stream still runs
     assert gc.get_freeze_count() == 0
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def children() -> set[int]:
     for task in Path("/proc/self/task").iterdir():
         found.update(int(pid) for pid in (task / "children").read_text().split())
     return found
+
+
+def wait_until(condition: Callable[[], object], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def due(job: Job) -> list[list[Candidate]]:
@@ -95,8 +103,7 @@ def test_a_killed_sender_fails_its_batch_every_waiting_one_and_later_ones(settin
             with SenderPool(job, 1) as senders:
                 [sender] = children() - before
                 futures = [senders.submit(batch, number) for number, batch in enumerate(batches, start=1)]
-                while not slow.received:  # the first batch is being sent
-                    time.sleep(0.05)
+                wait_until(lambda: slow.received)  # the first batch is being sent
                 os.kill(sender, signal.SIGKILL)
                 for future in futures:
                     with pytest.raises(SenderDied, match=f"sender process {sender} was killed by signal 9"):
@@ -118,8 +125,7 @@ def test_a_ctrl_c_lets_a_sender_finish_its_batch(settings: Settings, store: Stor
         with SenderPool(job, 1) as senders:
             [sender] = children() - before
             future = senders.submit(batch, 1)
-            while not slow.received:
-                time.sleep(0.05)
+            wait_until(lambda: slow.received)
             os.kill(sender, signal.SIGINT)
             assert future.result(timeout=60).counts == {("lapsed", "sent"): 5}
     finally:
