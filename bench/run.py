@@ -7,8 +7,8 @@ Grows a synthetic store (``bench/store.py``: about ten events per customer) thro
 measures in one run:
 
 1. the ceiling: Postfix's C ``smtp-source`` sending messages of the same size to the
-   same ``smtp-sink``, as it does by default (one session; the "about 3,500/s" the
-   issue plans by), and besides with as many parallel sessions as Lifecycle opens;
+   same ``smtp-sink`` as it runs by default (one session: what one SMTP client can do),
+   and besides with as many parallel sessions as Lifecycle opens;
 2. Lifecycle end to end at each size: the win-back campaign flow over the whole store
    (audience → render per stage → MIME → SMTP → ledger), run as a Prefect flow against
    a Prefect server, as in production; messages per second;
