@@ -14,8 +14,8 @@ from typing import NamedTuple
 from sqlalchemy import DateTime, Engine, Row, Select, and_, exists, false, func, null, or_, select, true, type_coerce
 from sqlmodel import Session
 
-from flows.memory import frozen_heap
 from flows.kinds.base import Kind
+from flows.memory import frozen_heap
 from flows.policy import QUIET_HOURS, customer_zone, longest_window, next_allowed
 from flows.render import language_of
 from flows.spec.common import TriggerBase

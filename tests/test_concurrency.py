@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from models import Send
-from tests.builders import NOW, Store, ago
+from tests.builders import NOW, Store
 from tests.conftest import POSTGRES_URL
 from tests.smtp_server import SmtpServer
 
@@ -32,8 +32,7 @@ def dispatching_process(env: dict[str, str], barrier, results) -> None:  # runs 
 def test_two_processes_sending_the_same_campaign_send_every_mail_once(db_url: str, store: Store, smtp: SmtpServer,
                                                                       project_dir: Path) -> None:
     assert db_url == POSTGRES_URL
-    for i in range(RECIPIENTS):
-        store.order(store.customer(f"Kunde{i}"), ago(days=500))
+    store.lapsed(RECIPIENTS)
     env = {"LIFECYCLE_DATABASE_URL": db_url, "LIFECYCLE_SMTP_URL": smtp.url,
            "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
            "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates"),

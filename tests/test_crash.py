@@ -16,7 +16,7 @@ from sqlmodel import Session
 from flows.pipeline import execute, prepare_job
 from flows.settings import Settings
 from models import Send
-from tests.builders import NOW, Store, ago
+from tests.builders import NOW, Store
 from tests.smtp_server import SmtpServer
 
 RECIPIENTS = 300
@@ -37,11 +37,7 @@ def test_a_hard_kill_then_a_rerun_sends_every_mail_once(settings: Settings, stor
                                                         kill_after: int) -> None:
     slow = SmtpServer(data_delay=0.005).start()  # ~1,000 a second at most: room to kill mid-run
     try:
-        emails = set()
-        for i in range(RECIPIENTS):
-            customer = store.customer(f"K{i}")
-            store.order(customer, ago(days=500))
-            emails.add(customer.email)
+        emails = set(store.lapsed(RECIPIENTS))
         env = {**os.environ, "LIFECYCLE_DATABASE_URL": settings.database_url,
                "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{slow.port}?connections={CONNECTIONS}",
                "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),

@@ -20,7 +20,7 @@ from flows.pipeline import dispatch_prepared, execute, prepare_job
 from flows.serve import JOB_DEFAULTS, TriggerScheduler
 from flows.settings import Settings
 from flows.spec.project import load_project
-from tests.builders import NOW, Store, ago
+from tests.builders import NOW, Store
 from tests.smtp_server import SmtpServer
 
 RUNS: list[str] = []  # what the scheduled job function was called with
@@ -198,8 +198,7 @@ def test_changed_added_removed_and_broken_files_are_picked_up(project_dir: Path,
 
 def test_a_shutdown_lets_the_running_batch_finish_and_stops_before_the_next(
         settings: Settings, store: Store, smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    for i in range(12):
-        store.order(store.customer(f"K{i}"), ago(days=500))
+    store.lapsed(12)
     # In-process sending (workers 1), where the test can signal between batches.
     job = prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5, "workers": 1}))
     stop = threading.Event()
