@@ -5,12 +5,15 @@ import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.spec.common import check_sender
+
+if TYPE_CHECKING:
+    from flows.bounces import SoftBounceRule
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,18 @@ class Settings(BaseSettings):
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)
+    soft_bounce_limit: int = Field(3, ge=1, description="Soft bounces within the window that suppress an address.")
+    soft_bounce_window_days: float = Field(30, gt=0)
 
     @property
     def claim_lease(self) -> timedelta:
         return timedelta(seconds=self.claim_lease_seconds)
+
+    @property
+    def soft_bounce_rule(self) -> "SoftBounceRule":
+        from flows.bounces import SoftBounceRule
+
+        return SoftBounceRule(self.soft_bounce_limit, timedelta(days=self.soft_bounce_window_days))
 
     @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", mode="before")
     @classmethod

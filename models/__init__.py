@@ -3,6 +3,7 @@
 from models.commerce import CART_OPEN, CART_ORDERED, Cart, CartItem, Order
 from models.customer import Customer
 from models.events import Event, StoreMeta
+from models.feedback import Feedback, FeedbackKind
 from models.ledger import Send, SendStatus
 from models.preferences import CategoryOptOut
 from models.support import Complaint
@@ -17,6 +18,8 @@ __all__ = [
     "Complaint",
     "Customer",
     "Event",
+    "Feedback",
+    "FeedbackKind",
     "Order",
     "Send",
     "SendStatus",

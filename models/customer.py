@@ -2,7 +2,7 @@
 
 from datetime import datetime
 
-from sqlalchemy import Column
+from sqlalchemy import Column, Index, func
 from sqlmodel import Field, SQLModel
 
 from models.types import UtcDateTime, utcnow
@@ -14,6 +14,8 @@ class Customer(SQLModel, table=True):
     ``consent_requested_at`` set and ``marketing_consent`` False."""
 
     __tablename__ = "customers"
+    # Customers sharing an address are one recipient: found by the address as suppressions store it.
+    __table_args__ = (Index("ix_customers_address", func.lower(Column("email"))),)
 
     id: int | None = Field(default=None, primary_key=True)
     external_id: str = Field(max_length=255, unique=True, index=True, description="The shop's userId.")

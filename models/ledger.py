@@ -17,7 +17,11 @@ States (a row only ever moves forward):
 ``failed``   permanently rejected (5xx) or not renderable; never retried.
 ``deferred`` held back by the sending policy (frequency cap, quiet hours) until
              ``not_before``; the next run after that moment claims and sends it.
-``expired``  deferred past its trigger's ``deferred_expires_after``: not sent.
+``expired``  deferred past its trigger's ``deferred_expires_after``, or no longer due
+             when its moment came (its campaign slot's send window passed, the cart
+             was ordered…): not sent. ``error`` says which.
+``bounced``  sent, then reported undeliverable by a DSN or a provider (``feedback``).
+``complained`` sent, then reported as spam by its recipient (``feedback``).
 
 A temporary failure that outlasts its retries deletes the claim, so the next run
 tries again: the server said no, so nothing was sent.
@@ -26,7 +30,7 @@ tries again: the server said no, so nothing was sent.
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Column, Index
+from sqlalchemy import Column, Index, func
 from sqlmodel import Field, SQLModel
 
 from models.types import UtcDateTime
@@ -39,6 +43,8 @@ class SendStatus(StrEnum):
     FAILED = "failed"
     DEFERRED = "deferred"
     EXPIRED = "expired"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
 
 
 class Send(SQLModel, table=True):
@@ -47,6 +53,9 @@ class Send(SQLModel, table=True):
         Index("ix_sends_trigger_customer_evaluated", "trigger", "customer_id", "evaluated_at"),
         Index("ix_sends_customer_category_evaluated", "customer_id", "category", "evaluated_at"),
         Index("ix_sends_trigger_status_not_before", "trigger", "status", "not_before"),
+        # Frequency caps and re-entry count per mailbox: customers sharing an address are one recipient.
+        Index("ix_sends_address_category_evaluated", func.lower(Column("email")), "category", "evaluated_at"),
+        Index("ix_sends_message_id", "message_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

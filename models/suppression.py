@@ -12,6 +12,7 @@ from models.types import UtcDateTime, utcnow
 class SuppressionReason(StrEnum):
     UNSUBSCRIBED = "unsubscribed"
     HARD_BOUNCE = "hard_bounce"
+    SOFT_BOUNCE = "soft_bounce"  # too many soft bounces within the window (LIFECYCLE_SOFT_BOUNCE_*)
     SPAM_COMPLAINT = "spam_complaint"
     MANUAL = "manual"
 

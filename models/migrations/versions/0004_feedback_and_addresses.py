@@ -1,0 +1,54 @@
+"""Feedback (bounces and complaints reported later) and addresses as recipients.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-01 22:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+import sqlmodel
+from alembic import op
+
+import models.types
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "feedback",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("report_id", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
+        sa.Column("send_key", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
+        sa.Column("trigger", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+        sa.Column("email", sqlmodel.sql.sqltypes.AutoString(length=320), nullable=False),
+        sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("diagnostic", sqlmodel.sql.sqltypes.AutoString(length=1000), nullable=False),
+        sa.Column("source", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("occurred_at", models.types.UtcDateTime(), nullable=False),
+        sa.Column("recorded_at", models.types.UtcDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("report_id"),
+    )
+    op.create_index("ix_feedback_send_key", "feedback", ["send_key"], unique=False)
+    op.create_index("ix_feedback_email_kind_occurred", "feedback", [sa.text("lower(email)"), "kind", "occurred_at"],
+                    unique=False)
+    op.create_index("ix_sends_address_category_evaluated", "sends", [sa.text("lower(email)"), "category", "evaluated_at"],
+                    unique=False)
+    op.create_index("ix_sends_message_id", "sends", ["message_id"], unique=False)
+    op.create_index("ix_customers_address", "customers", [sa.text("lower(email)")], unique=False)
+
+
+def downgrade() -> None:
+    op.drop_index("ix_customers_address", table_name="customers")
+    op.drop_index("ix_sends_message_id", table_name="sends")
+    op.drop_index("ix_sends_address_category_evaluated", table_name="sends")
+    op.drop_index("ix_feedback_email_kind_occurred", table_name="feedback")
+    op.drop_index("ix_feedback_send_key", table_name="feedback")
+    op.drop_table("feedback")
