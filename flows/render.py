@@ -6,8 +6,13 @@ the first of these that exists is used:
     at_risk.de.html.j2, default.de.html.j2, at_risk.html.j2, default.html.j2,
     then the same with the default language.
 
-A ``.txt.j2`` found the same way becomes the text part; otherwise the text part is
-derived from the HTML. HTML is autoescaped, every template is sandboxed, and an
+A ``.txt.j2`` found the same way becomes the text part, unless it is in another
+language than the HTML; otherwise the text part is derived from the HTML.
+
+One language per mail: subject, body, text part, dates and money all use the
+customer's language if the email supports it (``TemplateCatalog.languages_for``: a
+subject and a body for every stage in that language), otherwise the default
+language, never a mix and never whichever subject comes first in the file. HTML is autoescaped, every template is sandboxed, and an
 undefined name is an error, never an empty string. A ``<style>`` block is inlined into
 ``style`` attributes (css-inline), since many mail clients ignore stylesheets.
 
@@ -22,7 +27,7 @@ The context every template and subject gets:
 ``links``      unsubscribe, shop
 ``trigger``    name, description
 ``now``        the evaluation time (aware datetime, UTC)
-``lang``       the language used (``de``, ``en``…)
+``lang``       the language used (``de``, ``en``…); ``customer.language`` says the same
 
 Filters: ``money(cents, currency)`` and ``date(value, format='medium')`` format per
 language (``59,90 €`` in German, ``€59.90`` in English).
@@ -32,7 +37,7 @@ import difflib
 import re
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -54,7 +59,7 @@ from jinja2 import (
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
-from flows.context import VIEW_ATTRIBUTES
+from flows.context import VIEW_ATTRIBUTES, CustomerView
 from flows.plaintext import html_to_text
 from flows.spec.common import EmailSpec
 from flows.spec.problems import Problem, snippet
@@ -69,6 +74,7 @@ class Rendered:
     html: str
     text: str
     template: str
+    language: str = ""  # the language actually used, which may be the default instead of the one asked for
 
 
 class RenderError(Exception):
@@ -97,10 +103,13 @@ def _formatted_date(day: date, format: str, lang: str) -> str:
     return format_date(day, format=format, locale=lang)
 
 
-def language_of(locale: str | None, default: str) -> str:
-    """``de-AT`` → ``de``; empty or odd values fall back to the default language."""
+def language_of(locale: str | None, default: str, supported: frozenset[str] | None = None) -> str:
+    """``de-AT`` → ``de``; empty or odd values fall back to the default language, and so
+    does a language outside ``supported`` (an email's ``languages_for``) when given."""
     lang = (locale or "").replace("_", "-").split("-")[0].lower()
-    return lang if lang.isalpha() and 2 <= len(lang) <= 3 else default
+    if not (lang.isalpha() and 2 <= len(lang) <= 3):
+        return default
+    return default if supported is not None and lang not in supported else lang
 
 
 def one_line(value: str) -> str:
@@ -120,6 +129,7 @@ class TemplateCatalog:
         self.subject_env = self._environment(autoescape=False)
         self._subjects: dict[str, Template] = {}
         self._files: dict[str, set[str]] = {}
+        self._supported: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
 
     def _environment(self, autoescape: Any) -> SandboxedEnvironment:
         env = SandboxedEnvironment(
@@ -154,10 +164,35 @@ class TemplateCatalog:
                 found.add(parts[1])
         return found
 
-    def resolve(self, template: str, stage: str, lang: str, extension: str = "html") -> str | None:
+    def languages_for(self, email: EmailSpec) -> frozenset[str]:
+        """The languages ``email`` can be written in from subject to footer.
+
+        A language qualifies when it has a subject (its own, or one plain subject for
+        all) and a body for every stage without borrowing another language's file:
+        ``default.<lang>.html.j2``, or a language-neutral ``default.html.j2`` (``resolve``
+        tries both before the default language's files). A stage file alone, such as
+        ``loyal.fr.html.j2``, covers one stage, so the others would get English bodies.
+        Only languages named somewhere (a file, a subject key, the default) are listed.
+        """
+        key = (email.template, frozenset(email.subject))
+        found = self._supported.get(key)
+        if found is None:
+            files = self.files(email.template)
+            neutral = "default.html.j2" in files
+            named = self.languages(email.template) | set(email.subject) | {self.default_language}
+            found = self._supported[key] = frozenset(
+                lang for lang in named - {"*"}
+                if (neutral or f"default.{lang}.html.j2" in files) and email.has_subject(lang)
+            )
+        return found
+
+    def resolve(self, template: str, stage: str, lang: str, extension: str = "html",
+                fallback: bool = True) -> str | None:
+        """The file for ``stage`` in ``lang``; ``fallback=False`` never borrows the default language's."""
         files = self.files(template)
         order = [f"{stage}.{lang}", f"default.{lang}", stage, "default"]
-        order += [f"{stage}.{self.default_language}", f"default.{self.default_language}"]
+        if fallback or lang == self.default_language:
+            order += [f"{stage}.{self.default_language}", f"default.{self.default_language}"]
         for base in order:
             name = f"{base}.{extension}.j2"
             if name in files:
@@ -166,17 +201,28 @@ class TemplateCatalog:
 
     # -- rendering --------------------------------------------------------------
     def render(self, email: EmailSpec, context: dict[str, Any]) -> Rendered:
+        """Subject, HTML and text in one language: ``context["lang"]`` if ``email`` supports
+        it, else the default language (``lang`` and ``customer.language`` say which)."""
         stage, lang = context["stage"], context["lang"]
+        if lang not in self.languages_for(email):
+            lang = self.default_language
+            context = {**context, "lang": lang}
+            customer = context.get("customer")
+            if isinstance(customer, CustomerView) and customer.language != lang:
+                context["customer"] = replace(customer, language=lang)
         html_name = self.resolve(email.template, stage, lang, "html")
         if html_name is None:
             raise RenderError(f"no HTML template for stage {stage!r} ({lang}); add default.html.j2", email.template)
-        text_name = self.resolve(email.template, stage, lang, "txt")
-        subject = one_line(self._render_string(email.subject_for(lang), context))
+        text_name = self.resolve(email.template, stage, lang, "txt", fallback=False)
+        subject_source = email.subject_for(lang)
+        if subject_source is None:
+            raise RenderError(f"subject: none for language {lang!r} (the default language needs one)")
+        subject = one_line(self._render_string(subject_source, context))
         html = self._render_file(html_name, context)
         if "<style" in html:  # mail clients drop <style>: move the rules into style attributes
             html = css_inline.inline(html)
         text = self._render_file(text_name, context) if text_name else html_to_text(html)
-        return Rendered(subject=subject, html=html, text=text, template=html_name)
+        return Rendered(subject=subject, html=html, text=text, template=html_name, language=lang)
 
     def _render_file(self, name: str, context: dict[str, Any]) -> str:
         try:

@@ -6,7 +6,10 @@ import pytest
 
 from flows.context import sample_contexts
 from flows.render import RenderError, TemplateCatalog, language_of
+from flows.settings import Settings
 from flows.spec.common import EmailSpec
+from tests.builders import NOW, Store, ago
+from tests.smtp_server import SmtpServer
 
 
 @pytest.fixture
@@ -81,10 +84,126 @@ def test_the_sandbox_blocks_unsafe_attribute_access(tmp_path: Path) -> None:
 def test_money_is_formatted_per_language(tmp_path: Path, lang: str, expected: str) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "default.html.j2").write_text("{{ 5990 | money('EUR') }}")
-    rendered = TemplateCatalog(tmp_path).render(EmailSpec(template="t", subject="x"), context(lang=lang))
+    email = EmailSpec(template="t", subject={"de": "x", "en": "x"})  # a language-neutral template, both languages named
+    rendered = TemplateCatalog(tmp_path).render(email, context(lang=lang))
     assert rendered.html == expected
 
 
 @pytest.mark.parametrize(("locale", "expected"), [("de-AT", "de"), ("en_GB", "en"), ("", "en"), (None, "en"), ("??", "en")])
 def test_language_of_locale(locale: str | None, expected: str) -> None:
     assert language_of(locale, "en") == expected
+
+
+# -- one language per mail ---------------------------------------------------------
+
+@pytest.fixture
+def bilingual(tmp_path: Path) -> TemplateCatalog:
+    """German and English templates that show their language, money and a date."""
+    folder = tmp_path / "offer"
+    folder.mkdir()
+    for lang, words in (("de", "Hallo"), ("en", "Hello")):
+        (folder / f"default.{lang}.html.j2").write_text(
+            f"<p>{words} {{{{ lang }}}} {{{{ 5990 | money('EUR') }}}} {{{{ now | date }}}}</p>")
+    (folder / "default.en.txt.j2").write_text("Hello (text)")
+    return TemplateCatalog(tmp_path, default_language="en")
+
+
+GERMAN_FIRST = EmailSpec(template="offer", subject={"de": "Betreff", "en": "Subject"})
+
+
+def test_a_language_without_templates_or_subject_gets_the_default_language_everywhere(
+        bilingual: TemplateCatalog) -> None:
+    rendered = bilingual.render(GERMAN_FIRST, context(lang="fr"))
+    assert rendered.subject == "Subject"  # not the first subject in the file (German)
+    assert rendered.html.startswith("<p>Hello en €59.90 ")  # body, `lang` and money agree
+    assert "Mar 14, 2026" in rendered.html  # and the date
+    assert rendered.text == "Hello (text)"
+    assert rendered.language == "en"
+
+
+def test_a_language_with_templates_but_no_subject_falls_back_as_a_whole(bilingual: TemplateCatalog) -> None:
+    (bilingual.root / "offer" / "default.fr.html.j2").write_text("<p>Bonjour {{ 5990 | money('EUR') }}</p>")
+    catalog = TemplateCatalog(bilingual.root, default_language="en")
+    rendered = catalog.render(GERMAN_FIRST, context(lang="fr"))
+    assert (rendered.subject, rendered.language) == ("Subject", "en")
+    assert "Hello en €59.90" in rendered.html and "Bonjour" not in rendered.html
+
+
+def test_a_language_with_a_subject_but_no_template_falls_back_as_a_whole(bilingual: TemplateCatalog) -> None:
+    email = EmailSpec(template="offer", subject={"fr": "Objet", "de": "Betreff", "en": "Subject"})
+    rendered = bilingual.render(email, context(lang="fr"))
+    assert (rendered.subject, rendered.language) == ("Subject", "en")
+    assert "59,90" not in rendered.html
+
+
+def test_the_customer_s_language_is_used_when_it_has_templates_and_a_subject(bilingual: TemplateCatalog) -> None:
+    rendered = bilingual.render(GERMAN_FIRST, context(lang="de"))
+    assert (rendered.subject, rendered.language) == ("Betreff", "de")
+    assert rendered.html.startswith("<p>Hallo de 59,90\xa0€ ")
+
+
+def test_the_text_part_never_comes_from_another_language(bilingual: TemplateCatalog) -> None:
+    rendered = bilingual.render(GERMAN_FIRST, context(lang="de"))
+    assert "Hello" not in rendered.text and rendered.text.startswith("Hallo de 59,90")  # derived from the HTML
+
+
+def test_a_plain_subject_serves_every_language_with_templates(bilingual: TemplateCatalog) -> None:
+    email = EmailSpec(template="offer", subject="{{ lang }}")
+    assert bilingual.languages_for(email) == {"de", "en"}
+    assert bilingual.render(email, context(lang="de")).subject == "de"
+    assert bilingual.render(email, context(lang="fr")).subject == "en"
+
+
+def test_the_customer_view_speaks_the_language_actually_used(bilingual: TemplateCatalog) -> None:
+    (bilingual.root / "offer" / "default.en.html.j2").write_text("<p>{{ customer.language }} {{ customer.locale }}</p>")
+    catalog = TemplateCatalog(bilingual.root, default_language="en")
+    french = context()["customer"].__class__("c", "e@x.fr", "Léa", None, "fr-FR", "fr")
+    rendered = catalog.render(GERMAN_FIRST, context(lang="fr", customer=french))
+    assert rendered.html == "<p>en fr-FR</p>"  # the locale stays the customer's own
+
+
+@pytest.mark.parametrize(("files", "subject", "expected"), [
+    (["default.de.html.j2", "default.en.html.j2"], {"de": "x", "en": "y"}, {"de", "en"}),
+    (["default.de.html.j2", "default.en.html.j2"], {"en": "y"}, {"en"}),                  # de: no subject
+    (["default.de.html.j2", "default.en.html.j2"], {"fr": "x", "en": "y"}, {"en"}),       # fr: no template
+    (["loyal.fr.html.j2", "default.en.html.j2"], {"fr": "x", "en": "y"}, {"en"}),         # fr only for one stage
+    (["loyal.fr.html.j2", "default.html.j2"], {"fr": "x", "en": "y"}, {"en", "fr"}),      # neutral covers the rest
+    (["default.html.j2"], "plain", {"en"}),                                               # nothing names a language
+    (["default.html.j2"], {"de": "x", "en": "y"}, {"de", "en"}),
+    (["default.de.txt.j2", "default.en.html.j2"], {"de": "x", "en": "y"}, {"en"}),        # a text part is no body
+])
+def test_languages_for_an_email(tmp_path: Path, files: list[str], subject: object, expected: set[str]) -> None:
+    (tmp_path / "t").mkdir()
+    for name in files:
+        (tmp_path / "t" / name).write_text("<p>x</p>")
+    email = EmailSpec(template="t", subject=subject)
+    assert TemplateCatalog(tmp_path, default_language="en").languages_for(email) == frozenset(expected)
+
+
+@pytest.mark.parametrize(("locale", "expected"), [("de-AT", "de"), ("fr-FR", "en"), (None, "en"), ("EN_gb", "en")])
+def test_language_of_a_locale_among_the_supported_languages(locale: str | None, expected: str) -> None:
+    assert language_of(locale, "en", frozenset({"de", "en"})) == expected
+
+
+def test_language_of_without_supported_languages_keeps_the_locale_s_language() -> None:
+    assert language_of("fr-FR", "en") == "fr"
+
+
+def test_a_french_customer_in_a_real_run_gets_subject_body_and_money_all_in_the_default_language(
+        settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    from flows.pipeline import execute, prepare_job
+
+    templates = Path(settings.templates_dir) / "winback"
+    for name in ("default.de.html.j2", "default.en.html.j2"):  # the shipped win-back shows no amount: add one
+        path = templates / name
+        path.write_text(path.read_text().replace("{% endblock %}", "<p>{{ 1500 | money('EUR') }}</p>\n{% endblock %}"))
+    lea = store.customer("Léa", locale="fr-FR")
+    store.order(lea, ago(days=500))
+    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    assert summary.outcomes == {"sent": 1}
+    [mail] = [r.message for r in smtp.handler.to(lea.email)]
+    assert mail["Subject"] == "Léa, 15% off just for you"
+    html = mail.get_body(("html",)).get_content()
+    assert "it has been more than a year" in html
+    assert "€15.00" in html and "15,00" not in html
+    assert f"{ago(days=500):%b} {ago(days=500).day}, {ago(days=500).year}" in html  # an English date

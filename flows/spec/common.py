@@ -121,8 +121,13 @@ class EmailSpec(StrictModel):
             check_sender(value)
         return value
 
-    def subject_for(self, lang: str) -> str:
-        return self.subject.get(lang) or self.subject.get("*") or next(iter(self.subject.values()))
+    def has_subject(self, lang: str) -> bool:
+        return lang in self.subject or "*" in self.subject
+
+    def subject_for(self, lang: str) -> str | None:
+        """The subject written for ``lang``, or the one plain subject. Never another
+        language's: a French reader must not get the file's first (German) subject."""
+        return self.subject.get(lang) or self.subject.get("*")
 
 
 def check_sender(value: str) -> str:
