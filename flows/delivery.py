@@ -39,7 +39,7 @@ from flows.dispatch import (
 from flows.dkim_signer import DkimSigner
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
-from flows.links import confirm_url, preferences_url, unsubscribe_url
+from flows.links import confirm_url, preferences_url, unsubscribe_url, verp_address
 from flows.render import RenderError, TemplateCatalog
 from flows.report import RETRY, SENT, WOULD_SEND, PlannedMail, failed, skipped
 from flows.settings import Settings
@@ -174,7 +174,8 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
             failures.append(Failure(c, "invalid_message", f"{type(exc).__name__}: {exc}"))
             continue
         claim = claim_for(job, c, rendered.template, msg_id)
-        prepared.append(Prepared(c, claim, Envelope(c.send_key, sender.address, c.email, data), rendered.subject))
+        return_path = verp_address(settings.bounce_address or f"bounces@{sender.domain}", secret, c.send_key)
+        prepared.append(Prepared(c, claim, Envelope(c.send_key, return_path, c.email, data), rendered.subject))
     return prepared, failures
 
 

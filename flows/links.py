@@ -1,13 +1,20 @@
 """Signed links in mails and run summaries: a forged or altered token is refused.
 
 Tokens are HMAC-signed (itsdangerous) with ``LIFECYCLE_SECRET``; each purpose has its
-own salt, so an unsubscribe token cannot be replayed as a confirmation.
+own salt, so an unsubscribe token cannot be replayed as a confirmation. The VERP token
+in each mail's Return-Path (``verp_address``) is signed with its own salt too, but is
+shorter and case-proof, to fit an address's local part.
 """
 
+import base64
+import binascii
+import hashlib
+import hmac
+import re
 from functools import lru_cache
 from typing import Any
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature, Signer, URLSafeSerializer
 
 UNSUBSCRIBE = "lifecycle.unsubscribe"
 PREFERENCES = "lifecycle.preferences"
@@ -54,3 +61,61 @@ def confirm_url(base_url: str, secret: str, customer: str) -> str:
 def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: str) -> str:
     """A link to a trigger's mail rendered with sample data; signed, so only links we made work."""
     return _url(base_url, "preview", sign(secret, PREVIEW, {"t": trigger, "s": stage, "l": language}))
+
+
+# -- VERP: the envelope sender names the send ------------------------------------------
+
+VERP = "lifecycle.verp"
+VERP_TOKEN = re.compile(r"\+([a-z2-7]{39})@", re.IGNORECASE)
+# 26 characters of the send's digest (the 128 bits its Message-ID is built from), then 13 of
+# the signature (64 bits of HMAC-SHA256): 39 in all, so ``bounces+TOKEN`` stays well inside
+# the 64 octets RFC 5321 allows a local part. Lower-case base32: some relays fold the case
+# of the address a bounce is sent to.
+_DIGEST_CHARS, _TAG_BYTES = 26, 8
+TOKEN_LENGTH = _DIGEST_CHARS + 13
+
+
+def send_digest(send_key: str) -> str:
+    """The hex digest a send's Message-ID is made of (``flows.compose.message_id``)."""
+    return hashlib.sha256(send_key.encode()).hexdigest()[:32]
+
+
+@lru_cache(maxsize=32)
+def _verp_key(secret: str) -> bytes:
+    return Signer(secret, salt=VERP, digest_method=hashlib.sha256).derive_key()
+
+
+def _tag(secret: str, digest: bytes) -> str:
+    mac = hmac.new(_verp_key(secret), digest, hashlib.sha256).digest()[:_TAG_BYTES]
+    return base64.b32encode(mac).decode().rstrip("=").lower()
+
+
+def verp_token(secret: str, send_key: str) -> str:
+    digest = bytes.fromhex(send_digest(send_key))
+    return base64.b32encode(digest).decode().rstrip("=").lower() + _tag(secret, digest)
+
+
+def read_verp_token(secret: str, token: str) -> str | None:
+    """The send's digest (hex, as in its Message-ID) a genuine token names; None for a forged one."""
+    token = token.lower()
+    if len(token) != TOKEN_LENGTH:
+        return None
+    try:
+        digest = base64.b32decode(token[:_DIGEST_CHARS].upper() + "======")
+    except (binascii.Error, ValueError):
+        return None
+    if not hmac.compare_digest(_tag(secret, digest), token[_DIGEST_CHARS:]):
+        return None
+    return digest.hex()
+
+
+def verp_address(bounce_address: str, secret: str, send_key: str) -> str:
+    """``bounces@shop.example`` → ``bounces+TOKEN@shop.example``: the Return-Path of one send."""
+    local, _, domain = bounce_address.rpartition("@")
+    return f"{local}+{verp_token(secret, send_key)}@{domain}"
+
+
+def verp_digests(secret: str, text: str) -> list[str]:
+    """Every genuine VERP token in ``text`` (addresses, headers), as send digests, in order."""
+    found = (read_verp_token(secret, match.group(1)) for match in VERP_TOKEN.finditer(text))
+    return list(dict.fromkeys(d for d in found if d))

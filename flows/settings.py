@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)
     soft_bounce_limit: int = Field(3, ge=1, description="Soft bounces within the window that suppress an address.")
     soft_bounce_window_days: float = Field(30, gt=0)
+    bounce_address: str | None = Field(None, description="Envelope sender; +TOKEN (VERP) is inserted before the @. "
+                                                         "Default: bounces@<sender domain>.")
+    ses_topic_arns: str = Field("", description="Comma-separated SNS topic ARNs whose SES notifications are accepted.")
+    sns_trusted_url_prefixes: str = Field("", description="For tests only: extra URL prefixes trusted for SNS "
+                                                          "certificates and SubscribeURLs; refused in production.")
+    postmark_webhook_user: str | None = Field(None, description="Basic-auth user in Postmark's webhook URL.")
+    postmark_webhook_password: SecretStr | None = None
 
     @property
     def claim_lease(self) -> timedelta:
@@ -65,7 +72,36 @@ class Settings(BaseSettings):
 
         return SoftBounceRule(self.soft_bounce_limit, timedelta(days=self.soft_bounce_window_days))
 
-    @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", mode="before")
+    @staticmethod
+    def _listed(value: str) -> list[str]:
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    @property
+    def ses_topics(self) -> list[str]:
+        return self._listed(self.ses_topic_arns)
+
+    @property
+    def sns_trusted_prefixes(self) -> list[str]:
+        return self._listed(self.sns_trusted_url_prefixes)
+
+    @field_validator("bounce_address")
+    @classmethod
+    def _bounce_address(cls, value: str | None) -> str | None:
+        """A plain address whose local part still fits 64 octets (RFC 5321) with ``+TOKEN`` added."""
+        if value is None:
+            return None
+        from flows.links import TOKEN_LENGTH
+
+        local, at, domain = value.strip().rpartition("@")
+        if not at or not local or not domain or any(ch in value for ch in "<>\" ,;\r\n\t"):
+            raise ValueError(f"LIFECYCLE_BOUNCE_ADDRESS must be a plain address such as bounces@shop.example, got {value!r}")
+        if len(local.encode()) + 1 + TOKEN_LENGTH > 64:
+            raise ValueError(f"LIFECYCLE_BOUNCE_ADDRESS: local part {local!r} is too long; with +TOKEN "
+                             f"({TOKEN_LENGTH + 1} characters) it must fit 64 octets")
+        return value.strip()
+
+    @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password",
+                     mode="before")
     @classmethod
     def _from_secret_block(cls, value: object) -> object:
         """``prefect-secret:NAME`` reads the value from the Prefect Secret block NAME."""
@@ -88,6 +124,9 @@ class Settings(BaseSettings):
                 raise ValueError("LIFECYCLE_SECRET must be set in production (it signs unsubscribe links)")
         elif len(self.secret.get_secret_value()) < 16:
             raise ValueError("LIFECYCLE_SECRET must be at least 16 characters")
+        if self.environment == "production" and self.sns_trusted_prefixes:
+            raise ValueError("LIFECYCLE_SNS_TRUSTED_URL_PREFIXES is for tests; production trusts only "
+                             "https://sns.<region>.amazonaws.com")
         return self
 
 
