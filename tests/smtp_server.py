@@ -15,6 +15,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from flows.outbox import free_port
 
@@ -48,6 +49,7 @@ class RecordingHandler:
         self.received: list[Received] = []
         self.scripts: dict[str, Script] = defaultdict(Script)
         self.rcpt_attempts: dict[str, int] = defaultdict(int)
+        self.refuse_every_rcpt: str | None = None  # a reply to every RCPT no script answers: a broken relay
         self.lock = threading.Lock()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
@@ -60,6 +62,8 @@ class RecordingHandler:
                 return "421 closing"
             if script and script.rcpt:
                 return script.rcpt.pop(0)
+            if self.refuse_every_rcpt:
+                return self.refuse_every_rcpt
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -84,10 +88,26 @@ class RecordingHandler:
 
 
 class SmtpServer:
-    def __init__(self, data_delay: float = 0.0) -> None:
+    """``credentials``: the server offers AUTH (PLAIN, LOGIN; without TLS, loopback only) and
+    takes only this login; ``auth_required``: MAIL before a login is answered 530."""
+
+    def __init__(self, data_delay: float = 0.0, credentials: tuple[str, str] | None = None,
+                 auth_required: bool = False) -> None:
         self.handler = RecordingHandler(data_delay)
         self.port = free_port()
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, decode_data=False)
+        self.credentials = credentials
+        self.logins: list[tuple[str, bool]] = []  # (login, accepted), one per AUTH attempt
+        auth = {"auth_require_tls": False, "authenticator": self._authenticate} if credentials else {}
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, decode_data=False,
+                                     auth_required=auth_required, **auth)
+
+    def _authenticate(self, server: object, session: object, envelope: object, mechanism: str,
+                      auth_data: object) -> AuthResult:
+        assert self.credentials is not None and isinstance(auth_data, LoginPassword)
+        login, password = auth_data.login.decode(), auth_data.password.decode()
+        accepted = (login, password) == self.credentials
+        self.logins.append((login, accepted))
+        return AuthResult(success=accepted, auth_data=auth_data if accepted else None)
 
     @property
     def url(self) -> str:
