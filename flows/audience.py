@@ -9,12 +9,28 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sqlalchemy import DateTime, Engine, Row, Select, and_, exists, false, func, null, or_, select, true, type_coerce
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Row,
+    Select,
+    String,
+    and_,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    true,
+    type_coerce,
+)
+from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
 from flows.kinds.base import Kind
+from flows.ledger import awaiting
 from flows.memory import frozen_heap
 from flows.policy import QUIET_HOURS, customer_zone, longest_window, next_allowed
 from flows.render import language_of
@@ -40,9 +56,11 @@ class Skip(StrEnum):
     NO_CONSENT = "no_consent"
     CONSENT_PENDING = "consent_pending"  # asked, not yet confirmed (double opt-in)
     OPTED_OUT = "opted_out"  # left this category on the preference page
+    DUPLICATE_ADDRESS = "duplicate_address"  # another customer record speaks for this mailbox
     REENTRY = "reentry"
     ALREADY_SENT = "already_sent"
     EXPIRED = "expired"  # deferred longer than its trigger allows
+    NO_LONGER_DUE = "no_longer_due"  # deferred, and by its moment its occurrence was no longer due
     UNSUBSCRIBED = "unsubscribed_during_run"  # checked again just before sending
     # Not skipped for good: deferred to the next allowed moment by the sending policy.
     QUIET_HOURS = "deferred:quiet_hours"
@@ -71,25 +89,23 @@ class Candidate(NamedTuple):
     skip: Skip | None = None
     timezone: str | None = None
     not_before: datetime | None = None  # set when deferred by the policy
+    deferred: bool = False  # the ledger holds a deferral of this very key
 
 
 def send_key(trigger: str, customer_id: int, occurrence: str) -> str:
     return f"{trigger}/{customer_id}/{occurrence}"
 
 
-def deferred_due(trigger: TriggerBase, now: datetime) -> Select:
-    """This trigger's deferred sends whose moment has come (for the sweep after the audience)."""
-    return select(Send.customer_id, Send.ref_id, null().label("ref_time"), Send.occurrence, Send.send_key).where(
-        Send.trigger == trigger.name, Send.status == SendStatus.DEFERRED, Send.not_before <= now)
-
-
 def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime,
-                   due: Select | None = None) -> Select:
-    """Everyone due (or, with ``due``, those rows: deferred sends, already past the audience
-    filters), in customer order, each customer's stage computed once."""
-    sweep = due is not None
-    due = due if sweep else kind.due(trigger, now)
-    if not sweep and _over_customers(due):
+                   deferred_only: bool = False) -> Select:
+    """Everyone due, in customer order, each customer's stage computed once.
+
+    ``deferred_only`` keeps the customers with a deferral of this trigger that has come
+    due (the deferred sweep): their deferrals are decided exactly as fresh mail is, by
+    the same query, so a deferral never outlives its occurrence's window or audience.
+    """
+    due = kind.due(trigger, now)
+    if _over_customers(due):
         # The kind's filter goes straight into this query: joining customers to a
         # subquery over customers cost a second lookup per customer.
         columns = due.selected_columns
@@ -104,6 +120,7 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         base = select().select_from(subquery).join(Customer, Customer.id == subquery.c.customer_id)
     stage = customer_stage(rules, now)
     audience = trigger.audience
+    marketing = kind.category == "marketing"
 
     query = base.add_columns(  # read positionally by _classifier: keep the order
         Customer.id,
@@ -124,16 +141,14 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         exists().where(CategoryOptOut.customer_id == Customer.id,
                        CategoryOptOut.category == kind.name).label("opted_out"),
         _reentry_blocked(trigger, now).label("reentry_blocked"),
+        (_spoken_for() if marketing else false()).label("duplicate_address"),
     )
-    if sweep:
-        query = query.add_columns(subquery.c.occurrence, subquery.c.send_key)
-        occurrence += [subquery.c.occurrence, subquery.c.send_key]
-    if audience.locales and not sweep:
+    if deferred_only:
+        query = query.where(exists().where(Send.customer_id == Customer.id, awaiting(trigger.name, now)))
+    if audience.locales:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
     # Grouped and ordered alike, so that both databases stream it without sorting.
     query = with_orders(query, Customer.id, now).group_by(*occurrence).order_by(*occurrence)
-    if sweep:
-        return query
     if audience.stages:
         query = query.having(stage.in_(audience.stages))
     if audience.min_orders is not None:
@@ -174,19 +189,37 @@ def withdrawn(engine: Engine, kind: Kind, customer_ids: Sequence[int]) -> set[in
         return set(connection.execute(select(Customer.id).where(among, blocked)).scalars())
 
 
+# A send that happened (or may have): it counts for re-entry and frequency caps.
+DELIVERED = (SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT, SendStatus.BOUNCED, SendStatus.COMPLAINED)
+
+
+def address(email: Any) -> Any:
+    """A mailbox as Lifecycle compares them: customers sharing one are one recipient."""
+    return func.lower(email, type_=String())
+
+
 def _reentry_blocked(trigger: TriggerBase, now: datetime):
-    """True when an earlier send of this trigger to the customer forbids another now."""
+    """True when an earlier send of this trigger to the customer, or to the customer's
+    mailbox under another customer record, forbids another now."""
     rule = trigger.reentry
     if rule.mode == "every_occurrence":
         return false()
-    earlier = and_(
-        Send.trigger == trigger.name,
-        Send.customer_id == Customer.id,
-        Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT]),
-    )
+    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED))
     if rule.mode == "cooldown":
         earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
-    return exists().where(earlier)
+    by_address = exists().where(address(Send.email) == address(Customer.email), Send.category == "marketing",
+                                earlier)
+    return or_(exists().where(Send.customer_id == Customer.id, earlier), by_address)
+
+
+def _spoken_for():
+    """True when another customer record with the same mailbox speaks for it: the one most
+    recently active (last seen, else signed up), the newer record on a tie. Marketing goes
+    to one record per mailbox, personalised with that record's data."""
+    other = aliased(Customer)
+    mine, theirs = (func.coalesce(c.last_seen_at, c.created_at) for c in (Customer, other))
+    return exists().where(address(other.email) == address(Customer.email), other.id != Customer.id,
+                          or_(theirs > mine, and_(theirs == mine, other.id > Customer.id)))
 
 
 def stream_candidates(
@@ -198,24 +231,68 @@ def stream_candidates(
     batch_size: int,
     default_language: str,
     policy: Policy | None = None,
-    due: Select | None = None,
+    deferred_only: bool = False,
     lease: timedelta = timedelta(minutes=10),
+    run_id: str = "",
 ) -> Iterator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
 
     Marketing candidates also pass the sending ``policy``: those it holds back come out
-    deferred, with the moment they may go (``not_before``).
+    deferred, with the moment they may go (``not_before``). With ``deferred_only`` only
+    candidates whose deferral is on record come out (the deferred sweep).
+
+    A customer's rows are adjacent (customer order), so a second occurrence of the same
+    customer within this run is seen as what it is, even across a batch boundary: blocked
+    by re-entry, or held back by the caps, exactly as the run that sends the first would
+    find it in the ledger. That is what makes a dry run predict the run.
     """
-    query = audience_query(trigger, kind, rules, now, due)
-    classify = _classifier(trigger, kind, now, default_language, swept=due is not None)
+    query = audience_query(trigger, kind, rules, now, deferred_only)
+    classify = _classifier(trigger, kind, now, default_language)
+    in_run = _InRun(trigger.reentry.mode != "every_occurrence")
     # Batches are handled (sent, in a run) while this waits at ``yield``, still frozen.
     with frozen_heap(), engine.connect() as reader, Session(engine) as ledger:
         chunks = reader.execution_options(yield_per=batch_size).execute(query).partitions(batch_size)
         for rows in chunks if engine.dialect.name == "sqlite" else _read_ahead(chunks):
-            batch = _mark_already_sent(ledger, trigger.name, [classify(row) for row in rows], now, lease)
+            batch = _mark_already_sent(ledger, trigger, [classify(row) for row in rows], now, lease)
+            if deferred_only:
+                batch = [c for c in batch if c.deferred]
+            batch = in_run.reentry(batch)
             if policy is not None and kind.category == "marketing":
-                batch = _apply_policy(ledger, batch, policy, now)
+                batch = _apply_policy(ledger, batch, policy, now, in_run, run_id)
             yield batch
+
+
+class _InRun:
+    """This run's own earlier occurrences and mails for the customer at hand (rows come in
+    customer order). Re-entry and the caps each walk the batch on their own, so each keeps
+    its own place."""
+
+    def __init__(self, once: bool) -> None:
+        self.once = once  # re-entry forbids a second occurrence at the same moment
+        self.taken: int | None = None  # the customer with an occurrence due (or deferred) in this run
+        self.customer: int | None = None
+        self.planned = 0  # mails this run sends (or would send) to ``customer`` so far
+
+    def reentry(self, batch: list[Candidate]) -> list[Candidate]:
+        if not self.once:
+            return batch
+        out = []
+        for c in batch:
+            if c.skip is None or c.skip.deferred:
+                if self.taken == c.customer_id:
+                    c = c._replace(skip=Skip.REENTRY, not_before=None)
+                self.taken = c.customer_id  # a deferred one too: it keeps its place
+            out.append(c)
+        return out
+
+    def earlier(self, customer_id: int) -> int:
+        if customer_id != self.customer:
+            self.customer, self.planned = customer_id, 0
+        return self.planned
+
+    def plan(self, customer_id: int) -> None:
+        self.earlier(customer_id)
+        self.planned += 1
 
 
 def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
@@ -230,8 +307,7 @@ def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
             yield chunk
 
 
-def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str,
-                swept: bool) -> Callable[[Row], Candidate]:
+def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str) -> Callable[[Row], Candidate]:
     """Turns an audience row into a candidate, skipped or not. Runs once per row of
     audiences of hundreds of thousands, so everything that does not vary is settled here."""
     marketing = kind.category == "marketing"
@@ -240,15 +316,14 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
     def classify(row: Row) -> Candidate:
         # Unpacked in audience_query's column order: by far the cheapest way to read a row.
         (customer_id, external_id, email, first_name, last_name, locale, consent, consent_requested, timezone,
-         ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked, *recorded) = row
-        if swept:  # a deferred send: its occurrence and key are on record
-            occurrence, key = recorded
-        else:
-            occurrence = kind.occurrence(trigger, now, ref_id, ref_time)
-            key = send_key(trigger.name, customer_id, occurrence)
+         ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked, duplicate_address) = row
+        occurrence = kind.occurrence(trigger, now, ref_id, ref_time)
+        key = send_key(trigger.name, customer_id, occurrence)
         skip = None
         if not email:
             skip = Skip.NO_EMAIL
+        elif duplicate_address:
+            skip = Skip.DUPLICATE_ADDRESS
         elif suppressed:
             skip = Skip.SUPPRESSED
         elif marketing and not consent:
@@ -266,63 +341,88 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
     return classify
 
 
-def _mark_already_sent(session: Session, trigger: str, batch: list[Candidate], now: datetime,
+def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candidate], now: datetime,
                        lease: timedelta) -> list[Candidate]:
     """One lookup per batch; the claim at dispatch remains the real guard.
 
-    A key deferred earlier whose moment has come stays due: the claim picks it up.
-    The lookup walks the trigger's sends over the batch's range of customers (the
-    audience comes in customer order), for the batch's occurrences: an index range
-    scan, where thousands of single-key probes cost ten times more.
+    A key deferred earlier is decided like a fresh one: whatever skips a fresh mail
+    (consent, suppression, re-entry) skips it; otherwise it waits for its moment, or
+    goes once the moment has come (the claim picks it up). The lookup walks the
+    trigger's sends over the batch's range of customers (the audience comes in customer
+    order), for the batch's occurrences: an index range scan, where thousands of
+    single-key probes cost ten times more.
     """
     if not batch:
         return batch
     ids = [c.customer_id for c in batch]
-    rows = session.execute(select(Send.send_key, Send.status, Send.not_before, Send.claimed_at).where(
-        Send.trigger == trigger, Send.customer_id.between(min(ids), max(ids)),
-        one_of(Send.occurrence, {c.occurrence for c in batch}, session.get_bind().dialect.name)))
-    known = {key: (status, not_before, claimed_at) for key, status, not_before, claimed_at in rows}
-    session.rollback()  # end the read transaction so SQLite can checkpoint
+    rows = session.execute(select(Send.send_key, Send.status, Send.not_before, Send.expires_at, Send.claimed_at)
+                           .where(Send.trigger == trigger.name, Send.customer_id.between(min(ids), max(ids)),
+                                  one_of(Send.occurrence, {c.occurrence for c in batch},
+                                         session.get_bind().dialect.name)))
+    known = {key: rest for key, *rest in rows}
     stale = utcnow() - lease
     marked = []
     for c in batch:
-        if c.send_key in known and c.skip in (None, Skip.REENTRY):
-            status, not_before, claimed_at = known[c.send_key]
-            if status == SendStatus.CLAIMED and claimed_at < stale:
-                c = c._replace(skip=None)  # its run died before sending it: the claim takes it over
-            elif status == SendStatus.DEFERRED:
-                c = c._replace(skip=None) if not_before <= now else c._replace(skip=Skip.WAITING, not_before=not_before)
-            else:
+        if c.send_key in known:
+            status, not_before, expires_at, claimed_at = known[c.send_key]
+            if status == SendStatus.DEFERRED:
+                c = c._replace(deferred=True)
+                if expires_at is not None and expires_at <= now:
+                    c = c._replace(skip=Skip.EXPIRED)
+                elif c.skip is None and not_before > now:
+                    c = c._replace(skip=Skip.WAITING, not_before=not_before)
+            elif status == SendStatus.CLAIMED and claimed_at < stale:
+                # Its run died before sending it: the claim takes it over, unless something
+                # other than that very claim forbids the mail now.
+                if c.skip == Skip.REENTRY and not _blocked_by_another(session, trigger, c, now):
+                    c = c._replace(skip=None)
+            elif c.skip is None or c.skip == Skip.REENTRY:
                 c = c._replace(skip=Skip.EXPIRED if status == SendStatus.EXPIRED else Skip.ALREADY_SENT)
         marked.append(c)
+    session.rollback()  # end the read transaction so SQLite can checkpoint
     return marked
 
 
-def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now: datetime) -> list[Candidate]:
+def _blocked_by_another(session: Session, trigger: TriggerBase, c: Candidate, now: datetime) -> bool:
+    """Re-entry for a claim about to be taken over, not counting that claim (rare: crash reruns)."""
+    rule = trigger.reentry
+    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED), Send.send_key != c.send_key,
+                   or_(Send.customer_id == c.customer_id, address(Send.email) == (c.email or "").lower()))
+    if rule.mode == "cooldown":
+        earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
+    return session.execute(select(exists().where(earlier))).scalar_one()
+
+
+def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now: datetime,
+                  in_run: "_InRun", run_id: str) -> list[Candidate]:
     """Frequency caps and quiet hours, with one query for the whole batch's recent sends.
 
-    A candidate's own key does not count against it: a dead run's unsent claim of that
-    very mail, about to be taken over, is not an earlier mail.
+    Caps count per mailbox: every marketing mail to the address, under any customer
+    record. A candidate's own key does not count against it: a dead run's unsent claim
+    of that very mail, about to be taken over, is not an earlier mail. This run's own
+    mails count from what the run planned (``in_run``), never from the ledger, whatever
+    its senders have written by now: so a dry run and the run decide alike.
     """
     due = [c for c in batch if c.skip is None]
     if not due:
         return batch
-    recent: dict[int, list[tuple[str, datetime]]] = {}
+    recent: dict[str, list[tuple[str, datetime]]] = {}
     window = longest_window(policy)
     if window:
-        ids = [c.customer_id for c in due]  # in customer order: one index range scan
-        rows = session.execute(select(Send.customer_id, Send.send_key, Send.evaluated_at).where(
-            Send.customer_id.between(min(ids), max(ids)), Send.category == "marketing",
-            Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT]),
-            Send.evaluated_at > now - window, Send.evaluated_at <= now))
-        for customer_id, key, at in rows:
-            recent.setdefault(customer_id, []).append((key, at))
+        addresses = {(c.email or "").lower() for c in due}
+        rows = session.execute(select(address(Send.email), Send.send_key, Send.evaluated_at).where(
+            one_of(address(Send.email), addresses, session.get_bind().dialect.name), Send.category == "marketing",
+            Send.status.in_(DELIVERED), Send.evaluated_at > now - window, Send.evaluated_at <= now,
+            Send.run_id != run_id))
+        for mailbox, key, at in rows:
+            recent.setdefault(mailbox, []).append((key, at))
         session.rollback()
     out = []
     unsent: dict[str | None, tuple[datetime, str | None]] = {}  # by time zone, for customers with no recent send
     for c in batch:
         if c.skip is None:
-            earlier = [at for key, at in recent.get(c.customer_id, ()) if key != c.send_key]
+            earlier = [at for key, at in recent.get((c.email or "").lower(), ()) if key != c.send_key]
+            earlier += [now] * in_run.earlier(c.customer_id)
             if not earlier and c.timezone in unsent:
                 moment, reason = unsent[c.timezone]
             else:
@@ -332,6 +432,8 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
                     unsent[c.timezone] = moment, reason
             if reason is not None:
                 c = c._replace(skip=Skip.QUIET_HOURS if reason == QUIET_HOURS else Skip.FREQUENCY_CAP,
-                            not_before=moment)
+                               not_before=moment)
+            else:
+                in_run.plan(c.customer_id)
         out.append(c)
     return out

@@ -5,11 +5,21 @@ plan the same key; only one INSERT wins, and only the winner sends. See
 ``models.ledger`` for the states and what a crash leaves behind.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -146,13 +156,45 @@ def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | Non
         connection.execute(statement, rows)
 
 
-def expire(engine: Engine, trigger: str, now: datetime) -> int:
-    """Deferred sends past their trigger's ``deferred_expires_after`` will not go out."""
+EXPIRED_AFTER = "deferred longer than deferred_expires_after"
+NO_LONGER_DUE = "no longer due when its moment came"
+
+
+def awaiting(trigger: str, now: datetime) -> ColumnElement[bool]:
+    """Deferrals of ``trigger`` whose moment, or expiry, has come (``sends`` rows)."""
+    return and_(Send.trigger == trigger, Send.status == SendStatus.DEFERRED,
+                or_(Send.not_before <= now, Send.expires_at <= now))
+
+
+def close_deferred(engine: Engine, trigger: str, now: datetime, handled: Collection[str],
+                   expired: Collection[str], dry_run: bool = False) -> list[tuple[str, str]]:
+    """End the deferrals that a complete pass over the trigger's audience did not keep.
+
+    The pass decided the deferrals it met (``handled``) like fresh mail, and found
+    ``expired`` ones among them past their ``deferred_expires_after``. Those it did not
+    meet are no longer due: their campaign slot's send window passed, the cart was
+    ordered, the customer left the audience. Both become ``expired``, with the reason in
+    ``error`` (a dry run changes nothing). Returns ``(stage, reason)`` of those it did not
+    meet, the reason being ``EXPIRED_AFTER`` or ``NO_LONGER_DUE``.
+    """
     with engine.begin() as connection:
-        result = connection.execute(
-            update(Send).where(Send.trigger == trigger, Send.status == SendStatus.DEFERRED, Send.expires_at <= now)
-            .values(status=SendStatus.EXPIRED, finished_at=utcnow()))
-        return result.rowcount or 0
+        rows = connection.execute(select(Send.send_key, Send.stage, Send.expires_at)
+                                  .where(awaiting(trigger, now))).all()
+        closing: dict[str, tuple[str, str]] = {}
+        for key, stage, expires_at in rows:
+            if key in expired or (key not in handled and expires_at is not None and expires_at <= now):
+                closing[key] = (stage, EXPIRED_AFTER)
+            elif key not in handled:
+                closing[key] = (stage, NO_LONGER_DUE)
+        if closing and not dry_run:
+            finished = utcnow()
+            for reason in (EXPIRED_AFTER, NO_LONGER_DUE):
+                keys = [key for key, (_, why) in closing.items() if why == reason]
+                if keys:
+                    connection.execute(update(Send).where(one_of(Send.send_key, keys, engine.dialect.name),
+                                                          Send.status == SendStatus.DEFERRED)
+                                       .values(status=SendStatus.EXPIRED, finished_at=finished, error=reason))
+    return [closing[key] for key in closing if key not in handled]
 
 
 def record(engine: Engine, outcomes: Iterable[Outcome]) -> None:

@@ -14,7 +14,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack
-from itertools import chain
 from typing import Any
 
 from prefect import flow, task
@@ -26,7 +25,7 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from flows import ledger
-from flows.audience import Candidate, Skip, deferred_due, stream_candidates
+from flows.audience import Candidate, Skip, stream_candidates
 from flows.clock import parse_now
 from flows.delivery import (
     PLANNED_LINES,
@@ -76,9 +75,13 @@ def _to_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> 
 def execute(job: Job, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
             should_stop: Callable[[], bool] = lambda: False, audience: bool = True,
             submit: SubmitStep = _to_sender) -> RunSummary:
-    """Run the stages batch by batch: first everyone due, then the sends the policy deferred
-    whose moment has come (``audience=False``: only those). ``should_stop`` is asked between
-    batches (graceful shutdown).
+    """Run the stages batch by batch over everyone due (``audience=False``: only those whose
+    deferral has come due, the deferred sweep). ``should_stop`` is asked between batches
+    (graceful shutdown).
+
+    A deferral is decided by the same query and rules as fresh mail; the deferrals whose
+    moment has come that a complete pass did not meet are no longer due, and are closed
+    (``ledger.close_deferred``).
 
     The first batch is sent here. If another full batch follows, ``LIFECYCLE_WORKERS - 1``
     sender processes start: each works on one batch and has one more queued (``submit``);
@@ -92,15 +95,6 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
     summary = RunSummary(job.trigger.name, job.now, job.dry_run)
     log.info("Evaluating %s (%s) as of %s%s", job.trigger.name, job.trigger.kind, job.now.isoformat(),
              " (dry run)" if job.dry_run else "")
-    if not job.dry_run:
-        expired = ledger.expire(engine, job.trigger.name, job.now)
-        if expired:
-            summary.add("-", skipped(Skip.EXPIRED), expired)
-            log.info("%d deferred send(s) expired (deferred_expires_after)", expired)
-
-    def stream(due=None):  # noqa: ANN001, ANN202
-        return stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
-                                 settings.default_language, job.policy, due, settings.claim_lease)
 
     def finish(number: int, size: int, due: int, why: str, outcome: BatchOutcome) -> None:
         summary.merge(outcome.counts)
@@ -124,16 +118,18 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
     parallel = settings.workers > 1 and not job.dry_run
     senders: SenderPool | None = None
     pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
-    streams = [stream()] if audience else []
-    streams.append(stream(deferred_due(job.trigger, job.now)))
+    deferrals = _Deferrals()
     with ExitStack() as stack:
-        for opened in streams:  # closed on every way out, a failure too: each holds a connection
-            stack.callback(opened.close)
-        for number, batch in enumerate(chain.from_iterable(streams), start=1):
+        batches = stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
+                                    settings.default_language, job.policy, deferred_only=not audience,
+                                    lease=settings.claim_lease, run_id=job.run_id)
+        stack.callback(batches.close)  # on every way out, a failure too: it holds a connection
+        for number, batch in enumerate(batches, start=1):
             if should_stop():
                 log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
                 summary.interrupted = True
                 break
+            deferrals.met(batch)
             due, why = _classify(job, batch, summary)
             if not due:
                 log.info("Batch %d: %d candidates, none due (skipped: %s)", number, len(batch), why)
@@ -148,8 +144,30 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
                     continue
             finish(number, len(batch), len(due), why, deliver(job, due, number, render, dispatch))
         settle(finished_only=False)  # a shutdown too lets the batches already handed over finish
+    if not summary.interrupted:  # only a pass over the whole audience knows what is no longer due
+        closed = ledger.close_deferred(engine, job.trigger.name, job.now, deferrals.handled, deferrals.expired,
+                                       job.dry_run)
+        for stage, reason in closed:
+            summary.add(stage, skipped(Skip.EXPIRED if reason == ledger.EXPIRED_AFTER else Skip.NO_LONGER_DUE))
+        if closed:
+            log.info("%d deferred send(s) closed unsent: past deferred_expires_after, or no longer due", len(closed))
     log.info(summary.headline())
     return summary
+
+
+class _Deferrals:
+    """The deferrals of this trigger a run met in its audience (the rest are no longer due)."""
+
+    def __init__(self) -> None:
+        self.handled: set[str] = set()
+        self.expired: set[str] = set()
+
+    def met(self, batch: Sequence[Candidate]) -> None:
+        for c in batch:
+            if c.deferred:
+                self.handled.add(c.send_key)
+                if c.skip == Skip.EXPIRED:
+                    self.expired.add(c.send_key)
 
 
 def _classify(job: Job, batch: Sequence[Candidate], summary: RunSummary) -> tuple[list[Candidate], str]:

@@ -133,3 +133,54 @@ def test_service_mail_ignores_the_policy(settings: Settings, store: Store, smtp:
     customer = customer_in(store, "America/Los_Angeles", "Liz")
     store.complaint(customer, ago(hours=1))
     assert execute(prepare_job("complaint-ack", NOW, settings=settings)).outcomes == {"sent": 1}
+
+
+# -- deferral obeys the trigger's own rules (re-entry, send window, audience) ------------
+
+def sent_earlier(store: Store, customer: Customer, trigger: str, moment: datetime) -> None:
+    """Another marketing mail on record for ``customer`` (so the 16-hour cap applies)."""
+    claim = ledger.Claim(f"{trigger}/{customer.id}/x", trigger, customer.id, "x", "lapsed", "t", customer.email,
+                         f"<{trigger}.{customer.id}@shop.example>")
+    ledger.claim(store.engine, [claim], "an-earlier-run", moment)
+    ledger.record(store.engine, [ledger.Outcome(claim.send_key, ledger.SendStatus.SENT)])
+
+
+def winback_keys(store: Store) -> dict[str, str]:
+    with Session(store.engine) as session:
+        return dict(session.execute(select(Send.occurrence, Send.status).where(Send.trigger == "winback-lapsed")).all())
+
+
+def test_a_deferred_campaign_slot_is_never_sent_after_its_window_nor_besides_a_newer_one(
+        settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    """Issue: deferred win-backs went out 21 days late and again 25 hours later (reentry 60d)."""
+    customer = customer_in(store, "Europe/Berlin")
+    sent_earlier(store, customer, "abandoned-cart", NOW - timedelta(hours=1))
+    first = execute(prepare_job("winback-lapsed", NOW, settings=settings))  # the 16 March slot
+    assert first.outcomes == {"deferred:frequency_cap": 1}
+
+    sunday = datetime(2026, 4, 5, 9, 0, tzinfo=UTC)  # the 30 March slot is due; the 16 March one is past its 7 days
+    monday = datetime(2026, 4, 6, 10, 0, tzinfo=UTC)  # the 6 April slot: 25 hours later, inside re-entry's 60 days
+    for moment, expected in ((sunday, 1), (monday, 0)):
+        planned = execute(prepare_job("winback-lapsed", moment, settings=settings, dry_run=True))
+        real = execute(prepare_job("winback-lapsed", moment, settings=settings))
+        assert planned.outcomes["would_send"] == real.outcomes["sent"] == expected
+        assert [p.customer for p in planned.planned] == [customer.external_id] * expected
+    assert [r.recipients for r in smtp.received] == [[customer.email]]
+    assert winback_keys(store) == {"slot:20260316T090000Z": "expired", "slot:20260330T080000Z": "sent"}
+
+
+def test_a_deferred_mail_is_checked_again_when_its_moment_comes(settings: Settings, store: Store,
+                                                                smtp: SmtpServer) -> None:
+    """Consent, suppression and the audience's own filters hold for a deferral as for a fresh mail."""
+    withdrawn, suppressed, ordered = (customer_in(store, "America/Los_Angeles", name) for name in ("W", "S", "O"))
+    assert execute(prepare_job("winback-lapsed", NOW, settings=settings)).outcomes == {"deferred:quiet_hours": 3}
+    with Session(store.engine) as session:
+        row = session.get(Customer, withdrawn.id)
+        row.marketing_consent = False
+        session.add(row)
+        session.commit()
+    store.suppress(suppressed.email)
+    store.order(ordered, NOW + timedelta(hours=1))  # no longer lapsed: out of the win-back's audience
+    swept = execute(prepare_job("winback-lapsed", at(16, 15, 5), settings=settings), audience=False)
+    assert swept.outcomes == {"skipped:no_consent": 1, "skipped:suppressed": 1, "skipped:no_longer_due": 1}
+    assert smtp.received == []
