@@ -184,3 +184,54 @@ def test_a_deferred_mail_is_checked_again_when_its_moment_comes(settings: Settin
     swept = execute(prepare_job("winback-lapsed", at(16, 15, 5), settings=settings), audience=False)
     assert swept.outcomes == {"skipped:no_consent": 1, "skipped:suppressed": 1, "skipped:no_longer_due": 1}
     assert smtp.received == []
+
+
+# -- one mailbox, one mail ---------------------------------------------------------------
+
+def test_customers_sharing_an_address_get_one_mail_personalised_by_the_most_recent_record(
+        settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    """Issue: a guest checkout and an account with the same address got the campaign twice in one run."""
+    guest = store.customer("Gast", email="pat@example.com", last_seen=ago(days=3))
+    account = store.customer("Pat", email="Pat@Example.com", last_seen=ago(hours=2))
+    for customer in (guest, account):
+        store.order(customer, ago(days=500))
+    planned = execute(prepare_job("winback-lapsed", NOW, settings=settings, dry_run=True))
+    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    assert planned.outcomes == {"would_send": 1, "skipped:duplicate_address": 1}
+    assert summary.outcomes == {"sent": 1, "skipped:duplicate_address": 1}
+    [mail] = smtp.received
+    assert mail.recipients == ["Pat@Example.com"] and mail.message["Subject"].startswith("Pat,")
+
+    # The guest record becomes the recent one: re-entry still counts the mailbox's win-back.
+    with Session(store.engine) as session:
+        row = session.get(Customer, guest.id)
+        row.last_seen_at = NOW + timedelta(days=1)
+        session.add(row)
+        session.commit()
+    next_week = execute(prepare_job("winback-lapsed", NOW + timedelta(days=7), settings=settings))
+    assert next_week.outcomes == {"skipped:reentry": 1, "skipped:duplicate_address": 1}
+    assert len(smtp.received) == 1
+
+
+def test_frequency_caps_count_every_mail_to_the_mailbox(settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    old = customer_in(store, "Europe/Berlin", "Alt")
+    new = store.customer("Neu", email=old.email.upper(), last_seen=ago(hours=1))
+    store.order(new, ago(days=500))
+    sent_earlier(store, old, "abandoned-cart", NOW - timedelta(hours=2))  # to the other record
+    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    assert summary.outcomes == {"deferred:frequency_cap": 1, "skipped:duplicate_address": 1}
+    assert smtp.received == []
+
+
+@pytest.mark.parametrize("batch_size", [10, 1])  # the customer's two carts in one batch, or split across two
+def test_two_carts_of_one_customer_make_one_reminder_and_the_dry_run_says_so(
+        settings: Settings, store: Store, smtp: SmtpServer, batch_size: int) -> None:
+    customer = store.customer("Carla")
+    store.cart(customer, ago(hours=3))
+    store.cart(customer, ago(hours=4))
+    run = settings.model_copy(update={"batch_size": batch_size, "workers": 1})
+    planned = execute(prepare_job("abandoned-cart", NOW, settings=run, dry_run=True))
+    summary = execute(prepare_job("abandoned-cart", NOW, settings=run))
+    assert planned.outcomes == {"would_send": 1, "skipped:reentry": 1}
+    assert summary.outcomes == {"sent": 1, "skipped:reentry": 1}
+    assert [r.recipients for r in smtp.received] == [[customer.email]]
