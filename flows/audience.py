@@ -234,6 +234,7 @@ def stream_candidates(
     deferred_only: bool = False,
     lease: timedelta = timedelta(minutes=10),
     run_id: str = "",
+    languages: frozenset[str] | None = None,
 ) -> Iterator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
 
@@ -247,7 +248,7 @@ def stream_candidates(
     find it in the ledger. That is what makes a dry run predict the run.
     """
     query = audience_query(trigger, kind, rules, now, deferred_only)
-    classify = _classifier(trigger, kind, now, default_language)
+    classify = _classifier(trigger, kind, now, default_language, languages)
     in_run = _InRun(trigger.reentry.mode != "every_occurrence")
     # Batches are handled (sent, in a run) while this waits at ``yield``, still frozen.
     with frozen_heap(), engine.connect() as reader, Session(engine) as ledger:
@@ -307,7 +308,8 @@ def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
             yield chunk
 
 
-def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str) -> Callable[[Row], Candidate]:
+def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str,
+                supported: frozenset[str] | None) -> Callable[[Row], Candidate]:
     """Turns an audience row into a candidate, skipped or not. Runs once per row of
     audiences of hundreds of thousands, so everything that does not vary is settled here."""
     marketing = kind.category == "marketing"
@@ -334,7 +336,7 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
             skip = Skip.REENTRY
         language = languages.get(locale)
         if language is None:
-            language = languages[locale] = language_of(locale, default_language)
+            language = languages[locale] = language_of(locale, default_language, supported)
         return Candidate(customer_id, external_id, email, first_name, last_name, locale or default_language,
                          language, stage, ref_id, occurrence, key, skip, timezone)
 
