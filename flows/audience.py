@@ -240,7 +240,9 @@ def stream_candidates(
 
     Marketing candidates also pass the sending ``policy``: those it holds back come out
     deferred, with the moment they may go (``not_before``). With ``deferred_only`` only
-    candidates whose deferral is on record come out (the deferred sweep).
+    candidates whose deferral is on record come out (the deferred sweep). Each gets one
+    language for the whole mail: its own if in ``languages`` (those the trigger's email
+    has a subject and a body for), else the default.
 
     A customer's rows are adjacent (customer order), so a second occurrence of the same
     customer within this run is seen as what it is, even across a batch boundary: blocked
