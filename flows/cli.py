@@ -67,8 +67,9 @@ def _now(value: str | None) -> datetime:
 
 def print_problems(problems: list[Problem]) -> None:
     for problem in problems:
+        label = "[bold yellow]warning:[/] " if problem.severity == "warning" else ""
         errors.print(f"[bold red]{problem.location}[/]: " + (f"[yellow]{problem.field}[/]: " if problem.field else "")
-                     + problem.message, markup=True, highlight=False, soft_wrap=True)
+                     + label + problem.message, markup=True, highlight=False, soft_wrap=True)
         if problem.snippet:
             errors.print(problem.snippet, markup=False, highlight=False)
         errors.print()
@@ -85,6 +86,7 @@ def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> No
 
     settings = _settings(triggers, templates)
     project = load(settings)
+    print_problems(project.warnings)  # shown, never failing: such a mail goes out in the default language
     if project.problems:
         print_problems(project.problems)
         files = {p.file for p in project.problems}
@@ -92,8 +94,9 @@ def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> No
                      f"{len(project.triggers)} trigger(s) are valid.")
         raise typer.Exit(1)
     names = ", ".join(sorted(project.triggers))
+    warned = f" {len(project.warnings)} warning(s)." if project.warnings else ""
     console.print(f"[green]All good:[/] {len(project.triggers)} triggers ({names}), "
-                  f"{len(project.stages.stages) if project.stages else 0} stages, templates render.")
+                  f"{len(project.stages.stages) if project.stages else 0} stages, templates render.{warned}")
 
 
 @app.command()
@@ -194,7 +197,7 @@ def preview(
     trigger: Annotated[str, typer.Argument(help="Trigger name.")],
     customer: Annotated[Optional[str], typer.Option(help="A customer's external id: render with their real data.")] = None,
     stage: Annotated[Optional[list[str]], typer.Option(help="Stage(s) to preview with sample data (default: all).")] = None,
-    language: Annotated[Optional[list[str]], typer.Option(help="Language(s) (default: every one the template has).")] = None,
+    language: Annotated[Optional[list[str]], typer.Option(help="Language(s) (default: every one the trigger is written in).")] = None,
     out: Annotated[Path, typer.Option(help="Where to write .html, .txt and .eml files.")] = Path("preview"),
     now: Annotated[Optional[str], typer.Option(help="Evaluation time for the customer's stage.")] = None,
 ) -> None:
@@ -213,8 +216,14 @@ def preview(
     except PreviewError as exc:
         errors.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
-    for path in written:
-        console.print(f"wrote {path}")
+    for mail in written:
+        used = f"language {mail.language}" if not mail.fell_back else (
+            f"[yellow]language {mail.language}, not {mail.asked}: the trigger has no subject or template for "
+            f"{mail.asked}[/]")
+        console.print(f"{mail.stage} ({used}): subject: ", end="")
+        console.print(mail.subject, markup=False, highlight=False)
+        for path in mail.paths:
+            console.print(f"  wrote {path}", highlight=False)
 
 
 @app.command()

@@ -227,7 +227,7 @@ class TemplateCatalog:
     def _render_file(self, name: str, context: dict[str, Any]) -> str:
         try:
             return self.env.get_template(name).render(context)
-        except Exception as exc:  # data-dependent errors too (a division, a None): one recipient fails
+        except Exception as exc:  # noqa: BLE001 -- data-dependent errors too (a division, a None): one recipient fails
             raise _located(exc, name) from None
 
     def _render_string(self, source: str, context: dict[str, Any]) -> str:
@@ -236,7 +236,7 @@ class TemplateCatalog:
             if template is None:  # compiling costs more than rendering: once per subject
                 template = self._subjects[source] = self.subject_env.from_string(source)
             return template.render(context)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- as for files: one recipient fails, not the run
             raise RenderError(f"subject: {_describe(exc)}") from None
 
     # -- checking -----------------------------------------------------------------

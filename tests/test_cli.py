@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_validate_reports_every_problem_with_file_and_line_and_exits_1(settings:
 def test_validate_as_an_installed_command(settings: Settings) -> None:
     lifecycle = shutil.which("lifecycle")
     assert lifecycle, "the console script is installed by pip install"
-    done = subprocess.run([lifecycle, "validate"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([lifecycle, "validate"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
 
 
@@ -141,3 +142,41 @@ def test_suppress_add_list_remove(settings: Settings, store: Store) -> None:
     assert removed.exit_code == 0 and "Removed 1 suppression(s)." in removed.output
     assert "would send 1" in runner.invoke(app, ["run", "we-miss-you", "--dry-run", "--now", NOW.isoformat()]).output
     assert runner.invoke(app, ["suppress", "add", "x@example.de", "--reason", "whim"]).exit_code == 2
+
+
+def test_validate_warns_about_a_language_without_a_subject_and_still_exits_0(settings: Settings) -> None:
+    (Path(settings.templates_dir) / "winback" / "default.fr.html.j2").write_text("<p>Bonjour</p>")
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 0, result.output
+    assert ("winback.yaml:12: email.subject: warning: language 'fr' is targeted (templates/winback/ has fr files) "
+            "but has no subject for 'fr'; fr customers get the whole mail in 'en'") in result.output
+    assert "All good: 7 triggers" in result.output and "1 warning(s)." in result.output
+
+
+def test_preview_shows_the_subject_and_says_when_another_language_was_used(settings: Settings,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "preview"
+    result = runner.invoke(app, ["preview", "winback-lapsed", "--stage", "lapsed", "--language", "fr",
+                                 "--language", "de", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ("lapsed (language en, not fr: the trigger has no subject or template for fr): "
+            "subject: Jürgen, 15% off just for you") in result.output
+    assert "lapsed (language de): subject: Jürgen, 15 % Rabatt nur für dich" in result.output
+    html = (out / "winback-lapsed" / "lapsed.fr.html").read_text()
+    assert "Subject: Jürgen, 15% off just for you" in html and "Language: en (asked for fr" in html
+    assert "it has been more than a year" in html and "Rabatt" not in html
+    eml = message_from_bytes((out / "winback-lapsed" / "lapsed.fr.eml").read_bytes(), policy=policy.default)
+    assert eml["Subject"] == "Jürgen, 15% off just for you"
+    german = (out / "winback-lapsed" / "lapsed.de.html").read_text()
+    assert "Language: de</div>" in german
+
+
+def test_preview_of_a_french_customer_uses_the_default_language_and_says_so(settings: Settings, store: Store,
+                                                                            tmp_path: Path) -> None:
+    lea = store.customer("Léa", locale="fr-FR")
+    store.order(lea, ago(days=500))
+    result = runner.invoke(app, ["preview", "winback-lapsed", "--customer", lea.external_id, "--out", str(tmp_path),
+                                 "--now", NOW.isoformat()])
+    assert result.exit_code == 0, result.output
+    assert "lapsed (language en, not fr: " in result.output and "subject: Léa, 15% off just for you" in result.output
+    assert (tmp_path / "winback-lapsed" / f"{lea.external_id}.lapsed.en.html").is_file()

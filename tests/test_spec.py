@@ -133,3 +133,50 @@ def test_template_syntax_errors_are_reported_even_in_unused_templates(project_di
     (project_dir / "templates" / "unused" / "default.html.j2").write_text("line one\n{% if %}\n")
     project = load_project(project_dir / "triggers", project_dir / "templates")
     assert any(p.file.name == "default.html.j2" and p.line == 2 for p in project.problems)
+
+
+# -- languages: one language per mail ------------------------------------------------
+
+BILINGUAL = VALID.replace('  subject: "Dein Warenkorb"', '  subject:\n    de: "Dein Warenkorb"\n    en: "Your cart"')
+
+
+def test_a_targeted_language_without_a_subject_is_a_warning_with_file_line_and_field(project_dir: Path) -> None:
+    text = BILINGUAL.replace("  stages: [new, active]\n", "  stages: [new, active]\n  locales: [de, en, fr]\n")
+    project = load(project_dir, text)
+    assert project.problems == [] and "cart-reminder" in project.triggers  # a warning rejects nothing
+    [warning] = project.warnings
+    assert warning.severity == "warning"
+    assert str(warning).endswith("/broken.yaml:13: email.subject: language 'fr' is targeted (audience.locales "
+                                 "(line 10)) but has no subject for 'fr'; fr customers get the whole mail in 'en'")
+
+
+def test_a_language_with_templates_but_no_subject_is_a_warning(project_dir: Path) -> None:
+    (project_dir / "templates" / "abandoned_cart" / "default.fr.html.j2").write_text("<p>Bonjour</p>")
+    project = load(project_dir, BILINGUAL)
+    messages = [str(w).removeprefix(f"{w.file.parent}/") for w in project.warnings if w.file.name == "broken.yaml"]
+    assert messages == [("broken.yaml:12: email.subject: language 'fr' is targeted (templates/abandoned_cart/ has fr "
+                         "files) but has no subject for 'fr'; fr customers get the whole mail in 'en'")]
+
+
+def test_a_subject_without_templates_for_its_language_is_a_warning(project_dir: Path) -> None:
+    project = load(project_dir, BILINGUAL.replace('    en: "Your cart"', '    en: "Your cart"\n    fr: "Votre panier"'))
+    [warning] = [w for w in project.warnings if w.file.name == "broken.yaml"]
+    assert warning.line == 11 and warning.field == "email.template"
+    assert "no templates/abandoned_cart/default.fr.html.j2" in warning.message
+    assert project.problems == []
+
+
+def test_no_subject_for_the_default_language_is_an_error_when_anyone_can_get_it(project_dir: Path) -> None:
+    german_only = VALID.replace('  subject: "Dein Warenkorb"', '  subject:\n    de: "Dein Warenkorb"')
+    project = load(project_dir, german_only)
+    assert any("/broken.yaml:12: email.subject: no subject for the default language 'en'" in str(p)
+               for p in project.problems), project.problems
+    assert "cart-reminder" not in project.triggers
+    only_germans = german_only.replace("  stages: [new, active]\n", "  stages: [new, active]\n  locales: [de]\n")
+    project = load(project_dir, only_germans)
+    assert project.problems == [] and project.warnings == []
+    assert "cart-reminder" in project.triggers
+
+
+def test_the_shipped_project_has_no_language_warnings(project_dir: Path) -> None:
+    assert load_project(project_dir / "triggers", project_dir / "templates").warnings == []

@@ -131,7 +131,7 @@ class EmailSpec(StrictModel):
 
 
 def check_sender(value: str) -> str:
-    name, address = parseaddr(value)
+    _name, address = parseaddr(value)
     if "\n" in value or "\r" in value or not address:
         raise ValueError(f'expected a sender such as "Shop <hello@shop.example>", got {value!r}')
     try:

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 Path_ = tuple[str | int, ...]
 
@@ -24,6 +25,7 @@ class Problem:
     field: str
     message: str
     snippet: str = ""
+    severity: Literal["error", "warning"] = "error"  # a warning is shown but rejects nothing
 
     @property
     def location(self) -> str:

@@ -6,7 +6,7 @@ them all at once and a run can go ahead with the healthy triggers.
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -38,6 +38,7 @@ class Project:
     triggers: dict[str, TriggerBase] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # shown by validate; the trigger still loads
     rejected: dict[str, list[Problem]] = field(default_factory=dict)  # trigger name → why it is not loaded
 
     def kind(self, trigger: TriggerBase) -> Kind:
@@ -75,7 +76,7 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
         if path.name in NOT_TRIGGERS:
             continue
         before = len(project.problems)
-        spec = _load_trigger(path, stage_names, catalog, project.problems)
+        spec = _load_trigger(path, stage_names, catalog, project.problems, project.warnings)
         if spec is not None:
             if spec.name in project.files:
                 project.problems.append(
@@ -125,7 +126,7 @@ def _load_model(path: Path, model: type[M], problems: list[Problem]) -> M | None
 
 
 def _load_trigger(path: Path, stages: list[str] | None, catalog: TemplateCatalog,
-                  problems: list[Problem]) -> TriggerBase | None:
+                  problems: list[Problem], warnings: list[Problem]) -> TriggerBase | None:
     try:
         doc = load_yaml(path)
     except YamlSyntaxError as exc:
@@ -152,15 +153,62 @@ def _load_trigger(path: Path, stages: list[str] | None, catalog: TemplateCatalog
         problems.append(doc.problem(("email", "template"), "email.template",
                                     f"no folder templates/{spec.email.template}/; valid templates: {', '.join(choices)}"))
         return None
-    return spec
+    errors, notes = _language_problems(spec, doc, catalog)
+    problems.extend(errors)
+    warnings.extend(notes)
+    return spec if not errors else None
+
+
+def _needs_default_language(spec: TriggerBase, catalog: TemplateCatalog) -> bool:
+    """Whether some recipient can get the default language: anyone, unless the audience
+    is limited to languages the email is written in."""
+    locales = spec.audience.locales
+    supported = catalog.languages_for(spec.email)
+    return locales is None or any(lang not in supported for lang in locales)
+
+
+def _language_problems(spec: TriggerBase, doc: YamlDocument,
+                       catalog: TemplateCatalog) -> tuple[list[Problem], list[Problem]]:
+    """A language the trigger targets but cannot write in whole is sent in the default
+    language (a warning: nobody gets a mixed mail); no subject for the default language
+    itself leaves those recipients without one (an error)."""
+    email, default = spec.email, catalog.default_language
+    supported = catalog.languages_for(email)
+    errors: list[Problem] = []
+    if _needs_default_language(spec, catalog) and not email.has_subject(default):
+        errors.append(doc.problem(("email", "subject"), "email.subject",
+                                  f"no subject for the default language {default!r}, which every customer whose "
+                                  f"language has no subject or template gets; add `{default}: …`"))
+    targeted: dict[str, str] = {}
+    for index, lang in enumerate(spec.audience.locales or []):
+        targeted.setdefault(lang, f"audience.locales (line {doc.line_of(('audience', 'locales', index))})")
+    for lang in sorted(catalog.languages(email.template)):
+        targeted.setdefault(lang, f"templates/{email.template}/ has {lang} files")
+    for lang in email.subject:
+        targeted.setdefault(lang, f"email.subject has {lang}")
+    warnings = []
+    for lang, why in targeted.items():
+        if lang in ("*", default) or lang in supported:
+            continue
+        if not email.has_subject(lang):
+            path, field_name, missing = ("email", "subject"), "email.subject", f"no subject for {lang!r}"
+        else:
+            path, field_name = ("email", "template"), "email.template"
+            missing = f"no templates/{email.template}/default.{lang}.html.j2 (nor a language-neutral default.html.j2)"
+        warnings.append(replace(doc.problem(path, field_name, f"language {lang!r} is targeted ({why}) but has "
+                                            f"{missing}; {lang} customers get the whole mail in {default!r}"),
+                                severity="warning"))
+    return errors, warnings
 
 
 def _check_templates(spec: TriggerBase, project: Project, base_url: str, shop_url: str) -> list[Problem]:
     catalog = project.catalog
     all_stages = project.stages.names if project.stages else ["default"]
     stages = spec.audience.stages or all_stages
-    languages = {catalog.default_language} | catalog.languages(spec.email.template)
-    languages |= {lang for lang in spec.email.subject if lang != "*"} | set(spec.audience.locales or [])
+    # Any other language renders as the default one (TemplateCatalog.render), so these are all there is.
+    languages = set(catalog.languages_for(spec.email))
+    if _needs_default_language(spec, catalog):
+        languages.add(catalog.default_language)
     samples = sample_contexts(KINDS[spec.kind].reference, base_url, shop_url)
     return catalog.check(spec.email, stages, languages, samples)
 
@@ -180,10 +228,8 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
     path: list[str | int] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-            path.append(part)
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and part < len(node)):
             node = node[part]
             path.append(part)
         elif isinstance(node, dict) and isinstance(part, str) and not part.startswith(("function-", "union[")):
