@@ -4,6 +4,7 @@ from models.commerce import CART_OPEN, CART_ORDERED, Cart, CartItem, Order
 from models.customer import Customer
 from models.events import Event, StoreMeta
 from models.feedback import Feedback, FeedbackKind
+from models.identity import CustomerAlias, GroupMembership
 from models.ledger import Send, SendStatus
 from models.preferences import CategoryOptOut
 from models.support import Complaint
@@ -17,9 +18,11 @@ __all__ = [
     "CartItem",
     "Complaint",
     "Customer",
+    "CustomerAlias",
     "Event",
     "Feedback",
     "FeedbackKind",
+    "GroupMembership",
     "Order",
     "Send",
     "SendStatus",

@@ -28,5 +28,8 @@ class Customer(SQLModel, table=True):
     consent_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
     consent_source: str | None = Field(default=None, max_length=64)
     consent_requested_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), index=True))
+    # Set when consent is withdrawn, cleared by a new confirmed consent: merging two records
+    # must tell "withdrew" (which wins) from "never asked".
+    consent_withdrawn_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True))
     last_seen_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), index=True))
