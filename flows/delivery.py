@@ -14,9 +14,10 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlmodel import Session
 
-from flows import ledger
+from flows import bounces, ledger
 from flows.audience import Candidate, Skip, withdrawn
 from flows.compose import Sender, build_message, message_id
 from flows.context import (
@@ -28,6 +29,7 @@ from flows.context import (
     load_latest_orders,
 )
 from flows.dispatch import (
+    BreakerPolicy,
     Delivery,
     Envelope,
     Mailer,
@@ -41,13 +43,24 @@ from flows.kinds import KINDS
 from flows.kinds.base import Kind
 from flows.links import confirm_url, preferences_url, unsubscribe_url, verp_address
 from flows.render import RenderError, TemplateCatalog
-from flows.report import RETRY, SENT, WOULD_SEND, PlannedMail, failed, skipped
+from flows.report import (
+    BOUNCED,
+    IN_DOUBT,
+    REJECTED,
+    RETRY,
+    SENT,
+    SOFT_BOUNCED,
+    WOULD_SEND,
+    PlannedMail,
+    failed,
+    skipped,
+)
 from flows.settings import Settings
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.project import Project, load_project
 from flows.spec.stages import StageRules
-from models import SendStatus, SuppressionReason
+from models import FeedbackKind, SendStatus
 from models.db import get_engine
 from models.types import utcnow
 
@@ -203,10 +216,14 @@ def list_headers(job: Job, links: Links) -> dict[str, str]:
 
 _OUTCOME = {
     Result.SENT: SENT,
-    Result.BOUNCED: failed("bounced"),
-    Result.REJECTED: failed("rejected"),
     Result.DEFERRED: RETRY,
-    Result.IN_DOUBT: failed("in_doubt"),
+    Result.IN_DOUBT: IN_DOUBT,
+}
+# A permanent refusal (5xx at RCPT, MAIL or DATA) is counted by what it says, not where it came.
+_REFUSED = {
+    FeedbackKind.HARD_BOUNCE: BOUNCED,
+    FeedbackKind.SOFT_BOUNCE: SOFT_BOUNCED,
+    FeedbackKind.MESSAGE_FAILURE: REJECTED,
 }
 _LEDGER: dict[Result, SendStatus | None] = {
     Result.SENT: SendStatus.SENT,
@@ -220,13 +237,16 @@ def dispatch_prepared(job: Job, prepared: Sequence[Prepared], batch: int = 0) ->
     return asyncio.run(_dispatch(job, prepared, *_smtp(job.settings)))
 
 
-async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
-                    policy: RetryPolicy) -> Counter[tuple[str, str]]:
+async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig, policy: RetryPolicy,
+                    breaker: BreakerPolicy) -> Counter[tuple[str, str]]:
     """Claim a window of keys, mark it handed over, send it, record it; repeat.
 
     At most ``in_flight`` keys are ever ``sending`` at once, which bounds what a crash
-    can leave in doubt. Marking a whole window in one statement, not each message,
-    keeps the ledger off the hot path.
+    can leave in doubt; besides those, the refusals the breaker holds undecided (at most
+    its streak or its sample's share). Marking a whole window in one statement, not each
+    message, keeps the ledger off the hot path. If the relay fails the batch (unreachable,
+    or the breaker trips), every claim handed over but not decided is released: the next
+    run sends it.
     """
     engine = get_engine(job.settings.database_url)
     counts: Counter[tuple[str, str]] = Counter()
@@ -235,34 +255,43 @@ async def _dispatch(job: Job, prepared: Sequence[Prepared], config: SmtpConfig,
         if p.candidate.customer_id in gone:
             counts[(p.candidate.stage, skipped(Skip.UNSUBSCRIBED))] += 1
     prepared = [p for p in prepared if p.candidate.customer_id not in gone]
-    lease = job.settings.claim_lease
+    lease, rule = job.settings.claim_lease, job.settings.soft_bounce_rule
+    by_key = {p.claim.send_key: p for p in prepared}
+    undecided: set[str] = set()  # handed over (``sending``) and not yet recorded
 
-    async with Mailer(config, policy) as mailer:
+    async def record(deliveries: Sequence[Delivery]) -> None:
+        await asyncio.to_thread(_record, engine, deliveries, by_key, counts, rule)
+        undecided.difference_update(d.key for d in deliveries)
+
+    async with Mailer(config, policy, breaker, recipients=len(prepared)) as mailer:
         size = job.settings.in_flight
-        for window in (prepared[i : i + size] for i in range(0, len(prepared), size)):
-            by_key = {p.claim.send_key: p for p in window}
-            won = await asyncio.to_thread(ledger.claim, engine, [p.claim for p in window], job.run_id, job.now, lease)
-            handing = await asyncio.to_thread(ledger.mark_sending, engine, won, job.run_id)
-            # Not won, or (after a stall longer than the lease) taken over by another run since.
-            for key in by_key.keys() - handing:
-                counts[(by_key[key].candidate.stage, skipped(Skip.ALREADY_SENT))] += 1
-            envelopes = [p.envelope for p in window if p.claim.send_key in handing]
-            if not envelopes:
-                continue
-            try:
-                deliveries = await mailer.send(envelopes)
-            except SmtpUnavailable as exc:
-                await asyncio.to_thread(_record, engine, exc.done, by_key, counts)
-                attempted = {d.key for d in exc.done}
-                # The rest never reached DATA: nothing was handed over, the next run sends them.
-                await asyncio.to_thread(ledger.release, engine, [k for k in handing if k not in attempted])
-                raise
-            await asyncio.to_thread(_record, engine, deliveries, by_key, counts)
+        try:
+            for window in (prepared[i : i + size] for i in range(0, len(prepared), size)):
+                keys = [p.claim.send_key for p in window]
+                won = await asyncio.to_thread(ledger.claim, engine, [p.claim for p in window], job.run_id, job.now,
+                                              lease)
+                handing = await asyncio.to_thread(ledger.mark_sending, engine, won, job.run_id)
+                # Not won, or (after a stall longer than the lease) taken over by another run since.
+                for key in set(keys) - handing:
+                    counts[(by_key[key].candidate.stage, skipped(Skip.ALREADY_SENT))] += 1
+                envelopes = [p.envelope for p in window if p.claim.send_key in handing]
+                if not envelopes:
+                    continue
+                undecided.update(handing)
+                await record(await mailer.send(envelopes))
+            await record(mailer.settle())
+        except SmtpUnavailable as exc:
+            await record(exc.done)
+            # The rest never reached DATA, or the breaker refused to blame their recipients.
+            await asyncio.to_thread(ledger.release, engine, sorted(undecided))
+            raise
     return counts
 
 
-def _record(engine, deliveries: Sequence[Delivery], by_key: dict[str, Prepared],
-            counts: Counter[tuple[str, str]]) -> None:
+def _record(engine: Engine, deliveries: Sequence[Delivery], by_key: dict[str, Prepared],
+            counts: Counter[tuple[str, str]], rule: bounces.SoftBounceRule) -> None:
+    """The ledger first, then each refusal as a bounce report: only the address's own
+    fault suppresses it (hard at once, soft by ``rule``)."""
     outcomes = [
         ledger.Outcome(d.key, _LEDGER[d.result], reply=d.reply if d.result == Result.SENT else "",
                        error="" if d.result == Result.SENT else d.reply)
@@ -270,10 +299,17 @@ def _record(engine, deliveries: Sequence[Delivery], by_key: dict[str, Prepared],
         if d.result in _LEDGER
     ]
     ledger.record(engine, outcomes)
-    bounced = [by_key[d.key].envelope.recipient for d in deliveries if d.result == Result.BOUNCED]
-    ledger.suppress(engine, bounced, SuppressionReason.HARD_BOUNCE, "5xx at RCPT")
+    now = utcnow()
+    reports = [
+        bounces.Report(report_id=f"smtp:{d.key}", email=by_key[d.key].envelope.recipient, kind=d.verdict.kind,
+                       source="smtp", occurred_at=now, status=d.verdict.status, diagnostic=d.reply, send_key=d.key)
+        for d in deliveries
+        if d.verdict is not None
+    ]
+    bounces.record(engine, reports, rule, update_sends=False)
     for d in deliveries:
-        counts[(by_key[d.key].candidate.stage, _OUTCOME[d.result])] += 1
+        outcome = _REFUSED[d.verdict.kind] if d.verdict is not None else _OUTCOME[d.result]
+        counts[(by_key[d.key].candidate.stage, outcome)] += 1
 
 
 @dataclass
@@ -303,13 +339,15 @@ def deliver(job: Job, candidates: Sequence[Candidate], batch: int = 0, render: A
     return outcome
 
 
-def _smtp(settings: Settings) -> tuple[SmtpConfig, RetryPolicy]:
+def _smtp(settings: Settings) -> tuple[SmtpConfig, RetryPolicy, BreakerPolicy]:
     policy = RetryPolicy(settings.smtp_attempts, settings.smtp_backoff_seconds, settings.smtp_backoff_max_seconds)
-    return SmtpConfig.from_url(settings.smtp_url), policy
+    breaker = BreakerPolicy(settings.breaker_consecutive, settings.breaker_sample, settings.breaker_share)
+    return SmtpConfig.from_url(settings.smtp_url), policy, breaker
 
 
 def check_smtp(settings: Settings) -> None:
-    """Reach the server before the first batch: if it is down, the run fails before sending."""
+    """Reach the server (and log in) before the first batch: if it is down or refuses our
+    login, the run fails before sending."""
 
     async def probe() -> None:
         async with Mailer(*_smtp(settings)) as mailer:

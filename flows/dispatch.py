@@ -5,6 +5,12 @@ one of ``connections`` open sessions. A 4xx reply or a dropped connection before
 DATA is retried with exponential backoff (tenacity); a 5xx is final. A connection
 lost *during* DATA is ambiguous (the server may have accepted the message), so it
 is never retried: it is reported ``in_doubt`` and its claim stays in the ledger.
+
+Each permanent refusal is classified (``flows.bounces.classify``) as it comes back, and a
+``Breaker`` watches them: when they say the relay is at fault rather than the
+recipients (a login refused, a streak of policy refusals, most of a batch's first
+recipients refused), the batch stops at once with ``RelayRefused`` and its refusals
+are handed back undecided, so nobody is blamed for the relay's configuration.
 """
 
 import asyncio
@@ -12,18 +18,25 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from types import TracebackType
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 from aiolimiter import AsyncLimiter
-from aiosmtplib import SMTPRecipientRefused, SMTPResponseException
+from aiosmtplib import (
+    SMTPDataError,
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+)
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
     wait_exponential,
 )
+
+from flows.bounces import Verdict, classify, enhanced_code
+from models import FeedbackKind
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,29 @@ class Delivery:
     key: str
     result: Result
     reply: str
+    verdict: Verdict | None = None  # a permanent refusal (bounced, rejected): what it says about the address
+    code: int | None = None  # the refusal's SMTP reply code
+
+
+# SMTP AUTH refused (RFC 4954): 530 authentication required, 534 mechanism too weak, 535 credentials invalid.
+AUTH_CODES = frozenset({530, 534, 535})
+# The share sign needs at least this many refusals: one refused mail in a run of one or two
+# recipients is that mail's problem, not proof that the relay is broken.
+MIN_SHARE_REFUSALS = 3
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When a batch's refusals are the relay's fault (``LIFECYCLE_BREAKER_*``).
+
+    Only message-level refusals count (the verdict is not about the address: policy,
+    relay denial, authentication, content, size). A hard or soft bounce neither counts
+    nor resets the streak: a bad address says nothing about the relay either way.
+    """
+
+    consecutive: int = 10  # message-level refusals in a row (a sent mail resets the streak)
+    sample: int = 50  # the first recipients of a batch (all of them in a smaller batch) ...
+    share: float = 0.2  # ... of which more than this share refused at message level trips
 
 
 class SmtpUnavailable(Exception):
@@ -99,6 +135,70 @@ class SmtpUnavailable(Exception):
 
     def __reduce__(self) -> tuple:  # raised in a sender process, re-raised in the flow's
         return (type(self), (str(self), self.done))
+
+
+class RelayRefused(SmtpUnavailable):
+    """The relay refused in a way that is its own fault (login, policy for everyone): the
+    batch stopped at once. ``done`` lists the deliveries decided before it stopped; the
+    refusals that tripped the breaker are not among them, so their claims are released
+    and nobody is suppressed for them. The message quotes the relay, never a password."""
+
+
+class Breaker:
+    """One batch's judgement of its refusals, shared by all of its connections.
+
+    A message-level refusal is held (left undecided) while it may still prove the relay's
+    fault: during the batch's sample, and while its streak lasts. It is decided (returned
+    for the ledger) once the sample is over and a later mail was accepted, or when the
+    batch ends untripped (``settle``). When the breaker trips, whatever it holds stays
+    undecided: those claims go back to the ledger unsent.
+    """
+
+    def __init__(self, policy: BreakerPolicy, recipients: int | None = None) -> None:
+        self.policy = policy
+        self.sample = min(policy.sample, recipients) if recipients else policy.sample
+        self.seen = self.streak = self.sampled_refusals = 0
+        self.held: dict[str, Delivery] = {}
+        self.tripped: str | None = None  # why, in the relay's words
+
+    def observe(self, delivery: Delivery) -> list[Delivery]:
+        """Count one delivery; returns the deliveries decided by it (itself, or none, or
+        the refusals it clears)."""
+        self.seen += 1
+        verdict = delivery.verdict
+        if verdict is not None and not verdict.about_the_address:
+            self.held[delivery.key] = delivery
+            self.streak += 1
+            if self.seen <= self.sample:
+                self.sampled_refusals += 1
+            if self.tripped is None:
+                self.tripped = self._trips(delivery)
+            return []
+        if delivery.result == Result.SENT:
+            self.streak = 0
+        decided = [delivery]
+        if self.tripped is None and self.streak == 0 and self.seen >= self.sample:
+            decided.extend(self.held.values())
+            self.held.clear()
+        return decided
+
+    def _trips(self, refusal: Delivery) -> str | None:
+        policy = self.policy
+        if refusal.code in AUTH_CODES:
+            return f"refused our login: {refusal.reply}"
+        if self.streak >= policy.consecutive:
+            return f"refused {self.streak} mails in a row (the last: {refusal.reply})"
+        if self.sampled_refusals >= MIN_SHARE_REFUSALS and self.sampled_refusals > policy.share * self.sample:
+            return (f"refused {self.sampled_refusals} of the batch's first {self.sample} recipients, more than "
+                    f"{policy.share:.0%} (the last: {refusal.reply})")
+        return None
+
+    def settle(self) -> list[Delivery]:
+        """The batch ended untripped: what was held is decided after all."""
+        decided = [] if self.tripped else list(self.held.values())
+        if decided:
+            self.held.clear()
+        return decided
 
 
 class _InDoubt(Exception):
@@ -119,18 +219,25 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class Mailer:
-    """``async with Mailer(config, policy) as mailer: await mailer.send(envelopes)``."""
+    """``async with Mailer(config, policy) as mailer: await mailer.send(envelopes)``, then
+    ``mailer.settle()`` for the refusals the breaker held until the end.
 
-    def __init__(self, config: SmtpConfig, policy: RetryPolicy) -> None:
+    One Mailer sends one batch (``recipients`` long, when known): its breaker judges that
+    batch's refusals across every window and connection.
+    """
+
+    def __init__(self, config: SmtpConfig, policy: RetryPolicy, breaker: BreakerPolicy = BreakerPolicy(),
+                 recipients: int | None = None) -> None:
         self.config, self.policy = config, policy
+        self.breaker = Breaker(breaker, recipients)
         self._idle: list[aiosmtplib.SMTP] = []
         # One message per 1/rate seconds, shared by all connections: no bursts above the limit.
         self._pace = AsyncLimiter(1, 1 / config.rate) if config.rate else None
 
-    async def __aenter__(self) -> "Mailer":
+    async def __aenter__(self) -> "Mailer":  # noqa: PYI034 - not subclassed
         return self
 
-    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await asyncio.gather(*(self._close(client) for client in self._idle))
         self._idle.clear()
 
@@ -141,13 +248,30 @@ class Mailer:
                 with attempt:
                     client = await self._connect()
                     await client.noop()
-        except Exception as exc:
+        except SMTPException as exc:
+            if is_transient(exc):
+                raise SmtpUnavailable(self._unreachable(exc), []) from exc
+            # Reached, but refused: a login refused, a greeting of 554, AUTH not offered.
+            code = _code(exc)
+            what = "refused our login" if code in AUTH_CODES else "refused the session"
+            raise RelayRefused(self._refused(f"{what}: {_reply(exc)}"), []) from exc
+        except Exception as exc:  # whatever else stops us reaching it fails the run
             raise SmtpUnavailable(self._unreachable(exc), []) from exc
         self._idle.append(client)
 
     def _unreachable(self, exc: BaseException) -> str:
         return (f"SMTP server {self.config.hostname}:{self.config.port} unreachable after "
                 f"{self.policy.attempts} attempts: {exc!r}")
+
+    def _refused(self, why: str) -> str:
+        """One line for the operator: the relay's words, never the URL (it may hold a password)."""
+        return (f"SMTP relay {self.config.hostname}:{self.config.port} {why}; the batch stopped, its unsent mails "
+                f"stay for the next run and nobody was suppressed for it (check the relay's credentials and what it "
+                f"allows)")
+
+    def settle(self) -> list[Delivery]:
+        """After the batch's last window: the refusals the breaker held, decided."""
+        return self.breaker.settle()
 
     def _retrying(self, after_first: bool = False) -> AsyncRetrying:
         """Attempts with exponential backoff; ``after_first``: the rest of them, once a first
@@ -161,27 +285,34 @@ class Mailer:
         )
 
     async def send(self, envelopes: Sequence[Envelope]) -> list[Delivery]:
+        """Send a window; returns the deliveries decided (a refusal the breaker holds comes
+        back from a later call or ``settle``). Raises ``RelayRefused`` as soon as the
+        breaker trips (no connection takes another envelope), ``SmtpUnavailable`` when the
+        server stays unreachable."""
         queue = deque(envelopes)
         done: list[Delivery] = []
         unreachable: list[BaseException] = []
+        breaker = self.breaker
 
         async def worker() -> None:
             client = self._idle.pop() if self._idle else None
             try:
-                while queue and not unreachable:
+                while queue and not unreachable and breaker.tripped is None:
                     envelope = queue.popleft()
                     try:
                         delivery, client = await self._deliver(client, envelope)
-                    except Exception as exc:  # connection failures outlasting every retry
+                    except Exception as exc:  # noqa: BLE001 - connection failures outlasting every retry
                         unreachable.append(exc)
                         return
-                    done.append(delivery)
+                    done.extend(breaker.observe(delivery))
             finally:
                 if client is not None and client.is_connected:
                     self._idle.append(client)
 
         workers = min(self.config.connections, len(envelopes))
         await asyncio.gather(*(worker() for _ in range(workers)))
+        if breaker.tripped is not None:
+            raise RelayRefused(self._refused(breaker.tripped), done)
         if unreachable:
             raise SmtpUnavailable(self._unreachable(unreachable[0]), done)
         return done
@@ -217,11 +348,14 @@ class Mailer:
         except _InDoubt as exc:
             return Delivery(envelope.key, Result.IN_DOUBT, str(exc)), connection
         except SMTPResponseException as exc:
-            code = exc.code
-            reply = f"{code} {exc.message}"
+            code, reply = exc.code, _reply(exc)
             if code >= 500:
+                if isinstance(exc, (SMTPRecipientRefused, SMTPDataError)):  # one recipient per transaction
+                    verdict = classify(code, exc.message)
+                else:  # MAIL (the sender), AUTH, the greeting: never about the recipient
+                    verdict = Verdict(FeedbackKind.MESSAGE_FAILURE, enhanced_code(exc.message))
                 result = Result.BOUNCED if isinstance(exc, SMTPRecipientRefused) else Result.REJECTED
-                return Delivery(envelope.key, result, reply), connection
+                return Delivery(envelope.key, result, reply, verdict, code), connection
             return Delivery(envelope.key, Result.DEFERRED, reply), connection
 
     async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
@@ -262,12 +396,18 @@ class Mailer:
         try:
             if client.is_connected:
                 await client.quit()
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing anyway
             client.close()
+
+
+def _reply(exc: SMTPException) -> str:
+    """``554 5.7.1 Relay access denied``: a multi-line reply on one line."""
+    code = _code(exc)
+    return f"{code or ''} {' / '.join(exc.message.splitlines())}".strip()
 
 
 async def _reset(client: aiosmtplib.SMTP) -> None:
     try:
         await client.rset()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - the connection is reset or replaced on the next use
         pass

@@ -8,6 +8,11 @@ from datetime import datetime
 SENT = "sent"
 WOULD_SEND = "would_send"
 RETRY = "retry:smtp_temporary"  # the server said "later" after every retry: the next run tries again
+# Permanent refusals at SMTP time, by what they say (``flows.bounces.classify``):
+BOUNCED = "failed:bounced"  # the address is bad (hard bounce): suppressed
+SOFT_BOUNCED = "failed:soft_bounce"  # the mailbox refused (full, disabled): counts toward LIFECYCLE_SOFT_BOUNCE_LIMIT
+REJECTED = "failed:rejected"  # the message or the relay was refused (policy, content, size): nobody suppressed
+IN_DOUBT = "failed:in_doubt"  # the connection was lost during DATA: maybe accepted, never retried
 
 
 def skipped(reason: str) -> str:

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)
     soft_bounce_limit: int = Field(3, ge=1, description="Soft bounces within the window that suppress an address.")
     soft_bounce_window_days: float = Field(30, gt=0)
+    breaker_consecutive: int = Field(10, ge=1, description="Message-level refusals in a row that stop a batch "
+                                                           "(the relay's fault, not the recipients').")
+    breaker_sample: int = Field(50, ge=1, description="The first recipients of a batch that the share applies to.")
+    breaker_share: float = Field(0.2, gt=0, le=1, description="More than this share of the sample refused at "
+                                                              "message level stops the batch.")
     bounce_address: str | None = Field(None, description="Envelope sender; +TOKEN (VERP) is inserted before the @. "
                                                          "Default: bounces@<sender domain>.")
     ses_topic_arns: str = Field("", description="Comma-separated SNS topic ARNs whose SES notifications are accepted.")

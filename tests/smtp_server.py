@@ -52,7 +52,7 @@ class RecordingHandler:
         self.refuse_every_rcpt: str | None = None  # a reply to every RCPT no script answers: a broken relay
         self.lock = threading.Lock()
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
             self.rcpt_attempts[address] += 1
             script = self.scripts.get(address)
@@ -67,7 +67,7 @@ class RecordingHandler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+    async def handle_DATA(self, server, session, envelope):
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
         recipient = envelope.rcpt_tos[0]

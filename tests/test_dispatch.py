@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from flows.dispatch import (
+    Delivery,
     Envelope,
     Mailer,
     Result,
@@ -23,10 +24,10 @@ def envelope(to: str, key: str | None = None) -> Envelope:
     return Envelope(key or to, "a@shop.example", to, data)
 
 
-def send(url: str, envelopes: list[Envelope], policy: RetryPolicy = FAST):
-    async def go():
+def send(url: str, envelopes: list[Envelope], policy: RetryPolicy = FAST) -> dict[str, Delivery]:
+    async def go() -> list[Delivery]:
         async with Mailer(SmtpConfig.from_url(url), policy) as mailer:
-            return await mailer.send(envelopes)
+            return await mailer.send(envelopes) + mailer.settle()
 
     return {d.key: d for d in asyncio.run(go())}
 

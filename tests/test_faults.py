@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from flows.dispatch import SmtpUnavailable
+from flows.dispatch import RelayRefused, SmtpUnavailable
 from flows.pipeline import execute, prepare_job
 from flows.settings import Settings, get_settings
 from models import Send, Suppression
@@ -106,15 +106,14 @@ def test_sender_processes_deliver_every_mail_once_to_postfix(settings: Settings,
     assert sent_in_ledger(store) == set(emails)
 
 
-@pytest.mark.parametrize(("flags", "outcome", "suppressed"), [
-    (["-r", "RCPT"], "retry:smtp_temporary", False),  # 450 at every RCPT
-    (["-Q", "RCPT"], "retry:smtp_temporary", False),  # 421 and the connection dropped mid-session
-    (["-f", "RCPT"], "failed:bounced", True),  # 500 at every RCPT: hard bounces
+@pytest.mark.parametrize("flags", [
+    ["-r", "RCPT"],  # 450 at every RCPT
+    ["-Q", "RCPT"],  # 421 and the connection dropped mid-session
 ])
-def test_postfix_refusing_every_recipient_sends_and_marks_nothing(settings: Settings, store: Store,
-                                                                  monkeypatch: pytest.MonkeyPatch, flags: list[str],
-                                                                  outcome: str, suppressed: bool) -> None:
-    emails = store.lapsed(6)
+def test_postfix_deferring_every_recipient_sends_and_marks_nothing(settings: Settings, store: Store,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   flags: list[str]) -> None:
+    store.lapsed(6)
     sink = PostfixSink(*flags).start()
     try:
         run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
@@ -122,12 +121,34 @@ def test_postfix_refusing_every_recipient_sends_and_marks_nothing(settings: Sett
         received = sink.recipients()
     finally:
         sink.stop()
-    assert summary.outcomes == {outcome: 6}
+    assert summary.outcomes == {"retry:smtp_temporary": 6}
     assert received == [] and sent_in_ledger(store) == set()
     with Session(store.engine) as session:
-        rows = session.execute(select(Send.status)).scalars().all()
-        assert {s.email for s in session.execute(select(Suppression)).scalars()} == (set(emails) if suppressed else set())
-    assert rows == (["failed"] * 6 if suppressed else [])  # temporary: released for the next run
+        assert session.execute(select(Send.status)).scalars().all() == []  # released for the next run
+        assert session.execute(select(Suppression)).scalars().all() == []
+
+
+@pytest.mark.parametrize("flags", [
+    ["-f", "RCPT"],  # 500 5.3.0 at every RCPT
+    ["-f", "MAIL"],  # ... at every MAIL FROM
+    ["-f", "DATA"],  # ... at every DATA
+])
+def test_postfix_refusing_every_mail_stops_the_run_and_blames_nobody(settings: Settings, store: Store,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     flags: list[str]) -> None:
+    store.lapsed(6)
+    sink = PostfixSink(*flags).start()
+    try:
+        run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
+        with pytest.raises(RelayRefused, match="refused 3 of the batch's first 6 recipients.*5.3.0 Error: command"):
+            execute(prepare_job("winback-lapsed", NOW, settings=run))
+        received = sink.recipients()
+    finally:
+        sink.stop()
+    assert received == [] and sent_in_ledger(store) == set()
+    with Session(store.engine) as session:
+        assert session.execute(select(Send.status)).scalars().all() == []  # every claim released
+        assert session.execute(select(Suppression)).scalars().all() == []
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
