@@ -58,8 +58,11 @@ def classify(code: int | None, text: str, status: str | None = None) -> Verdict:
     ``code`` is the SMTP reply code (None in a DSN without one), ``text`` the reply or
     diagnostic, ``status`` an enhanced code given apart (a DSN's ``Status:`` field).
     """
-    status = status or enhanced_code(text)
-    if status:
+    status = status or ""
+    if not status or status.endswith(".0.0"):
+        # x.0.0 says nothing ("other or undefined"; Exim writes it in every DSN): a specific code in the text decides.
+        status = next((c for c in map(".".join, ENHANCED.findall(text)) if not c.endswith(".0.0")), status)
+    if status and not status.endswith(".0.0"):
         klass, subject = status.split(".")[0], status.split(".")[1]
         if status in ADDRESS_CODES:
             return Verdict(FeedbackKind.HARD_BOUNCE, status)
@@ -67,10 +70,10 @@ def classify(code: int | None, text: str, status: str | None = None) -> Verdict:
             return Verdict(FeedbackKind.SOFT_BOUNCE, status)
         return Verdict(FeedbackKind.MESSAGE_FAILURE, status)  # 5.7 policy, 5.3 size, 5.6 content, 5.4 routing…
     if code in (550, 551, 553) and USER_UNKNOWN.search(text) and not RELAY_WORDS.search(text):
-        return Verdict(FeedbackKind.HARD_BOUNCE, "")
-    if code is not None and 400 <= code < 500:
-        return Verdict(FeedbackKind.SOFT_BOUNCE, "")
-    return Verdict(FeedbackKind.MESSAGE_FAILURE, "")
+        return Verdict(FeedbackKind.HARD_BOUNCE, status)
+    if (code is not None and 400 <= code < 500) or status.startswith("4."):
+        return Verdict(FeedbackKind.SOFT_BOUNCE, status)
+    return Verdict(FeedbackKind.MESSAGE_FAILURE, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +194,8 @@ def complaint_rates(engine: Engine, since: datetime | None = None) -> dict[str, 
 
 
 COMPLAINT_RATE_WARNING = 0.001  # 0.1 %: warn well before Gmail's 0.3 % line
+
+
+def trigger_complaints(engine: Engine, trigger: str, now: datetime, days: float = 30) -> tuple[int, int] | None:
+    """(spam complaints, mails sent) of one trigger over the last ``days``: the run summary's warning."""
+    return complaint_rates(engine, now - timedelta(days=days)).get(trigger)

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -186,6 +187,8 @@ def run(
             failed = True
             continue
         console.print(summary_table(summary))
+        if summary.complaint_warning:
+            errors.print(f"[yellow]{name}: {summary.complaint_warning}[/]", highlight=False)
         if dry_run and summary.planned:
             console.print(planned_table(summary))
     if failed:
@@ -423,6 +426,99 @@ def db_current() -> None:
 
     engine = get_engine(_settings().database_url)
     console.print(f"store: {current(engine) or 'empty'}; newest: {head(engine)}")
+
+
+@app.command()
+def bounces(
+    files: Annotated[list[Path] | None, typer.Argument(help="Bounce or complaint mails (.eml), one per file.")] = None,
+    maildir: Annotated[Path | None, typer.Option(help="A Maildir: reads new/, then moves each message to cur/.")] = None,
+    imap: Annotated[str | None, typer.Option(
+        help="imap://user:pass@host:port/INBOX or imaps://…: reads unseen messages, then flags them seen.",
+        envvar="LIFECYCLE_BOUNCE_IMAP_URL", show_default=False)] = None,
+    rates: Annotated[bool, typer.Option("--rates", help="Show each trigger's spam-complaint rate instead.")] = False,
+    days: Annotated[float, typer.Option(help="With --rates: over the last this many days.")] = 30,
+) -> None:
+    """Record bounces (RFC 3464 delivery status notifications) and spam complaints (ARF feedback
+    reports) mailed back to the Return-Path; each report once. --rates shows complaint rates."""
+    from flows.feedback import (
+        ImapError,
+        Tally,
+        UnreadableReport,
+        imap_messages,
+        maildir_messages,
+        process,
+        sending_domains,
+    )
+
+    settings = _settings()
+    engine = _engine(settings)
+    if rates:
+        from datetime import timedelta
+
+        from flows.bounces import COMPLAINT_RATE_WARNING, complaint_rates
+        from models.types import utcnow
+
+        found = complaint_rates(engine, utcnow() - timedelta(days=days))
+        rate_table = Table(title=f"Spam complaints per trigger, last {days:g} days (warn above "
+                                 f"{COMPLAINT_RATE_WARNING:.1%}; Gmail's limit is 0.3%)", title_justify="left")
+        for column in ("trigger", "sent", "complaints", "rate", ""):
+            rate_table.add_column(column, justify="left" if column in ("trigger", "") else "right")
+        for trigger, (complained, sent) in sorted(found.items()):
+            rate = complained / sent if sent else 0.0
+            rate_table.add_row(trigger, str(sent), str(complained), f"{rate:.2%}",
+                               "[red]above 0.1%[/]" if rate > COMPLAINT_RATE_WARNING else "")
+        console.print(rate_table)
+        return
+    if not files and maildir is None and imap is None:
+        errors.print("[red]Name bounce files, or pass --maildir DIR or --imap URL (or --rates).[/]")
+        raise typer.Exit(2)
+    secret, rule = settings.secret.get_secret_value(), settings.soft_bounce_rule
+    domains = sending_domains(settings.sender, settings.bounce_address)
+    table = Table(title="Bounces and complaints", title_justify="left")
+    for column in ("input", "reports", "new", "duplicates", "unmatched", "suppressed", "delayed", "not a report"):
+        table.add_column(column, justify="left" if column == "input" else "right")
+    total, unreadable = Tally(), []
+
+    def read(name: str, data: bytes, done: Callable[[], None] | None = None) -> None:
+        try:
+            tally = process(engine, data, secret, rule, domains)
+        except UnreadableReport as exc:
+            unreadable.append(name)
+            errors.print(f"[red]{name}[/]: {exc}", highlight=False)
+            return
+        if done is not None:
+            done()
+        total.add(tally)
+        table.add_row(name, *(str(n) for n in (tally.reports, tally.new, tally.duplicates, tally.unmatched,
+                                                len(tally.suppressed), tally.delayed, tally.ignored)))
+
+    for file in files or []:
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            unreadable.append(str(file))
+            errors.print(f"[red]{file}[/]: cannot read: {exc.strerror or exc}", highlight=False)
+            continue
+        read(str(file), data)
+    try:
+        if maildir is not None:
+            for name, data, done in maildir_messages(maildir):
+                read(name, data, done)
+        if imap is not None:
+            with imap_messages(imap) as messages:
+                for name, data, done in messages:
+                    read(name, data, done)
+    except (UnreadableReport, ImapError, OSError) as exc:
+        errors.print(f"[red]{exc}[/]", highlight=False)
+        unreadable.append(str(maildir if isinstance(exc, (UnreadableReport, OSError)) else "IMAP"))
+    table.add_row("total", *(str(n) for n in (total.reports, total.new, total.duplicates, total.unmatched,
+                                               len(total.suppressed), total.delayed, total.ignored)), style="bold")
+    console.print(table)
+    for email, reason in sorted(total.suppressed.items()):
+        console.print(f"suppressed {email} ({reason})", highlight=False)
+    if unreadable:
+        errors.print(f"[red]{len(unreadable)} input(s) could not be read:[/] {', '.join(unreadable)}", highlight=False)
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

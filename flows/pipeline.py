@@ -26,6 +26,7 @@ from prefect.utilities.annotations import quote
 
 from flows import ledger
 from flows.audience import Candidate, Skip, stream_candidates
+from flows.bounces import trigger_complaints
 from flows.clock import parse_now
 from flows.delivery import (
     PLANNED_LINES,
@@ -231,6 +232,7 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) ->
     if not dry_run:
         check_smtp(settings)
     summary = execute(job, render=_render_task, dispatch=_dispatch_task, submit=_send_task)
+    summary.complaints = None if dry_run else trigger_complaints(get_engine(settings.database_url), trigger, job.now)
     publish(summary, settings)
     return summary
 

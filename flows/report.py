@@ -43,6 +43,7 @@ class RunSummary:
     planned: list[PlannedMail] = field(default_factory=list)
     templates: set[tuple[str, str, str]] = field(default_factory=set)  # (template file, stage, language)
     interrupted: bool = False  # stopped between batches by a shutdown
+    complaints: tuple[int, int] | None = None  # (spam complaints, mails sent) by this trigger in the last 30 days
 
     def add(self, stage: str, outcome: str, count: int = 1) -> None:
         self.counts[(stage, outcome)] += count
@@ -78,15 +79,27 @@ class RunSummary:
         rows.append(total)
         return rows
 
+    @property
+    def complaint_warning(self) -> str | None:
+        """Said when the trigger's spam-complaint rate crosses 0.1 %: well before Gmail's 0.3 % line."""
+        from flows.bounces import COMPLAINT_RATE_WARNING
+
+        complained, sent = self.complaints or (0, 0)
+        if not sent or complained / sent <= COMPLAINT_RATE_WARNING:
+            return None
+        return (f"spam complaints {complained / sent:.2%} over 30 days ({complained} of {sent} mails): "
+                f"above {COMPLAINT_RATE_WARNING:.1%}; Gmail's limit is 0.3%")
+
     def headline(self) -> str:
         totals = self.outcomes
         main = totals[WOULD_SEND] if self.dry_run else totals[SENT]
         verb = "would send" if self.dry_run else "sent"
         others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()) if name not in (SENT, WOULD_SEND))
         stopped = " (interrupted by shutdown)" if self.interrupted else ""
+        warning = f"; WARNING: {self.complaint_warning}" if self.complaint_warning else ""
         return f"{self.trigger} @ {self.evaluated_at:%Y-%m-%d %H:%M:%S} UTC{stopped}: {verb} {main}" + (
             f"; {others}" if others else ""
-        )
+        ) + warning
 
     def to_markdown(self, preview: Callable[[str, str], str] | None = None) -> str:
         """The summary for the Prefect UI; ``preview(stage, language)`` gives each template's preview link."""
@@ -101,4 +114,5 @@ class RunSummary:
             f"- [`{name}` ({stage}, {lang})]({preview(stage, lang)})" if preview else f"- `{name}` ({stage}, {lang})"
             for name, stage, lang in sorted(self.templates)
         ) or "- none"
-        return f"# {self.trigger}\n\n{self.headline()}\n\n{body}\n\n## Templates used\n{templates}\n"
+        warning = f"\n\n> **Warning:** {self.complaint_warning}" if self.complaint_warning else ""
+        return f"# {self.trigger}\n\n{self.headline()}{warning}\n\n{body}\n\n## Templates used\n{templates}\n"

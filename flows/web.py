@@ -6,19 +6,28 @@
 - ``/preferences/{token}``: leave single categories (e.g. win-back campaigns), or all.
 - ``/confirm/{token}``: double opt-in; POST records the consent with its time and source.
 - ``/preview/{token}``: a trigger's mail with sample data (linked from Prefect runs).
+- ``/webhooks/ses``, ``/webhooks/postmark``: bounces and complaints from providers
+  (signed by SNS, or behind basic auth), recorded like mailed reports (``flows.feedback``).
 
 GET never changes anything (mail scanners follow links); every token is signed.
 Pages speak the customer's language (German or English).
 """
 
+import base64
+import binascii
+import hmac
+import logging
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from jinja2 import Environment
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, select
 from sqlmodel import Session
 
+from flows.bounces import Report
 from flows.kinds import KINDS
 from flows.links import (
     CONFIRM,
@@ -35,6 +44,7 @@ from models import CategoryOptOut, Customer, Suppression, SuppressionReason
 from models.db import get_engine
 from models.types import utcnow
 
+log = logging.getLogger(__name__)
 MARKETING = [name for name, kind in KINDS.items() if kind.category == "marketing"]
 
 WORDS: dict[str, dict[str, Any]] = {
@@ -239,4 +249,102 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})
 
+    add_webhooks(app, settings, engine)
     return app
+
+
+# -- bounce and complaint webhooks -----------------------------------------------------
+
+WEBHOOK_MAX_BYTES = 1_000_000  # SNS messages are at most 256 KB; Postmark's with content stay well below
+
+
+def _basic_auth_matches(header: str | None, user: str, password: str) -> bool:
+    """HTTP basic credentials equal to ours, compared in constant time (both always compared)."""
+    scheme, _, encoded = (header or "").partition(" ")
+    try:
+        given = base64.b64decode(encoded.strip(), validate=True) if scheme.lower() == "basic" else b""
+    except (binascii.Error, ValueError):
+        given = b""
+    given_user, _, given_password = given.partition(b":")
+    same_user = hmac.compare_digest(given_user, user.encode())
+    same_password = hmac.compare_digest(given_password, password.encode())
+    return bool(user and password) and same_user & same_password
+
+
+def add_webhooks(app: FastAPI, settings: Settings, engine: Engine) -> None:
+    """``POST /webhooks/ses`` (SES through SNS, signature checked) and ``POST /webhooks/postmark``
+    (basic auth from the webhook URL). A request that fails verification gets 403 and changes
+    nothing; every report goes through ``flows.bounces.record`` like mailed ones."""
+    from flows.feedback import (
+        load_json,
+        postmark_reports,
+        record_reports,
+        sending_domains,
+        ses_reports,
+    )
+    from flows.sns import Certificates, SnsError, trusted_url, verify
+
+    secret = settings.secret.get_secret_value()
+    domains = sending_domains(settings.sender, settings.bounce_address)
+    certificates = Certificates()
+    prefixes = settings.sns_trusted_prefixes
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        body = await request.body()
+        if len(body) > WEBHOOK_MAX_BYTES:
+            raise HTTPException(status_code=413)
+        try:
+            return load_json(body)
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+
+    def refused(reason: str) -> JSONResponse:
+        log.warning("webhook refused: %s", reason)
+        return JSONResponse({"error": "forbidden"}, status_code=403)
+
+    def recorded(reports: list[Report]) -> JSONResponse:
+        tally = record_reports(engine, reports, settings.soft_bounce_rule)
+        return JSONResponse({"reports": tally.reports, "new": tally.new, "duplicates": tally.duplicates,
+                             "unmatched": tally.unmatched, "suppressed": len(tally.suppressed)})
+
+    @app.post("/webhooks/ses")
+    async def ses_webhook(request: Request) -> JSONResponse:
+        message = await body_of(request)
+        if message.get("TopicArn") not in settings.ses_topics:
+            return refused(f"SNS topic {str(message.get('TopicArn'))[:200]!r} is not in LIFECYCLE_SES_TOPIC_ARNS")
+        try:
+            await run_in_threadpool(verify, message, certificates, prefixes)
+        except SnsError as exc:
+            return refused(f"SNS message {str(message.get('MessageId'))[:80]!r}: {exc}")
+        kind = message.get("Type")
+        if kind == "SubscriptionConfirmation":
+            url = message.get("SubscribeURL")
+            if not trusted_url(url, prefixes):
+                return refused("SubscribeURL is not on sns.<region>.amazonaws.com")
+            try:
+                async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
+                    answer = await client.get(str(url))
+            except httpx.HTTPError as exc:
+                raise HTTPException(status_code=502, detail=f"SubscribeURL: {type(exc).__name__}") from None
+            if answer.status_code != 200:
+                raise HTTPException(status_code=502, detail=f"SubscribeURL answered HTTP {answer.status_code}")
+            log.info("confirmed the SNS subscription to %s", message.get("TopicArn"))
+            return JSONResponse({"subscribed": message.get("TopicArn")})
+        if kind != "Notification":
+            return JSONResponse({"ignored": kind})
+        try:
+            notification = load_json(str(message.get("Message", "")).encode())
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail=f"Message: {exc}") from None
+        reports = await run_in_threadpool(ses_reports, engine, notification, secret, domains)
+        return await run_in_threadpool(recorded, reports)
+
+    @app.post("/webhooks/postmark")
+    async def postmark_webhook(request: Request) -> JSONResponse:
+        password = settings.postmark_webhook_password.get_secret_value() if settings.postmark_webhook_password else ""
+        if not _basic_auth_matches(request.headers.get("authorization"), settings.postmark_webhook_user or "",
+                                   password):
+            return refused("Postmark webhook without the configured basic-auth credentials")
+        payload = await body_of(request)
+        reports = await run_in_threadpool(postmark_reports, engine, payload, secret, domains)
+        return await run_in_threadpool(recorded, reports)
