@@ -9,6 +9,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest
+from hypothesis import HealthCheck, Phase
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, text
 from sqlmodel import SQLModel
 
@@ -18,6 +20,20 @@ from tests.builders import Store
 from tests.smtp_server import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests (tests/test_properties.py): derandomized in CI, so a failure is the same
+# on every run; new random examples nightly (HYPOTHESIS_PROFILE=nightly), kept in
+# hypothesis's example database. Each example plays a whole timeline against a fresh
+# store: no deadline, and fixtures are per test, not per example.
+_PROPERTY_CHECKS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
+# Without "explain": replaying a shrunk timeline a hundred times to say which parts matter
+# costs a minute, and the shrunk timeline already reads as the story.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
+hypothesis_settings.register_profile("ci", max_examples=40, derandomize=True, database=None, deadline=None,
+                                     suppress_health_check=_PROPERTY_CHECKS, phases=_PHASES, print_blob=False)
+hypothesis_settings.register_profile("nightly", max_examples=1000, deadline=None,
+                                     suppress_health_check=_PROPERTY_CHECKS, phases=_PHASES, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 POSTGRES_URL = os.environ.get("LIFECYCLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
