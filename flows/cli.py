@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.clock import parse_now
@@ -102,24 +103,29 @@ def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> No
 
 @app.command()
 def ingest(file: Annotated[str, typer.Argument(help="A .jsonl file of Segment events, or - for stdin.")]) -> None:
-    """Load Segment events (identify, track) into the customer store; re-loading is harmless."""
+    """Load Segment events (identify, track, page, screen, group, alias) into the store; re-loading is harmless."""
+    from rich.markup import escape
+
     from flows.ingest import ingest_lines
 
     settings = _settings()
     engine = _engine(settings)
     if file == "-":
-        report = ingest_lines(engine, sys.stdin)
+        report = ingest_lines(engine, sys.stdin.buffer)
     else:
         path = Path(file)
         if not path.is_file():
             errors.print(f"[red]{file}: no such file[/]")
             raise typer.Exit(2)
-        with path.open(encoding="utf-8") as handle:
+        with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad line, not a crash
             report = ingest_lines(engine, handle)
     for line, reason in report.errors:
-        errors.print(f"[red]{file}:{line}[/]: {reason}", highlight=False)
+        errors.print(f"[red]{escape(file)}:{line}[/]: {escape(reason)}", highlight=False)
     console.print(f"Loaded {report.loaded} event(s), {report.duplicates} already known, "
-                  f"{len(report.errors)} bad line(s) skipped.")
+                  f"{len(report.errors)} bad line(s) skipped." + (f" Merged {report.merged} customer record(s) "
+                                                                   "into another." if report.merged else ""))
+    for shared in report.shared:  # one recipient at run time, but two records until an alias merges them
+        errors.print(f"[yellow]warning:[/] {shared}", highlight=False)
     from flows.events import emit_complaints
 
     announced = emit_complaints(report.complaints)
@@ -183,7 +189,8 @@ def run(
             failed = True
             continue
         except Exception as exc:  # one broken trigger never stops the others
-            errors.print(f"[red]{name} failed:[/] {exc}")
+            # One line, however narrow the terminal, and the relay's words as they came (no markup).
+            errors.print(f"[red]{name} failed:[/] {escape(str(exc))}", soft_wrap=True)
             failed = True
             continue
         console.print(summary_table(summary))

@@ -4,13 +4,26 @@ Each line is validated before it touches the database; a bad line is reported wi
 its number and skipped, the good ones load. Every event is stored once, keyed by
 Segment's ``messageId`` (or, without one, by a hash of the line), so loading the
 same file twice changes nothing.
+
+All six Segment calls are understood: ``identify`` (traits), ``track`` (carts,
+orders, complaints, unsubscribes; any other name is only logged), ``page`` and
+``screen`` (activity, like a track), ``group`` (a membership with the group's traits)
+and ``alias`` (two ids are one person).
+
+Identities. An event may carry only an ``anonymousId``: it then belongs to a customer
+keyed by that id (a guest). The guest becomes an account when an ``alias``
+(previousId → userId) or an ``identify`` carrying both userId and anonymousId arrives:
+the guest's record is merged into the account's (``_Store.merge``) and its id becomes
+an alias, so later events and old unsubscribe links for it land on the account. An
+``identify`` only claims an anonymousId nobody has claimed yet (a shared browser does
+not merge two accounts); an explicit ``alias`` always merges.
 """
 
 import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
@@ -23,8 +36,9 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from sqlalchemy import Engine, select
-from sqlmodel import Session
+from sqlalchemy import Column, Engine, Table, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, SQLModel
 
 from flows.spec.problems import format_path
 from models import (
@@ -34,7 +48,9 @@ from models import (
     CartItem,
     Complaint,
     Customer,
+    CustomerAlias,
     Event,
+    GroupMembership,
     Order,
     Suppression,
     SuppressionReason,
@@ -44,7 +60,7 @@ COMMIT_EVERY = 500
 
 
 def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _number_as_text(value: Any) -> Any:
@@ -111,15 +127,44 @@ class ComplaintAnswered(_Lenient):
     complaint_id: Id
 
 
+def _lenient_moment(value: Any) -> Any:
+    return None if value == "" else value
+
+
+Moment = Annotated[datetime | None, BeforeValidator(_lenient_moment)]
+
+
 class SegmentEvent(_Lenient):
-    type: Literal["identify", "track"]
-    user_id: Id = Field(validation_alias=AliasChoices("userId", "user_id"))
-    timestamp: datetime
+    """The envelope every Segment call shares (messageId, timestamps, ids, context…)."""
+
+    type: Literal["identify", "track", "page", "screen", "group", "alias"]
+    user_id: Id | None = Field(None, validation_alias=AliasChoices("userId", "user_id"))
+    anonymous_id: Id | None = Field(None, validation_alias=AliasChoices("anonymousId", "anonymous_id"))
+    previous_id: Id | None = Field(None, validation_alias=AliasChoices("previousId", "previous_id"))
+    group_id: Id | None = Field(None, validation_alias=AliasChoices("groupId", "group_id"))
+    timestamp: Moment = None
+    original_timestamp: Moment = Field(None, validation_alias=AliasChoices("originalTimestamp", "original_timestamp"))
+    received_at: Moment = Field(None, validation_alias=AliasChoices("receivedAt", "received_at"))
     message_id: str | None = Field(None, validation_alias=AliasChoices("messageId", "message_id"), max_length=255)
-    traits: Traits = Field(default_factory=Traits)
+    traits: dict[str, Any] = Field(default_factory=dict)  # a person's for identify, the group's for group
     event: str | None = Field(None, max_length=255)
+    name: str | None = Field(None, max_length=255, description="The page's or screen's name.")
     properties: dict[str, Any] = Field(default_factory=dict)
     context: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The id the event is about: the userId, or for a guest the anonymousId."""
+        key = self.user_id or self.anonymous_id
+        assert key is not None  # parse_line refuses events with neither
+        return key
+
+    @property
+    def moment(self) -> datetime:
+        """When it happened: Segment's ``timestamp``, or the client's or server's clock without one."""
+        moment = self.timestamp or self.original_timestamp or self.received_at
+        assert moment is not None  # parse_line refuses events with none
+        return _aware(moment)
 
 
 PROPERTIES: dict[str, type[_Lenient]] = {
@@ -131,12 +176,26 @@ PROPERTIES: dict[str, type[_Lenient]] = {
 }
 
 
+@dataclass(frozen=True)
+class SharedAddress:
+    """Several customer records with one mailbox: one recipient at run time, but they should be merged."""
+
+    address: str
+    customers: list[str]
+
+    def __str__(self) -> str:
+        return (f"{self.address} is shared by customers {', '.join(self.customers)}: "
+                "send an alias event to merge them")
+
+
 @dataclass
 class IngestReport:
     loaded: int = 0
     duplicates: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
     complaints: list[str] = field(default_factory=list)
+    shared: list[SharedAddress] = field(default_factory=list)  # among the addresses this load wrote
+    merged: int = 0  # customer records merged into another (alias, or identify claiming a guest)
 
     @property
     def ok(self) -> bool:
@@ -149,31 +208,59 @@ class _Parsed:
     details: _Lenient | None
     message_id: str
     raw: dict[str, Any]
+    traits: Traits | None = None  # identify only
 
 
 def parse_line(text: str) -> _Parsed:
     """Validate one line; raises ValueError with a readable reason."""
+    # Without its line break: json counts a break as a line, so an object cut short at the
+    # end of its line was reported at "column 1" (of the empty line after it).
+    text = text.rstrip("\r\n")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        # One line, so the position is the column: 1-based, in characters (as editors count).
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
     if not isinstance(raw, dict):
-        raise ValueError("expected a JSON object")
+        raise ValueError("expected a JSON object")  # noqa: TRY004 -- a bad line, reported as such
     try:
         event = SegmentEvent.model_validate(raw)
     except ValidationError as exc:
         raise ValueError(_reasons(exc)) from None
-    if event.type == "track" and not event.event:
-        raise ValueError("event: track events need an event name")
+    _check_envelope(event)
     model = PROPERTIES.get(event.event or "") if event.type == "track" else None
     try:
         details = model.model_validate(event.properties) if model else None
     except ValidationError as exc:
         raise ValueError(_reasons(exc, ("properties",))) from None
+    try:
+        traits = Traits.model_validate(event.traits) if event.type == "identify" else None
+    except ValidationError as exc:
+        raise ValueError(_reasons(exc, ("traits",))) from None
     message_id = event.message_id or "sha256:" + hashlib.sha256(
         json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
-    return _Parsed(event, details, message_id, raw)
+    return _Parsed(event, details, message_id, raw, traits)
+
+
+def _check_envelope(event: SegmentEvent) -> None:
+    """What the spec requires of each call beyond its field types; every problem at once."""
+    problems = []
+    if event.timestamp is None and event.original_timestamp is None and event.received_at is None:
+        problems.append("timestamp: required (or originalTimestamp, receivedAt)")
+    if event.type == "alias":
+        if event.previous_id is None:
+            problems.append("previousId: alias calls need the previous id")
+        if event.user_id is None:
+            problems.append("userId: alias calls need the new userId")
+    elif event.user_id is None and event.anonymous_id is None:
+        problems.append("userId: required, or anonymousId for a visitor not yet identified")
+    if event.type == "group" and event.group_id is None:
+        problems.append("groupId: group calls need the group's id")
+    if event.type == "track" and not event.event:
+        problems.append("event: track events need an event name")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _reasons(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
@@ -182,12 +269,30 @@ def _reasons(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     )
 
 
-def ingest_lines(engine: Engine, lines: Iterable[str]) -> IngestReport:
+def _decoded(data: str | bytes) -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        column = len(data[:exc.start].decode("utf-8", errors="replace")) + 1
+        raise ValueError(f"not UTF-8 (byte 0x{data[exc.start]:02x} at column {column})") from None
+
+
+def ingest_lines(engine: Engine, lines: Iterable[str | bytes]) -> IngestReport:
+    """Load one event per line (text, or bytes as read from a file: each line decoded on its own)."""
     report = IngestReport()
     with Session(engine, expire_on_commit=False) as session:
         store = _Store(session)
         pending = 0
-        for number, text in enumerate(lines, start=1):
+        for number, data in enumerate(lines, start=1):
+            try:
+                text = _decoded(data)
+            except ValueError as exc:
+                report.errors.append((number, str(exc)))
+                continue
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # a byte order mark, as some editors save UTF-8
             if not text.strip():
                 continue
             try:
@@ -198,12 +303,14 @@ def ingest_lines(engine: Engine, lines: Iterable[str]) -> IngestReport:
             if store.seen(parsed.message_id):
                 report.duplicates += 1
                 continue
+            merged = store.merged
             try:
-                with session.begin_nested():
+                with session.begin_nested():  # all of one event or nothing, a merge included
                     store.apply(parsed)
-            except ValueError as exc:
-                report.errors.append((number, str(exc)))
-                store.customers.clear()  # a customer created by the failed line was rolled back
+            except (ValueError, IntegrityError) as exc:
+                reason = str(exc) if isinstance(exc, ValueError) else f"the store refused it ({exc.orig})"
+                report.errors.append((number, reason))
+                store.forget(merged)  # what the failed line cached was rolled back
                 continue
             report.loaded += 1
             if parsed.event.event == "Complaint Received":
@@ -213,7 +320,43 @@ def ingest_lines(engine: Engine, lines: Iterable[str]) -> IngestReport:
                 session.commit()
                 pending = 0
         session.commit()
+        report.merged = store.merged
+        report.shared = shared_addresses(session, store.addresses)
     return report
+
+
+def shared_addresses(session: Session, addresses: Iterable[str]) -> list[SharedAddress]:
+    """Which of ``addresses`` (lower-cased) belong to more than one customer record."""
+    found: dict[str, list[str]] = {}
+    wanted = sorted(set(addresses))
+    for start in range(0, len(wanted), 500):  # ix_customers_address serves each chunk
+        address = func.lower(Customer.email)
+        rows = session.execute(select(address, Customer.external_id).where(address.in_(wanted[start:start + 500])))
+        for email, external_id in rows:
+            found.setdefault(email, []).append(external_id)
+    return [SharedAddress(email, sorted(ids)) for email, ids in sorted(found.items()) if len(ids) > 1]
+
+
+def customer_by_id(session: Session, external_id: str) -> Customer | None:
+    """The customer an id names: their own userId, or one merged into them (an alias)."""
+    customer = session.execute(select(Customer).where(Customer.external_id == external_id)).scalar_one_or_none()
+    if customer is None:
+        alias = session.get(CustomerAlias, external_id)
+        customer = session.get(Customer, alias.customer_id) if alias else None
+    return customer
+
+
+def _customer_references() -> list[tuple[Table, Column[Any]]]:
+    """Every column that points at a customer: a merge moves them all, tables added later included."""
+    found = []
+    for table in SQLModel.metadata.sorted_tables:
+        for column in table.columns:
+            if any(fk.column.table.name == "customers" and fk.column.name == "id" for fk in column.foreign_keys):
+                found.append((table, column))
+    return found
+
+
+TRAITS = ("email", "first_name", "last_name", "timezone")
 
 
 class _Store:
@@ -223,6 +366,8 @@ class _Store:
         self.session = session
         self.customers: dict[str, Customer] = {}
         self.message_ids: set[str] = set()
+        self.addresses: set[str] = set()  # lower-cased, of customers this load identified or merged
+        self.merged = 0
 
     def seen(self, message_id: str) -> bool:
         if message_id in self.message_ids:
@@ -230,19 +375,34 @@ class _Store:
         found = self.session.execute(select(Event.id).where(Event.message_id == message_id)).first()
         return found is not None
 
+    def forget(self, merged: int) -> None:
+        """After a failed line: drop the cache (it may hold rolled-back customers) and its merges."""
+        self.customers.clear()
+        self.merged = merged
+
     def apply(self, parsed: _Parsed) -> None:
-        event, ts = parsed.event, _aware(parsed.event.timestamp)
-        customer = self.customer(event.user_id, ts)
-        if event.type == "identify":
-            self.identify(customer, event, ts)
+        event, ts = parsed.event, parsed.event.moment
+        if event.type == "alias":
+            assert event.user_id is not None and event.previous_id is not None
+            customer = self.customer(event.user_id, ts)
+            self.alias(event.previous_id, customer, ts)
         else:
-            customer.last_seen_at = max(filter(None, [customer.last_seen_at, ts]))
-            handler = _TRACK_HANDLERS.get(event.event or "")
-            if handler:
-                handler(self, customer, parsed.details, ts)
+            customer = self.customer(event.key, ts)
+            if event.type == "identify":
+                if event.user_id is not None and event.anonymous_id is not None:
+                    self.claim_anonymous(event.anonymous_id, customer, ts)
+                assert parsed.traits is not None
+                self.identify(customer, parsed.traits, event, ts)
+            elif event.type == "group":
+                self.group(customer, event, ts)
+            else:  # track, page, screen: the customer was active
+                customer.last_seen_at = max(filter(None, [customer.last_seen_at, ts]))
+                handler = _TRACK_HANDLERS.get(event.event or "") if event.type == "track" else None
+                if handler:
+                    handler(self, customer, parsed.details, ts)
         self.session.add(
-            Event(message_id=parsed.message_id, type=event.type, name=event.event, user_id=event.user_id,
-                  timestamp=ts, payload=parsed.raw)
+            Event(message_id=parsed.message_id, type=event.type, name=event.event or event.name,
+                  user_id=event.key, timestamp=ts, payload=parsed.raw)
         )
         self.session.flush()
         self.message_ids.add(parsed.message_id)
@@ -250,9 +410,7 @@ class _Store:
     def customer(self, external_id: str, ts: datetime) -> Customer:
         customer = self.customers.get(external_id)
         if customer is None:
-            customer = self.session.execute(
-                select(Customer).where(Customer.external_id == external_id)
-            ).scalar_one_or_none()
+            customer = customer_by_id(self.session, external_id)
             if customer is None:
                 customer = Customer(external_id=external_id, created_at=ts)
                 self.session.add(customer)
@@ -260,8 +418,7 @@ class _Store:
             self.customers[external_id] = customer
         return customer
 
-    def identify(self, customer: Customer, event: SegmentEvent, ts: datetime) -> None:
-        traits = event.traits
+    def identify(self, customer: Customer, traits: Traits, event: SegmentEvent, ts: datetime) -> None:
         for name in ("email", "first_name", "last_name", "timezone", "locale"):
             value = getattr(traits, name)
             if value is not None:
@@ -276,11 +433,130 @@ class _Store:
             if traits.consent_confirmed:
                 customer.marketing_consent, customer.consent_at = True, ts
                 customer.consent_source = traits.consent_source or "shop (confirmed)"
+                customer.consent_withdrawn_at = None  # a new, confirmed consent supersedes the withdrawal
             elif customer.consent_requested_at is None:
                 customer.consent_requested_at = ts  # double opt-in: the confirmation mail asks
                 customer.consent_source = traits.consent_source
         elif traits.marketing_consent is False:
-            withdraw_consent(customer)
+            withdraw_consent(customer, ts)
+        if customer.email:
+            self.addresses.add(customer.email.lower())
+
+    def group(self, customer: Customer, event: SegmentEvent, ts: datetime) -> None:
+        assert event.group_id is not None
+        membership = self.session.get(GroupMembership, (customer.id, event.group_id))
+        if membership is None:
+            assert customer.id is not None
+            self.session.add(GroupMembership(customer_id=customer.id, group_id=event.group_id, traits=event.traits,
+                                             updated_at=ts))
+        elif ts >= membership.updated_at:  # events may arrive out of order: the newest traits win
+            membership.traits, membership.updated_at = {**membership.traits, **event.traits}, ts
+
+    # -- identities -------------------------------------------------------------------
+    def alias(self, previous_id: str, customer: Customer, ts: datetime) -> None:
+        """``previous_id`` is ``customer`` too: merge its record, or remember the link."""
+        if previous_id == customer.external_id:
+            return
+        previous = customer_by_id(self.session, previous_id)
+        if previous is None:
+            assert customer.id is not None
+            self.session.add(CustomerAlias(external_id=previous_id, customer_id=customer.id, created_at=ts))
+            self.customers[previous_id] = customer
+        elif previous.id != customer.id:
+            self.merge(previous, customer, ts)
+
+    def claim_anonymous(self, anonymous_id: str, customer: Customer, ts: datetime) -> None:
+        """An identify with both ids: the guest behind ``anonymous_id`` is this customer,
+        unless another account claimed that id first (a shared browser)."""
+        guest = self.session.execute(
+            select(Customer).where(Customer.external_id == anonymous_id)
+        ).scalar_one_or_none()
+        if guest is not None:
+            if guest.id != customer.id:
+                self.merge(guest, customer, ts)
+        elif self.session.get(CustomerAlias, anonymous_id) is None:
+            self.alias(anonymous_id, customer, ts)
+
+    def merge(self, previous: Customer, customer: Customer, ts: datetime) -> None:
+        """Fold ``previous`` into ``customer``: everything that points at it, its traits and
+        its consent; its id becomes an alias. Inside the event's savepoint: all or nothing."""
+        session = self.session
+        session.flush()
+        newer, older = self._newer_first(previous, customer)
+        previous_id, gone, kept = previous.external_id, previous.id, customer.id
+        for table, column in _customer_references():
+            keys = [c for c in table.primary_key.columns if c is not column]
+            if column.primary_key and keys:  # e.g. one opt-out per category: the survivor's row stays
+                other = table.alias()
+                twin = select(other.c[column.name]).where(
+                    other.c[column.name] == kept, *(other.c[k.name] == table.c[k.name] for k in keys)).exists()
+                session.execute(delete(table).where(column == gone, twin))
+            session.execute(update(table).where(column == gone).values({column.name: kept}))
+        values = {name: getattr(newer, name) if getattr(newer, name) is not None else getattr(older, name)
+                  for name in TRAITS}
+        # The column's default "en" means "never said": a language the other record knows beats it.
+        values["locale"] = newer.locale if newer.locale != "en" or older.locale == "en" else older.locale
+        values["created_at"] = min(previous.created_at, customer.created_at)
+        values["last_seen_at"] = max(filter(None, [previous.last_seen_at, customer.last_seen_at]), default=None)
+        values.update(self._merged_consent(previous, customer))
+        session.expire_all()  # the bulk updates moved rows under the objects the session holds
+        session.delete(session.get(Customer, gone))
+        session.flush()
+        for name, value in values.items():
+            setattr(customer, name, value)
+        session.add(CustomerAlias(external_id=previous_id, customer_id=kept, created_at=ts))
+        session.flush()
+        for key, cached in list(self.customers.items()):
+            if cached is previous or key == previous_id:
+                self.customers[key] = customer
+        if customer.email:
+            self.addresses.add(customer.email.lower())
+        self.merged += 1
+
+    def _newer_first(self, a: Customer, b: Customer) -> tuple[Customer, Customer]:
+        """The record identified last (by its events' timestamps, aliases included) first; ``b`` on a tie."""
+        latest = {}
+        for customer in (a, b):
+            ids = [customer.external_id, *self.session.execute(
+                select(CustomerAlias.external_id).where(CustomerAlias.customer_id == customer.id)).scalars()]
+            latest[customer.id] = self.session.execute(
+                select(func.max(Event.timestamp)).where(Event.type == "identify", Event.user_id.in_(ids))
+            ).scalar_one_or_none()
+        at_a, at_b = latest[a.id], latest[b.id]
+        return (a, b) if at_a is not None and (at_b is None or _aware(at_a) > _aware(at_b)) else (b, a)
+
+    def _merged_consent(self, a: Customer, b: Customer) -> dict[str, Any]:
+        """A withdrawal on either record wins over any consent (suppressions are per address
+        and hold anyway); else a confirmed consent holds; else the earliest pending request."""
+        withdrawn = [moment for c in (a, b) if (moment := self._withdrawn_at(c)) is not None]
+        if withdrawn:
+            return {"marketing_consent": False, "consent_at": None, "consent_requested_at": None,
+                    "consent_withdrawn_at": max(withdrawn)}
+        confirmed = sorted((c for c in (a, b) if c.marketing_consent and c.consent_at), key=lambda c: c.consent_at)
+        if confirmed:
+            first = confirmed[0]
+            return {"marketing_consent": True, "consent_at": first.consent_at, "consent_source": first.consent_source,
+                    "consent_requested_at": None, "consent_withdrawn_at": None}
+        requested = sorted((c for c in (a, b) if c.consent_requested_at), key=lambda c: c.consent_requested_at)
+        if requested:
+            return {"marketing_consent": False, "consent_at": None, "consent_withdrawn_at": None,
+                    "consent_requested_at": requested[0].consent_requested_at,
+                    "consent_source": requested[0].consent_source}
+        return {"marketing_consent": False, "consent_at": None, "consent_requested_at": None}
+
+    def _withdrawn_at(self, customer: Customer) -> datetime | None:
+        """When this record's consent was withdrawn, if no confirmed consent came after it.
+        An unsubscribe in ``lifecycle web`` leaves only its suppression: that counts too."""
+        moment = customer.consent_withdrawn_at
+        if customer.email:
+            suppression = self.session.get(Suppression, customer.email.lower())
+            if suppression is not None and suppression.reason == SuppressionReason.UNSUBSCRIBED:
+                moment = max(filter(None, [moment, _aware(suppression.created_at)]))
+        if moment is None:
+            return None
+        if customer.marketing_consent and customer.consent_at and _aware(customer.consent_at) > _aware(moment):
+            return None
+        return _aware(moment)
 
     # -- track events ---------------------------------------------------------------
     def open_cart(self, customer: Customer, cart_id: str | None, ts: datetime) -> Cart:
@@ -356,14 +632,15 @@ class _Store:
         complaint.answered_at = ts
 
     def unsubscribed(self, customer: Customer, _details: None, ts: datetime) -> None:
-        withdraw_consent(customer)
+        withdraw_consent(customer, ts)
         if customer.email and self.session.get(Suppression, customer.email.lower()) is None:
             self.session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED,
                                          detail="Unsubscribed event", created_at=ts))
 
 
-def withdraw_consent(customer: Customer) -> None:
+def withdraw_consent(customer: Customer, at: datetime | None = None) -> None:
     customer.marketing_consent, customer.consent_at, customer.consent_requested_at = False, None, None
+    customer.consent_withdrawn_at = at or customer.consent_withdrawn_at or datetime.now(UTC)
 
 
 _TRACK_HANDLERS = {
