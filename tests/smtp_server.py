@@ -107,7 +107,7 @@ class SmtpServer:
         login, password = auth_data.login.decode(), auth_data.password.decode()
         accepted = (login, password) == self.credentials
         self.logins.append((login, accepted))
-        return AuthResult(success=accepted, auth_data=auth_data if accepted else None)
+        return AuthResult(success=accepted, handled=False, auth_data=auth_data if accepted else None)
 
     @property
     def url(self) -> str:

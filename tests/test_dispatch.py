@@ -1,19 +1,24 @@
 """SMTP delivery against a real server on loopback: retries, bounces, outages."""
 
 import asyncio
+import pickle
 
 import pytest
 
+from flows.bounces import Verdict
 from flows.dispatch import (
+    BreakerPolicy,
     Delivery,
     Envelope,
     Mailer,
+    RelayRefused,
     Result,
     RetryPolicy,
     SmtpConfig,
     SmtpUnavailable,
 )
 from flows.outbox import free_port
+from models import FeedbackKind
 from tests.smtp_server import Script, SmtpServer
 
 FAST = RetryPolicy(attempts=4, backoff=0.01, backoff_max=0.05)
@@ -102,3 +107,84 @@ def test_an_unreachable_server_raises_after_retries() -> None:
     with pytest.raises(SmtpUnavailable, match="unreachable after 4 attempts") as error:
         send(url, [envelope("a@example.de"), envelope("b@example.de")])
     assert error.value.done == []
+
+
+def send_windows(url: str, envelopes: list[Envelope], breaker: BreakerPolicy,
+                 window: int = 16) -> tuple[list[Delivery], RelayRefused | None]:
+    """Send as a batch's dispatch does, a window at a time; returns what was decided and the trip."""
+    async def go() -> tuple[list[Delivery], RelayRefused | None]:
+        decided: list[Delivery] = []
+        async with Mailer(SmtpConfig.from_url(url), FAST, breaker, recipients=len(envelopes)) as mailer:
+            try:
+                for i in range(0, len(envelopes), window):
+                    decided += await mailer.send(envelopes[i: i + window])
+            except RelayRefused as trip:
+                return decided + trip.done, trip
+            return decided + mailer.settle(), None
+
+    return asyncio.run(go())
+
+
+def test_a_streak_of_policy_refusals_stops_the_batch_at_the_trip(smtp: SmtpServer) -> None:
+    healthy = [envelope(f"ok{i}@example.de") for i in range(60)]
+    denied = [envelope(f"no{i}@example.de") for i in range(40)]
+    for e in denied:
+        smtp.handler.scripts[e.recipient] = Script(rcpt=["554 5.7.1 Relay access denied"])
+    decided, trip = send_windows(smtp.url, healthy + denied, BreakerPolicy(consecutive=10, sample=50, share=0.2))
+    assert trip is not None and "refused 10 mails in a row (the last: 554 5.7.1 Relay access denied)" in str(trip)
+    assert {d.key for d in decided} == {e.key for e in healthy}  # the refusals stay undecided: released
+    # Stopped at the tenth refusal: at most one more was in flight on the other connection.
+    assert 10 <= sum(smtp.handler.rcpt_attempts[e.recipient] for e in denied) <= 11
+
+
+def test_more_than_the_share_of_a_batchs_first_recipients_refused_trips_it(smtp: SmtpServer) -> None:
+    mixed = [envelope(f"r{i}@example.de") for i in range(40)]
+    for e in mixed[::3]:  # every third: never ten in a row, but a third of the sample
+        smtp.handler.scripts[e.recipient] = Script(data=["554 5.7.1 Sending IP not allowed for this domain"])
+    decided, trip = send_windows(smtp.url, mixed, BreakerPolicy(consecutive=10, sample=20, share=0.2))
+    assert trip is not None and "of the batch's first 20 recipients, more than 20%" in str(trip)
+    assert all(d.result == Result.SENT for d in decided) and len(smtp.received) < 20
+
+
+def test_bad_addresses_neither_trip_the_breaker_nor_hide_a_policy_refusal(smtp: SmtpServer) -> None:
+    gone = [envelope(f"gone{i}@example.de") for i in range(30)]
+    rest = [envelope(f"ok{i}@example.de") for i in range(10)] + [envelope("spam@example.de")]
+    for e in gone:
+        smtp.handler.scripts[e.recipient] = Script(rcpt=["550 5.1.1 <x>: Recipient address rejected: User unknown"])
+    smtp.handler.scripts["spam@example.de"] = Script(data=["554 5.7.1 Message rejected as spam"])
+    decided, trip = send_windows(smtp.url, gone + rest, BreakerPolicy(consecutive=3, sample=50, share=0.2))
+    assert trip is None
+    results = {d.key: d for d in decided}
+    assert len(results) == 41  # every refusal is decided once the batch ends untripped
+    assert {results[e.key].verdict.kind for e in gone} == {FeedbackKind.HARD_BOUNCE}  # type: ignore[union-attr]
+    assert results["spam@example.de"].verdict == Verdict(FeedbackKind.MESSAGE_FAILURE, "5.7.1")
+
+
+def test_a_refused_login_is_the_relay_failing_not_the_recipients() -> None:
+    server = SmtpServer(credentials=("shop", "right-Pa55")).start()
+    try:
+        url = f"smtp://shop:wrong-Pa55@127.0.0.1:{server.port}?connections=2&timeout=5"
+
+        async def probe() -> None:
+            async with Mailer(SmtpConfig.from_url(url), FAST) as mailer:
+                await mailer.check()
+
+        with pytest.raises(RelayRefused, match="refused our login: 535 5.7.8 Authentication credentials invalid") as error:
+            asyncio.run(probe())
+        assert "wrong-Pa55" not in str(error.value)
+        # One session (the client tries PLAIN, then LOGIN), not retried: 4 attempts would make 8.
+        assert 1 <= len(server.logins) <= 2 and not any(accepted for _, accepted in server.logins)
+        server.logins.clear()
+        decided, trip = send_windows(url, [envelope(f"r{i}@example.de") for i in range(10)], BreakerPolicy())
+        assert trip is not None and "refused our login" in str(trip) and decided == []
+        assert len(server.logins) <= 2 * 2 and server.handler.rcpt_attempts == {}  # one session per connection
+    finally:
+        server.stop()
+
+
+def test_a_tripped_breaker_pickles_with_its_relays_words_and_decided_deliveries() -> None:
+    """Raised in a sender process, it is re-raised in the flow's."""
+    done = [Delivery("k1", Result.BOUNCED, "550 5.1.1 unknown", Verdict(FeedbackKind.HARD_BOUNCE, "5.1.1"), 550)]
+    again = pickle.loads(pickle.dumps(RelayRefused("SMTP relay h:25 refused our login: 535 5.7.8", done)))
+    assert type(again) is RelayRefused and isinstance(again, SmtpUnavailable)
+    assert str(again) == "SMTP relay h:25 refused our login: 535 5.7.8" and again.done == done
