@@ -104,8 +104,6 @@ def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> No
 @app.command()
 def ingest(file: Annotated[str, typer.Argument(help="A .jsonl file of Segment events, or - for stdin.")]) -> None:
     """Load Segment events (identify, track, page, screen, group, alias) into the store; re-loading is harmless."""
-    from rich.markup import escape
-
     from flows.ingest import ingest_lines
 
     settings = _settings()
