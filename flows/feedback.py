@@ -339,6 +339,11 @@ def _verdict(code_text: str, status: str, default: FeedbackKind | None) -> Verdi
     return verdict
 
 
+def _payload_id(payload: dict[str, Any]) -> str:
+    """A provider's payload without its own id: the same payload, the same report."""
+    return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
+
+
 _SES_HARD = frozenset({"NoEmail", "Suppressed", "OnAccountSuppressionList"})
 
 
@@ -357,6 +362,7 @@ def ses_reports(engine: Engine, notification: dict[str, Any], secret: str, domai
         _message_id(common.get("messageId")) if "@" in str(common.get("messageId", "")) else None)
     digests = _tokens(secret, mail.get("source"), headers.get("return-path"))
     found: list[Found] = []
+    fallback_id = _payload_id(notification)
     if kind == "Bounce":
         bounce = notification.get("bounce") or {}
         permanent = bounce.get("bounceType") == "Permanent"
@@ -371,7 +377,7 @@ def ses_reports(engine: Engine, notification: dict[str, Any], secret: str, domai
             else:
                 verdict = _verdict(diagnostic_text, status, None if permanent else FeedbackKind.SOFT_BOUNCE)
             email = _address(rcpt.get("emailAddress"))
-            found.append(Found(f"ses:{bounce.get('feedbackId', '')}:{email}", email, "failed", "ses",
+            found.append(Found(f"ses:{bounce.get('feedbackId') or fallback_id}:{email}", email, "failed", "ses",
                                _iso(bounce.get("timestamp")), status, diagnostic_text or f"{bounce.get('bounceType')}"
                                f"/{sub}", digests, message_id, verdict))
     elif kind == "Complaint":
@@ -380,7 +386,7 @@ def ses_reports(engine: Engine, notification: dict[str, Any], secret: str, domai
         complained = Verdict(FeedbackKind.COMPLAINT, "") if feedback in _COMPLAINT_TYPES else None
         for rcpt in complaint.get("complainedRecipients") or []:
             email = _address(rcpt.get("emailAddress"))
-            found.append(Found(f"ses:{complaint.get('feedbackId', '')}:{email}", email, "complaint", "ses",
+            found.append(Found(f"ses:{complaint.get('feedbackId') or fallback_id}:{email}", email, "complaint", "ses",
                                _iso(complaint.get("timestamp")), "", f"feedback-type {feedback}", digests,
                                message_id, complained))
     return match(engine, found, domains)
@@ -418,7 +424,7 @@ def postmark_reports(engine: Engine, payload: dict[str, Any], secret: str, domai
         if kind == FeedbackKind.HARD_BOUNCE and verdict.kind != kind:
             verdict = Verdict(kind, verdict.status)
     email = _address(payload.get("Email"))
-    found = Found(f"postmark:{payload.get('ID', '')}:{record_type}", email, "complaint" if kind ==
+    found = Found(f"postmark:{payload.get('ID') or _payload_id(payload)}:{record_type}", email, "complaint" if kind ==
                   FeedbackKind.COMPLAINT else "failed", "postmark", _iso(payload.get("BouncedAt")), verdict.status,
                   details or str(payload.get("Type")), _tokens(secret, content, *metadata.values()),
                   _message_id(headers.get("Message-ID")) or _message_id(metadata.get("message_id")), verdict)

@@ -297,3 +297,17 @@ def test_a_postmark_request_without_the_right_credentials_gets_403_and_changes_n
     finally:
         unconfigured.stop()
     assert feedback_rows(store.engine) == [] and send_status(store.engine, KEY) == SendStatus.SENT
+
+
+def test_a_transient_ses_bounce_counts_as_soft_and_does_not_suppress_at_once(
+        store: Store, web: WebServer, cert_host: CertificateHost, rsa_key: tuple[rsa.RSAPrivateKey, bytes]) -> None:
+    seed_send(store, KEY, EMAIL)
+    payload = ses_bounce(verp_address("bounces@shop.example", SECRET, KEY))
+    payload["bounce"].update(bounceType="Transient", bounceSubType="MailboxFull", feedbackId=None)
+    payload["bounce"]["bouncedRecipients"][0].update(status="4.2.2", diagnosticCode="smtp; 452 4.2.2 Mailbox full")
+    answer = post(web, "/webhooks/ses", signed(notification(payload), rsa_key[0], cert_host.url + "cert.pem"))
+    assert answer.status_code == 200, answer.text
+    [row] = feedback_rows(store.engine)
+    assert (row.kind, row.status, row.send_key) == ("soft_bounce", "4.2.2", KEY)
+    assert row.report_id.startswith("ses:sha256:")  # no feedbackId: the notification's own hash
+    assert suppressions(store.engine) == {}
