@@ -18,6 +18,7 @@ from flows.audience import Candidate, send_key
 from flows.compose import build_message, message_id
 from flows.context import sample_contexts
 from flows.delivery import Job, load, prepare_job, render_candidates
+from flows.ingest import customer_by_id
 from flows.render import Rendered, RenderError, language_of
 from flows.settings import Settings
 from flows.stages import customer_stages
@@ -114,7 +115,7 @@ def preview_customer(settings: Settings, trigger: str, external_id: str, now: da
     project = load(settings)
     job = prepare_job(trigger, now, settings=settings, project=project)
     with Session(engine) as session:
-        customer = session.execute(select(Customer).where(Customer.external_id == external_id)).scalar_one_or_none()
+        customer = customer_by_id(session, external_id)  # a merged guest's id names the account
         if customer is None:
             raise PreviewError(f"no customer with id {external_id!r}")
         if not customer.email:

@@ -180,3 +180,16 @@ def test_preview_of_a_french_customer_uses_the_default_language_and_says_so(sett
     assert result.exit_code == 0, result.output
     assert "lapsed (language en, not fr: " in result.output and "subject: Léa, 15% off just for you" in result.output
     assert (tmp_path / "winback-lapsed" / f"{lea.external_id}.lapsed.en.html").is_file()
+
+
+def test_preview_by_a_merged_guest_s_id_renders_the_account(settings: Settings, store: Store, tmp_path: Path) -> None:
+    from flows.ingest import ingest_lines
+
+    account = store.customer("Pat", locale="en-GB")
+    store.order(account, ago(days=500))
+    alias = {"type": "alias", "previousId": "guest-1", "userId": account.external_id, "timestamp": NOW.isoformat()}
+    assert ingest_lines(store.engine, [json.dumps(alias)]).errors == []
+    result = runner.invoke(app, ["preview", "winback-lapsed", "--customer", "guest-1", "--out", str(tmp_path),
+                                 "--now", NOW.isoformat()])
+    assert result.exit_code == 0, result.output
+    assert "subject: Pat, 15% off just for you" in result.output
