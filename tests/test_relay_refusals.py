@@ -17,7 +17,6 @@ from tests.builders import NOW, Store
 from tests.smtp_server import Script, SmtpServer
 
 PASSWORD = "s3cret-Pa55"
-RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
 
 
 def rows(store: Store) -> tuple[Counter[str], set[str], int]:
