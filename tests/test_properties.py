@@ -243,6 +243,42 @@ def prediction_violations(record: Record) -> Iterator[str]:
             yield f"dry run of {at} planned {sorted(p.planned)}; the server got mail for {sorted(p.received)}"
 
 
+def due_mailbox_violations(record: Record) -> Iterator[str]:
+    """One mailbox, one mail — but one: with no caps and no quiet hours to defer anything,
+    a win-back or onboarding run reaches exactly the mailboxes that have a customer due
+    (stage, sign-up day, consent, no suppression, category kept) and no mail of that
+    trigger within its re-entry period."""
+    policy = record.timeline.policy
+    if policy.caps or policy.quiet:
+        return
+    for run in record.runs:
+        file = FILES[run.trigger]
+        if not run.audience or run.crashed_before or file.kind not in ("campaign", "onboarding"):
+            continue
+        day = timedelta(days=int(re.sub(r"\D", "", run.trigger) or 0))
+        expected, unsure = set(), False
+        for c in run.customers:
+            if file.kind == "campaign":  # the win-back's audience: stage lapsed, no order for 365 days
+                if c.last_order is None:
+                    continue
+                quiet_for = run.moment - c.last_order
+                unsure |= abs(quiet_for - timedelta(days=365)) < timedelta(days=1)
+                due = quiet_for >= timedelta(days=365)
+            else:
+                assert c.signed_up is not None
+                since = run.moment - day - c.signed_up
+                unsure |= min(abs(since), abs(since - timedelta(days=2))) < timedelta(minutes=1)
+                due = timedelta(0) <= since < timedelta(days=2)
+            if due and c.consent and c.address.lower() not in run.suppressed and file.kind not in c.opt_outs:
+                expected.add(c.address.lower())
+        earlier = [m for m in record.mails if m.trigger == run.trigger and m.run < run.run]
+        cooldown = file.cooldown or timedelta(days=36500)
+        expected -= {m.mailbox for m in earlier if run.moment - m.moment < cooldown}
+        got = {m.mailbox for m in record.mails if m.run == run.run and m.trigger == run.trigger}
+        if not unsure and got != expected:
+            yield (f"{run.trigger} at {run.moment:%Y-%m-%d %H:%M} reached {sorted(got)}; due were {sorted(expected)}")
+
+
 CHECKS = {
     "exactly once": exactly_once_violations,
     "re-entry per customer": lambda r: reentry_violations(r.mails, "customer"),
@@ -251,6 +287,7 @@ CHECKS = {
     "consent and suppressions": consent_violations,
     "quiet hours and caps": policy_violations,
     "dry run predicts the run": prediction_violations,
+    "every mailbox due gets its mail": due_mailbox_violations,
 }
 
 
@@ -324,3 +361,60 @@ def test_the_invariants_catch_what_they_are_about(stores: Stores, projects: Proj
 # -- failures found, as plain regression tests -------------------------------------
 
 _ = (Crash, Fact, SignUp, Sweep)
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def timeline_of(start: str, *steps: tuple[str, object], people: tuple[Person, ...] = (Person(),),
+                policy: PolicyVariant = SHIPPED_POLICY, batch_size: int = 500) -> Timeline:
+    """A timeline written as moments (UTC) and steps, for the regression tests below."""
+    moments = [at(start)] + [at(moment) for moment, _ in steps]
+    gaps = [b - a for a, b in pairwise(moments)]
+    return Timeline(moments[0], people, tuple(zip(gaps, (step for _, step in steps), strict=True)),  # type: ignore[arg-type]
+                    policy=policy, batch_size=batch_size)
+
+
+def test_a_win_back_deferred_for_the_cap_and_sent_late_blocks_the_next_slot(
+        stores: Stores, projects: Projects, settings: Settings, smtp: SmtpServer) -> None:
+    """``lifecycle demo``'s story: a cart reminder makes the Monday win-back wait for the 16 h
+    cap; sent on Sunday, it must keep the next Monday's slot away (re-entry 60d)."""
+    record = play(timeline_of(
+        "2026-12-14T08:00",
+        ("2026-12-14T08:10", Fact("cart")),
+        ("2026-12-14T10:15", Run("abandoned-cart")),
+        ("2026-12-14T10:25", Run("winback-lapsed")),  # deferred: the cart reminder was 10 minutes ago
+        ("2026-12-20T09:00", Run("winback-lapsed")),
+        ("2026-12-21T10:00", Run("winback-lapsed")),
+    ), stores, projects, settings, smtp)
+    assert [(m.trigger, f"{m.moment:%m-%d %H:%M}") for m in record.mails] == [
+        ("abandoned-cart", "12-14 10:15"), ("winback-lapsed", "12-20 09:00")]
+    assert_kept(record)
+
+
+NO_PRESSURE = PolicyVariant(caps=(), quiet=None)
+
+
+def test_a_shared_mailbox_gets_its_onboarding_mail_when_the_other_customer_is_not_due(
+        stores: Stores, projects: Projects, settings: Settings, smtp: SmtpServer) -> None:
+    """A guest who signed up three days ago shares the address of an old account: the
+    mailbox gets the day-3 mail once, not never."""
+    record = play(timeline_of(
+        "2026-12-14T08:00", ("2026-12-14T08:20", Run("onboarding-day-3")),
+        people=(Person(signed_up_days=3, last_order_days=None), Person(signed_up_days=600, last_order_days=None)),
+        policy=NO_PRESSURE), stores, projects, settings, smtp)
+    assert [(m.customer, m.trigger) for m in record.mails] == [("p-1", "onboarding-day-3")]
+    assert_kept(record)
+
+
+def test_a_shared_mailbox_gets_its_onboarding_mail_when_the_other_customer_has_no_consent(
+        stores: Stores, projects: Projects, settings: Settings, smtp: SmtpServer) -> None:
+    """Both signed up three days ago with one address; only one may be written to: that one is."""
+    record = play(timeline_of(
+        "2026-12-14T08:00", ("2026-12-14T08:20", Run("onboarding-day-3")),
+        people=(Person(signed_up_days=3, last_order_days=None),
+                Person(consent="none", signed_up_days=3, last_order_days=None)),
+        policy=NO_PRESSURE), stores, projects, settings, smtp)
+    assert [(m.customer, m.trigger) for m in record.mails] == [("p-1", "onboarding-day-3")]
+    assert_kept(record)

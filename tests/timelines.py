@@ -13,7 +13,7 @@ import shutil
 import smtplib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -190,6 +190,11 @@ class Facts:
     consent: bool
     requested: int = 0  # number of the pending consent request, 0 when none is pending
     opt_outs: set[str] = field(default_factory=set)
+    signed_up: datetime | None = None
+    last_order: datetime | None = None
+
+    def copy(self) -> "Facts":
+        return replace(self, opt_outs=set(self.opt_outs))
 
 
 @dataclass(frozen=True)
@@ -230,9 +235,23 @@ class Prediction:
     received: tuple[str, ...]  # external ids of the customers whose mail the server got
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A trigger run that completed, with every customer as they were at its moment."""
+
+    run: int
+    moment: datetime
+    trigger: str
+    audience: bool
+    customers: tuple[Facts, ...]
+    suppressed: dict[str, str]
+    crashed_before: bool  # a run died earlier in the timeline (its claims may still hold keys)
+
+
 @dataclass
 class Record:
     timeline: Timeline
+    runs: list[Snapshot] = field(default_factory=list)
     mails: list[Mail] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
     complaints: dict[int, str] = field(default_factory=dict)  # complaint number → customer external id
@@ -308,7 +327,7 @@ class Player:
         self.people: list[Facts] = []
         self.ids: dict[str, int] = {}  # external id → store id
         self.suppressed: dict[str, str] = {}  # lower-case address → reason
-        self.complaints: list[tuple[int, int]] = []  # (store id, number), open ones
+        self.crashed = False
         self.record: Record
 
     def play(self, timeline: Timeline) -> Record:
@@ -351,7 +370,9 @@ class Player:
                                   placed_at=moment - timedelta(days=person.last_order_days), total_cents=4990,
                                   currency="EUR", products=[]))
                 session.commit()
-        facts = Facts(customer.external_id, address, person.zone, person.consent == "confirmed")
+        last_order = moment - timedelta(days=person.last_order_days) if before and person.last_order_days else None
+        facts = Facts(customer.external_id, address, person.zone, person.consent == "confirmed", signed_up=created,
+                      last_order=last_order)
         if requested_at is not None:
             self.request(facts, requested_at)
         self.people.append(facts)
@@ -371,6 +392,7 @@ class Player:
             open_cart = session.execute(select(Cart).where(Cart.customer_id == customer_id,
                                                            Cart.status == CART_OPEN)).scalar_one_or_none()
             if fact.what == "order":
+                facts.last_order = moment
                 session.add(Order(external_id=f"o-{customer_id}-{moment:%Y%m%d%H%M}", customer_id=customer_id,
                                   placed_at=moment, total_cents=2990, currency="EUR", products=[]))
                 if open_cart is not None:
@@ -453,6 +475,11 @@ class Player:
                 start = len(self.smtp.received)
                 self.execute(name, moment, audience)
                 self.collect(index, moment, start)
+            if mode != "crash":
+                self.record.runs.append(Snapshot(index, moment, name, audience, tuple(f.copy() for f in self.people),
+                                                 dict(self.suppressed), self.crashed))
+            else:
+                self.crashed = True
 
     def execute(self, name: str, moment: datetime, audience: bool, dry_run: bool = False) -> RunSummary:
         job = prepare_job(name, moment, settings=self.settings, project=self.project, dry_run=dry_run)
