@@ -28,6 +28,7 @@ from sqlalchemy import Engine, delete, select
 from sqlmodel import Session
 
 from flows.bounces import Report
+from flows.ingest import customer_by_id
 from flows.kinds import KINDS
 from flows.links import (
     CONFIRM,
@@ -121,7 +122,7 @@ def unsubscribe_by_token(engine, secret: str, token: str, via: str) -> Customer 
     if data is None:
         return None
     with Session(engine, expire_on_commit=False) as session:
-        customer = session.execute(select(Customer).where(Customer.external_id == data["c"])).scalar_one_or_none()
+        customer = customer_by_id(session, data["c"])
         if customer is None or not customer.email:
             return None
         unsubscribe_all(session, customer, f"{via} ({data.get('k')})")
@@ -138,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
         data = read(secret, purpose, token)
         customer = None
         if data is not None:
-            customer = session.execute(select(Customer).where(Customer.external_id == data["c"])).scalar_one_or_none()
+            customer = customer_by_id(session, data["c"])
         if customer is None or not customer.email:
             raise HTTPException(status_code=404)
         return customer, data

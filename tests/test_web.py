@@ -206,3 +206,19 @@ def test_the_mailto_unsubscribe_is_applied_from_the_received_mail(settings: Sett
     assert "Unsubscribed 1 customer(s); 1 mail(s) without a valid token." in result.output
     with Session(store.engine) as session:
         assert session.get(Suppression, customer.email).detail == "unsubscribe mail (campaign)"
+
+
+def test_a_link_mailed_to_a_guest_still_unsubscribes_once_the_guest_is_merged_into_an_account(
+        settings: Settings, store: Store, smtp: SmtpServer, web: WebServer) -> None:
+    guest = lapsed(store, "Pat")
+    run(settings, "winback-lapsed")
+    link = re.search(r"<(http[^>]+/u/[^>]+)>", smtp.handler.to(guest.email)[0].message["List-Unsubscribe"]).group(1)
+    event = {"type": "alias", "previousId": guest.external_id, "userId": "acct-9", "messageId": "m-alias",
+             "timestamp": "2026-03-17T10:00:00Z"}
+    assert ingest_lines(store.engine, [json.dumps(event)]).ok
+    response = httpx.post(local(link, settings, web), data={"List-Unsubscribe": "One-Click"}, timeout=30)
+    assert response.status_code == 200
+    with Session(store.engine) as session:
+        account = session.execute(select(Customer).where(Customer.external_id == "acct-9")).scalar_one()
+        assert account.marketing_consent is False
+        assert session.get(Suppression, guest.email.lower()) is not None
