@@ -56,7 +56,7 @@ class Skip(StrEnum):
     NO_CONSENT = "no_consent"
     CONSENT_PENDING = "consent_pending"  # asked, not yet confirmed (double opt-in)
     OPTED_OUT = "opted_out"  # left this category on the preference page
-    DUPLICATE_ADDRESS = "duplicate_address"  # another customer record speaks for this mailbox
+    DUPLICATE_ADDRESS = "duplicate_address"  # another customer record with this mailbox gets the mail
     REENTRY = "reentry"
     ALREADY_SENT = "already_sent"
     EXPIRED = "expired"  # deferred longer than its trigger allows
@@ -90,6 +90,7 @@ class Candidate(NamedTuple):
     timezone: str | None = None
     not_before: datetime | None = None  # set when deferred by the policy
     deferred: bool = False  # the ledger holds a deferral of this very key
+    shared: bool = False  # another customer record has the same mailbox (marketing only)
 
 
 def send_key(trigger: str, customer_id: int, occurrence: str) -> str:
@@ -141,7 +142,7 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         exists().where(CategoryOptOut.customer_id == Customer.id,
                        CategoryOptOut.category == kind.name).label("opted_out"),
         _reentry_blocked(trigger, now).label("reentry_blocked"),
-        (_spoken_for() if marketing else false()).label("duplicate_address"),
+        (_shared_address() if marketing else false()).label("shared_address"),
     )
     if deferred_only:
         query = query.where(exists().where(Send.customer_id == Customer.id, awaiting(trigger.name, now)))
@@ -212,14 +213,10 @@ def _reentry_blocked(trigger: TriggerBase, now: datetime):
     return or_(exists().where(Send.customer_id == Customer.id, earlier), by_address)
 
 
-def _spoken_for():
-    """True when another customer record with the same mailbox speaks for it: the one most
-    recently active (last seen, else signed up), the newer record on a tie. Marketing goes
-    to one record per mailbox, personalised with that record's data."""
+def _shared_address():
+    """True when another customer record has the same mailbox (an index probe per row)."""
     other = aliased(Customer)
-    mine, theirs = (func.coalesce(c.last_seen_at, c.created_at) for c in (Customer, other))
-    return exists().where(address(other.email) == address(Customer.email), other.id != Customer.id,
-                          or_(theirs > mine, and_(theirs == mine, other.id > Customer.id)))
+    return exists().where(address(other.email) == address(Customer.email), other.id != Customer.id)
 
 
 def stream_candidates(
@@ -259,7 +256,7 @@ def stream_candidates(
             batch = _mark_already_sent(ledger, trigger, [classify(row) for row in rows], now, lease)
             if deferred_only:
                 batch = [c for c in batch if c.deferred]
-            batch = in_run.reentry(batch)
+            batch = in_run.mailbox(in_run.reentry(batch))
             if policy is not None and kind.category == "marketing":
                 batch = _apply_policy(ledger, batch, policy, now, in_run, run_id)
             yield batch
@@ -275,6 +272,7 @@ class _InRun:
         self.taken: int | None = None  # the customer with an occurrence due (or deferred) in this run
         self.customer: int | None = None
         self.planned = 0  # mails this run sends (or would send) to ``customer`` so far
+        self.mailboxes: set[str] = set()  # shared mailboxes this run already writes to (few)
 
     def reentry(self, batch: list[Candidate]) -> list[Candidate]:
         if not self.once:
@@ -285,6 +283,19 @@ class _InRun:
                 if self.taken == c.customer_id:
                     c = c._replace(skip=Skip.REENTRY, not_before=None)
                 self.taken = c.customer_id  # a deferred one too: it keeps its place
+            out.append(c)
+        return out
+
+    def mailbox(self, batch: list[Candidate]) -> list[Candidate]:
+        """One mail per mailbox: of the records sharing one, the first this run would write
+        to (customer order: the earliest record) gets it; a deferral holds its place."""
+        out = []
+        for c in batch:
+            if c.shared and (c.skip is None or c.skip.deferred):
+                mailbox = (c.email or "").lower()
+                if mailbox in self.mailboxes:
+                    c = c._replace(skip=Skip.DUPLICATE_ADDRESS, not_before=None)
+                self.mailboxes.add(mailbox)
             out.append(c)
         return out
 
@@ -320,14 +331,12 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
     def classify(row: Row) -> Candidate:
         # Unpacked in audience_query's column order: by far the cheapest way to read a row.
         (customer_id, external_id, email, first_name, last_name, locale, consent, consent_requested, timezone,
-         ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked, duplicate_address) = row
+         ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked, shared) = row
         occurrence = kind.occurrence(trigger, now, ref_id, ref_time)
         key = send_key(trigger.name, customer_id, occurrence)
         skip = None
         if not email:
             skip = Skip.NO_EMAIL
-        elif duplicate_address:
-            skip = Skip.DUPLICATE_ADDRESS
         elif suppressed:
             skip = Skip.SUPPRESSED
         elif marketing and not consent:
@@ -340,7 +349,7 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
         if language is None:
             language = languages[locale] = language_of(locale, default_language, supported)
         return Candidate(customer_id, external_id, email, first_name, last_name, locale or default_language,
-                         language, stage, ref_id, occurrence, key, skip, timezone)
+                         language, stage, ref_id, occurrence, key, skip, timezone, shared=shared)
 
     return classify
 
