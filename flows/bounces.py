@@ -18,7 +18,15 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from models import Feedback, FeedbackKind, Send, SendStatus, Suppression, SuppressionReason
+from models import (
+    Feedback,
+    FeedbackKind,
+    Send,
+    SendStatus,
+    Suppression,
+    SuppressionReason,
+)
+from models.ledger import message_digest
 from models.types import utcnow
 
 # The address itself is bad (RFC 3463 §3.2): bad mailbox, bad system, bad syntax, moved,
@@ -136,7 +144,9 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
         for report in reports:
             key, trigger = report.send_key, None
             if key is None and report.message_id:
-                key = connection.execute(select(Send.send_key).where(Send.message_id == report.message_id)).scalar()
+                key = connection.execute(select(Send.send_key).where(
+                    message_digest(Send.message_id) == report.message_id[1:33],
+                    Send.message_id == report.message_id)).scalar()
             if key is not None:
                 trigger = connection.execute(select(Send.trigger).where(Send.send_key == key)).scalar()
                 if trigger is None:

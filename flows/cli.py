@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -77,8 +77,8 @@ def print_problems(problems: list[Problem]) -> None:
         errors.print()
 
 
-TriggersOpt = Annotated[Optional[Path], typer.Option("--triggers", help="Triggers folder (LIFECYCLE_TRIGGERS_DIR).")]
-TemplatesOpt = Annotated[Optional[Path], typer.Option("--templates", help="Templates folder (LIFECYCLE_TEMPLATES_DIR).")]
+TriggersOpt = Annotated[Path | None, typer.Option("--triggers", help="Triggers folder (LIFECYCLE_TRIGGERS_DIR).")]
+TemplatesOpt = Annotated[Path | None, typer.Option("--templates", help="Templates folder (LIFECYCLE_TEMPLATES_DIR).")]
 
 
 @app.command()
@@ -155,9 +155,9 @@ def planned_table(summary: RunSummary) -> Table:
 
 @app.command()
 def run(
-    triggers: Annotated[Optional[list[str]], typer.Argument(help="Trigger names (see `lifecycle validate`).")] = None,
+    triggers: Annotated[list[str] | None, typer.Argument(help="Trigger names (see `lifecycle validate`).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Run every enabled trigger.")] = False,
-    now: Annotated[Optional[str], typer.Option(help="Evaluate as of this ISO-8601 moment (default: now).")] = None,
+    now: Annotated[str | None, typer.Option(help="Evaluate as of this ISO-8601 moment (default: now).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show who would get what; send and record nothing.")] = False,
 ) -> None:
     """Run triggers through Prefect (or, with --dry-run, just show the plan)."""
@@ -203,11 +203,11 @@ def run(
 @app.command()
 def preview(
     trigger: Annotated[str, typer.Argument(help="Trigger name.")],
-    customer: Annotated[Optional[str], typer.Option(help="A customer's external id: render with their real data.")] = None,
-    stage: Annotated[Optional[list[str]], typer.Option(help="Stage(s) to preview with sample data (default: all).")] = None,
-    language: Annotated[Optional[list[str]], typer.Option(help="Language(s) (default: every one the trigger is written in).")] = None,
+    customer: Annotated[str | None, typer.Option(help="A customer's external id: render with their real data.")] = None,
+    stage: Annotated[list[str] | None, typer.Option(help="Stage(s) to preview with sample data (default: all).")] = None,
+    language: Annotated[list[str] | None, typer.Option(help="Language(s) (default: every one the trigger is written in).")] = None,
     out: Annotated[Path, typer.Option(help="Where to write .html, .txt and .eml files.")] = Path("preview"),
-    now: Annotated[Optional[str], typer.Option(help="Evaluation time for the customer's stage.")] = None,
+    now: Annotated[str | None, typer.Option(help="Evaluation time for the customer's stage.")] = None,
 ) -> None:
     """Render a trigger's mail to files, with sample data or a real customer's."""
     from flows.preview import PreviewError, preview_customer, preview_samples
@@ -389,7 +389,7 @@ def suppress_remove(emails: Annotated[list[str], typer.Argument(help="Addresses 
 
 @suppress_app.command("list")
 def suppress_list(
-    reason: Annotated[Optional[str], typer.Option(help="Only this reason.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
 ) -> None:
     """List suppressed addresses, newest first."""
@@ -452,7 +452,6 @@ def bounces(
         imap_messages,
         maildir_messages,
         process,
-        sending_domains,
     )
 
     settings = _settings()
@@ -478,7 +477,6 @@ def bounces(
         errors.print("[red]Name bounce files, or pass --maildir DIR or --imap URL (or --rates).[/]")
         raise typer.Exit(2)
     secret, rule = settings.secret.get_secret_value(), settings.soft_bounce_rule
-    domains = sending_domains(settings.sender, settings.bounce_address)
     table = Table(title="Bounces and complaints", title_justify="left")
     for column in ("input", "reports", "new", "duplicates", "unmatched", "suppressed", "delayed", "not a report"):
         table.add_column(column, justify="left" if column == "input" else "right")
@@ -486,7 +484,7 @@ def bounces(
 
     def read(name: str, data: bytes, done: Callable[[], None] | None = None) -> None:
         try:
-            tally = process(engine, data, secret, rule, domains)
+            tally = process(engine, data, secret, rule)
         except UnreadableReport as exc:
             unreadable.append(name)
             errors.print(f"[red]{name}[/]: {exc}", highlight=False)

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import ssl
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +40,7 @@ from sqlmodel import col
 from flows.bounces import Recorded, Report, SoftBounceRule, Verdict, classify, record
 from flows.links import send_digest, verp_digests
 from models import FeedbackKind, Send
+from models.ledger import message_digest
 from models.types import utcnow
 
 DSN, ARF = "dsn", "arf"
@@ -246,25 +247,22 @@ def _arf(data: bytes, secret: str, report: Message, part: Message, envelope: lis
 
 # -- matching and recording ----------------------------------------------------------------
 
-def send_for_digest(connection: Connection, digest: str, domains: Collection[str]) -> tuple[str, str] | None:
+def send_for_digest(connection: Connection, digest: str) -> tuple[str, str] | None:
     """The send (key, address) whose Message-ID digest a VERP token carries.
 
-    Looked up through the indexed ``sends.message_id``: exactly for the domains Lifecycle
-    sends from, else by its prefix. The send key is hashed again, so only the send the
-    token was made for can match.
+    Looked up through the index on the digest of ``sends.message_id``, whatever domain
+    the trigger sent from. The send key is hashed again, so only the send the token was
+    made for can match.
     """
-    candidates = [f"<{digest}@{domain}>" for domain in domains]
-    query = select(col(Send.send_key), col(Send.email))
-    rows = connection.execute(query.where(col(Send.message_id).in_(candidates))).all() if candidates else []
-    if not rows:
-        rows = connection.execute(query.where(col(Send.message_id).like(f"<{digest}@%"))).all()
+    rows = connection.execute(select(col(Send.send_key), col(Send.email))
+                              .where(message_digest(Send.message_id) == digest)).all()
     for key, email in rows:
         if send_digest(key) == digest:
             return key, email
     return None
 
 
-def match(engine: Engine, found: Sequence[Found], domains: Collection[str] = ()) -> list[Report]:
+def match(engine: Engine, found: Sequence[Found]) -> list[Report]:
     """Reports for the bounces and complaints among ``found``, each naming its send where known.
 
     A token-matched report takes the send's own address (the one we mailed, whatever the
@@ -276,7 +274,7 @@ def match(engine: Engine, found: Sequence[Found], domains: Collection[str] = ())
         for item in found:
             if item.verdict is None:
                 continue
-            send = next((s for d in item.digests if (s := send_for_digest(connection, d, domains))), None)
+            send = next((s for d in item.digests if (s := send_for_digest(connection, d))), None)
             email = send[1] if send else item.email
             if not email:
                 continue
@@ -296,13 +294,12 @@ def tally(found: Sequence[Found], reports: Sequence[Report], recorded: Recorded)
                  suppressed=dict(recorded.suppressed or {}))
 
 
-def process(engine: Engine, data: bytes, secret: str, rule: SoftBounceRule | None = None,
-            domains: Collection[str] = ()) -> Tally:
+def process(engine: Engine, data: bytes, secret: str, rule: SoftBounceRule | None = None) -> Tally:
     """Read one message and record what it reports; raises ``UnreadableReport``."""
     kind, found = parse(data, secret)
     if kind is None:
         return Tally(ignored=1)
-    reports = match(engine, found, domains)
+    reports = match(engine, found)
     return tally(found, reports, record(engine, reports, rule or SoftBounceRule()))
 
 
@@ -311,14 +308,6 @@ def record_reports(engine: Engine, reports: Sequence[Report], rule: SoftBounceRu
     result = record(engine, reports, rule)
     return Tally(reports=len(reports), new=result.new, duplicates=result.duplicates, unmatched=result.unmatched,
                  suppressed=dict(result.suppressed or {}))
-
-
-def sending_domains(sender: str, bounce_address: str | None) -> list[str]:
-    """Domains our Message-IDs and Return-Paths use, for exact ledger look-ups."""
-    domains = [sender.rpartition("@")[2].strip("<> ").lower()]
-    if bounce_address:
-        domains.append(bounce_address.rpartition("@")[2].lower())
-    return list(dict.fromkeys(d for d in domains if d))
 
 
 # -- provider webhooks: JSON → Report -----------------------------------------------------
@@ -347,7 +336,7 @@ def _payload_id(payload: dict[str, Any]) -> str:
 _SES_HARD = frozenset({"NoEmail", "Suppressed", "OnAccountSuppressionList"})
 
 
-def ses_reports(engine: Engine, notification: dict[str, Any], secret: str, domains: Collection[str] = ()) -> list[Report]:
+def ses_reports(engine: Engine, notification: dict[str, Any], secret: str) -> list[Report]:
     """An SES bounce or complaint notification (as SNS delivers it) as reports.
 
     Matched by the VERP token in ``mail.source`` (the MAIL FROM SES was given) or a
@@ -389,7 +378,7 @@ def ses_reports(engine: Engine, notification: dict[str, Any], secret: str, domai
             found.append(Found(f"ses:{complaint.get('feedbackId') or fallback_id}:{email}", email, "complaint", "ses",
                                _iso(complaint.get("timestamp")), "", f"feedback-type {feedback}", digests,
                                message_id, complained))
-    return match(engine, found, domains)
+    return match(engine, found)
 
 
 # Postmark's bounce types (https://postmarkapp.com/developer/api/bounce-api#bounce-types).
@@ -402,7 +391,7 @@ _POSTMARK: dict[str, FeedbackKind] = {
 }
 
 
-def postmark_reports(engine: Engine, payload: dict[str, Any], secret: str, domains: Collection[str] = ()) -> list[Report]:
+def postmark_reports(engine: Engine, payload: dict[str, Any], secret: str) -> list[Report]:
     """A Postmark bounce or spam-complaint webhook as reports (``Transient``, auto-replies and the like: none).
 
     Postmark rewrites the Return-Path, so the send is found by the original Message-ID
@@ -428,7 +417,7 @@ def postmark_reports(engine: Engine, payload: dict[str, Any], secret: str, domai
                   FeedbackKind.COMPLAINT else "failed", "postmark", _iso(payload.get("BouncedAt")), verdict.status,
                   details or str(payload.get("Type")), _tokens(secret, content, *metadata.values()),
                   _message_id(headers.get("Message-ID")) or _message_id(metadata.get("message_id")), verdict)
-    return match(engine, [found], domains)
+    return match(engine, [found])
 
 
 # -- readers -----------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def unsubscribe_all(session: Session, customer: Customer, detail: str) -> None:
         session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED, detail=detail))
 
 
-def unsubscribe_by_token(engine, secret: str, token: str, via: str) -> Customer | None:  # noqa: ANN001
+def unsubscribe_by_token(engine, secret: str, token: str, via: str) -> Customer | None:
     """Unsubscribe the customer a genuine unsubscribe token names; None for a forged one."""
     data = read(secret, UNSUBSCRIBE, token)
     if data is None:
@@ -280,13 +280,11 @@ def add_webhooks(app: FastAPI, settings: Settings, engine: Engine) -> None:
         load_json,
         postmark_reports,
         record_reports,
-        sending_domains,
         ses_reports,
     )
     from flows.sns import Certificates, SnsError, trusted_url, verify
 
     secret = settings.secret.get_secret_value()
-    domains = sending_domains(settings.sender, settings.bounce_address)
     certificates = Certificates()
     prefixes = settings.sns_trusted_prefixes
 
@@ -337,7 +335,7 @@ def add_webhooks(app: FastAPI, settings: Settings, engine: Engine) -> None:
             notification = load_json(str(message.get("Message", "")).encode())
         except ValueError as exc:
             raise HTTPException(status_code=400, detail=f"Message: {exc}") from None
-        reports = await run_in_threadpool(ses_reports, engine, notification, secret, domains)
+        reports = await run_in_threadpool(ses_reports, engine, notification, secret)
         return await run_in_threadpool(recorded, reports)
 
     @app.post("/webhooks/postmark")
@@ -347,5 +345,5 @@ def add_webhooks(app: FastAPI, settings: Settings, engine: Engine) -> None:
                                    password):
             return refused("Postmark webhook without the configured basic-auth credentials")
         payload = await body_of(request)
-        reports = await run_in_threadpool(postmark_reports, engine, payload, secret, domains)
+        reports = await run_in_threadpool(postmark_reports, engine, payload, secret)
         return await run_in_threadpool(recorded, reports)

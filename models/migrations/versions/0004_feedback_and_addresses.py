@@ -41,13 +41,13 @@ def upgrade() -> None:
                     unique=False)
     op.create_index("ix_sends_address_category_evaluated", "sends", [sa.text("lower(email)"), "category", "evaluated_at"],
                     unique=False)
-    op.create_index("ix_sends_message_id", "sends", ["message_id"], unique=False)
+    op.create_index("ix_sends_message_digest", "sends", [sa.text("substr(message_id, 2, 32)")], unique=False)
     op.create_index("ix_customers_address", "customers", [sa.text("lower(email)")], unique=False)
 
 
 def downgrade() -> None:
     op.drop_index("ix_customers_address", table_name="customers")
-    op.drop_index("ix_sends_message_id", table_name="sends")
+    op.drop_index("ix_sends_message_digest", table_name="sends")
     op.drop_index("ix_sends_address_category_evaluated", table_name="sends")
     op.drop_index("ix_feedback_email_kind_occurred", table_name="feedback")
     op.drop_index("ix_feedback_send_key", table_name="feedback")
