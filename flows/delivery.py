@@ -341,7 +341,8 @@ def deliver(job: Job, candidates: Sequence[Candidate], batch: int = 0, render: A
 
 def _smtp(settings: Settings) -> tuple[SmtpConfig, RetryPolicy, BreakerPolicy]:
     policy = RetryPolicy(settings.smtp_attempts, settings.smtp_backoff_seconds, settings.smtp_backoff_max_seconds)
-    breaker = BreakerPolicy(settings.breaker_consecutive, settings.breaker_sample, settings.breaker_share)
+    breaker = BreakerPolicy(settings.breaker_consecutive, settings.breaker_sample, settings.breaker_share,
+                            settings.breaker_bounce_share)
     return SmtpConfig.from_url(settings.smtp_url), policy, breaker
 
 

@@ -116,14 +116,17 @@ MIN_SHARE_REFUSALS = 3
 class BreakerPolicy:
     """When a batch's refusals are the relay's fault (``LIFECYCLE_BREAKER_*``).
 
-    Only message-level refusals count (the verdict is not about the address: policy,
-    relay denial, authentication, content, size). A hard or soft bounce neither counts
-    nor resets the streak: a bad address says nothing about the relay either way.
+    The streak and the share count message-level refusals (the verdict is not about the
+    address: policy, relay denial, authentication, content, size); a bounce neither
+    counts toward them nor resets the streak. A relay can also call every address
+    unknown (a relay that thinks the recipients' domain is its own): more than
+    ``bounce_share`` of the sample refused for any reason, bounces included, trips too.
     """
 
     consecutive: int = 10  # message-level refusals in a row (a sent mail resets the streak)
     sample: int = 50  # the first recipients of a batch (all of them in a smaller batch) ...
     share: float = 0.2  # ... of which more than this share refused at message level trips
+    bounce_share: float = 0.5  # ... or more than this share refused, bounces included
 
 
 class SmtpUnavailable(Exception):
@@ -157,20 +160,27 @@ class Breaker:
     def __init__(self, policy: BreakerPolicy, recipients: int | None = None) -> None:
         self.policy = policy
         self.sample = min(policy.sample, recipients) if recipients else policy.sample
-        self.seen = self.streak = self.sampled_refusals = 0
+        self.seen = self.streak = self.sampled_refusals = self.sampled_bounces = 0
         self.held: dict[str, Delivery] = {}
         self.tripped: str | None = None  # why, in the relay's words
 
     def observe(self, delivery: Delivery) -> list[Delivery]:
         """Count one delivery; returns the deliveries decided by it (itself, or none, or
-        the refusals it clears)."""
+        the refusals it clears). A bounce within the sample is held as well: until the
+        sample is judged, it may be the relay calling everyone unknown."""
         self.seen += 1
-        verdict = delivery.verdict
+        verdict, in_sample = delivery.verdict, self.seen <= self.sample
         if verdict is not None and not verdict.about_the_address:
             self.held[delivery.key] = delivery
             self.streak += 1
-            if self.seen <= self.sample:
+            if in_sample:
                 self.sampled_refusals += 1
+            if self.tripped is None:
+                self.tripped = self._trips(delivery)
+            return []
+        if verdict is not None and in_sample:
+            self.held[delivery.key] = delivery
+            self.sampled_bounces += 1
             if self.tripped is None:
                 self.tripped = self._trips(delivery)
             return []
@@ -191,6 +201,10 @@ class Breaker:
         if self.sampled_refusals >= MIN_SHARE_REFUSALS and self.sampled_refusals > policy.share * self.sample:
             return (f"refused {self.sampled_refusals} of the batch's first {self.sample} recipients, more than "
                     f"{policy.share:.0%} (the last: {refusal.reply})")
+        refused = self.sampled_refusals + self.sampled_bounces
+        if refused >= MIN_SHARE_REFUSALS and refused > policy.bounce_share * self.sample:
+            return (f"refused {refused} of the batch's first {self.sample} recipients, more than "
+                    f"{policy.bounce_share:.0%}, most as unknown addresses (the last: {refusal.reply})")
         return None
 
     def settle(self) -> list[Delivery]:

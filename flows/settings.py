@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     breaker_sample: int = Field(50, ge=1, description="The first recipients of a batch that the share applies to.")
     breaker_share: float = Field(0.2, gt=0, le=1, description="More than this share of the sample refused at "
                                                               "message level stops the batch.")
+    breaker_bounce_share: float = Field(0.5, gt=0, le=1, description="More than this share of the sample refused "
+                                        "for any reason, unknown addresses included, stops a batch too.")
     bounce_address: str | None = Field(None, description="Envelope sender; +TOKEN (VERP) is inserted before the @. "
                                                          "Default: bounces@<sender domain>.")
     ses_topic_arns: str = Field("", description="Comma-separated SNS topic ARNs whose SES notifications are accepted.")

@@ -147,8 +147,8 @@ def test_more_than_the_share_of_a_batchs_first_recipients_refused_trips_it(smtp:
 
 
 def test_bad_addresses_neither_trip_the_breaker_nor_hide_a_policy_refusal(smtp: SmtpServer) -> None:
-    gone = [envelope(f"gone{i}@example.de") for i in range(30)]
-    rest = [envelope(f"ok{i}@example.de") for i in range(10)] + [envelope("spam@example.de")]
+    gone = [envelope(f"gone{i}@example.de") for i in range(12)]  # in a row, but under half of the batch
+    rest = [envelope(f"ok{i}@example.de") for i in range(28)] + [envelope("spam@example.de")]
     for e in gone:
         smtp.handler.scripts[e.recipient] = Script(rcpt=["550 5.1.1 <x>: Recipient address rejected: User unknown"])
     smtp.handler.scripts["spam@example.de"] = Script(data=["554 5.7.1 Message rejected as spam"])
@@ -158,6 +158,17 @@ def test_bad_addresses_neither_trip_the_breaker_nor_hide_a_policy_refusal(smtp: 
     assert len(results) == 41  # every refusal is decided once the batch ends untripped
     assert {results[e.key].verdict.kind for e in gone} == {FeedbackKind.HARD_BOUNCE}  # type: ignore[union-attr]
     assert results["spam@example.de"].verdict == Verdict(FeedbackKind.MESSAGE_FAILURE, "5.7.1")
+
+
+def test_a_relay_calling_most_addresses_unknown_trips_the_breaker_and_blames_none(smtp: SmtpServer) -> None:
+    """A relay that takes the recipients' domain for its own answers 5.1.1 to everyone."""
+    batch = [envelope(f"kunde{i}@example.de") for i in range(40)]
+    for e in batch[:21]:
+        smtp.handler.scripts[e.recipient] = Script(rcpt=["550 5.1.1 <x>: Recipient address rejected: User unknown"])
+    decided, trip = send_windows(smtp.url, batch, BreakerPolicy(sample=40))
+    assert trip is not None and "refused 21 of the batch's first 40 recipients, more than 50%" in str(trip)
+    # The bounces were held and stay undecided (none suppresses); only what the relay took is decided.
+    assert {d.result for d in decided} <= {Result.SENT} and len(smtp.received) == len(decided) <= 2
 
 
 def test_a_refused_login_is_the_relay_failing_not_the_recipients() -> None:

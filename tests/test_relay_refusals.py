@@ -64,6 +64,17 @@ def test_a_relay_denying_every_recipient_suppresses_nobody_and_fails_the_run(set
     assert set(received) == set(emails) and set(received.values()) == {1}
 
 
+def test_a_relay_calling_every_address_unknown_suppresses_nobody(settings: Settings, store: Store,
+                                                                 smtp: SmtpServer) -> None:
+    emails = store.lapsed(30)
+    for email in emails:
+        smtp.handler.scripts[email] = Script(rcpt=[f"550 5.1.1 <{email}>: Recipient address rejected: User unknown"])
+    with pytest.raises(RelayRefused, match="most as unknown addresses"):
+        execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    statuses, suppressed, feedback = rows(store)
+    assert statuses == Counter() and suppressed == set() and feedback == 0
+
+
 def test_only_a_bad_address_suppresses_and_every_refusal_is_recorded_once(settings: Settings, store: Store,
                                                                           smtp: SmtpServer) -> None:
     emails = store.lapsed(30)
