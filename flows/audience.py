@@ -144,8 +144,8 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         _reentry_blocked(trigger, now).label("reentry_blocked"),
         (_shared_address() if marketing else false()).label("shared_address"),
     )
-    if deferred_only:
-        query = query.where(exists().where(Send.customer_id == Customer.id, awaiting(trigger.name, now)))
+    if deferred_only:  # driven by the few deferrals, not by a probe per customer
+        query = query.where(Customer.id.in_(select(Send.customer_id).where(awaiting(trigger.name, now))))
     if audience.locales:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
     # Grouped and ordered alike, so that both databases stream it without sorting.
