@@ -32,7 +32,9 @@ from models.types import utcnow
 # The address itself is bad (RFC 3463 §3.2): bad mailbox, bad system, bad syntax, moved,
 # and (RFC 3886 / 6.8) the newer "recipient address has null MX" 5.1.10.
 ADDRESS_CODES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
-ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+# Not inside a longer dotted number: "client host [5.1.2.3] blocked" names an IP, not 5.1.2.
+ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d]|\.\d)")
+STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 # Without an enhanced code, only a plain 550/551/553 worded like "user unknown" means the address.
 USER_UNKNOWN = re.compile(
     r"user unknown|unknown user|no such (user|mailbox|recipient)|mailbox (unavailable|not found|does not exist)"
@@ -66,7 +68,7 @@ def classify(code: int | None, text: str, status: str | None = None) -> Verdict:
     ``code`` is the SMTP reply code (None in a DSN without one), ``text`` the reply or
     diagnostic, ``status`` an enhanced code given apart (a DSN's ``Status:`` field).
     """
-    status = status or ""
+    status = status.strip() if status and STATUS.fullmatch(status.strip()) else ""  # a malformed one says nothing
     if not status or status.endswith(".0.0"):
         # x.0.0 says nothing ("other or undefined"; Exim writes it in every DSN): a specific code in the text decides.
         status = next((c for c in map(".".join, ENHANCED.findall(text)) if not c.endswith(".0.0")), status)
@@ -111,7 +113,7 @@ class Recorded:
 
     new: int = 0
     duplicates: int = 0
-    unmatched: int = 0  # no send found by token or Message-ID (still recorded, and still suppresses)
+    unmatched: int = 0  # no send found by token or Message-ID: recorded, never suppresses
     suppressed: dict[str, str] | None = None  # address → reason
 
     def __post_init__(self) -> None:
@@ -147,13 +149,18 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                 key = connection.execute(select(Send.send_key).where(
                     message_digest(Send.message_id) == report.message_id[1:33],
                     Send.message_id == report.message_id)).scalar()
+            email = report.email.lower()
             if key is not None:
-                trigger = connection.execute(select(Send.trigger).where(Send.send_key == key)).scalar()
-                if trigger is None:
+                send = connection.execute(select(Send.trigger, Send.email).where(Send.send_key == key)).first()
+                if send is None:
                     key = None  # a token for a send this store does not have
+                else:
+                    # The address we mailed, whatever the report claims: a report can only
+                    # ever speak for the send it names.
+                    trigger, email = send[0], send[1].lower()
             inserted = connection.execute(
                 _insert(engine)(Feedback).values(
-                    report_id=report.report_id[:255], send_key=key, trigger=trigger, email=report.email.lower(),
+                    report_id=report.report_id[:255], send_key=key, trigger=trigger, email=email,
                     kind=report.kind.value, status=report.status[:16], diagnostic=report.diagnostic[:1000],
                     source=report.source, occurred_at=report.occurred_at, recorded_at=now)
                 .on_conflict_do_nothing(index_elements=["report_id"]).returning(Feedback.id)).scalar()
@@ -162,8 +169,11 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                 continue
             result.new += 1
             if key is None:
+                # Anyone can mail the bounce address: a report naming no send of ours is kept
+                # for the record, and never suppresses (or counts toward) any address.
                 result.unmatched += 1
-            elif update_sends:
+                continue
+            if update_sends:
                 allowed = [SendStatus.SENT, SendStatus.BOUNCED] if report.kind == FeedbackKind.COMPLAINT \
                     else [SendStatus.SENT]
                 connection.execute(update(Send).where(Send.send_key == key, Send.status.in_(allowed)).values(
@@ -172,7 +182,8 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
             reason = _SUPPRESS.get(report.kind)
             if reason is None and report.kind == FeedbackKind.SOFT_BOUNCE:
                 recent = connection.execute(select(func.count()).select_from(Feedback).where(
-                    func.lower(Feedback.email) == report.email.lower(), Feedback.kind == FeedbackKind.SOFT_BOUNCE,
+                    func.lower(Feedback.email) == email, Feedback.kind == FeedbackKind.SOFT_BOUNCE,
+                    Feedback.send_key.is_not(None),
                     Feedback.occurred_at > report.occurred_at - rule.window,
                     Feedback.occurred_at <= report.occurred_at)).scalar_one()
                 if recent >= rule.limit:
@@ -180,7 +191,7 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
             if reason is not None:
                 detail = f"{report.source}: {report.status} {report.diagnostic}".strip()[:1000]
                 done = connection.execute(
-                    _insert(engine)(Suppression).values(email=report.email.lower(), reason=reason.value,
+                    _insert(engine)(Suppression).values(email=email, reason=reason.value,
                                                         detail=detail, created_at=now)
                     .on_conflict_do_nothing(index_elements=["email"]).returning(Suppression.email)).scalar()
                 if done:

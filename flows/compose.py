@@ -13,6 +13,7 @@ from datetime import datetime
 from email.utils import format_datetime, formataddr, parseaddr
 
 from flows.dkim_signer import DkimSigner
+from flows.links import send_digest
 from flows.render import Rendered, one_line
 
 
@@ -31,9 +32,9 @@ class Sender:
         return self.address.rpartition("@")[2] or "localhost"
 
 
-def message_id(send_key: str, sender: Sender) -> str:
-    digest = hashlib.sha256(send_key.encode()).hexdigest()[:32]
-    return f"<{digest}@{sender.domain}>"
+def message_id(send_key: str, sender: Sender, secret: str) -> str:
+    """Derived from the send key (the same mail always has the same one), keyed by the secret."""
+    return f"<{send_digest(secret, send_key)}@{sender.domain}>"
 
 
 def build_message(

@@ -177,7 +177,7 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
         }
         try:
             rendered = job.catalog.render(job.trigger.email, context)
-            msg_id = message_id(c.send_key, sender)
+            msg_id = message_id(c.send_key, sender, secret)
             data = build_message(rendered, sender=sender, to_address=c.email, to_name=customer.name, msg_id=msg_id,
                                  date=date, extra_headers=list_headers(job, links), signer=job.signer)
         except RenderError as exc:

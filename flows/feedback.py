@@ -247,7 +247,7 @@ def _arf(data: bytes, secret: str, report: Message, part: Message, envelope: lis
 
 # -- matching and recording ----------------------------------------------------------------
 
-def send_for_digest(connection: Connection, digest: str) -> tuple[str, str] | None:
+def send_for_digest(connection: Connection, secret: str, digest: str) -> tuple[str, str] | None:
     """The send (key, address) whose Message-ID digest a VERP token carries.
 
     Looked up through the index on the digest of ``sends.message_id``, whatever domain
@@ -257,12 +257,12 @@ def send_for_digest(connection: Connection, digest: str) -> tuple[str, str] | No
     rows = connection.execute(select(col(Send.send_key), col(Send.email))
                               .where(message_digest(Send.message_id) == digest)).all()
     for key, email in rows:
-        if send_digest(key) == digest:
+        if send_digest(secret, key) == digest:
             return key, email
     return None
 
 
-def match(engine: Engine, found: Sequence[Found]) -> list[Report]:
+def match(engine: Engine, found: Sequence[Found], secret: str) -> list[Report]:
     """Reports for the bounces and complaints among ``found``, each naming its send where known.
 
     A token-matched report takes the send's own address (the one we mailed, whatever the
@@ -274,7 +274,7 @@ def match(engine: Engine, found: Sequence[Found]) -> list[Report]:
         for item in found:
             if item.verdict is None:
                 continue
-            send = next((s for d in item.digests if (s := send_for_digest(connection, d))), None)
+            send = next((s for d in item.digests if (s := send_for_digest(connection, secret, d))), None)
             email = send[1] if send else item.email
             if not email:
                 continue
@@ -299,7 +299,7 @@ def process(engine: Engine, data: bytes, secret: str, rule: SoftBounceRule | Non
     kind, found = parse(data, secret)
     if kind is None:
         return Tally(ignored=1)
-    reports = match(engine, found)
+    reports = match(engine, found, secret)
     return tally(found, reports, record(engine, reports, rule or SoftBounceRule()))
 
 
@@ -378,7 +378,7 @@ def ses_reports(engine: Engine, notification: dict[str, Any], secret: str) -> li
             found.append(Found(f"ses:{complaint.get('feedbackId') or fallback_id}:{email}", email, "complaint", "ses",
                                _iso(complaint.get("timestamp")), "", f"feedback-type {feedback}", digests,
                                message_id, complained))
-    return match(engine, found)
+    return match(engine, found, secret)
 
 
 # Postmark's bounce types (https://postmarkapp.com/developer/api/bounce-api#bounce-types).
@@ -417,7 +417,7 @@ def postmark_reports(engine: Engine, payload: dict[str, Any], secret: str) -> li
                   FeedbackKind.COMPLAINT else "failed", "postmark", _iso(payload.get("BouncedAt")), verdict.status,
                   details or str(payload.get("Type")), _tokens(secret, content, *metadata.values()),
                   _message_id(headers.get("Message-ID")) or _message_id(metadata.get("message_id")), verdict)
-    return match(engine, [found])
+    return match(engine, [found], secret)
 
 
 # -- readers -----------------------------------------------------------------------------

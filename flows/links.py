@@ -75,23 +75,28 @@ _DIGEST_CHARS, _TAG_BYTES = 26, 8
 TOKEN_LENGTH = _DIGEST_CHARS + 13
 
 
-def send_digest(send_key: str) -> str:
-    """The hex digest a send's Message-ID is made of (``flows.compose.message_id``)."""
-    return hashlib.sha256(send_key.encode()).hexdigest()[:32]
+MESSAGE_ID = "lifecycle.message-id"
+
+
+def send_digest(secret: str, send_key: str) -> str:
+    """The hex digest a send's Message-ID is made of (``flows.compose.message_id``): keyed,
+    so nobody can work out another recipient's Message-ID from the (guessable) send key
+    and forge a bounce or complaint for it."""
+    return hmac.new(_derived_key(secret, MESSAGE_ID), send_key.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 @lru_cache(maxsize=32)
-def _verp_key(secret: str) -> bytes:
-    return Signer(secret, salt=VERP, digest_method=hashlib.sha256).derive_key()
+def _derived_key(secret: str, purpose: str) -> bytes:
+    return Signer(secret, salt=purpose, digest_method=hashlib.sha256).derive_key()
 
 
 def _tag(secret: str, digest: bytes) -> str:
-    mac = hmac.new(_verp_key(secret), digest, hashlib.sha256).digest()[:_TAG_BYTES]
+    mac = hmac.new(_derived_key(secret, VERP), digest, hashlib.sha256).digest()[:_TAG_BYTES]
     return base64.b32encode(mac).decode().rstrip("=").lower()
 
 
 def verp_token(secret: str, send_key: str) -> str:
-    digest = bytes.fromhex(send_digest(send_key))
+    digest = bytes.fromhex(send_digest(secret, send_key))
     return base64.b32encode(digest).decode().rstrip("=").lower() + _tag(secret, digest)
 
 

@@ -7,11 +7,12 @@ from flows.compose import Sender, build_message, message_id
 from flows.render import Rendered
 
 SENDER = Sender.parse("Kundenservice Müller <service@shop.example>")
+SECRET = "test-secret-0123456789"
 
 
 def build(**overrides) -> bytes:
     args = dict(sender=SENDER, to_address="juergen@example.de", to_name="Jürgen Groß",
-                msg_id=message_id("t/1/x", SENDER), date=datetime(2026, 3, 16, 12, tzinfo=timezone.utc))
+                msg_id=message_id("t/1/x", SENDER, SECRET), date=datetime(2026, 3, 16, 12, tzinfo=timezone.utc))
     args.update(overrides)
     rendered = Rendered(subject="Grüße aus Köln – 15 % für dich", html="<p>Grüße</p>", text="Grüße\n", template="t")
     return build_message(rendered, **args)
@@ -44,9 +45,11 @@ def test_crlf_in_customer_data_cannot_add_headers() -> None:
 
 
 def test_message_id_is_stable_per_send_key_and_uses_the_sender_domain() -> None:
-    assert message_id("a/1/x", SENDER) == message_id("a/1/x", SENDER)
-    assert message_id("a/1/x", SENDER) != message_id("a/1/y", SENDER)
-    assert message_id("a/1/x", SENDER).endswith("@shop.example>")
+    assert message_id("a/1/x", SENDER, SECRET) == message_id("a/1/x", SENDER, SECRET)
+    assert message_id("a/1/x", SENDER, SECRET) != message_id("a/1/y", SENDER, SECRET)
+    assert message_id("a/1/x", SENDER, SECRET).endswith("@shop.example>")
+    # Keyed: without the secret, nobody can work out a mail's Message-ID from its send key.
+    assert message_id("a/1/x", SENDER, SECRET) != message_id("a/1/x", SENDER, "another-secret-0123456789")
 
 
 def test_bodies_survive_a_round_trip_exactly_whatever_they_contain() -> None:
@@ -55,7 +58,7 @@ def test_bodies_survive_a_round_trip_exactly_whatever_they_contain() -> None:
     rendered = Rendered(subject="Ein sehr langer Betreff mit Umlauten äöü " * 4, html=tricky_html, text=tricky_text,
                         template="t")
     raw = build_message(rendered, sender=SENDER, to_address="a@example.de", to_name="O'Brien, Jr.",
-                        msg_id=message_id("k", SENDER), date=datetime(2026, 3, 16, tzinfo=timezone.utc))
+                        msg_id=message_id("k", SENDER, SECRET), date=datetime(2026, 3, 16, tzinfo=timezone.utc))
     assert max(len(line) for line in raw.split(b"\r\n")) <= 78  # folded and soft-broken for old MTAs
     assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only
     msg = message_from_bytes(raw, policy=policy.default)

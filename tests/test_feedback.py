@@ -52,7 +52,7 @@ def seed_send(store: Store, key: str, email: str, status: SendStatus = SendStatu
     """A send in the ledger as a run leaves it: claimed, then recorded as sent."""
     customer = store.customer("Kim", email=email)
     claim = ledger.Claim(key, key.split("/")[0], customer.id, key.rsplit("/", 1)[1], "lapsed", "winback_lapsed",
-                         email, f"<{send_digest(key)}@shop.example>")
+                         email, f"<{send_digest(SECRET, key)}@shop.example>")
     assert ledger.claim(store.engine, [claim], "run-1", NOW) == {key}
     ledger.mark_sending(store.engine, [key], "run-1")
     ledger.record(store.engine, [ledger.Outcome(key, status)])
@@ -83,8 +83,8 @@ def feedback_rows(engine: Engine) -> list[Feedback]:
 def test_a_token_names_its_send_and_a_forged_altered_or_foreign_one_names_none() -> None:
     key = "winback-lapsed/c-1/2026-03-16"
     token = verp_token(SECRET, key)
-    assert read_verp_token(SECRET, token) == send_digest(key)
-    assert read_verp_token(SECRET, token.upper()) == send_digest(key)  # relays that fold case still match
+    assert read_verp_token(SECRET, token) == send_digest(SECRET, key)
+    assert read_verp_token(SECRET, token.upper()) == send_digest(SECRET, key)  # relays that fold case still match
     altered = token[:-1] + ("a" if token[-1] != "a" else "b")
     assert read_verp_token(SECRET, altered) is None
     other_send = verp_token(SECRET, "winback-lapsed/c-2/2026-03-16")
@@ -118,7 +118,7 @@ def test_every_mail_of_a_run_has_a_return_path_naming_its_own_send(settings: Set
         assert match, received.sender
         tokens.add(match.group(1))
         digest = read_verp_token(SECRET, match.group(1))
-        assert digest == send_digest(sends[recipient].send_key)
+        assert digest == send_digest(SECRET, sends[recipient].send_key)
         assert received.message["Message-ID"] == sends[recipient].message_id == f"<{digest}@shop.example>"
         assert received.message["Return-Path"] is None  # added on delivery, never by us: DKIM never covers it
     assert len(tokens) == 3
@@ -150,9 +150,9 @@ def test_each_fixture_reads_as_what_it_reports(name: str, source: str, email: st
     assert (found.verdict.kind if found.verdict else None) == kind
     assert (found.verdict.status if found.verdict and found.verdict.status else found.status) == status
     key = SENDS[name][0]
-    assert found.message_id == f"<{send_digest(key)}@shop.example>"
+    assert found.message_id == f"<{send_digest(SECRET, key)}@shop.example>"
     # Every fixture but Gmail's (mailed to the From address, before VERP) carries a genuine token for its send.
-    assert found.digests == (() if name.startswith("gmail") else (send_digest(key),))
+    assert found.digests == (() if name.startswith("gmail") else (send_digest(SECRET, key),))
     assert found.report_id == parse(fixture(name), SECRET)[1][0].report_id  # stable for the same report
 
 
@@ -241,7 +241,7 @@ def test_a_real_run_then_its_bounce_closes_the_loop(settings: Settings, store: S
     template = fixture("postfix-user-unknown.eml").decode()
     old_token = verp_token(SECRET, SENDS["postfix-user-unknown.eml"][0])
     bounce = (template.replace(f"bounces+{old_token}@shop.example", received.sender)
-              .replace(f"<{send_digest(SENDS['postfix-user-unknown.eml'][0])}@shop.example>", sent["Message-ID"])
+              .replace(f"<{send_digest(SECRET, SENDS['postfix-user-unknown.eml'][0])}@shop.example>", sent["Message-ID"])
               .replace("no.such.user@example.net", email))
     path = tmp_path / "bounce.eml"
     path.write_text(bounce)

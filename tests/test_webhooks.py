@@ -180,7 +180,7 @@ def test_a_ses_complaint_is_matched_by_the_original_message_id(store: Store, web
                       "timestamp": "2026-03-17T08:00:00.000Z", "userAgent": "Yahoo!-Mail-Feedback/2.0",
                       "complainedRecipients": [{"emailAddress": EMAIL}]},
         "mail": {"source": "hello@shop.example", "messageId": "0102019a-ses-own-id",
-                 "headers": [{"name": "Message-ID", "value": f"<{send_digest(KEY)}@shop.example>"}]},
+                 "headers": [{"name": "Message-ID", "value": f"<{send_digest(SECRET, KEY)}@shop.example>"}]},
     }
     answer = post(web, "/webhooks/ses", signed(notification(complaint), rsa_key[0], cert_host.url + "cert.pem", "2"))
     assert answer.status_code == 200, answer.text
@@ -263,7 +263,7 @@ def postmark_bounce(record_id: int, kind: str = "HardBounce", record_type: str =
             "Details": "smtp;550 5.1.1 The email account that you tried to reach does not exist.", "Email": EMAIL,
             "From": "hello@shop.example", "BouncedAt": "2026-03-16T12:06:00.9070259Z", "Inactive": True,
             "Subject": "We miss you",
-            "Content": f"Return-Path: <pm_bounces@pm-bounces.shop.example>\r\nMessage-ID: <{send_digest(KEY)}"
+            "Content": f"Return-Path: <pm_bounces@pm-bounces.shop.example>\r\nMessage-ID: <{send_digest(SECRET, KEY)}"
                        "@shop.example>\r\nFrom: hello@shop.example\r\n\r\n"}
 
 
