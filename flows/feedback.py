@@ -165,8 +165,19 @@ def _tokens(secret: str, *texts: object) -> tuple[str, ...]:
 def parse(data: bytes, secret: str) -> tuple[str | None, list[Found]]:
     """The report's type (``dsn``, ``arf`` or None for a message that is neither) and what it says.
 
-    Raises ``UnreadableReport`` for a report that claims to be one but cannot be read.
+    Raises ``UnreadableReport`` for a report that claims to be one but cannot be read,
+    whatever is wrong with it: anyone can mail the bounce address, and one odd message
+    must not stop a mailbox's processing at the same place every time.
     """
+    try:
+        return _parse(data, secret)
+    except UnreadableReport:
+        raise
+    except Exception as exc:  # noqa: BLE001 - attacker-controlled MIME: any failure is this message's
+        raise UnreadableReport(f"cannot be read as a report ({type(exc).__name__}: {exc})") from None
+
+
+def _parse(data: bytes, secret: str) -> tuple[str | None, list[Found]]:
     if not data.strip():
         raise UnreadableReport("empty input, not a mail message")
     report = message_from_bytes(data, policy=policy.compat32)

@@ -305,6 +305,23 @@ def test_a_maildir_is_read_from_new_and_each_message_moved_to_cur(settings: Sett
     assert runner.invoke(app, ["bounces", "--maildir", str(tmp_path / "nowhere")]).exit_code == 1
 
 
+def test_a_malformed_report_in_a_maildir_stops_nothing_after_it(settings: Settings, store: Store,
+                                                                 tmp_path: Path) -> None:
+    """A ``Status:`` without dots once raised out of the reader: the same message then
+    stopped every later run at the same place."""
+    seed_fixture_sends(store)
+    maildir = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    odd = fixture("postfix-user-unknown.eml").replace(b"Status: 5.1.1", b"Status: 5")
+    (maildir / "new" / "1.M1P1.mail.shop.example").write_bytes(odd)
+    (maildir / "new" / "2.M1P1.mail.shop.example").write_bytes(fixture("postfix-mailbox-full.eml"))
+    result = runner.invoke(app, ["bounces", "--maildir", str(maildir)])
+    assert result.exit_code == 0, result.output
+    assert list((maildir / "new").iterdir()) == []
+    assert {f.kind for f in feedback_rows(store.engine)} == {"hard_bounce", "soft_bounce"}  # 5.1.1 read from the text
+
+
 @pytest.fixture
 def imap_server() -> ImapServer:
     if dovecot_binary() is None:
