@@ -230,7 +230,6 @@ def stream_candidates(
     policy: Policy | None = None,
     deferred_only: bool = False,
     lease: timedelta = timedelta(minutes=10),
-    run_id: str = "",
     languages: frozenset[str] | None = None,
 ) -> Iterator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
@@ -258,7 +257,7 @@ def stream_candidates(
                 batch = [c for c in batch if c.deferred]
             batch = in_run.mailbox(in_run.reentry(batch))
             if policy is not None and kind.category == "marketing":
-                batch = _apply_policy(ledger, batch, policy, now, in_run, run_id)
+                batch = _apply_policy(ledger, batch, policy, now, in_run)
             yield batch
 
 
@@ -271,7 +270,7 @@ class _InRun:
         self.once = once  # re-entry forbids a second occurrence at the same moment
         self.taken: int | None = None  # the customer with an occurrence due (or deferred) in this run
         self.customer: int | None = None
-        self.planned = 0  # mails this run sends (or would send) to ``customer`` so far
+        self.planned: list[str] = []  # keys this run sends (or would send) to ``customer`` so far
         self.mailboxes: set[str] = set()  # shared mailboxes this run already writes to (few)
 
     def reentry(self, batch: list[Candidate]) -> list[Candidate]:
@@ -299,14 +298,13 @@ class _InRun:
             out.append(c)
         return out
 
-    def earlier(self, customer_id: int) -> int:
+    def earlier(self, customer_id: int) -> list[str]:
         if customer_id != self.customer:
-            self.customer, self.planned = customer_id, 0
+            self.customer, self.planned = customer_id, []
         return self.planned
 
-    def plan(self, customer_id: int) -> None:
-        self.earlier(customer_id)
-        self.planned += 1
+    def plan(self, customer_id: int, key: str) -> None:
+        self.earlier(customer_id).append(key)
 
 
 def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
@@ -407,14 +405,14 @@ def _blocked_by_another(session: Session, trigger: TriggerBase, c: Candidate, no
 
 
 def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now: datetime,
-                  in_run: "_InRun", run_id: str) -> list[Candidate]:
+                  in_run: "_InRun") -> list[Candidate]:
     """Frequency caps and quiet hours, with one query for the whole batch's recent sends.
 
     Caps count per mailbox: every marketing mail to the address, under any customer
     record. A candidate's own key does not count against it: a dead run's unsent claim
-    of that very mail, about to be taken over, is not an earlier mail. This run's own
-    mails count from what the run planned (``in_run``), never from the ledger, whatever
-    its senders have written by now: so a dry run and the run decide alike.
+    of that very mail, about to be taken over, is not an earlier mail. The mails this run
+    planned for the customer count from the plan (``in_run``), never from the ledger,
+    whatever its senders have written by now: so a dry run and the run decide alike.
     """
     due = [c for c in batch if c.skip is None]
     if not due:
@@ -425,8 +423,7 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
         addresses = {(c.email or "").lower() for c in due}
         rows = session.execute(select(address(Send.email), Send.send_key, Send.evaluated_at).where(
             one_of(address(Send.email), addresses, session.get_bind().dialect.name), Send.category == "marketing",
-            Send.status.in_(DELIVERED), Send.evaluated_at > now - window, Send.evaluated_at <= now,
-            Send.run_id != run_id))
+            Send.status.in_(DELIVERED), Send.evaluated_at > now - window, Send.evaluated_at <= now))
         for mailbox, key, at in rows:
             recent.setdefault(mailbox, []).append((key, at))
         session.rollback()
@@ -434,8 +431,10 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
     unsent: dict[str | None, tuple[datetime, str | None]] = {}  # by time zone, for customers with no recent send
     for c in batch:
         if c.skip is None:
-            earlier = [at for key, at in recent.get((c.email or "").lower(), ()) if key != c.send_key]
-            earlier += [now] * in_run.earlier(c.customer_id)
+            planned = in_run.earlier(c.customer_id)
+            earlier = [at for key, at in recent.get((c.email or "").lower(), ())
+                       if key != c.send_key and key not in planned]
+            earlier += [now] * len(planned)
             if not earlier and c.timezone in unsent:
                 moment, reason = unsent[c.timezone]
             else:
@@ -447,6 +446,6 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
                 c = c._replace(skip=Skip.QUIET_HOURS if reason == QUIET_HOURS else Skip.FREQUENCY_CAP,
                                not_before=moment)
             else:
-                in_run.plan(c.customer_id)
+                in_run.plan(c.customer_id, c.send_key)
         out.append(c)
     return out

@@ -123,8 +123,7 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
     with ExitStack() as stack:
         batches = stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
                                     settings.default_language, job.policy, deferred_only=not audience,
-                                    lease=settings.claim_lease, run_id=job.run_id,
-                                    languages=job.catalog.languages_for(job.trigger.email))
+                                    lease=settings.claim_lease, languages=job.catalog.languages_for(job.trigger.email))
         stack.callback(batches.close)  # on every way out, a failure too: it holds a connection
         for number, batch in enumerate(batches, start=1):
             if should_stop():

@@ -239,3 +239,19 @@ def test_two_carts_of_one_customer_make_one_reminder_and_the_dry_run_says_so(
     assert planned.outcomes == {"would_send": 1, "skipped:reentry": 1}
     assert summary.outcomes == {"sent": 1, "skipped:reentry": 1}
     assert [r.recipients for r in smtp.received] == [[customer.email]]
+
+
+def test_one_deferred_sweep_over_every_trigger_still_keeps_to_the_caps(settings: Settings, store: Store,
+                                                                       smtp: SmtpServer) -> None:
+    """The sweep runs every trigger under one flow run: a mail it sent for one trigger counts
+    against the next trigger's, as any earlier mail does."""
+    evening = datetime(2026, 3, 16, 20, 30, tzinfo=UTC)  # 21:30 in Berlin: quiet
+    customer = customer_in(store, "Europe/Berlin")
+    store.cart(customer, evening - timedelta(hours=3))
+    for trigger in ("abandoned-cart", "winback-lapsed"):
+        assert execute(prepare_job(trigger, evening, settings=settings)).outcomes == {"deferred:quiet_hours": 1}
+    morning = datetime(2026, 3, 17, 7, 5, tzinfo=UTC)
+    swept = [execute(prepare_job(trigger, morning, settings=settings, run_id="one-sweep"), audience=False).outcomes
+             for trigger in ("abandoned-cart", "winback-lapsed")]
+    assert swept == [{"sent": 1}, {"deferred:frequency_cap": 1}]
+    assert len(smtp.received) == 1
