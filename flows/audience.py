@@ -390,8 +390,29 @@ def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candi
             elif c.skip is None or c.skip == Skip.REENTRY:
                 c = c._replace(skip=Skip.EXPIRED if status == SendStatus.EXPIRED else Skip.ALREADY_SENT)
         marked.append(c)
+    marked = _mailbox_already_has(session, trigger, marked)
     session.rollback()  # end the read transaction so SQLite can checkpoint
     return marked
+
+
+def _mailbox_already_has(session: Session, trigger: TriggerBase, batch: list[Candidate]) -> list[Candidate]:
+    """A shared mailbox that has this occurrence on record under another customer record
+    (sent, in progress, deferred or closed) does not get it again through this one, in
+    whichever run, whatever the re-entry rule. Only shared addresses are looked up (few)."""
+    shared = {(c.email or "").lower() for c in batch if c.shared and (c.skip is None or c.skip.deferred)}
+    if not shared:
+        return batch
+    rows = session.execute(select(address(Send.email), Send.occurrence, Send.send_key).where(
+        Send.trigger == trigger.name, one_of(address(Send.email), shared, session.get_bind().dialect.name)))
+    on_record = {(mailbox, occurrence): key for mailbox, occurrence, key in rows}
+    out = []
+    for c in batch:
+        if c.shared and (c.skip is None or c.skip.deferred):
+            key = on_record.get(((c.email or "").lower(), c.occurrence))
+            if key is not None and key != c.send_key:
+                c = c._replace(skip=Skip.DUPLICATE_ADDRESS, not_before=None)
+        out.append(c)
+    return out
 
 
 def _blocked_by_another(session: Session, trigger: TriggerBase, c: Candidate, now: datetime) -> bool:

@@ -103,7 +103,9 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
     else:
         # executemany: compiled once and cached, sent as a few multi-row INSERTs.
         insert, parameters = _insert(engine)(Send), rows
-    insert = insert.on_conflict_do_nothing(index_elements=["send_key"]).returning(Send.send_key)
+    # Any conflict: the key's own row, or the mailbox's row for the same occurrence (another
+    # customer record with the same address, see ``models.ledger``).
+    insert = insert.on_conflict_do_nothing().returning(Send.send_key)
     stale = utcnow() - lease
     with engine.begin() as connection:
         won = set(connection.execute(insert, parameters).scalars())
@@ -148,12 +150,14 @@ def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | Non
     rows = [row | {"not_before": not_before, "expires_at": expires_at}
             for (claim_, not_before, expires_at), row in zip(
                 claims, _rows([c for c, _, _ in claims], SendStatus.DEFERRED, run_id, evaluated_at))]
-    statement = _insert(engine)(Send)  # executemany, as in ``claim``: compiled once, cached
-    statement = statement.on_conflict_do_update(
-        index_elements=["send_key"], set_={"not_before": statement.excluded.not_before},
-        where=Send.status == SendStatus.DEFERRED)
+    # Any conflict leaves the row there: this key's own earlier deferral (moved on below),
+    # or the mailbox's row for the same occurrence under another customer record.
+    insert = _insert(engine)(Send).on_conflict_do_nothing()  # executemany, as in ``claim``
+    move_on = (update(Send).where(Send.send_key == bindparam("b_key"), Send.status == SendStatus.DEFERRED)
+               .values(not_before=bindparam("b_not_before")).execution_options(synchronize_session=False))
     with engine.begin() as connection:
-        connection.execute(statement, rows)
+        connection.execute(insert, rows)
+        connection.execute(move_on, [{"b_key": row["send_key"], "b_not_before": row["not_before"]} for row in rows])
 
 
 EXPIRED_AFTER = "deferred longer than deferred_expires_after"

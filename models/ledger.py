@@ -53,8 +53,10 @@ class Send(SQLModel, table=True):
         Index("ix_sends_trigger_customer_evaluated", "trigger", "customer_id", "evaluated_at"),
         Index("ix_sends_customer_category_evaluated", "customer_id", "category", "evaluated_at"),
         Index("ix_sends_trigger_status_not_before", "trigger", "status", "not_before"),
-        # Frequency caps and re-entry count per mailbox: customers sharing an address are one recipient.
-        Index("ix_sends_address_category_evaluated", func.lower(Column("email")), "category", "evaluated_at"),
+        # One mailbox, one mail: customers sharing an address are one recipient, so the same
+        # occurrence of a trigger goes to a mailbox once, whichever runs race for it. Frequency
+        # caps and re-entry find the mailbox's sends through it too.
+        Index("ux_sends_address_trigger_occurrence", func.lower(Column("email")), "trigger", "occurrence", unique=True),
         # Bounces name a send by its Message-ID's digest (a VERP token) or its whole Message-ID.
         Index("ix_sends_message_digest", func.substr(Column("message_id"), literal_column("2"), literal_column("32"))),
     )

@@ -92,7 +92,8 @@ def test_a_report_naming_no_send_of_ours_is_kept_but_suppresses_nobody(engine: E
 
 def sent(store: Store, email: str, key: str = "winback-lapsed/1/x") -> str:
     customer = store.customer("Kim", email=email)
-    claim = ledger.Claim(key, "winback-lapsed", customer.id, "x", "lapsed", "t", email, "<m@shop.example>")
+    claim = ledger.Claim(key, "winback-lapsed", customer.id, key.rsplit("/", 1)[1], "lapsed", "t", email,
+                         f"<{key}@shop.example>")
     ledger.claim(store.engine, [claim], "run-1", NOW)
     ledger.record(store.engine, [ledger.Outcome(key, ledger.SendStatus.SENT)])
     return key

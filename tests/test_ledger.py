@@ -109,3 +109,33 @@ def test_a_run_that_stalled_past_its_lease_cannot_send_what_another_run_took_ove
     assert ledger.claim(store.engine, [key], "next-run", NOW, lease=timedelta(0)) == {key.send_key}
     assert ledger.mark_sending(store.engine, [key.send_key], "stalled-run") == set()  # it wakes up: too late
     assert ledger.mark_sending(store.engine, [key.send_key], "next-run") == {key.send_key}
+
+
+def test_two_customer_records_of_one_mailbox_cannot_both_claim_an_occurrence(store: Store) -> None:
+    """Runs that both decided to mail a shared mailbox, each through its own record, race at
+    the claim: the ledger lets one of them win, and a deferral of the loser writes nothing."""
+    guest, account = store.customer(email="pat@example.com"), store.customer(email="Pat@Example.com")
+
+    def claim(customer_id: int, email: str, occurrence: str = "slot:1") -> ledger.Claim:
+        return ledger.Claim(f"w/{customer_id}/{occurrence}", "w", customer_id, occurrence, "lapsed", "tpl", email,
+                            f"<{customer_id}@x>")
+
+    barrier, won = threading.Barrier(2), {}
+
+    def run(c: ledger.Claim) -> None:
+        barrier.wait()
+        won[c.send_key] = ledger.claim(store.engine, [c], c.send_key, NOW)
+
+    first, second = claim(guest.id, "pat@example.com"), claim(account.id, "Pat@Example.com")
+    threads = [threading.Thread(target=run, args=(c,)) for c in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(len(keys) for keys in won.values()) == [0, 1]
+    loser = second if won[first.send_key] else first
+    ledger.defer(store.engine, [(loser, NOW + timedelta(hours=1), None)], "r", NOW)
+    assert ledger.claim(store.engine, [claim(account.id, "Pat@Example.com", "slot:2")], "r", NOW)  # the next slot
+    with Session(store.engine) as session:
+        assert sorted(session.execute(select(Send.occurrence, Send.status)).all()) == [
+            ("slot:1", SendStatus.CLAIMED), ("slot:2", SendStatus.CLAIMED)]

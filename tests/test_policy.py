@@ -1,6 +1,7 @@
 """Sending policy: frequency caps and quiet hours defer marketing mail to the next allowed moment."""
 
 import logging
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -255,3 +256,43 @@ def test_one_deferred_sweep_over_every_trigger_still_keeps_to_the_caps(settings:
              for trigger in ("abandoned-cart", "winback-lapsed")]
     assert swept == [{"sent": 1}, {"deferred:frequency_cap": 1}]
     assert len(smtp.received) == 1
+
+
+def every_occurrence(project_dir: Path) -> None:
+    winback = project_dir / "triggers" / "winback.yaml"
+    winback.write_text(winback.read_text().replace("reentry: 60d", "reentry: every_occurrence"))
+
+
+def test_a_shared_mailbox_gets_a_campaign_slot_once_whatever_the_reentry_rule(
+        settings: Settings, store: Store, smtp: SmtpServer, project_dir: Path) -> None:
+    """Re-runs within the slot's window once mailed the slot again through the other record."""
+    every_occurrence(project_dir)
+    for name, email in (("Gast", "pat@example.com"), ("Pat", "Pat@Example.com")):
+        store.order(store.customer(name, email=email), ago(days=500))
+    outcomes = [execute(prepare_job("winback-lapsed", NOW + timedelta(hours=hours), settings=settings)).outcomes
+                for hours in (0, 1, 72)]
+    assert outcomes[0] == {"sent": 1, "skipped:duplicate_address": 1}
+    assert outcomes[1:] == [{"skipped:already_sent": 1, "skipped:duplicate_address": 1}] * 2
+    assert len(smtp.received) == 1
+
+
+def test_two_runs_racing_for_a_shared_mailbox_send_it_one_mail(settings: Settings, store: Store,
+                                                               smtp: SmtpServer, project_dir: Path) -> None:
+    """The ledger decides, not the run's memory: run A sends while run B is between batches."""
+    policy = project_dir / "triggers" / "policy.yaml"
+    policy.write_text(policy.read_text().replace("  - {max: 1, per: 16h}\n  - {max: 3, per: 7d}", "  - {max: 5, per: 1h}"))
+    run = settings.model_copy(update={"batch_size": 1, "workers": 1})
+    first = store.customer("Erst")
+    store.order(first, ago(days=500))
+    for name, email in (("Gast", "pat@example.com"), ("Pat", "Pat@Example.com")):
+        store.order(store.customer(name, email=email), ago(days=500))
+    other: dict[str, object] = {}
+
+    def meanwhile() -> bool:
+        if not other:  # B has read its first batch: A runs now, start to end
+            other["a"] = execute(prepare_job("winback-lapsed", NOW, settings=run)).outcomes
+        return False
+
+    execute(prepare_job("winback-lapsed", NOW, settings=run), should_stop=meanwhile)
+    received = Counter(r.recipients[0].lower() for r in smtp.received)
+    assert received == {first.email: 1, "pat@example.com": 1}

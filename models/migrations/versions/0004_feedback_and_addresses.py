@@ -39,8 +39,15 @@ def upgrade() -> None:
     op.create_index("ix_feedback_send_key", "feedback", ["send_key"], unique=False)
     op.create_index("ix_feedback_email_kind_occurred", "feedback", [sa.text("lower(email)"), "kind", "occurred_at"],
                     unique=False)
-    op.create_index("ix_sends_address_category_evaluated", "sends", [sa.text("lower(email)"), "category", "evaluated_at"],
-                    unique=False)
+    # Before this release a mailbox shared by several customers could get the same occurrence
+    # twice (the defect the unique index now prevents): those later rows keep their history
+    # under an occurrence of their own, ``…#<id>``.
+    op.execute(sa.text(
+        "UPDATE sends SET occurrence = occurrence || '#' || CAST(id AS VARCHAR(20)) WHERE id IN ("
+        "SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY lower(email), trigger, occurrence ORDER BY id)"
+        " AS n FROM sends) AS ranked WHERE n > 1)"))
+    op.create_index("ux_sends_address_trigger_occurrence", "sends", [sa.text("lower(email)"), "trigger", "occurrence"],
+                    unique=True)
     op.create_index("ix_sends_message_digest", "sends", [sa.text("substr(message_id, 2, 32)")], unique=False)
     op.create_index("ix_customers_address", "customers", [sa.text("lower(email)")], unique=False)
 
@@ -48,7 +55,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_customers_address", table_name="customers")
     op.drop_index("ix_sends_message_digest", table_name="sends")
-    op.drop_index("ix_sends_address_category_evaluated", table_name="sends")
+    op.drop_index("ux_sends_address_trigger_occurrence", table_name="sends")
     op.drop_index("ix_feedback_email_kind_occurred", table_name="feedback")
     op.drop_index("ix_feedback_send_key", table_name="feedback")
     op.drop_table("feedback")
