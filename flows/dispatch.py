@@ -107,8 +107,8 @@ class Delivery:
 
 # SMTP AUTH refused (RFC 4954): 530 authentication required, 534 mechanism too weak, 535 credentials invalid.
 AUTH_CODES = frozenset({530, 534, 535})
-# The share sign needs at least this many refusals: one refused mail in a run of one or two
-# recipients is that mail's problem, not proof that the relay is broken.
+# The share sign needs at least this many refusals (a small batch's refusals are judged at its
+# end instead: see ``Breaker.settle``).
 MIN_SHARE_REFUSALS = 3
 
 
@@ -160,7 +160,7 @@ class Breaker:
     def __init__(self, policy: BreakerPolicy, recipients: int | None = None) -> None:
         self.policy = policy
         self.sample = min(policy.sample, recipients) if recipients else policy.sample
-        self.seen = self.streak = self.sampled_refusals = self.sampled_bounces = 0
+        self.seen = self.streak = self.sampled_refusals = self.sampled_bounces = self.accepted = 0
         self.held: dict[str, Delivery] = {}
         self.tripped: str | None = None  # why, in the relay's words
 
@@ -186,6 +186,7 @@ class Breaker:
             return []
         if delivery.result == Result.SENT:
             self.streak = 0
+            self.accepted += 1
         decided = [delivery]
         if self.tripped is None and self.streak == 0 and self.seen >= self.sample:
             decided.extend(self.held.values())
@@ -208,7 +209,14 @@ class Breaker:
         return None
 
     def settle(self) -> list[Delivery]:
-        """The batch ended untripped: what was held is decided after all."""
+        """The batch ended: what was held is decided after all, unless the relay accepted
+        none of the batch and refused at message level all the same (a run of one or two
+        mails to a relay that denies everyone): then it trips, and those go back unsent."""
+        if self.tripped is None and self.held and not self.accepted:
+            refusals = [d for d in self.held.values() if d.verdict is not None and not d.verdict.about_the_address]
+            if refusals:
+                self.tripped = (f"accepted none of the batch's {self.seen} mails and refused {len(refusals)} "
+                                f"(the last: {refusals[-1].reply})")
         decided = [] if self.tripped else list(self.held.values())
         if decided:
             self.held.clear()
@@ -284,8 +292,12 @@ class Mailer:
                 f"allows)")
 
     def settle(self) -> list[Delivery]:
-        """After the batch's last window: the refusals the breaker held, decided."""
-        return self.breaker.settle()
+        """After the batch's last window: the refusals the breaker held, decided; raises
+        ``RelayRefused`` when the batch's end shows the relay at fault."""
+        decided = self.breaker.settle()
+        if self.breaker.tripped is not None:
+            raise RelayRefused(self._refused(self.breaker.tripped), [])
+        return decided
 
     def _retrying(self, after_first: bool = False) -> AsyncRetrying:
         """Attempts with exponential backoff; ``after_first``: the rest of them, once a first

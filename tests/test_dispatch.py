@@ -83,7 +83,17 @@ def test_a_5xx_at_rcpt_is_a_bounce_and_does_not_stop_the_batch(smtp: SmtpServer)
 
 def test_a_5xx_at_data_is_a_rejection_not_a_bounce(smtp: SmtpServer) -> None:
     smtp.handler.scripts["spam@example.de"] = Script(data=["554 5.7.1 Message looks like spam"])
-    assert send(smtp.url, [envelope("spam@example.de")])["spam@example.de"].result == Result.REJECTED
+    results = send(smtp.url, [envelope("ok@example.de"), envelope("spam@example.de")])
+    assert results["spam@example.de"].result == Result.REJECTED and results["ok@example.de"].result == Result.SENT
+
+
+def test_a_batch_the_relay_accepted_none_of_trips_however_small(smtp: SmtpServer) -> None:
+    """One complaint reply to a relay that denies relaying: not a failed send, a failed run."""
+    smtp.handler.scripts["kunde@example.de"] = Script(rcpt=["554 5.7.1 Relay access denied"])
+    with pytest.raises(RelayRefused, match="accepted none of the batch's 1 mails and refused 1 "
+                                           r"\(the last: 554 5.7.1 Relay access denied\)") as trip:
+        send(smtp.url, [envelope("kunde@example.de")])
+    assert trip.value.done == []
 
 
 def test_temporary_failures_outlasting_the_retries_are_deferred(smtp: SmtpServer) -> None:
