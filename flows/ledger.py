@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
     and_,
     bindparam,
@@ -170,20 +171,30 @@ def awaiting(trigger: str, now: datetime) -> ColumnElement[bool]:
                 or_(Send.not_before <= now, Send.expires_at <= now))
 
 
-def close_deferred(engine: Engine, trigger: str, now: datetime, handled: Collection[str],
+def awaiting_keys(engine: Engine, trigger: str, now: datetime) -> set[str]:
+    """The keys of ``awaiting`` deferrals, as a pass over the audience begins."""
+    with engine.connect() as connection:
+        return set(connection.execute(select(Send.send_key).where(awaiting(trigger, now))).scalars())
+
+
+def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collection[str], handled: Collection[str],
                    expired: Collection[str], dry_run: bool = False) -> list[tuple[str, str]]:
     """End the deferrals that a complete pass over the trigger's audience did not keep.
 
-    The pass decided the deferrals it met (``handled``) like fresh mail, and found
-    ``expired`` ones among them past their ``deferred_expires_after``. Those it did not
-    meet are no longer due: their campaign slot's send window passed, the cart was
-    ordered, the customer left the audience. Both become ``expired``, with the reason in
-    ``error`` (a dry run changes nothing). Returns ``(stage, reason)`` of those it did not
-    meet, the reason being ``EXPIRED_AFTER`` or ``NO_LONGER_DUE``.
+    ``among`` are the deferrals awaiting when the pass began (``awaiting_keys``): one
+    another run wrote meanwhile is that run's to decide. The pass decided those it met
+    (``handled``) like fresh mail, and found ``expired`` ones among them past their
+    ``deferred_expires_after``. Those it did not meet are no longer due: their campaign
+    slot's send window passed, the cart was ordered, the customer left the audience.
+    Both become ``expired``, with the reason in ``error`` (a dry run changes nothing).
+    Returns ``(stage, reason)`` of those it did not meet, the reason being
+    ``EXPIRED_AFTER`` or ``NO_LONGER_DUE``.
     """
+    if not among:
+        return []
     with engine.begin() as connection:
         rows = connection.execute(select(Send.send_key, Send.stage, Send.expires_at)
-                                  .where(awaiting(trigger, now))).all()
+                                  .where(awaiting(trigger, now), one_of(Send.send_key, among, engine.dialect.name))).all()
         closing: dict[str, tuple[str, str]] = {}
         for key, stage, expires_at in rows:
             if key in expired or (key not in handled and expires_at is not None and expires_at <= now):
@@ -222,9 +233,7 @@ def record(engine: Engine, outcomes: Iterable[Outcome]) -> None:
                 finished,
             )
         if released:
-            connection.execute(
-                delete(Send).where(one_of(Send.send_key, released, engine.dialect.name), Send.status.in_(IN_PROGRESS))
-            )
+            _release(connection, released)
 
 
 def release(engine: Engine, keys: Sequence[str]) -> int:
@@ -232,9 +241,20 @@ def release(engine: Engine, keys: Sequence[str]) -> int:
     if not keys:
         return 0
     with engine.begin() as connection:
-        result = connection.execute(delete(Send).where(one_of(Send.send_key, keys, engine.dialect.name),
-                                                        Send.status.in_(IN_PROGRESS)))
-        return result.rowcount or 0
+        return _release(connection, keys)
+
+
+def _release(connection: Connection, keys: Sequence[str]) -> int:
+    """A claim taken over from a deferral goes back to being that deferral, its moment and
+    expiry kept (relay trouble must not stretch ``deferred_expires_after``); any other is
+    deleted, as if never claimed."""
+    dialect = connection.dialect.name
+    undeferred = connection.execute(
+        update(Send).where(one_of(Send.send_key, keys, dialect), Send.status.in_(IN_PROGRESS),
+                           Send.not_before.is_not(None)).values(status=SendStatus.DEFERRED)).rowcount or 0
+    deleted = connection.execute(
+        delete(Send).where(one_of(Send.send_key, keys, dialect), Send.status.in_(IN_PROGRESS))).rowcount or 0
+    return undeferred + deleted
 
 
 def suppress(engine: Engine, emails: Iterable[str], reason: SuppressionReason, detail: str = "") -> None:

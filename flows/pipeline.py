@@ -119,7 +119,7 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
     parallel = settings.workers > 1 and not job.dry_run
     senders: SenderPool | None = None
     pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
-    deferrals = _Deferrals()
+    deferrals = _Deferrals(ledger.awaiting_keys(engine, job.trigger.name, job.now))
     with ExitStack() as stack:
         batches = stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, settings.batch_size,
                                     settings.default_language, job.policy, deferred_only=not audience,
@@ -146,8 +146,8 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
             finish(number, len(batch), len(due), why, deliver(job, due, number, render, dispatch))
         settle(finished_only=False)  # a shutdown too lets the batches already handed over finish
     if not summary.interrupted:  # only a pass over the whole audience knows what is no longer due
-        closed = ledger.close_deferred(engine, job.trigger.name, job.now, deferrals.handled, deferrals.expired,
-                                       job.dry_run)
+        closed = ledger.close_deferred(engine, job.trigger.name, job.now, deferrals.awaiting, deferrals.handled,
+                                       deferrals.expired, job.dry_run)
         for stage, reason in closed:
             summary.add(stage, skipped(Skip.EXPIRED if reason == ledger.EXPIRED_AFTER else Skip.NO_LONGER_DUE))
         if closed:
@@ -157,9 +157,11 @@ def execute(job: Job, render: RenderStep = render_candidates, dispatch: Dispatch
 
 
 class _Deferrals:
-    """The deferrals of this trigger a run met in its audience (the rest are no longer due)."""
+    """The deferrals of this trigger awaiting as the run began, and those it met in its
+    audience (the rest are no longer due)."""
 
-    def __init__(self) -> None:
+    def __init__(self, awaiting: set[str]) -> None:
+        self.awaiting = awaiting
         self.handled: set[str] = set()
         self.expired: set[str] = set()
 

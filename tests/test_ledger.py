@@ -139,3 +139,18 @@ def test_two_customer_records_of_one_mailbox_cannot_both_claim_an_occurrence(sto
     with Session(store.engine) as session:
         assert sorted(session.execute(select(Send.occurrence, Send.status)).all()) == [
             ("slot:1", SendStatus.CLAIMED), ("slot:2", SendStatus.CLAIMED)]
+
+
+def test_a_released_claim_of_a_deferral_goes_back_to_being_that_deferral(store: Store) -> None:
+    """Relay trouble after the sweep took a deferral over must not lose its moment or its expiry."""
+    customer = store.customer()
+    [deferral] = claims(customer.id, 1)
+    expires = NOW + timedelta(hours=6)
+    ledger.defer(store.engine, [(deferral, NOW - timedelta(minutes=5), expires)], "run-1", NOW - timedelta(hours=1))
+    assert ledger.claim(store.engine, [deferral], "sweep", NOW) == {deferral.send_key}
+    fresh = ledger.Claim(f"t/{customer.id}/other", "t", customer.id, "other", "new", "tpl", "b@example.de", "<f@x>")
+    assert ledger.claim(store.engine, [fresh], "sweep", NOW) == {fresh.send_key}
+    assert ledger.release(store.engine, [deferral.send_key, fresh.send_key]) == 2
+    with Session(store.engine) as session:
+        [row] = session.execute(select(Send)).scalars().all()
+    assert (row.send_key, row.status, row.expires_at) == (deferral.send_key, SendStatus.DEFERRED, expires)

@@ -296,3 +296,22 @@ def test_two_runs_racing_for_a_shared_mailbox_send_it_one_mail(settings: Setting
     execute(prepare_job("winback-lapsed", NOW, settings=run), should_stop=meanwhile)
     received = Counter(r.recipients[0].lower() for r in smtp.received)
     assert received == {first.email: 1, "pat@example.com": 1}
+
+
+def test_a_deferral_written_while_a_run_is_under_way_is_not_that_runs_to_close(
+        settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    """Only deferrals awaiting when the pass began are closed as no longer due."""
+    store.lapsed(2)
+    outsider = store.customer("Neu")  # not in the win-back's audience
+    late = ledger.Claim(f"winback-lapsed/{outsider.id}/slot:x", "winback-lapsed", outsider.id, "slot:x", "new", "t",
+                        outsider.email, "<late@shop.example>")
+
+    def meanwhile() -> bool:  # another run defers a mail while this one is between batches
+        ledger.defer(store.engine, [(late, NOW - timedelta(minutes=1), None)], "another-run", NOW)
+        return False
+
+    run = settings.model_copy(update={"batch_size": 1, "workers": 1})
+    summary = execute(prepare_job("winback-lapsed", NOW, settings=run), should_stop=meanwhile)
+    assert summary.outcomes == {"sent": 2}
+    with Session(store.engine) as session:
+        assert session.execute(select(Send.status).where(Send.send_key == late.send_key)).scalar_one() == "deferred"
