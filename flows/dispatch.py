@@ -14,6 +14,7 @@ are handed back undecided, so nobody is blamed for the relay's configuration.
 """
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from aiosmtplib import (
     SMTPException,
     SMTPRecipientRefused,
     SMTPResponseException,
+    SMTPSenderRefused,
 )
 from tenacity import (
     AsyncRetrying,
@@ -386,8 +388,11 @@ class Mailer:
 
     async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
         try:
-            await client.mail(envelope.sender)
-            await client.rcpt(envelope.recipient)  # a refusal raises SMTPRecipientRefused
+            if client.is_ehlo_or_helo_needed:  # a session's first: aiosmtplib greets (EHLO, else HELO)
+                await client.mail(envelope.sender)
+            else:
+                await _command(client, b"MAIL", b"FROM:", envelope.sender, SMTPSenderRefused, (250,))
+            await _command(client, b"RCPT", b"TO:", envelope.recipient, SMTPRecipientRefused, (250, 251))
         except SMTPResponseException:
             await _reset(client)
             raise
@@ -430,6 +435,23 @@ def _reply(exc: SMTPException) -> str:
     """``554 5.7.1 Relay access denied``: a multi-line reply on one line."""
     code = _code(exc)
     return f"{code or ''} {' / '.join(exc.message.splitlines())}".strip()
+
+
+# Printable ASCII but space, "<" and ">": what may stand between the brackets of MAIL FROM:<…>
+# and RCPT TO:<…> without smuggling in a parameter or a command (recipients were validated at
+# ingest; this is the last line).
+_SAFE_ADDRESS = re.compile(r"[!-;=?-~]+\Z")
+
+
+async def _command(client: aiosmtplib.SMTP, verb: bytes, prefix: bytes, address: str,
+                   refused: type[SMTPSenderRefused] | type[SMTPRecipientRefused], accepted: tuple[int, ...]) -> None:
+    """MAIL or RCPT without aiosmtplib's address parsing (``email.utils.parseaddr``, a
+    character loop in Python): for the long VERP sender, about 0.1 ms a mail."""
+    if not _SAFE_ADDRESS.match(address):
+        raise refused(553, "5.1.3 address not allowed on an SMTP command line", address)
+    response = await client.execute_command(verb, prefix + b"<" + address.encode("ascii") + b">")
+    if response.code not in accepted:
+        raise refused(response.code, response.message, address)
 
 
 async def _reset(client: aiosmtplib.SMTP) -> None:

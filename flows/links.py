@@ -6,8 +6,6 @@ in each mail's Return-Path (``verp_address``) is signed with its own salt too, b
 shorter and case-proof, to fit an address's local part.
 """
 
-import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -66,15 +64,14 @@ def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: 
 # -- VERP: the envelope sender names the send ------------------------------------------
 
 VERP = "lifecycle.verp"
-VERP_TOKEN = re.compile(r"\+([a-z2-7]{39})@", re.IGNORECASE)
-# 26 characters of the send's digest (the 128 bits its Message-ID is built from), then 13 of
-# the signature (64 bits of HMAC-SHA256): 39 in all, so ``bounces+TOKEN`` stays well inside
-# the 64 octets RFC 5321 allows a local part. Lower-case base32: some relays fold the case
-# of the address a bounce is sent to.
-_DIGEST_CHARS, _TAG_BYTES = 26, 8
-TOKEN_LENGTH = _DIGEST_CHARS + 13
-
-
+VERP_TOKEN = re.compile(r"\+([0-9a-f]{48})@", re.IGNORECASE)
+# The send's digest (the 128 bits its Message-ID is made of, as in the Message-ID: 32 hex
+# characters), then 16 of the signature (64 bits of HMAC-SHA256): 48 in all, so
+# ``bounces+TOKEN`` stays inside the 64 octets RFC 5321 allows a local part. Hex, because
+# some relays fold the case of the address a bounce is sent to, and because it costs
+# nothing to write (Python's base32 took 15 µs a mail, more than the two HMACs).
+_DIGEST_CHARS, _TAG_BYTES = 32, 8
+TOKEN_LENGTH = _DIGEST_CHARS + 2 * _TAG_BYTES
 MESSAGE_ID = "lifecycle.message-id"
 
 
@@ -82,7 +79,7 @@ def send_digest(secret: str, send_key: str) -> str:
     """The hex digest a send's Message-ID is made of (``flows.compose.message_id``): keyed,
     so nobody can work out another recipient's Message-ID from the (guessable) send key
     and forge a bounce or complaint for it."""
-    return hmac.new(_derived_key(secret, MESSAGE_ID), send_key.encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.new(_derived_key(secret, MESSAGE_ID), send_key.encode(), hashlib.sha256).hexdigest()[:_DIGEST_CHARS]
 
 
 @lru_cache(maxsize=32)
@@ -90,14 +87,13 @@ def _derived_key(secret: str, purpose: str) -> bytes:
     return Signer(secret, salt=purpose, digest_method=hashlib.sha256).derive_key()
 
 
-def _tag(secret: str, digest: bytes) -> str:
-    mac = hmac.new(_derived_key(secret, VERP), digest, hashlib.sha256).digest()[:_TAG_BYTES]
-    return base64.b32encode(mac).decode().rstrip("=").lower()
+def _tag(secret: str, digest: str) -> str:
+    return hmac.new(_derived_key(secret, VERP), digest.encode(), hashlib.sha256).hexdigest()[: 2 * _TAG_BYTES]
 
 
 def verp_token(secret: str, send_key: str) -> str:
-    digest = bytes.fromhex(send_digest(secret, send_key))
-    return base64.b32encode(digest).decode().rstrip("=").lower() + _tag(secret, digest)
+    digest = send_digest(secret, send_key)
+    return digest + _tag(secret, digest)
 
 
 def read_verp_token(secret: str, token: str) -> str | None:
@@ -105,13 +101,10 @@ def read_verp_token(secret: str, token: str) -> str | None:
     token = token.lower()
     if len(token) != TOKEN_LENGTH:
         return None
-    try:
-        digest = base64.b32decode(token[:_DIGEST_CHARS].upper() + "======")
-    except (binascii.Error, ValueError):
-        return None
+    digest = token[:_DIGEST_CHARS]
     if not hmac.compare_digest(_tag(secret, digest), token[_DIGEST_CHARS:]):
         return None
-    return digest.hex()
+    return digest
 
 
 def verp_address(bounce_address: str, secret: str, send_key: str) -> str:

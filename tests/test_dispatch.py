@@ -96,6 +96,14 @@ def test_a_batch_the_relay_accepted_none_of_trips_however_small(smtp: SmtpServer
     assert trip.value.done == []
 
 
+def test_an_address_that_would_smuggle_a_command_is_refused_before_the_server_sees_it(smtp: SmtpServer) -> None:
+    smuggler = envelope("a@example.de>\r\nRCPT TO:<victim@example.net", key="smuggler")
+    results = send(smtp.url, [envelope("ok1@example.de"), smuggler, envelope("ok2@example.de")])
+    assert results["smuggler"].result == Result.BOUNCED and results["smuggler"].reply.startswith("553 5.1.3")
+    assert sorted(r.recipients[0] for r in smtp.received) == ["ok1@example.de", "ok2@example.de"]
+    assert "victim@example.net" not in smtp.handler.rcpt_attempts
+
+
 def test_temporary_failures_outlasting_the_retries_are_deferred(smtp: SmtpServer) -> None:
     smtp.handler.scripts["later@example.de"] = Script(rcpt=["450 4.2.1 Mailbox busy"] * 10)
     result = send(smtp.url, [envelope("later@example.de")])["later@example.de"]
