@@ -200,17 +200,15 @@ def address(email: Any) -> Any:
 
 
 def _reentry_blocked(trigger: TriggerBase, now: datetime):
-    """True when an earlier send of this trigger to the customer, or to the customer's
-    mailbox under another customer record, forbids another now."""
+    """True when an earlier send of this trigger to the customer forbids another now (to
+    the customer's mailbox under another record: ``_mailbox_history``, for the few shared)."""
     rule = trigger.reentry
     if rule.mode == "every_occurrence":
         return false()
-    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED))
+    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED), Send.customer_id == Customer.id)
     if rule.mode == "cooldown":
         earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
-    by_address = exists().where(address(Send.email) == address(Customer.email), Send.category == "marketing",
-                                earlier)
-    return or_(exists().where(Send.customer_id == Customer.id, earlier), by_address)
+    return exists().where(earlier)
 
 
 def _shared_address():
@@ -390,27 +388,38 @@ def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candi
             elif c.skip is None or c.skip == Skip.REENTRY:
                 c = c._replace(skip=Skip.EXPIRED if status == SendStatus.EXPIRED else Skip.ALREADY_SENT)
         marked.append(c)
-    marked = _mailbox_already_has(session, trigger, marked)
+    marked = _mailbox_history(session, trigger, marked, now)
     session.rollback()  # end the read transaction so SQLite can checkpoint
     return marked
 
 
-def _mailbox_already_has(session: Session, trigger: TriggerBase, batch: list[Candidate]) -> list[Candidate]:
-    """A shared mailbox that has this occurrence on record under another customer record
-    (sent, in progress, deferred or closed) does not get it again through this one, in
-    whichever run, whatever the re-entry rule. Only shared addresses are looked up (few)."""
+def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candidate], now: datetime) -> list[Candidate]:
+    """A shared mailbox's sends under its other customer records count as the customer's own:
+    the same occurrence on record under another record (sent, in progress, deferred or
+    closed) is not mailed again, whatever the re-entry rule, and an earlier mail of this
+    trigger to the mailbox blocks re-entry. One lookup per batch, for shared addresses only
+    (few): a probe per audience row would cost every run a third of its audience time."""
     shared = {(c.email or "").lower() for c in batch if c.shared and (c.skip is None or c.skip.deferred)}
     if not shared:
         return batch
-    rows = session.execute(select(address(Send.email), Send.occurrence, Send.send_key).where(
+    rows = session.execute(select(address(Send.email), Send.occurrence, Send.send_key, Send.status,
+                                  Send.evaluated_at).where(
         Send.trigger == trigger.name, one_of(address(Send.email), shared, session.get_bind().dialect.name)))
-    on_record = {(mailbox, occurrence): key for mailbox, occurrence, key in rows}
+    history: dict[str, list[tuple[str, str, str, datetime]]] = {}
+    for mailbox, *rest in rows:
+        history.setdefault(mailbox, []).append(tuple(rest))  # type: ignore[arg-type]
+    rule = trigger.reentry
     out = []
     for c in batch:
         if c.shared and (c.skip is None or c.skip.deferred):
-            key = on_record.get(((c.email or "").lower(), c.occurrence))
-            if key is not None and key != c.send_key:
+            others = [(occurrence, status, at) for occurrence, key, status, at in
+                      history.get((c.email or "").lower(), ()) if key != c.send_key]
+            if any(occurrence == c.occurrence for occurrence, _, _ in others):
                 c = c._replace(skip=Skip.DUPLICATE_ADDRESS, not_before=None)
+            elif rule.mode != "every_occurrence" and any(
+                    status in DELIVERED and (rule.mode == "once" or now - rule.cooldown < at <= now)
+                    for _, status, at in others):
+                c = c._replace(skip=Skip.REENTRY, not_before=None)
         out.append(c)
     return out
 
