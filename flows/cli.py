@@ -290,11 +290,17 @@ def web(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
 ) -> None:
     """Serve template previews (linked from each Prefect run's summary) over HTTP."""
+    # Prefect configures logging when first imported: before uvicorn does, not at the first
+    # preview (which silenced the access log).
+    import prefect.main  # noqa: F401
     import uvicorn
 
     from flows.web import create_app
+    from flows.web_security import log_config, redact_every_record
 
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info")
+    redact_every_record()  # no token in any log line (flows.web_security)
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info", log_config=log_config(),
+                server_header=False)
 
 
 @app.command()
