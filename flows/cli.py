@@ -361,7 +361,9 @@ def suppress_from_mail(files: Annotated[list[Path], typer.Argument(help=".eml fi
     import re
     from email import message_from_bytes, policy
 
+    from flows.signing_secret import resolved
     from flows.web import unsubscribe_by_token
+    from models.types import utcnow
 
     settings = _settings()
     engine = _engine(settings)
@@ -369,8 +371,8 @@ def suppress_from_mail(files: Annotated[list[Path], typer.Argument(help=".eml fi
     for file in files:
         subject = str(message_from_bytes(file.read_bytes(), policy=policy.default).get("Subject", ""))
         match = re.search(r"unsubscribe\s+(\S+)", subject, re.IGNORECASE)
-        customer = match and unsubscribe_by_token(engine, settings.secret.get_secret_value(), match.group(1),
-                                                  "unsubscribe mail")
+        customer = match and unsubscribe_by_token(engine, resolved(settings, engine).signing_secret, match.group(1),
+                                                  "unsubscribe mail", utcnow())
         if customer:
             done += 1
         else:
@@ -459,6 +461,7 @@ def bounces(
         maildir_messages,
         process,
     )
+    from flows.signing_secret import resolved
 
     settings = _settings()
     engine = _engine(settings)
@@ -482,7 +485,7 @@ def bounces(
     if not files and maildir is None and imap is None:
         errors.print("[red]Name bounce files, or pass --maildir DIR or --imap URL (or --rates).[/]")
         raise typer.Exit(2)
-    secret, rule = settings.secret.get_secret_value(), settings.soft_bounce_rule
+    secret, rule = resolved(settings, engine).signing_secret, settings.soft_bounce_rule
     table = Table(title="Bounces and complaints", title_justify="left")
     for column in ("input", "reports", "new", "duplicates", "unmatched", "suppressed", "delayed", "not a report"):
         table.add_column(column, justify="left" if column == "input" else "right")

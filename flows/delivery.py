@@ -56,6 +56,7 @@ from flows.report import (
     skipped,
 )
 from flows.settings import Settings
+from flows.signing_secret import resolved
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.project import Project, load_project
@@ -125,6 +126,7 @@ def prepare_job(
 ) -> Job:
     """Validate (the trigger, its templates: a test render of each) before anything is sent."""
     project = project or load(settings)
+    settings = resolved(settings)  # once per run: the senders get it with the job
     trigger = project.trigger(trigger_name)  # SpecError names file, line and field
     assert project.stages is not None  # a trigger only loads when the stage rules did
     return Job(
@@ -151,7 +153,7 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
         carts = load_carts(session, refs) if job.kind.reference == "cart" else {}
         complaints = load_complaints(session, refs) if job.kind.reference == "complaint" else {}
         orders = load_latest_orders(session, [c.customer_id for c in candidates], job.now)
-    sender, secret, date = job.sender, settings.secret.get_secret_value(), utcnow()
+    sender, secret, date = job.sender, settings.signing_secret, utcnow()
     trigger_view = TriggerView(job.trigger.name, job.trigger.description)
     prepared: list[Prepared] = []
     failures: list[Failure] = []
@@ -162,7 +164,7 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
             unsubscribe=unsubscribe_url(settings.base_url, secret, c.external_id, job.trigger.kind),
             preferences=preferences_url(settings.base_url, secret, c.external_id),
             shop=settings.shop_url,
-            confirm=confirm_url(settings.base_url, secret, c.external_id) if job.kind.reference == "consent" else None,
+            confirm=_confirm_url(job, secret, c) if job.kind.reference == "consent" else None,
         )
         context: dict[str, Any] = {
             "customer": customer,
@@ -190,6 +192,17 @@ def render_candidates(job: Job, candidates: Sequence[Candidate], batch: int = 0)
         return_path = verp_address(settings.bounce_address or f"bounces@{sender.domain}", secret, c.send_key)
         prepared.append(Prepared(c, claim, Envelope(c.send_key, return_path, c.email, data), rendered.subject))
     return prepared, failures
+
+
+def _confirm_url(job: Job, secret: str, c: Candidate) -> str:
+    """The link confirms this mail's request (its occurrence) until the request is too old to ask about."""
+    from flows.consent import requested_at
+
+    try:
+        asked = requested_at(c.occurrence)
+    except ValueError:
+        asked = job.now  # a preview: no request behind it
+    return confirm_url(job.settings.base_url, secret, c.external_id, c.occurrence, asked + job.trigger.max_age)
 
 
 def claim_for(job: Job, c: Candidate, template: str = "", msg_id: str = "") -> ledger.Claim:

@@ -1,14 +1,27 @@
-"""Signed links in mails and run summaries: a forged or altered token is refused.
+"""Signed links in mails and run summaries: a forged, altered, foreign or spent token is refused.
 
-Tokens are HMAC-signed (itsdangerous) with ``LIFECYCLE_SECRET``; each purpose has its
-own salt, so an unsubscribe token cannot be replayed as a confirmation. The VERP token
-in each mail's Return-Path (``verp_address``) is signed with its own salt too, but is
-shorter and case-proof, to fit an address's local part.
+Tokens are HMAC-signed (itsdangerous) with the signing secret (``flows.signing_secret``).
+Each token is scoped twice: its purpose has its own salt, and the signed data names the
+purpose again (``p``), the customer (``c``) and what it is about, so a token is refused on
+any route but its own. Which tokens expire, and why:
+
+- **unsubscribe** (``/u/``): never. Mail providers require the link in every mail to keep
+  working (Gmail: honoured within 48 hours, however old the mail); about: the category.
+- **preferences** (``/preferences/``): never, for the same reason; it is linked from every
+  mail's footer and from the unsubscribe page.
+- **confirm** (``/confirm/``): with the consent request it confirms (the request's time
+  plus the trigger's ``max_age``), and only while that request is still the customer's
+  pending one: single use, and never after an unsubscribe (``flows.consent``).
+- **preview** (``/preview/``): after ``PREVIEW_DAYS``; linked from Prefect runs for ops.
+
+The VERP token in each mail's Return-Path (``verp_address``) is signed with its own salt
+too, but is shorter and case-proof, to fit an address's local part.
 """
 
 import hashlib
 import hmac
 import re
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -18,6 +31,12 @@ UNSUBSCRIBE = "lifecycle.unsubscribe"
 PREFERENCES = "lifecycle.preferences"
 CONFIRM = "lifecycle.confirm"
 PREVIEW = "lifecycle.preview"
+# What the signed data calls each purpose; a token whose ``p`` is not its route's is refused.
+PURPOSES = {UNSUBSCRIBE: "unsubscribe", PREFERENCES: "preferences", CONFIRM: "confirm", PREVIEW: "preview"}
+# Mailed before tokens named their purpose: still honoured, since the salt scopes them too
+# and such links must keep working. A confirmation without a request never is.
+_UNNAMED_OK = {UNSUBSCRIBE, PREFERENCES}
+PREVIEW_DAYS = 30
 
 
 @lru_cache(maxsize=32)
@@ -28,16 +47,31 @@ def _serializer(secret: str, purpose: str) -> URLSafeSerializer:
 
 
 def sign(secret: str, purpose: str, data: dict[str, Any]) -> str:
-    return _serializer(secret, purpose).dumps(data)
+    return _serializer(secret, purpose).dumps({"p": PURPOSES[purpose], **data})
 
 
 def read(secret: str, purpose: str, token: str) -> dict[str, Any] | None:
-    """The signed data, or ``None`` for a forged, altered or foreign token."""
+    """The signed data, or ``None`` for a forged, altered or foreign token (one signed for
+    another purpose). Whether it has expired is the caller's question (``expired``)."""
     try:
         data = _serializer(secret, purpose).loads(token)
     except BadSignature:
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("c", ""), str):
+        return None
+    named = data.get("p")
+    if named != PURPOSES[purpose] and not (named is None and purpose in _UNNAMED_OK):
+        return None
+    return data
+
+
+def expired(data: dict[str, Any], now: datetime) -> bool:
+    """A token that carries an expiry (``x``, seconds since the epoch) past ``now``; one
+    whose expiry is not a number counts as expired."""
+    if "x" not in data:
+        return False
+    deadline = data["x"]
+    return not isinstance(deadline, int) or isinstance(deadline, bool) or now.timestamp() >= deadline
 
 
 def _url(base_url: str, path: str, token: str) -> str:
@@ -52,13 +86,16 @@ def preferences_url(base_url: str, secret: str, customer: str) -> str:
     return _url(base_url, "preferences", sign(secret, PREFERENCES, {"c": customer}))
 
 
-def confirm_url(base_url: str, secret: str, customer: str) -> str:
-    return _url(base_url, "confirm", sign(secret, CONFIRM, {"c": customer}))
+def confirm_url(base_url: str, secret: str, customer: str, request: str, expires: datetime) -> str:
+    """Confirms the one consent request ``request`` (``flows.consent.request_id``) until ``expires``."""
+    return _url(base_url, "confirm", sign(secret, CONFIRM, {"c": customer, "r": request,
+                                                            "x": int(expires.timestamp())}))
 
 
-def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: str) -> str:
+def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: str, now: datetime) -> str:
     """A link to a trigger's mail rendered with sample data; signed, so only links we made work."""
-    return _url(base_url, "preview", sign(secret, PREVIEW, {"t": trigger, "s": stage, "l": language}))
+    expires = int((now + timedelta(days=PREVIEW_DAYS)).timestamp())
+    return _url(base_url, "preview", sign(secret, PREVIEW, {"t": trigger, "s": stage, "l": language, "x": expires}))
 
 
 # -- VERP: the envelope sender names the send ------------------------------------------

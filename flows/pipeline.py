@@ -47,6 +47,7 @@ from flows.senders import SenderPool
 from flows.settings import Settings, get_settings
 from flows.spec.common import TriggerBase
 from models.db import get_engine
+from models.types import utcnow
 
 one_malloc_arena()  # before Prefect starts the run's threads (see flows.memory)
 
@@ -234,7 +235,7 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) ->
         check_smtp(settings)
     summary = execute(job, render=_render_task, dispatch=_dispatch_task, submit=_send_task)
     summary.complaints = None if dry_run else trigger_complaints(get_engine(settings.database_url), trigger, job.now)
-    publish(summary, settings)
+    publish(summary, job.settings)
     return summary
 
 
@@ -268,10 +269,10 @@ def compile_flow(trigger: TriggerBase):
 def publish(summary: RunSummary, settings: Settings) -> None:
     """Artifacts for the Prefect UI: the summary (with preview links to `lifecycle web`) and the counts."""
     key = "".join(ch if ch.isalnum() else "-" for ch in summary.trigger.lower())
-    secret = settings.secret.get_secret_value()
+    secret, made = settings.signing_secret, utcnow()  # a preview link expires after its making, not the run's --now
 
     def preview(stage: str, language: str) -> str:
-        return preview_url(settings.base_url, secret, summary.trigger, stage, language)
+        return preview_url(settings.base_url, secret, summary.trigger, stage, language, made)
 
     create_markdown_artifact(key=f"{key}-summary", markdown=summary.to_markdown(preview),
                              description=summary.headline())

@@ -101,7 +101,7 @@ def sample_mail(job: Job, stage: str, language: str) -> tuple[bytes, Rendered]:
         raise PreviewError(str(exc)) from None
     key = send_key(job.trigger.name, 0, f"preview:{stage}:{language}")
     eml = build_message(rendered, sender=job.sender, to_address="preview@example.com",
-                        to_name=sample["customer"].name, msg_id=message_id(key, job.sender, settings.secret.get_secret_value()),
+                        to_name=sample["customer"].name, msg_id=message_id(key, job.sender, settings.signing_secret),
                         date=utcnow())
     return eml, rendered
 

@@ -19,9 +19,6 @@ log = logging.getLogger(__name__)
 
 SECRET_BLOCK_PREFIX = "prefect-secret:"
 
-# Signs unsubscribe links in development only; production refuses to start with it.
-DEVELOPMENT_SECRET = "lifecycle-development-secret-do-not-use-in-production"
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", extra="ignore")
@@ -34,7 +31,8 @@ class Settings(BaseSettings):
     triggers_dir: Path = Path("triggers")
     templates_dir: Path = Path("templates")
     sender: str = "Lifecycle Shop <hello@shop.example>"
-    secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    secret: SecretStr | None = Field(None, description="Signs links and Message-IDs. Unset (development only): "
+                                     "a random secret generated once and kept in the store.")
     base_url: str = Field("http://127.0.0.1:8025", description="Where unsubscribe links point.")
     shop_url: str = "https://shop.example"
     unsubscribe_mailbox: str | None = Field(None, description="mailto: in List-Unsubscribe; default unsubscribe@<sender domain>.")
@@ -66,8 +64,19 @@ class Settings(BaseSettings):
     ses_topic_arns: str = Field("", description="Comma-separated SNS topic ARNs whose SES notifications are accepted.")
     sns_trusted_url_prefixes: str = Field("", description="For tests only: extra URL prefixes trusted for SNS "
                                                           "certificates and SubscribeURLs; refused in production.")
+    web_statement_timeout_seconds: float = Field(5, gt=0, le=300, description="`lifecycle web`: a database statement "
+                                                 "(a lock wait included) that takes longer is cancelled; the request "
+                                                 "gets 503 with Retry-After and changes nothing.")
     postmark_webhook_user: str | None = Field(None, description="Basic-auth user in Postmark's webhook URL.")
     postmark_webhook_password: SecretStr | None = None
+
+    @property
+    def signing_secret(self) -> str:
+        """The secret that signs links; ``flows.signing_secret.resolved`` fills it in from the
+        store when ``LIFECYCLE_SECRET`` is unset, once, before the run or app starts."""
+        if self.secret is None:
+            raise RuntimeError("no signing secret: settings must pass through flows.signing_secret.resolved first")
+        return self.secret.get_secret_value()
 
     @property
     def claim_lease(self) -> timedelta:
@@ -126,7 +135,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_unsafe_defaults(self) -> "Settings":
-        if self.secret.get_secret_value() == DEVELOPMENT_SECRET:
+        if self.secret is None:
             if self.environment == "production":
                 raise ValueError("LIFECYCLE_SECRET must be set in production (it signs unsubscribe links)")
         elif len(self.secret.get_secret_value()) < 16:

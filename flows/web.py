@@ -4,12 +4,17 @@
   (RFC 8058, as mail providers send it, or our page's button) unsubscribes at once and
   answers 200 — no redirect, no cookies.
 - ``/preferences/{token}``: leave single categories (e.g. win-back campaigns), or all.
-- ``/confirm/{token}``: double opt-in; POST records the consent with its time and source.
+- ``/confirm/{token}``: double opt-in; POST confirms the one pending request the link was
+  mailed for (``flows.consent``): once, until it expires, never after an unsubscribe.
 - ``/preview/{token}``: a trigger's mail with sample data (linked from Prefect runs).
 - ``/webhooks/ses``, ``/webhooks/postmark``: bounces and complaints from providers
   (signed by SNS, or behind basic auth), recorded like mailed reports (``flows.feedback``).
 
-GET never changes anything (mail scanners follow links); every token is signed.
+GET never changes anything (mail scanners follow links); every token is signed and scoped
+(``flows.links``). No handler blocks the event loop: database work runs in the thread pool,
+under a statement timeout (``LIFECYCLE_WEB_STATEMENT_TIMEOUT_SECONDS``); a request that
+meets it gets 503 with ``Retry-After`` and has changed nothing, and ``/healthz`` never waits
+for the database.
 Pages speak the customer's language (German or English).
 """
 
@@ -17,6 +22,8 @@ import base64
 import binascii
 import hmac
 import logging
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -24,10 +31,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from jinja2 import Environment
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, event, select
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from flows.bounces import Report
+from flows.consent import Confirmation, check, confirm, record, withdraw
 from flows.ingest import customer_by_id
 from flows.kinds import KINDS
 from flows.links import (
@@ -35,14 +44,17 @@ from flows.links import (
     PREFERENCES,
     PREVIEW,
     UNSUBSCRIBE,
+    expired,
     preferences_url,
     read,
 )
 from flows.render import language_of
 from flows.settings import Settings
+from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
-from models import CategoryOptOut, Customer, Suppression, SuppressionReason
-from models.db import get_engine
+from flows.web_security import install_security, redact
+from models import CategoryOptOut, ConsentChangeKind, Customer, Suppression
+from models.db import make_engine
 from models.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -58,6 +70,9 @@ WORDS: dict[str, dict[str, Any]] = {
         "confirm_title": "Anmeldung bestätigen", "confirm_question": "Bitte bestätige, dass wir dir unsere Angebote an {email} schicken dürfen.",
         "confirm_button": "Anmeldung bestätigen", "confirmed": "Danke! Deine Anmeldung ist bestätigt.",
         "invalid": "Dieser Link ist ungültig.",
+        "spent": "Dieser Link ist abgelaufen oder wurde schon benutzt. Melde dich bitte erneut an, wenn du unsere "
+                 "Angebote bekommen möchtest.",
+        "busy": "Gerade geht es nicht. Bitte versuche es in einer Minute noch einmal.",
         "categories": {"abandoned_cart": "Erinnerungen an deinen Warenkorb",
                        "inactivity": "Nachrichten, wenn du länger nicht bei uns warst",
                        "onboarding": "Willkommens- und Einstiegstipps", "campaign": "Angebote und Aktionen"},
@@ -71,6 +86,8 @@ WORDS: dict[str, dict[str, Any]] = {
         "confirm_title": "Confirm your subscription", "confirm_question": "Please confirm that we may send our offers to {email}.",
         "confirm_button": "Confirm subscription", "confirmed": "Thank you! Your subscription is confirmed.",
         "invalid": "This link is not valid.",
+        "spent": "This link has expired or has already been used. Please sign up again if you want our offers.",
+        "busy": "We cannot do this right now. Please try again in a minute.",
         "categories": {"abandoned_cart": "Reminders about your cart", "inactivity": "Messages when you have been away",
                        "onboarding": "Welcome and getting-started tips", "campaign": "Offers and campaigns"},
     },
@@ -109,15 +126,9 @@ def masked(email: str) -> str:
     return f"{local[:1]}***@{domain}"
 
 
-def unsubscribe_all(session: Session, customer: Customer, detail: str) -> None:
-    customer.marketing_consent, customer.consent_at, customer.consent_requested_at = False, None, None
-    session.add(customer)
-    if customer.email and session.get(Suppression, customer.email.lower()) is None:
-        session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED, detail=detail))
-
-
-def unsubscribe_by_token(engine, secret: str, token: str, via: str) -> Customer | None:
-    """Unsubscribe the customer a genuine unsubscribe token names; None for a forged one."""
+def unsubscribe_by_token(engine: Engine, secret: str, token: str, via: str, at: datetime) -> Customer | None:
+    """Unsubscribe the customer a genuine unsubscribe token names; None for a forged one.
+    Unsubscribe tokens never expire (``flows.links``)."""
     data = read(secret, UNSUBSCRIBE, token)
     if data is None:
         return None
@@ -125,15 +136,38 @@ def unsubscribe_by_token(engine, secret: str, token: str, via: str) -> Customer 
         customer = customer_by_id(session, data["c"])
         if customer is None or not customer.email:
             return None
-        unsubscribe_all(session, customer, f"{via} ({data.get('k')})")
+        withdraw(session, customer, via, at=at, detail=str(data.get("k")))
         session.commit()
         return customer
 
 
-def create_app(settings: Settings) -> FastAPI:
+def web_engine(settings: Settings) -> Engine:
+    """The web's own engine: every statement under a timeout, so one locked row holds up one
+    request for at most that long, never the pool (PostgreSQL ``statement_timeout`` covers
+    lock waits; SQLite's busy timeout is shortened to the same)."""
+    engine = make_engine(settings.database_url)
+    milliseconds = int(settings.web_statement_timeout_seconds * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _timeout(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        if engine.dialect.name == "postgresql":
+            cursor.execute(f"SET statement_timeout = {milliseconds}")
+            dbapi_connection.commit()
+        else:
+            cursor.execute(f"PRAGMA busy_timeout = {milliseconds}")
+        cursor.close()
+
+    return engine
+
+
+def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> FastAPI:
+    """``clock`` tells the time to tokens that expire (tests pass a controlled one)."""
     app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None)
-    secret = settings.secret.get_secret_value()
-    engine = get_engine(settings.database_url)
+    install_security(app, settings.base_url)
+    engine = web_engine(settings)
+    settings = resolved(settings, engine)
+    secret = settings.signing_secret
 
     def customer_for(purpose: str, token: str, session: Session) -> tuple[Customer, dict[str, Any]]:
         data = read(secret, purpose, token)
@@ -147,14 +181,28 @@ def create_app(settings: Settings) -> FastAPI:
     def lang_of(customer: Customer) -> str:
         return language_of(customer.locale, settings.default_language) if customer.locale else "en"
 
+    def lang_asked(request: Request) -> str:
+        return "de" if request.headers.get("accept-language", "").lower().startswith("de") else "en"
+
     @app.exception_handler(HTTPException)
     async def not_valid(request: Request, exc: HTTPException) -> HTMLResponse:
-        lang = "de" if request.headers.get("accept-language", "").lower().startswith("de") else "en"
+        lang = lang_asked(request)
         return page(lang, "unsubscribe_title" if "/u/" in request.url.path else "confirm_title",
-                    [WORDS[lang]["invalid"]], status=exc.status_code)
+                    [WORDS[lang]["spent" if exc.status_code == 410 else "invalid"]], status=exc.status_code)
+
+    @app.exception_handler(OperationalError)
+    async def busy(request: Request, exc: OperationalError) -> HTMLResponse:
+        """A statement that met the timeout (a locked row, a busy store): rolled back, so
+        nothing changed; the client (a mail provider's one-click POST, too) tries again."""
+        log.warning("%s %s: the store did not answer in time (%s)", request.method, redact(request.url.path),
+                    type(exc.orig).__name__)
+        response = page(lang_asked(request), "unsubscribe_title", [WORDS[lang_asked(request)]["busy"]], status=503)
+        response.headers["Retry-After"] = "30"
+        return response
 
     @app.get("/healthz", response_class=PlainTextResponse)
-    def healthz() -> str:
+    async def healthz() -> str:
+        """Liveness: answered on the event loop, never behind the database or the thread pool."""
         return "ok"
 
     @app.get("/u/{token}")
@@ -171,7 +219,7 @@ def create_app(settings: Settings) -> FastAPI:
         form = await request.form()
         if form.get("List-Unsubscribe") != "One-Click":
             raise HTTPException(status_code=400)
-        customer = unsubscribe_by_token(engine, secret, token, "one-click unsubscribe")
+        customer = await run_in_threadpool(unsubscribe_by_token, engine, secret, token, "one-click unsubscribe", clock())
         if customer is None or not customer.email:
             raise HTTPException(status_code=404)
         lang = lang_of(customer)
@@ -197,40 +245,50 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/preferences/{token}")
     async def save_preferences(token: str, request: Request) -> HTMLResponse:
         form = await request.form()
+        everything = form.get("all") == "1"
+        keep = {str(value) for value in form.getlist("category")} & set(MARKETING)
+        return await run_in_threadpool(_save_preferences, token, everything, keep)
+
+    def _save_preferences(token: str, everything: bool, keep: set[str]) -> HTMLResponse:
         with Session(engine) as session:
             customer, _ = customer_for(PREFERENCES, token, session)
-            if form.get("all") == "1":
-                unsubscribe_all(session, customer, "preference page: all")
+            now = clock()
+            if everything:
+                withdraw(session, customer, "preference page", at=now, detail="all")
             else:
-                keep = set(form.getlist("category")) & set(MARKETING)
+                before = set(session.execute(select(CategoryOptOut.category)
+                                             .where(CategoryOptOut.customer_id == customer.id)).scalars())
+                left = set(MARKETING) - keep
                 session.execute(delete(CategoryOptOut).where(CategoryOptOut.customer_id == customer.id))
-                for category in sorted(set(MARKETING) - keep):
+                for category in sorted(left):
                     session.add(CategoryOptOut(customer_id=customer.id, category=category))
+                if left != before:
+                    record(session, customer, ConsentChangeKind.CATEGORIES, "preference page", at=now,
+                           detail=f"left: {', '.join(sorted(left)) or 'none'}")
             session.commit()
             return _preferences(session, customer, [WORDS[lang_of(customer)]["saved"]])
 
     @app.get("/confirm/{token}")
     def confirm_page(token: str) -> HTMLResponse:
+        """Asks; changes nothing. A link that can no longer confirm says so (410)."""
         with Session(engine) as session:
-            customer, _ = customer_for(CONFIRM, token, session)
+            customer, data = customer_for(CONFIRM, token, session)
             lang = lang_of(customer)
             if customer.marketing_consent:
                 return page(lang, "confirm_title", [WORDS[lang]["confirmed"]])
+            if check(session, customer, data, at=clock()) is Confirmation.SPENT:
+                return page(lang, "confirm_title", [WORDS[lang]["spent"]], status=410)
             return page(lang, "confirm_title", [WORDS[lang]["confirm_question"].format(email=masked(customer.email))],
                         form="confirm")
 
     @app.post("/confirm/{token}")
-    def confirm(token: str) -> HTMLResponse:
+    def confirm_post(token: str) -> HTMLResponse:
         with Session(engine) as session:
-            customer, _ = customer_for(CONFIRM, token, session)
-            if not customer.marketing_consent:
-                customer.marketing_consent, customer.consent_at = True, utcnow()
-                customer.consent_source = "double opt-in link"
-                session.add(customer)
-                suppression = session.get(Suppression, customer.email.lower())
-                if suppression is not None and suppression.reason == SuppressionReason.UNSUBSCRIBED:
-                    session.delete(suppression)  # a confirmed new opt-in lifts an old unsubscribe
-                session.commit()
+            customer, data = customer_for(CONFIRM, token, session)
+            outcome = confirm(session, customer, data, at=clock())
+            if outcome is Confirmation.SPENT:
+                return page(lang_of(customer), "confirm_title", [WORDS[lang_of(customer)]["spent"]], status=410)
+            session.commit()
             return page(lang_of(customer), "confirm_title", [WORDS[lang_of(customer)]["confirmed"]])
 
     @app.get("/preview/{token}", response_class=HTMLResponse)
@@ -241,8 +299,10 @@ def create_app(settings: Settings) -> FastAPI:
         from flows.preview import PreviewError, html_part, sample_message
 
         found = read(secret, PREVIEW, token)
-        if found is None:
+        if found is None or "x" not in found:
             raise HTTPException(status_code=404, detail="unknown preview")
+        if expired(found, clock()):
+            raise HTTPException(status_code=410, detail="preview link expired")
         try:
             job = prepare_job(found["t"], parse_now(None), settings=settings)
             html = html_part(sample_message(job, found["s"], found["l"]))
@@ -284,7 +344,7 @@ def add_webhooks(app: FastAPI, settings: Settings, engine: Engine) -> None:
     )
     from flows.sns import Certificates, SnsError, trusted_url, verify
 
-    secret = settings.secret.get_secret_value()
+    secret = settings.signing_secret
     certificates = Certificates()
     prefixes = settings.sns_trusted_prefixes
 

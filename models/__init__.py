@@ -1,6 +1,7 @@
 """The customer store and the send ledger (SQLModel tables)."""
 
 from models.commerce import CART_OPEN, CART_ORDERED, Cart, CartItem, Order
+from models.consent import ConsentChange, ConsentChangeKind
 from models.customer import Customer
 from models.events import Event, StoreMeta
 from models.feedback import Feedback, FeedbackKind
@@ -17,6 +18,8 @@ __all__ = [
     "CategoryOptOut",
     "CartItem",
     "Complaint",
+    "ConsentChange",
+    "ConsentChangeKind",
     "Customer",
     "CustomerAlias",
     "Event",

@@ -6,9 +6,11 @@ from pydantic import ValidationError
 from flows.settings import Settings
 
 
-def test_development_runs_with_a_development_secret_but_production_refuses_it(monkeypatch) -> None:
+def test_no_secret_is_built_in_and_production_refuses_to_start_without_one(monkeypatch) -> None:
     monkeypatch.delenv("LIFECYCLE_SECRET", raising=False)
-    assert Settings().secret.get_secret_value()
+    assert Settings().secret is None  # development: the store's own is used (flows.signing_secret)
+    with pytest.raises(RuntimeError, match="signing secret"):
+        _ = Settings().signing_secret
     monkeypatch.setenv("LIFECYCLE_ENVIRONMENT", "production")
     with pytest.raises(ValidationError, match="LIFECYCLE_SECRET must be set in production"):
         Settings()

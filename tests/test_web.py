@@ -3,6 +3,7 @@
 import json
 import re
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -13,15 +14,30 @@ from flows.ingest import ingest_lines
 from flows.pipeline import compile_flow, execute, load, prepare_job, render_candidates
 from flows.settings import Settings
 from flows.web import create_app
-from models import CategoryOptOut, Customer, Suppression
+from models import CategoryOptOut, Customer, Send, Suppression
 from tests.builders import NOW, Store, ago
 from tests.smtp_server import SmtpServer
 from tests.web_server import WebServer
 
 
+class Clock:
+    """The web app's time, moved by the test (links that expire are judged by it)."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
 @pytest.fixture
-def web(settings: Settings) -> Iterator[WebServer]:
-    server = WebServer(create_app(settings)).start()
+def clock() -> Clock:
+    return Clock(NOW)
+
+
+@pytest.fixture
+def web(settings: Settings, clock: Clock) -> Iterator[WebServer]:
+    server = WebServer(create_app(settings, clock=clock)).start()
     yield server
     server.stop()
 
@@ -100,7 +116,7 @@ def test_forged_altered_or_bodiless_requests_are_refused(settings: Settings, sto
     from flows.links import unsubscribe_url
 
     customer = lapsed(store)
-    genuine = unsubscribe_url(web.url, settings.secret.get_secret_value(), customer.external_id, "campaign")
+    genuine = unsubscribe_url(web.url, settings.signing_secret, customer.external_id, "campaign")
     forged = unsubscribe_url(web.url, "someone-elses-secret-123456", customer.external_id, "campaign")
     altered = genuine[:-4] + ("AAAA" if not genuine.endswith("AAAA") else "BBBB")
     for url in (forged, altered):
@@ -222,3 +238,213 @@ def test_a_link_mailed_to_a_guest_still_unsubscribes_once_the_guest_is_merged_in
         account = session.execute(select(Customer).where(Customer.external_id == "acct-9")).scalar_one()
         assert account.marketing_consent is False
         assert session.get(Suppression, guest.email.lower()) is not None
+
+
+# -- double opt-in: a confirmation link confirms one pending request, once -------------------------------------
+
+
+def opt_in(store: Store, user: str, at: datetime, message: str) -> None:
+    """The shop reports an opt-in to marketing: a request that the confirmation mail asks about."""
+    event = {"type": "identify", "userId": user, "timestamp": at.isoformat(), "messageId": message,
+             "traits": {"email": f"{user}@example.de", "first_name": "Nora", "locale": "de-DE",
+                        "marketing_consent": True}}
+    assert ingest_lines(store.engine, [json.dumps(event)]).ok
+
+
+def confirmation_link(settings: Settings, smtp: SmtpServer, web: WebServer, user: str, now: datetime) -> str:
+    assert run(settings, "confirm-subscription", now).outcomes == {"sent": 1}
+    message = smtp.handler.to(f"{user}@example.de")[-1].message
+    return local(re.search(r'href="([^"]+/confirm/[^"]+)"', message.get_body(("html",)).get_content()).group(1),
+                 settings, web)
+
+
+def customer_named(store: Store, user: str) -> Customer:
+    with Session(store.engine) as session:
+        return session.execute(select(Customer).where(Customer.external_id == user)).scalar_one()
+
+
+def one_click(settings: Settings, web: WebServer, customer: Customer) -> httpx.Response:
+    from flows.links import unsubscribe_url
+
+    url = unsubscribe_url(web.url, settings.signing_secret, customer.external_id, "campaign")
+    return httpx.post(url, data={"List-Unsubscribe": "One-Click"}, timeout=30)
+
+
+def test_an_old_confirmation_link_cannot_undo_an_unsubscribe(settings: Settings, store: Store, smtp: SmtpServer,
+                                                             web: WebServer, clock: Clock) -> None:
+    opt_in(store, "neu-1", ago(hours=4), "m1")
+    link = confirmation_link(settings, smtp, web, "neu-1", NOW)
+    assert httpx.post(link, data={"confirm": "1"}, timeout=30).status_code == 200
+    assert customer_named(store, "neu-1").marketing_consent
+    clock.now = NOW + timedelta(hours=1)
+    assert one_click(settings, web, customer_named(store, "neu-1")).status_code == 200
+    clock.now = NOW + timedelta(hours=2)
+    replayed = httpx.post(link, data={"confirm": "1"}, timeout=30)
+    assert replayed.status_code == 410 and "abgelaufen oder wurde schon benutzt" in replayed.text
+    assert httpx.get(link, timeout=30).status_code == 410  # the page does not offer the button either
+    customer = customer_named(store, "neu-1")
+    assert not customer.marketing_consent and customer.consent_requested_at is None
+    with Session(store.engine) as session:
+        assert session.get(Suppression, "neu-1@example.de").reason == "unsubscribed"
+
+
+def test_a_confirmation_link_expires_with_its_request(settings: Settings, store: Store, smtp: SmtpServer,
+                                                      web: WebServer, clock: Clock) -> None:
+    opt_in(store, "neu-2", ago(hours=4), "m1")
+    link = confirmation_link(settings, smtp, web, "neu-2", NOW)
+    max_age = load(settings).trigger("confirm-subscription").max_age
+    clock.now = ago(hours=4) + max_age + timedelta(seconds=1)
+    assert httpx.post(link, data={"confirm": "1"}, timeout=30).status_code == 410
+    clock.now = ago(hours=4) + max_age - timedelta(seconds=5)
+    assert httpx.post(link, data={"confirm": "1"}, timeout=30).status_code == 200
+    assert customer_named(store, "neu-2").marketing_consent
+
+
+def test_a_link_is_single_use_but_a_second_click_of_it_is_answered(settings: Settings, store: Store,
+                                                                    smtp: SmtpServer, web: WebServer) -> None:
+    from flows.consent import history
+
+    opt_in(store, "neu-3", ago(hours=4), "m1")
+    link = confirmation_link(settings, smtp, web, "neu-3", NOW)
+    first, second = (httpx.post(link, data={"confirm": "1"}, timeout=30) for _ in range(2))
+    assert first.status_code == second.status_code == 200 and "bestätigt" in second.text
+    with Session(store.engine) as session:
+        changes = [c.change for c in history(session, customer_named(store, "neu-3").id)]
+    assert changes.count("confirmed") == 1
+
+
+def test_after_an_unsubscribe_only_a_new_opt_in_request_can_be_confirmed(settings: Settings, store: Store,
+                                                                        smtp: SmtpServer, web: WebServer,
+                                                                        clock: Clock) -> None:
+    from flows.consent import history
+
+    opt_in(store, "neu-4", ago(hours=4), "m1")
+    old_link = confirmation_link(settings, smtp, web, "neu-4", NOW)
+    assert httpx.post(old_link, data={"confirm": "1"}, timeout=30).status_code == 200
+    clock.now = NOW + timedelta(hours=1)
+    assert one_click(settings, web, customer_named(store, "neu-4")).status_code == 200
+    opt_in(store, "neu-4", NOW + timedelta(hours=3), "m2")  # signs up again
+    clock.now = NOW + timedelta(hours=4)
+    new_link = confirmation_link(settings, smtp, web, "neu-4", NOW + timedelta(hours=4))
+    assert new_link != old_link
+    assert httpx.post(old_link, data={"confirm": "1"}, timeout=30).status_code == 410
+    assert httpx.post(new_link, data={"confirm": "1"}, timeout=30).status_code == 200
+    customer = customer_named(store, "neu-4")
+    assert customer.marketing_consent
+    with Session(store.engine) as session:
+        assert session.get(Suppression, "neu-4@example.de") is None  # the new, confirmed opt-in lifts it
+        record = [(c.change, c.source, c.request) for c in history(session, customer.id)]
+        requests = [s.occurrence for s in session.execute(select(Send).where(Send.customer_id == customer.id)
+                                                          .order_by(Send.id)).scalars()]
+    # Provable: each confirmation names the request, and the request is the confirmation mail's occurrence.
+    assert [r for r in record if r[0] != "requested"] == [
+        ("confirmed", "double opt-in link", requests[0]),
+        ("withdrawn", "one-click unsubscribe", None),
+        ("confirmed", "double opt-in link", requests[1]),
+    ]
+    assert old_link.rsplit("/", 1)[1] != new_link.rsplit("/", 1)[1]
+
+
+def test_a_confirmation_link_of_the_old_unscoped_form_is_refused(settings: Settings, store: Store,
+                                                                 web: WebServer) -> None:
+    from flows.links import CONFIRM, _serializer
+
+    opt_in(store, "neu-5", ago(hours=4), "m1")
+    legacy = _serializer(settings.signing_secret, CONFIRM).dumps({"c": "neu-5"})  # what links used to carry
+    assert httpx.post(f"{web.url}/confirm/{legacy}", data={"confirm": "1"}, timeout=30).status_code in (404, 410)
+    assert not customer_named(store, "neu-5").marketing_consent
+
+
+# -- one slow database call never freezes the others -----------------------------------------------------------
+
+
+class HeldLock:
+    """Another session holds a write lock on the customer's row (PostgreSQL) or on the store (SQLite)."""
+
+    def __init__(self, engine, customer: Customer) -> None:  # noqa: ANN001
+        from sqlalchemy import text
+
+        self.connection = engine.connect()
+        self.transaction = self.connection.begin()
+        if engine.dialect.name == "postgresql":
+            self.connection.execute(text("SELECT id FROM customers WHERE id = :id FOR UPDATE"), {"id": customer.id})
+        else:
+            self.connection.execute(text("UPDATE customers SET first_name = first_name WHERE id = :id"),
+                                    {"id": customer.id})
+
+    def waiting(self) -> bool:
+        """Someone waits on it (PostgreSQL tells; SQLite cannot, so a moment is allowed)."""
+        from sqlalchemy import text
+
+        if self.connection.dialect.name != "postgresql":
+            import time
+
+            time.sleep(1.0)
+            return True
+        with self.connection.engine.connect() as probe:
+            return bool(probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND datname = current_database()")).scalar())
+
+    def release(self) -> None:
+        self.transaction.rollback()
+        self.connection.close()
+
+
+def served(settings: Settings, timeout: float) -> WebServer:
+    return WebServer(create_app(settings.model_copy(update={"web_statement_timeout_seconds": timeout}),
+                                clock=lambda: NOW)).start()
+
+
+def test_while_one_request_waits_on_a_lock_fifty_others_complete(settings: Settings, store: Store) -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.links import preferences_url, unsubscribe_url
+
+    locked, others = lapsed(store, "Gesperrt"), [lapsed(store, f"Kunde{i}") for i in range(5)]
+    server = served(settings, timeout=120)
+    lock = HeldLock(store.engine, locked)
+    answer: list[httpx.Response] = []
+    try:
+        url = unsubscribe_url(server.url, settings.signing_secret, locked.external_id, "campaign")
+        waiting = threading.Thread(target=lambda: answer.append(
+            httpx.post(url, data={"List-Unsubscribe": "One-Click"}, timeout=180)))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while not lock.waiting():
+            assert time.monotonic() < deadline, "the unsubscribe never reached the lock"
+            time.sleep(0.05)
+        pages = [f"{server.url}/healthz"] * 25 + [
+            preferences_url(server.url, settings.signing_secret, others[i % 5].external_id) for i in range(25)]
+        with ThreadPoolExecutor(50) as pool:
+            statuses = list(pool.map(lambda page: httpx.get(page, timeout=60).status_code, pages))
+        assert statuses == [200] * 50
+        assert waiting.is_alive() and not answer  # still waiting on the lock, alone
+    finally:
+        lock.release()
+    waiting.join(60)
+    server.stop()
+    assert answer and answer[0].status_code == 200
+    with Session(store.engine) as session:
+        assert session.get(Suppression, locked.email.lower()) is not None
+
+
+def test_a_request_that_meets_the_statement_timeout_gets_503_and_changes_nothing(settings: Settings,
+                                                                                 store: Store) -> None:
+    from flows.links import unsubscribe_url
+
+    customer = lapsed(store)
+    server = served(settings, timeout=1)
+    url = unsubscribe_url(server.url, settings.signing_secret, customer.external_id, "campaign")
+    lock = HeldLock(store.engine, customer)
+    try:
+        refused = httpx.post(url, data={"List-Unsubscribe": "One-Click"}, timeout=60)
+    finally:
+        lock.release()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "30"
+    with Session(store.engine) as session:
+        assert session.get(Suppression, customer.email.lower()) is None
+        assert session.get(Customer, customer.id).marketing_consent
+    assert httpx.post(url, data={"List-Unsubscribe": "One-Click"}, timeout=60).status_code == 200  # the retry works
+    server.stop()

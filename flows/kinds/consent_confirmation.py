@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import Field
-from sqlalchemy import Select, null, select
+from sqlalchemy import Select, null, or_, select
 
 from flows.kinds.base import Kind, stamp
 from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
@@ -28,11 +28,19 @@ def due(spec: Spec, now: datetime) -> Select:
         Customer.marketing_consent.is_(False),
         Customer.consent_requested_at <= now,
         Customer.consent_requested_at > now - spec.max_age,
+        # A request from before the customer's last withdrawal is void (``flows.consent.confirm``).
+        or_(Customer.consent_withdrawn_at.is_(None), Customer.consent_requested_at > Customer.consent_withdrawn_at),
     )
 
 
+def request_id(requested_at: datetime) -> str:
+    """A consent request's id: its confirmation mail's occurrence, and what its link confirms."""
+    return f"request:{stamp(requested_at)}"
+
+
 def occurrence(spec: Spec, now: datetime, ref_id: int | None, ref_time: datetime | None) -> str:
-    return f"request:{stamp(ref_time)}"  # a new request (after a withdrawal) asks again
+    assert ref_time is not None
+    return request_id(ref_time)  # a new request (after a withdrawal) asks again
 
 
 KIND = Kind("consent_confirmation", Spec, "transactional", due, occurrence, reference="consent")
