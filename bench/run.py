@@ -27,6 +27,7 @@ Prints a table and writes ``bench/results.json``. Needs Debian's ``postfix`` pac
 import argparse
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -280,7 +281,7 @@ def message_size() -> int:
     rendered = project.catalog.render(trigger.email, context)
     sender = Sender.parse(settings.sender)
     return len(build_message(rendered, sender=sender, to_address="kunde1@example.de", to_name="Jürgen Groß",
-                             msg_id=message_id("x", sender, "a-benchmark-secret-0123456789"), date=NOW))
+                             msg_id=message_id("x", sender, secrets.token_urlsafe(32)), date=NOW))
 
 
 NAIVE = """
