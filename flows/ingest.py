@@ -21,13 +21,17 @@ not merge two accounts); an explicit ``alias`` always merges.
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -37,7 +41,7 @@ from pydantic import (
     field_validator,
 )
 from sqlalchemy import Column, Engine, Table, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlmodel import Session, SQLModel
 
 from flows.spec.problems import format_path
@@ -58,13 +62,113 @@ from models import (
 
 COMMIT_EVERY = 500
 
+# What a line may hold (README, "Ingesting events"). Segment's payloads nest a few levels
+# (context.traits.address, properties.products[]); a thousand levels cost the parser its stack.
+MAX_DEPTH = 32
+MAX_QUANTITY = 10_000  # of one product, in one cart line and in the cart
+MAX_PRICE = 1_000_000  # a product's price; its cents fit the store's 32-bit integers with room
+MAX_TOTAL = 10_000_000  # an order's total or revenue
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+AHEAD = timedelta(days=1)  # a clock this far ahead of ours is wrong, not early
+
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class _BadJson(ValueError):
+    """A number JSON does not have (NaN, Infinity) or no double holds (1e400)."""
+
+
+class _Number(float):
+    """A JSON number with a fraction or an exponent: a float that keeps its text, so that
+    amounts are read exactly (``0.285`` is 0.285, not 0.28499999999999998)."""
+
+    __slots__ = ("text",)
+    text: str
+
+
+def _json_number(text: str) -> float:
+    number = _Number(text)
+    if math.isinf(number):
+        raise _BadJson(f"{text} is beyond the range of a JSON number")
+    number.text = text
+    return number
+
+
+def _json_constant(name: str) -> float:
+    raise _BadJson(f"{name} is not a JSON number")
+
+
+# Made once: json.loads with hooks builds a decoder per call (a tenth of a line's parsing).
+_DECODER = json.JSONDecoder(parse_float=_json_number, parse_constant=_json_constant)
+
+
+def _exact(value: Any) -> Any:
+    """An amount as a Decimal from the line's own digits."""
+    return Decimal(value.text) if isinstance(value, _Number) else value
+
+
+def _whole(value: Any) -> Any:
+    """A count written 2.0 or 1e30 is the whole number it spells (so that its range is what is reported)."""
+    if isinstance(value, _Number):
+        exact = Decimal(value.text)
+        return int(exact) if exact == exact.to_integral_value() else value
+    return value
+
+
+def _amount(maximum: int, default: Decimal | None) -> Any:
+    return Field(default, ge=0, le=maximum, decimal_places=2, allow_inf_nan=False)
+
+
+Amount = Annotated[Decimal, BeforeValidator(_exact)]
+
+
+def _cents(amount: Decimal) -> int:
+    return int(amount * 100)  # exact: at most two decimal places, bounded
+
+
 def _number_as_text(value: Any) -> Any:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+_NUMERIC = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _lenient_moment(value: Any) -> Any:
+    """Empty means absent; a number (or digits in a string) is refused, never read as seconds
+    since 1970: is 1772445600000 seconds or milliseconds?"""
+    if type(value) is str:
+        if value == "":
+            return None
+        if ":" in value or not _NUMERIC.fullmatch(value):  # a time of day: not a number
+            return value
+    elif not isinstance(value, int | float | Decimal) or isinstance(value, bool):
+        return value
+    raise ValueError("a number is not a moment here (seconds or milliseconds?): send ISO 8601 with a time zone, "
+                     "such as 2026-03-02T10:00:00Z")
+
+
+def _bounded_moment(value: datetime | None) -> datetime | None:
+    """With a time zone, from 1970 until a day ahead of our clock; as UTC."""
+    if value is None:
+        return None
+    if value.utcoffset() is None:
+        raise ValueError(f"no time zone in {value.isoformat()} (add Z or an offset such as +01:00)")
+    now = datetime.now(UTC)
+    # The year first: converting 0001-01-01T00:00:00+14:00 to UTC would leave the calendar.
+    early, late = value.year < EARLIEST.year - 1, value.year > now.year + 1
+    if not early and not late:
+        value = value.astimezone(UTC)
+        early, late = value < EARLIEST, value > now + AHEAD
+    if early:
+        raise ValueError(f"before 1970 ({value.isoformat()})")
+    if late:
+        raise ValueError(f"more than a day in the future ({value.isoformat()})")
+    return value
+
+
+Moment = Annotated[datetime | None, BeforeValidator(_lenient_moment), AfterValidator(_bounded_moment)]
 
 
 # Shops send ids as numbers or strings; we store them as text.
@@ -86,7 +190,7 @@ class Traits(_Lenient):
     marketing_consent: bool | None = None
     consent_confirmed: bool = False  # the shop ran its own double opt-in already
     consent_source: str | None = Field(None, max_length=64)
-    created_at: datetime | None = Field(None, validation_alias=AliasChoices("created_at", "createdAt"))
+    created_at: Moment = Field(None, validation_alias=AliasChoices("created_at", "createdAt"))
 
     @field_validator("email")
     @classmethod
@@ -102,8 +206,8 @@ class Traits(_Lenient):
 class Product(_Lenient):
     product_id: Id = Field(validation_alias=AliasChoices("product_id", "productId", "sku", "id"))
     name: str = Field("", max_length=500)
-    price: float = Field(0, ge=0)
-    quantity: int = Field(1, ge=1)
+    price: Amount = _amount(MAX_PRICE, Decimal(0))
+    quantity: Annotated[int, BeforeValidator(_whole)] = Field(1, ge=1, le=MAX_QUANTITY)
     url: str | None = None
     image_url: str | None = None
     cart_id: Id | None = None
@@ -111,8 +215,8 @@ class Product(_Lenient):
 
 class OrderCompleted(_Lenient):
     order_id: Id
-    total: float | None = Field(None, ge=0)
-    revenue: float | None = Field(None, ge=0)
+    total: Amount | None = _amount(MAX_TOTAL, None)
+    revenue: Amount | None = _amount(MAX_TOTAL, None)
     currency: str = Field("EUR", min_length=3, max_length=3)
     products: list[dict[str, Any]] = Field(default_factory=list)
     cart_id: Id | None = None
@@ -125,13 +229,6 @@ class ComplaintReceived(_Lenient):
 
 class ComplaintAnswered(_Lenient):
     complaint_id: Id
-
-
-def _lenient_moment(value: Any) -> Any:
-    return None if value == "" else value
-
-
-Moment = Annotated[datetime | None, BeforeValidator(_lenient_moment)]
 
 
 class SegmentEvent(_Lenient):
@@ -217,12 +314,23 @@ def parse_line(text: str) -> _Parsed:
     # end of its line was reported at "column 1" (of the empty line after it).
     text = text.rstrip("\r\n")
     try:
-        raw = json.loads(text)
+        raw = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         # One line, so the position is the column: 1-based, in characters (as editors count).
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
+    except _BadJson as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ValueError("not valid JSON (a number of more than 4300 digits)" if "digits" in str(exc)
+                         else f"not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ValueError("expected a JSON object")  # noqa: TRY004 -- a bad line, reported as such
+    if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(raw, MAX_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if "\\u" in text:  # only an escape spells a NUL or a lone surrogate in a line that is UTF-8
+        _check_strings(raw)
     try:
         event = SegmentEvent.model_validate(raw)
     except ValidationError as exc:
@@ -241,6 +349,39 @@ def parse_line(text: str) -> _Parsed:
         json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
     return _Parsed(event, details, message_id, raw, traits)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels (the line itself is level 1)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_strings(raw: dict[str, Any]) -> None:
+    """No NUL (PostgreSQL's text cannot hold it) and no lone surrogate (not Unicode: no
+    database can store it) in any key or value, wherever it is."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(raw, ())]
+    while stack:
+        item, path = stack.pop()
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, value in pairs:
+            for text in (key, value) if isinstance(key, str) else (value,):
+                if isinstance(text, str) and (found := _UNSTORABLE.search(text)):
+                    where = format_path((*path, key))
+                    if found.group() == "\x00":
+                        raise ValueError(f"{where}: a NUL character (\\u0000), which the store cannot hold")
+                    raise ValueError(f"not valid Unicode (a lone surrogate \\u{ord(found.group()):04x} in {where})")
+            if isinstance(value, dict | list):
+                stack.append((value, (*path, key)))
 
 
 def _check_envelope(event: SegmentEvent) -> None:
@@ -271,6 +412,12 @@ def _reasons(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
 
 def _decoded(data: str | bytes) -> str:
     if isinstance(data, str):
+        if not data.isascii():
+            try:
+                data.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"not valid Unicode (a lone surrogate \\u{ord(data[exc.start]):04x} at column "
+                                 f"{exc.start + 1})") from None
         return data
     try:
         return data.decode("utf-8")
@@ -307,8 +454,11 @@ def ingest_lines(engine: Engine, lines: Iterable[str | bytes]) -> IngestReport:
             try:
                 with session.begin_nested():  # all of one event or nothing, a merge included
                     store.apply(parsed)
-            except (ValueError, IntegrityError) as exc:
-                reason = str(exc) if isinstance(exc, ValueError) else f"the store refused it ({exc.orig})"
+            except (ValueError, OverflowError, StatementError) as exc:
+                if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
+                    raise  # the database failed, not the line (a lost connection, a lock): stop
+                reason = (f"the store refused it ({exc.orig})" if isinstance(exc, StatementError) else
+                          f"the store refused it ({exc})" if isinstance(exc, OverflowError) else str(exc))
                 report.errors.append((number, reason))
                 store.forget(merged)  # what the failed line cached was rolled back
                 continue
@@ -582,9 +732,12 @@ class _Store:
         ).scalar_one_or_none()
         if item is None:
             item = CartItem(cart_id=cart.id, product_id=product.product_id, quantity=0)
+        if item.quantity + product.quantity > MAX_QUANTITY:
+            raise ValueError(f"properties.quantity: the cart would hold {item.quantity + product.quantity} of "
+                             f"product {product.product_id!r}, more than {MAX_QUANTITY}")
         item.quantity += product.quantity
         item.name = product.name or item.name
-        item.price_cents = round(product.price * 100)
+        item.price_cents = _cents(product.price)
         item.url, item.image_url = product.url or item.url, product.image_url or item.image_url
         self.session.add(item)
         cart.status, cart.updated_at = CART_OPEN, max(cart.updated_at, ts)
@@ -608,7 +761,7 @@ class _Store:
             raise ValueError(f"order {order.order_id!r} was already loaded from another event")
         amount = order.total if order.total is not None else order.revenue
         self.session.add(Order(external_id=order.order_id, customer_id=customer.id, placed_at=ts,
-                               total_cents=round((amount or 0) * 100), currency=order.currency.upper(),
+                               total_cents=_cents(amount or Decimal(0)), currency=order.currency.upper(),
                                products=order.products))
         carts = select(Cart).where(Cart.customer_id == customer.id, Cart.status == CART_OPEN)
         if order.cart_id:

@@ -405,3 +405,122 @@ def test_a_merge_that_fails_changes_nothing_and_the_next_lines_still_load(engine
                                     "DROP TRIGGER keep ON customers"))
             if engine.dialect.name != "sqlite":
                 connection.execute(text("DROP FUNCTION keep()"))
+
+
+# -- hostile input ------------------------------------------------------------------------
+
+def _track(name: str, message: str, properties: object, **envelope: object) -> str:
+    return line(type="track", userId="h1", event=name, messageId=message, properties=properties,
+                **({"timestamp": "2026-03-02T10:00:00Z"} | envelope))
+
+
+def _deep(levels: int) -> str:
+    return ('{"type": "track", "userId": "h1", "event": "Deep", "timestamp": "2026-03-02T10:00:00Z", '
+            '"properties": {"a": ' + "[" * levels + "]" * levels + "}}")
+
+
+HOSTILE = [  # (line, what its reason says)
+    (('{"type": "track", "userId": "h1", "event": "Product Added", "timestamp": "2026-03-02T10:00:00Z", '
+      '"properties": {"product_id": "p1", "price": Infinity}}'), "not valid JSON (Infinity is not a JSON number)"),
+    (('{"type": "track", "userId": "h1", "event": "Order Completed", "timestamp": "2026-03-02T10:00:00Z", '
+      '"properties": {"order_id": "o-nan", "total": NaN}}'), "not valid JSON (NaN is not a JSON number)"),
+    ('{"type": "page", "userId": "h1", "timestamp": "2026-03-02T10:00:00Z", "context": {"x": -Infinity}}',
+     "not valid JSON (-Infinity is not a JSON number)"),
+    ('{"type": "page", "userId": "h1", "timestamp": "2026-03-02T10:00:00Z", "context": {"x": 1e400}}',
+     "not valid JSON (1e400 is beyond the range of a JSON number)"),
+    ('{"type": "page", "userId": "h1", "timestamp": "2026-03-02T10:00:00Z", "context": {"x": ' + "9" * 5000 + "}}",
+     "not valid JSON (a number of more than 4300 digits)"),
+    (_track("Product Added", "q30", {"product_id": "p1", "quantity": 1e30}), "properties.quantity: "),
+    (_track("Product Added", "qint", {"product_id": "p1", "quantity": 10**30}), "properties.quantity: "),
+    (_track("Product Added", "p300", {"product_id": "p1", "price": 1e300}), "properties.price: "),
+    (_track("Order Completed", "t308", {"order_id": "o-1", "total": 1e308}), "properties.total: "),
+    (_track("Order Completed", "r308", {"order_id": "o-2", "revenue": "1e308"}), "properties.revenue: "),
+    (_track("Product Added", "subcent", {"product_id": "p1", "price": 0.285}),
+     "properties.price: Decimal input should have no more than 2 decimal places"),
+    (_deep(1000), "nested deeper than 32 levels"),
+    (_deep(33), "nested deeper than 32 levels"),
+    (_track("Page Viewed", "ts1", {}, timestamp="0001-01-01T00:00:00+14:00"), "timestamp: before 1970"),
+    (_track("Page Viewed", "ts2", {}, timestamp="9999-12-31T23:59:59-14:00"),
+     "timestamp: more than a day in the future"),
+    (_track("Page Viewed", "ts3", {}, timestamp="1969-12-31T23:59:59Z"), "timestamp: before 1970"),
+    (_track("Page Viewed", "ts4", {}, timestamp=5), "timestamp: a number is not a moment"),
+    (_track("Page Viewed", "ts5", {}, timestamp="2026-03-02T10:00:00"), "timestamp: no time zone"),
+    (_track("Page Viewed", "ts6", {}, timestamp="2026-03-02"), "timestamp: no time zone"),
+    (_track("Page Viewed", "ts7", {}, timestamp=None, receivedAt=1772445600000),
+     "receivedAt: a number is not a moment"),
+    (line(type="identify", userId="h2", timestamp="2026-03-02T10:00:00Z", messageId="ca",
+          traits={"createdAt": "0001-01-01T00:00:00+14:00"}), "traits.createdAt: before 1970"),
+    (line(type="identify", userId="h2", timestamp="2026-03-02T10:00:00Z", messageId="nul",
+          traits={"first_name": "Eve\u0000"}), "traits.first_name: a NUL character"),
+    (('{"type": "identify", "userId": "h2", "timestamp": "2026-03-02T10:00:00Z", "traits": '
+      '{"first_name": "\\ud800"}}'), "not valid Unicode (a lone surrogate \\ud800 in traits.first_name)"),
+]
+
+
+def test_a_hostile_line_is_one_bad_line_and_every_other_line_loads(engine) -> None:
+    lines = []
+    for number, (hostile, _) in enumerate(HOSTILE):
+        lines += [line(type="page", userId="h1", timestamp="2026-03-01T10:00:00Z", messageId=f"ok{number}",
+                       name="Home"), hostile]
+    lines.append(line(type="page", userId="h1", timestamp="2026-03-01T10:00:00Z", messageId="last", name="Home"))
+    report = ingest_lines(engine, lines)
+    assert [number for number, _ in report.errors] == list(range(2, 2 * len(HOSTILE) + 1, 2)), report.errors
+    for (number, reason), (_, expected) in zip(report.errors, HOSTILE, strict=True):
+        assert reason.startswith(expected), (number, reason, expected)
+    assert report.loaded == len(HOSTILE) + 1
+    with Session(engine) as session:
+        assert count(session, Event) == len(HOSTILE) + 1
+        assert (count(session, CartItem), count(session, Order)) == (0, 0)
+
+
+def test_amounts_are_stored_exactly_in_cents(engine) -> None:
+    report = ingest_lines(engine, [
+        _track("Product Added", "a1", {"product_id": "p1", "price": 1000000, "quantity": 10000}),
+        _track("Product Added", "a2", {"product_id": "p2", "price": "0.10"}),
+        _track("Product Added", "a3", {"product_id": "p3", "price": 19.99}),
+        _track("Product Added", "a4", {"product_id": "p1", "price": 1000000}),  # the cart would hold 10,001
+        _track("Order Completed", "a5", {"order_id": "o-1", "total": 9999999.99}),
+        _track("Order Completed", "a6", {"order_id": "o-2", "revenue": 0.29}),
+    ])
+    assert [n for n, _ in report.errors] == [4] and "more than 10000" in report.errors[0][1], report.errors
+    with Session(engine) as session:
+        items = {i.product_id: (i.quantity, i.price_cents) for i in session.execute(select(CartItem)).scalars()}
+        assert items == {"p1": (10000, 100000000), "p2": (1, 10), "p3": (1, 1999)}
+        totals = dict(session.execute(select(Order.external_id, Order.total_cents)).all())
+        assert totals == {"o-1": 999999999, "o-2": 29}
+
+
+def _refuse_value(engine: Engine, product_id: str) -> None:
+    """A database trigger that refuses one value the way each database does (PostgreSQL: a data exception)."""
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.execute(text(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON cart_items WHEN new.product_id = '{product_id}' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+        else:
+            connection.execute(text(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF new.product_id = '{product_id}' THEN RAISE EXCEPTION 'refused by the test' "
+                "USING ERRCODE = 'numeric_value_out_of_range'; END IF; RETURN new; END $$"))
+            connection.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON cart_items FOR EACH ROW "
+                                    "EXECUTE FUNCTION refuse()"))
+
+
+def test_a_value_the_database_refuses_fails_its_line_only(engine) -> None:
+    _refuse_value(engine, "refused")
+    try:
+        lines = [_track("Product Added", f"v{n}", {"product_id": "refused" if n == 3 else f"p{n}", "price": 1})
+                 for n in range(1, 8)]
+        report = ingest_lines(engine, lines)
+        assert [n for n, _ in report.errors] == [3] and "refused by the test" in report.errors[0][1], report.errors
+        assert report.loaded == 6
+        with Session(engine) as session:
+            assert sorted(session.execute(select(CartItem.product_id)).scalars()) == ["p1", "p2", "p4", "p5", "p6",
+                                                                                      "p7"]
+            assert count(session, Event) == 6
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TRIGGER refuse" if engine.dialect.name == "sqlite" else
+                                    "DROP TRIGGER refuse ON cart_items"))
+            if engine.dialect.name != "sqlite":
+                connection.execute(text("DROP FUNCTION refuse()"))
