@@ -1,26 +1,40 @@
 """Time: evaluation moments, durations as marketers write them, and cron slots."""
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-_DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_DURATION = re.compile(r"^(?:(\d{1,20})w)?(?:(\d{1,20})d)?(?:(\d{1,20})h)?(?:(\d{1,20})m)?(?:(\d{1,20})s)?$")
 DURATION_HINT = "a duration such as 45m, 2h, 3d, 1w or 1d12h"
+# Every duration a file may write: about ten years. Evaluation times are today's, so
+# ``now - duration`` and ``now + duration`` stay far inside what datetimes and both
+# databases represent (years 1 to 9999), and nothing a marketer means is longer.
+MAX_DURATION = timedelta(days=3650)
 
 
 def parse_duration(value: object) -> timedelta:
-    """``'1d12h'`` → ``timedelta(days=1, hours=12)``; a timedelta passes through."""
+    """``'1d12h'`` → ``timedelta(days=1, hours=12)``; a timedelta passes through. At most ``MAX_DURATION``."""
     if isinstance(value, timedelta):
-        return value
+        return check_duration(value)
     if isinstance(value, str):
         match = _DURATION.match(value.strip())
         if match and any(match.groups()):
             weeks, days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-            return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+            total = (((weeks * 7 + days) * 24 + hours) * 60 + minutes) * 60 + seconds  # no OverflowError
+            if total > MAX_DURATION.total_seconds():
+                raise ValueError(f"{value!r} is too long: at most {format_duration(MAX_DURATION)} (about ten years)")
+            return timedelta(seconds=total)
     raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
+
+
+def check_duration(value: timedelta) -> timedelta:
+    if value > MAX_DURATION:
+        raise ValueError(f"{format_duration(value)} is too long: at most {format_duration(MAX_DURATION)} "
+                         "(about ten years)")
+    return value
 
 
 def format_duration(value: timedelta) -> str:
@@ -36,9 +50,9 @@ def format_duration(value: timedelta) -> str:
 def parse_now(value: str | None) -> datetime:
     """An ISO-8601 moment (naive means UTC), or the current time."""
     if value is None:
-        return datetime.now(timezone.utc)
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return datetime.now(UTC)
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def zone(name: str) -> ZoneInfo:
@@ -66,8 +80,8 @@ def last_slot(expression: str, tz: str, now: datetime) -> datetime:
     local = now.astimezone(zone(tz))
     # CronSim in reverse yields slots strictly before its start; nudge by a microsecond.
     slot = next(CronSim(expression, local + timedelta(microseconds=1), reverse=True))
-    return slot.astimezone(timezone.utc)
+    return slot.astimezone(UTC)
 
 
 def next_slot(expression: str, tz: str, after: datetime) -> datetime:
-    return next(CronSim(expression, after.astimezone(zone(tz)))).astimezone(timezone.utc)
+    return next(CronSim(expression, after.astimezone(zone(tz)))).astimezone(UTC)

@@ -253,11 +253,18 @@ def deferred_flow(now: str | None = None) -> dict[str, RunSummary]:
     summaries = {}
     if any(t.enabled for t in project.triggers.values()):
         check_smtp(settings)
+    failed = []
     for name, trigger in project.triggers.items():
         if trigger.enabled:
-            job = prepare_job(name, moment, settings=settings, project=project, run_id=str(flow_run.id or ""))
-            summaries[name] = execute(job, render=_render_task, dispatch=_dispatch_task, audience=False,
-                                      submit=_send_task)
+            try:  # each trigger its own error boundary: one that fails never holds back the others' sends
+                job = prepare_job(name, moment, settings=settings, project=project, run_id=str(flow_run.id or ""))
+                summaries[name] = execute(job, render=_render_task, dispatch=_dispatch_task, audience=False,
+                                          submit=_send_task)
+            except Exception as exc:  # noqa: BLE001 -- reported below, after the others had their turn
+                _logger().error("Deferred sends of %s failed: %s", name, exc)
+                failed.append(name)
+    if failed:  # the run is Failed, honestly, once every healthy trigger has sent
+        raise RuntimeError(f"deferred sends failed for {', '.join(failed)}; the other triggers' went out")
     return summaries
 
 

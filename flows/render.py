@@ -31,15 +31,28 @@ The context every template and subject gets:
 
 Filters: ``money(cents, currency)`` and ``date(value, format='medium')`` format per
 language (``59,90 €`` in German, ``€59.90`` in English).
+
+Budgets: a template file is at most ``MAX_TEMPLATE_BYTES`` of UTF-8. Every render (each
+subject, HTML and text part, test renders and real ones alike) has a budget checked
+as it goes: at most ``MAX_STEPS`` loop iterations, calls and output pieces, at most
+``MAX_OUTPUT`` characters produced, at most ``TIME_BUDGET`` seconds, and no
+``*``/``**`` that would build a string, list or integer beyond those bounds. A template
+over budget is stopped with its file and line; within the catalog's life (one run)
+it is not tried again, so its recipients fail at once and other triggers never wait.
 """
 
 import difflib
+import os
+import posixpath
 import re
+import threading
+import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +66,12 @@ from jinja2 import (
     TemplateError,
     TemplateNotFound,
     TemplateSyntaxError,
+    nodes,
     pass_context,
     select_autoescape,
 )
+from jinja2.exceptions import SecurityError
+from jinja2.loaders import split_template_path
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -63,9 +79,15 @@ from flows.context import VIEW_ATTRIBUTES, CustomerView
 from flows.plaintext import html_to_text
 from flows.spec.common import EmailSpec
 from flows.spec.problems import Problem, snippet
+from flows.spec.yaml_source import not_utf8_message
 
 CONTEXT_NAMES = ("customer", "stage", "cart", "order", "complaint", "links", "trigger", "now", "lang")
 LAYOUT_DIR = "_layout"
+MAX_TEMPLATE_BYTES = 256 * 1024  # per template file
+MAX_STEPS = 1_000_000  # loop iterations, calls and output pieces per render
+MAX_OUTPUT = 1_000_000  # characters per render (Gmail clips a mail at about 100 kB)
+MAX_INT_BITS = 4096  # integers that * and ** may build
+TIME_BUDGET = 2.0  # seconds per render; a real mail renders in well under a millisecond
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +106,155 @@ class RenderError(Exception):
         self.file, self.line, self.detail = file, line, message
         where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
         super().__init__(where + message)
+
+
+class BudgetExceeded(SecurityError):
+    """A render went over its budget (steps, output, time or size of a value)."""
+
+
+class _Budget:
+    __slots__ = ("deadline", "limits", "output", "steps")
+
+    def __init__(self, limits: "BudgetedEnvironment") -> None:
+        self.deadline = time.monotonic() + limits.time_budget
+        self.steps, self.output, self.limits = limits.max_steps, limits.max_output, limits
+
+    def tick(self) -> None:
+        self.steps -= 1
+        if self.steps < 0:
+            raise BudgetExceeded(f"stopped: over the render budget of {self.limits.max_steps:,} steps "
+                                 "(loop iterations, calls and output pieces)")
+        if time.monotonic() > self.deadline:
+            raise BudgetExceeded(f"stopped: over the render time budget of {self.limits.time_budget:g} s")
+
+    def settle(self, pieces: int, size: int) -> None:
+        """``pieces`` pieces of output, ``size`` characters in all, were produced."""
+        self.output -= size
+        if self.output < 0:
+            raise BudgetExceeded(f"stopped: over the render budget of {self.limits.max_output:,} characters of output")
+        self.steps -= pieces - 1
+        self.tick()
+
+
+_active = threading.local()  # the budget of the render running in this thread
+
+
+def _current() -> _Budget | None:
+    return getattr(_active, "budget", None)
+
+
+def _budgeted(iterable: Any) -> Any:
+    """Wrapped around every ``{% for %}``'s iterable: each iteration is a step."""
+    budget = _current()
+    if budget is None:
+        yield from iterable
+        return
+    for item in iterable:
+        budget.tick()
+        yield item
+
+
+_LOOP_FILTER = "_budgeted"
+
+
+class BudgetedEnvironment(SandboxedEnvironment):
+    """Jinja's sandbox with a budget on every render (see the module's docstring).
+
+    The checks are cooperative and cheap: Jinja compiles a template to Python that
+    yields its output piece by piece, so ``concat`` (which joins those pieces, for a
+    whole render and for each block, macro and filter block) counts them and checks
+    the clock; every loop's iterable is wrapped so each iteration counts (``_parse``);
+    every call passes through the sandbox's ``call``; ``*`` and ``**`` are checked
+    before they run (``call_binop``), as those can build a huge value in one step.
+    """
+
+    intercepted_binops = frozenset({"*", "**"})
+    max_steps, max_output, time_budget = MAX_STEPS, MAX_OUTPUT, TIME_BUDGET
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.filters[_LOOP_FILTER] = _budgeted
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
+        return tree
+
+    def concat(self, pieces: Any) -> str:  # type: ignore[override]
+        budget = _current()
+        if budget is not None:
+            return _joined(budget, pieces)
+        budget = _active.budget = _Budget(self)  # a new render: its own budget
+        try:
+            return _joined(budget, pieces)
+        finally:
+            _active.budget = None
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        budget = _current()
+        if budget is not None:
+            budget.tick()
+        return super().call(context, obj, *args, **kwargs)
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            sequence, count = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
+                if len(sequence) * count > self.max_output:
+                    raise BudgetExceeded(f"stopped: * would build a value of {len(sequence) * count:,} items; "
+                                         f"at most {self.max_output:,}")
+            elif isinstance(left, int) and isinstance(right, int) and \
+                    left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise BudgetExceeded(f"stopped: * would build an integer over {MAX_INT_BITS} bits")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                right * left.bit_length() > MAX_INT_BITS:
+            raise BudgetExceeded(f"stopped: ** would build an integer over {MAX_INT_BITS} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+def _joined(budget: _Budget, pieces: Any) -> str:
+    """Join a render's pieces, counted 64 at a time (taken and measured at C speed: a
+    render has a few hundred pieces, and this is on every mail's path)."""
+    out: list[str] = []
+    iterator = iter(pieces)
+    try:
+        while True:
+            batch = list(islice(iterator, 64))
+            if not batch:
+                break
+            budget.settle(len(batch), sum(map(len, batch)))
+            out += batch
+    except BudgetExceeded as exc:
+        if hasattr(pieces, "throw"):  # raise it inside the template's code: its traceback names the line
+            pieces.throw(exc)
+        raise
+    return "".join(out)
+
+
+class _SourceLoader(FileSystemLoader):
+    """Template files as UTF-8 of at most ``MAX_TEMPLATE_BYTES``; otherwise a located syntax error."""
+
+    def get_source(self, environment: Any, template: str) -> tuple[str, str, Any]:
+        pieces = split_template_path(template)
+        for folder in self.searchpath:
+            filename = posixpath.join(folder, *pieces)
+            if os.path.isfile(filename):
+                break
+        else:
+            raise TemplateNotFound(template)
+        with open(filename, "rb") as handle:
+            data = handle.read(MAX_TEMPLATE_BYTES + 1)
+        if len(data) > MAX_TEMPLATE_BYTES:
+            raise TemplateSyntaxError(f"template file is larger than {MAX_TEMPLATE_BYTES // 1024} KiB; at most "
+                                      f"{MAX_TEMPLATE_BYTES // 1024} KiB is read", 1, template, filename)
+        try:
+            source = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise TemplateSyntaxError(not_utf8_message(data, exc.start, column), line, template, filename) from None
+        return source, filename, lambda: False  # never reloaded: a catalog lives for one run
 
 
 @pass_context
@@ -130,10 +301,11 @@ class TemplateCatalog:
         self._subjects: dict[str, Template] = {}
         self._files: dict[str, set[str]] = {}
         self._supported: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
+        self._stopped: dict[str, RenderError] = {}  # file or subject → why it went over budget
 
-    def _environment(self, autoescape: Any) -> SandboxedEnvironment:
-        env = SandboxedEnvironment(
-            loader=FileSystemLoader(str(self.root)),
+    def _environment(self, autoescape: Any) -> BudgetedEnvironment:
+        env = BudgetedEnvironment(
+            loader=_SourceLoader(str(self.root)),
             autoescape=autoescape,
             undefined=StrictUndefined,
             auto_reload=False,  # a run's templates do not change under it (serve reloads a new catalog)
@@ -225,19 +397,33 @@ class TemplateCatalog:
         return Rendered(subject=subject, html=html, text=text, template=html_name, language=lang)
 
     def _render_file(self, name: str, context: dict[str, Any]) -> str:
+        self._not_stopped(name)
         try:
             return self.env.get_template(name).render(context)
         except Exception as exc:  # noqa: BLE001 -- data-dependent errors too (a division, a None): one recipient fails
-            raise _located(exc, name) from None
+            raise self._failed(name, exc, _located(exc, name)) from None
 
     def _render_string(self, source: str, context: dict[str, Any]) -> str:
+        self._not_stopped(source)
         try:
             template = self._subjects.get(source)
             if template is None:  # compiling costs more than rendering: once per subject
                 template = self._subjects[source] = self.subject_env.from_string(source)
             return template.render(context)
         except Exception as exc:  # noqa: BLE001 -- as for files: one recipient fails, not the run
-            raise RenderError(f"subject: {_describe(exc)}") from None
+            raise self._failed(source, exc, RenderError(f"subject: {_describe(exc)}")) from None
+
+    def _not_stopped(self, key: str) -> None:
+        """A template that went over its budget is not tried again while this catalog lives (a run):
+        its recipients fail at once with the same located error, instead of each spending the budget."""
+        stopped = self._stopped.get(key)
+        if stopped is not None:
+            raise RenderError(stopped.detail, stopped.file, stopped.line)
+
+    def _failed(self, key: str, exc: Exception, error: RenderError) -> RenderError:
+        if isinstance(exc, (BudgetExceeded, RecursionError, MemoryError)):
+            self._stopped[key] = error
+        return error
 
     # -- checking -----------------------------------------------------------------
     def check_syntax(self) -> list[Problem]:
@@ -249,6 +435,8 @@ class TemplateCatalog:
                 self.env.get_template(name)
             except TemplateSyntaxError as exc:
                 problems.append(self._problem(RenderError(exc.message or str(exc), name, exc.lineno)))
+            except Exception as exc:  # noqa: BLE001 -- e.g. nesting too deep to compile: named, not a crash
+                problems.append(self._problem(RenderError(f"cannot be compiled: {_describe(exc)}", name)))
         return problems
 
     def check(
@@ -270,7 +458,10 @@ class TemplateCatalog:
 
     def _problem(self, exc: RenderError, case: str = "") -> Problem:
         file = self.root / exc.file if exc.file else self.root
-        text = file.read_text(encoding="utf-8") if file.is_file() else ""
+        text = ""
+        if file.is_file():  # for the snippet only: whatever the file holds, never an error of its own
+            with file.open("rb") as handle:
+                text = handle.read(MAX_TEMPLATE_BYTES).decode("utf-8", errors="replace")
         message = exc.detail
         if case:
             message += f" (test render: {case})"

@@ -108,8 +108,12 @@ def run_deferred() -> None:
     for name in enabled:
         if stopping.is_set():
             return
-        summary = execute(prepare_job(name, now, settings=settings, project=project), audience=False,
-                          should_stop=stopping.is_set)
+        try:  # each trigger its own error boundary: one that fails never holds back the others' sends
+            summary = execute(prepare_job(name, now, settings=settings, project=project), audience=False,
+                              should_stop=stopping.is_set)
+        except Exception:  # logged with its cause; the next trigger goes ahead
+            log.exception("Deferred sends of %s failed", name)
+            continue
         if summary.counts:
             log.info(summary.headline())
 

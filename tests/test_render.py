@@ -207,3 +207,113 @@ def test_a_french_customer_in_a_real_run_gets_subject_body_and_money_all_in_the_
     assert "it has been more than a year" in html
     assert "€15.00" in html and "15,00" not in html
     assert f"{ago(days=500):%b} {ago(days=500).day}, {ago(days=500).year}" in html  # an English date
+
+
+# -- budgets: a hanging or exploding template is stopped, located; nothing else waits ----
+
+def hanging(tmp_path: Path, body: str, **limits: float) -> TemplateCatalog:
+    folder = tmp_path / "offer"
+    folder.mkdir()
+    (folder / "default.html.j2").write_text("<p>Hi</p>\n" + body + "\n")
+    catalog = TemplateCatalog(tmp_path, default_language="en")
+    for name, value in limits.items():
+        setattr(catalog.env, name, value)
+    return catalog
+
+
+def test_nested_range_loops_are_stopped_by_the_step_budget_with_their_line(tmp_path: Path) -> None:
+    catalog = hanging(tmp_path, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    with pytest.raises(RenderError) as caught:
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+    assert (caught.value.file, caught.value.line) == ("offer/default.html.j2", 2)
+    assert "1,000,000 steps" in str(caught.value)
+
+
+def test_a_render_is_stopped_by_the_time_budget_with_its_line(tmp_path: Path) -> None:
+    # Few steps, each slow (a sort of 100,000 numbers): the step budget alone would allow hours.
+    catalog = hanging(tmp_path, "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                "{% set s = range(100000)|reverse|sort %}{% endfor %}{% endfor %}",
+                      time_budget=0.5, max_steps=10**12)
+    with pytest.raises(RenderError) as caught:
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+    assert (caught.value.file, caught.value.line) == ("offer/default.html.j2", 2)
+    assert "time budget of 0.5 s" in str(caught.value)
+
+
+def test_output_over_the_budget_is_stopped_with_its_line(tmp_path: Path) -> None:
+    catalog = hanging(tmp_path, "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}")
+    with pytest.raises(RenderError) as caught:
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+    assert (caught.value.file, caught.value.line) == ("offer/default.html.j2", 2)
+    assert "1,000,000 characters of output" in str(caught.value)
+
+
+@pytest.mark.parametrize("expression", ["'x' * 10 ** 10", "[0] * 10 ** 9", "2 ** (10 ** 10)", "(10 ** 1000) * (10 ** 1000)"])
+def test_star_and_power_cannot_build_huge_values(tmp_path: Path, expression: str) -> None:
+    catalog = hanging(tmp_path, "{{ (" + expression + ")|length }}")
+    with pytest.raises(RenderError, match=r"offer/default.html.j2:2: stopped: \*\*? would build"):
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+
+
+def test_subjects_have_the_same_budget(tmp_path: Path) -> None:
+    catalog = hanging(tmp_path, "")
+    subject = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}Hi"
+    with pytest.raises(RenderError, match="subject: stopped: over the render budget"):
+        catalog.render(EmailSpec(template="offer", subject=subject), context(lang="en"))
+
+
+def test_a_template_over_budget_is_not_tried_again_in_the_same_catalog(tmp_path: Path) -> None:
+    # Data-dependent: only a customer named Hang makes it loop for ever.
+    catalog = hanging(tmp_path, "{% for i in range(100000 if customer.first_name == 'Hang' else 1) %}"
+                                "{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    email = EmailSpec(template="offer", subject="Hi")
+    assert catalog.render(email, context(lang="en")).html.startswith("<p>Hi</p>")
+    hang = context()["customer"].__class__("c", "e@x.de", "Hang", None, "en", "en")
+    with pytest.raises(RenderError, match="steps") as first:
+        catalog.render(email, context(lang="en", customer=hang))
+    with pytest.raises(RenderError) as again:  # even for data that would render: stopped for this run
+        catalog.render(email, context(lang="en"))
+    assert str(again.value) == str(first.value)
+    fresh = TemplateCatalog(tmp_path, default_language="en")  # the next run tries again
+    assert fresh.render(email, context(lang="en")).html.startswith("<p>Hi</p>")
+
+
+def test_a_latin1_template_names_its_file_and_line(tmp_path: Path) -> None:
+    folder = tmp_path / "offer"
+    folder.mkdir()
+    (folder / "default.html.j2").write_bytes("<p>Hallo</p>\n<p>Gr\xfc\xdfe</p>\n".encode("latin-1"))
+    catalog = TemplateCatalog(tmp_path, default_language="en")
+    with pytest.raises(RenderError, match=r"offer/default.html.j2:2: not UTF-8: byte 0xfc at column 6"):
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+    [problem] = catalog.check_syntax()
+    assert problem.line == 2 and "not UTF-8" in problem.message
+
+
+def test_an_oversized_template_is_refused_by_name(tmp_path: Path) -> None:
+    catalog = hanging(tmp_path, "<!-- padding -->\n" * 20_000)
+    [problem] = catalog.check_syntax()
+    assert problem.file.name == "default.html.j2" and "larger than 256 KiB" in problem.message
+
+
+def test_a_real_run_stops_a_template_that_hangs_on_one_customer_s_data_and_other_triggers_send(
+        settings: Settings, store: Store, smtp: SmtpServer) -> None:
+    from flows.pipeline import execute, prepare_job
+
+    # The win-back loops for ever for one customer only; test renders (sample data) pass.
+    for name in ("default.de.html.j2", "default.en.html.j2"):
+        path = Path(settings.templates_dir) / "winback" / name
+        path.write_text(path.read_text().replace(
+            "{% endblock %}", "{% for i in range(100000 if customer.first_name == 'Hang' else 1) %}"
+                              "{% for j in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}"))
+    anna, hang, berta = store.customer("Anna"), store.customer("Hang"), store.customer("Berta")
+    for customer in (anna, hang, berta):
+        store.order(customer, ago(days=500))
+    settings = settings.model_copy(update={"workers": 1})
+    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    # Anna before: sent. Hang: stopped. Berta after: not tried again in this run (she goes out once it is fixed).
+    assert summary.outcomes == {"sent": 1, "failed:render_error": 2}
+    assert [r.recipients for r in smtp.received] == [[anna.email]]
+    complaint = store.customer("Carla")
+    store.complaint(complaint, ago(hours=2))
+    other = execute(prepare_job("complaint-ack", NOW, settings=settings))
+    assert other.outcomes == {"sent": 1}

@@ -1,5 +1,7 @@
 """Trigger files: every mistake is reported with file, line, field and the valid choices."""
 
+import os
+import subprocess
 from pathlib import Path
 from textwrap import dedent
 
@@ -180,3 +182,116 @@ def test_no_subject_for_the_default_language_is_an_error_when_anyone_can_get_it(
 
 def test_the_shipped_project_has_no_language_warnings(project_dir: Path) -> None:
     assert load_project(project_dir / "triggers", project_dir / "templates").warnings == []
+
+
+# -- hostile input: one broken file fails its own trigger, located, never the others ----
+
+HOSTILE = Path(__file__).parent / "fixtures" / "spec_hostile"
+HEALTHY = {"abandoned-cart", "complaint-ack", "onboarding-day-0", "onboarding-day-3", "winback-lapsed",
+           "confirm-subscription"}
+
+
+def hostile(project_dir: Path, fixture: str, target: str):
+    """Put a hostile fixture at ``target`` (relative to the project) and load the project."""
+    (project_dir / target).write_bytes((HOSTILE / fixture).read_bytes())
+    return load_project(project_dir / "triggers", project_dir / "templates")
+
+
+def test_a_yaml_alias_bomb_is_refused_located_and_the_other_triggers_load(project_dir: Path) -> None:
+    assert (HOSTILE / "alias_bomb.yaml").stat().st_size < 1024
+    project = hostile(project_dir, "alias_bomb.yaml", "triggers/bomb.yaml")
+    [problem] = [p for p in project.problems if p.file.name == "bomb.yaml"]
+    assert problem.line == 4 and "aliases" in problem.message and "at most" in problem.message, str(problem)
+    assert HEALTHY | {"we-miss-you"} <= set(project.triggers)
+    with pytest.raises(SpecError, match=r"bomb.yaml:4: "):
+        project.trigger("alias-bomb")
+
+
+def test_an_oversized_yaml_file_is_refused_located(project_dir: Path) -> None:
+    (project_dir / "triggers" / "huge.yaml").write_text(VALID + "# padding\n" * 20_000)
+    project = load_project(project_dir / "triggers", project_dir / "templates")
+    [problem] = [p for p in project.problems if p.file.name == "huge.yaml"]
+    assert "KiB" in problem.message and "at most" in problem.message, str(problem)
+    assert HEALTHY <= set(project.triggers)
+
+
+def test_an_astronomical_duration_is_refused_located(project_dir: Path) -> None:
+    text = (project_dir / "triggers" / "inactivity.yaml").read_text().replace("inactive_for: 60d",
+                                                                              "inactive_for: 1000000000d")
+    project = load(project_dir, text, "inactivity.yaml")
+    messages = [str(p) for p in project.problems]
+    assert any("inactivity.yaml:4: inactive_for: " in m and "at most 3650d" in m for m in messages), messages
+    assert HEALTHY <= set(project.triggers) and "we-miss-you" not in project.triggers
+
+
+def test_a_latin1_trigger_file_is_named_and_the_others_load(project_dir: Path) -> None:
+    project = hostile(project_dir, "latin1_trigger.yaml", "triggers/latin.yaml")
+    [problem] = [p for p in project.problems if p.file.name == "latin.yaml"]
+    assert problem.line == 2 and "not UTF-8" in problem.message and "0xe9" in problem.message, str(problem)
+    assert HEALTHY | {"we-miss-you"} <= set(project.triggers)
+
+
+def test_a_latin1_template_is_named_with_its_line_and_fails_only_its_trigger(project_dir: Path) -> None:
+    project = hostile(project_dir, "latin1_template.html.j2", "templates/we_miss_you/default.en.html.j2")
+    problems = [p for p in project.problems if p.file.name == "default.en.html.j2"]
+    assert problems and all(p.line == 3 and "not UTF-8" in p.message for p in problems), problems
+    assert "we_miss_you" in str(problems[0].file)
+    assert "we-miss-you" not in project.triggers and HEALTHY <= set(project.triggers)
+
+
+def test_a_list_as_a_yaml_key_is_refused_located(project_dir: Path) -> None:
+    project = hostile(project_dir, "list_key.yaml", "triggers/list_key.yaml")
+    [problem] = [p for p in project.problems if p.file.name == "list_key.yaml"]
+    assert problem.line == 4 and "key" in problem.message, str(problem)
+    assert HEALTHY | {"we-miss-you"} <= set(project.triggers)
+
+
+def test_a_template_with_nested_range_loops_fails_its_own_trigger_located(project_dir: Path) -> None:
+    project = hostile(project_dir, "nested_range.html.j2", "templates/we_miss_you/default.en.html.j2")
+    problems = [p for p in project.problems if p.file.name == "default.en.html.j2"]
+    assert problems and all(p.line == 4 and "budget" in p.message for p in problems), problems
+    assert "we-miss-you" not in project.triggers and HEALTHY <= set(project.triggers)
+
+
+def hostile_project(project_dir: Path) -> None:
+    for fixture, target in [("alias_bomb.yaml", "triggers/bomb.yaml"), ("latin1_trigger.yaml", "triggers/latin.yaml"),
+                            ("list_key.yaml", "triggers/list_key.yaml"),
+                            ("nested_range.html.j2", "templates/we_miss_you/default.en.html.j2"),
+                            ("latin1_template.html.j2", "templates/winback/default.de.html.j2")]:
+        (project_dir / target).write_bytes((HOSTILE / fixture).read_bytes())
+    onboarding = project_dir / "triggers" / "onboarding_day_3.yaml"
+    onboarding.write_text(onboarding.read_text() + "catch_up: 1000000000d\n")
+
+
+def test_validate_reports_every_hostile_file_located_and_checks_the_rest(project_dir: Path, tmp_path: Path) -> None:
+    hostile_project(project_dir)
+    result = subprocess.run(["lifecycle", "validate", "--triggers", str(project_dir / "triggers"),
+                             "--templates", str(project_dir / "templates")],
+                            check=False, capture_output=True, text=True, timeout=300, env=cli_env(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = " ".join(result.stderr.split())
+    for located in ("bomb.yaml:4:", "latin.yaml:2:", "list_key.yaml:4:", "we_miss_you/default.en.html.j2:4:",
+                    "winback/default.de.html.j2:3:", "onboarding_day_3.yaml:"):
+        assert located in out, (located, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "4 trigger(s) are valid" in out, result.stderr  # cart, complaint, onboarding day 0, consent
+
+
+def test_a_run_of_every_trigger_goes_ahead_beside_hostile_files(project_dir: Path, tmp_path: Path) -> None:
+    hostile_project(project_dir)
+    result = subprocess.run(["lifecycle", "run", "--all", "--dry-run", "--now", "2026-03-16T09:00:00Z"],
+                            check=False, capture_output=True, text=True, timeout=300,
+                            env=cli_env(tmp_path, project_dir))
+    assert result.returncode == 1, result.stdout + result.stderr  # some files have problems: not all ran
+    assert "Traceback" not in result.stderr, result.stderr
+    for name in ("abandoned-cart", "complaint-ack", "onboarding-day-0", "confirm-subscription"):
+        assert name in result.stdout, result.stdout
+
+
+def cli_env(tmp_path: Path, project_dir: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "LIFECYCLE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if project_dir is not None:
+        env.update(LIFECYCLE_TRIGGERS_DIR=str(project_dir / "triggers"),
+                   LIFECYCLE_TEMPLATES_DIR=str(project_dir / "templates"))
+    return env

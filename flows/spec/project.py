@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from flows.context import sample_contexts
@@ -21,7 +20,13 @@ from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.problems import Path_, Problem, SpecError, format_path
 from flows.spec.stages import StageRules
-from flows.spec.yaml_source import YamlDocument, YamlSyntaxError, load_yaml
+from flows.spec.yaml_source import (
+    MAX_YAML_BYTES,
+    YamlDocument,
+    YamlSyntaxError,
+    load_yaml,
+    read_source,
+)
 
 M = TypeVar("M", bound=BaseModel)
 STAGES_FILE = "stages.yaml"
@@ -76,33 +81,48 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
         if path.name in NOT_TRIGGERS:
             continue
         before = len(project.problems)
-        spec = _load_trigger(path, stage_names, catalog, project.problems, project.warnings)
-        if spec is not None:
-            if spec.name in project.files:
-                project.problems.append(
-                    Problem(path, None, "name", f"trigger name {spec.name!r} is already used by {project.files[spec.name]}")
-                )
-            else:
-                project.problems.extend(_check_templates(spec, project, base_url, shop_url))
-                if len(project.problems) == before:
-                    project.triggers[spec.name] = spec
-                    project.files[spec.name] = path
+        try:  # each file its own error boundary: whatever one file does, the others are checked
+            spec = _load_trigger(path, stage_names, catalog, project.problems, project.warnings)
+            if spec is not None:
+                if spec.name in project.files:
+                    project.problems.append(Problem(
+                        path, None, "name", f"trigger name {spec.name!r} is already used by {project.files[spec.name]}"))
+                else:
+                    project.problems.extend(_check_templates(spec, project, base_url, shop_url))
+                    if len(project.problems) == before:
+                        project.triggers[spec.name] = spec
+                        project.files[spec.name] = path
+        except Exception as exc:  # noqa: BLE001 -- a defect a check missed still names its file
+            del project.problems[before:]
+            project.problems.append(_unchecked(path, exc))
         if len(project.problems) > before:
             project.rejected[_declared_name(path)] = project.problems[before:]
     if templates_dir.is_dir():
         known = {(p.file, p.line) for p in project.problems}
-        project.problems.extend(p for p in catalog.check_syntax() if (p.file, p.line) not in known)
+        try:
+            syntax = catalog.check_syntax()
+        except Exception as exc:  # noqa: BLE001
+            syntax = [_unchecked(templates_dir, exc)]
+        project.problems.extend(p for p in syntax if (p.file, p.line) not in known)
     return project
+
+
+def _unchecked(path: Path, exc: Exception) -> Problem:
+    return Problem(path, None, "", f"could not be checked ({type(exc).__name__}: {exc}); its trigger is not loaded")
 
 
 def _declared_name(path: Path) -> str:
     """The name a broken file meant to declare (or its file name), for error look-ups. A file
     YAML cannot parse is searched for its ``name:`` line, so running the trigger by name
     shows the syntax error rather than "no trigger named"."""
-    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        text = read_source(path)
+    except (YamlSyntaxError, OSError):  # too large, or not UTF-8: its first bytes may still name it
+        with path.open("rb") as handle:
+            text = handle.read(MAX_YAML_BYTES).decode("utf-8", errors="replace")
+    try:
+        data = load_yaml(path).data
+    except Exception:  # noqa: BLE001 -- any file YAML cannot (safely) load
         line = re.search(r"^name:[ \t]*[\"']?([\w.-]+)", text, re.MULTILINE)
         return line.group(1) if line else path.stem
     name = data.get("name") if isinstance(data, dict) else None
@@ -117,6 +137,9 @@ def _load_model(path: Path, model: type[M], problems: list[Problem]) -> M | None
         doc = load_yaml(path)
     except YamlSyntaxError as exc:
         problems.append(exc.problem)
+        return None
+    except Exception as exc:  # noqa: BLE001 -- named, never a crash of every trigger
+        problems.append(_unchecked(path, exc))
         return None
     try:
         return model.model_validate(doc.data or {})
