@@ -62,14 +62,67 @@ def zone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r}; expected an IANA name such as Europe/Berlin or UTC") from None
 
 
+# The cron forms every scheduler here reads the same way: cronsim (campaign slots),
+# APScheduler (``lifecycle serve``) and croniter (Prefect's deployments). Anything else
+# (L, W, #, ?, six fields, @daily, a step after a single value, a range that wraps) is
+# read differently by at least one of them, or refused by one: refused here, named.
+CRON_FORMS = ("five fields: minute hour day-of-month month weekday; each *, a number, a range a-b, "
+              "*/step or a-b/step (not in day-of-month), or a comma list of these; months jan-dec, weekdays "
+              "0-6 or sun-sat (0 is Sunday); day-of-month and weekday not both restricted")
+_FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None), ("day-of-month", 1, 31, None),
+           ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+           ("weekday", 0, 6, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+_ITEM = re.compile(r"^(?:\*(?:/(?P<every>\d{1,2}))?|(?P<first>[a-z]{3}|\d{1,2})"
+                   r"(?:-(?P<last>[a-z]{3}|\d{1,2})(?:/(?P<step>\d{1,2}))?)?)$")
+
+
 def check_cron(expression: str) -> str:
+    """``expression`` if it is one of ``CRON_FORMS`` and can ever fire; otherwise a ValueError."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"invalid cron expression {expression!r}: {len(fields)} field(s); expected {CRON_FORMS}")
+    for text, (name, low, high, names) in zip(fields, _FIELDS, strict=True):
+        for item in text.lower().split(","):
+            problem = _cron_item(item, low, high, names)
+            if problem:
+                raise ValueError(f"invalid cron expression {expression!r}: {name} {item!r} {problem}; "
+                                 f"expected {CRON_FORMS}")
+    if fields[2] != "*" and fields[4] != "*":
+        raise ValueError(f"invalid cron expression {expression!r}: day-of-month and weekday are both restricted, "
+                         "which schedulers read differently (either day, or both); use two triggers, or restrict "
+                         f"only one; expected {CRON_FORMS}")
     try:
         CronSim(expression, datetime(2000, 1, 1))
-    except (CronSimError, ValueError) as exc:
-        raise ValueError(
-            f"invalid cron expression {expression!r} ({exc}); expected five fields: minute hour day month weekday"
-        ) from None
+    except (CronSimError, ValueError) as exc:  # e.g. 0 0 30 2 *: a day that never comes
+        raise ValueError(f"invalid cron expression {expression!r} ({exc}): it would never fire") from None
     return expression
+
+
+def _cron_item(item: str, low: int, high: int, names: tuple[str, ...] | None) -> str | None:
+    match = _ITEM.match(item)
+    if not match:
+        return "is not a supported form"
+    step = match["every"] or match["step"]
+    if step is not None and low == 1 and high == 31:  # croniter (Prefect) skips the 1st after a short month
+        return "has a step, which Prefect's scheduler reads differently after a short month; list the days"
+    if step is not None and not 1 <= int(step) <= high:
+        return f"has a step outside 1-{high}"
+    values = []
+    for part in (match["first"], match["last"]):
+        if part is None:
+            continue
+        if part.isdigit():
+            value = int(part)
+        elif names and part in names:
+            value = names.index(part) + low
+        else:
+            return "names no " + ("value" if not names else f"{'month' if len(names) == 12 else 'weekday'}")
+        if not low <= value <= high:
+            return f"is outside {low}-{high}"
+        values.append(value)
+    if len(values) == 2 and values[0] > values[1]:
+        return "is a range that runs backwards"
+    return None
 
 
 @lru_cache(maxsize=64)

@@ -10,8 +10,10 @@ No Prefect server is involved: each scheduled run calls the engine directly. Pol
   misfire grace limit). Whether anything is still due then is the trigger's own call:
   a campaign's ``send_window``, onboarding's ``catch_up``, a cart's ``give_up_after``.
 - **Reload**: trigger files and templates are re-read on SIGHUP and when a file under
-  them changes (checked every few seconds); a broken file is reported and its trigger
-  keeps its previous schedule until fixed.
+  them changes (checked every few seconds); a broken file is reported (file, line,
+  field) and its trigger keeps its previous schedule until fixed. Validation accepts
+  only the cron forms APScheduler, cronsim and Prefect read alike (``clock.CRON_FORMS``),
+  and each trigger's scheduling, and a reload as a whole, has its own error boundary.
 - **Deferred sends** (quiet hours, frequency caps) go out every 5 minutes once their
   moment has come, whatever their trigger's own schedule.
 - **Shutdown**: SIGTERM (or Ctrl-C) stops scheduling, lets each running trigger
@@ -149,24 +151,34 @@ class TriggerScheduler:
                 del self.schedules[name]
                 changes.append(f"removed {name}")
         for name, trigger in wanted.items():
-            schedule = (trigger.schedule.cron, trigger.schedule.timezone)
-            if self.schedules.get(name) == schedule and self.scheduler.get_job(name):
+            try:  # each trigger its own error boundary: one schedule that fails never stops the others
+                change = self._schedule(name, (trigger.schedule.cron, trigger.schedule.timezone))
+            except Exception as exc:  # noqa: BLE001 -- logged, located; the trigger keeps its schedule, if any
+                log.error("Not scheduled: %s: schedule.cron: %s: %s; %s", project.files.get(name, name), name, exc,
+                          "it keeps its previous schedule" if self.scheduler.get_job(name) else "it is not scheduled")
                 continue
-            existing = self.scheduler.get_job(name)
-            cron = cron_trigger(*schedule)
-            if existing is not None and name not in self.schedules:
-                # Known from the persistent store (a restart): keep its next run time, so a
-                # slot missed while we were down still fires (once) — unless the cron changed.
-                if repr(existing.trigger) == repr(cron):
-                    self.schedules[name] = schedule
-                    continue
-            self.scheduler.add_job(self.run, cron, args=[name], id=name, name=name, replace_existing=True)
-            changes.append(f"{'rescheduled' if name in self.schedules else 'scheduled'} {name} ({schedule[0]} {schedule[1]})")
-            self.schedules[name] = schedule
+            if change:
+                changes.append(change)
         for change in changes:
             log.info(change.capitalize())
         self._stamp = self.stamp()
         return changes
+
+    def _schedule(self, name: str, schedule: tuple[str, str]) -> str | None:
+        """Add or change ``name``'s job; returns what changed, if anything."""
+        if self.schedules.get(name) == schedule and self.scheduler.get_job(name):
+            return None
+        existing = self.scheduler.get_job(name)
+        cron = cron_trigger(*schedule)
+        # Known from the persistent store (a restart): keep its next run time, so a
+        # slot missed while we were down still fires (once) — unless the cron changed.
+        if existing is not None and name not in self.schedules and repr(existing.trigger) == repr(cron):
+            self.schedules[name] = schedule
+            return None
+        self.scheduler.add_job(self.run, cron, args=[name], id=name, name=name, replace_existing=True)
+        change = f"{'rescheduled' if name in self.schedules else 'scheduled'} {name} ({schedule[0]} {schedule[1]})"
+        self.schedules[name] = schedule
+        return change
 
     def stamp(self) -> tuple:
         """Names and modification times of every file under the watched folders."""
@@ -194,7 +206,10 @@ def serve(settings: Settings, workers: int = 4) -> int:
 
     def on_hangup(*_: Any) -> None:
         log.info("SIGHUP: reloading trigger files")
-        triggers.sync()
+        try:  # a handler's exception would end serve: a reload that fails keeps the schedules as they are
+            triggers.sync()
+        except Exception:
+            log.exception("Reloading trigger files failed; the previous schedules stay")
 
     def on_stop(signum: int, *_: Any) -> None:
         log.info("%s: finishing running batches, then stopping", signal.Signals(signum).name)

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, UTC
 from pathlib import Path
 
 import apscheduler.schedulers.base as scheduler_base
@@ -38,7 +38,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """APScheduler reads the time through its module's `datetime`; we hand it ours."""
-    clock = Clock(datetime(2026, 3, 16, 7, 0, tzinfo=timezone.utc))
+    clock = Clock(datetime(2026, 3, 16, 7, 0, tzinfo=UTC))
 
     class ControlledDatetime(datetime):
         @classmethod
@@ -95,8 +95,8 @@ def test_every_enabled_trigger_is_scheduled_with_its_cron_and_time_zone(project_
     assert set(jobs) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0", "winback-lapsed",
                          "confirm-subscription"}
     # Monday 2026-03-16 07:00 UTC = 08:00 in Berlin (CET): the win-back fires at 10:00 Berlin, 09:00 UTC.
-    assert jobs["winback-lapsed"].next_run_time == datetime(2026, 3, 16, 9, 0, tzinfo=timezone.utc)
-    assert jobs["we-miss-you"].next_run_time == datetime(2026, 3, 16, 9, 0, tzinfo=timezone.utc)
+    assert jobs["winback-lapsed"].next_run_time == datetime(2026, 3, 16, 9, 0, tzinfo=UTC)
+    assert jobs["we-miss-you"].next_run_time == datetime(2026, 3, 16, 9, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(("weekday", "expected"), [
@@ -113,7 +113,7 @@ def test_apscheduler_and_the_cron_slots_of_the_engine_agree() -> None:
     from flows.clock import next_slot
     from flows.serve import cron_trigger
 
-    start = datetime(2026, 3, 16, 7, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 3, 16, 7, 0, tzinfo=UTC)
     for cron in ("0 10 * * 1", "30 9 * * 1-5", "0 8 1 * *", "*/15 * * * 0", "0 10 * * 7"):
         ours = next_slot(cron, "Europe/Berlin", start)
         theirs = cron_trigger(cron, "Europe/Berlin").get_next_fire_time(None, start)
@@ -123,27 +123,27 @@ def test_apscheduler_and_the_cron_slots_of_the_engine_agree() -> None:
 def test_a_trigger_runs_at_its_slot_and_only_once_per_slot(project_dir: Path, clock: Clock) -> None:
     only_trigger(project_dir)  # 09:00 Berlin = 08:00 UTC in March
     scheduler, _ = make(project_dir)
-    clock.now = datetime(2026, 3, 16, 7, 59, 59, tzinfo=timezone.utc)
+    clock.now = datetime(2026, 3, 16, 7, 59, 59, tzinfo=UTC)
     scheduler.step()
     assert RUNS == []
-    clock.now = datetime(2026, 3, 16, 8, 0, tzinfo=timezone.utc)
+    clock.now = datetime(2026, 3, 16, 8, 0, tzinfo=UTC)
     scheduler.step()
     scheduler.step()
     assert RUNS == ["winback-lapsed"]
-    assert scheduler.get_job("winback-lapsed").next_run_time == datetime(2026, 3, 17, 8, 0, tzinfo=timezone.utc)
+    assert scheduler.get_job("winback-lapsed").next_run_time == datetime(2026, 3, 17, 8, 0, tzinfo=UTC)
 
 
 def test_daylight_saving_time_keeps_local_time(project_dir: Path, clock: Clock) -> None:
     only_trigger(project_dir)
-    clock.now = datetime(2026, 3, 28, 12, 0, tzinfo=timezone.utc)  # Berlin switches to CEST on the 29th
+    clock.now = datetime(2026, 3, 28, 12, 0, tzinfo=UTC)  # Berlin switches to CEST on the 29th
     scheduler, _ = make(project_dir)
     scheduler.step()
     assert RUNS == []
-    clock.now = datetime(2026, 3, 29, 7, 0, tzinfo=timezone.utc)  # 09:00 CEST, no longer 08:00 UTC
+    clock.now = datetime(2026, 3, 29, 7, 0, tzinfo=UTC)  # 09:00 CEST, no longer 08:00 UTC
     scheduler.step()
     assert RUNS == ["winback-lapsed"]
-    assert scheduler.get_job("winback-lapsed").next_run_time.astimezone(timezone.utc) == \
-        datetime(2026, 3, 30, 7, 0, tzinfo=timezone.utc)
+    assert scheduler.get_job("winback-lapsed").next_run_time.astimezone(UTC) == \
+        datetime(2026, 3, 30, 7, 0, tzinfo=UTC)
 
 
 def test_runs_missed_while_down_are_coalesced_into_one(project_dir: Path, clock: Clock, tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_runs_missed_while_down_are_coalesced_into_one(project_dir: Path, clock:
     second, _ = make(project_dir, SQLAlchemyJobStore(url=url), run="tests.test_serve:record")
     second.step()
     assert RUNS == ["winback-lapsed"]
-    assert second.get_job("winback-lapsed").next_run_time == datetime(2026, 3, 16, 13, 0, tzinfo=timezone.utc)
+    assert second.get_job("winback-lapsed").next_run_time == datetime(2026, 3, 16, 13, 0, tzinfo=UTC)
 
 
 def test_a_run_still_going_at_the_next_slot_is_not_overlapped(project_dir: Path, clock: Clock) -> None:
@@ -169,10 +169,10 @@ def test_a_run_still_going_at_the_next_slot_is_not_overlapped(project_dir: Path,
         release.wait(10)
 
     scheduler, _ = make(project_dir, executor=ThreadPoolExecutor(4), run=slow)
-    clock.now = datetime(2026, 3, 16, 7, 5, tzinfo=timezone.utc)
+    clock.now = datetime(2026, 3, 16, 7, 5, tzinfo=UTC)
     scheduler.step()
     assert started.wait(5)
-    clock.now = datetime(2026, 3, 16, 7, 10, tzinfo=timezone.utc)
+    clock.now = datetime(2026, 3, 16, 7, 10, tzinfo=UTC)
     scheduler.step()
     release.set()
     scheduler.shutdown(wait=True)
@@ -242,3 +242,34 @@ def wait_for(log: Path, text: str, timeout: float = 60) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{text!r} not in log:\n{log.read_text() if log.exists() else ''}")
+
+
+def test_serve_survives_cron_forms_it_cannot_run_at_start_and_on_sighup(project_dir: Path, tmp_path: Path) -> None:
+    """`0 0 L 2 *` and `0 10 * * 1#2` passed validate, then crashed serve at start and on SIGHUP."""
+    triggers = only_trigger(project_dir)
+    (triggers / "leap.yaml").write_text((triggers / "winback.yaml").read_text()
+                                        .replace("name: winback-lapsed", "name: leap-day")
+                                        .replace('cron: "0 9 * * *"', 'cron: "0 0 L 2 *"'))
+    env = {**os.environ, "LIFECYCLE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+           "LIFECYCLE_TRIGGERS_DIR": str(triggers), "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates")}
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(["lifecycle", "serve"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(log, "Next run of winback-lapsed")  # the healthy trigger is scheduled
+        cron_line = (triggers / "leap.yaml").read_text().splitlines().index('  cron: "0 0 L 2 *"') + 1
+        assert f"leap.yaml:{cron_line}: schedule.cron: invalid cron expression '0 0 L 2 *'" in log.read_text()
+        winback = triggers / "winback.yaml"
+        winback.write_text(winback.read_text().replace('cron: "0 9 * * *"', 'cron: "0 10 * * 1#2"'))
+        process.send_signal(signal.SIGHUP)
+        wait_for(log, "winback.yaml:")
+        time.sleep(1)  # what the handler did next, if it did anything, would be in the log by now
+        assert process.poll() is None, log.read_text()  # still serving
+        text = log.read_text()
+        assert "schedule.cron: invalid cron expression '0 10 * * 1#2'" in text and "Traceback" not in text, text
+        assert "removed winback-lapsed" not in text.lower()  # keeps its previous schedule
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert log.read_text().rstrip().endswith("Stopped")
