@@ -18,7 +18,7 @@ from rich.table import Table
 
 from flows.clock import parse_now
 from flows.report import RunSummary
-from flows.settings import Settings, get_settings
+from flows.settings import Settings, get_settings, redact_urls
 from flows.spec.problems import Problem, SpecError
 
 app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
@@ -38,7 +38,7 @@ def _settings(triggers: Path | None = None, templates: Path | None = None) -> Se
     try:
         settings = get_settings()
     except ValueError as exc:
-        errors.print(f"[red]Configuration error:[/] {exc}")
+        errors.print(f"[red]Configuration error:[/] {escape(redact_urls(str(exc)))}", highlight=False)
         raise typer.Exit(2) from None
     updates = {k: v for k, v in {"triggers_dir": triggers, "templates_dir": templates}.items() if v}
     return settings.model_copy(update=updates) if updates else settings
@@ -188,7 +188,7 @@ def run(
             continue
         except Exception as exc:  # one broken trigger never stops the others
             # One line, however narrow the terminal, and the relay's words as they came (no markup).
-            errors.print(f"[red]{name} failed:[/] {escape(str(exc))}", soft_wrap=True)
+            errors.print(f"[red]{name} failed:[/] {escape(redact_urls(str(exc)))}", soft_wrap=True)
             failed = True
             continue
         console.print(summary_table(summary))

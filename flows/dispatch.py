@@ -17,7 +17,7 @@ import asyncio
 import re
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -38,6 +38,7 @@ from tenacity import (
 )
 
 from flows.bounces import Verdict, classify, enhanced_code
+from flows.settings import redact_url
 from models import FeedbackKind
 
 
@@ -46,7 +47,7 @@ class SmtpConfig:
     hostname: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: str = "none"  # none | starttls | ssl
     timeout: float = 30.0
     connections: int = 4  # concurrent sessions this provider allows us
@@ -54,25 +55,37 @@ class SmtpConfig:
 
     @classmethod
     def from_url(cls, url: str) -> "SmtpConfig":
-        """``smtp://user:pass@host:587?tls=starttls&connections=4&rate=50&timeout=30`` (``smtps://`` = TLS)."""
+        """``smtp://user:pass@host:587?tls=starttls&connections=4&rate=50&timeout=30`` (``smtps://`` = TLS).
+
+        Every error shows the URL with its password hidden (``redact_url``), and chains no
+        parser's error: those quote pieces of the URL, a password's among them."""
+        shown = redact_url(url)
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-            raise ValueError(f"LIFECYCLE_SMTP_URL must look like smtp://user:pass@host:587?tls=starttls, got {url!r}")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        tls = "ssl" if parts.scheme == "smtps" else query.get("tls", "none")
-        if tls not in ("none", "starttls", "ssl"):
-            raise ValueError(f"tls must be none, starttls or ssl, got {tls!r}")
-        default_port = {"ssl": 465, "starttls": 587}.get(tls, 25)
-        return cls(
-            hostname=parts.hostname,
-            port=parts.port or default_port,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            tls=tls,
-            timeout=float(query.get("timeout", 30)),
-            connections=max(1, int(query.get("connections", 4))),
-            rate=float(query["rate"]) if "rate" in query else None,
-        )
+            raise ValueError(f"LIFECYCLE_SMTP_URL must look like smtp://user:pass@host:587?tls=starttls, got {shown!r}")
+        if "@" in parts.path + parts.query + parts.fragment:
+            # A password with a raw / ? or # in it: the rest of it would be read as the host and port.
+            raise ValueError("LIFECYCLE_SMTP_URL: percent-encode / ? # @ in the user or password "
+                             f"(%2F %3F %23 %40), got {shown!r}")
+        try:
+            query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+            tls = "ssl" if parts.scheme == "smtps" else query.get("tls", "none")
+            if tls not in ("none", "starttls", "ssl"):
+                raise ValueError(f"tls must be none, starttls or ssl, got {tls!r}")
+            default_port = {"ssl": 465, "starttls": 587}.get(tls, 25)
+            return cls(
+                hostname=parts.hostname,
+                port=parts.port or default_port,
+                username=unquote(parts.username) if parts.username else None,
+                password=unquote(parts.password) if parts.password else None,
+                tls=tls,
+                timeout=float(query.get("timeout", 30)),
+                connections=max(1, int(query.get("connections", 4))),
+                rate=float(query["rate"]) if "rate" in query else None,
+            )
+        except ValueError as exc:
+            why = str(exc) if str(exc).startswith("tls must be") else "a port, timeout, connections or rate is not a number"
+            raise ValueError(f"LIFECYCLE_SMTP_URL: {why}, got {shown!r}") from None
 
 
 @dataclass(frozen=True)

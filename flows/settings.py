@@ -2,10 +2,12 @@
 
 import logging
 import os
+import re
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,9 +21,87 @@ log = logging.getLogger(__name__)
 
 SECRET_BLOCK_PREFIX = "prefect-secret:"
 
+# -- secrets in URLs ---------------------------------------------------------------------
+#
+# LIFECYCLE_DATABASE_URL and LIFECYCLE_SMTP_URL hold a password; every message that shows
+# one shows ``redact_url(url)``. The other secrets (LIFECYCLE_SECRET, the DKIM key, the
+# Postmark webhook password, the store's signing secret) are SecretStr and never shown.
+
+REDACTED = "***"
+# A query parameter that may carry a credential (libpq takes ``?password=``).
+_SECRET_PARAMETER = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info, and of any ``password=`` parameter, as ``***``.
+
+    Valid or not: the user info runs to the *last* ``@`` (a password with an unencoded
+    ``/``, ``#``, ``?`` or ``@`` is hidden whole, however a URL parser would split it), and
+    a URL without ``scheme://`` is read the same way. Never a prefix, never a length."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+    base, question, query = rest.partition("?")
+    if question and _SECRET_PARAMETER.search(query):
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{k}={REDACTED if _SECRET_PARAMETER.search(k) else v}" for k, v in pairs) or REDACTED
+        rest = f"{base}?{query}"
+    return f"{head}{sep}{rest}"
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL in it as ``redact_url`` shows it (for messages we did not write)."""
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+_TRACEBACKS = logging.Formatter()
+
+
+def redact_record(record: logging.LogRecord) -> None:
+    """``record``'s message, arguments, traceback and stack with every URL's password hidden."""
+    if record.args:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's to report, as without us
+            message = None
+        if message is not None and redact_urls(message) != message:
+            record.msg, record.args = redact_urls(message), ()
+    elif isinstance(record.msg, str):
+        record.msg = redact_urls(record.msg)
+    if record.exc_info and not record.exc_text:
+        record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact_urls(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact_urls(record.stack_info)
+
+
+def redact_logs() -> None:
+    """The last line of defence: every log record this process makes has its URLs' passwords
+    hidden, whichever logger and handler (Prefect's API handler too) it goes to. The
+    messages are clean at their source; this catches a library's message that is not."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts_urls", False):
+        return
+
+    def make_redacted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        redact_record(record)
+        return record
+
+    make_redacted.redacts_urls = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_redacted)
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", extra="ignore")
+    # A validation error never echoes its input: the input is the environment, secrets and all.
+    model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", extra="ignore", hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = "development"
     database_url: str = Field("sqlite:///lifecycle.db", description="SQLAlchemy URL of the customer store.")
@@ -127,6 +207,28 @@ class Settings(BaseSettings):
 
             return Secret.load(raw.removeprefix(SECRET_BLOCK_PREFIX)).get()
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """A URL SQLAlchemy reads as written: a password's ``@`` unencoded would make the rest of
+        the password the host, shown in every connection error."""
+        from sqlalchemy.engine import make_url
+
+        try:
+            parsed = make_url(value)
+            parsed.port  # noqa: B018 - parsed on access
+        except Exception:  # noqa: BLE001 - whatever it says may quote the password
+            raise ValueError("LIFECYCLE_DATABASE_URL must look like postgresql://user:password@host:5432/db "
+                             f"or sqlite:///lifecycle.db, got {redact_url(value)!r}") from None
+        if "@" in (parsed.host or ""):
+            raise ValueError(f"LIFECYCLE_DATABASE_URL: percent-encode an @ in the user or password as %40, "
+                             f"got {redact_url(value)!r}")
+        return value
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
 
     @field_validator("sender")
     @classmethod
