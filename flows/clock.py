@@ -16,7 +16,8 @@ MAX_DURATION = timedelta(days=3650)
 
 
 def parse_duration(value: object) -> timedelta:
-    """``'1d12h'`` → ``timedelta(days=1, hours=12)``; a timedelta passes through. At most ``MAX_DURATION``."""
+    """``'1d12h'`` → ``timedelta(days=1, hours=12)``; a timedelta passes through. Longer than 0s (a
+    zero ``catch_up``, ``max_age`` or ``send_window`` could never fire) and at most ``MAX_DURATION``."""
     if isinstance(value, timedelta):
         return check_duration(value)
     if isinstance(value, str):
@@ -26,11 +27,16 @@ def parse_duration(value: object) -> timedelta:
             total = (((weeks * 7 + days) * 24 + hours) * 60 + minutes) * 60 + seconds  # no OverflowError
             if total > MAX_DURATION.total_seconds():
                 raise ValueError(f"{value!r} is too long: at most {format_duration(MAX_DURATION)} (about ten years)")
+            if total == 0:
+                raise ValueError(f"{value!r} must be longer than 0s: with it the trigger could never fire "
+                                 "(or would not wait at all)")
             return timedelta(seconds=total)
     raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
 
 
 def check_duration(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError(f"{format_duration(value)} must be longer than 0s")
     if value > MAX_DURATION:
         raise ValueError(f"{format_duration(value)} is too long: at most {format_duration(MAX_DURATION)} "
                          "(about ten years)")

@@ -295,3 +295,79 @@ def cli_env(tmp_path: Path, project_dir: Path | None = None) -> dict[str, str]:
         env.update(LIFECYCLE_TRIGGERS_DIR=str(project_dir / "triggers"),
                    LIFECYCLE_TEMPLATES_DIR=str(project_dir / "templates"))
     return env
+
+
+# -- values that would make a trigger silently dead, or fail its run later -------------
+
+def with_line(project_dir: Path, file: str, old: str, new: str) -> tuple[object, int]:
+    path = project_dir / "triggers" / file
+    text = path.read_text()
+    text = text.replace(old, new, 1) if old in text else text + new + "\n"
+    path.write_text(text)
+    line = text.splitlines().index(new.splitlines()[-1]) + 1
+    return load_project(project_dir / "triggers", project_dir / "templates"), line
+
+
+ZERO = [
+    ("onboarding_day_0.yaml", "onboarding-day-0", "catch_up: 0s", "catch_up"),
+    ("complaint.yaml", "complaint-ack", "max_age: 0s", "max_age"),
+    ("consent_confirmation.yaml", "confirm-subscription", "max_age: 0s", "max_age"),
+    ("winback.yaml", "winback-lapsed", "send_window: 0s", "send_window"),
+    ("winback.yaml", "winback-lapsed", "deferred_expires_after: 0s", "deferred_expires_after"),
+    ("abandoned_cart.yaml", "abandoned-cart", "idle_for: 0m", "idle_for"),
+    ("inactivity.yaml", "we-miss-you", "reentry: 0d", "reentry"),
+]
+
+
+@pytest.mark.parametrize(("file", "name", "line_text", "field"), ZERO, ids=[z[2] for z in ZERO])
+def test_a_zero_duration_that_could_never_fire_is_refused_located(project_dir: Path, file: str, name: str,
+                                                                    line_text: str, field: str) -> None:
+    key = line_text.split(":")[0]
+    text = (project_dir / "triggers" / file).read_text()
+    old = next((line for line in text.splitlines() if line.startswith(key + ":")), "\0")
+    project, line = with_line(project_dir, file, old, line_text)
+    messages = [str(p) for p in project.problems]
+    assert any(f"{file}:{line}: {field}: " in m and "longer than 0s" in m for m in messages), messages
+    assert name not in project.triggers
+
+
+def test_a_zero_frequency_cap_window_is_refused_located(project_dir: Path) -> None:
+    policy = project_dir / "triggers" / "policy.yaml"
+    text = policy.read_text()
+    assert "per: 16h" in text
+    policy.write_text(text.replace("per: 16h", "per: 0s", 1))
+    project = load_project(project_dir / "triggers", project_dir / "templates")
+    assert any(p.file.name == "policy.yaml" and p.field.endswith(".per") and "longer than 0s" in p.message
+               for p in project.problems), project.problems
+
+
+def test_inactive_for_beyond_the_bound_is_refused_located_not_at_run_time(project_dir: Path) -> None:
+    project, line = with_line(project_dir, "inactivity.yaml", "inactive_for: 60d", "inactive_for: 999999d")
+    messages = [str(p) for p in project.problems]
+    assert any(f"inactivity.yaml:{line}: inactive_for: '999999d' is too long: at most 3650d" in m
+               for m in messages), messages
+
+
+@pytest.mark.parametrize(("condition", "fragment"), [
+    ("min_days_since_last_order: 10000000", "less than or equal to 36500"),
+    ("max_days_since_first_order: 999999999999", "less than or equal to 36500"),
+    ("min_orders: 100000000000000000000", "less than or equal to 1000000"),
+    ("min_lifetime_value: .inf", "finite number"),
+])
+def test_stage_rules_beyond_what_a_date_or_the_database_holds_are_refused_located(
+        project_dir: Path, condition: str, fragment: str) -> None:
+    stages = project_dir / "triggers" / "stages.yaml"
+    text = stages.read_text()
+    first_when = next(line for line in text.splitlines() if "when:" in line)
+    indent = " " * (len(first_when) - len(first_when.lstrip()) + 2)
+    stages.write_text(text.replace(first_when, f"{first_when.rstrip()}\n{indent}{condition}", 1)
+                      if first_when.rstrip().endswith("when:") else text.replace(
+                          first_when, first_when.replace("when: {", "when: {" + condition + ", "), 1))
+    project = load_project(project_dir / "triggers", project_dir / "templates")
+    assert any(p.file.name == "stages.yaml" and p.line and fragment in p.message for p in project.problems), \
+        project.problems
+
+
+def test_audience_bounds_beyond_what_the_database_holds_are_refused_located(project_dir: Path) -> None:
+    project = load(project_dir, VALID.replace("audience:\n", "audience:\n  min_orders: 100000000000000000000\n"))
+    assert any("broken.yaml:9: audience.min_orders: " in str(p) and "1000000" in str(p) for p in project.problems)

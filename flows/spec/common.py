@@ -25,6 +25,11 @@ from flows import clock
 Duration = Annotated[timedelta, BeforeValidator(clock.parse_duration)]
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 LANGUAGE = re.compile(r"^[a-z]{2,3}$")
+# Bounds of what a file may compare the store with: any larger number overflows the
+# databases' integers (or a date, for days) at run time instead of failing validation.
+MAX_ORDERS = 1_000_000
+MAX_AMOUNT = 1e12
+MAX_DAYS = 36_500  # a hundred years back from any evaluation time is still a date
 
 
 class StrictModel(BaseModel):
@@ -61,10 +66,11 @@ class Audience(StrictModel):
 
     stages: list[str] | None = Field(default=None, min_length=1, description="Only these lifecycle stages.")
     locales: list[str] | None = Field(default=None, min_length=1, description="Only these languages (de, en…).")
-    min_orders: int | None = Field(default=None, ge=0)
-    max_orders: int | None = Field(default=None, ge=0)
-    min_lifetime_value: float | None = Field(default=None, ge=0, description="Sum of all orders, in currency units.")
-    max_lifetime_value: float | None = Field(default=None, ge=0)
+    min_orders: int | None = Field(default=None, ge=0, le=MAX_ORDERS)
+    max_orders: int | None = Field(default=None, ge=0, le=MAX_ORDERS)
+    min_lifetime_value: float | None = Field(default=None, ge=0, le=MAX_AMOUNT, allow_inf_nan=False,
+                                             description="Sum of all orders, in currency units.")
+    max_lifetime_value: float | None = Field(default=None, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
 
     @field_validator("stages")
     @classmethod
@@ -157,11 +163,14 @@ def parse_reentry(value: Any) -> Any:
         if value in ("once", "every_occurrence"):
             return Reentry(mode=value)  # type: ignore[arg-type]
         try:
-            return Reentry(mode="cooldown", cooldown=clock.parse_duration(value))
-        except ValueError:
-            raise ValueError(
-                f"expected once, every_occurrence or a cool-down such as 7d, got {value!r}"
-            ) from None
+            cooldown = clock.parse_duration(value)
+        except ValueError as exc:
+            if str(exc).startswith("expected"):
+                raise ValueError(
+                    f"expected once, every_occurrence or a cool-down such as 7d, got {value!r}"
+                ) from None
+            raise  # too long, or 0s (for no cool-down at all, write every_occurrence)
+        return Reentry(mode="cooldown", cooldown=cooldown)
     return value
 
 

@@ -4,20 +4,20 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, field_validator
 
-from flows.spec.common import Slug, StrictModel
+from flows.spec.common import MAX_AMOUNT, MAX_DAYS, MAX_ORDERS, Slug, StrictModel
 
 
 class StageCondition(StrictModel):
     """All given bounds must hold. Days are counted back from the evaluation time."""
 
-    min_orders: int | None = Field(default=None, ge=0)
-    max_orders: int | None = Field(default=None, ge=0)
-    min_lifetime_value: float | None = Field(default=None, ge=0)
-    max_lifetime_value: float | None = Field(default=None, ge=0)
-    min_days_since_last_order: int | None = Field(default=None, ge=0)
-    max_days_since_last_order: int | None = Field(default=None, ge=0)
-    min_days_since_first_order: int | None = Field(default=None, ge=0)
-    max_days_since_first_order: int | None = Field(default=None, ge=0)
+    min_orders: int | None = Field(default=None, ge=0, le=MAX_ORDERS)
+    max_orders: int | None = Field(default=None, ge=0, le=MAX_ORDERS)
+    min_lifetime_value: float | None = Field(default=None, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
+    max_lifetime_value: float | None = Field(default=None, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
+    min_days_since_last_order: int | None = Field(default=None, ge=0, le=MAX_DAYS)
+    max_days_since_last_order: int | None = Field(default=None, ge=0, le=MAX_DAYS)
+    min_days_since_first_order: int | None = Field(default=None, ge=0, le=MAX_DAYS)
+    max_days_since_first_order: int | None = Field(default=None, ge=0, le=MAX_DAYS)
 
 
 def _as_list(value: Any) -> Any:
