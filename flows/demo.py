@@ -18,7 +18,7 @@ from sqlmodel import Session
 
 from flows.ingest import IngestReport, ingest_lines
 from flows.outbox import Outbox
-from flows.settings import Settings, get_settings
+from flows.settings import Settings, get_settings, redact_url
 from models import StoreMeta
 from models.db import create_schema, get_engine
 from models.types import utcnow
@@ -203,10 +203,10 @@ def run_demo(settings: Settings, customers: int, outbox: Path, console: Console)
         if anchor > now:
             anchor -= timedelta(days=1)
         report = seed(engine, anchor, customers)
-        console.print(f"Seeded the demo store ({settings.database_url}) with {customers} customers, "
+        console.print(f"Seeded the demo store ({redact_url(settings.database_url)}) with {customers} customers, "
                       f"{report.loaded} events.")
     else:
-        console.print(f"Using the demo store seeded at {anchor.isoformat()} ({settings.database_url}).")
+        console.print(f"Using the demo store seeded at {anchor.isoformat()} ({redact_url(settings.database_url)}).")
     project = load(settings)
     if project.problems:
         print_problems(project.problems)

@@ -4,7 +4,7 @@ dkimpy is imported only by a run that signs: it costs about 3 MB in every proces
 imports it, each sender's included.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Signed when present: the identity, the content's framing, and the unsubscribe headers
@@ -17,7 +17,7 @@ SIGNED = (b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b
 class DkimSigner:
     selector: str
     domain: str
-    private_key: bytes
+    private_key: bytes = field(repr=False)  # never in a repr, a log or a traceback
 
     @classmethod
     def from_settings(cls, selector: str | None, domain: str | None, key: str | None, key_file: Path | None,

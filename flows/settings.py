@@ -34,7 +34,7 @@ _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password of its user info, and of any ``password=`` parameter, as ``***``.
+    """``url`` with its user info (user and password), and any ``password=`` parameter, as ``***``.
 
     Valid or not: the user info runs to the *last* ``@`` (a password with an unencoded
     ``/``, ``#``, ``?`` or ``@`` is hidden whole, however a URL parser would split it), and
@@ -43,8 +43,9 @@ def redact_url(url: str) -> str:
     if not sep:
         head, rest = "", url
     userinfo, at, host = rest.rpartition("@")
-    if at and ":" in userinfo:
-        rest = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+    if at and userinfo:
+        # The user too: some relays take an API token as the user name (Postmark's SMTP).
+        rest = f"{REDACTED}@{host}"
     base, question, query = rest.partition("?")
     if question and _SECRET_PARAMETER.search(query):
         pairs = parse_qsl(query, keep_blank_values=True)
