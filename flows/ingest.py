@@ -59,6 +59,7 @@ from models import (
     Suppression,
     SuppressionReason,
 )
+from models.db import writer
 
 COMMIT_EVERY = 500
 
@@ -429,7 +430,9 @@ def _decoded(data: str | bytes) -> str:
 def ingest_lines(engine: Engine, lines: Iterable[str | bytes]) -> IngestReport:
     """Load one event per line (text, or bytes as read from a file: each line decoded on its own)."""
     report = IngestReport()
-    with Session(engine, expire_on_commit=False) as session:
+    # Every line reads, then writes: on SQLite each transaction takes the write lock as it
+    # begins, so that a run or another ingest writing meanwhile makes it wait, not fail.
+    with Session(writer(engine), expire_on_commit=False) as session:
         store = _Store(session)
         pending = 0
         for number, data in enumerate(lines, start=1):

@@ -1,12 +1,28 @@
 """Engines and sessions for the customer store, on SQLite or PostgreSQL alike."""
 
+import contextlib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, Engine, any_, bindparam, event, func, literal_column, select
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Connection,
+    Engine,
+    any_,
+    bindparam,
+    event,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.engine import make_url
+from sqlalchemy.engine.base import OptionEngineMixin
 from sqlmodel import create_engine
+
+# An execution option: transactions on a connection or engine carrying it are opened to write.
+WRITE = "lifecycle_write"
 
 
 def normalise_url(url: str) -> str:
@@ -22,8 +38,44 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        engine.__class__ = _SqliteEngine  # its begin() writes
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def writer(engine: Engine) -> Engine:
+    """The engine for a session that reads, then writes (ingest): on SQLite each of its
+    transactions begins IMMEDIATE. Elsewhere the option means nothing."""
+    return engine.execution_options(**{WRITE: True})
+
+
+class _SqliteEngine(Engine):
+    """SQLite transactions: ``engine.begin()`` and ``writer(engine)`` take the write lock at
+    BEGIN (``BEGIN IMMEDIATE``); everything else begins deferred, as a reader.
+
+    A deferred transaction that has read and then writes must upgrade its snapshot to the
+    write lock; when another connection committed in between, SQLite refuses at once
+    (SQLITE_BUSY_SNAPSHOT: "database is locked", the busy timeout never waited). BEGIN
+    IMMEDIATE waits for the lock (up to the busy timeout) before it reads anything. Readers
+    stay deferred: the audience stream keeps its read transaction open for a whole run
+    while dispatch writes the ledger (WAL), and would otherwise hold the write lock that long.
+    """
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.connect() as connection:
+            connection.execution_options(**{WRITE: True})
+            with connection.begin():
+                yield connection
+
+
+class _SqliteOptionEngine(OptionEngineMixin, _SqliteEngine):  # engine.execution_options(...), as OptionEngine
+    def update_execution_options(self, **opt: Any) -> None:
+        Engine.update_execution_options(self, **opt)
+
+
+_SqliteEngine._option_cls = _SqliteOptionEngine  # type: ignore[assignment]
 
 
 _ENGINES: dict[str, Engine] = {}
@@ -44,6 +96,9 @@ def dispose_engines() -> None:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The driver begins no transactions of its own (it would begin each deferred, and only
+    # before a write): ``_sqlite_begin`` does, as SQLAlchemy's pysqlite recipe describes.
+    dbapi_connection.isolation_level = None
     # WAL lets the audience stream read while dispatch writes the ledger.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -51,6 +106,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(WRITE) else "BEGIN")
 
 
 def create_schema(engine: Engine) -> None:
