@@ -2,7 +2,8 @@
 
 Header values are built from customer data, so every one passes ``one_line`` first:
 a CR/LF in a name or subject cannot start a new header. Non-ASCII names and subjects
-are RFC 2047 encoded; the Message-ID is derived from the send key, so a message
+are RFC 2047 encoded; an address's domain is written in its ASCII (IDNA) form, unless
+its local part is Unicode (an SMTPUTF8 message, whose To header is UTF-8); the Message-ID is derived from the send key, so a message
 sent twice (which the ledger prevents) would at least carry the same ID.
 """
 
@@ -15,6 +16,7 @@ from email.utils import format_datetime, formataddr, parseaddr
 from flows.dkim_signer import DkimSigner
 from flows.links import send_digest
 from flows.render import Rendered, one_line
+from models.types import display_address, stored_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +58,15 @@ def build_message(
     (see tests/test_compose.py).
     """
     boundary = "=_" + hashlib.sha256(msg_id.encode()).hexdigest()[:24]
+    # The domain in its ASCII form, as the envelope has it (a store may still hold Unicode):
+    # an ASCII message any relay takes. A local part in Unicode needs SMTPUTF8 anyway, and
+    # such a message may carry UTF-8 headers (RFC 6532): it shows the Unicode domain too.
+    if not to_address.isascii():
+        to_address = stored_address(to_address)
+    international = not to_address.isascii()
     headers = [
         ("From", _address(sender.name, sender.address)),
-        ("To", _address(one_line(to_name), to_address)),
+        ("To", _address(one_line(to_name), display_address(to_address) if international else to_address)),
         ("Subject", _text(one_line(rendered.subject), "Subject")),
         ("Date", format_datetime(date)),
         ("Message-ID", msg_id),
@@ -66,7 +74,7 @@ def build_message(
         ("MIME-Version", "1.0"),
         ("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
     ]
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("ascii")
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("utf-8" if international else "ascii")
     delimiter = f"--{boundary}\r\n".encode()
     data = b"".join((
         head, b"\r\n",
@@ -114,4 +122,9 @@ _WORD_BYTES = 45
 
 
 def _address(name: str, address: str) -> str:
-    return formataddr((name, address), charset="utf-8") if name else address
+    if not name:
+        return address
+    if address.isascii():
+        return formataddr((name, address), charset="utf-8")
+    # formataddr refuses a UTF-8 address (RFC 6532 allows it): the name as it would encode it.
+    return formataddr((name, "_@_"), charset="utf-8").removesuffix("<_@_>") + f"<{address}>"

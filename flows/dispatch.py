@@ -40,6 +40,7 @@ from tenacity import (
 from flows.bounces import Verdict, classify, enhanced_code
 from flows.settings import redact_url
 from models import FeedbackKind
+from models.types import stored_address
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Delivery:
     reply: str
     verdict: Verdict | None = None  # a permanent refusal (bounced, rejected): what it says about the address
     code: int | None = None  # the refusal's SMTP reply code
+    ours: bool = False  # refused here, before the server saw it: nothing for the breaker to judge
 
 
 # SMTP AUTH refused (RFC 4954): 530 authentication required, 534 mechanism too weak, 535 credentials invalid.
@@ -242,6 +244,10 @@ class _InDoubt(Exception):
     pass
 
 
+class _NoSmtpUtf8(Exception):
+    """The recipient needs SMTPUTF8 and the server does not offer it."""
+
+
 def _code(exc: BaseException) -> int | None:
     return exc.code if isinstance(exc, SMTPResponseException) else None
 
@@ -345,7 +351,7 @@ class Mailer:
                     except Exception as exc:  # noqa: BLE001 - connection failures outlasting every retry
                         unreachable.append(exc)
                         return
-                    done.extend(breaker.observe(delivery))
+                    done.extend([delivery] if delivery.ours else breaker.observe(delivery))
             finally:
                 if client is not None and client.is_connected:
                     self._idle.append(client)
@@ -388,6 +394,9 @@ class Mailer:
             return Delivery(envelope.key, Result.SENT, reply), connection
         except _InDoubt as exc:
             return Delivery(envelope.key, Result.IN_DOUBT, str(exc)), connection
+        except _NoSmtpUtf8 as exc:  # recorded failed, once: the next run does not try it again
+            return Delivery(envelope.key, Result.REJECTED, str(exc), Verdict(FeedbackKind.MESSAGE_FAILURE, "5.6.7"),
+                            553, ours=True), connection
         except SMTPResponseException as exc:
             code, reply = exc.code, _reply(exc)
             if code >= 500:
@@ -400,12 +409,23 @@ class Mailer:
             return Delivery(envelope.key, Result.DEFERRED, reply), connection
 
     async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
+        recipient = envelope.recipient
+        if not recipient.isascii():  # the domain in ASCII, if a store still held Unicode
+            recipient = stored_address(recipient)
+        utf8 = not recipient.isascii()
         try:
-            if client.is_ehlo_or_helo_needed:  # a session's first: aiosmtplib greets (EHLO, else HELO)
+            if utf8:  # a local part in Unicode: only over SMTPUTF8 (RFC 6531), if this server offers it
+                if client.is_ehlo_or_helo_needed:
+                    await client.ehlo()
+                if not client.supports_extension("smtputf8"):
+                    raise _NoSmtpUtf8(f"553 5.6.7 {client.hostname} does not offer SMTPUTF8, which the address's "
+                                      "Unicode local part needs: not sent")
+                await _command(client, b"MAIL", b"FROM:", envelope.sender, SMTPSenderRefused, (250,), utf8=True)
+            elif client.is_ehlo_or_helo_needed:  # a session's first: aiosmtplib greets (EHLO, else HELO)
                 await client.mail(envelope.sender)
             else:
                 await _command(client, b"MAIL", b"FROM:", envelope.sender, SMTPSenderRefused, (250,))
-            await _command(client, b"RCPT", b"TO:", envelope.recipient, SMTPRecipientRefused, (250, 251))
+            await _command(client, b"RCPT", b"TO:", recipient, SMTPRecipientRefused, (250, 251), utf8=utf8)
         except SMTPResponseException:
             await _reset(client)
             raise
@@ -452,17 +472,23 @@ def _reply(exc: SMTPException) -> str:
 
 # Printable ASCII but space, "<" and ">": what may stand between the brackets of MAIL FROM:<…>
 # and RCPT TO:<…> without smuggling in a parameter or a command (recipients were validated at
-# ingest; this is the last line).
+# ingest; this is the last line). Under SMTPUTF8, printable characters beyond ASCII too (no
+# Unicode space, control or format character).
 _SAFE_ADDRESS = re.compile(r"[!-;=?-~]+\Z")
+_SAFE_UTF8_ADDRESS = re.compile(r"[!-;=?-~\u00a0-\U0010ffff]+\Z")
 
 
 async def _command(client: aiosmtplib.SMTP, verb: bytes, prefix: bytes, address: str,
-                   refused: type[SMTPSenderRefused] | type[SMTPRecipientRefused], accepted: tuple[int, ...]) -> None:
+                   refused: type[SMTPSenderRefused] | type[SMTPRecipientRefused], accepted: tuple[int, ...],
+                   utf8: bool = False) -> None:
     """MAIL or RCPT without aiosmtplib's address parsing (``email.utils.parseaddr``, a
-    character loop in Python): for the long VERP sender, about 0.1 ms a mail."""
-    if not _SAFE_ADDRESS.match(address):
+    character loop in Python): for the long VERP sender, about 0.1 ms a mail. ``utf8``: the
+    transaction is SMTPUTF8 (its MAIL says so, its addresses go as UTF-8)."""
+    safe = _SAFE_UTF8_ADDRESS.match(address) and address.isprintable() if utf8 else _SAFE_ADDRESS.match(address)
+    if not safe:
         raise refused(553, "5.1.3 address not allowed on an SMTP command line", address)
-    response = await client.execute_command(verb, prefix + b"<" + address.encode("ascii") + b">")
+    line = prefix + b"<" + address.encode("utf-8" if utf8 else "ascii") + b">"
+    response = await client.execute_command(verb, line, *([b"SMTPUTF8"] if utf8 and verb == b"MAIL" else []))
     if response.code not in accepted:
         raise refused(response.code, response.message, address)
 

@@ -60,6 +60,7 @@ from models import (
     SuppressionReason,
 )
 from models.db import writer
+from models.types import stored_address
 
 COMMIT_EVERY = 500
 
@@ -199,9 +200,14 @@ class Traits(_Lenient):
         if value is None:
             return None
         try:
-            return validate_email(value, check_deliverability=False, allow_smtputf8=False).normalized
+            # A local part in Unicode is an address too (RFC 6531): it goes out where the relay
+            # offers SMTPUTF8, and fails its mail once, recorded, where it does not.
+            valid = validate_email(value, check_deliverability=False, allow_smtputf8=True)
         except EmailNotValidError as exc:
             raise ValueError(f"not a deliverable address ({exc})") from None
+        # The domain as the envelope needs it (IDNA), whichever form the shop sent; one form
+        # for the suppressions and the shared mailboxes too (``display_address`` shows Unicode).
+        return stored_address(f"{valid.local_part}@{valid.ascii_domain}")
 
 
 class Product(_Lenient):

@@ -1,7 +1,7 @@
 """MIME: multipart/alternative, encoded headers, no header injection."""
 
-from datetime import datetime, timezone
-from email import message_from_bytes, policy
+from datetime import UTC, datetime
+from email import message_from_bytes, message_from_string, policy
 
 from flows.compose import Sender, build_message, message_id
 from flows.render import Rendered
@@ -11,8 +11,8 @@ SECRET = "test-secret-0123456789"
 
 
 def build(**overrides) -> bytes:
-    args = dict(sender=SENDER, to_address="juergen@example.de", to_name="Jürgen Groß",
-                msg_id=message_id("t/1/x", SENDER, SECRET), date=datetime(2026, 3, 16, 12, tzinfo=timezone.utc))
+    args = {"sender": SENDER, "to_address": "juergen@example.de", "to_name": "Jürgen Groß",
+            "msg_id": message_id("t/1/x", SENDER, SECRET), "date": datetime(2026, 3, 16, 12, tzinfo=UTC)}
     args.update(overrides)
     rendered = Rendered(subject="Grüße aus Köln – 15 % für dich", html="<p>Grüße</p>", text="Grüße\n", template="t")
     return build_message(rendered, **args)
@@ -58,7 +58,7 @@ def test_bodies_survive_a_round_trip_exactly_whatever_they_contain() -> None:
     rendered = Rendered(subject="Ein sehr langer Betreff mit Umlauten äöü " * 4, html=tricky_html, text=tricky_text,
                         template="t")
     raw = build_message(rendered, sender=SENDER, to_address="a@example.de", to_name="O'Brien, Jr.",
-                        msg_id=message_id("k", SENDER, SECRET), date=datetime(2026, 3, 16, tzinfo=timezone.utc))
+                        msg_id=message_id("k", SENDER, SECRET), date=datetime(2026, 3, 16, tzinfo=UTC))
     assert max(len(line) for line in raw.split(b"\r\n")) <= 78  # folded and soft-broken for old MTAs
     assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only
     msg = message_from_bytes(raw, policy=policy.default)
@@ -67,3 +67,22 @@ def test_bodies_survive_a_round_trip_exactly_whatever_they_contain() -> None:
     assert msg.get_body(("html",)).get_content().replace("\r\n", "\n") == tricky_html
     assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == tricky_text
     assert not msg.defects and all(not part.defects for part in msg.walk())
+
+
+def test_an_idn_address_is_written_in_its_ascii_form_whatever_form_it_came_in() -> None:
+    for address in ("kunde@xn--bcher-kva.de", "kunde@bücher.de"):
+        raw = build(to_address=address)
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        assert head.isascii()  # an ASCII message: any relay takes it
+        msg = message_from_bytes(raw, policy=policy.default)
+        assert msg["To"].addresses[0].addr_spec == "kunde@xn--bcher-kva.de"
+
+
+def test_a_non_ascii_local_part_is_an_internationalised_message_showing_the_unicode_domain() -> None:
+    raw = build(to_address="jürgen@xn--bcher-kva.de")
+    msg = message_from_string(raw.decode("utf-8"), policy=policy.default)  # as a reader of RFC 6532 mail does
+    # RFC 6532: UTF-8 in the header itself; it goes out only over SMTPUTF8, so the reader's
+    # mail program shows the address as the customer wrote it.
+    assert msg["To"].addresses[0].addr_spec == "jürgen@bücher.de"
+    assert msg["To"].addresses[0].display_name == "Jürgen Groß"
+    assert "jürgen@bücher.de".encode() in raw

@@ -4,6 +4,7 @@ import asyncio
 import pickle
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from flows.bounces import Verdict
 from flows.dispatch import (
@@ -217,3 +218,76 @@ def test_a_tripped_breaker_pickles_with_its_relays_words_and_decided_deliveries(
     again = pickle.loads(pickle.dumps(RelayRefused("SMTP relay h:25 refused our login: 535 5.7.8", done)))
     assert type(again) is RelayRefused and isinstance(again, SmtpUnavailable)
     assert str(again) == "SMTP relay h:25 refused our login: 535 5.7.8" and again.done == done
+
+
+# -- internationalised addresses -----------------------------------------------------------
+
+def smtputf8_server(offered: bool) -> SmtpServer:
+    """The loopback server, offering SMTPUTF8 (RFC 6531) in its EHLO reply or not."""
+    server = SmtpServer()
+    server.controller = Controller(server.handler, hostname="127.0.0.1", port=server.port, decode_data=False,
+                                   enable_SMTPUTF8=offered)
+    return server.start()
+
+
+def test_an_idn_domain_goes_out_in_its_ascii_form_from_a_store_that_kept_the_unicode_one(smtp: SmtpServer) -> None:
+    results = send(smtp.url, [envelope("kunde@bücher.de"), envelope("ok@example.de")])
+    assert {d.result for d in results.values()} == {Result.SENT}, results
+    assert sorted(r.recipients[0] for r in smtp.received) == ["kunde@xn--bcher-kva.de", "ok@example.de"]
+
+
+def test_a_non_ascii_local_part_goes_out_with_smtputf8_when_the_server_offers_it() -> None:
+    server = smtputf8_server(offered=True)
+    try:
+        results = send(server.url, [envelope("jürgen@xn--bcher-kva.de"), envelope("ok@example.de")])
+    finally:
+        server.stop()
+    assert {d.result for d in results.values()} == {Result.SENT}, results
+    assert sorted(r.recipients[0] for r in server.received) == ["jürgen@xn--bcher-kva.de", "ok@example.de"]
+
+
+def test_without_smtputf8_a_non_ascii_local_part_fails_that_recipient_only_and_the_server_never_sees_it() -> None:
+    server = smtputf8_server(offered=False)
+    unicode = [envelope(f"jürgen{i}@example.de") for i in range(12)]  # more than the breaker's streak
+    try:
+        results = send(server.url, [envelope("first@example.de"), *unicode, envelope("last@example.de")])
+    finally:
+        server.stop()
+    assert sorted(r.recipients[0] for r in server.received) == ["first@example.de", "last@example.de"]
+    assert not any(not address.isascii() for address in server.handler.rcpt_attempts)
+    for e in unicode:
+        refused = results[e.key]
+        assert refused.result == Result.REJECTED  # recorded failed: never tried again
+        assert refused.verdict == Verdict(FeedbackKind.MESSAGE_FAILURE, "5.6.7")  # never the address's fault
+        assert "SMTPUTF8" in refused.reply
+
+
+def test_a_run_fails_a_non_ascii_local_part_once_and_sends_the_idn_addresses(settings, store) -> None:
+    """The whole path (audience, render, compose, dispatch, ledger), twice, to a server without SMTPUTF8."""
+    from sqlalchemy import select
+    from sqlmodel import Session
+
+    from flows.pipeline import execute, prepare_job
+    from models import Send, Suppression
+    from tests.builders import NOW, ago
+
+    for email in ("kunde@xn--bcher-kva.de", "alt@bücher.de", "jürgen@xn--bcher-kva.de"):  # the second as kept before
+        store.order(store.customer("Kim", email=email), ago(days=500))
+    server = smtputf8_server(offered=False)
+    plain = settings.model_copy(update={"smtp_url": server.url})
+    try:
+        first = execute(prepare_job("winback-lapsed", NOW, settings=plain))
+        again = execute(prepare_job("winback-lapsed", NOW, settings=plain))
+    finally:
+        server.stop()
+    assert first.outcomes == {"sent": 2, "failed:rejected": 1}, first.outcomes
+    assert sorted(r.recipients[0] for r in server.received) == ["alt@xn--bcher-kva.de", "kunde@xn--bcher-kva.de"]
+    assert {str(r.message["To"]) for r in server.received} == {"Kim Schäfer <kunde@xn--bcher-kva.de>",
+                                                               "Kim Schäfer <alt@xn--bcher-kva.de>"}
+    assert all(address.isascii() for address in server.handler.rcpt_attempts)  # never tried at the server
+    with Session(store.engine) as session:
+        [failed] = session.execute(select(Send).where(Send.status == "failed")).scalars()
+        assert failed.email == "jürgen@xn--bcher-kva.de" and "SMTPUTF8" in failed.error
+        assert session.get(Suppression, failed.email) is None  # the relay's limit, not the address's fault
+    assert again.outcomes == {"skipped:already_sent": 3}, again.outcomes  # failed once, recorded, not again
+    assert len(server.received) == 2

@@ -524,3 +524,67 @@ def test_a_value_the_database_refuses_fails_its_line_only(engine) -> None:
                                     "DROP TRIGGER refuse ON cart_items"))
             if engine.dialect.name != "sqlite":
                 connection.execute(text("DROP FUNCTION refuse()"))
+
+
+# -- internationalised addresses -----------------------------------------------------------
+
+def test_an_idn_address_is_stored_with_its_ascii_domain_and_is_one_mailbox_in_either_form(engine) -> None:
+    report = ingest_lines(engine, [
+        identify("u1", "2026-03-01T10:00:00Z", "i1", email="kunde@xn--bcher-kva.de"),
+        identify("u2", "2026-03-02T10:00:00Z", "i2", email="Kunde@Bücher.DE"),
+        line(type="track", userId="u2", event="Unsubscribed", timestamp="2026-03-03T10:00:00Z", messageId="i3"),
+    ])
+    assert (report.loaded, report.errors) == (3, [])
+    assert customer(engine, "u1").email == "kunde@xn--bcher-kva.de"  # as the envelope needs it
+    assert customer(engine, "u2").email == "Kunde@xn--bcher-kva.de"
+    assert [(s.address, s.customers) for s in report.shared] == [("kunde@xn--bcher-kva.de", ["u1", "u2"])]
+    with Session(engine) as session:
+        assert session.get(Suppression, "kunde@xn--bcher-kva.de") is not None  # suppresses both records
+        suppressed = session.execute(select(Customer.external_id).join(
+            Suppression, Suppression.email == func.lower(Customer.email))).scalars()
+        assert sorted(suppressed) == ["u1", "u2"]
+
+
+def test_a_non_ascii_local_part_is_accepted_and_one_mailbox_whatever_its_case(engine) -> None:
+    report = ingest_lines(engine, [
+        identify("u1", "2026-03-01T10:00:00Z", "j1", email="Jürgen@Bücher.de"),
+        identify("u2", "2026-03-02T10:00:00Z", "j2", email="JÜRGEN@bücher.DE"),
+    ])
+    assert (report.loaded, report.errors) == (2, [])
+    # Lower-cased when it is not ASCII: SQLite's lower() leaves Ü as it is, Python's and
+    # PostgreSQL's do not, and the suppressions and the ledger's unique index must agree.
+    assert customer(engine, "u1").email == customer(engine, "u2").email == "jürgen@xn--bcher-kva.de"
+    assert [(s.address, s.customers) for s in report.shared] == [("jürgen@xn--bcher-kva.de", ["u1", "u2"])]
+    with Session(engine) as session:
+        assert set(session.execute(select(func.lower(Customer.email))).scalars()) == {"jürgen@xn--bcher-kva.de"}
+
+
+def test_a_store_holding_unicode_domains_upgrades_to_ascii_ones(db_url: str) -> None:
+    """Before 0007 ingest stored ``kunde@bücher.de``: 0007 rewrites the domain wherever an
+    address is kept, and a suppression in either form keeps suppressing."""
+    from models.db import make_engine
+    from models.migrate import upgrade
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0006")
+    with engine.begin() as connection:
+        for n, email in ((1, "kunde@bücher.de"), (2, "Jürgen@Bücher.de"), (3, "plain@example.de")):
+            connection.execute(text("INSERT INTO customers (id, external_id, email, locale, marketing_consent, "
+                                    "created_at) VALUES (:n, :x, :e, 'en', true, '2026-01-01')"),
+                               {"n": n, "x": f"c-{n}", "e": email})
+        for email in ("kunde@bücher.de", "kunde@xn--bcher-kva.de", "jürgen@bücher.de"):
+            connection.execute(text("INSERT INTO suppressions (email, reason, detail, created_at) "
+                                    "VALUES (:e, 'manual', '', '2026-01-01')"), {"e": email})
+        connection.execute(text("INSERT INTO sends (send_key, trigger, customer_id, occurrence, category, status, "
+                                "run_id, stage, template, email, message_id, evaluated_at, claimed_at, smtp_reply, "
+                                "error) VALUES ('w/1/slot:1', 'w', 1, 'slot:1', 'marketing', 'deferred', 'r', 'lapsed', "
+                                "'t', 'kunde@bücher.de', '', '2026-01-01', '2026-01-01', '', '')"))
+    upgrade(engine)
+    with engine.connect() as connection:
+        emails = connection.execute(text("SELECT email FROM customers ORDER BY id")).scalars().all()
+        suppressed = connection.execute(text("SELECT email FROM suppressions ORDER BY email")).scalars().all()
+        sends = connection.execute(text("SELECT email FROM sends")).scalars().all()
+    assert emails == ["kunde@xn--bcher-kva.de", "jürgen@xn--bcher-kva.de", "plain@example.de"]
+    assert suppressed == ["jürgen@xn--bcher-kva.de", "kunde@xn--bcher-kva.de"]
+    assert sends == ["kunde@xn--bcher-kva.de"]
+    engine.dispose()
