@@ -215,8 +215,8 @@ class Product(_Lenient):
     name: str = Field("", max_length=500)
     price: Amount = _amount(MAX_PRICE, Decimal(0))
     quantity: Annotated[int, BeforeValidator(_whole)] = Field(1, ge=1, le=MAX_QUANTITY)
-    url: str | None = None
-    image_url: str | None = None
+    url: str | None = Field(None, max_length=2000)  # as the store's columns (PostgreSQL refused longer ones)
+    image_url: str | None = Field(None, max_length=2000)
     cart_id: Id | None = None
 
 
@@ -224,7 +224,7 @@ class OrderCompleted(_Lenient):
     order_id: Id
     total: Amount | None = _amount(MAX_TOTAL, None)
     revenue: Amount | None = _amount(MAX_TOTAL, None)
-    currency: str = Field("EUR", min_length=3, max_length=3)
+    currency: str = Field("EUR", pattern="^[A-Za-z]{3}$")  # ISO 4217
     products: list[dict[str, Any]] = Field(default_factory=list)
     cart_id: Id | None = None
 
