@@ -25,6 +25,7 @@ from models import (
     SendStatus,
     Suppression,
     SuppressionReason,
+    suppression_key,
 )
 from models.ledger import message_digest
 from models.types import utcnow
@@ -149,7 +150,7 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                 key = connection.execute(select(Send.send_key).where(
                     message_digest(Send.message_id) == report.message_id[1:33],
                     Send.message_id == report.message_id)).scalar()
-            email = report.email.lower()
+            email = suppression_key(report.email)
             if key is not None:
                 send = connection.execute(select(Send.trigger, Send.email).where(Send.send_key == key)).first()
                 if send is None:
@@ -157,7 +158,7 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                 else:
                     # The address we mailed, whatever the report claims: a report can only
                     # ever speak for the send it names.
-                    trigger, email = send[0], send[1].lower()
+                    trigger, email = send[0], suppression_key(send[1])
             inserted = connection.execute(
                 _insert(engine)(Feedback).values(
                     report_id=report.report_id[:255], send_key=key, trigger=trigger, email=email,

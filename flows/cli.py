@@ -344,7 +344,7 @@ def suppress_add(
 ) -> None:
     """Suppress addresses: every trigger skips them from the next batch on."""
     from flows.ledger import suppress
-    from models import SuppressionReason
+    from models import SuppressionReason, suppression_key
 
     try:
         why = SuppressionReason(reason)
@@ -352,7 +352,7 @@ def suppress_add(
         errors.print(f"[red]--reason must be one of {', '.join(r.value for r in SuppressionReason)}[/]")
         raise typer.Exit(2) from None
     suppress(_engine(_settings()), emails, why, note or "lifecycle suppress add")
-    console.print(f"Suppressed {len(set(e.lower() for e in emails))} address(es) ({why.value}).")
+    console.print(f"Suppressed {len({suppression_key(e) for e in emails})} address(es) ({why.value}).")
 
 
 @suppress_app.command("from-mail")
@@ -388,10 +388,11 @@ def suppress_remove(emails: Annotated[list[str], typer.Argument(help="Addresses 
     """Lift suppressions (marketing still needs confirmed consent)."""
     from sqlalchemy import delete
 
-    from models import Suppression
+    from models import Suppression, suppression_key
 
     with _engine(_settings()).begin() as connection:
-        removed = connection.execute(delete(Suppression).where(Suppression.email.in_([e.lower() for e in emails])))
+        removed = connection.execute(delete(Suppression).where(
+            Suppression.email.in_([suppression_key(e) for e in emails])))
     console.print(f"Removed {removed.rowcount} suppression(s).")
 
 

@@ -23,6 +23,7 @@ from models import (
     Customer,
     Suppression,
     SuppressionReason,
+    suppression_key,
 )
 
 __all__ = ["Confirmation", "check", "confirm", "history", "record", "request_id", "requested_at", "withdraw"]
@@ -46,8 +47,8 @@ def withdraw(session: Session, customer: Customer, source: str, *, at: datetime,
     customer.marketing_consent, customer.consent_at, customer.consent_requested_at = False, None, None
     customer.consent_withdrawn_at = at
     session.add(customer)
-    if customer.email and session.get(Suppression, customer.email.lower()) is None:
-        session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED,
+    if customer.email and session.get(Suppression, suppression_key(customer.email)) is None:
+        session.add(Suppression(email=suppression_key(customer.email), reason=SuppressionReason.UNSUBSCRIBED,
                                 detail=f"{source} ({detail})" if detail else source, created_at=at))
     record(session, customer, ConsentChangeKind.WITHDRAWN, source, at=at, detail=detail)
 
@@ -67,7 +68,7 @@ def check(session: Session, customer: Customer, token: dict[str, Any], *, at: da
     if expired(token, at) or not isinstance(request, str) or pending is None or request_id(pending) != request:
         return Confirmation.SPENT
     withdrawn = customer.consent_withdrawn_at
-    suppression = session.get(Suppression, customer.email.lower()) if customer.email else None
+    suppression = session.get(Suppression, suppression_key(customer.email)) if customer.email else None
     if (withdrawn is not None and withdrawn >= pending) or (suppression is not None and suppression.created_at >= pending):
         return Confirmation.SPENT  # unsubscribed (or bounced, or complained) after asking: the request is void
     return Confirmation.CONFIRMED
@@ -88,7 +89,7 @@ def confirm(session: Session, customer: Customer, token: dict[str, Any], *, at: 
     customer.marketing_consent, customer.consent_at, customer.consent_source = True, at, source
     customer.consent_requested_at, customer.consent_withdrawn_at = None, None
     session.add(customer)
-    suppression = session.get(Suppression, customer.email.lower()) if customer.email else None
+    suppression = session.get(Suppression, suppression_key(customer.email)) if customer.email else None
     if suppression is not None and suppression.reason == SuppressionReason.UNSUBSCRIBED:
         session.delete(suppression)  # a confirmed new opt-in lifts an unsubscribe from before it
     record(session, customer, ConsentChangeKind.CONFIRMED, source, at=at, request=str(token["r"]))

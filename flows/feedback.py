@@ -39,7 +39,7 @@ from sqlmodel import col
 
 from flows.bounces import Recorded, Report, SoftBounceRule, Verdict, classify, record
 from flows.links import send_digest, verp_digests
-from models import FeedbackKind, Send
+from models import FeedbackKind, Send, suppression_key
 from models.ledger import message_digest
 from models.types import utcnow
 
@@ -109,7 +109,7 @@ def _address(value: object) -> str:
     if semi and kind.strip().lower() != "rfc822":
         return ""
     address = (rest if semi else text).strip().strip("<>").strip()
-    return address.lower() if "@" in address else ""
+    return suppression_key(address) if "@" in address else ""
 
 
 def _message_id(value: object) -> str | None:

@@ -44,6 +44,7 @@ from sqlalchemy import Column, Engine, Table, delete, func, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlmodel import Session, SQLModel
 
+from flows import consent
 from flows.spec.problems import format_path
 from models import (
     CART_OPEN,
@@ -51,6 +52,7 @@ from models import (
     Cart,
     CartItem,
     Complaint,
+    ConsentChangeKind,
     Customer,
     CustomerAlias,
     Event,
@@ -588,16 +590,26 @@ class _Store:
             customer.timezone = event.context["timezone"][:64]
         if traits.created_at is not None:
             customer.created_at = _aware(traits.created_at)
-        if traits.marketing_consent is True and not customer.marketing_consent:
+        withdrawn = customer.consent_withdrawn_at
+        # An opt-in dated before the customer's last withdrawal (an export replayed, a retry
+        # arriving late) is history: it never undoes the unsubscribe.
+        after_withdrawal = withdrawn is None or ts > _aware(withdrawn)
+        if traits.marketing_consent is True and not customer.marketing_consent and after_withdrawal:
             if traits.consent_confirmed:
                 customer.marketing_consent, customer.consent_at = True, ts
                 customer.consent_source = traits.consent_source or "shop (confirmed)"
-                customer.consent_withdrawn_at = None  # a new, confirmed consent supersedes the withdrawal
+                customer.consent_requested_at = customer.consent_withdrawn_at = None
+                consent.record(self.session, customer, ConsentChangeKind.CONFIRMED, customer.consent_source, at=ts,
+                               detail=f"identify {event.message_id or ''}".strip())
             elif customer.consent_requested_at is None:
                 customer.consent_requested_at = ts  # double opt-in: the confirmation mail asks
                 customer.consent_source = traits.consent_source
-        elif traits.marketing_consent is False:
+                consent.record(self.session, customer, ConsentChangeKind.REQUESTED, traits.consent_source or "shop",
+                               at=ts, request=consent.request_id(ts), detail=f"identify {event.message_id or ''}".strip())
+        elif traits.marketing_consent is False and (customer.marketing_consent or customer.consent_requested_at):
             withdraw_consent(customer, ts)
+            consent.record(self.session, customer, ConsentChangeKind.WITHDRAWN, "shop", at=ts,
+                           detail="identify: marketing_consent false")
         if customer.email:
             self.addresses.add(customer.email.lower())
 
@@ -794,10 +806,7 @@ class _Store:
         complaint.answered_at = ts
 
     def unsubscribed(self, customer: Customer, _details: None, ts: datetime) -> None:
-        withdraw_consent(customer, ts)
-        if customer.email and self.session.get(Suppression, customer.email.lower()) is None:
-            self.session.add(Suppression(email=customer.email.lower(), reason=SuppressionReason.UNSUBSCRIBED,
-                                         detail="Unsubscribed event", created_at=ts))
+        consent.withdraw(self.session, customer, "Unsubscribed event", at=ts)
 
 
 def withdraw_consent(customer: Customer, at: datetime | None = None) -> None:

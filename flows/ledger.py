@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from models import Send, SendStatus, Suppression, SuppressionReason
+from models import Send, SendStatus, Suppression, SuppressionReason, suppression_key
 from models.db import one_of
 from models.types import utcnow
 
@@ -258,8 +258,8 @@ def _release(connection: Connection, keys: Sequence[str]) -> int:
 
 
 def suppress(engine: Engine, emails: Iterable[str], reason: SuppressionReason, detail: str = "") -> None:
-    rows = [{"email": e.lower(), "reason": reason.value, "detail": detail[:1000], "created_at": utcnow()}
-            for e in set(emails)]
+    rows = [{"email": e, "reason": reason.value, "detail": detail[:1000], "created_at": utcnow()}
+            for e in {suppression_key(e) for e in emails}]
     if not rows:
         return
     with engine.begin() as connection:

@@ -54,8 +54,8 @@ from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
 from flows.web_security import install_security, redact
 from models import CategoryOptOut, ConsentChangeKind, Customer, Suppression
-from models.db import make_engine
-from models.types import utcnow
+from models.db import make_engine, writer
+from models.types import display_address, utcnow
 
 log = logging.getLogger(__name__)
 MARKETING = [name for name, kind in KINDS.items() if kind.category == "marketing"]
@@ -122,7 +122,7 @@ def page(lang: str, title_key: str, lines: list[str], status: int = 200, **extra
 
 def masked(email: str) -> str:
     """``j***@example.de``: enough to recognise, not enough to harvest."""
-    local, _, domain = email.partition("@")
+    local, _, domain = display_address(email).rpartition("@")
     return f"{local[:1]}***@{domain}"
 
 
@@ -132,7 +132,7 @@ def unsubscribe_by_token(engine: Engine, secret: str, token: str, via: str, at: 
     data = read(secret, UNSUBSCRIBE, token)
     if data is None:
         return None
-    with Session(engine, expire_on_commit=False) as session:
+    with Session(writer(engine), expire_on_commit=False) as session:
         customer = customer_by_id(session, data["c"])
         if customer is None or not customer.email:
             return None
@@ -250,7 +250,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
         return await run_in_threadpool(_save_preferences, token, everything, keep)
 
     def _save_preferences(token: str, everything: bool, keep: set[str]) -> HTMLResponse:
-        with Session(engine) as session:
+        with Session(writer(engine)) as session:
             customer, _ = customer_for(PREFERENCES, token, session)
             now = clock()
             if everything:
@@ -283,7 +283,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
 
     @app.post("/confirm/{token}")
     def confirm_post(token: str) -> HTMLResponse:
-        with Session(engine) as session:
+        with Session(writer(engine)) as session:
             customer, data = customer_for(CONFIRM, token, session)
             outcome = confirm(session, customer, data, at=clock())
             if outcome is Confirmation.SPENT:

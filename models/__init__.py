@@ -9,7 +9,7 @@ from models.identity import CustomerAlias, GroupMembership
 from models.ledger import Send, SendStatus
 from models.preferences import CategoryOptOut
 from models.support import Complaint
-from models.suppression import Suppression, SuppressionReason
+from models.suppression import Suppression, SuppressionReason, suppression_key
 
 __all__ = [
     "CART_OPEN",
@@ -32,4 +32,5 @@ __all__ = [
     "StoreMeta",
     "Suppression",
     "SuppressionReason",
+    "suppression_key",
 ]

@@ -6,7 +6,7 @@ from enum import StrEnum
 from sqlalchemy import Column
 from sqlmodel import Field, SQLModel
 
-from models.types import UtcDateTime, utcnow
+from models.types import UtcDateTime, stored_address, utcnow
 
 
 class SuppressionReason(StrEnum):
@@ -24,3 +24,10 @@ class Suppression(SQLModel, table=True):
     reason: str = Field(max_length=32)
     detail: str = Field(default="", max_length=1000)
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False))
+
+
+def suppression_key(address: str) -> str:
+    """The one form a suppression is kept and looked up under, wherever the address came
+    from (a customer record, a bounce report, an operator typing ``Kunde@Bücher.de``): the
+    stored address (ASCII domain) lower-cased."""
+    return stored_address(address.strip()).lower()

@@ -93,6 +93,13 @@ def test_suppress_is_idempotent_and_lower_cases(store: Store) -> None:
     assert rows[0].created_at <= utcnow()
 
 
+def test_an_address_typed_with_its_unicode_domain_suppresses_the_mailbox_stored_in_ascii(store: Store) -> None:
+    """Whoever names the address (an operator, a bounce report), the suppression is the one the run looks up."""
+    ledger.suppress(store.engine, ["Kunde@Bücher.DE", " kunde@xn--bcher-kva.de"], SuppressionReason.MANUAL)
+    with Session(store.engine) as session:
+        assert [s.email for s in session.execute(select(Suppression)).scalars()] == ["kunde@xn--bcher-kva.de"]
+
+
 def test_a_dead_runs_unsent_claims_are_taken_over_once_its_lease_has_passed(store: Store) -> None:
     customer = store.customer()
     [waiting] = claims(customer.id, 1)
