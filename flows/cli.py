@@ -70,8 +70,10 @@ def _now(value: str | None) -> datetime:
 def print_problems(problems: list[Problem]) -> None:
     for problem in problems:
         label = "[bold yellow]warning:[/] " if problem.severity == "warning" else ""
-        errors.print(f"[bold red]{problem.location}[/]: " + (f"[yellow]{problem.field}[/]: " if problem.field else "")
-                     + label + problem.message, markup=True, highlight=False, soft_wrap=True)
+        # The file's own words are text, never markup: a trigger named "[/x]" is shown, not obeyed.
+        errors.print(f"[bold red]{escape(str(problem.location))}[/]: "
+                     + (f"[yellow]{escape(str(problem.field))}[/]: " if problem.field else "")
+                     + label + escape(problem.message), markup=True, highlight=False, soft_wrap=True)
         if problem.snippet:
             errors.print(problem.snippet, markup=False, highlight=False)
         errors.print()

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from flows.kinds.consent_confirmation import request_id
-from flows.links import expired
+from flows.links import address_tag, expired
 from models import (
     ConsentChange,
     ConsentChangeKind,
@@ -59,13 +59,18 @@ class Confirmation(StrEnum):
     SPENT = "spent"  # expired, answered, superseded or withdrawn since: nothing changed
 
 
-def check(session: Session, customer: Customer, token: dict[str, Any], *, at: datetime) -> Confirmation:
-    """What confirming with this (genuine) token would do, changing nothing."""
+def check(session: Session, customer: Customer, token: dict[str, Any], *, at: datetime, secret: str) -> Confirmation:
+    """What confirming with this (genuine) token would do, changing nothing. The request
+    must be the customer's pending one, made for the address the customer still has: a
+    link mailed to another address (before a change of address, or to a record merged in
+    since) never confirms this one."""
     request = token.get("r")
     if customer.marketing_consent:  # the same link clicked again is answered, any other refused
         return Confirmation.ALREADY if _last_confirmed(session, customer) == request else Confirmation.SPENT
     pending = customer.consent_requested_at
     if expired(token, at) or not isinstance(request, str) or pending is None or request_id(pending) != request:
+        return Confirmation.SPENT
+    if not customer.email or token.get("a") != address_tag(secret, customer.email):
         return Confirmation.SPENT
     withdrawn = customer.consent_withdrawn_at
     suppression = session.get(Suppression, suppression_key(customer.email)) if customer.email else None
@@ -80,10 +85,10 @@ def _last_confirmed(session: Session, customer: Customer) -> str | None:
     ).order_by(ConsentChange.at.desc(), ConsentChange.id.desc()).limit(1)).scalar()
 
 
-def confirm(session: Session, customer: Customer, token: dict[str, Any], *, at: datetime,
+def confirm(session: Session, customer: Customer, token: dict[str, Any], *, at: datetime, secret: str,
             source: str = "double opt-in link") -> Confirmation:
     """Confirm the one request the (genuine) confirmation token names, if it is still pending."""
-    outcome = check(session, customer, token, at=at)
+    outcome = check(session, customer, token, at=at, secret=secret)
     if outcome is not Confirmation.CONFIRMED:
         return outcome
     customer.marketing_consent, customer.consent_at, customer.consent_source = True, at, source

@@ -202,7 +202,8 @@ def _confirm_url(job: Job, secret: str, c: Candidate) -> str:
         asked = requested_at(c.occurrence)
     except ValueError:
         asked = job.now  # a preview: no request behind it
-    return confirm_url(job.settings.base_url, secret, c.external_id, c.occurrence, asked + job.trigger.max_age)
+    return confirm_url(job.settings.base_url, secret, c.external_id, c.occurrence, asked + job.trigger.max_age,
+                       c.email or "")
 
 
 def claim_for(job: Job, c: Candidate, template: str = "", msg_id: str = "") -> ledger.Claim:

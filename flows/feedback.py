@@ -542,6 +542,8 @@ def load_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    except RecursionError:  # nested deeper than Python's parser goes: nobody's genuine report
+        raise ValueError("not JSON we accept: nested too deep") from None
     if isinstance(data, dict):
         return data
     raise ValueError("not a JSON object")

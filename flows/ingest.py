@@ -60,6 +60,7 @@ from models import (
     Order,
     Suppression,
     SuppressionReason,
+    suppression_key,
 )
 from models.db import writer
 from models.types import stored_address
@@ -498,12 +499,14 @@ def shared_addresses(session: Session, addresses: Iterable[str]) -> list[SharedA
     return [SharedAddress(email, sorted(ids)) for email, ids in sorted(found.items()) if len(ids) > 1]
 
 
-def customer_by_id(session: Session, external_id: str) -> Customer | None:
-    """The customer an id names: their own userId, or one merged into them (an alias)."""
-    customer = session.execute(select(Customer).where(Customer.external_id == external_id)).scalar_one_or_none()
+def customer_by_id(session: Session, external_id: str, lock: bool = False) -> Customer | None:
+    """The customer an id names: their own userId, or one merged into them (an alias).
+    ``lock``: ``SELECT … FOR UPDATE`` (PostgreSQL; SQLite's write transaction is the lock)."""
+    query = select(Customer).where(Customer.external_id == external_id)
+    customer = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
     if customer is None:
         alias = session.get(CustomerAlias, external_id)
-        customer = session.get(Customer, alias.customer_id) if alias else None
+        customer = session.get(Customer, alias.customer_id, with_for_update=lock or None) if alias else None
     return customer
 
 
@@ -580,10 +583,17 @@ class _Store:
         return customer
 
     def identify(self, customer: Customer, traits: Traits, event: SegmentEvent, ts: datetime) -> None:
+        address = customer.email
         for name in ("email", "first_name", "last_name", "timezone", "locale"):
             value = getattr(traits, name)
             if value is not None:
                 setattr(customer, name, value)
+        if customer.consent_requested_at is not None and address and customer.email and \
+                suppression_key(address) != suppression_key(customer.email):
+            # A request is confirmed by its own address only (the link names it): ask the new one.
+            customer.consent_requested_at = ts
+            consent.record(self.session, customer, ConsentChangeKind.REQUESTED, "shop", at=ts,
+                           request=consent.request_id(ts), detail="the address changed: asked again at the new one")
         if traits.locale is None and isinstance(event.context.get("locale"), str):
             customer.locale = event.context["locale"][:35]
         if traits.timezone is None and isinstance(event.context.get("timezone"), str):

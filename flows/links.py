@@ -11,7 +11,8 @@ any route but its own. Which tokens expire, and why:
   mail's footer and from the unsubscribe page.
 - **confirm** (``/confirm/``): with the consent request it confirms (the request's time
   plus the trigger's ``max_age``), and only while that request is still the customer's
-  pending one: single use, and never after an unsubscribe (``flows.consent``).
+  pending one and the customer still has the address it was mailed to: single use, and
+  never after an unsubscribe (``flows.consent``).
 - **preview** (``/preview/``): after ``PREVIEW_DAYS``; linked from Prefect runs for ops.
 
 The VERP token in each mail's Return-Path (``verp_address``) is signed with its own salt
@@ -37,6 +38,7 @@ PURPOSES = {UNSUBSCRIBE: "unsubscribe", PREFERENCES: "preferences", CONFIRM: "co
 # and such links must keep working. A confirmation without a request never is.
 _UNNAMED_OK = {UNSUBSCRIBE, PREFERENCES}
 PREVIEW_DAYS = 30
+ADDRESS = "lifecycle.address"
 
 
 @lru_cache(maxsize=32)
@@ -86,9 +88,16 @@ def preferences_url(base_url: str, secret: str, customer: str) -> str:
     return _url(base_url, "preferences", sign(secret, PREFERENCES, {"c": customer}))
 
 
-def confirm_url(base_url: str, secret: str, customer: str, request: str, expires: datetime) -> str:
-    """Confirms the one consent request ``request`` (``flows.consent.request_id``) until ``expires``."""
-    return _url(base_url, "confirm", sign(secret, CONFIRM, {"c": customer, "r": request,
+def address_tag(secret: str, address: str) -> str:
+    """Names the address a confirmation was mailed to, without showing it (keyed: not a
+    hash anyone can test guesses against): consent is confirmed for that mailbox only."""
+    return hmac.new(_derived_key(secret, ADDRESS), address.strip().lower().encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def confirm_url(base_url: str, secret: str, customer: str, request: str, expires: datetime, address: str) -> str:
+    """Confirms the one consent request ``request`` (``flows.consent.request_id``), made for
+    ``address``, until ``expires``."""
+    return _url(base_url, "confirm", sign(secret, CONFIRM, {"c": customer, "r": request, "a": address_tag(secret, address),
                                                             "x": int(expires.timestamp())}))
 
 

@@ -1,5 +1,6 @@
 """Settings from the environment (``LIFECYCLE_*``); secrets never come from files in the repo."""
 
+import hashlib
 import logging
 import os
 import re
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SECRET_BLOCK_PREFIX = "prefect-secret:"
+# SHA-256 of secrets that were once published (an old development default): refused everywhere.
+PUBLISHED_SECRETS = frozenset({"437a320ba614e1e2aeab5b66099c9865cdf1c80ba4f792b1c58da169bcfb2588"})
 
 # -- secrets in URLs ---------------------------------------------------------------------
 #
@@ -31,6 +34,7 @@ REDACTED = "***"
 # A query parameter that may carry a credential (libpq takes ``?password=``).
 _SECRET_PARAMETER = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_KEY_VALUE_PASSWORD = re.compile(r"\b(password|passwd|sslpassword)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
@@ -41,6 +45,8 @@ def redact_url(url: str) -> str:
     a URL without ``scheme://`` is read the same way. Never a prefix, never a length."""
     head, sep, rest = url.partition("://")
     if not sep:
+        if _KEY_VALUE_PASSWORD.search(url):  # libpq's "host=… password=…" form
+            return _KEY_VALUE_PASSWORD.sub(lambda m: f"{m.group(1)}={REDACTED}", url)
         head, rest = "", url
     userinfo, at, host = rest.rpartition("@")
     if at and userinfo:
@@ -243,6 +249,9 @@ class Settings(BaseSettings):
                 raise ValueError("LIFECYCLE_SECRET must be set in production (it signs unsubscribe links)")
         elif len(self.secret.get_secret_value()) < 16:
             raise ValueError("LIFECYCLE_SECRET must be at least 16 characters")
+        elif hashlib.sha256(self.secret.get_secret_value().encode()).hexdigest() in PUBLISHED_SECRETS:
+            raise ValueError("LIFECYCLE_SECRET is a value published with earlier releases: anyone could forge "
+                             "unsubscribe and confirmation links with it; choose a random one")
         if self.environment == "production" and self.sns_trusted_prefixes:
             raise ValueError("LIFECYCLE_SNS_TRUSTED_URL_PREFIXES is for tests; production trusts only "
                              "https://sns.<region>.amazonaws.com")

@@ -133,7 +133,7 @@ def unsubscribe_by_token(engine: Engine, secret: str, token: str, via: str, at: 
     if data is None:
         return None
     with Session(writer(engine), expire_on_commit=False) as session:
-        customer = customer_by_id(session, data["c"])
+        customer = customer_by_id(session, data["c"], lock=True)
         if customer is None or not customer.email:
             return None
         withdraw(session, customer, via, at=at, detail=str(data.get("k")))
@@ -169,11 +169,13 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     settings = resolved(settings, engine)
     secret = settings.signing_secret
 
-    def customer_for(purpose: str, token: str, session: Session) -> tuple[Customer, dict[str, Any]]:
+    def customer_for(purpose: str, token: str, session: Session, lock: bool = False) -> tuple[Customer, dict[str, Any]]:
+        """``lock``: for a change, the customer's row is locked first (PostgreSQL), so a
+        confirmation and an unsubscribe at once take turns and the later sees the earlier."""
         data = read(secret, purpose, token)
         customer = None
         if data is not None:
-            customer = customer_by_id(session, data["c"])
+            customer = customer_by_id(session, data["c"], lock=lock)
         if customer is None or not customer.email:
             raise HTTPException(status_code=404)
         return customer, data
@@ -181,13 +183,17 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     def lang_of(customer: Customer) -> str:
         return language_of(customer.locale, settings.default_language) if customer.locale else "en"
 
+    def title_for(path: str) -> str:
+        return "unsubscribe_title" if path.startswith("/u/") else \
+            "preferences_title" if path.startswith("/preferences/") else "confirm_title"
+
     def lang_asked(request: Request) -> str:
         return "de" if request.headers.get("accept-language", "").lower().startswith("de") else "en"
 
     @app.exception_handler(HTTPException)
     async def not_valid(request: Request, exc: HTTPException) -> HTMLResponse:
         lang = lang_asked(request)
-        return page(lang, "unsubscribe_title" if "/u/" in request.url.path else "confirm_title",
+        return page(lang, title_for(request.url.path),
                     [WORDS[lang]["spent" if exc.status_code == 410 else "invalid"]], status=exc.status_code)
 
     @app.exception_handler(OperationalError)
@@ -196,7 +202,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
         nothing changed; the client (a mail provider's one-click POST, too) tries again."""
         log.warning("%s %s: the store did not answer in time (%s)", request.method, redact(request.url.path),
                     type(exc.orig).__name__)
-        response = page(lang_asked(request), "unsubscribe_title", [WORDS[lang_asked(request)]["busy"]], status=503)
+        response = page(lang_asked(request), title_for(request.url.path), [WORDS[lang_asked(request)]["busy"]],
+                        status=503)
         response.headers["Retry-After"] = "30"
         return response
 
@@ -251,7 +258,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
 
     def _save_preferences(token: str, everything: bool, keep: set[str]) -> HTMLResponse:
         with Session(writer(engine)) as session:
-            customer, _ = customer_for(PREFERENCES, token, session)
+            customer, _ = customer_for(PREFERENCES, token, session, lock=True)
             now = clock()
             if everything:
                 withdraw(session, customer, "preference page", at=now, detail="all")
@@ -276,7 +283,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
             lang = lang_of(customer)
             if customer.marketing_consent:
                 return page(lang, "confirm_title", [WORDS[lang]["confirmed"]])
-            if check(session, customer, data, at=clock()) is Confirmation.SPENT:
+            if check(session, customer, data, at=clock(), secret=secret) is Confirmation.SPENT:
                 return page(lang, "confirm_title", [WORDS[lang]["spent"]], status=410)
             return page(lang, "confirm_title", [WORDS[lang]["confirm_question"].format(email=masked(customer.email))],
                         form="confirm")
@@ -284,8 +291,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     @app.post("/confirm/{token}")
     def confirm_post(token: str) -> HTMLResponse:
         with Session(writer(engine)) as session:
-            customer, data = customer_for(CONFIRM, token, session)
-            outcome = confirm(session, customer, data, at=clock())
+            customer, data = customer_for(CONFIRM, token, session, lock=True)
+            outcome = confirm(session, customer, data, at=clock(), secret=secret)
             if outcome is Confirmation.SPENT:
                 return page(lang_of(customer), "confirm_title", [WORDS[lang_of(customer)]["spent"]], status=410)
             session.commit()

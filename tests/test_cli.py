@@ -42,6 +42,15 @@ def test_validate_reports_every_problem_with_file_and_line_and_exits_1(settings:
     assert "2 problem(s) in 2 file(s). 5 trigger(s) are valid." in result.output
 
 
+def test_a_files_own_words_are_shown_as_text_never_as_markup(settings: Settings) -> None:
+    triggers = Path(settings.triggers_dir)
+    text = (triggers / "winback.yaml").read_text()
+    (triggers / "winback.yaml").write_text(text.replace("name: winback-lapsed", 'name: "[/x] [a-z0-9]"'))
+    result = runner.invoke(app, ["validate"])
+    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "[/x] [a-z0-9]" in result.output and "winback.yaml:1: name:" in result.output
+
+
 def test_validate_as_an_installed_command(settings: Settings) -> None:
     lifecycle = shutil.which("lifecycle")
     assert lifecycle, "the console script is installed by pip install"

@@ -36,3 +36,19 @@ def test_values_can_come_from_prefect_secret_blocks(monkeypatch) -> None:
     settings = Settings()
     assert settings.smtp_url == "smtp://mailer:s3cret@mail.example:587?tls=starttls"
     assert settings.secret.get_secret_value() == "a-secret-kept-in-a-prefect-block"
+
+
+@pytest.mark.parametrize("environment", ["development", "production"])
+def test_a_secret_published_with_an_earlier_release_is_refused(monkeypatch, environment: str) -> None:
+    monkeypatch.setenv("LIFECYCLE_ENVIRONMENT", environment)
+    monkeypatch.setenv("LIFECYCLE_SECRET", "lifecycle-development-secret-do-not-use-in-production")
+    with pytest.raises(ValidationError, match="published with earlier releases"):
+        Settings()
+
+
+def test_a_key_value_database_url_is_shown_without_its_password() -> None:
+    from flows.settings import redact_url
+
+    shown = redact_url("host=db port=5432 user=app password=Sup3r-marker-pw dbname=shop")
+    assert "Sup3r-marker-pw" not in shown and "password=***" in shown and "host=db" in shown
+    assert "marker" not in redact_url("host=db password='a quoted marker' dbname=shop")

@@ -448,3 +448,64 @@ def test_a_request_that_meets_the_statement_timeout_gets_503_and_changes_nothing
         assert session.get(Customer, customer.id).marketing_consent
     assert httpx.post(url, data={"List-Unsubscribe": "One-Click"}, timeout=60).status_code == 200  # the retry works
     server.stop()
+
+
+def test_a_link_mailed_to_an_earlier_address_never_confirms_the_new_one(settings: Settings, store: Store,
+                                                                       smtp: SmtpServer, web: WebServer) -> None:
+    opt_in(store, "neu-6", ago(hours=4), "m1")
+    link = confirmation_link(settings, smtp, web, "neu-6", NOW)
+    moved = {"type": "identify", "userId": "neu-6", "timestamp": ago(hours=3).isoformat(), "messageId": "m2",
+             "traits": {"email": "someone-else@example.de"}}
+    assert ingest_lines(store.engine, [json.dumps(moved)]).ok
+    assert httpx.post(link, data={"confirm": "1"}, timeout=30).status_code == 410
+    assert not customer_named(store, "neu-6").marketing_consent
+    # The new address is asked instead, and its own link confirms it.
+    assert run(settings, "confirm-subscription", NOW).outcomes == {"sent": 1}
+    message = smtp.handler.to("someone-else@example.de")[-1].message
+    fresh = local(re.search(r'href="([^"]+/confirm/[^"]+)"', message.get_body(("html",)).get_content()).group(1),
+                  settings, web)
+    assert httpx.post(fresh, data={"confirm": "1"}, timeout=30).status_code == 200
+    assert customer_named(store, "neu-6").marketing_consent
+
+
+def test_a_guests_confirmation_link_does_not_confirm_the_account_it_was_merged_into(
+        settings: Settings, store: Store, smtp: SmtpServer, web: WebServer) -> None:
+    opt_in(store, "gast-1", ago(hours=4), "m1")
+    link = confirmation_link(settings, smtp, web, "gast-1", NOW)
+    account = {"type": "identify", "userId": "konto-1", "timestamp": ago(hours=3).isoformat(), "messageId": "m2",
+               "traits": {"email": "konto@example.de"}}
+    alias = {"type": "alias", "previousId": "gast-1", "userId": "konto-1", "messageId": "m3",
+             "timestamp": ago(hours=2).isoformat()}
+    assert ingest_lines(store.engine, [json.dumps(account), json.dumps(alias)]).ok
+    assert httpx.post(link, data={"confirm": "1"}, timeout=30).status_code == 410
+    assert not customer_named(store, "konto-1").marketing_consent
+
+
+def test_a_confirmation_and_an_unsubscribe_at_once_end_unsubscribed(settings: Settings, store: Store,
+                                                                    smtp: SmtpServer, web: WebServer,
+                                                                    clock: Clock) -> None:
+    """Whichever goes first, the other sees it: never consent without the unsubscribe's suppression."""
+    import threading
+
+    opt_in(store, "neu-7", ago(hours=4), "m1")
+    link = confirmation_link(settings, smtp, web, "neu-7", NOW)
+    customer = customer_named(store, "neu-7")
+    lock = HeldLock(store.engine, customer)  # both requests reach the row and wait on it
+    answers: dict[str, int] = {}
+    try:
+        confirming = threading.Thread(target=lambda: answers.setdefault(
+            "confirm", httpx.post(link, data={"confirm": "1"}, timeout=60).status_code))
+        unsubscribing = threading.Thread(target=lambda: answers.setdefault(
+            "unsubscribe", one_click(settings, web, customer).status_code))
+        confirming.start()
+        unsubscribing.start()
+        lock.waiting()
+    finally:
+        lock.release()
+    confirming.join(60)
+    unsubscribing.join(60)
+    assert answers["unsubscribe"] == 200 and answers["confirm"] in (200, 410)
+    customer = customer_named(store, "neu-7")
+    with Session(store.engine) as session:
+        assert session.get(Suppression, "neu-7@example.de") is not None
+    assert not customer.marketing_consent

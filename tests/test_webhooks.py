@@ -311,3 +311,10 @@ def test_a_transient_ses_bounce_counts_as_soft_and_does_not_suppress_at_once(
     assert (row.kind, row.status, row.send_key) == ("soft_bounce", "4.2.2", KEY)
     assert row.report_id.startswith("ses:sha256:")  # no feedbackId: the notification's own hash
     assert suppressions(store.engine) == {}
+
+
+def test_a_body_nested_too_deep_for_the_parser_gets_400_not_a_crash(store: Store, web: WebServer) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path, auth in (("/webhooks/ses", None), ("/webhooks/postmark", ("postmark", "pm-hook-0123456789"))):
+        answer = httpx.post(f"{web.url}{path}", content=deep, auth=auth, headers={"Content-Type": "text/plain"})
+        assert answer.status_code == 400, (path, answer.status_code)
