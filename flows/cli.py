@@ -17,12 +17,23 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.clock import parse_now
+from flows.redaction import redact_urls
 from flows.report import RunSummary
-from flows.settings import Settings, get_settings, redact_urls
+from flows.settings import Settings, get_settings
 from flows.spec.problems import Problem, SpecError
 
 app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _every_command() -> None:
+    """No password or token in any log line of any command (``flows.redaction``)."""
+    from flows.redaction import redact_every_record
+
+    redact_every_record()
+
+
 ledger_app = typer.Typer(help="Inspect and repair the send ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 db_app = typer.Typer(help="The customer store's schema (Alembic migrations).", no_args_is_help=True)
@@ -298,9 +309,8 @@ def web(
     import uvicorn
 
     from flows.web import create_app
-    from flows.web_security import log_config, redact_every_record
+    from flows.web_security import log_config
 
-    redact_every_record()  # no token in any log line (flows.web_security)
     uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info", log_config=log_config(),
                 server_header=False)
 

@@ -18,7 +18,8 @@ from sqlmodel import Session
 
 from flows.ingest import IngestReport, ingest_lines
 from flows.outbox import Outbox
-from flows.settings import Settings, get_settings, redact_url
+from flows.redaction import redact_url
+from flows.settings import Settings, get_settings
 from models import StoreMeta
 from models.db import create_schema, get_engine
 from models.types import utcnow

@@ -38,7 +38,7 @@ from tenacity import (
 )
 
 from flows.bounces import Verdict, classify, enhanced_code
-from flows.settings import redact_url
+from flows.redaction import redact_url
 from models import FeedbackKind
 from models.types import stored_address
 

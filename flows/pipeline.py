@@ -42,15 +42,16 @@ from flows.delivery import (
 )
 from flows.links import preview_url
 from flows.memory import one_malloc_arena
+from flows.redaction import redact_every_record
 from flows.report import RunSummary, skipped
 from flows.senders import SenderPool
-from flows.settings import Settings, get_settings, redact_logs
+from flows.settings import Settings, get_settings
 from flows.spec.common import TriggerBase
 from models.db import get_engine
 from models.types import utcnow
 
 one_malloc_arena()  # before Prefect starts the run's threads (see flows.memory)
-redact_logs()  # no URL's password in any log record, Prefect's API log included (flows.settings)
+redact_every_record()  # no password or token in any log record, Prefect's API log included (flows.redaction)
 
 __all__ = ["Job", "compile_flow", "deferred_flow", "dispatch_prepared", "execute", "load", "prepare_job",
            "render_candidates", "trigger_flow"]

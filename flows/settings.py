@@ -3,16 +3,15 @@
 import hashlib
 import logging
 import os
-import re
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.redaction import redact_url
 from flows.spec.common import check_sender
 
 if TYPE_CHECKING:
@@ -24,86 +23,9 @@ SECRET_BLOCK_PREFIX = "prefect-secret:"
 # SHA-256 of secrets that were once published (an old development default): refused everywhere.
 PUBLISHED_SECRETS = frozenset({"437a320ba614e1e2aeab5b66099c9865cdf1c80ba4f792b1c58da169bcfb2588"})
 
-# -- secrets in URLs ---------------------------------------------------------------------
-#
 # LIFECYCLE_DATABASE_URL and LIFECYCLE_SMTP_URL hold a password; every message that shows
-# one shows ``redact_url(url)``. The other secrets (LIFECYCLE_SECRET, the DKIM key, the
-# Postmark webhook password, the store's signing secret) are SecretStr and never shown.
-
-REDACTED = "***"
-# A query parameter that may carry a credential (libpq takes ``?password=``).
-_SECRET_PARAMETER = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
-_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
-_KEY_VALUE_PASSWORD = re.compile(r"\b(password|passwd|sslpassword)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its user info (user and password), and any ``password=`` parameter, as ``***``.
-
-    Valid or not: the user info runs to the *last* ``@`` (a password with an unencoded
-    ``/``, ``#``, ``?`` or ``@`` is hidden whole, however a URL parser would split it), and
-    a URL without ``scheme://`` is read the same way. Never a prefix, never a length."""
-    head, sep, rest = url.partition("://")
-    if not sep:
-        if _KEY_VALUE_PASSWORD.search(url):  # libpq's "host=… password=…" form
-            return _KEY_VALUE_PASSWORD.sub(lambda m: f"{m.group(1)}={REDACTED}", url)
-        head, rest = "", url
-    userinfo, at, host = rest.rpartition("@")
-    if at and userinfo:
-        # The user too: some relays take an API token as the user name (Postmark's SMTP).
-        rest = f"{REDACTED}@{host}"
-    base, question, query = rest.partition("?")
-    if question and _SECRET_PARAMETER.search(query):
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(f"{k}={REDACTED if _SECRET_PARAMETER.search(k) else v}" for k, v in pairs) or REDACTED
-        rest = f"{base}?{query}"
-    return f"{head}{sep}{rest}"
-
-
-def redact_urls(text: str) -> str:
-    """``text`` with every URL in it as ``redact_url`` shows it (for messages we did not write)."""
-    if "://" not in text:
-        return text
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
-
-
-_TRACEBACKS = logging.Formatter()
-
-
-def redact_record(record: logging.LogRecord) -> None:
-    """``record``'s message, arguments, traceback and stack with every URL's password hidden."""
-    if record.args:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is logging's to report, as without us
-            message = None
-        if message is not None and redact_urls(message) != message:
-            record.msg, record.args = redact_urls(message), ()
-    elif isinstance(record.msg, str):
-        record.msg = redact_urls(record.msg)
-    if record.exc_info and not record.exc_text:
-        record.exc_text = _TRACEBACKS.formatException(record.exc_info)
-    if record.exc_text:
-        record.exc_text = redact_urls(record.exc_text)
-    if record.stack_info:
-        record.stack_info = redact_urls(record.stack_info)
-
-
-def redact_logs() -> None:
-    """The last line of defence: every log record this process makes has its URLs' passwords
-    hidden, whichever logger and handler (Prefect's API handler too) it goes to. The
-    messages are clean at their source; this catches a library's message that is not."""
-    make = logging.getLogRecordFactory()
-    if getattr(make, "redacts_urls", False):
-        return
-
-    def make_redacted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make(*args, **kwargs)
-        redact_record(record)
-        return record
-
-    make_redacted.redacts_urls = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(make_redacted)
+# one shows ``redact_url(url)`` (flows.redaction). The other secrets (LIFECYCLE_SECRET, the
+# DKIM key, the Postmark webhook password, the store's signing secret) are SecretStr.
 
 
 class Settings(BaseSettings):

@@ -48,11 +48,12 @@ from flows.links import (
     preferences_url,
     read,
 )
+from flows.redaction import redact
 from flows.render import language_of
 from flows.settings import Settings
 from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
-from flows.web_security import install_security, redact
+from flows.web_security import install_security
 from models import CategoryOptOut, ConsentChangeKind, Customer, Suppression
 from models.db import make_engine, writer
 from models.types import display_address, utcnow

@@ -15,7 +15,7 @@ included, by a wrapper outside Starlette's error middleware (so a 500 carries th
   ``Permissions-Policy`` that turns off every powerful feature; and
   ``Strict-Transport-Security`` when ``LIFECYCLE_BASE_URL`` is https.
 
-Logs (``RedactTokens``): every path that carries a token (``TOKEN_ROUTES``) is written as
+Logs (``Redacting``): every path that carries a token (``TOKEN_ROUTES``) is written as
 ``/u/…``, every query string as ``?…``, and a signed token anywhere else in a message as
 ``…``; uvicorn's access log, its error log and our own records alike.
 """
@@ -24,20 +24,15 @@ import base64
 import copy
 import hashlib
 import logging
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Every first path segment whose next segment is a token: the links in mails (``/u/``
-# unsubscribe, ``/preferences/``, ``/confirm/``, and the ``/c/`` clicks and ``/o/`` opens
-# to come) and the previews linked from runs. tests/test_web_security.py fails for a
-# route with a path parameter whose prefix is missing here.
-TOKEN_ROUTES = ("u", "preferences", "confirm", "preview", "c", "o")
+from flows.redaction import TOKEN_ROUTES, Redacting
+
 PREVIEW_ROUTE = "preview"
-REDACTED = "…"
 
 # The ``style=`` attributes of flows.web's page template, allowed by hash ('unsafe-hashes'
 # allows exactly these attribute values, nothing else inline). tests/test_web_security.py
@@ -150,110 +145,20 @@ def install_security(app: FastAPI, base_url: str) -> None:
     app.build_middleware_stack = build_with_headers  # type: ignore[method-assign]
     for name in ("uvicorn.access", "uvicorn.error", "flows.web"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactTokens) for f in logger.filters):
-            logger.addFilter(RedactTokens())
+        if not any(isinstance(f, Redacting) for f in logger.filters):
+            logger.addFilter(Redacting())
 
 
-# -- log redaction ---------------------------------------------------------------------
-
-_ROUTES = "|".join(map(re.escape, TOKEN_ROUTES))
-_TOKEN_PATH = re.compile(rf"/({_ROUTES})/[^/?#\s\"'<>]+")
-_QUERY = re.compile(r"((?:[a-z][a-z0-9+.-]*://[^\s/?#\"'<>]+)?/[^\s?#\"'<>]*)\?[^\s#\"'<>]+", re.IGNORECASE)
-# A token signed by flows.links (itsdangerous: base64 JSON, or "." and zlib, then "." and
-# the signature) or any JWT-shaped string, wherever it stands.
-_BARE_TOKEN = re.compile(r"(?:eyJ|(?<![\w-])\.eJ)[\w-]{4,}\.[\w-]{16,}")
-
-
-def redact(text: str) -> str:
-    """``text`` with every token path as ``/u/…``, every query string as ``?…`` and every
-    signed token as ``…``."""
-    if "/" not in text and "J" not in text:  # neither a path nor a signed token
-        return text
-    text = _QUERY.sub(lambda m: m.group(1) + "?" + REDACTED, text)
-    text = _TOKEN_PATH.sub(lambda m: f"/{m.group(1)}/{REDACTED}", text)
-    return _BARE_TOKEN.sub(REDACTED, text)
-
-
-_PLAIN = (int, float, bool, type(None))
-
-
-def _redacted_arg(arg: Any) -> Any:
-    if isinstance(arg, str):
-        return redact(arg)
-    if isinstance(arg, _PLAIN):
-        return arg
-    text = str(arg)
-    clean = redact(text)
-    return arg if clean == text else clean
-
-
-def _redacted_args(args: Any) -> Any:
-    if isinstance(args, dict):
-        return {key: _redacted_arg(value) for key, value in args.items()}
-    if isinstance(args, tuple):
-        return tuple(_redacted_arg(arg) for arg in args)
-    return _redacted_arg(args)
-
-
-_TRACEBACKS = logging.Formatter()
-
-
-def redact_record(record: logging.LogRecord) -> None:
-    """Redact ``record`` in place: its message, its arguments, its traceback and stack."""
-    if record.args:
-        record.args = _redacted_args(record.args)  # the format itself is left whole: it has the %s
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is logging's to report, as without us
-            message = None
-        # A token put together from the format and its arguments: keep the redacted text.
-        # (Not for uvicorn's access log: its formatter unpacks the arguments, never split so.)
-        if message is not None and record.name != "uvicorn.access" and redact(message) != message:
-            record.msg, record.args = redact(message), ()
-    elif isinstance(record.msg, str):
-        record.msg = redact(record.msg)
-    elif not isinstance(record.msg, _PLAIN):
-        record.msg = _redacted_arg(record.msg)
-    if record.exc_info and not record.exc_text:
-        record.exc_text = _TRACEBACKS.formatException(record.exc_info)
-    if record.exc_text:
-        record.exc_text = redact(record.exc_text)
-    if record.stack_info:
-        record.stack_info = redact(record.stack_info)
-
-
-class RedactTokens(logging.Filter):
-    """A logging filter that lets every record through, redacted (``redact_record``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        redact_record(record)
-        return True
-
-
-def redact_every_record() -> None:
-    """Redact every log record this process makes, whichever logger and handler it goes to
-    (``lifecycle web``: the process is the web app)."""
-    make = logging.getLogRecordFactory()
-    if getattr(make, "redacts_tokens", False):
-        return
-
-    def make_redacted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make(*args, **kwargs)
-        redact_record(record)
-        return record
-
-    make_redacted.redacts_tokens = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(make_redacted)
-
+# -- log redaction: flows.redaction, installed on the loggers that see requests ---------
 
 def log_config(level: str = "INFO") -> dict[str, Any]:
-    """uvicorn's logging configuration, with ``RedactTokens`` on every handler and our own
+    """uvicorn's logging configuration, with ``Redacting`` on every handler and our own
     loggers (the root logger) written through uvicorn's default handler."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"redact_tokens": {"()": RedactTokens}}
+    config["filters"] = {"redact": {"()": Redacting}}
     for handler in config["handlers"].values():
-        handler["filters"] = ["redact_tokens"]
+        handler["filters"] = ["redact"]
     config["root"] = {"handlers": ["default"], "level": level}
     return config

@@ -47,7 +47,7 @@ def test_a_secret_published_with_an_earlier_release_is_refused(monkeypatch, envi
 
 
 def test_a_key_value_database_url_is_shown_without_its_password() -> None:
-    from flows.settings import redact_url
+    from flows.redaction import redact_url
 
     shown = redact_url("host=db port=5432 user=app password=Sup3r-marker-pw dbname=shop")
     assert "Sup3r-marker-pw" not in shown and "password=***" in shown and "host=db" in shown

@@ -20,17 +20,15 @@ from uvicorn.logging import AccessFormatter
 
 from flows.links import PREVIEW, preferences_url, sign, unsubscribe_url
 from flows.outbox import free_port
+from flows.redaction import TOKEN_ROUTES, Redacting, redact
 from flows.settings import Settings
 from flows.web import create_app
 from flows.web_security import (
     HSTS,
     PAGE_CSP,
     PREVIEW_CSP,
-    TOKEN_ROUTES,
-    RedactTokens,
     carries_token,
     first_segment,
-    redact,
     style_hash,
 )
 from models.db import dispose_engines
@@ -243,7 +241,7 @@ def test_a_record_is_redacted_in_its_format_its_arguments_and_its_traceback() ->
     handler_output = []
     formatter = logging.Formatter("%(message)s")
     for record in records:
-        assert RedactTokens().filter(record)
+        assert Redacting().filter(record)
         handler_output.append(formatter.format(record))
     handler_output.append(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(records[0]))
     text = "\n".join(handler_output)
