@@ -34,11 +34,24 @@ language (``59,90 €`` in German, ``€59.90`` in English).
 
 Budgets: a template file is at most ``MAX_TEMPLATE_BYTES`` of UTF-8. Every render (each
 subject, HTML and text part, test renders and real ones alike) has a budget checked
-as it goes: at most ``MAX_STEPS`` loop iterations, calls and output pieces, at most
-``MAX_OUTPUT`` characters produced, at most ``TIME_BUDGET`` seconds, and no
-``*``/``**`` that would build a string, list or integer beyond those bounds. A template
-over budget is stopped with its file and line; within the catalog's life (one run)
-it is not tried again, so its recipients fail at once and other triggers never wait.
+as it goes: at most ``MAX_STEPS`` loop iterations, calls, filter calls, items yielded
+by filters and output pieces, at most ``MAX_OUTPUT`` characters produced, at most
+``MAX_BUILT`` characters or items built by the operations that make strings and lists
+(``~``, ``+``, ``*``, ``%``, ``format``, string methods, filters, slices), and at most
+``TIME_BUDGET`` seconds, checked at every step. An operation that can build a large value
+in one step (``*``, ``**``, ``%``, ``str.format``, ``center``/``ljust``/``rjust``/``zfill``/
+``expandtabs``/``replace``/``translate``/``join``, the filters ``indent``, ``center``,
+``truncate``, ``wordwrap``, ``slice``, ``batch``, ``format``, ``join``, ``replace``, ``sum``,
+``string``, ``tojson``, ``pprint``, ``urlize``…, and printing a list or mapping) is
+checked before it runs and refused if its result would exceed ``MAX_OUTPUT``. ``lipsum``
+is not offered. A template over budget is stopped with its file and line; within the
+catalog's life (one run) it is not tried again, so its recipients fail at once and other
+triggers never wait.
+
+The checks are cooperative, in the same thread: the clock is read between steps, so a
+single step (one built-in operation on values within the bounds above, such as sorting
+100,000 items) can overrun the deadline by its own duration, a fraction of a second, and
+memory is bounded through the sizes above rather than measured.
 """
 
 import difflib
@@ -51,9 +64,10 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import date, datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 from itertools import islice
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
 import css_inline
@@ -72,8 +86,11 @@ from jinja2 import (
 )
 from jinja2.exceptions import SecurityError
 from jinja2.loaders import split_template_path
-from jinja2.runtime import Context
+from jinja2.runtime import Context, markup_join, str_join
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.utils import pass_eval_context
+from jinja2.visitor import NodeTransformer
+from markupsafe import Markup, soft_str
 
 from flows.context import VIEW_ATTRIBUTES, CustomerView
 from flows.plaintext import html_to_text
@@ -86,6 +103,7 @@ LAYOUT_DIR = "_layout"
 MAX_TEMPLATE_BYTES = 256 * 1024  # per template file
 MAX_STEPS = 1_000_000  # loop iterations, calls and output pieces per render
 MAX_OUTPUT = 1_000_000  # characters per render (Gmail clips a mail at about 100 kB)
+MAX_BUILT = 10 * MAX_OUTPUT  # characters or items built by string and list operations per render
 MAX_INT_BITS = 4096  # integers that * and ** may build
 TIME_BUDGET = 2.0  # seconds per render; a real mail renders in well under a millisecond
 
@@ -113,11 +131,19 @@ class BudgetExceeded(SecurityError):
 
 
 class _Budget:
-    __slots__ = ("deadline", "limits", "output", "steps")
+    __slots__ = ("built", "deadline", "limits", "output", "steps")
 
     def __init__(self, limits: "BudgetedEnvironment") -> None:
         self.deadline = time.monotonic() + limits.time_budget
         self.steps, self.output, self.limits = limits.max_steps, limits.max_output, limits
+        self.built = limits.max_output * (MAX_BUILT // MAX_OUTPUT)
+
+    def charge(self, size: int) -> None:
+        """A value of ``size`` characters or items was built."""
+        self.built -= size
+        if self.built < 0:
+            raise BudgetExceeded(f"stopped: over the render budget of {self.limits.max_output * (MAX_BUILT // MAX_OUTPUT):,} "
+                                 "characters or items built")
 
     def tick(self) -> None:
         self.steps -= 1
@@ -155,6 +181,153 @@ def _budgeted(iterable: Any) -> Any:
 
 
 _LOOP_FILTER = "_budgeted"
+_CONCAT_FILTER = "_concat"
+
+
+def _ensure(size: int, what: str, limit: int | None = None) -> None:
+    """Refuse an operation whose result would have ``size`` characters or items, before it runs."""
+    budget = _current()
+    if limit is None:
+        limit = budget.limits.max_output if budget is not None else MAX_OUTPUT
+    if size > limit:
+        raise BudgetExceeded(f"stopped: {what} would build a value over the render budget of {limit:,} "
+                             f"characters of output (at least {size:,} characters or items)")
+    if budget is not None:
+        budget.charge(size)
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _weight(value: Any, limit: int, per_level: int = 0) -> int:
+    """About the length of ``str(value)``, for containers too (their items may all be one
+    long string), counted only up to just over ``limit``; ``per_level`` adds indentation."""
+    kind = type(value)
+    if kind is str or kind is Markup:
+        return len(value)
+    if kind not in _CONTAINERS:
+        return _scalar_weight(value)
+    total, stack = 0, [(value, 1)]
+    while stack and total <= limit:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind in _CONTAINERS:
+            total += 2
+            if kind is dict:
+                stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+            else:
+                stack.extend((part, depth + 1) for part in item)
+        else:
+            total += (len(item) + 2 if isinstance(item, str) else _scalar_weight(item)) + depth * per_level
+    return total
+
+
+def _scalar_weight(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() // 3 + 2
+    return 24  # dates, numbers, None, views: short
+
+
+def _limit() -> int:
+    budget = _current()
+    return budget.limits.max_output if budget is not None else MAX_OUTPUT
+
+
+def _check_percent(template: str, values: Any, what: str = "%") -> None:
+    """``template % values`` would stay within the output budget (widths and precisions included)."""
+    limit = _limit()
+    size, position = len(template), 0
+    items = values if isinstance(values, tuple) else (values,)
+    mapping = values if isinstance(values, dict) else None
+    for match in _PERCENT.finditer(template):
+        if match["kind"] == "%":
+            continue
+        numbers = []
+        for star_or_digits in (match["width"], match["precision"]):
+            if star_or_digits == "*":
+                number = items[position] if position < len(items) else 0
+                position += 1
+                numbers.append(abs(number) if isinstance(number, int) else 0)
+            elif star_or_digits:
+                numbers.append(int(star_or_digits))
+        if mapping is not None and match["key"] is not None:
+            value = mapping.get(match["key"][1:-1], "")
+        elif position < len(items):
+            value, position = items[position], position + 1
+        else:
+            value = ""
+        size += max(numbers, default=0) + _weight(value, limit)
+        if size > limit:
+            break
+    _ensure(size, what)
+
+
+_PERCENT = re.compile(r"%(?P<key>\([^)]*\))?[#0 +\-]*(?P<width>\*|\d+)?(?:\.(?P<precision>\*|\d*))?[hlL]?"
+                      r"(?P<kind>[a-zA-Z%])")
+_DIGITS = re.compile(r"\d+")
+
+
+def _check_format(template: str, args: tuple, kwargs: dict, what: str) -> None:
+    """``template.format(*args, **kwargs)`` would stay within the output budget: each field
+    counts as the longest argument (fields may repeat one), plus its width and precision."""
+    limit = _limit()
+    values = list(args) + list(kwargs.values())
+    longest = max((_weight(value, limit) for value in values), default=0)
+    widest = max((abs(value) for value in values if isinstance(value, int)), default=0)
+    size = 0
+    for literal, field, spec, _conversion in Formatter().parse(template):
+        size += len(literal)
+        if field is not None:
+            size += longest + max((int(number) for number in _DIGITS.findall(spec or "")), default=0)
+            if spec and "{" in spec:
+                size += widest
+        if size > limit:
+            break
+    _ensure(size, what)
+
+
+def _check_replace(text: str, old: Any, new: Any, count: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        found = text.count(old) if old else len(text) + 1
+        if isinstance(count, int) and count >= 0:
+            found = min(found, count)
+        _ensure(len(text) + found * (len(new) - len(old)), "replace")
+
+
+def _check_join(separator: Any, items: list[Any], what: str) -> None:
+    limit = _limit()
+    size = len(separator) * max(len(items) - 1, 0) if isinstance(separator, str) else 0
+    for item in items:
+        if size > limit:
+            break
+        size += _weight(item, limit)
+    _ensure(size, what)
+
+
+def _check_method(method: Any, args: tuple, kwargs: dict) -> tuple:
+    """A string method that can grow its string, checked before the call; the arguments to call it with."""
+    text, name = method.__self__, method.__name__
+    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+        _ensure(max(len(text), args[0]), name)
+    elif name == "expandtabs":
+        size = (args or (kwargs.get("tabsize", 8),))[0]
+        if isinstance(size, int):
+            _ensure(len(text) + text.count("\t" if isinstance(text, str) else b"\t") * max(size, 0), name)
+    elif name == "replace" and len(args) >= 2:
+        _check_replace(text, args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count", -1))
+    elif name == "join" and args:
+        items = list(islice(args[0], _limit() + 1))
+        _check_join(text, items, name)
+        args = (items, *args[1:])
+    elif name == "translate" and args and isinstance(args[0], dict):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+        _ensure(len(text) * max(longest, 1), name)
+    return args
+
+
+_GROWING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "replace", "join", "translate"})
 
 
 class BudgetedEnvironment(SandboxedEnvironment):
@@ -168,18 +341,53 @@ class BudgetedEnvironment(SandboxedEnvironment):
     before they run (``call_binop``), as those can build a huge value in one step.
     """
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
     max_steps, max_output, time_budget = MAX_STEPS, MAX_OUTPUT, TIME_BUDGET
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.filters[_LOOP_FILTER] = _budgeted
+        self.globals.pop("lipsum", None)  # unbounded text in one call, and nothing a mail needs
+        self.finalize = _printable
+        self.filters = _BudgetedFilters(self.filters)
+        dict.__setitem__(self.filters, _LOOP_FILTER, _budgeted)
+        dict.__setitem__(self.filters, _CONCAT_FILTER, _concat)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        tree = super()._parse(source, name, filename)
-        for loop in tree.find_all(nodes.For):
-            loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
-        return tree
+        return _Rewriter().visit(super()._parse(source, name, filename))
+
+    def _generate(self, *args: Any, **kwargs: Any) -> str:
+        """Compiling folds constant expressions, filters included: under a budget of its own."""
+        if _current() is not None:
+            return super()._generate(*args, **kwargs)
+        _active.budget = _Budget(self)
+        try:
+            return super()._generate(*args, **kwargs)
+        finally:
+            _active.budget = None
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        value = super().getitem(obj, argument)
+        if isinstance(argument, slice) and isinstance(value, (str, list, tuple)):
+            budget = _current()
+            if budget is not None:
+                budget.charge(len(value))
+        return value
+
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        template, name = value.__self__, value.__name__
+
+        @wraps(wrapped)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if name == "format_map" and len(args) == 1 and isinstance(args[0], dict):
+                _check_format(template, (), args[0], name)
+            else:
+                _check_format(template, args, kwargs, name)
+            return wrapped(*args, **kwargs)
+
+        return checked
 
     def concat(self, pieces: Any) -> str:  # type: ignore[override]
         budget = _current()
@@ -195,15 +403,36 @@ class BudgetedEnvironment(SandboxedEnvironment):
         budget = _current()
         if budget is not None:
             budget.tick()
-        return super().call(context, obj, *args, **kwargs)
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, (str, bytes)) and getattr(obj, "__name__", "") in _GROWING_METHODS:
+            args = _check_method(obj, args, kwargs)
+        elif isinstance(owner, list) and getattr(obj, "__name__", "") == "extend" and args:
+            items = list(islice(args[0], self.max_output + 1))
+            _ensure(len(owner) + len(items), "extend")
+            args = (items,)
+        result = super().call(context, obj, *args, **kwargs)
+        if budget is not None and isinstance(result, (str, bytes, list, tuple, dict)):
+            budget.charge(len(result))
+        return result
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%":
+            if isinstance(left, str):
+                _check_percent(left, right)
+            return super().call_binop(context, operator, left, right)
+        if operator == "+":
+            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                _ensure(len(left) + len(right), "+")
+            return super().call_binop(context, operator, left, right)
         if operator == "*":
             sequence, count = (left, right) if isinstance(right, int) else (right, left)
             if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
                 if len(sequence) * count > self.max_output:
                     raise BudgetExceeded(f"stopped: * would build a value of {len(sequence) * count:,} items; "
                                          f"at most {self.max_output:,}")
+                budget = _current()
+                if budget is not None:
+                    budget.charge(len(sequence) * max(count, 0))
             elif isinstance(left, int) and isinstance(right, int) and \
                     left.bit_length() + right.bit_length() > MAX_INT_BITS:
                 raise BudgetExceeded(f"stopped: * would build an integer over {MAX_INT_BITS} bits")
@@ -211,6 +440,202 @@ class BudgetedEnvironment(SandboxedEnvironment):
                 right * left.bit_length() > MAX_INT_BITS:
             raise BudgetExceeded(f"stopped: ** would build an integer over {MAX_INT_BITS} bits")
         return super().call_binop(context, operator, left, right)
+
+
+class _Rewriter(NodeTransformer):
+    """Every ``{% for %}``'s iterable is counted item by item; every ``~`` is checked before it joins."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, _LOOP_FILTER, [], [], None, None, lineno=node.iter.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)
+        items = nodes.List(node.nodes, lineno=node.lineno)
+        return nodes.Filter(items, _CONCAT_FILTER, [], [], None, None, lineno=node.lineno)
+
+
+@pass_eval_context
+def _concat(eval_ctx: Any, items: list[Any]) -> str:
+    """``a ~ b``: as Jinja joins it, once the total length is known to be within the budget."""
+    _check_join("", items, "~")
+    return markup_join(items) if eval_ctx.autoescape else str_join(items)
+
+
+def _printable(value: Any) -> Any:
+    """Every ``{{ value }}``: a list or mapping is printed only if its text stays within the budget."""
+    if type(value) in _CONTAINERS:
+        _ensure(_weight(value, _limit()), "printing a list or mapping")
+    return value
+
+
+def _check_filter(name: str, offset: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The arguments a filter will be called with, checked before it runs; sized arguments
+    are refused when they would exceed the budget, and iterables it must size are listed.
+    The first ``offset`` arguments are Jinja's (context, evaluation context or environment)."""
+    checker = _FILTER_CHECKS.get(name)
+    if checker is None:
+        return args, kwargs
+    head, rest = args[:offset], args[offset:]
+    environment = getattr(head[0], "environment", head[0]) if head else None
+    checked = checker(name, environment, *rest, **kwargs)
+    return (head + checked[0], checked[1]) if checked else (args, kwargs)
+
+
+def _size_arguments(*positions: int, names: tuple[str, ...] = ()) -> Any:
+    def check(name: str, environment: Any, *args: Any, **kwargs: Any) -> None:
+        for index in positions:
+            value = args[index] if index < len(args) else None
+            if isinstance(value, int):
+                _ensure(abs(value), name)
+        for key in names:
+            value = kwargs.get(key)
+            if isinstance(value, int):
+                _ensure(abs(value), name)
+    return check
+
+
+def _check_indent(name: str, environment: Any, text: Any = "", width: Any = 4, *rest: Any, **kwargs: Any) -> None:
+    width = kwargs.get("width", width)
+    text = soft_str(text)
+    step = width if isinstance(width, int) else len(soft_str(width))
+    _ensure(len(text) + (text.count("\n") + 1) * abs(step), name)
+
+
+def _check_wordwrap(name: str, text: Any = "", width: Any = 79, break_long_words: Any = True,
+                    wrapstring: Any = None, *rest: Any, **kwargs: Any) -> None:
+    width, wrapstring = kwargs.get("width", width), kwargs.get("wrapstring", wrapstring)
+    text = soft_str(text)
+    if isinstance(width, int):
+        _ensure(abs(width), name)
+    if isinstance(wrapstring, str) and isinstance(width, int) and width > 0:
+        _ensure(len(text) + (len(text) // width + text.count("\n") + 1) * len(wrapstring), name)
+
+
+def _check_truncate(name: str, text: Any = "", length: Any = 255, killwords: Any = False, end: Any = "...",
+                    *rest: Any, **kwargs: Any) -> None:
+    length, end = kwargs.get("length", length), kwargs.get("end", end)
+    if isinstance(length, int):
+        _ensure(abs(length), name)
+    _ensure(len(soft_str(text)) + len(soft_str(end)), name)
+
+
+def _check_format_filter(name: str, environment: Any, value: Any = "", *args: Any, **kwargs: Any) -> None:
+    _check_percent(soft_str(value), kwargs or args, name)
+
+
+def _check_replace_filter(name: str, environment: Any, text: Any = "", old: Any = "", new: Any = "",
+                          count: Any = None, **kwargs: Any) -> None:
+    count = kwargs.get("count", count)
+    _check_replace(soft_str(text), soft_str(old), soft_str(new), -1 if count is None else count)
+
+
+def _listed(environment: Any, value: Any, attribute: Any) -> list[Any]:
+    items = list(islice(value, _limit() + 1))
+    if attribute is not None:
+        from jinja2.filters import make_attrgetter
+
+        items = list(map(make_attrgetter(environment, attribute), items))
+    return items
+
+
+def _check_join_filter(name: str, environment: Any, value: Any = (), d: Any = "", attribute: Any = None) -> tuple:
+    items = _listed(environment, value, attribute)
+    _check_join(soft_str(d), items, name)
+    return (items, d), {}
+
+
+def _check_sum(name: str, environment: Any, iterable: Any = (), attribute: Any = None,
+               start: Any = 0) -> tuple | None:
+    if isinstance(start, (int, float)) and attribute is None:
+        return None  # numbers: each addition is one small step
+    items = _listed(environment, iterable, attribute)
+    sizes = [len(item) for item in items if isinstance(item, (str, list, tuple))]
+    total = sum(sizes)
+    _ensure(total, name)
+    _ensure(total * len(sizes) // 200, name)  # each addition copies what came before it
+    return (items, None, start), {}
+
+
+def _check_printed(per_level: int = 0, indent_position: int | None = None) -> Any:
+    def check(name: str, environment: Any, *args: Any, **kwargs: Any) -> None:
+        level = per_level
+        if indent_position is not None:
+            indent = kwargs.get("indent", args[indent_position] if len(args) > indent_position else None)
+            level = indent if isinstance(indent, int) else len(indent) if isinstance(indent, str) else 0
+        value = args[0] if args else ""
+        _ensure(_weight(value, _limit(), max(level, 0)), name)
+    return check
+
+
+def _check_urlize(name: str, environment: Any, value: Any = "", *args: Any, **kwargs: Any) -> None:
+    text = soft_str(value)
+    extra = sum(len(v) for v in (*args, *kwargs.values()) if isinstance(v, str))
+    _ensure(3 * len(text) + (len(text) // 4 + 1) * (extra + 64), name)
+
+
+_FILTER_CHECKS: dict[str, Any] = {
+    "center": _size_arguments(1, names=("width",)),
+    "batch": _size_arguments(1, names=("linecount",)),
+    "slice": _size_arguments(1, names=("slices",)),
+    "indent": _check_indent,
+    "wordwrap": lambda name, environment, *args, **kwargs: _check_wordwrap(name, *args, **kwargs),
+    "truncate": lambda name, environment, *args, **kwargs: _check_truncate(name, *args, **kwargs),
+    "format": _check_format_filter,
+    "replace": _check_replace_filter,
+    "join": _check_join_filter,
+    "sum": _check_sum,
+    "string": _check_printed(),
+    "e": _check_printed(),
+    "escape": _check_printed(),
+    "forceescape": _check_printed(),
+    "pprint": _check_printed(per_level=1),
+    "list": lambda name, environment, value=(), *args, **kwargs: _ensure(len(value), name) if isinstance(value, str) else None,
+    "tojson": _check_printed(indent_position=1),
+    "xmlattr": _check_printed(),
+    "urlencode": _check_printed(),
+    "urlize": _check_urlize,
+}
+
+
+def _budgeted_filter(name: str, function: Any) -> Any:
+    """A filter that is a step, checked before it runs (``_check_filter``), whose iterator
+    (``map``, ``select``, ``batch``…) counts a step per item and whose result is charged."""
+    if getattr(function, "_lifecycle_budgeted", False):
+        return function
+    offset = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
+
+    @wraps(function)
+    def budgeted(*args: Any, **kwargs: Any) -> Any:
+        budget = _current()
+        if budget is not None:
+            budget.tick()
+        args, kwargs = _check_filter(name, offset, args, kwargs)
+        result = function(*args, **kwargs)
+        if budget is not None:
+            if isinstance(result, (str, list, tuple, dict)):
+                budget.charge(len(result))
+            elif hasattr(result, "__next__"):
+                return _budgeted(result)
+        return result
+
+    budgeted._lifecycle_budgeted = True  # type: ignore[attr-defined]
+    return budgeted
+
+
+class _BudgetedFilters(dict):
+    """The environment's filters: each one added is wrapped by ``_budgeted_filter``."""
+
+    def __init__(self, filters: dict[str, Any]) -> None:
+        super().__init__((name, _budgeted_filter(name, f)) for name, f in filters.items())
+
+    def __setitem__(self, name: str, function: Any) -> None:
+        super().__setitem__(name, _budgeted_filter(name, function))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for name, function in dict(*args, **kwargs).items():
+            self[name] = function
 
 
 def _joined(budget: _Budget, pieces: Any) -> str:

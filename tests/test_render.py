@@ -317,3 +317,98 @@ def test_a_real_run_stops_a_template_that_hangs_on_one_customer_s_data_and_other
     store.complaint(complaint, ago(hours=2))
     other = execute(prepare_job("complaint-ack", NOW, settings=settings))
     assert other.outcomes == {"sent": 1}
+
+
+# Single calls, methods and filters that would build a huge value in one step: refused before they run.
+HUGE_IN_ONE_STEP = [
+    "lipsum(10**7)|length",
+    "('%999999999s' % '')|length",
+    "('%.999999999f' % 1.0)|length",
+    "('%*s' % (10**9, ''))|length",
+    "[0]|slice(10**8)|select|list|length",
+    "'x'.center(10**9)|length",
+    "'x'.ljust(10**9)|length",
+    "'x'.rjust(10**9)|length",
+    "'x'.zfill(10**9)|length",
+    "'\\t'.expandtabs(10**9)|length",
+    "'{:>999999999}'.format('')|length",
+    "'{:>{}}'.format('', 10**9)|length",
+    "'{a}{a}'.format_map({'a': 'x' * 999999})|length",
+    "('x' * 999999).replace('x', 'yyyy')|length",
+    "('x' * 999999)|replace('x', 'yyyy')|length",
+    "('x' * 999999).translate({120: 'yyyy'})|length",
+    "('x' * 999999).join(['a', 'b', 'c'])|length",
+    "('x' * 999999)|indent(10**9)|length",
+    "'x'|indent(10**9)|length",
+    "'x'|center(10**9)|length",
+    "'x'|truncate(10**9)|length",
+    "'x y'|wordwrap(10**9)|length",
+    "('x ' * 400000)|wordwrap(1, wrapstring='yyyyyy')|length",
+    "[0]|batch(10**9, 0)|list|length",
+    "'%999999999s'|format('')|length",
+    "(['x' * 999999] * 1000)|join|length",
+    "(['x' * 999999] * 1000)|string|length",
+    "(['x' * 999999] * 1000)|tojson|length",
+    "['x' * 999999] * 1000",
+    "('x' * 999999) ~ ('x' * 999999)",
+    "('x' * 999999) + ('x' * 999999)",
+    "([['x'] * 999] * 1000)|sum(start=[])|length",
+]
+
+
+@pytest.mark.parametrize("expression", HUGE_IN_ONE_STEP)
+def test_single_calls_and_filters_cannot_build_values_over_the_budget(tmp_path: Path, expression: str) -> None:
+    import time
+
+    catalog = hanging(tmp_path, "{{ " + expression + " }}")
+    started = time.monotonic()
+    with pytest.raises(RenderError) as caught:
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+    assert time.monotonic() - started < 1.0
+    assert (caught.value.file, caught.value.line) == ("offer/default.html.j2", 2), str(caught.value)
+    assert "over the render budget" in str(caught.value) or "lipsum" in str(caught.value), str(caught.value)
+
+
+def test_lipsum_is_not_offered(tmp_path: Path) -> None:
+    catalog = hanging(tmp_path, "{{ lipsum(1) }}")
+    with pytest.raises(RenderError, match="'lipsum' is undefined"):
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+
+
+@pytest.mark.parametrize("body", [
+    # Each step is small and quick, but the values built and kept add up: the budget of what is built stops it.
+    ("{% set ns = namespace(kept=[]) %}{% for i in range(100000) %}"
+    "{% set ns.kept = ns.kept + [('x' * 999999) ~ i] %}{% endfor %}"),
+    # Filters are steps too: a filter in a loop counts, and so does every item a filter's iterator yields.
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ j|string|length|abs|string|trim }}"
+    "{% endfor %}{% endfor %}"),
+    ("{{ range(100000)|batch(1)|map('first')|map('string')|map('length')|select|list|length }}"
+    "{{ range(100000)|batch(1)|map('first')|map('string')|map('length')|select|list|length }}"),
+])
+def test_many_small_steps_stop_within_the_budget(tmp_path: Path, body: str) -> None:
+    import time
+
+    catalog = hanging(tmp_path, body, max_steps=200_000)
+    started = time.monotonic()
+    with pytest.raises(RenderError, match="over the render budget") as caught:
+        catalog.render(EmailSpec(template="offer", subject="Hi"), context(lang="en"))
+    assert time.monotonic() - started < 2.5
+    assert caught.value.line == 2, str(caught.value)
+
+
+@pytest.mark.parametrize(("expression", "expected"), [
+    ("'%5s|%-3d|%.2f' % ('ab', 7, 1.5)", "   ab|7  |1.50"),
+    ("'%(a)s-%(a)s' % {'a': 'x'}", "x-x"),
+    ("'{:>4}{}'.format('a', 'b')", "   ab"),
+    ("'x'.center(5, '-') ~ 'y'.zfill(3) ~ 'a\\tb'.expandtabs(2)", "--x--00ya b"),
+    ("'aXa'.replace('a', 'bc') ~ ', '.join(['p', 'q'])", "bcXbcp, q"),
+    ("'a\\nb'|indent(2, true) ~ '|' ~ 'abc'|center(5) ~ '|' ~ 'hello world'|truncate(8, leeway=0)",
+     "  a\n  b| abc |hello..."),
+    ("[1, 2, 3, 4, 5]|slice(2)|list ~ [1, 2, 3]|batch(2, 0)|list", "[[1, 2, 3], [4, 5]][[1, 2], [3, 0]]"),
+    ("'%s-%s'|format(1, 2) ~ ['a', 'b']|join('+') ~ [[1], [2]]|sum(start=[])", "1-2a+b[1, 2]"),
+    ("'a b c'|wordwrap(1) ~ {'k': [1, 'v']}|tojson ~ 'a' + 'b'", 'a\nb\nc{"k": [1, "v"]}ab'),
+])
+def test_the_checked_operations_still_work_within_the_budget(tmp_path: Path, expression: str, expected: str) -> None:
+    catalog = TemplateCatalog(tmp_path, default_language="en")
+    template = catalog.subject_env.from_string("{{ " + expression + " }}")
+    assert template.render() == expected
