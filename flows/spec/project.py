@@ -88,7 +88,7 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
                     project.problems.append(Problem(
                         path, None, "name", f"trigger name {spec.name!r} is already used by {project.files[spec.name]}"))
                 else:
-                    project.problems.extend(_check_templates(spec, project, base_url, shop_url))
+                    project.problems.extend(_check_templates(spec, project, base_url, shop_url, path))
                     if len(project.problems) == before:
                         project.triggers[spec.name] = spec
                         project.files[spec.name] = path
@@ -224,7 +224,8 @@ def _language_problems(spec: TriggerBase, doc: YamlDocument,
     return errors, warnings
 
 
-def _check_templates(spec: TriggerBase, project: Project, base_url: str, shop_url: str) -> list[Problem]:
+def _check_templates(spec: TriggerBase, project: Project, base_url: str, shop_url: str,
+                     path: Path | None = None) -> list[Problem]:
     catalog = project.catalog
     all_stages = project.stages.names if project.stages else ["default"]
     stages = spec.audience.stages or all_stages
@@ -233,7 +234,26 @@ def _check_templates(spec: TriggerBase, project: Project, base_url: str, shop_ur
     if _needs_default_language(spec, catalog):
         languages.add(catalog.default_language)
     samples = sample_contexts(KINDS[spec.kind].reference, base_url, shop_url)
-    return catalog.check(spec.email, stages, languages, samples)
+    problems = catalog.check(spec.email, stages, languages, samples)
+    if path is None or not any(_is_subject_problem(p, catalog) for p in problems):
+        return problems
+    doc = load_yaml(path)  # a subject's failure is the trigger file's: its line, as for its other errors
+    located = []
+    for problem in problems:
+        if _is_subject_problem(problem, catalog):
+            case = _TEST_RENDER_LANGUAGE.search(problem.message)
+            lang = case.group(1) if case else "*"
+            key = ("email", "subject", lang) if lang in spec.email.subject else ("email", "subject")
+            problem = doc.problem(key, format_path(key), problem.message.removeprefix("subject: "))
+        located.append(problem)
+    return located
+
+
+_TEST_RENDER_LANGUAGE = re.compile(r"\(test render: [^()]*language (\w+)\)$")
+
+
+def _is_subject_problem(problem: Problem, catalog: TemplateCatalog) -> bool:
+    return problem.file == catalog.root and problem.line is None and problem.message.startswith("subject: ")
 
 
 # -- pydantic errors → located problems ---------------------------------------------
