@@ -371,3 +371,53 @@ def test_stage_rules_beyond_what_a_date_or_the_database_holds_are_refused_locate
 def test_audience_bounds_beyond_what_the_database_holds_are_refused_located(project_dir: Path) -> None:
     project = load(project_dir, VALID.replace("audience:\n", "audience:\n  min_orders: 100000000000000000000\n"))
     assert any("broken.yaml:9: audience.min_orders: " in str(p) and "1000000" in str(p) for p in project.problems)
+
+
+@pytest.mark.parametrize(("subject", "fragment"), [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}Hi", "over the render budget"),
+    ("{{ 'x'.center(10**9) }}", "over the render budget"),
+    ("{{ customer.nope }}", "has no attribute 'nope'"),
+])
+def test_a_subject_that_fails_its_test_render_names_the_trigger_file_and_line(project_dir: Path, subject: str,
+                                                                              fragment: str) -> None:
+    text = VALID.replace('  subject: "Dein Warenkorb"', f'  subject: "{subject}"')
+    project = load(project_dir, text)
+    problems = [p for p in project.problems if fragment in p.message]
+    assert problems and all(p.file.name == "broken.yaml" and p.line == 12 and p.field == "email.subject"
+                            for p in problems), [str(p) for p in project.problems]
+    assert "cart-reminder" not in project.triggers
+
+
+def test_a_localised_subject_that_fails_names_its_own_line(project_dir: Path) -> None:
+    text = VALID.replace('  subject: "Dein Warenkorb"',
+                         '  subject:\n    de: "Dein Warenkorb"\n    en: "{{ \'x\'.center(10**9) }}"')
+    project = load(project_dir, text)
+    problems = [p for p in project.problems if "render budget" in p.message]
+    assert problems and all((p.file.name, p.line, p.field) == ("broken.yaml", 14, "email.subject.en")
+                            for p in problems), [str(p) for p in project.problems]
+
+
+@pytest.mark.parametrize("value", [
+    "!!python/object/apply:os.system [id]",
+    "!!python/object/apply:os.system\n    args: [id]",
+    "!!python/tuple [1, 2]",
+    "!!set {a: null}",
+    "!!omap [a: 1]",
+    "!custom [1]",
+    "!custom {a: 1}",
+    "!!python/name:os.system",
+    "!!binary aGVsbG8=",
+])
+def test_a_non_standard_yaml_tag_is_refused_located(project_dir: Path, value: str) -> None:
+    text = VALID.replace("  stages: [new, active]", f"  stages: {value}")
+    project = load(project_dir, text)
+    [problem] = [p for p in project.problems if p.file.name == "broken.yaml"]
+    assert (problem.line, problem.field) == (9, "audience.stages") and "tag" in problem.message, str(problem)
+    assert "cart-reminder" not in project.triggers
+
+
+def test_standard_yaml_tags_still_load(project_dir: Path) -> None:
+    text = VALID.replace("  stages: [new, active]", "  stages: !!seq [!!str new, active]").replace(
+        "reentry: 1d", "reentry: !!str 1d")
+    project = load(project_dir, text)
+    assert "cart-reminder" in project.triggers, [str(p) for p in project.problems]

@@ -6,8 +6,10 @@ still say ``abandoned_cart.yaml:12``. Duplicate keys are an error naming both li
 
 Trigger files are hostile input as far as this module knows: a file is read as UTF-8
 and at most ``MAX_YAML_BYTES`` long, nests at most ``MAX_DEPTH`` deep, keys are plain
-values, and aliases may not expand the file beyond ``MAX_VALUES`` values (a "billion
-laughs" of under 1 KB would otherwise build billions). Each is a located problem.
+values, only the standard YAML tags are allowed (no ``!!python/…``, ``!!set`` or custom
+tags, on values, lists or mappings), and aliases may not expand the file beyond
+``MAX_VALUES`` values (a "billion laughs" of under 1 KB would otherwise build billions).
+Each is a located problem.
 """
 
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import yaml
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from flows.spec.problems import Path_, Problem, snippet
+from flows.spec.problems import Path_, Problem, format_path, snippet
 
 MAX_YAML_BYTES = 64 * 1024  # a trigger file is about 1 KB
 MAX_VALUES = 10_000  # keys, items and values after expanding aliases
@@ -129,6 +131,16 @@ def load_yaml(file: Path, display_name: Path | None = None) -> YamlDocument:
     return YamlDocument(shown, text, data, lines)
 
 
+_YAML_TAG = "tag:yaml.org,2002:"
+# What plain YAML means without tags; any other tag (!!python/…, !!set, !!binary, !custom)
+# would ask for a different type, and is refused rather than silently read as a list or mapping.
+_STANDARD_TAGS: dict[type, frozenset[str]] = {
+    MappingNode: frozenset({_YAML_TAG + "map"}),
+    SequenceNode: frozenset({_YAML_TAG + "seq"}),
+    ScalarNode: frozenset(_YAML_TAG + name for name in ("str", "int", "float", "bool", "null", "timestamp", "merge")),
+}
+
+
 @dataclass
 class _Builder:
     loader: _Loader
@@ -147,6 +159,9 @@ class _Builder:
             raise self.problem(line, "", f"more than {MAX_VALUES:,} values once its aliases (*name) are expanded; "
                                          f"at most {MAX_VALUES:,} are read")
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if node.tag not in _STANDARD_TAGS[type(node)]:
+            raise self.problem(node.start_mark.line + 1, format_path(path), f"the YAML tag {node.tag.replace(_YAML_TAG, '!!')!r} is "
+                                                             "not allowed; write plain values, lists and mappings")
         if isinstance(node, MappingNode):
             out: dict[Any, Any] = {}
             seen: dict[Any, int] = {}
