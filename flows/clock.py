@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from apscheduler.triggers.cron import CronTrigger
 from cronsim import CronSim, CronSimError
 
 _DURATION = re.compile(r"^(?:(\d{1,20})w)?(?:(\d{1,20})d)?(?:(\d{1,20})h)?(?:(\d{1,20})m)?(?:(\d{1,20})s)?$")
@@ -101,7 +102,47 @@ def check_cron(expression: str) -> str:
         CronSim(expression, datetime(2000, 1, 1))
     except (CronSimError, ValueError) as exc:  # e.g. 0 0 30 2 *: a day that never comes
         raise ValueError(f"invalid cron expression {expression!r} ({exc}): it would never fire") from None
+    try:  # what `lifecycle serve` schedules, built the same way
+        CronTrigger(**apscheduler_fields(expression), timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(f"invalid cron expression {expression!r}: the scheduler of `lifecycle serve` refuses it "
+                         f"({exc}); expected {CRON_FORMS}") from None
     return expression
+
+
+_APSCHEDULER_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # spelled out: it counts from Monday = 0
+
+
+def apscheduler_fields(expression: str) -> dict[str, str]:
+    """An expression of ``CRON_FORMS`` as APScheduler's ``CronTrigger`` fields. Weekdays, as
+    numbers (Sunday = 0) or names, become the list of the days they mean, by name: APScheduler
+    numbers them from Monday, and its ranges of names stop at Sunday."""
+    minute, hour, day, month, weekday = expression.split()
+    return {"minute": minute, "hour": hour, "day": day, "month": month.lower(),
+            "day_of_week": "*" if weekday == "*" else ",".join(_APSCHEDULER_DAYS[d] for d in weekdays(weekday))}
+
+
+def weekdays(field: str) -> list[int]:
+    """The days (Sunday = 0 … Saturday = 6) a weekday field of ``CRON_FORMS`` means."""
+    names = _FIELDS[4][3]
+    assert names is not None
+    days: set[int] = set()
+    for item in field.lower().split(","):
+        match = _ITEM.match(item)
+        if not match:
+            raise ValueError(f"weekday {item!r} is not a supported form")
+        if match["first"] is None:  # * or */step
+            first, last = 0, 6
+        else:
+            first = _weekday_number(match["first"], names)
+            last = _weekday_number(match["last"], names) if match["last"] else first
+        step = int(match["every"] or match["step"] or 1)
+        days.update(d % 7 for d in range(first, last + 1, step))
+    return sorted(days)
+
+
+def _weekday_number(value: str, names: tuple[str, ...]) -> int:
+    return names.index(value) if value in names else int(value)
 
 
 def _cron_item(item: str, low: int, high: int, names: tuple[str, ...] | None) -> str | None:

@@ -34,6 +34,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from flows.clock import apscheduler_fields
 from flows.settings import Settings, get_settings
 from flows.spec.common import TriggerBase
 from flows.spec.problems import Problem
@@ -60,36 +61,10 @@ def run_scheduled(trigger: str) -> None:
     log.info(summary.headline())
 
 
-_WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
-
-
 def cron_trigger(expression: str, timezone: str) -> CronTrigger:
-    """A standard five-field cron expression as an APScheduler trigger.
-
-    APScheduler 3 numbers weekdays from Monday = 0, standard cron from Sunday = 0 (7 too);
-    numeric weekdays are therefore spelled out as names, which both read the same way.
-    """
-    minute, hour, day, month, weekday = expression.split()
-    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_weekday_names(weekday),
-                       timezone=timezone)
-
-
-def _weekday_names(field: str) -> str:
-    if not any(ch.isdigit() for ch in field):
-        return field  # *, or names such as mon-fri, mean the same to both
-    days: set[int] = set()
-    for part in field.split(","):
-        span, _, step = part.partition("/")
-        if span in ("*", "?"):
-            first, last = 0, 6
-        elif "-" in span:
-            first, last = (int(x) for x in span.split("-"))
-        else:
-            first = last = int(span)
-            if step:
-                last = 6
-        days.update(d % 7 for d in range(first, last + 1, int(step or 1)))
-    return ",".join(_WEEKDAYS[d] for d in sorted(days))
+    """A cron expression of ``CRON_FORMS`` as an APScheduler trigger (``apscheduler_fields``:
+    the one translation, which ``check_cron`` builds too, so what validates is scheduled)."""
+    return CronTrigger(**apscheduler_fields(expression), timezone=timezone)
 
 
 DEFERRED_JOB = "lifecycle:deferred-sends"

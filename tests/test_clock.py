@@ -14,7 +14,10 @@ from flows.spec.project import load_project
 
 ACCEPTED = ["*/15 * * * *", "0 10 * * 1", "30 9 * * 1-5", "0 8 1 * *", "*/15 * * * 0", "0 9 * * mon-fri",
             "0 12 * jan-mar,oct *", "5,35 10-18/2 * * *", "0 7 1,11,21 * *", "0 10 * * sun,wed", "45 23 31 * *",
-            "0 0 29 2 *", "0 6 * * */2", "0 4 1-7 * *", "15 14 * 12 5", "0 10 * * 0-6/3"]
+            "0 0 29 2 *", "0 6 * * */2", "0 4 1-7 * *", "15 14 * 12 5", "0 10 * * 0-6/3",
+            # Weekday names in ranges and lists, mixed with numbers: names are days from Sunday too.
+            "0 9 * * sun-tue", "0 9 * * sun-sat", "0 9 * * mon,3", "0 9 * * SUN-Tue", "0 9 * * fri-sat",
+            "0 9 * * sun-sat/2", "0 9 * * 0,sat", "0 9 * * tue-5", "0 9 * * sun"]
 
 
 def fire_times(expression: str, tz: str, start: datetime, count: int) -> tuple[list, list, list]:
@@ -83,3 +86,16 @@ def test_cron_forms_the_schedulers_read_differently_are_refused_located(project_
     assert "expected five fields: minute hour day-of-month month weekday" in problem.message or \
         "never fire" in problem.message, problem.message
     assert "winback-lapsed" not in project.triggers and "we-miss-you" in project.triggers
+
+
+WEEKDAY_FORMS = [f"0 9 * * {w}" for w in (
+    "*", "*/2", "*/3", "0", "6", "sun", "sat", "mon-fri", "sun-tue", "sun-sat", "0-6", "1-5", "mon,3", "0,sat",
+    "tue-5", "2-sat", "sun-sat/3", "1-6/2", "fri,sun,tue", "wed-wed")]
+
+
+@pytest.mark.parametrize("expression", WEEKDAY_FORMS)
+def test_every_weekday_form_validate_accepts_is_scheduled_by_serve_at_the_cronsim_moments(expression: str) -> None:
+    assert check_cron(expression) == expression
+    start = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+    ours, theirs, _ = fire_times(expression, "Europe/Berlin", start, 21)
+    assert ours == theirs, expression

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone, UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import apscheduler.schedulers.base as scheduler_base
@@ -42,7 +42,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
     class ControlledDatetime(datetime):
         @classmethod
-        def now(cls, tz=None):  # noqa: ANN001, ANN206
+        def now(cls, tz=None):
             return clock.now.astimezone(tz) if tz else clock.now.replace(tzinfo=None)
 
     monkeypatch.setattr(scheduler_base, "datetime", ControlledDatetime)
@@ -100,13 +100,14 @@ def test_every_enabled_trigger_is_scheduled_with_its_cron_and_time_zone(project_
 
 
 @pytest.mark.parametrize(("weekday", "expected"), [
-    ("1", "mon"), ("0", "sun"), ("7", "sun"), ("1-5", "mon,tue,wed,thu,fri"), ("*/2", "sun,tue,thu,sat"),
-    ("mon-fri", "mon-fri"), ("*", "*"), ("5,6,0", "sun,fri,sat"),
+    ("1", "mon"), ("0", "sun"), ("1-5", "mon,tue,wed,thu,fri"), ("*/2", "sun,tue,thu,sat"),
+    ("mon-fri", "mon,tue,wed,thu,fri"), ("*", "*"), ("5,6,0", "sun,fri,sat"), ("sun-tue", "sun,mon,tue"),
+    ("sun-sat", "sun,mon,tue,wed,thu,fri,sat"), ("mon,3", "mon,wed"), ("SUN", "sun"),
 ])
 def test_standard_cron_weekdays_mean_the_same_to_apscheduler(weekday: str, expected: str) -> None:
-    from flows.serve import _weekday_names
+    from flows.clock import apscheduler_fields
 
-    assert _weekday_names(weekday) == expected
+    assert apscheduler_fields(f"0 9 * * {weekday}")["day_of_week"] == expected
 
 
 def test_apscheduler_and_the_cron_slots_of_the_engine_agree() -> None:
@@ -114,7 +115,7 @@ def test_apscheduler_and_the_cron_slots_of_the_engine_agree() -> None:
     from flows.serve import cron_trigger
 
     start = datetime(2026, 3, 16, 7, 0, tzinfo=UTC)
-    for cron in ("0 10 * * 1", "30 9 * * 1-5", "0 8 1 * *", "*/15 * * * 0", "0 10 * * 7"):
+    for cron in ("0 10 * * 1", "30 9 * * 1-5", "0 8 1 * *", "*/15 * * * 0", "0 10 * * sun-tue", "0 10 * * mon,3"):
         ours = next_slot(cron, "Europe/Berlin", start)
         theirs = cron_trigger(cron, "Europe/Berlin").get_next_fire_time(None, start)
         assert ours == theirs, cron
@@ -203,7 +204,7 @@ def test_a_shutdown_lets_the_running_batch_finish_and_stops_before_the_next(
     job = prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5, "workers": 1}))
     stop = threading.Event()
 
-    def dispatch_then_get_signalled(job, prepared, batch=0):  # noqa: ANN001, ANN202
+    def dispatch_then_get_signalled(job, prepared, batch=0):
         counts = dispatch_prepared(job, prepared, batch)
         stop.set()  # SIGTERM arrives while batch 1 is being dispatched
         return counts
