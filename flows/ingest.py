@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -66,6 +67,11 @@ from models.db import writer
 from models.types import stored_address
 
 COMMIT_EVERY = 500
+# SQLite has one writer at a time, and its busy handler polls every 100 ms at most: without
+# a pause between an ingest's commits, a run waiting to write its ledger could miss every
+# gap between two ingests' transactions and give up after the busy timeout. A pause as
+# long as the poll interval lets every waiting writer in (about 0.1 s per 500 lines).
+SQLITE_PAUSE = 0.1
 
 # What a line may hold (README, "Ingesting events"). Segment's payloads nest a few levels
 # (context.traits.address, properties.products[]); a thousand levels cost the parser its stack.
@@ -441,6 +447,7 @@ def ingest_lines(engine: Engine, lines: Iterable[str | bytes]) -> IngestReport:
     report = IngestReport()
     # Every line reads, then writes: on SQLite each transaction takes the write lock as it
     # begins, so that a run or another ingest writing meanwhile makes it wait, not fail.
+    sqlite = engine.dialect.name == "sqlite"
     with Session(writer(engine), expire_on_commit=False) as session:
         store = _Store(session)
         pending = 0
@@ -481,6 +488,8 @@ def ingest_lines(engine: Engine, lines: Iterable[str | bytes]) -> IngestReport:
             if pending >= COMMIT_EVERY:
                 session.commit()
                 pending = 0
+                if sqlite:
+                    time.sleep(SQLITE_PAUSE)  # let a waiting writer (a run's ledger) take its turn
         session.commit()
         report.merged = store.merged
         report.shared = shared_addresses(session, store.addresses)

@@ -8,10 +8,12 @@ from sqlmodel import Session
 
 from flows.consent import Confirmation, check, history, request_id
 from flows.ingest import ingest_lines
+from flows.links import address_tag
 from models import Customer, Suppression
 from tests.builders import NOW, Store, ago
 
 _messages = iter(range(1, 10_000))
+SECRET = "a-test-secret-0123456789"
 
 
 def identify(engine: Engine, at: datetime, **traits: object) -> None:
@@ -77,11 +79,12 @@ def test_withdrawing_what_was_never_given_records_nothing(engine: Engine) -> Non
 
 def test_a_request_is_void_once_the_address_is_suppressed_after_it(engine: Engine, store: Store) -> None:
     identify(engine, ago(days=1), marketing_consent=True)
-    token = {"p": "confirm", "c": "kundin-1", "r": request_id(ago(days=1)), "x": int((NOW + timedelta(days=7)).timestamp())}
+    token = {"p": "confirm", "c": "kundin-1", "r": request_id(ago(days=1)), "a": address_tag(SECRET, "kundin@example.de"),
+             "x": int((NOW + timedelta(days=7)).timestamp())}
     with Session(engine) as session:
         customer = session.execute(select(Customer).where(Customer.external_id == "kundin-1")).scalar_one()
-        assert check(session, customer, token, at=NOW) is Confirmation.CONFIRMED
+        assert check(session, customer, token, at=NOW, secret=SECRET) is Confirmation.CONFIRMED
         session.add(Suppression(email="kundin@example.de", reason="spam_complaint", created_at=ago(hours=2)))
         session.flush()
-        assert check(session, customer, token, at=NOW) is Confirmation.SPENT
-        assert check(session, customer, {**token, "r": request_id(ago(days=2))}, at=NOW) is Confirmation.SPENT
+        assert check(session, customer, token, at=NOW, secret=SECRET) is Confirmation.SPENT
+        assert check(session, customer, {**token, "r": request_id(ago(days=2))}, at=NOW, secret=SECRET) is Confirmation.SPENT

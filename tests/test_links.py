@@ -14,6 +14,7 @@ from flows.links import (
     PREVIEW_DAYS,
     PURPOSES,
     UNSUBSCRIBE,
+    address_tag,
     confirm_url,
     expired,
     preferences_url,
@@ -40,7 +41,8 @@ def every_kind(customer: str = "c-1") -> dict[str, str]:
     return {
         UNSUBSCRIBE: token(unsubscribe_url("", SECRET, customer, "campaign")),
         PREFERENCES: token(preferences_url("", SECRET, customer)),
-        CONFIRM: token(confirm_url("", SECRET, customer, "request:20260316T080000Z", NOW + timedelta(days=7))),
+        CONFIRM: token(confirm_url("", SECRET, customer, "request:20260316T080000Z", NOW + timedelta(days=7),
+                                   "kundin@example.de")),
         PREVIEW: token(preview_url("", SECRET, "winback-lapsed", "lapsed", "de", NOW)),
     }
 
@@ -51,6 +53,8 @@ def test_each_token_names_its_purpose_and_what_it_is_about() -> None:
     assert read(SECRET, PREFERENCES, tokens[PREFERENCES]) == {"p": "preferences", "c": "c-1"}
     confirm = read(SECRET, CONFIRM, tokens[CONFIRM])
     assert confirm["p"] == "confirm" and confirm["r"] == "request:20260316T080000Z"
+    assert confirm["a"] == address_tag(SECRET, "Kundin@Example.DE") != address_tag(SECRET, "kunde@example.de")
+    assert "kundin" not in str(confirm)  # the address is named by a keyed tag, not shown
     assert confirm["x"] == int((NOW + timedelta(days=7)).timestamp())
     preview = read(SECRET, PREVIEW, tokens[PREVIEW])
     assert (preview["p"], preview["t"], preview["s"], preview["l"]) == ("preview", "winback-lapsed", "lapsed", "de")
@@ -106,7 +110,7 @@ def test_over_http_each_token_works_on_its_own_route_only(settings: Settings, st
         UNSUBSCRIBE: token(unsubscribe_url("", secret, customer.external_id, "campaign")),
         PREFERENCES: token(preferences_url("", secret, customer.external_id)),
         CONFIRM: token(confirm_url("", secret, customer.external_id, "request:20260316T080000Z",
-                                   NOW + timedelta(days=7))),
+                                   NOW + timedelta(days=7), customer.email)),
         PREVIEW: token(preview_url("", secret, "winback-lapsed", "lapsed", "de", NOW)),
     }
     server = WebServer(create_app(settings, clock=lambda: NOW)).start()
