@@ -41,13 +41,15 @@ def record(session: Session, customer: Customer, change: ConsentChangeKind, sour
                               request=request, detail=detail[:500]))
 
 
-def withdraw(session: Session, customer: Customer, source: str, *, at: datetime, detail: str = "") -> None:
-    """Unsubscribe from all marketing: consent and any pending request gone, the address
-    suppressed (so other records sharing it are not mailed either), the change recorded."""
+def withdraw(session: Session, customer: Customer, source: str, *, at: datetime, detail: str = "",
+             suppress: bool = True) -> None:
+    """Withdraw consent to marketing: consent and any pending request gone, the change
+    recorded. An unsubscribe (``suppress``) also suppresses the address, so that other
+    records sharing it are not mailed either; the shop's ``marketing_consent: false`` does not."""
     customer.marketing_consent, customer.consent_at, customer.consent_requested_at = False, None, None
     customer.consent_withdrawn_at = at
     session.add(customer)
-    if customer.email and session.get(Suppression, suppression_key(customer.email)) is None:
+    if suppress and customer.email and session.get(Suppression, suppression_key(customer.email)) is None:
         session.add(Suppression(email=suppression_key(customer.email), reason=SuppressionReason.UNSUBSCRIBED,
                                 detail=f"{source} ({detail})" if detail else source, created_at=at))
     record(session, customer, ConsentChangeKind.WITHDRAWN, source, at=at, detail=detail)

@@ -625,10 +625,12 @@ class _Store:
                 customer.consent_source = traits.consent_source
                 consent.record(self.session, customer, ConsentChangeKind.REQUESTED, traits.consent_source or "shop",
                                at=ts, request=consent.request_id(ts), detail=f"identify {event.message_id or ''}".strip())
-        elif traits.marketing_consent is False and (customer.marketing_consent or customer.consent_requested_at):
-            withdraw_consent(customer, ts)
-            consent.record(self.session, customer, ConsentChangeKind.WITHDRAWN, "shop", at=ts,
-                           detail="identify: marketing_consent false")
+        elif traits.marketing_consent is False and (customer.marketing_consent or customer.consent_requested_at
+                                                     or customer.consent_withdrawn_at is None):
+            # A refusal counts even without an earlier consent (a merge lets it win); one
+            # repeated on every identify is recorded once.
+            consent.withdraw(self.session, customer, "shop", at=ts, detail="identify: marketing_consent false",
+                             suppress=False)
         if customer.email:
             self.addresses.add(customer.email.lower())
 
@@ -826,11 +828,6 @@ class _Store:
 
     def unsubscribed(self, customer: Customer, _details: None, ts: datetime) -> None:
         consent.withdraw(self.session, customer, "Unsubscribed event", at=ts)
-
-
-def withdraw_consent(customer: Customer, at: datetime | None = None) -> None:
-    customer.marketing_consent, customer.consent_at, customer.consent_requested_at = False, None, None
-    customer.consent_withdrawn_at = at or customer.consent_withdrawn_at or datetime.now(UTC)
 
 
 _TRACK_HANDLERS = {

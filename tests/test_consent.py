@@ -72,9 +72,11 @@ def test_a_new_opt_in_after_the_unsubscribe_is_a_new_request(engine: Engine) -> 
     assert changes(engine)[-1] == ("requested", "shop", request_id(ago(days=1)))
 
 
-def test_withdrawing_what_was_never_given_records_nothing(engine: Engine) -> None:
-    identify(engine, ago(days=1), marketing_consent=False)
-    assert changes(engine) == []
+def test_a_refusal_repeated_on_every_identify_is_recorded_once(engine: Engine) -> None:
+    for days in (3, 2, 1):
+        identify(engine, ago(days=days), marketing_consent=False)
+    assert changes(engine) == [("withdrawn", "shop", None)]
+    assert kundin(engine).consent_withdrawn_at == ago(days=3)  # a merge lets this refusal win
 
 
 def test_a_request_is_void_once_the_address_is_suppressed_after_it(engine: Engine, store: Store) -> None:
