@@ -18,10 +18,10 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows import render as current  # noqa: E402
-from flows.context import sample_contexts  # noqa: E402
-from flows.delivery import load  # noqa: E402
-from flows.settings import Settings  # noqa: E402
+from flows import render as current
+from flows.context import sample_contexts
+from flows.delivery import load
+from flows.settings import Settings
 
 STAGES = ["prospect", "new", "active", "loyal", "at_risk", "lapsed"]
 ROUNDS, REPEATS = 5, 20
