@@ -110,9 +110,16 @@ class TriggerScheduler:
     schedules: dict[str, tuple[str, str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     _stamp: tuple = ()
+    # The file watcher's thread and the SIGHUP handler (main thread) both reload: one at a
+    # time. Re-entrant: a SIGHUP that lands while the main thread is reloading waits for nothing.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def sync(self) -> list[str]:
         """(Re)load the trigger files and add, change or remove jobs; returns what changed."""
+        with self._lock:
+            return self._sync()
+
+    def _sync(self) -> list[str]:
         project = self.load_project()
         self.problems = project.problems
         for problem in project.problems:

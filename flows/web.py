@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from jinja2 import Environment
 from sqlalchemy import Engine, delete, event, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
 from flows.bounces import Report
@@ -146,7 +147,7 @@ def web_engine(settings: Settings) -> Engine:
     """The web's own engine: every statement under a timeout, so one locked row holds up one
     request for at most that long, never the pool (PostgreSQL ``statement_timeout`` covers
     lock waits; SQLite's busy timeout is shortened to the same)."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_timeout=settings.web_statement_timeout_seconds)
     milliseconds = int(settings.web_statement_timeout_seconds * 1000)
 
     @event.listens_for(engine, "connect")
@@ -198,11 +199,12 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
                     [WORDS[lang]["spent" if exc.status_code == 410 else "invalid"]], status=exc.status_code)
 
     @app.exception_handler(OperationalError)
-    async def busy(request: Request, exc: OperationalError) -> HTMLResponse:
+    @app.exception_handler(PoolTimeout)
+    async def busy(request: Request, exc: OperationalError | PoolTimeout) -> HTMLResponse:
         """A statement that met the timeout (a locked row, a busy store): rolled back, so
         nothing changed; the client (a mail provider's one-click POST, too) tries again."""
         log.warning("%s %s: the store did not answer in time (%s)", request.method, redact(request.url.path),
-                    type(exc.orig).__name__)
+                    type(getattr(exc, "orig", exc)).__name__)
         response = page(lang_asked(request), title_for(request.url.path), [WORDS[lang_asked(request)]["busy"]],
                         status=503)
         response.headers["Retry-After"] = "30"

@@ -33,15 +33,17 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_timeout: float = 30) -> Engine:
+    """``pool_timeout``: how long a caller waits for a pooled connection (``lifecycle web``
+    waits no longer than its statement timeout)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_timeout=pool_timeout)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         engine.__class__ = _SqliteEngine  # its begin() writes
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_timeout=pool_timeout)
 
 
 def writer(engine: Engine) -> Engine:
