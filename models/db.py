@@ -34,11 +34,12 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str, pool_timeout: float = 30) -> Engine:
-    """``pool_timeout``: how long a caller waits for a pooled connection (``lifecycle web``
-    waits no longer than its statement timeout)."""
+    """``pool_timeout``: how long a caller waits for a pooled PostgreSQL connection
+    (``lifecycle web`` waits no longer than its statement timeout; SQLite's one writer at a
+    time is bounded by the busy timeout instead)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_timeout=pool_timeout)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         engine.__class__ = _SqliteEngine  # its begin() writes
