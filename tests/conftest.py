@@ -29,7 +29,7 @@ _PROPERTY_CHECKS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, H
 # Without "explain": replaying a shrunk timeline a hundred times to say which parts matter
 # costs a minute, and the shrunk timeline already reads as the story.
 _PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
-hypothesis_settings.register_profile("ci", max_examples=120, derandomize=True, database=None, deadline=None,
+hypothesis_settings.register_profile("ci", max_examples=80, derandomize=True, database=None, deadline=None,
                                      suppress_health_check=_PROPERTY_CHECKS, phases=_PHASES, print_blob=False)
 hypothesis_settings.register_profile("nightly", max_examples=1000, deadline=None,
                                      suppress_health_check=_PROPERTY_CHECKS, phases=_PHASES, print_blob=True)

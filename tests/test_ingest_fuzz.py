@@ -19,7 +19,7 @@ from flows.ingest import _decoded, ingest_lines, parse_line
 from models import Event
 
 NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
-FUZZ_EXAMPLES = 2_000 * (25 if NIGHTLY else 1)  # the parser alone: about 10 s in CI
+FUZZ_EXAMPLES = 1_000 * (25 if NIGHTLY else 1)  # the parser alone: about 5 s in CI
 STORE_EXAMPLES = 150 * (25 if NIGHTLY else 1)  # parsed lines stored, per database: about 15 s each in CI
 
 numbers = st.one_of(
