@@ -613,18 +613,19 @@ class _Store:
         # An opt-in dated before the customer's last withdrawal (an export replayed, a retry
         # arriving late) is history: it never undoes the unsubscribe.
         after_withdrawal = withdrawn is None or ts > _aware(withdrawn)
+        because = f"identify {event.message_id or ''}".strip()  # the event a recorded change came from
         if traits.marketing_consent is True and not customer.marketing_consent and after_withdrawal:
             if traits.consent_confirmed:
                 customer.marketing_consent, customer.consent_at = True, ts
                 customer.consent_source = traits.consent_source or "shop (confirmed)"
                 customer.consent_requested_at = customer.consent_withdrawn_at = None
                 consent.record(self.session, customer, ConsentChangeKind.CONFIRMED, customer.consent_source, at=ts,
-                               detail=f"identify {event.message_id or ''}".strip())
+                               detail=because)
             elif customer.consent_requested_at is None:
                 customer.consent_requested_at = ts  # double opt-in: the confirmation mail asks
                 customer.consent_source = traits.consent_source
                 consent.record(self.session, customer, ConsentChangeKind.REQUESTED, traits.consent_source or "shop",
-                               at=ts, request=consent.request_id(ts), detail=f"identify {event.message_id or ''}".strip())
+                               at=ts, request=consent.request_id(ts), detail=because)
         elif traits.marketing_consent is False and (customer.marketing_consent or customer.consent_requested_at
                                                      or customer.consent_withdrawn_at is None):
             # A refusal counts even without an earlier consent (a merge lets it win); one
@@ -741,7 +742,7 @@ class _Store:
         An unsubscribe in ``lifecycle web`` leaves only its suppression: that counts too."""
         moment = customer.consent_withdrawn_at
         if customer.email:
-            suppression = self.session.get(Suppression, customer.email.lower())
+            suppression = self.session.get(Suppression, suppression_key(customer.email))
             if suppression is not None and suppression.reason == SuppressionReason.UNSUBSCRIBED:
                 moment = max(filter(None, [moment, _aware(suppression.created_at)]))
         if moment is None:

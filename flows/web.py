@@ -55,7 +55,13 @@ from flows.settings import Settings
 from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
 from flows.web_security import install_security
-from models import CategoryOptOut, ConsentChangeKind, Customer, Suppression
+from models import (
+    CategoryOptOut,
+    ConsentChangeKind,
+    Customer,
+    Suppression,
+    suppression_key,
+)
 from models.db import make_engine, writer
 from models.types import display_address, utcnow
 
@@ -245,7 +251,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
         lang = lang_of(customer)
         left = set(session.execute(select(CategoryOptOut.category)
                                    .where(CategoryOptOut.customer_id == customer.id)).scalars())
-        everything = session.get(Suppression, customer.email.lower()) is not None or not customer.marketing_consent
+        everything = session.get(Suppression, suppression_key(customer.email)) is not None or not customer.marketing_consent
         labels = WORDS[lang]["categories"]
         categories = [(name, labels.get(name, name), not everything and name not in left) for name in MARKETING]
         return page(lang, "preferences_title",
