@@ -1,7 +1,7 @@
 """Per-mail render time of the shipped templates (subject, HTML and text), with the render budget.
 
     python bench/render.py                          # this tree
-    python bench/render.py --against OLD/render.py  # alternated with another flows/render.py, in one process
+    python bench/render.py --against OLD/render.py  # alternated with another flows/content/render.py, in one process
 
 Every trigger × language × stage × sample customer is rendered 20 times per round; the
 rounds alternate old and new five times, since this machine's speed drifts between runs.
@@ -18,9 +18,9 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows import render as current
-from flows.context import sample_contexts
-from flows.delivery import load
+from flows.content import render as current
+from flows.content.context import sample_contexts
+from flows.send.batch import load
 from flows.settings import Settings
 
 STAGES = ["prospect", "new", "active", "loyal", "at_risk", "lapsed"]
@@ -57,7 +57,7 @@ def per_mail(module: ModuleType, settings: Settings, mails: list[tuple[object, d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against", type=Path, help="another flows/render.py to alternate with")
+    parser.add_argument("--against", type=Path, help="another flows/content/render.py to alternate with")
     args = parser.parse_args()
     settings = Settings(triggers_dir=ROOT / "triggers", templates_dir=ROOT / "templates")
     mails = cases(settings)

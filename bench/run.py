@@ -133,8 +133,8 @@ def reset_postgres() -> None:
 def audience_seconds(url: str) -> tuple[dict[str, float], dict[str, float]]:
     """Per trigger kind (the slowest of its triggers): the whole audience read and classified
     as a run streams it, and its SQL alone (executed, every row fetched)."""
-    from flows.audience import audience_query, stream_candidates
-    from flows.delivery import load, prepare_job
+    from flows.audience.query import audience_query, stream_candidates
+    from flows.send.batch import load, prepare_job
     from flows.settings import Settings
     from models.db import get_engine
 
@@ -231,7 +231,7 @@ class TreeMemory:
 
 END_TO_END = """
 import json, sys, time
-from flows.pipeline import trigger_flow
+from flows.surfaces.prefect_flows import trigger_flow
 
 if __name__ == "__main__":
     start = time.perf_counter()
@@ -269,9 +269,9 @@ def end_to_end(url: str, port: int, api_url: str, workers: int) -> dict:
 
 def message_size() -> int:
     """The size of one win-back mail as Lifecycle builds it, for smtp-source to match."""
-    from flows.compose import Sender, build_message, message_id
-    from flows.context import sample_contexts
-    from flows.delivery import load
+    from flows.message.compose import Sender, build_message, message_id
+    from flows.content.context import sample_contexts
+    from flows.send.batch import load
     from flows.settings import Settings
 
     settings = Settings(triggers_dir=ROOT / "triggers", templates_dir=ROOT / "templates")

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from flows.kinds.consent_confirmation import request_id
-from flows.links import address_tag, expired
+from flows.content.links import address_tag, expired
 from models import (
     ConsentChange,
     ConsentChangeKind,

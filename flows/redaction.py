@@ -60,14 +60,14 @@ def redact_urls(text: str) -> str:
 
 # Every first path segment whose next segment is a token: the links in mails (``/u/``
 # unsubscribe, ``/preferences/``, ``/confirm/``, and the ``/c/`` clicks and ``/o/`` opens
-# to come) and the previews linked from runs. tests/test_web_security.py fails for a
+# to come) and the previews linked from runs. tests/surfaces/test_web_security.py fails for a
 # route with a path parameter whose prefix is missing here.
 TOKEN_ROUTES = ("u", "preferences", "confirm", "preview", "c", "o")
 ELIDED = "…"
 _ROUTES = "|".join(map(re.escape, TOKEN_ROUTES))
 _TOKEN_PATH = re.compile(rf"/({_ROUTES})/[^/?#\s\"'<>]+")
 _QUERY = re.compile(r"((?:[a-z][a-z0-9+.-]*://[^\s/?#\"'<>]+)?/[^\s?#\"'<>]*)\?[^\s#\"'<>]+", re.IGNORECASE)
-# A token signed by flows.links (itsdangerous: base64 JSON, or "." and zlib, then "." and
+# A token signed by flows.content.links (itsdangerous: base64 JSON, or "." and zlib, then "." and
 # the signature) or any JWT-shaped string, wherever it stands.
 _BARE_TOKEN = re.compile(r"(?:eyJ|(?<![\w-])\.eJ)[\w-]{4,}\.[\w-]{16,}")
 
@@ -146,7 +146,7 @@ class Redacting(logging.Filter):
 def redact_every_record() -> None:
     """Redact every log record this process makes, whichever logger and handler it goes to
     (Prefect's API log handler too): every ``lifecycle`` command installs it at start
-    (``flows.cli``), and so does every process that runs the flows (``flows.pipeline``)."""
+    (``flows.surfaces.cli``), and so does every process that runs the flows (``flows.surfaces.prefect_flows``)."""
     make = logging.getLogRecordFactory()
     if getattr(make, "redacts", False):
         return

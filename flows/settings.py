@@ -15,7 +15,7 @@ from flows.redaction import redact_url
 from flows.spec.common import check_sender
 
 if TYPE_CHECKING:
-    from flows.bounces import SoftBounceRule
+    from flows.feedback.bounces import SoftBounceRule
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
 
     @property
     def soft_bounce_rule(self) -> "SoftBounceRule":
-        from flows.bounces import SoftBounceRule
+        from flows.feedback.bounces import SoftBounceRule
 
         return SoftBounceRule(self.soft_bounce_limit, timedelta(days=self.soft_bounce_window_days))
 
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         """A plain address whose local part still fits 64 octets (RFC 5321) with ``+TOKEN`` added."""
         if value is None:
             return None
-        from flows.links import TOKEN_LENGTH
+        from flows.content.links import TOKEN_LENGTH
 
         local, at, domain = value.strip().rpartition("@")
         if not at or not local or not domain or any(ch in value for ch in "<>\" ,;\r\n\t"):

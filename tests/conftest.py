@@ -16,12 +16,12 @@ from sqlmodel import SQLModel
 
 from flows.settings import Settings, get_settings
 from models.db import create_schema, dispose_engines, make_engine
-from tests.builders import Store
-from tests.smtp_server import SmtpServer
+from tests.support.builders import Store
+from tests.support.smtp_server import SmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Property tests (tests/test_properties.py): derandomized in CI, so a failure is the same
+# Property tests (tests/e2e/test_properties.py): derandomized in CI, so a failure is the same
 # on every run; new random examples nightly (HYPOTHESIS_PROFILE=nightly), kept in
 # hypothesis's example database. Each example plays a whole timeline against a fresh
 # store: no deadline, and fixtures are per test, not per example.

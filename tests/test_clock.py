@@ -9,7 +9,7 @@ import pytest
 from prefect.server.schemas.schedules import CronSchedule
 
 from flows.clock import check_cron, last_slot, next_slot
-from flows.serve import cron_trigger
+from flows.surfaces.serve import cron_trigger
 from flows.spec.project import load_project
 
 ACCEPTED = ["*/15 * * * *", "0 10 * * 1", "30 9 * * 1-5", "0 8 1 * *", "*/15 * * * 0", "0 9 * * mon-fri",

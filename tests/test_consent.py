@@ -8,9 +8,9 @@ from sqlmodel import Session
 
 from flows.consent import Confirmation, check, history, request_id
 from flows.ingest import ingest_lines
-from flows.links import address_tag
+from flows.content.links import address_tag
 from models import Customer, Suppression
-from tests.builders import NOW, Store, ago
+from tests.support.builders import NOW, Store, ago
 
 _messages = iter(range(1, 10_000))
 SECRET = "a-test-secret-0123456789"

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.surfaces.cli import app
 from flows.ingest import ingest_lines
 from flows.settings import Settings
 from models import (
@@ -26,7 +26,7 @@ from models import (
     Suppression,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.support import FIXTURES
 
 
 def line(**event) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import compile_flow, load
+from flows.surfaces.prefect_flows import compile_flow, load
 from flows.settings import Settings, get_settings
-from tests.builders import NOW, Store, ago
+from tests.support.builders import NOW, Store, ago
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -168,7 +168,7 @@ SMTP_URLS = [
 
 @pytest.mark.parametrize("template", SMTP_URLS)
 def test_no_smtp_url_error_shows_its_password(template: str) -> None:
-    from flows.dispatch import SmtpConfig
+    from flows.send.smtp import SmtpConfig
 
     password = marker()
     with pytest.raises(ValueError, match="LIFECYCLE_SMTP_URL") as failure:
@@ -179,7 +179,7 @@ def test_no_smtp_url_error_shows_its_password(template: str) -> None:
 
 
 def test_a_parsed_smtp_config_does_not_print_its_password() -> None:
-    from flows.dispatch import SmtpConfig
+    from flows.send.smtp import SmtpConfig
 
     password = marker()
     config = SmtpConfig.from_url(f"smtp://user:%40{password}@127.0.0.1:2525")
@@ -188,7 +188,7 @@ def test_a_parsed_smtp_config_does_not_print_its_password() -> None:
 
 
 def smtp_with_login(password: str):
-    from tests.smtp_server import SmtpServer
+    from tests.support.smtp_server import SmtpServer
 
     return SmtpServer(credentials=("shop", password)).start()
 
@@ -196,7 +196,7 @@ def smtp_with_login(password: str):
 @pytest.mark.parametrize("case", ["unencoded", "login refused", "unreachable"])
 def test_smtp_urls_that_fail_a_real_run_show_no_password(case: str, settings: Settings, store: Store,
                                                          records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.outbox import free_port
+    from flows.surfaces.outbox import free_port
 
     store.complaint(store.customer("Uwe"), ago(hours=1))
     password = marker()
@@ -280,6 +280,13 @@ def postgres_store() -> Iterator[None]:
     from models.db import dispose_engines, make_engine
 
     dispose_engines()
+    from sqlalchemy import create_engine
+
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:  # a clean machine has only `test`
+        if connection.execute(text("SELECT 1 FROM pg_database WHERE datname = 'test_f'")).first() is None:
+            connection.execute(text("CREATE DATABASE test_f"))
+    admin.dispose()
     engine = make_engine(POSTGRES.format(pw="any", port=5432))
     SQLModel.metadata.drop_all(engine)
     with engine.begin() as connection:
@@ -293,7 +300,7 @@ def cli(*args: str) -> str:
     """``lifecycle ARGS`` in this process: its stdout, its stderr and any traceback it ended with."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.surfaces.cli import app
 
     get_settings.cache_clear()
     result = CliRunner().invoke(app, list(args))
@@ -368,7 +375,7 @@ def test_the_signing_secret_kept_in_the_store_is_shown_nowhere(settings: Setting
 @pytest.mark.parametrize("case", ["unparsable", "unencoded @", "refused"])
 def test_database_urls_that_fail_show_no_password(case: str, settings: Settings, records: Records,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.outbox import free_port
+    from flows.surfaces.outbox import free_port
 
     password = marker()
     url, expect = {
@@ -380,7 +387,7 @@ def test_database_urls_that_fail_show_no_password(case: str, settings: Settings,
     state = run_trigger() if case == "refused" else None
     if case != "refused":  # settings that cannot load fail the run as it starts: get_settings in the flow
         get_settings.cache_clear()
-        from flows.pipeline import trigger_flow
+        from flows.surfaces.prefect_flows import trigger_flow
 
         state = trigger_flow(trigger="complaint-ack", now=NOW.isoformat(), return_state=True)
     assert state.is_failed() and expect in state.message
@@ -399,7 +406,7 @@ def test_a_settings_error_echoes_no_secret(bad: dict[str, str], settings: Settin
     model-wide check is the whole environment."""
     from pydantic import ValidationError
 
-    from flows.pipeline import trigger_flow
+    from flows.surfaces.prefect_flows import trigger_flow
 
     secrets = Secrets(monkeypatch, 25)
     short = marker("s")[:15]  # too short, and still a secret: the check's input is the whole environment
@@ -419,7 +426,7 @@ def test_a_settings_error_echoes_no_secret(bad: dict[str, str], settings: Settin
 
 
 def test_settings_and_what_holds_them_print_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.dispatch import SmtpConfig
+    from flows.send.smtp import SmtpConfig
 
     secrets = Secrets(monkeypatch, 25)
     loaded = Settings()
@@ -493,7 +500,7 @@ def test_serve_and_web_start_up_show_no_secret(settings: Settings, postgres_stor
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from flows.outbox import free_port
+    from flows.surfaces.outbox import free_port
     from models.db import create_schema, get_engine
 
     server = smtp_with_login("")

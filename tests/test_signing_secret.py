@@ -11,15 +11,15 @@ from itsdangerous import URLSafeSerializer
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from flows.links import CONFIRM, PREFERENCES, UNSUBSCRIBE, unsubscribe_url
+from flows.content.links import CONFIRM, PREFERENCES, UNSUBSCRIBE, unsubscribe_url
 from flows.settings import Settings
 from flows.signing_secret import STORE_KEY, resolved
-from flows.web import create_app
+from flows.surfaces.web import create_app
 from models import StoreMeta, Suppression
-from tests.builders import Store
-from tests.web_server import WebServer
+from tests.support.builders import Store
+from tests.support.web_server import WebServer
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 # What every process used to sign with unless told otherwise; published with the code.
 PUBLISHED = "lifecycle-development-secret-do-not-use-in-production"
 

@@ -12,10 +12,10 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from flows.context import sample_contexts
+from flows.content.context import sample_contexts
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
-from flows.render import TemplateCatalog
+from flows.content.render import TemplateCatalog
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.problems import Path_, Problem, SpecError, format_path

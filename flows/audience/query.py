@@ -1,0 +1,483 @@
+"""Who is due: one set-based query per trigger, streamed in batches, with skip reasons.
+
+The query joins the kind's due occurrences to customers, their stage, suppressions
+and the trigger's send history, so each row arrives with everything needed to decide
+"send" or "skip, because …" without another query per customer.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Row,
+    Select,
+    String,
+    and_,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    true,
+    type_coerce,
+)
+from sqlmodel import Session
+
+from flows.kinds.base import Kind
+from flows.send.claims import awaiting
+from flows.memory import frozen_heap
+from flows.audience.timing import QUIET_HOURS, customer_zone, longest_window, next_allowed
+from flows.content.render import language_of
+from flows.spec.common import TriggerBase
+from flows.spec.policy import Policy
+from flows.spec.stages import StageRules
+from flows.audience.stage_sql import customer_stage, order_count, order_value, with_orders
+from models import (
+    CategoryOptOut,
+    Customer,
+    Send,
+    SendStatus,
+    Suppression,
+    SuppressionReason,
+)
+from models.db import one_of
+from models.types import utcnow
+
+
+class Skip(StrEnum):
+    NO_EMAIL = "no_email"
+    SUPPRESSED = "suppressed"
+    NO_CONSENT = "no_consent"
+    CONSENT_PENDING = "consent_pending"  # asked, not yet confirmed (double opt-in)
+    OPTED_OUT = "opted_out"  # left this category on the preference page
+    DUPLICATE_ADDRESS = "duplicate_address"  # another customer record with this mailbox gets the mail
+    REENTRY = "reentry"
+    ALREADY_SENT = "already_sent"
+    EXPIRED = "expired"  # deferred longer than its trigger allows
+    NO_LONGER_DUE = "no_longer_due"  # deferred, and by its moment its occurrence was no longer due
+    UNSUBSCRIBED = "unsubscribed_during_run"  # checked again just before sending
+    # Not skipped for good: deferred to the next allowed moment by the sending policy.
+    QUIET_HOURS = "deferred:quiet_hours"
+    FREQUENCY_CAP = "deferred:frequency_cap"
+    WAITING = "deferred:waiting"  # deferred by an earlier run, its moment not reached yet
+
+    @property
+    def deferred(self) -> bool:
+        return self.value.startswith("deferred:")
+
+
+class Candidate(NamedTuple):
+    """One customer due for one occurrence (a tuple: audiences run to hundreds of thousands)."""
+
+    customer_id: int
+    external_id: str
+    email: str | None
+    first_name: str | None
+    last_name: str | None
+    locale: str
+    language: str
+    stage: str
+    ref_id: int | None
+    occurrence: str
+    send_key: str
+    skip: Skip | None = None
+    timezone: str | None = None
+    not_before: datetime | None = None  # set when deferred by the policy
+    deferred: bool = False  # the ledger holds a deferral of this very key
+    shared: bool = False  # another customer record has the same mailbox (marketing only)
+
+
+def send_key(trigger: str, customer_id: int, occurrence: str) -> str:
+    return f"{trigger}/{customer_id}/{occurrence}"
+
+
+def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime,
+                   deferred_only: bool = False) -> Select:
+    """Everyone due, in customer order, each customer's stage computed once.
+
+    ``deferred_only`` keeps the customers with a deferral of this trigger that has come
+    due (the deferred sweep): their deferrals are decided exactly as fresh mail is, by
+    the same query, so a deferral never outlives its occurrence's window or audience.
+    """
+    due = kind.due(trigger, now)
+    if _over_customers(due):
+        # The kind's filter goes straight into this query: joining customers to a
+        # subquery over customers cost a second lookup per customer.
+        columns = due.selected_columns
+        ref_id, ref_time = columns.ref_id, columns.ref_time
+        occurrence = [Customer.id]  # one row per customer; both databases accept its columns
+        base = select().select_from(Customer).where(true() if due.whereclause is None else due.whereclause)
+    else:
+        subquery = due.subquery("due")
+        ref_id, ref_time = subquery.c.ref_id, subquery.c.ref_time
+        # One group per occurrence (the kind's due rows are one per occurrence).
+        occurrence = [Customer.id, ref_id, ref_time]
+        base = select().select_from(subquery).join(Customer, Customer.id == subquery.c.customer_id)
+    stage = customer_stage(rules, now)
+    audience = trigger.audience
+
+    query = base.add_columns(  # read positionally by _classifier: keep the order
+        Customer.id,
+        Customer.external_id,
+        Customer.email,
+        Customer.first_name,
+        Customer.last_name,
+        Customer.locale,
+        Customer.marketing_consent,
+        Customer.consent_requested_at.is_not(None).label("consent_requested"),
+        Customer.timezone,
+        ref_id,
+        # Naive UTC as stored: occurrences only stamp it, and attaching a zone costs
+        # more than parsing (a microsecond a row).
+        type_coerce(ref_time, DateTime()).label("ref_time"),
+        stage.label("stage"),
+        suppressed_for(kind).label("suppressed"),
+        exists().where(CategoryOptOut.customer_id == Customer.id,
+                       CategoryOptOut.category == kind.name).label("opted_out"),
+        _reentry_blocked(trigger, now).label("reentry_blocked"),
+    )
+    if deferred_only:  # driven by the few deferrals, not by a probe per customer
+        query = query.where(Customer.id.in_(select(Send.customer_id).where(awaiting(trigger.name, now))))
+    if audience.locales:
+        query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
+    # Grouped and ordered alike, so that both databases stream it without sorting.
+    query = with_orders(query, Customer.id, now).group_by(*occurrence).order_by(*occurrence)
+    if audience.stages:
+        query = query.having(stage.in_(audience.stages))
+    if audience.min_orders is not None:
+        query = query.having(order_count() >= audience.min_orders)
+    if audience.max_orders is not None:
+        query = query.having(order_count() <= audience.max_orders)
+    if audience.min_lifetime_value is not None:
+        query = query.having(order_value() >= round(audience.min_lifetime_value * 100))
+    if audience.max_lifetime_value is not None:
+        query = query.having(order_value() <= round(audience.max_lifetime_value * 100))
+    return query
+
+
+def _over_customers(due: Select) -> bool:
+    """A kind's due query that only filters customers (see ``Kind``)."""
+    return due.get_final_froms() == [Customer.__table__]
+
+
+def suppressed_for(kind: Kind):
+    """Marketing stops for any suppression; service mail only for undeliverable or complaining addresses."""
+    condition = Suppression.email == func.lower(Customer.email)
+    if kind.category == "transactional":
+        condition = and_(condition, Suppression.reason != SuppressionReason.UNSUBSCRIBED)
+    return exists().where(condition)
+
+
+def withdrawn(engine: Engine, kind: Kind, customer_ids: Sequence[int]) -> set[int]:
+    """Customers who, since the audience was read, unsubscribed, left this category or were
+    suppressed: checked again right before each batch is sent, so it takes effect at once."""
+    if not customer_ids:
+        return set()
+    blocked = suppressed_for(kind)
+    if kind.category == "marketing":
+        opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
+        blocked = or_(blocked, Customer.marketing_consent.is_(False), opted_out)
+    with engine.connect() as connection:
+        among = one_of(Customer.id, customer_ids, engine.dialect.name)
+        return set(connection.execute(select(Customer.id).where(among, blocked)).scalars())
+
+
+# A send that happened (or may have): it counts for re-entry and frequency caps.
+DELIVERED = (SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT, SendStatus.BOUNCED, SendStatus.COMPLAINED)
+
+
+def address(email: Any) -> Any:
+    """A mailbox as Lifecycle compares them: customers sharing one are one recipient."""
+    return func.lower(email, type_=String())
+
+
+def _reentry_blocked(trigger: TriggerBase, now: datetime):
+    """True when an earlier send of this trigger to the customer forbids another now (to
+    the customer's mailbox under another record: ``_mailbox_history``, for the few shared)."""
+    rule = trigger.reentry
+    if rule.mode == "every_occurrence":
+        return false()
+    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED), Send.customer_id == Customer.id)
+    if rule.mode == "cooldown":
+        earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
+    return exists().where(earlier)
+
+
+def shared_addresses(connection: Connection) -> frozenset[str]:
+    """Mailboxes that several customer records share (few; a walk of one index, once per
+    run, where a probe per audience row cost a third of the audience's time)."""
+    mailbox = address(Customer.email)
+    return frozenset(connection.execute(select(mailbox).where(Customer.email.is_not(None)).group_by(mailbox)
+                                        .having(func.count() > 1)).scalars())
+
+
+def stream_candidates(
+    engine: Engine,
+    trigger: TriggerBase,
+    kind: Kind,
+    rules: StageRules,
+    now: datetime,
+    batch_size: int,
+    default_language: str,
+    policy: Policy | None = None,
+    deferred_only: bool = False,
+    lease: timedelta = timedelta(minutes=10),
+    languages: frozenset[str] | None = None,
+) -> Iterator[list[Candidate]]:
+    """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
+
+    Marketing candidates also pass the sending ``policy``: those it holds back come out
+    deferred, with the moment they may go (``not_before``). With ``deferred_only`` only
+    candidates whose deferral is on record come out (the deferred sweep). Each gets one
+    language for the whole mail: its own if in ``languages`` (those the trigger's email
+    has a subject and a body for), else the default.
+
+    A customer's rows are adjacent (customer order), so a second occurrence of the same
+    customer within this run is seen as what it is, even across a batch boundary: blocked
+    by re-entry, or held back by the caps, exactly as the run that sends the first would
+    find it in the ledger. That is what makes a dry run predict the run.
+    """
+    query = audience_query(trigger, kind, rules, now, deferred_only)
+    in_run = _InRun(trigger.reentry.mode != "every_occurrence")
+    # Batches are handled (sent, in a run) while this waits at ``yield``, still frozen.
+    with frozen_heap(), engine.connect() as reader, Session(engine) as ledger:
+        shared = shared_addresses(reader) if kind.category == "marketing" else frozenset()
+        classify = _classifier(trigger, kind, now, default_language, languages, shared)
+        chunks = reader.execution_options(yield_per=batch_size).execute(query).partitions(batch_size)
+        for rows in chunks if engine.dialect.name == "sqlite" else _read_ahead(chunks):
+            batch = _mark_already_sent(ledger, trigger, [classify(row) for row in rows], now, lease)
+            if deferred_only:
+                batch = [c for c in batch if c.deferred]
+            batch = in_run.mailbox(in_run.reentry(batch))
+            if policy is not None and kind.category == "marketing":
+                batch = _apply_policy(ledger, batch, policy, now, in_run)
+            yield batch
+
+
+class _InRun:
+    """This run's own earlier occurrences and mails for the customer at hand (rows come in
+    customer order). Re-entry and the caps each walk the batch on their own, so each keeps
+    its own place."""
+
+    def __init__(self, once: bool) -> None:
+        self.once = once  # re-entry forbids a second occurrence at the same moment
+        self.taken: int | None = None  # the customer with an occurrence due (or deferred) in this run
+        self.customer: int | None = None
+        self.planned: list[str] = []  # keys this run sends (or would send) to ``customer`` so far
+        self.mailboxes: set[str] = set()  # shared mailboxes this run already writes to (few)
+
+    def reentry(self, batch: list[Candidate]) -> list[Candidate]:
+        if not self.once:
+            return batch
+        out = []
+        for c in batch:
+            if c.skip is None or c.skip.deferred:
+                if self.taken == c.customer_id:
+                    c = c._replace(skip=Skip.REENTRY, not_before=None)
+                self.taken = c.customer_id  # a deferred one too: it keeps its place
+            out.append(c)
+        return out
+
+    def mailbox(self, batch: list[Candidate]) -> list[Candidate]:
+        """One mail per mailbox: of the records sharing one, the first this run would write
+        to (customer order: the earliest record) gets it; a deferral holds its place."""
+        out = []
+        for c in batch:
+            if c.shared and (c.skip is None or c.skip.deferred):
+                mailbox = (c.email or "").lower()
+                if mailbox in self.mailboxes:
+                    c = c._replace(skip=Skip.DUPLICATE_ADDRESS, not_before=None)
+                self.mailboxes.add(mailbox)
+            out.append(c)
+        return out
+
+    def earlier(self, customer_id: int) -> list[str]:
+        if customer_id != self.customer:
+            self.customer, self.planned = customer_id, []
+        return self.planned
+
+    def plan(self, customer_id: int, key: str) -> None:
+        self.earlier(customer_id).append(key)
+
+
+def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
+    """Fetch the next chunk in a thread while the caller works on this one, so a database
+    server computes it meanwhile on another core. Not for SQLite: it computes in this
+    process, and its driver lets go of the GIL at every row, so the two threads would pass
+    it back and forth all along."""
+    with ThreadPoolExecutor(1, thread_name_prefix="audience-read") as reader:
+        upcoming = reader.submit(next, chunks, None)
+        while (chunk := upcoming.result()) is not None:
+            upcoming = reader.submit(next, chunks, None)
+            yield chunk
+
+
+def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str,
+                supported: frozenset[str] | None, shared_mailboxes: frozenset[str]) -> Callable[[Row], Candidate]:
+    """Turns an audience row into a candidate, skipped or not. Runs once per row of
+    audiences of hundreds of thousands, so everything that does not vary is settled here."""
+    marketing = kind.category == "marketing"
+    languages: dict[str | None, str] = {}
+
+    def classify(row: Row) -> Candidate:
+        # Unpacked in audience_query's column order: by far the cheapest way to read a row.
+        (customer_id, external_id, email, first_name, last_name, locale, consent, consent_requested, timezone,
+         ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked) = row
+        occurrence = kind.occurrence(trigger, now, ref_id, ref_time)
+        key = send_key(trigger.name, customer_id, occurrence)
+        skip = None
+        if not email:
+            skip = Skip.NO_EMAIL
+        elif suppressed:
+            skip = Skip.SUPPRESSED
+        elif marketing and not consent:
+            skip = Skip.CONSENT_PENDING if consent_requested else Skip.NO_CONSENT
+        elif marketing and opted_out:
+            skip = Skip.OPTED_OUT
+        elif reentry_blocked:
+            skip = Skip.REENTRY
+        language = languages.get(locale)
+        if language is None:
+            language = languages[locale] = language_of(locale, default_language, supported)
+        shared = bool(shared_mailboxes) and bool(email) and email.lower() in shared_mailboxes
+        return Candidate(customer_id, external_id, email, first_name, last_name, locale or default_language,
+                         language, stage, ref_id, occurrence, key, skip, timezone, None, False, shared)
+
+    return classify
+
+
+def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candidate], now: datetime,
+                       lease: timedelta) -> list[Candidate]:
+    """One lookup per batch; the claim at dispatch remains the real guard.
+
+    A key deferred earlier is decided like a fresh one: whatever skips a fresh mail
+    (consent, suppression, re-entry) skips it; otherwise it waits for its moment, or
+    goes once the moment has come (the claim picks it up). The lookup walks the
+    trigger's sends over the batch's range of customers (the audience comes in customer
+    order), for the batch's occurrences: an index range scan, where thousands of
+    single-key probes cost ten times more.
+    """
+    if not batch:
+        return batch
+    ids = [c.customer_id for c in batch]
+    rows = session.execute(select(Send.send_key, Send.status, Send.not_before, Send.expires_at, Send.claimed_at)
+                           .where(Send.trigger == trigger.name, Send.customer_id.between(min(ids), max(ids)),
+                                  one_of(Send.occurrence, {c.occurrence for c in batch},
+                                         session.get_bind().dialect.name)))
+    known = {key: rest for key, *rest in rows}
+    stale = utcnow() - lease
+    marked = []
+    for c in batch:
+        if c.send_key in known:
+            status, not_before, expires_at, claimed_at = known[c.send_key]
+            if status == SendStatus.DEFERRED:
+                c = c._replace(deferred=True)
+                if expires_at is not None and expires_at <= now:
+                    c = c._replace(skip=Skip.EXPIRED)
+                elif c.skip is None and not_before > now:
+                    c = c._replace(skip=Skip.WAITING, not_before=not_before)
+            elif status == SendStatus.CLAIMED and claimed_at < stale:
+                # Its run died before sending it: the claim takes it over, unless something
+                # other than that very claim forbids the mail now.
+                if c.skip == Skip.REENTRY and not _blocked_by_another(session, trigger, c, now):
+                    c = c._replace(skip=None)
+            elif c.skip is None or c.skip == Skip.REENTRY:
+                c = c._replace(skip=Skip.EXPIRED if status == SendStatus.EXPIRED else Skip.ALREADY_SENT)
+        marked.append(c)
+    marked = _mailbox_history(session, trigger, marked, now)
+    session.rollback()  # end the read transaction so SQLite can checkpoint
+    return marked
+
+
+def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candidate], now: datetime) -> list[Candidate]:
+    """A shared mailbox's sends under its other customer records count as the customer's own:
+    the same occurrence on record under another record (sent, in progress, deferred or
+    closed) is not mailed again, whatever the re-entry rule, and an earlier mail of this
+    trigger to the mailbox blocks re-entry. One lookup per batch, for shared addresses only
+    (few): a probe per audience row would cost every run a third of its audience time."""
+    shared = {(c.email or "").lower() for c in batch if c.shared and (c.skip is None or c.skip.deferred)}
+    if not shared:
+        return batch
+    rows = session.execute(select(address(Send.email), Send.occurrence, Send.send_key, Send.status,
+                                  Send.evaluated_at).where(
+        Send.trigger == trigger.name, one_of(address(Send.email), shared, session.get_bind().dialect.name)))
+    history: dict[str, list[tuple[str, str, str, datetime]]] = {}
+    for mailbox, *rest in rows:
+        history.setdefault(mailbox, []).append(tuple(rest))  # type: ignore[arg-type]
+    rule = trigger.reentry
+    out = []
+    for c in batch:
+        if c.shared and (c.skip is None or c.skip.deferred):
+            others = [(occurrence, status, at) for occurrence, key, status, at in
+                      history.get((c.email or "").lower(), ()) if key != c.send_key]
+            if any(occurrence == c.occurrence for occurrence, _, _ in others):
+                c = c._replace(skip=Skip.DUPLICATE_ADDRESS, not_before=None)
+            elif rule.mode != "every_occurrence" and any(
+                    status in DELIVERED and (rule.mode == "once" or now - rule.cooldown < at <= now)
+                    for _, status, at in others):
+                c = c._replace(skip=Skip.REENTRY, not_before=None)
+        out.append(c)
+    return out
+
+
+def _blocked_by_another(session: Session, trigger: TriggerBase, c: Candidate, now: datetime) -> bool:
+    """Re-entry for a claim about to be taken over, not counting that claim (rare: crash reruns)."""
+    rule = trigger.reentry
+    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED), Send.send_key != c.send_key,
+                   or_(Send.customer_id == c.customer_id, address(Send.email) == (c.email or "").lower()))
+    if rule.mode == "cooldown":
+        earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
+    return session.execute(select(exists().where(earlier))).scalar_one()
+
+
+def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now: datetime,
+                  in_run: "_InRun") -> list[Candidate]:
+    """Frequency caps and quiet hours, with one query for the whole batch's recent sends.
+
+    Caps count per mailbox: every marketing mail to the address, under any customer
+    record. A candidate's own key does not count against it: a dead run's unsent claim
+    of that very mail, about to be taken over, is not an earlier mail. The mails this run
+    planned for the customer count from the plan (``in_run``), never from the ledger,
+    whatever its senders have written by now: so a dry run and the run decide alike.
+    """
+    due = [c for c in batch if c.skip is None]
+    if not due:
+        return batch
+    recent: dict[str, list[tuple[str, datetime]]] = {}
+    window = longest_window(policy)
+    if window:
+        addresses = {(c.email or "").lower() for c in due}
+        rows = session.execute(select(address(Send.email), Send.send_key, Send.evaluated_at).where(
+            one_of(address(Send.email), addresses, session.get_bind().dialect.name), Send.category == "marketing",
+            Send.status.in_(DELIVERED), Send.evaluated_at > now - window, Send.evaluated_at <= now))
+        for mailbox, key, at in rows:
+            recent.setdefault(mailbox, []).append((key, at))
+        session.rollback()
+    out = []
+    unsent: dict[str | None, tuple[datetime, str | None]] = {}  # by time zone, for customers with no recent send
+    for c in batch:
+        if c.skip is None:
+            planned = in_run.earlier(c.customer_id)
+            earlier = [at for key, at in recent.get((c.email or "").lower(), ())
+                       if key != c.send_key and key not in planned]
+            earlier += [now] * len(planned)
+            if not earlier and c.timezone in unsent:
+                moment, reason = unsent[c.timezone]
+            else:
+                zone = customer_zone(c.timezone, policy, c.external_id)
+                moment, reason = next_allowed(now, earlier, zone, policy)
+                if not earlier:
+                    unsent[c.timezone] = moment, reason
+            if reason is not None:
+                c = c._replace(skip=Skip.QUIET_HOURS if reason == QUIET_HOURS else Skip.FREQUENCY_CAP,
+                               not_before=moment)
+            else:
+                in_run.plan(c.customer_id, c.send_key)
+        out.append(c)
+    return out

@@ -1,0 +1,146 @@
+"""Previews: a trigger's mail rendered to .html, .txt and .eml files, exactly as sent.
+
+The ``.eml`` is the message as sent; the ``.html`` file starts with a banner giving the
+subject and the language actually used, since a browser shows neither.
+"""
+
+import html
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email import message_from_bytes, policy
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+from sqlmodel import Session
+
+from flows.audience.query import Candidate, send_key
+from flows.message.compose import build_message, message_id
+from flows.content.context import sample_contexts
+from flows.send.batch import Job, load, prepare_job, render_candidates
+from flows.ingest import customer_by_id
+from flows.content.render import Rendered, RenderError, language_of
+from flows.settings import Settings
+from flows.audience.stage_sql import customer_stages
+from models import CART_OPEN, Cart, Complaint, Customer
+from models.types import utcnow
+
+
+class PreviewError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Preview:
+    """One previewed mail: its files, its subject, the language asked for and the one used."""
+
+    stage: str
+    asked: str
+    language: str
+    subject: str
+    paths: list[Path]
+
+    @property
+    def fell_back(self) -> bool:
+        return self.asked != self.language
+
+
+_BODY = re.compile(r"<body[^>]*>", re.IGNORECASE)
+
+
+def _banner(subject: str, language: str, asked: str) -> str:
+    used = language if language == asked else f"{language} (asked for {asked}: not supported by this trigger)"
+    return (f'<div style="font:13px/1.5 monospace;background:#fffbe6;border-bottom:1px solid #ccc;padding:8px">'
+            f"Subject: {html.escape(subject)}<br>Language: {html.escape(used)}</div>")
+
+
+def _write(out: Path, name: str, eml: bytes, subject: str, language: str, asked: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    text = message_from_bytes(eml, policy=policy.default).get_body(("plain",))
+    paths = [out / f"{name}.eml", out / f"{name}.html", out / f"{name}.txt"]
+    paths[0].write_bytes(eml)
+    body, banner = html_part(eml), _banner(subject, language, asked)
+    match = _BODY.search(body)
+    at = match.end() if match else 0
+    paths[1].write_text(body[:at] + banner + body[at:], encoding="utf-8")
+    paths[2].write_text(text.get_content() if text else "", encoding="utf-8")
+    return paths
+
+
+def preview_samples(settings: Settings, trigger: str, stages: list[str] | None, languages: list[str] | None,
+                    out: Path) -> list[Preview]:
+    project = load(settings)
+    job = prepare_job(trigger, utcnow(), settings=settings, project=project)
+    catalog, email = job.catalog, job.trigger.email
+    stages = stages or job.trigger.audience.stages or job.stages.names
+    unknown = [s for s in stages if s not in job.stages.names]
+    if unknown:
+        raise PreviewError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(job.stages.names)}")
+    languages = languages or sorted(catalog.languages_for(email) | {catalog.default_language})
+    written: list[Preview] = []
+    for stage in stages:
+        for lang in languages:
+            eml, rendered = sample_mail(job, stage, lang)
+            paths = _write(out / trigger, f"{stage}.{lang}", eml, rendered.subject, rendered.language, lang)
+            written.append(Preview(stage, lang, rendered.language, rendered.subject, paths))
+    return written
+
+
+def sample_message(job: Job, stage: str, language: str) -> bytes:
+    """The trigger's mail for a sample customer in ``stage`` speaking ``language``, as sent."""
+    return sample_mail(job, stage, language)[0]
+
+
+def sample_mail(job: Job, stage: str, language: str) -> tuple[bytes, Rendered]:
+    """The sample mail as sent, and what was rendered (its subject, the language used)."""
+    settings = job.settings
+    sample = sample_contexts(job.kind.reference, settings.base_url, settings.shop_url)[0]
+    try:
+        rendered = job.catalog.render(job.trigger.email, {**sample, "stage": stage, "lang": language})
+    except RenderError as exc:
+        raise PreviewError(str(exc)) from None
+    key = send_key(job.trigger.name, 0, f"preview:{stage}:{language}")
+    eml = build_message(rendered, sender=job.sender, to_address="preview@example.com",
+                        to_name=sample["customer"].name, msg_id=message_id(key, job.sender, settings.signing_secret),
+                        date=utcnow())
+    return eml, rendered
+
+
+def html_part(eml: bytes) -> str:
+    body = message_from_bytes(eml, policy=policy.default).get_body(("html",))
+    return body.get_content() if body else ""
+
+
+def preview_customer(settings: Settings, trigger: str, external_id: str, now: datetime, out: Path,
+                     engine: Engine) -> list[Preview]:
+    project = load(settings)
+    job = prepare_job(trigger, now, settings=settings, project=project)
+    with Session(engine) as session:
+        customer = customer_by_id(session, external_id)  # a merged guest's id names the account
+        if customer is None:
+            raise PreviewError(f"no customer with id {external_id!r}")
+        if not customer.email:
+            raise PreviewError(f"customer {external_id!r} has no email address")
+        stage = session.execute(
+            customer_stages(job.stages, now).where(Customer.id == customer.id)
+        ).one().stage
+        ref_id = None
+        if job.kind.reference == "cart":
+            ref_id = session.execute(select(Cart.id).where(Cart.customer_id == customer.id, Cart.status == CART_OPEN)
+                                     .order_by(Cart.updated_at.desc())).scalars().first()
+        elif job.kind.reference == "complaint":
+            ref_id = session.execute(select(Complaint.id).where(Complaint.customer_id == customer.id)
+                                     .order_by(Complaint.received_at.desc())).scalars().first()
+        if job.kind.reference and ref_id is None:
+            raise PreviewError(f"customer {external_id!r} has no {job.kind.reference} to preview this trigger with")
+    asked = language_of(customer.locale, settings.default_language)
+    language = language_of(customer.locale, settings.default_language, job.catalog.languages_for(job.trigger.email))
+    candidate = Candidate(customer.id, customer.external_id, customer.email, customer.first_name, customer.last_name,
+                          customer.locale, language, stage, ref_id, "preview", send_key(trigger, customer.id, "preview"))
+    prepared, failures = render_candidates(job, [candidate])
+    if failures:
+        raise PreviewError(failures[0].message)
+    subject = prepared[0].subject
+    paths = _write(out / trigger, f"{external_id}.{stage}.{language}", prepared[0].envelope.data, subject, language,
+                   asked)
+    return [Preview(stage, asked, language, subject, paths)]

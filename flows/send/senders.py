@@ -1,0 +1,252 @@
+"""Sender processes: a large run renders and sends on every core.
+
+Rendering, MIME and the SMTP client are CPU-bound Python, so one process sends on one
+core. A run with more than one batch starts ``LIFECYCLE_WORKERS - 1`` sender
+processes (the run's own process is the last of the workers; default: one per core),
+hands each a batch at a time and merges what they report. Each sender runs
+``delivery.deliver`` exactly as the flow's own process would: it claims every key in
+the shared ledger before sending it, so splitting the work across processes changes
+nothing about exactly-once.
+
+A sender is a fresh interpreter (the flow's process has Prefect's threads running,
+which ``fork`` must not copy) that imports no Prefect, loads the same trigger files and
+templates, and dies with its parent: a killed run leaves no orphan sending. Batches and
+outcomes travel as pickles over a pair of pipes. ``multiprocessing``'s own pools would
+do the same but start a resource-tracker process besides (13 MB, a twentieth of a run's
+memory) to clean up the named semaphores their queues use; pipes need none.
+"""
+
+import ctypes
+import gc
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from datetime import datetime
+from multiprocessing.connection import Connection
+from types import TracebackType
+
+from flows.audience.query import Candidate
+from flows.send.batch import BatchOutcome, Job, deliver, prepare_job
+from flows.memory import one_malloc_arena
+from flows.settings import Settings
+
+_PR_SET_PDEATHSIG = 1
+
+
+class SenderDied(RuntimeError):
+    """A sender process ended while it had a batch, or before it was ready."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux kills this process when the thread that started it ends (SIGKILL included)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: rely on the closed pipe
+        pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error as the flow's process can unpickle it, with the sender's traceback as a note."""
+    error.add_note("".join(traceback.format_exception(error)).rstrip() + f"\n(in sender process {os.getpid()})")
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - an exception that does not survive a pickle
+        return RuntimeError("".join(traceback.format_exception(error)).rstrip())
+
+
+def serve(requests_fd: int, replies_fd: int) -> None:
+    """A sender process's life: load the job, then deliver each batch handed over until the
+    run closes the pipe."""
+    requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
+    # A Ctrl-C reaches the terminal's whole process group. Only the run decides: it stops
+    # handing over batches, and a sender finishes the one it has rather than leave its
+    # recipients in doubt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    one_malloc_arena()
+    trigger, now, settings, run_id, parent = requests.recv()
+    _die_with_parent(parent)
+    try:
+        # Each sender loads and compiles the templates itself: compiled Jinja does not pickle.
+        job = prepare_job(trigger, now, settings=settings, run_id=run_id)
+    except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it
+        replies.send(("failed", _portable(error)))
+        return
+    gc.freeze()  # what the sender starts with stays out of the collector's scans (see flows.memory)
+    replies.send(("ready", os.getpid()))
+    while True:
+        try:
+            candidates, batch = requests.recv()
+        except EOFError:  # the run is done with this sender
+            return
+        try:
+            replies.send(("done", deliver(job, candidates, batch)))
+        except Exception as error:  # noqa: BLE001 - the run fails the batch with it
+            replies.send(("failed", _portable(error)))
+
+
+_Work = tuple[Future, list[Candidate], int] | None  # None: no more batches for this sender
+
+
+class _Sender:
+    """One sender process and the thread in the run's process that feeds it a batch at a time."""
+
+    def __init__(self, job_args: tuple[str, datetime, Settings, str, int]) -> None:
+        requests_in, requests_out = os.pipe()  # batches: the run writes, the sender reads
+        replies_in, replies_out = os.pipe()  # outcomes: the sender writes, the run reads
+        code = f"from flows.send.senders import serve; serve({requests_in}, {replies_out})"
+        self.process = subprocess.Popen(
+            [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],  # type: ignore[attr-defined]
+            pass_fds=(requests_in, replies_out),
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # what the run imports, it imports
+        )
+        os.close(requests_in)
+        os.close(replies_out)
+        self._requests = Connection(requests_out, readable=False)
+        self._replies = Connection(replies_in, writable=False)
+        self._requests.send(job_args)
+        self.thread: threading.Thread | None = None
+
+    def ready(self) -> None:
+        """Wait until the sender has loaded the project; raise what stopped it if it could not."""
+        status, detail = self._receive("before it was ready")
+        if status == "failed":
+            raise detail
+
+    def feed(self, work: "queue.Queue[_Work]", on_death: Callable[[SenderDied], None]) -> None:
+        """Hand this sender the queue's batches one after the other (its thread's body)."""
+        while (item := work.get()) is not None:
+            future, candidates, batch = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                status, detail = self._exchange(candidates, batch)
+            except SenderDied as death:
+                future.set_exception(death)
+                on_death(death)
+                break
+            except Exception as error:  # noqa: BLE001 - a batch or reply that does not pickle
+                future.set_exception(error)
+                continue
+            if status == "done":
+                future.set_result(detail)
+            else:
+                future.set_exception(detail)
+        self.close()
+
+    def _exchange(self, candidates: list[Candidate], batch: int) -> tuple[str, object]:
+        when = f"while it was sending batch {batch}"
+        try:
+            self._requests.send((candidates, batch))  # pickled whole before the first byte is written
+        except OSError:
+            raise self._died(when) from None
+        return self._receive(when)
+
+    def close(self) -> None:
+        self._requests.close()  # the sender reads the end of its pipe and exits
+        self.process.wait()
+        self._replies.close()
+
+    def _receive(self, when: str) -> tuple[str, object]:
+        try:
+            return self._replies.recv()
+        except EOFError:
+            raise self._died(when) from None
+
+    def _died(self, when: str) -> SenderDied:
+        code = self.process.wait()
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return SenderDied(f"sender process {self.process.pid} {how} {when}")
+
+
+class SenderPool:
+    """``with SenderPool(job, 2) as senders: senders.submit(candidates, batch).result()``.
+
+    Batches wait in one queue and go to whichever sender is free. If a sender dies, its
+    batch and every batch still waiting fail with ``SenderDied``, and so does any later
+    ``submit``: the run fails instead of waiting for a sender that is gone.
+    """
+
+    def __init__(self, job: Job, workers: int) -> None:
+        self.workers = workers
+        self._job_args = (job.trigger.name, job.now, job.settings, job.run_id, os.getpid())
+        self._work: queue.Queue[_Work] = queue.Queue()
+        self._senders: list[_Sender] = []
+        self._lock = threading.Lock()
+        self._broken: SenderDied | None = None
+
+    def __enter__(self) -> "SenderPool":
+        # Start every sender now, from this thread: the run's thread lives as long as the
+        # run, and a sender dies with the thread that started it.
+        try:
+            for _ in range(self.workers):
+                self._senders.append(_Sender(self._job_args))
+            for sender in self._senders:
+                sender.ready()  # a sender that could not load the project fails the run here
+        except BaseException:
+            for sender in self._senders:
+                sender.process.kill()
+                sender.close()
+            raise
+        for sender in self._senders:
+            sender.thread = threading.Thread(target=sender.feed, args=(self._work, self._fail_waiting),
+                                             name=f"sender-{sender.process.pid}", daemon=True)
+            sender.thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # On failure, batches not yet started are dropped (their keys were never claimed).
+        if error is not None:
+            self._cancel_waiting()
+        for _ in self._senders:
+            self._work.put(None)
+        for sender in self._senders:
+            assert sender.thread is not None
+            sender.thread.join()
+
+    def submit(self, candidates: Sequence[Candidate], batch: int) -> "Future[BatchOutcome]":
+        future: Future[BatchOutcome] = Future()
+        with self._lock:
+            if self._broken is not None:
+                future.set_exception(self._broken)
+            else:
+                self._work.put((future, list(candidates), batch))
+        return future
+
+    def _fail_waiting(self, death: SenderDied) -> None:
+        with self._lock:
+            self._broken = death
+            for future in self._drain():
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(death)
+
+    def _cancel_waiting(self) -> None:
+        with self._lock:
+            for future in self._drain():
+                future.cancel()
+
+    def _drain(self) -> list[Future]:
+        """Take every waiting batch off the queue; the senders' ends of work stay on it."""
+        drained, ends = [], 0
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                ends += 1
+            else:
+                drained.append(item[0])
+        for _ in range(ends):
+            self._work.put(None)
+        return drained

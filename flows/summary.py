@@ -1,0 +1,118 @@
+"""The per-run summary: counts per stage and outcome, for the terminal and the Prefect UI."""
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+SENT = "sent"
+WOULD_SEND = "would_send"
+RETRY = "retry:smtp_temporary"  # the server said "later" after every retry: the next run tries again
+# Permanent refusals at SMTP time, by what they say (``flows.feedback.bounces.classify``):
+BOUNCED = "failed:bounced"  # the address is bad (hard bounce): suppressed
+SOFT_BOUNCED = "failed:soft_bounce"  # the mailbox refused (full, disabled): counts toward LIFECYCLE_SOFT_BOUNCE_LIMIT
+REJECTED = "failed:rejected"  # the message or the relay was refused (policy, content, size): nobody suppressed
+IN_DOUBT = "failed:in_doubt"  # the connection was lost during DATA: maybe accepted, never retried
+
+
+def skipped(reason: str) -> str:
+    return f"skipped:{reason}"
+
+
+def failed(reason: str) -> str:
+    return f"failed:{reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedMail:
+    """One line of a dry run: who would get what (no address: ids only)."""
+
+    customer: str
+    stage: str
+    language: str
+    template: str
+    subject: str
+
+
+@dataclass
+class RunSummary:
+    trigger: str
+    evaluated_at: datetime
+    dry_run: bool = False
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    planned: list[PlannedMail] = field(default_factory=list)
+    templates: set[tuple[str, str, str]] = field(default_factory=set)  # (template file, stage, language)
+    interrupted: bool = False  # stopped between batches by a shutdown
+    complaints: tuple[int, int] | None = None  # (spam complaints, mails sent) by this trigger in the last 30 days
+
+    def add(self, stage: str, outcome: str, count: int = 1) -> None:
+        self.counts[(stage, outcome)] += count
+
+    def merge(self, other: Counter[tuple[str, str]]) -> None:
+        self.counts.update(other)
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for (_, outcome), count in self.counts.items():
+            totals[outcome] += count
+        return totals
+
+    @property
+    def stages(self) -> list[str]:
+        return sorted({stage for stage, _ in self.counts})
+
+    @property
+    def sent(self) -> int:
+        return self.outcomes[SENT]
+
+    def table(self) -> list[dict[str, object]]:
+        """One row per stage, one column per outcome, plus a total row."""
+        columns = sorted(self.outcomes)
+        rows: list[dict[str, object]] = []
+        for stage in self.stages:
+            row: dict[str, object] = {"stage": stage}
+            row.update({c: self.counts.get((stage, c), 0) for c in columns})
+            rows.append(row)
+        total: dict[str, object] = {"stage": "total"}
+        total.update({c: self.outcomes[c] for c in columns})
+        rows.append(total)
+        return rows
+
+    @property
+    def complaint_warning(self) -> str | None:
+        """Said when the trigger's spam-complaint rate crosses 0.1 %: well before Gmail's 0.3 % line."""
+        from flows.feedback.bounces import COMPLAINT_RATE_WARNING
+
+        complained, sent = self.complaints or (0, 0)
+        if not sent or complained / sent <= COMPLAINT_RATE_WARNING:
+            return None
+        return (f"spam complaints {complained / sent:.2%} over 30 days ({complained} of {sent} mails): "
+                f"above {COMPLAINT_RATE_WARNING:.1%}; Gmail's limit is 0.3%")
+
+    def headline(self) -> str:
+        totals = self.outcomes
+        main = totals[WOULD_SEND] if self.dry_run else totals[SENT]
+        verb = "would send" if self.dry_run else "sent"
+        others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()) if name not in (SENT, WOULD_SEND))
+        stopped = " (interrupted by shutdown)" if self.interrupted else ""
+        warning = f"; WARNING: {self.complaint_warning}" if self.complaint_warning else ""
+        return f"{self.trigger} @ {self.evaluated_at:%Y-%m-%d %H:%M:%S} UTC{stopped}: {verb} {main}" + (
+            f"; {others}" if others else ""
+        ) + warning
+
+    def to_markdown(self, preview: Callable[[str, str], str] | None = None) -> str:
+        """The summary for the Prefect UI; ``preview(stage, language)`` gives each template's preview link."""
+        rows = self.table()
+        if len(rows) == 1:
+            body = "_Nobody was due._"
+        else:
+            columns = list(rows[0])
+            body = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            body += "\n".join("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows)
+        templates = "\n".join(
+            f"- [`{name}` ({stage}, {lang})]({preview(stage, lang)})" if preview else f"- `{name}` ({stage}, {lang})"
+            for name, stage, lang in sorted(self.templates)
+        ) or "- none"
+        warning = f"\n\n> **Warning:** {self.complaint_warning}" if self.complaint_warning else ""
+        return f"# {self.trigger}\n\n{self.headline()}{warning}\n\n{body}\n\n## Templates used\n{templates}\n"

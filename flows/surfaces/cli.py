@@ -1,0 +1,550 @@
+"""The ``lifecycle`` command: validate, ingest, run, preview, demo, ledger."""
+
+import os
+
+# No internet here or in many shops' networks: Prefect must not try to phone home.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from flows.clock import parse_now
+from flows.redaction import redact_urls
+from flows.summary import RunSummary
+from flows.settings import Settings, get_settings
+from flows.spec.problems import Problem, SpecError
+
+app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _every_command() -> None:
+    """No password or token in any log line of any command (``flows.redaction``)."""
+    from flows.redaction import redact_every_record
+
+    redact_every_record()
+
+
+ledger_app = typer.Typer(help="Inspect and repair the send ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+db_app = typer.Typer(help="The customer store's schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+suppress_app = typer.Typer(help="Addresses no trigger may write to (bounces, complaints, unsubscribes, manual).",
+                           no_args_is_help=True)
+app.add_typer(suppress_app, name="suppress")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _settings(triggers: Path | None = None, templates: Path | None = None) -> Settings:
+    try:
+        settings = get_settings()
+    except ValueError as exc:
+        errors.print(f"[red]Configuration error:[/] {escape(redact_urls(str(exc)))}", highlight=False)
+        raise typer.Exit(2) from None
+    updates = {k: v for k, v in {"triggers_dir": triggers, "templates_dir": templates}.items() if v}
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def _engine(settings: Settings):
+    """The store's engine. Development migrates on the fly; production expects `lifecycle db upgrade`."""
+    from models.db import create_schema, get_engine
+    from models.migrate import current, head
+
+    engine = get_engine(settings.database_url)
+    if settings.environment == "development":
+        create_schema(engine)
+    elif current(engine) != head(engine):
+        errors.print(f"[red]The store is at migration {current(engine)}, the code expects {head(engine)}: "
+                     "run `lifecycle db upgrade` first.[/]")
+        raise typer.Exit(2)
+    return engine
+
+
+def _now(value: str | None) -> datetime:
+    try:
+        return parse_now(value)
+    except ValueError:
+        errors.print(f"[red]--now must be an ISO-8601 moment such as 2026-03-14T09:30:00Z, got {value!r}[/]")
+        raise typer.Exit(2) from None
+
+
+def print_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        label = "[bold yellow]warning:[/] " if problem.severity == "warning" else ""
+        # The file's own words are text, never markup: a trigger named "[/x]" is shown, not obeyed.
+        errors.print(f"[bold red]{escape(str(problem.location))}[/]: "
+                     + (f"[yellow]{escape(str(problem.field))}[/]: " if problem.field else "")
+                     + label + escape(problem.message), markup=True, highlight=False, soft_wrap=True)
+        if problem.snippet:
+            errors.print(problem.snippet, markup=False, highlight=False)
+        errors.print()
+
+
+TriggersOpt = Annotated[Path | None, typer.Option("--triggers", help="Triggers folder (LIFECYCLE_TRIGGERS_DIR).")]
+TemplatesOpt = Annotated[Path | None, typer.Option("--templates", help="Templates folder (LIFECYCLE_TEMPLATES_DIR).")]
+
+
+@app.command()
+def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> None:
+    """Check every trigger file, the stage rules and every template; report all problems."""
+    from flows.surfaces.prefect_flows import load
+
+    settings = _settings(triggers, templates)
+    project = load(settings)
+    print_problems(project.warnings)  # shown, never failing: such a mail goes out in the default language
+    if project.problems:
+        print_problems(project.problems)
+        files = {p.file for p in project.problems}
+        errors.print(f"[red]{len(project.problems)} problem(s) in {len(files)} file(s).[/] "
+                     f"{len(project.triggers)} trigger(s) are valid.")
+        raise typer.Exit(1)
+    names = ", ".join(sorted(project.triggers))
+    warned = f" {len(project.warnings)} warning(s)." if project.warnings else ""
+    console.print(f"[green]All good:[/] {len(project.triggers)} triggers ({names}), "
+                  f"{len(project.stages.stages) if project.stages else 0} stages, templates render.{warned}")
+
+
+@app.command()
+def ingest(file: Annotated[str, typer.Argument(help="A .jsonl file of Segment events, or - for stdin.")]) -> None:
+    """Load Segment events (identify, track, page, screen, group, alias) into the store; re-loading is harmless."""
+    from flows.ingest import ingest_lines
+
+    settings = _settings()
+    engine = _engine(settings)
+    if file == "-":
+        report = ingest_lines(engine, sys.stdin.buffer)
+    else:
+        path = Path(file)
+        if not path.is_file():
+            errors.print(f"[red]{file}: no such file[/]")
+            raise typer.Exit(2)
+        with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad line, not a crash
+            report = ingest_lines(engine, handle)
+    for line, reason in report.errors:
+        errors.print(f"[red]{escape(file)}:{line}[/]: {escape(reason)}", highlight=False)
+    console.print(f"Loaded {report.loaded} event(s), {report.duplicates} already known, "
+                  f"{len(report.errors)} bad line(s) skipped." + (f" Merged {report.merged} customer record(s) "
+                                                                   "into another." if report.merged else ""))
+    for shared in report.shared:  # one recipient at run time, but two records until an alias merges them
+        errors.print(f"[yellow]warning:[/] {shared}", highlight=False)
+    from flows.surfaces.prefect_events import emit_complaints
+
+    announced = emit_complaints(report.complaints)
+    if announced:
+        console.print(f"Announced {announced} new complaint(s) to Prefect.")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def summary_table(summary: RunSummary) -> Table:
+    rows = summary.table()
+    table = Table(title=summary.headline(), title_justify="left", min_width=80)
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in rows:
+        style = "bold" if row["stage"] == "total" else None
+        table.add_row(*(str(v) for v in row.values()), style=style)
+    return table
+
+
+def planned_table(summary: RunSummary) -> Table:
+    table = Table(title=f"Who would get what (first {len(summary.planned)})", title_justify="left")
+    for column in ("customer", "stage", "language", "template", "subject"):
+        table.add_column(column)
+    for mail in summary.planned:
+        table.add_row(mail.customer, mail.stage, mail.language, mail.template, mail.subject)
+    return table
+
+
+@app.command()
+def run(
+    triggers: Annotated[list[str] | None, typer.Argument(help="Trigger names (see `lifecycle validate`).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Run every enabled trigger.")] = False,
+    now: Annotated[str | None, typer.Option(help="Evaluate as of this ISO-8601 moment (default: now).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show who would get what; send and record nothing.")] = False,
+) -> None:
+    """Run triggers through Prefect (or, with --dry-run, just show the plan)."""
+    from flows.surfaces.prefect_flows import compile_flow, execute, load, prepare_job
+
+    if bool(triggers) == all_:
+        errors.print("[red]Name one or more triggers, or pass --all.[/]")
+        raise typer.Exit(2)
+    settings = _settings()
+    moment = _now(now)
+    _engine(settings)
+    project = load(settings)
+    if project.problems:
+        errors.print("[yellow]Some files have problems; their triggers are skipped:[/]")
+        print_problems(project.problems)
+    names = [n for n, t in project.triggers.items() if t.enabled] if all_ else list(triggers or [])
+    failed = bool(project.problems) and all_
+    for name in names:
+        try:
+            if dry_run:
+                summary = execute(prepare_job(name, moment, settings=settings, dry_run=True, project=project))
+            else:
+                spec = project.trigger(name)
+                summary = compile_flow(spec)(trigger=name, now=moment.isoformat(), dry_run=False)
+        except SpecError as exc:
+            print_problems(exc.problems)
+            failed = True
+            continue
+        except Exception as exc:  # one broken trigger never stops the others
+            # One line, however narrow the terminal, and the relay's words as they came (no markup).
+            errors.print(f"[red]{name} failed:[/] {escape(redact_urls(str(exc)))}", soft_wrap=True)
+            failed = True
+            continue
+        console.print(summary_table(summary))
+        if summary.complaint_warning:
+            errors.print(f"[yellow]{name}: {summary.complaint_warning}[/]", highlight=False)
+        if dry_run and summary.planned:
+            console.print(planned_table(summary))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def preview(
+    trigger: Annotated[str, typer.Argument(help="Trigger name.")],
+    customer: Annotated[str | None, typer.Option(help="A customer's external id: render with their real data.")] = None,
+    stage: Annotated[list[str] | None, typer.Option(help="Stage(s) to preview with sample data (default: all).")] = None,
+    language: Annotated[list[str] | None, typer.Option(help="Language(s) (default: every one the trigger is written in).")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write .html, .txt and .eml files.")] = Path("preview"),
+    now: Annotated[str | None, typer.Option(help="Evaluation time for the customer's stage.")] = None,
+) -> None:
+    """Render a trigger's mail to files, with sample data or a real customer's."""
+    from flows.content.preview import PreviewError, preview_customer, preview_samples
+
+    settings = _settings()
+    try:
+        if customer:
+            written = preview_customer(settings, trigger, customer, _now(now), out, _engine(settings))
+        else:
+            written = preview_samples(settings, trigger, stage, language, out)
+    except SpecError as exc:
+        print_problems(exc.problems)
+        raise typer.Exit(1) from None
+    except PreviewError as exc:
+        errors.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    for mail in written:
+        used = f"language {mail.language}" if not mail.fell_back else (
+            f"[yellow]language {mail.language}, not {mail.asked}: the trigger has no subject or template for "
+            f"{mail.asked}[/]")
+        console.print(f"{mail.stage} ({used}): subject: ", end="")
+        console.print(mail.subject, markup=False, highlight=False)
+        for path in mail.paths:
+            console.print(f"  wrote {path}", highlight=False)
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(help="How many demo customers to create on first run.")] = 300,
+    outbox: Annotated[Path, typer.Option(help="Where the capture SMTP server writes messages.")] = Path("outbox"),
+) -> None:
+    """Seed a demo store, start a capture SMTP server, run every trigger through Prefect."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.surfaces.demo import run_demo
+
+    run_demo(_settings(), customers, outbox, console)
+
+
+@ledger_app.command("in-doubt")
+def in_doubt(minutes: Annotated[int, typer.Option(help="Claims older than this many minutes.")] = 10) -> None:
+    """List sends whose run died between claiming and recording (the server may have them)."""
+    from datetime import timedelta
+
+    from flows.send.claims import in_doubt as find
+
+    rows = find(_engine(_settings()), timedelta(minutes=minutes))
+    table = Table(title=f"{len(rows)} send(s) in doubt", title_justify="left")
+    for column in ("send key", "customer", "claimed at", "message id"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.send_key, str(row.customer_id), row.claimed_at.isoformat(), row.message_id)
+    console.print(table)
+
+
+@ledger_app.command("release")
+def release(keys: Annotated[list[str], typer.Argument(help="Send keys to free, after checking the SMTP log.")]) -> None:
+    """Free in-doubt claims so the next run sends them (only if the server never got them)."""
+    from flows.send.claims import release as free
+
+    count = free(_engine(_settings()), keys)
+    console.print(f"Released {count} claim(s).")
+
+
+@app.command()
+def serve(workers: Annotated[int, typer.Option(help="Triggers that may run at the same time.")] = 4) -> None:
+    """Run every enabled trigger on its schedule in this process (no Prefect server needed)."""
+    import logging
+
+    from flows.surfaces.serve import serve as run_scheduler
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    _engine(settings)
+    raise typer.Exit(run_scheduler(settings, workers))
+
+
+@app.command()
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
+) -> None:
+    """Serve template previews (linked from each Prefect run's summary) over HTTP."""
+    # Prefect configures logging when first imported: before uvicorn does, not at the first
+    # preview (which silenced the access log).
+    import prefect.main  # noqa: F401
+    import uvicorn
+
+    from flows.surfaces.web import create_app
+    from flows.surfaces.web_security import log_config
+
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info", log_config=log_config(),
+                server_header=False)
+
+
+@app.command()
+def deployments(
+    write: Annotated[bool, typer.Option("--write", help="Regenerate the deployments section of prefect.yaml.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1, with a diff, if prefect.yaml disagrees with triggers/.")] = False,
+    file: Annotated[Path, typer.Option(help="The Prefect project file.")] = Path("prefect.yaml"),
+) -> None:
+    """Keep prefect.yaml's deployments in step with the trigger files (one deployment per trigger)."""
+    from flows.surfaces.deployments import deployments as generated
+    from flows.surfaces.deployments import diff, render
+    from flows.surfaces.prefect_flows import load
+
+    if write == check:
+        errors.print("[red]Pass exactly one of --write or --check.[/]")
+        raise typer.Exit(2)
+    project = load(_settings())
+    if project.problems:
+        print_problems(project.problems)
+        errors.print("[red]Fix the trigger files first: deployments are generated from valid triggers only.[/]")
+        raise typer.Exit(1)
+    triggers = list(project.triggers.values())
+    if write:
+        current = file.read_text(encoding="utf-8") if file.exists() else ""
+        file.write_text(render(current, triggers), encoding="utf-8")
+        console.print(f"Wrote {len(generated(triggers))} deployments to {file}.")
+        return
+    difference = diff(file, triggers)
+    if difference:
+        errors.print(difference, markup=False, highlight=False, soft_wrap=True)
+        errors.print(f"[red]{file} does not match triggers/: run `lifecycle deployments --write`.[/]")
+        raise typer.Exit(1)
+    console.print(f"{file} matches triggers/ ({len(generated(triggers))} deployments).")
+
+
+@suppress_app.command("add")
+def suppress_add(
+    emails: Annotated[list[str], typer.Argument(help="Addresses to suppress.")],
+    reason: Annotated[str, typer.Option(help="unsubscribed, hard_bounce, spam_complaint or manual.")] = "manual",
+    note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+) -> None:
+    """Suppress addresses: every trigger skips them from the next batch on."""
+    from flows.send.claims import suppress
+    from models import SuppressionReason, suppression_key
+
+    try:
+        why = SuppressionReason(reason)
+    except ValueError:
+        errors.print(f"[red]--reason must be one of {', '.join(r.value for r in SuppressionReason)}[/]")
+        raise typer.Exit(2) from None
+    suppress(_engine(_settings()), emails, why, note or "lifecycle suppress add")
+    console.print(f"Suppressed {len({suppression_key(e) for e in emails})} address(es) ({why.value}).")
+
+
+@suppress_app.command("from-mail")
+def suppress_from_mail(files: Annotated[list[Path], typer.Argument(help=".eml files received at the unsubscribe mailbox.")]) -> None:
+    """Apply unsubscribe requests mailed to the List-Unsubscribe mailto: address (subject: unsubscribe TOKEN)."""
+    import re
+    from email import message_from_bytes, policy
+
+    from flows.signing_secret import resolved
+    from flows.surfaces.web import unsubscribe_by_token
+    from models.types import utcnow
+
+    settings = _settings()
+    engine = _engine(settings)
+    done = refused = 0
+    for file in files:
+        subject = str(message_from_bytes(file.read_bytes(), policy=policy.default).get("Subject", ""))
+        match = re.search(r"unsubscribe\s+(\S+)", subject, re.IGNORECASE)
+        customer = match and unsubscribe_by_token(engine, resolved(settings, engine).signing_secret, match.group(1),
+                                                  "unsubscribe mail", utcnow())
+        if customer:
+            done += 1
+        else:
+            refused += 1
+            errors.print(f"[yellow]{file}: no valid unsubscribe token in the subject[/]")
+    console.print(f"Unsubscribed {done} customer(s); {refused} mail(s) without a valid token.")
+    if refused:
+        raise typer.Exit(1)
+
+
+@suppress_app.command("remove")
+def suppress_remove(emails: Annotated[list[str], typer.Argument(help="Addresses to allow again.")]) -> None:
+    """Lift suppressions (marketing still needs confirmed consent)."""
+    from sqlalchemy import delete
+
+    from models import Suppression, suppression_key
+
+    with _engine(_settings()).begin() as connection:
+        removed = connection.execute(delete(Suppression).where(
+            Suppression.email.in_([suppression_key(e) for e in emails])))
+    console.print(f"Removed {removed.rowcount} suppression(s).")
+
+
+@suppress_app.command("list")
+def suppress_list(
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+) -> None:
+    """List suppressed addresses, newest first."""
+    from sqlalchemy import select
+    from sqlmodel import Session
+
+    from models import Suppression
+
+    query = select(Suppression).order_by(Suppression.created_at.desc()).limit(limit)
+    if reason:
+        query = query.where(Suppression.reason == reason)
+    with Session(_engine(_settings())) as session:
+        rows = session.execute(query).scalars().all()
+    table = Table(title=f"{len(rows)} suppressed address(es)", title_justify="left")
+    for column in ("email", "reason", "since", "detail"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.email, row.reason, row.created_at.strftime("%Y-%m-%d %H:%M"), row.detail)
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration to LIFECYCLE_DATABASE_URL."""
+    from models.db import create_schema, get_engine
+    from models.migrate import current
+
+    engine = get_engine(_settings().database_url)
+    before = current(engine)
+    create_schema(engine)
+    console.print(f"Store migrated from {before or 'empty'} to {current(engine)}.")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the store's migration and the newest one."""
+    from models.db import get_engine
+    from models.migrate import current, head
+
+    engine = get_engine(_settings().database_url)
+    console.print(f"store: {current(engine) or 'empty'}; newest: {head(engine)}")
+
+
+@app.command()
+def bounces(
+    files: Annotated[list[Path] | None, typer.Argument(help="Bounce or complaint mails (.eml), one per file.")] = None,
+    maildir: Annotated[Path | None, typer.Option(help="A Maildir: reads new/, then moves each message to cur/.")] = None,
+    imap: Annotated[str | None, typer.Option(
+        help="imap://user:pass@host:port/INBOX or imaps://…: reads unseen messages, then flags them seen.",
+        envvar="LIFECYCLE_BOUNCE_IMAP_URL", show_default=False)] = None,
+    rates: Annotated[bool, typer.Option("--rates", help="Show each trigger's spam-complaint rate instead.")] = False,
+    days: Annotated[float, typer.Option(help="With --rates: over the last this many days.")] = 30,
+) -> None:
+    """Record bounces (RFC 3464 delivery status notifications) and spam complaints (ARF feedback
+    reports) mailed back to the Return-Path; each report once. --rates shows complaint rates."""
+    from flows.feedback.reports import (
+        ImapError,
+        Tally,
+        UnreadableReport,
+        imap_messages,
+        maildir_messages,
+        process,
+    )
+    from flows.signing_secret import resolved
+
+    settings = _settings()
+    engine = _engine(settings)
+    if rates:
+        from datetime import timedelta
+
+        from flows.feedback.bounces import COMPLAINT_RATE_WARNING, complaint_rates
+        from models.types import utcnow
+
+        found = complaint_rates(engine, utcnow() - timedelta(days=days))
+        rate_table = Table(title=f"Spam complaints per trigger, last {days:g} days (warn above "
+                                 f"{COMPLAINT_RATE_WARNING:.1%}; Gmail's limit is 0.3%)", title_justify="left")
+        for column in ("trigger", "sent", "complaints", "rate", ""):
+            rate_table.add_column(column, justify="left" if column in ("trigger", "") else "right")
+        for trigger, (complained, sent) in sorted(found.items()):
+            rate = complained / sent if sent else 0.0
+            rate_table.add_row(trigger, str(sent), str(complained), f"{rate:.2%}",
+                               "[red]above 0.1%[/]" if rate > COMPLAINT_RATE_WARNING else "")
+        console.print(rate_table)
+        return
+    if not files and maildir is None and imap is None:
+        errors.print("[red]Name bounce files, or pass --maildir DIR or --imap URL (or --rates).[/]")
+        raise typer.Exit(2)
+    secret, rule = resolved(settings, engine).signing_secret, settings.soft_bounce_rule
+    table = Table(title="Bounces and complaints", title_justify="left")
+    for column in ("input", "reports", "new", "duplicates", "unmatched", "suppressed", "delayed", "not a report"):
+        table.add_column(column, justify="left" if column == "input" else "right")
+    total, unreadable = Tally(), []
+
+    def read(name: str, data: bytes, done: Callable[[], None] | None = None) -> None:
+        try:
+            tally = process(engine, data, secret, rule)
+        except UnreadableReport as exc:
+            unreadable.append(name)
+            errors.print(f"[red]{name}[/]: {exc}", highlight=False)
+            return
+        if done is not None:
+            done()
+        total.add(tally)
+        table.add_row(name, *(str(n) for n in (tally.reports, tally.new, tally.duplicates, tally.unmatched,
+                                                len(tally.suppressed), tally.delayed, tally.ignored)))
+
+    for file in files or []:
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            unreadable.append(str(file))
+            errors.print(f"[red]{file}[/]: cannot read: {exc.strerror or exc}", highlight=False)
+            continue
+        read(str(file), data)
+    try:
+        if maildir is not None:
+            for name, data, done in maildir_messages(maildir):
+                read(name, data, done)
+        if imap is not None:
+            with imap_messages(imap) as messages:
+                for name, data, done in messages:
+                    read(name, data, done)
+    except (UnreadableReport, ImapError, OSError) as exc:
+        errors.print(f"[red]{exc}[/]", highlight=False)
+        unreadable.append(str(maildir if isinstance(exc, (UnreadableReport, OSError)) else "IMAP"))
+    table.add_row("total", *(str(n) for n in (total.reports, total.new, total.duplicates, total.unmatched,
+                                               len(total.suppressed), total.delayed, total.ignored)), style="bold")
+    console.print(table)
+    for email, reason in sorted(total.suppressed.items()):
+        console.print(f"suppressed {email} ({reason})", highlight=False)
+    if unreadable:
+        errors.print(f"[red]{len(unreadable)} input(s) could not be read:[/] {', '.join(unreadable)}", highlight=False)
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

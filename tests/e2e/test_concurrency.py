@@ -1,0 +1,129 @@
+"""Several processes at once: workers sending the same trigger (each key once), ingests beside a run."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from models import CartItem, Event, Send
+from tests.support.builders import NOW, Store
+from tests.conftest import POSTGRES_URL
+from tests.support.smtp_server import SmtpServer
+
+RECIPIENTS = 400
+
+
+def dispatching_process(env: dict[str, str], barrier, results) -> None:  # runs in a child process
+    os.environ.update(env)
+    from flows.surfaces.prefect_flows import execute, prepare_job
+    from flows.settings import get_settings
+
+    job = prepare_job("winback-lapsed", NOW, settings=get_settings())
+    barrier.wait()
+    summary = execute(job)
+    results.put(dict(summary.outcomes))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_processes_sending_the_same_campaign_send_every_mail_once(db_url: str, store: Store, smtp: SmtpServer,
+                                                                      project_dir: Path) -> None:
+    assert db_url == POSTGRES_URL
+    store.lapsed(RECIPIENTS)
+    env = {"LIFECYCLE_DATABASE_URL": db_url, "LIFECYCLE_SMTP_URL": smtp.url,
+           "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
+           "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates"),
+           "LIFECYCLE_BATCH_SIZE": "50", "LIFECYCLE_IN_FLIGHT": "8", "LIFECYCLE_SECRET": "concurrency-test-secret"}
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=dispatching_process, args=(env, barrier, results)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=240) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+
+    print(f"\nprocess outcomes: {outcomes}")
+    received = Counter(r.recipients[0] for r in smtp.received)
+    assert len(received) == RECIPIENTS and set(received.values()) == {1}  # zero duplicates at the server
+    assert sum(o.get("sent", 0) for o in outcomes) == RECIPIENTS
+    assert all(o.get("sent", 0) > 0 for o in outcomes), outcomes  # both really sent: they did overlap
+    with Session(store.engine) as session:
+        assert session.execute(select(func.count()).select_from(Send).where(Send.status == "sent")).scalar_one() \
+            == RECIPIENTS
+
+
+# -- SQLite: ingests and a run writing at once ---------------------------------------------
+
+INGESTED = 3_000  # per ingest: 6,000 lines loading while the run dispatches
+
+
+def _events(tag: str) -> str:
+    """Identify, cart and page events for a few thousand customers: reads and writes in every line."""
+    lines = []
+    for n in range(INGESTED):
+        user, moment = f"{tag}-{n // 3}", f"2026-03-0{1 + n % 9}T10:{n % 60:02d}:00Z"
+        if n % 3 == 0:
+            lines.append(json.dumps({"type": "identify", "userId": user, "timestamp": moment, "messageId": f"{tag}-{n}",
+                                     "traits": {"email": f"{user}@example.de", "first_name": "Kim"}}))
+        elif n % 3 == 1:
+            lines.append(json.dumps({"type": "track", "userId": user, "event": "Product Added", "timestamp": moment,
+                                     "messageId": f"{tag}-{n}", "properties": {"product_id": f"p{n}", "price": 9.99}}))
+        else:
+            lines.append(json.dumps({"type": "page", "userId": user, "timestamp": moment, "messageId": f"{tag}-{n}",
+                                     "name": "Home"}))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_two_ingests_and_a_run_at_once_on_sqlite_lose_nothing(db_url: str, store: Store, project_dir: Path,
+                                                              tmp_path: Path) -> None:
+    server = SmtpServer(data_delay=0.002).start()  # the run lasts as long as the ingests
+    try:
+        store.lapsed(RECIPIENTS)
+        env = {"LIFECYCLE_DATABASE_URL": db_url, "LIFECYCLE_SMTP_URL": server.url,
+               "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
+               "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates"),
+               "LIFECYCLE_BATCH_SIZE": "50", "LIFECYCLE_IN_FLIGHT": "8", "LIFECYCLE_SECRET": "concurrency-test-secret"}
+        files = []
+        for tag in ("east", "west"):
+            files.append(tmp_path / f"{tag}.jsonl")
+            files[-1].write_text(_events(tag))
+        lifecycle = shutil.which("lifecycle")
+        assert lifecycle
+        ingests = [subprocess.Popen([lifecycle, "ingest", str(f)], env={**os.environ, **env, "COLUMNS": "250"},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for f in files]
+        context = multiprocessing.get_context("spawn")
+        barrier, results = context.Barrier(1), context.Queue()
+        run = context.Process(target=dispatching_process, args=(env, barrier, results))
+        run.start()
+        outputs = [ingest.communicate(timeout=600)[0] for ingest in ingests]
+        run.join(timeout=600)
+        outcome = results.get(timeout=5) if run.exitcode == 0 else {}
+    finally:
+        server.stop()
+
+    print(f"\nrun outcome: {outcome}")
+    for ingest, output in zip(ingests, outputs, strict=True):
+        assert ingest.returncode == 0, output[-3000:]
+        assert f"Loaded {INGESTED} event(s), 0 already known, 0 bad line(s) skipped." in output, output[-3000:]
+    assert run.exitcode == 0  # its traceback is on stderr
+    assert outcome.get("sent", 0) == RECIPIENTS
+    received = Counter(r.recipients[0] for r in server.received)
+    assert len(received) == RECIPIENTS and set(received.values()) == {1}
+    with Session(store.engine) as session:
+        assert session.execute(select(func.count()).select_from(Event)).scalar_one() == 2 * INGESTED
+        assert session.execute(select(func.count()).select_from(CartItem)).scalar_one() == 2 * INGESTED // 3
+        assert session.execute(select(func.count()).select_from(Send).where(Send.status == "sent")).scalar_one() \
+            == RECIPIENTS
+        # They did overlap: the run began claiming mail while the ingests were writing.
+        loading = session.execute(select(func.min(Event.received_at), func.max(Event.received_at))).one()
+        claiming = session.execute(select(func.min(Send.claimed_at))).scalar_one()
+        assert loading[0] < claiming < loading[1], (loading, claiming)

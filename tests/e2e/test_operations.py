@@ -1,0 +1,119 @@
+"""Operations: prefect deploy --all against a real Prefect server, a process worker, event-driven complaints."""
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session
+
+from models import Send
+from models.db import create_schema, make_engine
+from tests.support.builders import NOW, Store, ago
+from tests.support.prefect_server import PrefectServer, prefect_bin, stop
+from tests.support.smtp_server import SmtpServer
+
+from tests.support import ROOT
+
+
+class Site:
+    """A deployed project: its folder, store, SMTP server, Prefect server and one worker."""
+
+    def __init__(self, root: Path, server: PrefectServer, smtp: SmtpServer, database_url: str) -> None:
+        self.root, self.server, self.smtp, self.database_url = root, server, smtp, database_url
+        self.engine = make_engine(database_url)
+        self.store = Store(self.engine)
+
+    def env(self) -> dict[str, str]:
+        return {"LIFECYCLE_DATABASE_URL": self.database_url, "LIFECYCLE_SMTP_URL": self.smtp.url,
+                "LIFECYCLE_SECRET": "operations-test-secret", "PREFECT_WORKER_QUERY_SECONDS": "1",
+                "PREFECT_LOGGING_LEVEL": "INFO"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("site")
+    for folder in ("flows", "models", "triggers", "templates"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", root / "prefect.yaml")
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).start()
+    smtp = SmtpServer().start()
+    site = Site(root, server, smtp, f"sqlite:///{root / 'store.db'}")
+    create_schema(site.engine)
+    worker = None
+    try:
+        created = server.run("work-pool", "create", "lifecycle", "--type", "process")
+        assert created.returncode == 0, created.stdout + created.stderr
+        deployed = server.run("deploy", "--all", cwd=root)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        worker = server.spawn([prefect_bin(), "worker", "start", "--pool", "lifecycle", "--type", "process"],
+                              cwd=root, log=root / "worker.log", **site.env())
+        yield site
+    finally:
+        if worker:
+            stop(worker)
+        server.stop()
+        smtp.stop()
+
+
+def sent_rows(site: Site, trigger: str) -> list[Send]:
+    with Session(site.engine) as session:
+        return list(session.execute(select(Send).where(Send.trigger == trigger)).scalars())
+
+
+def test_deploy_all_registers_every_trigger(site: Site) -> None:
+    response = httpx.post(f"{site.server.api_url}/deployments/filter", json={"limit": 50, "offset": 0})
+    deployments = {d["name"]: d for d in response.json()}
+    assert set(deployments) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0",
+                                "onboarding-day-3", "winback-lapsed", "confirm-subscription", "deferred-sends"}
+    complaint = deployments["complaint-ack"]
+    assert complaint["tags"] == ["lifecycle", "kind:complaint"]
+    assert complaint["parameters"] == {"trigger": "complaint-ack"}
+    assert complaint["work_pool_name"] == "lifecycle"
+    [schedule] = complaint["schedules"]
+    assert schedule["schedule"]["cron"] == "* * * * *" and schedule["active"] is True
+
+
+def test_a_worker_runs_a_deployment_to_completion_and_the_mail_arrives(site: Site) -> None:
+    lapsed = site.store.customer("Lena")
+    site.store.order(lapsed, ago(days=500))
+    done = site.server.run("deployment", "run", "lifecycle-trigger/winback-lapsed", "--param",
+                           f"now={NOW.isoformat()}", "--watch", "--watch-timeout", "150", cwd=site.root, timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr + (site.root / "worker.log").read_text()[-3000:]
+    assert "Completed" in done.stdout
+    [mail] = site.smtp.handler.to(lapsed.email)
+    assert mail.message["Subject"] == "Lena, 15 % Rabatt nur für dich"
+    assert [r.status for r in sent_rows(site, "winback-lapsed")] == ["sent"]
+
+
+def test_a_new_complaint_starts_a_run_within_seconds(site: Site, tmp_path: Path) -> None:
+    customer = site.store.customer("Karla")
+    received = datetime.now(timezone.utc).isoformat()
+    events = tmp_path / "complaint.jsonl"
+    events.write_text(json.dumps({
+        "type": "track", "userId": customer.external_id, "event": "Complaint Received", "timestamp": received,
+        "messageId": f"complaint-{customer.id}", "properties": {"complaint_id": f"K-{customer.id}",
+                                                                "subject": "Ware fehlt"}}) + "\n")
+    lifecycle = shutil.which("lifecycle")
+    assert lifecycle
+    ingested = subprocess.run([lifecycle, "ingest", str(events)], env=site.server.env(**site.env()),
+                              capture_output=True, text=True, timeout=120)
+    assert ingested.returncode == 0, ingested.stdout + ingested.stderr
+    assert "Announced 1 new complaint(s) to Prefect." in ingested.stdout
+    announced = time.monotonic()
+    deadline = announced + 90
+    while time.monotonic() < deadline and not site.smtp.handler.to(customer.email):
+        time.sleep(0.2)
+    latency = time.monotonic() - announced
+    worker_log = (site.root / "worker.log").read_text()
+    assert site.smtp.handler.to(customer.email), f"no acknowledgement after {latency:.0f}s\n{worker_log[-3000:]}"
+    print(f"\ncomplaint event → acknowledgement received by SMTP: {latency:.1f} s")
+    assert latency < 60  # within a minute, not at the next cron tick
+    [mail] = site.smtp.handler.to(customer.email)
+    assert mail.message["Subject"] == "Wir kümmern uns: Ware fehlt"

@@ -1,0 +1,6 @@
+"""What the suite shares: builders, real peers (SMTP, IMAP, Prefect, web), and run helpers."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent  # the project folder
+FIXTURES = ROOT / "tests" / "fixtures"
