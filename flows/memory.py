@@ -51,6 +51,7 @@ def one_malloc_arena() -> bool:
     each. Call it before the process starts its threads; ``False`` where the C library is
     not glibc (nothing changes there)."""
     try:
-        return ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1) == 1
+        done: int = ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
+        return done == 1
     except (OSError, AttributeError):
         return False

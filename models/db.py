@@ -10,6 +10,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Select,
     any_,
     bindparam,
     event,
@@ -130,7 +131,12 @@ def one_of(column: Any, values: Collection[Any], dialect: str) -> ColumnElement[
     is rendered, sent and parsed anew every time (about 0.1 s per 5,000 keys on PostgreSQL).
     """
     values = list(values)
+    condition: ColumnElement[bool]
     if dialect == "postgresql":
-        return column == any_(bindparam("one_of", values, type_=ARRAY(column.type)))
-    listed = select(literal_column("value")).select_from(func.json_each(bindparam("one_of", json.dumps(values))))
-    return column.in_(listed)
+        condition = column == any_(bindparam("one_of", values, type_=ARRAY(column.type)))
+        return condition
+    listed: Select[Any] = select(literal_column("value")).select_from(
+        func.json_each(bindparam("one_of", json.dumps(values)))
+    )
+    condition = column.in_(listed)
+    return condition

@@ -111,4 +111,5 @@ def html_to_text(html: str) -> str:
         _parsers.target = _Text()
         _parsers.parser = etree.HTMLParser(target=_parsers.target, remove_comments=True)
     _parsers.target.reset()
-    return etree.fromstring(html, _parsers.parser)
+    text: str = etree.fromstring(html, _parsers.parser)  # the target's close()
+    return text

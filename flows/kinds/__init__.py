@@ -1,5 +1,7 @@
 """The registry of trigger kinds: ``kind:`` in a trigger file names one of these."""
 
+from typing import Any
+
 from flows.kinds import (
     abandoned_cart,
     campaign,
@@ -10,8 +12,9 @@ from flows.kinds import (
 )
 from flows.kinds.base import Kind
 
-KINDS: dict[str, Kind] = {
-    module.KIND.name: module.KIND for module in (abandoned_cart, inactivity, onboarding, complaint, campaign, consent_confirmation)
+KINDS: dict[str, Kind[Any]] = {
+    module.KIND.name: module.KIND
+    for module in (abandoned_cart, inactivity, onboarding, complaint, campaign, consent_confirmation)
 }
 
 __all__ = ["KINDS", "Kind"]

@@ -4,9 +4,10 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import model_validator
-from sqlalchemy import Select, exists, select
+from sqlalchemy import exists, select
+from sqlmodel import col
 
-from flows.kinds.base import Kind, stamp
+from flows.kinds.base import DueQuery, Kind, stamp
 from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
 from models import CART_OPEN, Cart, CartItem, Order
 
@@ -24,15 +25,15 @@ class Spec(TriggerBase):
         return self
 
 
-def due(spec: Spec, now: datetime) -> Select:
-    has_items = exists().where(CartItem.cart_id == Cart.id)
+def due(spec: Spec, now: datetime) -> DueQuery:
+    has_items = exists().where(col(CartItem.cart_id) == Cart.id)
     ordered_since = exists().where(
-        Order.customer_id == Cart.customer_id, Order.placed_at > Cart.updated_at, Order.placed_at <= now
+        col(Order.customer_id) == Cart.customer_id, col(Order.placed_at) > Cart.updated_at, col(Order.placed_at) <= now
     )
-    return select(Cart.customer_id, Cart.id.label("ref_id"), Cart.updated_at.label("ref_time")).where(
-        Cart.status == CART_OPEN,
-        Cart.updated_at <= now - spec.idle_for,
-        Cart.updated_at > now - spec.give_up_after,
+    return select(col(Cart.customer_id), col(Cart.id).label("ref_id"), col(Cart.updated_at).label("ref_time")).where(
+        col(Cart.status) == CART_OPEN,
+        col(Cart.updated_at) <= now - spec.idle_for,
+        col(Cart.updated_at) > now - spec.give_up_after,
         has_items,
         ~ordered_since,
     )

@@ -3,18 +3,23 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Generic, Literal
 
 from sqlalchemy import Select
+from typing_extensions import TypeVar
 
 from flows.spec.common import TriggerBase
 
 Category = Literal["marketing", "transactional"]
 Reference = Literal["cart", "complaint", "consent"]
+# A due query: ``customer_id``, ``ref_id`` and ``ref_time``, each kind with its own column types.
+DueQuery = Select[*tuple[Any, ...]]
+# Each kind's functions take its own spec model; a bare ``Kind`` (the registry's) is any of them.
+SpecT = TypeVar("SpecT", bound=TriggerBase, default=Any)
 
 
 @dataclass(frozen=True)
-class Kind:
+class Kind(Generic[SpecT]):
     """One trigger kind.
 
     ``due(spec, now)`` selects ``customer_id``, ``ref_id`` and ``ref_time``: one row per
@@ -26,10 +31,10 @@ class Kind:
     """
 
     name: str
-    spec: type[TriggerBase]
+    spec: type[SpecT]
     category: Category
-    due: Callable[[TriggerBase, datetime], Select]
-    occurrence: Callable[[TriggerBase, datetime, int | None, datetime | None], str]
+    due: Callable[[SpecT, datetime], DueQuery]
+    occurrence: Callable[[SpecT, datetime, int | None, datetime | None], str]
     reference: Reference | None = None
 
 

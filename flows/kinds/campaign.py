@@ -4,10 +4,11 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import Field
-from sqlalchemy import Select, false, null, select
+from sqlalchemy import false, null, select
+from sqlmodel import col
 
 from flows import clock
-from flows.kinds.base import Kind, stamp
+from flows.kinds.base import DueQuery, Kind, stamp
 from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
 from models import Customer
 
@@ -25,8 +26,8 @@ def slot(spec: Spec, now: datetime) -> datetime:
     return clock.last_slot(spec.schedule.cron, spec.schedule.timezone, now)
 
 
-def due(spec: Spec, now: datetime) -> Select:
-    query = select(Customer.id.label("customer_id"), null().label("ref_id"), null().label("ref_time"))
+def due(spec: Spec, now: datetime) -> DueQuery:
+    query: DueQuery = select(col(Customer.id).label("customer_id"), null().label("ref_id"), null().label("ref_time"))
     if now - slot(spec, now) > spec.send_window:
         return query.where(false())
     return query

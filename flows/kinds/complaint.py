@@ -8,9 +8,10 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import Field
-from sqlalchemy import Select, or_, select
+from sqlalchemy import or_, select
+from sqlmodel import col
 
-from flows.kinds.base import Kind
+from flows.kinds.base import DueQuery, Kind
 from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
 from models import Complaint
 
@@ -21,13 +22,13 @@ class Spec(TriggerBase):
     reentry: ReentryRule = Reentry(mode="every_occurrence")
 
 
-def due(spec: Spec, now: datetime) -> Select:
+def due(spec: Spec, now: datetime) -> DueQuery:
     return select(
-        Complaint.customer_id, Complaint.id.label("ref_id"), Complaint.received_at.label("ref_time")
+        col(Complaint.customer_id), col(Complaint.id).label("ref_id"), col(Complaint.received_at).label("ref_time")
     ).where(
-        Complaint.received_at <= now,
-        Complaint.received_at > now - spec.max_age,
-        or_(Complaint.answered_at.is_(None), Complaint.answered_at > now),
+        col(Complaint.received_at) <= now,
+        col(Complaint.received_at) > now - spec.max_age,
+        or_(col(Complaint.answered_at).is_(None), col(Complaint.answered_at) > now),
     )
 
 

@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import Field
-from sqlalchemy import Select, null, or_, select
+from sqlalchemy import null, or_, select
+from sqlmodel import col
 
-from flows.kinds.base import Kind, stamp
+from flows.kinds.base import DueQuery, Kind, stamp
 from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
 from models import Customer
 
@@ -22,14 +23,14 @@ class Spec(TriggerBase):
     reentry: ReentryRule = Reentry(mode="every_occurrence")
 
 
-def due(spec: Spec, now: datetime) -> Select:
-    return select(Customer.id.label("customer_id"), null().label("ref_id"),
-                  Customer.consent_requested_at.label("ref_time")).where(
-        Customer.marketing_consent.is_(False),
-        Customer.consent_requested_at <= now,
-        Customer.consent_requested_at > now - spec.max_age,
+def due(spec: Spec, now: datetime) -> DueQuery:
+    requested_at = col(Customer.consent_requested_at)
+    return select(col(Customer.id).label("customer_id"), null().label("ref_id"), requested_at.label("ref_time")).where(
+        col(Customer.marketing_consent).is_(False),
+        requested_at <= now,
+        requested_at > now - spec.max_age,
         # A request from before the customer's last withdrawal is void (``flows.consent.confirm``).
-        or_(Customer.consent_withdrawn_at.is_(None), Customer.consent_requested_at > Customer.consent_withdrawn_at),
+        or_(col(Customer.consent_withdrawn_at).is_(None), requested_at > Customer.consent_withdrawn_at),
     )
 
 

@@ -4,9 +4,10 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import model_validator
-from sqlalchemy import Select, func, null, select
+from sqlalchemy import func, null, select
+from sqlmodel import col
 
-from flows.kinds.base import Kind, stamp
+from flows.kinds.base import DueQuery, Kind, stamp
 from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
 from models import Customer
 
@@ -24,11 +25,11 @@ class Spec(TriggerBase):
         return self
 
 
-def due(spec: Spec, now: datetime) -> Select:
+def due(spec: Spec, now: datetime) -> DueQuery:
     last_active = func.coalesce(Customer.last_seen_at, Customer.created_at)
-    query = select(Customer.id.label("customer_id"), null().label("ref_id"), last_active.label("ref_time")).where(
-        last_active <= now - spec.inactive_for
-    )
+    query: DueQuery = select(
+        col(Customer.id).label("customer_id"), null().label("ref_id"), last_active.label("ref_time")
+    ).where(last_active <= now - spec.inactive_for)
     if spec.give_up_after is not None:
         query = query.where(last_active > now - spec.give_up_after)
     return query

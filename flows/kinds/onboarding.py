@@ -4,9 +4,10 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import Field
-from sqlalchemy import Select, null, select
+from sqlalchemy import null, select
+from sqlmodel import col
 
-from flows.kinds.base import Kind
+from flows.kinds.base import DueQuery, Kind
 from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
 from models import Customer
 
@@ -20,10 +21,11 @@ class Spec(TriggerBase):
     reentry: ReentryRule = Reentry(mode="once")
 
 
-def due(spec: Spec, now: datetime) -> Select:
+def due(spec: Spec, now: datetime) -> DueQuery:
     moment = now - timedelta(days=spec.day)
-    return select(Customer.id.label("customer_id"), null().label("ref_id"), Customer.created_at.label("ref_time")).where(
-        Customer.created_at <= moment, Customer.created_at > moment - spec.catch_up
+    created_at = col(Customer.created_at)
+    return select(col(Customer.id).label("customer_id"), null().label("ref_id"), created_at.label("ref_time")).where(
+        created_at <= moment, created_at > moment - spec.catch_up
     )
 
 

@@ -5,7 +5,7 @@ a CR/LF in a name or subject cannot start a new header. Non-ASCII names and subj
 are RFC 2047 encoded; an address's domain is written in its ASCII (IDNA) form, unless
 its local part is Unicode (an SMTPUTF8 message, whose To header is UTF-8); the Message-ID is derived from the send key, so a message
 sent twice (which the ledger prevents) would at least carry the same ID.
-"""
+"""  # noqa: E501 -- one long line in the module docstring, kept as written
 
 import binascii
 import hashlib
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, formataddr, parseaddr
 
-from flows.message.dkim import DkimSigner
 from flows.content.links import send_digest
 from flows.content.render import Rendered, one_line
+from flows.message.dkim import DkimSigner
 from models.types import display_address, stored_address
 
 
@@ -102,7 +102,9 @@ def _text(value: str, name: str) -> str:
     """
     if value.isascii():
         return value
-    words, chunk, size = [], [], 0
+    words: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
     # The first word shares its line with "Name: "; base64 turns 3 bytes into 4 characters.
     budget = min(_WORD_BYTES, (78 - len(name) - 2 - len("=?utf-8?b??=")) // 4 * 3)
     for char in value:

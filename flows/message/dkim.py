@@ -36,6 +36,6 @@ class DkimSigner:
 
         head = b"\r\n" + message.split(b"\r\n\r\n", 1)[0].lower()
         present = [name for name in SIGNED if b"\r\n" + name + b":" in head]
-        signature = dkim.sign(message, self.selector.encode(), self.domain.encode(), self.private_key,
+        signature: bytes = dkim.sign(message, self.selector.encode(), self.domain.encode(), self.private_key,
                               include_headers=present, linesep=b"\r\n")
         return signature + message

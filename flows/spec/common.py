@@ -161,7 +161,7 @@ class Reentry(StrictModel):
 def parse_reentry(value: Any) -> Any:
     if isinstance(value, str):
         if value in ("once", "every_occurrence"):
-            return Reentry(mode=value)  # type: ignore[arg-type]
+            return Reentry(mode=value)  # type: ignore[arg-type]  # a str, one of the two literals just checked
         try:
             cooldown = clock.parse_duration(value)
         except ValueError as exc:

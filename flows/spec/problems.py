@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Path_ = tuple[str | int, ...]
 
@@ -43,7 +43,7 @@ class SpecError(Exception):
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
 
-    def __reduce__(self) -> tuple[type["SpecError"], tuple[list[Problem]], dict]:
+    def __reduce__(self) -> tuple[type["SpecError"], tuple[list[Problem]], dict[str, Any]]:
         """Pickled whole, problems and notes, as a sender process reports it to the run."""
         return SpecError, (self.problems,), self.__dict__
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from flows.content.context import sample_contexts
+from flows.content.render import TemplateCatalog
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
-from flows.content.render import TemplateCatalog
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.problems import Path_, Problem, SpecError, format_path
@@ -85,8 +86,9 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
             spec = _load_trigger(path, stage_names, catalog, project.problems, project.warnings)
             if spec is not None:
                 if spec.name in project.files:
-                    project.problems.append(Problem(
-                        path, None, "name", f"trigger name {spec.name!r} is already used by {project.files[spec.name]}"))
+                    used_by = project.files[spec.name]
+                    project.problems.append(
+                        Problem(path, None, "name", f"trigger name {spec.name!r} is already used by {used_by}"))
                 else:
                     project.problems.extend(_check_templates(spec, project, base_url, shop_url, path))
                     if len(project.problems) == before:
@@ -173,8 +175,9 @@ def _load_trigger(path: Path, stages: list[str] | None, catalog: TemplateCatalog
     if not catalog.exists(spec.email.template):
         choices = sorted(p.name for p in catalog.root.iterdir() if p.is_dir() and not p.name.startswith("_")) \
             if catalog.root.is_dir() else []
-        problems.append(doc.problem(("email", "template"), "email.template",
-                                    f"no folder templates/{spec.email.template}/; valid templates: {', '.join(choices)}"))
+        problems.append(doc.problem(
+            ("email", "template"), "email.template",
+            f"no folder templates/{spec.email.template}/; valid templates: {', '.join(choices)}"))
         return None
     errors, notes = _language_problems(spec, doc, catalog)
     problems.extend(errors)
@@ -281,7 +284,7 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
     return tuple(path)
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel], path: Path_) -> str:
+def _describe(error: ErrorDetails, model: type[BaseModel], path: Path_) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
         valid = sorted(_fields_at(model, path[:-1]))

@@ -93,13 +93,14 @@ class _Loader(yaml.SafeLoader):
         self.depth = 0
         self.first_alias: int | None = None  # the line of the first alias used
 
-    def compose_node(self, parent: Node | None, index: object) -> Node:  # type: ignore[override]
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(AliasEvent) and self.first_alias is None:
-            self.first_alias = self.peek_event().start_mark.line + 1
+            # peek_event is unannotated in types-PyYAML, here and below
+            self.first_alias = self.peek_event().start_mark.line + 1  # type: ignore[no-untyped-call]
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                line = self.peek_event().start_mark.line + 1
+                line = self.peek_event().start_mark.line + 1  # type: ignore[no-untyped-call]
                 raise YamlSyntaxError(Problem(self.file, line, "", f"nested more than {MAX_DEPTH} levels deep",
                                               snippet(self.text, line)))
             return super().compose_node(parent, index)
@@ -160,8 +161,9 @@ class _Builder:
                                          f"at most {MAX_VALUES:,} are read")
         self.lines.setdefault(path, node.start_mark.line + 1)
         if node.tag not in _STANDARD_TAGS[type(node)]:
-            raise self.problem(node.start_mark.line + 1, format_path(path), f"the YAML tag {node.tag.replace(_YAML_TAG, '!!')!r} is "
-                                                             "not allowed; write plain values, lists and mappings")
+            tag = node.tag.replace(_YAML_TAG, "!!")
+            raise self.problem(node.start_mark.line + 1, format_path(path),
+                               f"the YAML tag {tag!r} is not allowed; write plain values, lists and mappings")
         if isinstance(node, MappingNode):
             out: dict[Any, Any] = {}
             seen: dict[Any, int] = {}
@@ -175,11 +177,11 @@ class _Builder:
                 if key in seen:
                     raise self.problem(key_line, str(key), f"duplicate key (first defined on line {seen[key]})")
                 seen[key] = key_line
-                self.lines[path + (key,)] = key_line
-                out[key] = self.build(value_node, path + (key,))
+                self.lines[(*path, key)] = key_line
+                out[key] = self.build(value_node, (*path, key))
             return out
         if isinstance(node, SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         return self.scalar(node)
 
     def scalar(self, node: Node) -> Any:

@@ -14,7 +14,7 @@ if connection is None:
 NOT_OURS = {"apscheduler_jobs"}
 
 
-def include_object(obj, name, type_, reflected, compare_to):  # noqa: ANN001, ANN201
+def include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
     return not (type_ == "table" and name in NOT_OURS)
 
 

@@ -8,7 +8,7 @@ Create Date: 2026-11-22 16:54:37.319097
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import op
 
 import models.types
@@ -138,7 +138,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('sends', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_sends_status'), ['status'], unique=False)
-        batch_op.create_index('ix_sends_trigger_customer_evaluated', ['trigger', 'customer_id', 'evaluated_at'], unique=False)
+        batch_op.create_index(
+            'ix_sends_trigger_customer_evaluated', ['trigger', 'customer_id', 'evaluated_at'], unique=False
+        )
 
     op.create_table('cart_items',
     sa.Column('id', sa.Integer(), nullable=False),

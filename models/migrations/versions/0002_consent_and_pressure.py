@@ -8,7 +8,7 @@ Create Date: 2026-11-22 17:22:51.266390
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import op
 
 import models.types
@@ -39,7 +39,9 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('ref_id', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('not_before', models.types.UtcDateTime(), nullable=True))
         batch_op.add_column(sa.Column('expires_at', models.types.UtcDateTime(), nullable=True))
-        batch_op.create_index('ix_sends_customer_category_evaluated', ['customer_id', 'category', 'evaluated_at'], unique=False)
+        batch_op.create_index(
+            'ix_sends_customer_category_evaluated', ['customer_id', 'category', 'evaluated_at'], unique=False
+        )
         batch_op.create_index('ix_sends_trigger_status_not_before', ['trigger', 'status', 'not_before'], unique=False)
 
 

@@ -8,7 +8,7 @@ Create Date: 2026-12-15 10:00:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import op
 
 import models.types
@@ -38,7 +38,7 @@ def upgrade() -> None:
         INSERT INTO consent_changes (customer_id, at, change, source, request, detail)
         SELECT id, consent_at, 'confirmed', COALESCE(consent_source, 'unknown'), NULL, 'recorded before the consent record'
         FROM customers WHERE marketing_consent AND consent_at IS NOT NULL
-    """)
+    """)  # noqa: E501 -- the SQL as it ran
     op.execute("""
         INSERT INTO consent_changes (customer_id, at, change, source, request, detail)
         SELECT id, consent_requested_at, 'requested', COALESCE(consent_source, 'unknown'), NULL,
