@@ -24,11 +24,11 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
@@ -43,7 +43,7 @@ from pydantic import (
 )
 from sqlalchemy import Column, Engine, Table, delete, func, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session, SQLModel, col
 
 from flows import consent
 from flows.spec.problems import format_path
@@ -342,7 +342,7 @@ def parse_line(text: str) -> _Parsed:
         raise ValueError("not valid JSON (a number of more than 4300 digits)" if "digits" in str(exc)
                          else f"not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
-        raise ValueError("expected a JSON object")  # noqa: TRY004 -- a bad line, reported as such
+        raise ValueError("expected a JSON object")  # not a TypeError: a bad line, reported as such
     if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(raw, MAX_DEPTH):
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if "\\u" in text:  # only an escape spells a NUL or a lone surrogate in a line that is UTF-8
@@ -482,7 +482,7 @@ def ingest_lines(engine: Engine, lines: Iterable[str | bytes]) -> IngestReport:
                 store.forget(merged)  # what the failed line cached was rolled back
                 continue
             report.loaded += 1
-            if parsed.event.event == "Complaint Received":
+            if parsed.event.event == "Complaint Received":  # whose details are a ComplaintReceived
                 report.complaints.append(parsed.details.complaint_id)  # type: ignore[union-attr]
             pending += 1
             if pending >= COMMIT_EVERY:
@@ -502,7 +502,9 @@ def shared_addresses(session: Session, addresses: Iterable[str]) -> list[SharedA
     wanted = sorted(set(addresses))
     for start in range(0, len(wanted), 500):  # ix_customers_address serves each chunk
         address = func.lower(Customer.email)
-        rows = session.execute(select(address, Customer.external_id).where(address.in_(wanted[start:start + 500])))
+        rows = session.execute(
+            select(address, col(Customer.external_id)).where(address.in_(wanted[start:start + 500]))
+        )
         for email, external_id in rows:
             found.setdefault(email, []).append(external_id)
     return [SharedAddress(email, sorted(ids)) for email, ids in sorted(found.items()) if len(ids) > 1]
@@ -511,7 +513,7 @@ def shared_addresses(session: Session, addresses: Iterable[str]) -> list[SharedA
 def customer_by_id(session: Session, external_id: str, lock: bool = False) -> Customer | None:
     """The customer an id names: their own userId, or one merged into them (an alias).
     ``lock``: ``SELECT … FOR UPDATE`` (PostgreSQL; SQLite's write transaction is the lock)."""
-    query = select(Customer).where(Customer.external_id == external_id)
+    query = select(Customer).where(col(Customer.external_id) == external_id)
     customer = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
     if customer is None:
         alias = session.get(CustomerAlias, external_id)
@@ -545,7 +547,7 @@ class _Store:
     def seen(self, message_id: str) -> bool:
         if message_id in self.message_ids:
             return True
-        found = self.session.execute(select(Event.id).where(Event.message_id == message_id)).first()
+        found = self.session.execute(select(col(Event.id)).where(col(Event.message_id) == message_id)).first()
         return found is not None
 
     def forget(self, merged: int) -> None:
@@ -662,7 +664,7 @@ class _Store:
         """An identify with both ids: the guest behind ``anonymous_id`` is this customer,
         unless another account claimed that id first (a shared browser)."""
         guest = self.session.execute(
-            select(Customer).where(Customer.external_id == anonymous_id)
+            select(Customer).where(col(Customer.external_id) == anonymous_id)
         ).scalar_one_or_none()
         if guest is not None:
             if guest.id != customer.id:
@@ -697,6 +699,7 @@ class _Store:
         session.flush()
         for name, value in values.items():
             setattr(customer, name, value)
+        assert kept is not None
         session.add(CustomerAlias(external_id=previous_id, customer_id=kept, created_at=ts))
         session.flush()
         for key, cached in list(self.customers.items()):
@@ -711,9 +714,9 @@ class _Store:
         latest = {}
         for customer in (a, b):
             ids = [customer.external_id, *self.session.execute(
-                select(CustomerAlias.external_id).where(CustomerAlias.customer_id == customer.id)).scalars()]
+                select(col(CustomerAlias.external_id)).where(col(CustomerAlias.customer_id) == customer.id)).scalars()]
             latest[customer.id] = self.session.execute(
-                select(func.max(Event.timestamp)).where(Event.type == "identify", Event.user_id.in_(ids))
+                select(func.max(Event.timestamp)).where(col(Event.type) == "identify", col(Event.user_id).in_(ids))
             ).scalar_one_or_none()
         at_a, at_b = latest[a.id], latest[b.id]
         return (a, b) if at_a is not None and (at_b is None or _aware(at_a) > _aware(at_b)) else (b, a)
@@ -725,12 +728,14 @@ class _Store:
         if withdrawn:
             return {"marketing_consent": False, "consent_at": None, "consent_requested_at": None,
                     "consent_withdrawn_at": max(withdrawn)}
-        confirmed = sorted((c for c in (a, b) if c.marketing_consent and c.consent_at), key=lambda c: c.consent_at)
+        confirmed = sorted((c for c in (a, b) if c.marketing_consent and c.consent_at),
+                           key=lambda c: cast(datetime, c.consent_at))
         if confirmed:
             first = confirmed[0]
             return {"marketing_consent": True, "consent_at": first.consent_at, "consent_source": first.consent_source,
                     "consent_requested_at": None, "consent_withdrawn_at": None}
-        requested = sorted((c for c in (a, b) if c.consent_requested_at), key=lambda c: c.consent_requested_at)
+        requested = sorted((c for c in (a, b) if c.consent_requested_at),
+                           key=lambda c: cast(datetime, c.consent_requested_at))
         if requested:
             return {"marketing_consent": False, "consent_at": None, "consent_withdrawn_at": None,
                     "consent_requested_at": requested[0].consent_requested_at,
@@ -754,12 +759,14 @@ class _Store:
     # -- track events ---------------------------------------------------------------
     def open_cart(self, customer: Customer, cart_id: str | None, ts: datetime) -> Cart:
         if cart_id:
-            cart = self.session.execute(select(Cart).where(Cart.external_id == cart_id)).scalar_one_or_none()
+            cart = self.session.execute(select(Cart).where(col(Cart.external_id) == cart_id)).scalar_one_or_none()
         else:
             cart = self.session.execute(
-                select(Cart).where(Cart.customer_id == customer.id, Cart.status == CART_OPEN).order_by(Cart.id.desc())
+                select(Cart).where(col(Cart.customer_id) == customer.id, col(Cart.status) == CART_OPEN)
+                .order_by(col(Cart.id).desc())
             ).scalars().first()
         if cart is None:
+            assert customer.id is not None
             cart = Cart(external_id=cart_id or f"{customer.external_id}/{ts:%Y%m%dT%H%M%S%f}",
                         customer_id=customer.id, created_at=ts, updated_at=ts)
             self.session.add(cart)
@@ -771,9 +778,10 @@ class _Store:
     def product_added(self, customer: Customer, product: Product, ts: datetime) -> None:
         cart = self.open_cart(customer, product.cart_id, ts)
         item = self.session.execute(
-            select(CartItem).where(CartItem.cart_id == cart.id, CartItem.product_id == product.product_id)
+            select(CartItem).where(col(CartItem.cart_id) == cart.id, col(CartItem.product_id) == product.product_id)
         ).scalar_one_or_none()
         if item is None:
+            assert cart.id is not None
             item = CartItem(cart_id=cart.id, product_id=product.product_id, quantity=0)
         if item.quantity + product.quantity > MAX_QUANTITY:
             raise ValueError(f"properties.quantity: the cart would hold {item.quantity + product.quantity} of "
@@ -788,7 +796,7 @@ class _Store:
     def product_removed(self, customer: Customer, product: Product, ts: datetime) -> None:
         cart = self.open_cart(customer, product.cart_id, ts)
         item = self.session.execute(
-            select(CartItem).where(CartItem.cart_id == cart.id, CartItem.product_id == product.product_id)
+            select(CartItem).where(col(CartItem.cart_id) == cart.id, col(CartItem.product_id) == product.product_id)
         ).scalar_one_or_none()
         if item is not None:
             item.quantity -= product.quantity
@@ -799,29 +807,33 @@ class _Store:
         cart.updated_at = max(cart.updated_at, ts)
 
     def order_completed(self, customer: Customer, order: OrderCompleted, ts: datetime) -> None:
-        exists = self.session.execute(select(Order.id).where(Order.external_id == order.order_id)).first()
+        exists = self.session.execute(select(col(Order.id)).where(col(Order.external_id) == order.order_id)).first()
         if exists:
             raise ValueError(f"order {order.order_id!r} was already loaded from another event")
+        assert customer.id is not None
         amount = order.total if order.total is not None else order.revenue
         self.session.add(Order(external_id=order.order_id, customer_id=customer.id, placed_at=ts,
                                total_cents=_cents(amount or Decimal(0)), currency=order.currency.upper(),
                                products=order.products))
-        carts = select(Cart).where(Cart.customer_id == customer.id, Cart.status == CART_OPEN)
+        carts = select(Cart).where(col(Cart.customer_id) == customer.id, col(Cart.status) == CART_OPEN)
         if order.cart_id:
-            carts = carts.where(Cart.external_id == order.cart_id)
+            carts = carts.where(col(Cart.external_id) == order.cart_id)
         for cart in self.session.execute(carts).scalars():
             cart.status, cart.updated_at = CART_ORDERED, max(cart.updated_at, ts)
 
     def complaint_received(self, customer: Customer, complaint: ComplaintReceived, ts: datetime) -> None:
-        exists = self.session.execute(select(Complaint.id).where(Complaint.external_id == complaint.complaint_id)).first()
+        exists = self.session.execute(
+            select(col(Complaint.id)).where(col(Complaint.external_id) == complaint.complaint_id)
+        ).first()
         if exists:
             raise ValueError(f"complaint {complaint.complaint_id!r} was already loaded from another event")
+        assert customer.id is not None
         self.session.add(Complaint(external_id=complaint.complaint_id, customer_id=customer.id,
                                    subject=complaint.subject, received_at=ts))
 
     def complaint_answered(self, customer: Customer, answer: ComplaintAnswered, ts: datetime) -> None:
         complaint = self.session.execute(
-            select(Complaint).where(Complaint.external_id == answer.complaint_id)
+            select(Complaint).where(col(Complaint.external_id) == answer.complaint_id)
         ).scalar_one_or_none()
         if complaint is None:
             raise ValueError(f"complaint {answer.complaint_id!r} is not known")
@@ -831,7 +843,7 @@ class _Store:
         consent.withdraw(self.session, customer, "Unsubscribed event", at=ts)
 
 
-_TRACK_HANDLERS = {
+_TRACK_HANDLERS: dict[str, Callable[[_Store, Customer, Any, datetime], None]] = {
     "Product Added": _Store.product_added,
     "Product Removed": _Store.product_removed,
     "Order Completed": _Store.order_completed,

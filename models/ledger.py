@@ -29,8 +29,9 @@ tries again: the server said no, so nothing was sent.
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import Column, Index, func, literal_column
+from sqlalchemy import Column, ColumnElement, Index, func, literal_column
 from sqlmodel import Field, SQLModel
 
 from models.types import UtcDateTime
@@ -83,7 +84,7 @@ class Send(SQLModel, table=True):
     error: str = Field(default="", max_length=1000)
 
 
-def message_digest(message_id: object) -> object:
+def message_digest(message_id: Any) -> ColumnElement[str]:
     """The send key's digest a Message-ID starts with (``<DIGEST@domain>``), as the index has it.
 
     Spelt with literal positions: a database matches an expression index only to the very

@@ -3,11 +3,11 @@
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 from sqlalchemy import func, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from models import Cart, CartItem, Complaint, Order
 from models.db import one_of
@@ -84,9 +84,9 @@ class TriggerView:
 def load_carts(session: Session, cart_ids: Sequence[int]) -> dict[int, CartView]:
     if not cart_ids:
         return {}
-    carts = {c.id: c for c in session.exec(select(Cart).where(Cart.id.in_(cart_ids))).scalars()}
+    carts = {cast(int, c.id): c for c in session.scalars(select(Cart).where(col(Cart.id).in_(cart_ids)))}
     items: dict[int, list[CartItemView]] = defaultdict(list)
-    rows = session.exec(select(CartItem).where(CartItem.cart_id.in_(cart_ids)).order_by(CartItem.id)).scalars()
+    rows = session.scalars(select(CartItem).where(col(CartItem.cart_id).in_(cart_ids)).order_by(col(CartItem.id)))
     for item in rows:
         items[item.cart_id].append(CartItemView(item.name, item.quantity, item.price_cents, item.url, item.image_url))
     return {cid: CartView(items[cid], cart.currency, cart.updated_at) for cid, cart in carts.items()}
@@ -95,8 +95,8 @@ def load_carts(session: Session, cart_ids: Sequence[int]) -> dict[int, CartView]
 def load_complaints(session: Session, complaint_ids: Sequence[int]) -> dict[int, ComplaintView]:
     if not complaint_ids:
         return {}
-    rows = session.exec(select(Complaint).where(Complaint.id.in_(complaint_ids))).scalars()
-    return {c.id: ComplaintView(c.external_id, c.subject, c.received_at) for c in rows}
+    rows = session.scalars(select(Complaint).where(col(Complaint.id).in_(complaint_ids)))
+    return {cast(int, c.id): ComplaintView(c.external_id, c.subject, c.received_at) for c in rows}
 
 
 def load_latest_orders(session: Session, customer_ids: Sequence[int], now: datetime) -> dict[int, OrderView]:
@@ -104,16 +104,16 @@ def load_latest_orders(session: Session, customer_ids: Sequence[int], now: datet
     if not customer_ids:
         return {}
     latest = (
-        select(Order.customer_id, func.max(Order.placed_at).label("placed_at"))
-        .where(one_of(Order.customer_id, customer_ids, session.get_bind().dialect.name), Order.placed_at <= now)
-        .group_by(Order.customer_id)
+        select(col(Order.customer_id), func.max(Order.placed_at).label("placed_at"))
+        .where(one_of(Order.customer_id, customer_ids, session.get_bind().dialect.name), col(Order.placed_at) <= now)
+        .group_by(col(Order.customer_id))
         .subquery()
     )
     # Columns, not Order objects: building ORM objects was most of this function's cost.
     rows = session.execute(
-        select(Order.customer_id, Order.external_id, Order.placed_at, Order.total_cents, Order.currency,
-               Order.products)
-        .join(latest, (Order.customer_id == latest.c.customer_id) & (Order.placed_at == latest.c.placed_at))
+        select(col(Order.customer_id), col(Order.external_id), col(Order.placed_at), col(Order.total_cents),
+               col(Order.currency), col(Order.products))
+        .join(latest, (col(Order.customer_id) == latest.c.customer_id) & (col(Order.placed_at) == latest.c.placed_at))
     )
     return {customer: OrderView(external_id, placed_at, total, currency, list(products or []))
             for customer, external_id, placed_at, total, currency, products in rows}
@@ -121,7 +121,7 @@ def load_latest_orders(session: Session, customer_ids: Sequence[int], now: datet
 
 def sample_contexts(reference: str | None, base_url: str, shop_url: str) -> list[dict[str, Any]]:
     """Sample recipients for test renders: one fully known, one with no name on file."""
-    now = datetime(2026, 3, 14, 9, 30, tzinfo=timezone.utc)
+    now = datetime(2026, 3, 14, 9, 30, tzinfo=UTC)
     cart = CartView(
         [
             CartItemView("Wanderschuh „Alpin“", 1, 12990, f"{shop_url}/p/1", None),

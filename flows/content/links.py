@@ -97,8 +97,8 @@ def address_tag(secret: str, address: str) -> str:
 def confirm_url(base_url: str, secret: str, customer: str, request: str, expires: datetime, address: str) -> str:
     """Confirms the one consent request ``request`` (``flows.consent.request_id``), made for
     ``address``, until ``expires``."""
-    return _url(base_url, "confirm", sign(secret, CONFIRM, {"c": customer, "r": request, "a": address_tag(secret, address),
-                                                            "x": int(expires.timestamp())}))
+    claims = {"c": customer, "r": request, "a": address_tag(secret, address), "x": int(expires.timestamp())}
+    return _url(base_url, "confirm", sign(secret, CONFIRM, claims))
 
 
 def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: str, now: datetime) -> str:

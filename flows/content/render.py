@@ -52,7 +52,7 @@ The checks are cooperative, in the same thread: the clock is read between steps,
 single step (one built-in operation on values within the bounds above, such as sorting
 100,000 items) can overrun the deadline by its own duration, a fraction of a second, and
 memory is bounded through the sizes above rather than measured.
-"""
+"""  # noqa: E501 -- one long line in the module docstring, kept as written
 
 import difflib
 import os
@@ -68,7 +68,7 @@ from functools import lru_cache, wraps
 from itertools import islice
 from pathlib import Path
 from string import Formatter
-from typing import Any
+from typing import Any, cast
 
 import css_inline
 from babel.dates import format_date
@@ -142,8 +142,8 @@ class _Budget:
         """A value of ``size`` characters or items was built."""
         self.built -= size
         if self.built < 0:
-            raise BudgetExceeded(f"stopped: over the render budget of {self.limits.max_output * (MAX_BUILT // MAX_OUTPUT):,} "
-                                 "characters or items built")
+            budget = self.limits.max_output * (MAX_BUILT // MAX_OUTPUT)
+            raise BudgetExceeded(f"stopped: over the render budget of {budget:,} characters or items built")
 
     def tick(self) -> None:
         self.steps -= 1
@@ -269,7 +269,7 @@ _PERCENT = re.compile(r"%(?P<key>\([^)]*\))?[#0 +\-]*(?P<width>\*|\d+)?(?:\.(?P<
 _DIGITS = re.compile(r"\d+")
 
 
-def _check_format(template: str, args: tuple, kwargs: dict, what: str) -> None:
+def _check_format(template: str, args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> None:
     """``template.format(*args, **kwargs)`` would stay within the output budget: each field
     counts as the longest argument (fields may repeat one), plus its width and precision."""
     limit = _limit()
@@ -306,7 +306,7 @@ def _check_join(separator: Any, items: list[Any], what: str) -> None:
     _ensure(size, what)
 
 
-def _check_method(method: Any, args: tuple, kwargs: dict) -> tuple:
+def _check_method(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """A string method that can grow its string, checked before the call; the arguments to call it with."""
     text, name = method.__self__, method.__name__
     if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
@@ -353,7 +353,8 @@ class BudgetedEnvironment(SandboxedEnvironment):
         dict.__setitem__(self.filters, _CONCAT_FILTER, _concat)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        return _Rewriter().visit(super()._parse(source, name, filename))
+        template: nodes.Template = _Rewriter().visit(super()._parse(source, name, filename))
+        return template
 
     def _generate(self, *args: Any, **kwargs: Any) -> str:
         """Compiling folds constant expressions, filters included: under a budget of its own."""
@@ -389,7 +390,7 @@ class BudgetedEnvironment(SandboxedEnvironment):
 
         return checked
 
-    def concat(self, pieces: Any) -> str:  # type: ignore[override]
+    def concat(self, pieces: Any) -> str:
         budget = _current()
         if budget is not None:
             return _joined(budget, pieces)
@@ -446,12 +447,12 @@ class _Rewriter(NodeTransformer):
     """Every ``{% for %}``'s iterable is counted item by item; every ``~`` is checked before it joins."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = cast(nodes.For, self.generic_visit(node))
         node.iter = nodes.Filter(node.iter, _LOOP_FILTER, [], [], None, None, lineno=node.iter.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = cast(nodes.Concat, self.generic_visit(node))
         items = nodes.List(node.nodes, lineno=node.lineno)
         return nodes.Filter(items, _CONCAT_FILTER, [], [], None, None, lineno=node.lineno)
 
@@ -470,7 +471,9 @@ def _printable(value: Any) -> Any:
     return value
 
 
-def _check_filter(name: str, offset: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _check_filter(
+    name: str, offset: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments a filter will be called with, checked before it runs; sized arguments
     are refused when they would exceed the budget, and iterables it must size are listed.
     The first ``offset`` arguments are Jinja's (context, evaluation context or environment)."""
@@ -540,14 +543,16 @@ def _listed(environment: Any, value: Any, attribute: Any) -> list[Any]:
     return items
 
 
-def _check_join_filter(name: str, environment: Any, value: Any = (), d: Any = "", attribute: Any = None) -> tuple:
+def _check_join_filter(
+    name: str, environment: Any, value: Any = (), d: Any = "", attribute: Any = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     items = _listed(environment, value, attribute)
     _check_join(soft_str(d), items, name)
     return (items, d), {}
 
 
 def _check_sum(name: str, environment: Any, iterable: Any = (), attribute: Any = None,
-               start: Any = 0) -> tuple | None:
+               start: Any = 0) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     if isinstance(start, (int, float)) and attribute is None:
         return None  # numbers: each addition is one small step
     items = _listed(environment, iterable, attribute)
@@ -591,7 +596,9 @@ _FILTER_CHECKS: dict[str, Any] = {
     "escape": _check_printed(),
     "forceescape": _check_printed(),
     "pprint": _check_printed(per_level=1),
-    "list": lambda name, environment, value=(), *args, **kwargs: _ensure(len(value), name) if isinstance(value, str) else None,
+    "list": lambda name, environment, value=(), *args, **kwargs: (
+        _ensure(len(value), name) if isinstance(value, str) else None
+    ),
     "tojson": _check_printed(indent_position=1),
     "xmlattr": _check_printed(),
     "urlencode": _check_printed(),
@@ -620,11 +627,11 @@ def _budgeted_filter(name: str, function: Any) -> Any:
                 return _budgeted(result)
         return result
 
-    budgeted._lifecycle_budgeted = True  # type: ignore[attr-defined]
+    budgeted._lifecycle_budgeted = True  # type: ignore[attr-defined]  # a mark on the function object
     return budgeted
 
 
-class _BudgetedFilters(dict):
+class _BudgetedFilters(dict[str, Any]):
     """The environment's filters: each one added is wrapped by ``_budgeted_filter``."""
 
     def __init__(self, filters: dict[str, Any]) -> None:
@@ -633,7 +640,7 @@ class _BudgetedFilters(dict):
     def __setitem__(self, name: str, function: Any) -> None:
         super().__setitem__(name, _budgeted_filter(name, function))
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kwargs: Any) -> None:
         for name, function in dict(*args, **kwargs).items():
             self[name] = function
 

@@ -10,13 +10,17 @@ is recorded against the send and never against the address.
 """
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import col
 
 from models import (
     Feedback,
@@ -115,10 +119,7 @@ class Recorded:
     new: int = 0
     duplicates: int = 0
     unmatched: int = 0  # no send found by token or Message-ID: recorded, never suppresses
-    suppressed: dict[str, str] | None = None  # address → reason
-
-    def __post_init__(self) -> None:
-        self.suppressed = self.suppressed or {}
+    suppressed: dict[str, str] = field(default_factory=dict)  # address → reason
 
 
 _SEND_STATUS = {FeedbackKind.HARD_BOUNCE: SendStatus.BOUNCED, FeedbackKind.SOFT_BOUNCE: SendStatus.BOUNCED,
@@ -127,7 +128,7 @@ _SUPPRESS = {FeedbackKind.HARD_BOUNCE: SuppressionReason.HARD_BOUNCE,
              FeedbackKind.COMPLAINT: SuppressionReason.SPAM_COMPLAINT}
 
 
-def _insert(engine: Engine):
+def _insert(engine: Engine) -> Callable[[Any], PgInsert | SqliteInsert]:
     return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
 
 
@@ -147,12 +148,13 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
         for report in reports:
             key, trigger = report.send_key, None
             if key is None and report.message_id:
-                key = connection.execute(select(Send.send_key).where(
+                key = connection.execute(select(col(Send.send_key)).where(
                     message_digest(Send.message_id) == report.message_id[1:33],
-                    Send.message_id == report.message_id)).scalar()
+                    col(Send.message_id) == report.message_id)).scalar()
             email = suppression_key(report.email)
             if key is not None:
-                send = connection.execute(select(Send.trigger, Send.email).where(Send.send_key == key)).first()
+                send = connection.execute(
+                    select(col(Send.trigger), col(Send.email)).where(col(Send.send_key) == key)).first()
                 if send is None:
                     key = None  # a token for a send this store does not have
                 else:
@@ -164,7 +166,7 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                     report_id=report.report_id[:255], send_key=key, trigger=trigger, email=email,
                     kind=report.kind.value, status=report.status[:16], diagnostic=report.diagnostic[:1000],
                     source=report.source, occurred_at=report.occurred_at, recorded_at=now)
-                .on_conflict_do_nothing(index_elements=["report_id"]).returning(Feedback.id)).scalar()
+                .on_conflict_do_nothing(index_elements=["report_id"]).returning(col(Feedback.id))).scalar()
             if inserted is None:
                 result.duplicates += 1
                 continue
@@ -177,16 +179,16 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
             if update_sends:
                 allowed = [SendStatus.SENT, SendStatus.BOUNCED] if report.kind == FeedbackKind.COMPLAINT \
                     else [SendStatus.SENT]
-                connection.execute(update(Send).where(Send.send_key == key, Send.status.in_(allowed)).values(
+                connection.execute(update(Send).where(col(Send.send_key) == key, col(Send.status).in_(allowed)).values(
                     status=_SEND_STATUS[report.kind], error=f"{report.source}: {report.status} {report.diagnostic}"
                     .strip()[:1000]))
             reason = _SUPPRESS.get(report.kind)
             if reason is None and report.kind == FeedbackKind.SOFT_BOUNCE:
                 recent = connection.execute(select(func.count()).select_from(Feedback).where(
-                    func.lower(Feedback.email) == email, Feedback.kind == FeedbackKind.SOFT_BOUNCE,
-                    Feedback.send_key.is_not(None),
-                    Feedback.occurred_at > report.occurred_at - rule.window,
-                    Feedback.occurred_at <= report.occurred_at)).scalar_one()
+                    func.lower(Feedback.email) == email, col(Feedback.kind) == FeedbackKind.SOFT_BOUNCE,
+                    col(Feedback.send_key).is_not(None),
+                    col(Feedback.occurred_at) > report.occurred_at - rule.window,
+                    col(Feedback.occurred_at) <= report.occurred_at)).scalar_one()
                 if recent >= rule.limit:
                     reason = SuppressionReason.SOFT_BOUNCE
             if reason is not None:
@@ -194,9 +196,9 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                 done = connection.execute(
                     _insert(engine)(Suppression).values(email=email, reason=reason.value,
                                                         detail=detail, created_at=now)
-                    .on_conflict_do_nothing(index_elements=["email"]).returning(Suppression.email)).scalar()
+                    .on_conflict_do_nothing(index_elements=["email"]).returning(col(Suppression.email))).scalar()
                 if done:
-                    result.suppressed[done] = reason.value  # type: ignore[index]
+                    result.suppressed[done] = reason.value
     return result
 
 
@@ -204,12 +206,14 @@ def complaint_rates(engine: Engine, since: datetime | None = None) -> dict[str, 
     """Per trigger: (spam complaints, mails sent) since ``since``; Gmail asks senders to stay under 0.3 %."""
     with engine.connect() as connection:
         sent_statuses = [SendStatus.SENT, SendStatus.BOUNCED, SendStatus.COMPLAINED]
-        query = select(Send.trigger, func.count()).where(Send.status.in_(sent_statuses)).group_by(Send.trigger)
-        complaints = select(Feedback.trigger, func.count()).where(
-            Feedback.kind == FeedbackKind.COMPLAINT, Feedback.trigger.is_not(None)).group_by(Feedback.trigger)
+        query = select(col(Send.trigger), func.count()).where(col(Send.status).in_(sent_statuses)).group_by(
+            col(Send.trigger))
+        complaints = select(col(Feedback.trigger), func.count()).where(
+            col(Feedback.kind) == FeedbackKind.COMPLAINT, col(Feedback.trigger).is_not(None)).group_by(
+            col(Feedback.trigger))
         if since is not None:
-            query = query.where(Send.evaluated_at >= since)
-            complaints = complaints.where(Feedback.occurred_at >= since)
+            query = query.where(col(Send.evaluated_at) >= since)
+            complaints = complaints.where(col(Feedback.occurred_at) >= since)
         sent = dict(connection.execute(query).all())
         complained = dict(connection.execute(complaints).all())
     return {trigger: (complained.get(trigger, 0), n) for trigger, n in sent.items()}

@@ -37,8 +37,8 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import Connection, Engine, select
 from sqlmodel import col
 
-from flows.feedback.bounces import Recorded, Report, SoftBounceRule, Verdict, classify, record
 from flows.content.links import send_digest, verp_digests
+from flows.feedback.bounces import Recorded, Report, SoftBounceRule, Verdict, classify, record
 from models import FeedbackKind, Send, suppression_key
 from models.ledger import message_digest
 from models.types import utcnow
