@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-NOW = datetime(2026, 3, 16, 12, 0, tzinfo=timezone.utc)  # a Monday, daytime in Europe
+NOW = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)  # a Monday, daytime in Europe
 POSTGRES_URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SIZES = (10_000, 100_000, 1_000_000)
 CONNECTIONS = 4  # SMTP sessions per sender process
@@ -269,8 +269,8 @@ def end_to_end(url: str, port: int, api_url: str, workers: int) -> dict:
 
 def message_size() -> int:
     """The size of one win-back mail as Lifecycle builds it, for smtp-source to match."""
-    from flows.message.compose import Sender, build_message, message_id
     from flows.content.context import sample_contexts
+    from flows.message.compose import Sender, build_message, message_id
     from flows.send.batch import load
     from flows.settings import Settings
 
