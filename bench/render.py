@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from flows.content import render as current
 from flows.content.context import sample_contexts
-from flows.send.batch import load
+from flows.run_context import load
 from flows.settings import Settings
 
 STAGES = ["prospect", "new", "active", "loyal", "at_risk", "lapsed"]

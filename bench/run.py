@@ -134,7 +134,7 @@ def audience_seconds(url: str) -> tuple[dict[str, float], dict[str, float]]:
     """Per trigger kind (the slowest of its triggers): the whole audience read and classified
     as a run streams it, and its SQL alone (executed, every row fetched)."""
     from flows.audience.query import audience_query, stream_candidates
-    from flows.send.batch import load, prepare_job
+    from flows.run_context import load, prepare
     from flows.settings import Settings
     from models.db import get_engine
 
@@ -144,7 +144,7 @@ def audience_seconds(url: str) -> tuple[dict[str, float], dict[str, float]]:
     streamed: dict[str, float] = {}
     queried: dict[str, float] = {}
     for name in sorted(project.triggers):
-        job = prepare_job(name, NOW, settings=settings, project=project)
+        job = prepare(name, NOW, settings=settings, project=project)
         kind = job.kind.name
         start = time.perf_counter()
         with engine.connect() as connection:
@@ -271,7 +271,7 @@ def message_size() -> int:
     """The size of one win-back mail as Lifecycle builds it, for smtp-source to match."""
     from flows.content.context import sample_contexts
     from flows.message.compose import Sender, build_message, message_id
-    from flows.send.batch import load
+    from flows.run_context import load
     from flows.settings import Settings
 
     settings = Settings(triggers_dir=ROOT / "triggers", templates_dir=ROOT / "templates")

@@ -1,10 +1,13 @@
-"""Settings from the environment (``LIFECYCLE_*``); secrets never come from files in the repo."""
+"""Settings: every ``LIFECYCLE_*`` variable as one typed value; secrets never come from files in the repo.
+
+The surfaces make them (``flows.surfaces.environment``: the environment, and Prefect
+Secret blocks named ``prefect-secret:NAME``) and pass them to a run as a value.
+"""
 
 import hashlib
 import logging
 import os
 from datetime import timedelta
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -128,13 +131,13 @@ class Settings(BaseSettings):
     @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password",
                      mode="before")
     @classmethod
-    def _from_secret_block(cls, value: object) -> object:
-        """``prefect-secret:NAME`` reads the value from the Prefect Secret block NAME."""
+    def _no_secret_block_name(cls, value: object) -> object:
+        """``prefect-secret:NAME`` is resolved by the surfaces (``flows.surfaces.environment``)
+        before settings are made; one that reaches here was never looked up."""
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(raw, str) and raw.startswith(SECRET_BLOCK_PREFIX):
-            from prefect.blocks.system import Secret
-
-            return Secret.load(raw.removeprefix(SECRET_BLOCK_PREFIX)).get()
+            raise ValueError(f"{raw.split(':', 1)[0]}: names a Prefect Secret block; build the settings with "
+                             "flows.surfaces.environment.settings_from_environment(), which reads it")
         return value
 
     @field_validator("database_url")
@@ -178,8 +181,3 @@ class Settings(BaseSettings):
             raise ValueError("LIFECYCLE_SNS_TRUSTED_URL_PREFIXES is for tests; production trusts only "
                              "https://sns.<region>.amazonaws.com")
         return self
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

@@ -5,22 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-SENT = "sent"
-WOULD_SEND = "would_send"
-RETRY = "retry:smtp_temporary"  # the server said "later" after every retry: the next run tries again
-# Permanent refusals at SMTP time, by what they say (``flows.feedback.bounces.classify``):
-BOUNCED = "failed:bounced"  # the address is bad (hard bounce): suppressed
-SOFT_BOUNCED = "failed:soft_bounce"  # the mailbox refused (full, disabled): counts toward LIFECYCLE_SOFT_BOUNCE_LIMIT
-REJECTED = "failed:rejected"  # the message or the relay was refused (policy, content, size): nobody suppressed
-IN_DOUBT = "failed:in_doubt"  # the connection was lost during DATA: maybe accepted, never retried
-
-
-def skipped(reason: str) -> str:
-    return f"skipped:{reason}"
-
-
-def failed(reason: str) -> str:
-    return f"failed:{reason}"
+from flows.outcomes import FAMILIES, Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +24,21 @@ class RunSummary:
     trigger: str
     evaluated_at: datetime
     dry_run: bool = False
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    counts: Counter[tuple[str, Outcome]] = field(default_factory=Counter)
     planned: list[PlannedMail] = field(default_factory=list)
     templates: set[tuple[str, str, str]] = field(default_factory=set)  # (template file, stage, language)
     interrupted: bool = False  # stopped between batches by a shutdown
     complaints: tuple[int, int] | None = None  # (spam complaints, mails sent) by this trigger in the last 30 days
 
-    def add(self, stage: str, outcome: str, count: int = 1) -> None:
+    def add(self, stage: str, outcome: Outcome, count: int = 1) -> None:
         self.counts[(stage, outcome)] += count
 
-    def merge(self, other: Counter[tuple[str, str]]) -> None:
+    def merge(self, other: Counter[tuple[str, Outcome]]) -> None:
         self.counts.update(other)
 
     @property
-    def outcomes(self) -> Counter[str]:
-        totals: Counter[str] = Counter()
+    def outcomes(self) -> Counter[Outcome]:
+        totals: Counter[Outcome] = Counter()
         for (_, outcome), count in self.counts.items():
             totals[outcome] += count
         return totals
@@ -64,7 +49,7 @@ class RunSummary:
 
     @property
     def sent(self) -> int:
-        return self.outcomes[SENT]
+        return self.outcomes[Outcome.SENT]
 
     def table(self) -> list[dict[str, object]]:
         """One row per stage, one column per outcome, plus a total row."""
@@ -92,14 +77,26 @@ class RunSummary:
 
     def headline(self) -> str:
         totals = self.outcomes
-        main = totals[WOULD_SEND] if self.dry_run else totals[SENT]
+        main = totals[Outcome.WOULD_SEND] if self.dry_run else totals[Outcome.SENT]
         verb = "would send" if self.dry_run else "sent"
-        others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()) if name not in (SENT, WOULD_SEND))
+        others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()) if name not in (Outcome.SENT, Outcome.WOULD_SEND))
         stopped = " (interrupted by shutdown)" if self.interrupted else ""
         warning = f"; WARNING: {self.complaint_warning}" if self.complaint_warning else ""
         return f"{self.trigger} @ {self.evaluated_at:%Y-%m-%d %H:%M:%S} UTC{stopped}: {verb} {main}" + (
             f"; {others}" if others else ""
         ) + warning
+
+    def state_message(self) -> str:
+        """The run's counts by family (``sent 9; deferred 5; skipped 53``): its Prefect state's
+        message, so the UI's runs list says more than "Completed"."""
+        families: Counter[str] = Counter()
+        for outcome, count in self.outcomes.items():
+            families[outcome.family] += count
+        main = "would_send" if self.dry_run else "sent"
+        parts = [f"{main.replace('_', ' ')} {families.pop(main, 0)}"]
+        parts += [f"{family.replace('_', ' ')} {families[family]}" for family in FAMILIES if families.get(family)]
+        stopped = " (interrupted by shutdown)" if self.interrupted else ""
+        return "; ".join(parts) + stopped
 
     def to_markdown(self, preview: Callable[[str, str], str] | None = None) -> str:
         """The summary for the Prefect UI; ``preview(stage, language)`` gives each template's preview link."""

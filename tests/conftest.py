@@ -1,20 +1,34 @@
 """Real parts: SQLite files and the local PostgreSQL, an SMTP server on loopback, Prefect's test server."""
 
+import atexit
 import os
 import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+# Under pytest-xdist (-n N) each worker gw0, gw1, ... gets its own PostgreSQL database and its
+# own Prefect home; without xdist WORKER is "" and nothing below changes.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER and "PREFECT_HOME" not in os.environ:
+    # Set before prefect is imported: Prefect reads its settings once, at import. The
+    # temporary server's memo store and result storage live here; ~/.prefect is shared.
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-home-{WORKER}-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+
 import pytest
 from hypothesis import HealthCheck, Phase
 from hypothesis import settings as hypothesis_settings
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 
-from flows.settings import Settings, get_settings
+from flows.settings import Settings
+from flows.surfaces.environment import settings_from_environment
 from models.db import create_schema, dispose_engines, make_engine
 from tests.support.builders import Store
 from tests.support.smtp_server import SmtpServer
@@ -34,7 +48,51 @@ hypothesis_settings.register_profile("ci", max_examples=80, derandomize=True, da
 hypothesis_settings.register_profile("nightly", max_examples=1000, deadline=None,
                                      suppress_health_check=_PROPERTY_CHECKS, phases=_PHASES, print_blob=True)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-POSTGRES_URL = os.environ.get("LIFECYCLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BASE_POSTGRES_URL = os.environ.get("LIFECYCLE_TEST_BASE_POSTGRES_URL") or os.environ.get(
+    "LIFECYCLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_url(suffix: str = "") -> str:
+    """The base URL with its database renamed ``<base><suffix>``, plus ``_<worker>`` under xdist."""
+    if not suffix and not WORKER:
+        return BASE_POSTGRES_URL
+    url = make_url(BASE_POSTGRES_URL)
+    name = f"{url.database}{suffix}" + (f"_{WORKER}" if WORKER else "")
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def ensure_database(url: str) -> None:
+    """CREATE DATABASE for the URL's database if it is missing, connected to the base database."""
+    name = make_url(url).database
+    admin = create_engine(make_url(BASE_POSTGRES_URL).set(drivername="postgresql+psycopg"),
+                          isolation_level="AUTOCOMMIT")
+    try:
+        for attempt in range(40):
+            with admin.connect() as connection:
+                if connection.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                      {"name": name}).first() is not None:
+                    return
+                try:
+                    connection.execute(text(f'CREATE DATABASE "{name}"'))
+                    return
+                except DBAPIError as error:  # another run creating it too, or the template in use
+                    if attempt == 39:
+                        raise error
+            time.sleep(0.25)
+    finally:
+        admin.dispose()
+
+
+POSTGRES_URL = postgres_url()
+if WORKER:
+    # What child processes and every test module read: the worker's own database.
+    os.environ["LIFECYCLE_TEST_BASE_POSTGRES_URL"] = BASE_POSTGRES_URL
+    os.environ["LIFECYCLE_TEST_POSTGRES_URL"] = POSTGRES_URL
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if WORKER:
+        ensure_database(POSTGRES_URL)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -93,9 +151,9 @@ def settings(monkeypatch: pytest.MonkeyPatch, db_url: str, smtp: SmtpServer, pro
     monkeypatch.setenv("LIFECYCLE_SMTP_BACKOFF_SECONDS", "0.01")
     monkeypatch.setenv("LIFECYCLE_SMTP_BACKOFF_MAX_SECONDS", "0.05")
     monkeypatch.setenv("LIFECYCLE_SECRET", "test-secret-0123456789")
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
+    yield settings_from_environment()
+    settings_from_environment.cache_clear()
 
 
 @pytest.fixture(scope="session")

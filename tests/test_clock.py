@@ -9,8 +9,8 @@ import pytest
 from prefect.server.schemas.schedules import CronSchedule
 
 from flows.clock import check_cron, last_slot, next_slot
-from flows.surfaces.serve import cron_trigger
 from flows.spec.project import load_project
+from flows.surfaces.serve import cron_trigger
 
 ACCEPTED = ["*/15 * * * *", "0 10 * * 1", "30 9 * * 1-5", "0 8 1 * *", "*/15 * * * 0", "0 9 * * mon-fri",
             "0 12 * jan-mar,oct *", "5,35 10-18/2 * * *", "0 7 1,11,21 * *", "0 10 * * sun,wed", "45 23 31 * *",

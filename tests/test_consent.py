@@ -7,8 +7,8 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from flows.consent import Confirmation, check, history, request_id
-from flows.ingest import ingest_lines
 from flows.content.links import address_tag
+from flows.ingest import ingest_lines
 from models import Customer, Suppression
 from tests.support.builders import NOW, Store, ago
 

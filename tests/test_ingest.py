@@ -9,9 +9,9 @@ from sqlalchemy import Engine, func, select, text
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from flows.surfaces.cli import app
 from flows.ingest import ingest_lines
 from flows.settings import Settings
+from flows.surfaces.cli import app
 from models import (
     Cart,
     CartItem,
@@ -25,7 +25,6 @@ from models import (
     Send,
     Suppression,
 )
-
 from tests.support import FIXTURES
 
 

@@ -14,9 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
-from flows.surfaces.prefect_flows import compile_flow, load
-from flows.settings import Settings, get_settings
+from flows.run_context import load
+from flows.settings import Settings
+from flows.surfaces.environment import settings_from_environment
+from flows.surfaces.prefect_flows import trigger_flow
+from tests.conftest import WORKER, ensure_database, postgres_url
 from tests.support.builders import NOW, Store, ago
 
 pytestmark = pytest.mark.usefixtures("prefect")
@@ -111,10 +115,10 @@ def prefect_records(flow_run_id: object, expect: str) -> str:
 
 def run_trigger(trigger: str = "complaint-ack"):
     """A real Prefect run of the trigger flow; returns its final state."""
-    get_settings.cache_clear()
-    settings = get_settings()
-    spec = load(settings).trigger(trigger)
-    return compile_flow(spec)(trigger=trigger, now=NOW.isoformat(), return_state=True)
+    settings_from_environment.cache_clear()
+    settings = settings_from_environment()
+    assert load(settings).trigger(trigger)
+    return trigger_flow(trigger=trigger, now=NOW.isoformat(), return_state=True)
 
 
 def assert_nowhere(secret: str, state, records: Records, expect: str) -> str:
@@ -218,7 +222,10 @@ def test_smtp_urls_that_fail_a_real_run_show_no_password(case: str, settings: Se
 
 # -- every secret at once ------------------------------------------------------------------
 
-POSTGRES = "postgresql://postgres:{pw}@127.0.0.1:{port}/test_f"
+# A database of its own (the URLs carry passwords; trust authentication ignores them): test_f,
+# or under pytest-xdist one per worker, <base>_f_<worker> (tests/conftest.py).
+SECRETS_DATABASE = make_url(postgres_url("_f")).database if WORKER else "test_f"
+POSTGRES = "postgresql://postgres:{pw}@127.0.0.1:{port}/" + SECRETS_DATABASE
 
 
 def dkim_key() -> str:
@@ -272,7 +279,7 @@ class Secrets:
 
 @pytest.fixture
 def postgres_store() -> Iterator[None]:
-    """test_f, emptied (trust authentication: any password connects)."""
+    """SECRETS_DATABASE, emptied (trust authentication: any password connects)."""
     from sqlalchemy import text
     from sqlmodel import SQLModel
 
@@ -280,13 +287,7 @@ def postgres_store() -> Iterator[None]:
     from models.db import dispose_engines, make_engine
 
     dispose_engines()
-    from sqlalchemy import create_engine
-
-    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:  # a clean machine has only `test`
-        if connection.execute(text("SELECT 1 FROM pg_database WHERE datname = 'test_f'")).first() is None:
-            connection.execute(text("CREATE DATABASE test_f"))
-    admin.dispose()
+    ensure_database(POSTGRES.format(pw="any", port=5432))  # a clean machine has only `test`
     engine = make_engine(POSTGRES.format(pw="any", port=5432))
     SQLModel.metadata.drop_all(engine)
     with engine.begin() as connection:
@@ -302,7 +303,7 @@ def cli(*args: str) -> str:
 
     from flows.surfaces.cli import app
 
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
     result = CliRunner().invoke(app, list(args))
     return result.output + (chain(result.exception) if result.exception and not isinstance(
         result.exception, SystemExit) else "")
@@ -385,8 +386,8 @@ def test_database_urls_that_fail_show_no_password(case: str, settings: Settings,
     }[case]
     monkeypatch.setenv("LIFECYCLE_DATABASE_URL", url)
     state = run_trigger() if case == "refused" else None
-    if case != "refused":  # settings that cannot load fail the run as it starts: get_settings in the flow
-        get_settings.cache_clear()
+    if case != "refused":  # settings that cannot load fail the run as it starts: settings_from_environment in the flow
+        settings_from_environment.cache_clear()
         from flows.surfaces.prefect_flows import trigger_flow
 
         state = trigger_flow(trigger="complaint-ack", now=NOW.isoformat(), return_state=True)
@@ -416,7 +417,7 @@ def test_a_settings_error_echoes_no_secret(bad: dict[str, str], settings: Settin
     with pytest.raises(ValidationError) as failure:
         Settings()
     secrets.assert_absent(chain(failure.value))
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
     state = trigger_flow(trigger="complaint-ack", now=NOW.isoformat(), return_state=True)
     assert state.is_failed() and "validation error for Settings" in state.message
     assert_absent_everywhere(secrets.all, state, records, expect="validation error for Settings")
@@ -432,7 +433,7 @@ def test_settings_and_what_holds_them_print_no_secret(monkeypatch: pytest.Monkey
     loaded = Settings()
     shown = repr(loaded) + str(loaded) + repr(SmtpConfig.from_url(loaded.smtp_url))
     secrets.assert_absent(shown)
-    assert "//***@127.0.0.1:5432/test_f" in shown and "//***@127.0.0.1:25" in shown
+    assert f"//***@127.0.0.1:5432/{SECRETS_DATABASE}" in shown and "//***@127.0.0.1:25" in shown
 
 
 def test_a_dkim_key_that_cannot_sign_is_not_shown(settings: Settings, store: Store, records: Records,

@@ -16,10 +16,10 @@ from flows.settings import Settings
 from flows.signing_secret import STORE_KEY, resolved
 from flows.surfaces.web import create_app
 from models import StoreMeta, Suppression
+from tests.support import ROOT
 from tests.support.builders import Store
 from tests.support.web_server import WebServer
 
-from tests.support import ROOT
 # What every process used to sign with unless told otherwise; published with the code.
 PUBLISHED = "lifecycle-development-secret-do-not-use-in-production"
 

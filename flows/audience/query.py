@@ -8,7 +8,6 @@ and the trigger's send history, so each row arrives with everything needed to de
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -32,6 +31,7 @@ from sqlmodel import Session
 from flows.kinds.base import Kind
 from flows.send.claims import awaiting
 from flows.memory import frozen_heap
+from flows.outcomes import Outcome
 from flows.audience.timing import QUIET_HOURS, customer_zone, longest_window, next_allowed
 from flows.content.render import language_of
 from flows.spec.common import TriggerBase
@@ -50,28 +50,6 @@ from models.db import one_of
 from models.types import utcnow
 
 
-class Skip(StrEnum):
-    NO_EMAIL = "no_email"
-    SUPPRESSED = "suppressed"
-    NO_CONSENT = "no_consent"
-    CONSENT_PENDING = "consent_pending"  # asked, not yet confirmed (double opt-in)
-    OPTED_OUT = "opted_out"  # left this category on the preference page
-    DUPLICATE_ADDRESS = "duplicate_address"  # another customer record with this mailbox gets the mail
-    REENTRY = "reentry"
-    ALREADY_SENT = "already_sent"
-    EXPIRED = "expired"  # deferred longer than its trigger allows
-    NO_LONGER_DUE = "no_longer_due"  # deferred, and by its moment its occurrence was no longer due
-    UNSUBSCRIBED = "unsubscribed_during_run"  # checked again just before sending
-    # Not skipped for good: deferred to the next allowed moment by the sending policy.
-    QUIET_HOURS = "deferred:quiet_hours"
-    FREQUENCY_CAP = "deferred:frequency_cap"
-    WAITING = "deferred:waiting"  # deferred by an earlier run, its moment not reached yet
-
-    @property
-    def deferred(self) -> bool:
-        return self.value.startswith("deferred:")
-
-
 class Candidate(NamedTuple):
     """One customer due for one occurrence (a tuple: audiences run to hundreds of thousands)."""
 
@@ -86,7 +64,7 @@ class Candidate(NamedTuple):
     ref_id: int | None
     occurrence: str
     send_key: str
-    skip: Skip | None = None
+    skip: Outcome | None = None
     timezone: str | None = None
     not_before: datetime | None = None  # set when deferred by the policy
     deferred: bool = False  # the ledger holds a deferral of this very key
@@ -279,7 +257,7 @@ class _InRun:
         for c in batch:
             if c.skip is None or c.skip.deferred:
                 if self.taken == c.customer_id:
-                    c = c._replace(skip=Skip.REENTRY, not_before=None)
+                    c = c._replace(skip=Outcome.REENTRY, not_before=None)
                 self.taken = c.customer_id  # a deferred one too: it keeps its place
             out.append(c)
         return out
@@ -292,7 +270,7 @@ class _InRun:
             if c.shared and (c.skip is None or c.skip.deferred):
                 mailbox = (c.email or "").lower()
                 if mailbox in self.mailboxes:
-                    c = c._replace(skip=Skip.DUPLICATE_ADDRESS, not_before=None)
+                    c = c._replace(skip=Outcome.DUPLICATE_ADDRESS, not_before=None)
                 self.mailboxes.add(mailbox)
             out.append(c)
         return out
@@ -333,15 +311,15 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
         key = send_key(trigger.name, customer_id, occurrence)
         skip = None
         if not email:
-            skip = Skip.NO_EMAIL
+            skip = Outcome.NO_EMAIL
         elif suppressed:
-            skip = Skip.SUPPRESSED
+            skip = Outcome.SUPPRESSED
         elif marketing and not consent:
-            skip = Skip.CONSENT_PENDING if consent_requested else Skip.NO_CONSENT
+            skip = Outcome.CONSENT_PENDING if consent_requested else Outcome.NO_CONSENT
         elif marketing and opted_out:
-            skip = Skip.OPTED_OUT
+            skip = Outcome.OPTED_OUT
         elif reentry_blocked:
-            skip = Skip.REENTRY
+            skip = Outcome.REENTRY
         language = languages.get(locale)
         if language is None:
             language = languages[locale] = language_of(locale, default_language, supported)
@@ -379,16 +357,16 @@ def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candi
             if status == SendStatus.DEFERRED:
                 c = c._replace(deferred=True)
                 if expires_at is not None and expires_at <= now:
-                    c = c._replace(skip=Skip.EXPIRED)
+                    c = c._replace(skip=Outcome.EXPIRED)
                 elif c.skip is None and not_before > now:
-                    c = c._replace(skip=Skip.WAITING, not_before=not_before)
+                    c = c._replace(skip=Outcome.WAITING, not_before=not_before)
             elif status == SendStatus.CLAIMED and claimed_at < stale:
                 # Its run died before sending it: the claim takes it over, unless something
                 # other than that very claim forbids the mail now.
-                if c.skip == Skip.REENTRY and not _blocked_by_another(session, trigger, c, now):
+                if c.skip == Outcome.REENTRY and not _blocked_by_another(session, trigger, c, now):
                     c = c._replace(skip=None)
-            elif c.skip is None or c.skip == Skip.REENTRY:
-                c = c._replace(skip=Skip.EXPIRED if status == SendStatus.EXPIRED else Skip.ALREADY_SENT)
+            elif c.skip is None or c.skip == Outcome.REENTRY:
+                c = c._replace(skip=Outcome.EXPIRED if status == SendStatus.EXPIRED else Outcome.ALREADY_SENT)
         marked.append(c)
     marked = _mailbox_history(session, trigger, marked, now)
     session.rollback()  # end the read transaction so SQLite can checkpoint
@@ -417,11 +395,11 @@ def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candida
             others = [(occurrence, status, at) for occurrence, key, status, at in
                       history.get((c.email or "").lower(), ()) if key != c.send_key]
             if any(occurrence == c.occurrence for occurrence, _, _ in others):
-                c = c._replace(skip=Skip.DUPLICATE_ADDRESS, not_before=None)
+                c = c._replace(skip=Outcome.DUPLICATE_ADDRESS, not_before=None)
             elif rule.mode != "every_occurrence" and any(
                     status in DELIVERED and (rule.mode == "once" or now - rule.cooldown < at <= now)
                     for _, status, at in others):
-                c = c._replace(skip=Skip.REENTRY, not_before=None)
+                c = c._replace(skip=Outcome.REENTRY, not_before=None)
         out.append(c)
     return out
 
@@ -475,7 +453,7 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
                 if not earlier:
                     unsent[c.timezone] = moment, reason
             if reason is not None:
-                c = c._replace(skip=Skip.QUIET_HOURS if reason == QUIET_HOURS else Skip.FREQUENCY_CAP,
+                c = c._replace(skip=Outcome.QUIET_HOURS if reason == QUIET_HOURS else Outcome.FREQUENCY_CAP,
                                not_before=moment)
             else:
                 in_run.plan(c.customer_id, c.send_key)

@@ -15,13 +15,14 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from flows.audience.query import Candidate, send_key
-from flows.message.compose import build_message, message_id
-from flows.content.context import sample_contexts
-from flows.send.batch import Job, load, prepare_job, render_candidates
-from flows.ingest import customer_by_id
-from flows.content.render import Rendered, RenderError, language_of
-from flows.settings import Settings
 from flows.audience.stage_sql import customer_stages
+from flows.content.context import sample_contexts
+from flows.content.render import Rendered, RenderError, language_of
+from flows.ingest import customer_by_id
+from flows.message.compose import build_message, message_id
+from flows.message.prepare import render_candidates
+from flows.run_context import RunContext, prepare
+from flows.settings import Settings
 from models import CART_OPEN, Cart, Complaint, Customer
 from models.types import utcnow
 
@@ -69,39 +70,38 @@ def _write(out: Path, name: str, eml: bytes, subject: str, language: str, asked:
 
 def preview_samples(settings: Settings, trigger: str, stages: list[str] | None, languages: list[str] | None,
                     out: Path) -> list[Preview]:
-    project = load(settings)
-    job = prepare_job(trigger, utcnow(), settings=settings, project=project)
-    catalog, email = job.catalog, job.trigger.email
-    stages = stages or job.trigger.audience.stages or job.stages.names
-    unknown = [s for s in stages if s not in job.stages.names]
+    context = prepare(trigger, utcnow(), settings=settings)
+    catalog, email = context.catalog, context.trigger.email
+    stages = stages or context.trigger.audience.stages or context.stages.names
+    unknown = [s for s in stages if s not in context.stages.names]
     if unknown:
-        raise PreviewError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(job.stages.names)}")
+        raise PreviewError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(context.stages.names)}")
     languages = languages or sorted(catalog.languages_for(email) | {catalog.default_language})
     written: list[Preview] = []
     for stage in stages:
         for lang in languages:
-            eml, rendered = sample_mail(job, stage, lang)
+            eml, rendered = sample_mail(context, stage, lang)
             paths = _write(out / trigger, f"{stage}.{lang}", eml, rendered.subject, rendered.language, lang)
             written.append(Preview(stage, lang, rendered.language, rendered.subject, paths))
     return written
 
 
-def sample_message(job: Job, stage: str, language: str) -> bytes:
+def sample_message(context: RunContext, stage: str, language: str) -> bytes:
     """The trigger's mail for a sample customer in ``stage`` speaking ``language``, as sent."""
-    return sample_mail(job, stage, language)[0]
+    return sample_mail(context, stage, language)[0]
 
 
-def sample_mail(job: Job, stage: str, language: str) -> tuple[bytes, Rendered]:
+def sample_mail(context: RunContext, stage: str, language: str) -> tuple[bytes, Rendered]:
     """The sample mail as sent, and what was rendered (its subject, the language used)."""
-    settings = job.settings
-    sample = sample_contexts(job.kind.reference, settings.base_url, settings.shop_url)[0]
+    settings = context.settings
+    sample = sample_contexts(context.kind.reference, settings.base_url, settings.shop_url)[0]
     try:
-        rendered = job.catalog.render(job.trigger.email, {**sample, "stage": stage, "lang": language})
+        rendered = context.catalog.render(context.trigger.email, {**sample, "stage": stage, "lang": language})
     except RenderError as exc:
         raise PreviewError(str(exc)) from None
-    key = send_key(job.trigger.name, 0, f"preview:{stage}:{language}")
-    eml = build_message(rendered, sender=job.sender, to_address="preview@example.com",
-                        to_name=sample["customer"].name, msg_id=message_id(key, job.sender, settings.signing_secret),
+    key = send_key(context.trigger.name, 0, f"preview:{stage}:{language}")
+    eml = build_message(rendered, sender=context.sender, to_address="preview@example.com",
+                        to_name=sample["customer"].name, msg_id=message_id(key, context.sender, settings.signing_secret),
                         date=utcnow())
     return eml, rendered
 
@@ -113,8 +113,7 @@ def html_part(eml: bytes) -> str:
 
 def preview_customer(settings: Settings, trigger: str, external_id: str, now: datetime, out: Path,
                      engine: Engine) -> list[Preview]:
-    project = load(settings)
-    job = prepare_job(trigger, now, settings=settings, project=project)
+    context = prepare(trigger, now, settings=settings, engine=engine)
     with Session(engine) as session:
         customer = customer_by_id(session, external_id)  # a merged guest's id names the account
         if customer is None:
@@ -122,22 +121,22 @@ def preview_customer(settings: Settings, trigger: str, external_id: str, now: da
         if not customer.email:
             raise PreviewError(f"customer {external_id!r} has no email address")
         stage = session.execute(
-            customer_stages(job.stages, now).where(Customer.id == customer.id)
+            customer_stages(context.stages, now).where(Customer.id == customer.id)
         ).one().stage
         ref_id = None
-        if job.kind.reference == "cart":
+        if context.kind.reference == "cart":
             ref_id = session.execute(select(Cart.id).where(Cart.customer_id == customer.id, Cart.status == CART_OPEN)
                                      .order_by(Cart.updated_at.desc())).scalars().first()
-        elif job.kind.reference == "complaint":
+        elif context.kind.reference == "complaint":
             ref_id = session.execute(select(Complaint.id).where(Complaint.customer_id == customer.id)
                                      .order_by(Complaint.received_at.desc())).scalars().first()
-        if job.kind.reference and ref_id is None:
-            raise PreviewError(f"customer {external_id!r} has no {job.kind.reference} to preview this trigger with")
+        if context.kind.reference and ref_id is None:
+            raise PreviewError(f"customer {external_id!r} has no {context.kind.reference} to preview this trigger with")
     asked = language_of(customer.locale, settings.default_language)
-    language = language_of(customer.locale, settings.default_language, job.catalog.languages_for(job.trigger.email))
+    language = language_of(customer.locale, settings.default_language, context.catalog.languages_for(context.trigger.email))
     candidate = Candidate(customer.id, customer.external_id, customer.email, customer.first_name, customer.last_name,
                           customer.locale, language, stage, ref_id, "preview", send_key(trigger, customer.id, "preview"))
-    prepared, failures = render_candidates(job, [candidate])
+    prepared, failures = render_candidates(context, [candidate])
     if failures:
         raise PreviewError(failures[0].message)
     subject = prepared[0].subject

@@ -48,7 +48,7 @@ IN_PROGRESS = (SendStatus.CLAIMED, SendStatus.SENDING)
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Decision:
     """``status`` None releases the claim: the server said "later", so the next run tries again."""
 
     send_key: str
@@ -212,7 +212,7 @@ def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collectio
     return [closing[key] for key in closing if key not in handled]
 
 
-def record(engine: Engine, outcomes: Iterable[Outcome]) -> None:
+def record(engine: Engine, outcomes: Sequence[Decision]) -> None:
     """Mark sent and failed keys; delete claims the server deferred, so a later run retries."""
     now = utcnow()
     finished = [

@@ -4,13 +4,14 @@ Rendering, MIME and the SMTP client are CPU-bound Python, so one process sends o
 core. A run with more than one batch starts ``LIFECYCLE_WORKERS - 1`` sender
 processes (the run's own process is the last of the workers; default: one per core),
 hands each a batch at a time and merges what they report. Each sender runs
-``delivery.deliver`` exactly as the flow's own process would: it claims every key in
+``send.batch.deliver`` exactly as the run's own process would: it claims every key in
 the shared ledger before sending it, so splitting the work across processes changes
 nothing about exactly-once.
 
 A sender is a fresh interpreter (the flow's process has Prefect's threads running,
-which ``fork`` must not copy) that imports no Prefect, loads the same trigger files and
-templates, and dies with its parent: a killed run leaves no orphan sending. Batches and
+which ``fork`` must not copy) that imports no Prefect, receives the run's context once
+(``flows.run_context``: it compiles the same templates, without validating them again),
+and dies with its parent: a killed run leaves no orphan sending. Batches and
 outcomes travel as pickles over a pair of pipes. ``multiprocessing``'s own pools would
 do the same but start a resource-tracker process besides (13 MB, a twentieth of a run's
 memory) to clean up the named semaphores their queues use; pipes need none.
@@ -28,14 +29,13 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from datetime import datetime
 from multiprocessing.connection import Connection
 from types import TracebackType
 
 from flows.audience.query import Candidate
-from flows.send.batch import BatchOutcome, Job, deliver, prepare_job
 from flows.memory import one_malloc_arena
-from flows.settings import Settings
+from flows.run_context import RunContext
+from flows.send.batch import BatchOutcome, deliver
 
 _PR_SET_PDEATHSIG = 1
 
@@ -65,19 +65,18 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def serve(requests_fd: int, replies_fd: int) -> None:
-    """A sender process's life: load the job, then deliver each batch handed over until the
-    run closes the pipe."""
+    """A sender process's life: receive the run's context, then deliver each batch handed
+    over until the run closes the pipe."""
     requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
     # A Ctrl-C reaches the terminal's whole process group. Only the run decides: it stops
     # handing over batches, and a sender finishes the one it has rather than leave its
     # recipients in doubt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     one_malloc_arena()
-    trigger, now, settings, run_id, parent = requests.recv()
+    parent = requests.recv()
     _die_with_parent(parent)
     try:
-        # Each sender loads and compiles the templates itself: compiled Jinja does not pickle.
-        job = prepare_job(trigger, now, settings=settings, run_id=run_id)
+        context: RunContext = requests.recv()  # its catalog and engine made here (RunContext.__reduce__)
     except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it
         replies.send(("failed", _portable(error)))
         return
@@ -89,7 +88,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         except EOFError:  # the run is done with this sender
             return
         try:
-            replies.send(("done", deliver(job, candidates, batch)))
+            replies.send(("done", deliver(context, candidates, batch)))
         except Exception as error:  # noqa: BLE001 - the run fails the batch with it
             replies.send(("failed", _portable(error)))
 
@@ -100,7 +99,7 @@ _Work = tuple[Future, list[Candidate], int] | None  # None: no more batches for 
 class _Sender:
     """One sender process and the thread in the run's process that feeds it a batch at a time."""
 
-    def __init__(self, job_args: tuple[str, datetime, Settings, str, int]) -> None:
+    def __init__(self, context: bytes) -> None:
         requests_in, requests_out = os.pipe()  # batches: the run writes, the sender reads
         replies_in, replies_out = os.pipe()  # outcomes: the sender writes, the run reads
         code = f"from flows.send.senders import serve; serve({requests_in}, {replies_out})"
@@ -113,11 +112,12 @@ class _Sender:
         os.close(replies_out)
         self._requests = Connection(requests_out, readable=False)
         self._replies = Connection(replies_in, writable=False)
-        self._requests.send(job_args)
+        self._requests.send(os.getpid())
+        self._requests.send_bytes(context)
         self.thread: threading.Thread | None = None
 
     def ready(self) -> None:
-        """Wait until the sender has loaded the project; raise what stopped it if it could not."""
+        """Wait until the sender has its context; raise what stopped it if it could not."""
         status, detail = self._receive("before it was ready")
         if status == "failed":
             raise detail
@@ -169,16 +169,16 @@ class _Sender:
 
 
 class SenderPool:
-    """``with SenderPool(job, 2) as senders: senders.submit(candidates, batch).result()``.
+    """``with SenderPool(context, 2) as senders: senders.submit(candidates, batch).result()``.
 
     Batches wait in one queue and go to whichever sender is free. If a sender dies, its
     batch and every batch still waiting fail with ``SenderDied``, and so does any later
     ``submit``: the run fails instead of waiting for a sender that is gone.
     """
 
-    def __init__(self, job: Job, workers: int) -> None:
+    def __init__(self, context: RunContext, workers: int) -> None:
         self.workers = workers
-        self._job_args = (job.trigger.name, job.now, job.settings, job.run_id, os.getpid())
+        self._context = pickle.dumps(context)  # once, for every sender
         self._work: queue.Queue[_Work] = queue.Queue()
         self._senders: list[_Sender] = []
         self._lock = threading.Lock()
@@ -189,9 +189,9 @@ class SenderPool:
         # run, and a sender dies with the thread that started it.
         try:
             for _ in range(self.workers):
-                self._senders.append(_Sender(self._job_args))
+                self._senders.append(_Sender(self._context))
             for sender in self._senders:
-                sender.ready()  # a sender that could not load the project fails the run here
+                sender.ready()  # a sender that could not make its context fails the run here
         except BaseException:
             for sender in self._senders:
                 sender.process.kill()

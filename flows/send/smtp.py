@@ -18,7 +18,6 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
@@ -38,6 +37,7 @@ from tenacity import (
 )
 
 from flows.feedback.bounces import Verdict, classify, enhanced_code
+from flows.outcomes import Outcome
 from flows.redaction import redact_url
 from models import FeedbackKind
 from models.types import stored_address
@@ -104,18 +104,10 @@ class Envelope:
     data: bytes
 
 
-class Result(StrEnum):
-    SENT = "sent"
-    BOUNCED = "bounced"  # the recipient was refused permanently (5xx at RCPT)
-    REJECTED = "rejected"  # the message was refused permanently (5xx at MAIL or DATA)
-    DEFERRED = "deferred"  # still temporary after every retry: nothing was accepted
-    IN_DOUBT = "in_doubt"  # connection lost during DATA: maybe accepted
-
-
 @dataclass(frozen=True, slots=True)
 class Delivery:
     key: str
-    result: Result
+    result: Outcome  # sent, retry, in doubt, or refused for good (bounced, soft bounce, rejected)
     reply: str
     verdict: Verdict | None = None  # a permanent refusal (bounced, rejected): what it says about the address
     code: int | None = None  # the refusal's SMTP reply code
@@ -201,7 +193,7 @@ class Breaker:
             if self.tripped is None:
                 self.tripped = self._trips(delivery)
             return []
-        if delivery.result == Result.SENT:
+        if delivery.result == Outcome.SENT:
             self.streak = 0
             self.accepted += 1
         decided = [delivery]
@@ -391,11 +383,11 @@ class Mailer:
                     raise
                 await asyncio.sleep(min(self.policy.backoff, self.policy.backoff_max))
                 reply = await self._retrying(after_first=True)(attempt)
-            return Delivery(envelope.key, Result.SENT, reply), connection
+            return Delivery(envelope.key, Outcome.SENT, reply), connection
         except _InDoubt as exc:
-            return Delivery(envelope.key, Result.IN_DOUBT, str(exc)), connection
+            return Delivery(envelope.key, Outcome.IN_DOUBT, str(exc)), connection
         except _NoSmtpUtf8 as exc:  # recorded failed, once: the next run does not try it again
-            return Delivery(envelope.key, Result.REJECTED, str(exc), Verdict(FeedbackKind.MESSAGE_FAILURE, "5.6.7"),
+            return Delivery(envelope.key, Outcome.REJECTED, str(exc), Verdict(FeedbackKind.MESSAGE_FAILURE, "5.6.7"),
                             553, ours=True), connection
         except SMTPResponseException as exc:
             code, reply = exc.code, _reply(exc)
@@ -404,9 +396,8 @@ class Mailer:
                     verdict = classify(code, exc.message)
                 else:  # MAIL (the sender), AUTH, the greeting: never about the recipient
                     verdict = Verdict(FeedbackKind.MESSAGE_FAILURE, enhanced_code(exc.message))
-                result = Result.BOUNCED if isinstance(exc, SMTPRecipientRefused) else Result.REJECTED
-                return Delivery(envelope.key, result, reply, verdict, code), connection
-            return Delivery(envelope.key, Result.DEFERRED, reply), connection
+                return Delivery(envelope.key, Outcome.refused(verdict.kind), reply, verdict, code), connection
+            return Delivery(envelope.key, Outcome.RETRY, reply), connection
 
     async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
         recipient = envelope.recipient

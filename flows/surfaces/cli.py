@@ -1,10 +1,7 @@
-"""The ``lifecycle`` command: validate, ingest, run, preview, demo, ledger."""
+"""The ``lifecycle`` command: validate, ingest, run, preview, demo, serve, web, deployments,
+suppress, bounces, db and ledger."""
 
 import os
-
-# No internet here or in many shops' networks: Prefect must not try to phone home.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -12,15 +9,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from flows.clock import parse_now
 from flows.redaction import redact_urls
-from flows.summary import RunSummary
-from flows.settings import Settings, get_settings
-from flows.spec.problems import Problem, SpecError
+from flows.settings import Settings
+from flows.spec.problems import SpecError
+from flows.surfaces.environment import settings_from_environment
+from flows.surfaces.terminal import console, errors, planned_table, print_problems, summary_table
 
 app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -28,9 +25,12 @@ app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", 
 
 @app.callback()
 def _every_command() -> None:
-    """No password or token in any log line of any command (``flows.redaction``)."""
+    """No password or token in any log line of any command (``flows.redaction``), and no
+    telemetry: there is no internet here or in many shops' networks, so Prefect must not
+    try to phone home."""
     from flows.redaction import redact_every_record
 
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     redact_every_record()
 
 
@@ -41,13 +41,11 @@ app.add_typer(db_app, name="db")
 suppress_app = typer.Typer(help="Addresses no trigger may write to (bounces, complaints, unsubscribes, manual).",
                            no_args_is_help=True)
 app.add_typer(suppress_app, name="suppress")
-console = Console()
-errors = Console(stderr=True)
 
 
 def _settings(triggers: Path | None = None, templates: Path | None = None) -> Settings:
     try:
-        settings = get_settings()
+        settings = settings_from_environment()
     except ValueError as exc:
         errors.print(f"[red]Configuration error:[/] {escape(redact_urls(str(exc)))}", highlight=False)
         raise typer.Exit(2) from None
@@ -78,18 +76,6 @@ def _now(value: str | None) -> datetime:
         raise typer.Exit(2) from None
 
 
-def print_problems(problems: list[Problem]) -> None:
-    for problem in problems:
-        label = "[bold yellow]warning:[/] " if problem.severity == "warning" else ""
-        # The file's own words are text, never markup: a trigger named "[/x]" is shown, not obeyed.
-        errors.print(f"[bold red]{escape(str(problem.location))}[/]: "
-                     + (f"[yellow]{escape(str(problem.field))}[/]: " if problem.field else "")
-                     + label + escape(problem.message), markup=True, highlight=False, soft_wrap=True)
-        if problem.snippet:
-            errors.print(problem.snippet, markup=False, highlight=False)
-        errors.print()
-
-
 TriggersOpt = Annotated[Path | None, typer.Option("--triggers", help="Triggers folder (LIFECYCLE_TRIGGERS_DIR).")]
 TemplatesOpt = Annotated[Path | None, typer.Option("--templates", help="Templates folder (LIFECYCLE_TEMPLATES_DIR).")]
 
@@ -97,7 +83,7 @@ TemplatesOpt = Annotated[Path | None, typer.Option("--templates", help="Template
 @app.command()
 def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> None:
     """Check every trigger file, the stage rules and every template; report all problems."""
-    from flows.surfaces.prefect_flows import load
+    from flows.run_context import load
 
     settings = _settings(triggers, templates)
     project = load(settings)
@@ -146,26 +132,6 @@ def ingest(file: Annotated[str, typer.Argument(help="A .jsonl file of Segment ev
         raise typer.Exit(1)
 
 
-def summary_table(summary: RunSummary) -> Table:
-    rows = summary.table()
-    table = Table(title=summary.headline(), title_justify="left", min_width=80)
-    for column in rows[0]:
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    for row in rows:
-        style = "bold" if row["stage"] == "total" else None
-        table.add_row(*(str(v) for v in row.values()), style=style)
-    return table
-
-
-def planned_table(summary: RunSummary) -> Table:
-    table = Table(title=f"Who would get what (first {len(summary.planned)})", title_justify="left")
-    for column in ("customer", "stage", "language", "template", "subject"):
-        table.add_column(column)
-    for mail in summary.planned:
-        table.add_row(mail.customer, mail.stage, mail.language, mail.template, mail.subject)
-    return table
-
-
 @app.command()
 def run(
     triggers: Annotated[list[str] | None, typer.Argument(help="Trigger names (see `lifecycle validate`).")] = None,
@@ -174,15 +140,16 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show who would get what; send and record nothing.")] = False,
 ) -> None:
     """Run triggers through Prefect (or, with --dry-run, just show the plan)."""
-    from flows.surfaces.prefect_flows import compile_flow, execute, load, prepare_job
+    from flows.run import execute
+    from flows.run_context import load, prepare
 
     if bool(triggers) == all_:
         errors.print("[red]Name one or more triggers, or pass --all.[/]")
         raise typer.Exit(2)
     settings = _settings()
     moment = _now(now)
-    _engine(settings)
-    project = load(settings)
+    engine = _engine(settings)
+    project = load(settings)  # once: every run below gets it
     if project.problems:
         errors.print("[yellow]Some files have problems; their triggers are skipped:[/]")
         print_problems(project.problems)
@@ -190,11 +157,16 @@ def run(
     failed = bool(project.problems) and all_
     for name in names:
         try:
+            link = None
             if dry_run:
-                summary = execute(prepare_job(name, moment, settings=settings, dry_run=True, project=project))
+                summary = execute(prepare(name, moment, settings=settings, dry_run=True, project=project,
+                                          engine=engine))
             else:
+                from flows.surfaces.prefect_flows import run_in_prefect, ui_link
+
                 spec = project.trigger(name)
-                summary = compile_flow(spec)(trigger=name, now=moment.isoformat(), dry_run=False)
+                started = run_in_prefect(spec, moment.isoformat(), settings=settings, project=project, engine=engine)
+                summary, link = started.summary, ui_link(started.id)
         except SpecError as exc:
             print_problems(exc.problems)
             failed = True
@@ -205,6 +177,8 @@ def run(
             failed = True
             continue
         console.print(summary_table(summary))
+        if link:
+            console.print(f"Prefect run: {link}", highlight=False, soft_wrap=True)
         if summary.complaint_warning:
             errors.print(f"[yellow]{name}: {summary.complaint_warning}[/]", highlight=False)
         if dry_run and summary.planned:
@@ -292,9 +266,13 @@ def serve(workers: Annotated[int, typer.Option(help="Triggers that may run at th
     from flows.surfaces.serve import serve as run_scheduler
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from prefect.settings import get_current_settings
+
     settings = _settings()
-    _engine(settings)
-    raise typer.Exit(run_scheduler(settings, workers))
+    engine = _engine(settings)
+    # With a Prefect server configured, each run is a flow run there, like a deployed one.
+    report = bool(get_current_settings().api.url)
+    raise typer.Exit(run_scheduler(settings, workers, engine=engine, report_to_prefect=report))
 
 
 @app.command()
@@ -302,7 +280,7 @@ def web(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
 ) -> None:
-    """Serve template previews (linked from each Prefect run's summary) over HTTP."""
+    """Serve the links in every mail (unsubscribe, preferences, confirmation), the webhooks and the previews."""
     # Prefect configures logging when first imported: before uvicorn does, not at the first
     # preview (which silenced the access log).
     import prefect.main  # noqa: F401
@@ -322,9 +300,9 @@ def deployments(
     file: Annotated[Path, typer.Option(help="The Prefect project file.")] = Path("prefect.yaml"),
 ) -> None:
     """Keep prefect.yaml's deployments in step with the trigger files (one deployment per trigger)."""
+    from flows.run_context import load
     from flows.surfaces.deployments import deployments as generated
     from flows.surfaces.deployments import diff, render
-    from flows.surfaces.prefect_flows import load
 
     if write == check:
         errors.print("[red]Pass exactly one of --write or --check.[/]")

@@ -17,9 +17,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from flows.ingest import IngestReport, ingest_lines
-from flows.surfaces.outbox import Outbox
 from flows.redaction import redact_url
-from flows.settings import Settings, get_settings
+from flows.settings import Settings
+from flows.surfaces.outbox import Outbox
 from models import StoreMeta
 from models.db import create_schema, get_engine
 from models.types import utcnow
@@ -190,8 +190,9 @@ def seed(engine: Engine, anchor: datetime, customers: int = 300) -> IngestReport
 
 def run_demo(settings: Settings, customers: int, outbox: Path, console: Console) -> None:
     """The main job on embedded defaults: seed once, capture mail on loopback, run every trigger."""
-    from flows.surfaces.cli import print_problems, summary_table
-    from flows.surfaces.prefect_flows import compile_flow, load
+    from flows.run_context import load
+    from flows.surfaces.prefect_flows import run_in_prefect
+    from flows.surfaces.terminal import print_problems, summary_table
 
     engine = get_engine(settings.database_url)
     create_schema(engine)
@@ -212,16 +213,13 @@ def run_demo(settings: Settings, customers: int, outbox: Path, console: Console)
     if project.problems:
         print_problems(project.problems)
     with Outbox(outbox) as box:
-        import os
-
-        os.environ["LIFECYCLE_SMTP_URL"] = box.url
-        get_settings.cache_clear()
+        settings = settings.model_copy(update={"smtp_url": box.url})
         console.print(f"Capture SMTP server on {box.url}, writing to {outbox}/. Running "
                       f"{len(project.triggers)} triggers through Prefect as of {anchor.isoformat()}…")
         for name, spec in project.triggers.items():
             if spec.enabled:
-                summary = compile_flow(spec)(trigger=name, now=anchor.isoformat())
-                console.print(summary_table(summary))
+                started = run_in_prefect(spec, anchor.isoformat(), settings=settings, project=project, engine=engine)
+                console.print(summary_table(started.summary))
         received = box.handler.received
     console.print(f"[bold]{received} message(s) received by the capture server this run[/] "
                   f"({len(list(outbox.glob('*.eml')))} in {outbox}/ in all).")

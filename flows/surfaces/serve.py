@@ -21,6 +21,7 @@ No Prefect server is involved: each scheduled run calls the engine directly. Pol
 """
 
 import logging
+import pickle
 import signal
 import threading
 from collections.abc import Callable
@@ -33,12 +34,19 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import Engine
 
 from flows.clock import apscheduler_fields
-from flows.settings import Settings, get_settings
+from flows.run import execute, run
+from flows.run_context import load, prepare
+from flows.send.probe import check_smtp
+from flows.settings import Settings
+from flows.signing_secret import resolved
 from flows.spec.common import TriggerBase
 from flows.spec.problems import Problem
-from models.db import normalise_url
+from flows.spec.project import Project
+from models.db import get_engine, normalise_url
+from models.types import utcnow
 
 log = logging.getLogger("lifecycle.serve")
 JOBS_TABLE = "apscheduler_jobs"
@@ -51,13 +59,16 @@ stopping = threading.Event()
 
 def run_scheduled(trigger: str) -> None:
     """One scheduled run (module level, so the persistent job store can refer to it)."""
-    from flows.clock import parse_now
-    from flows.surfaces.prefect_flows import check_smtp, execute, prepare_job
+    service = _service()
+    project = service.load()
+    context = prepare(trigger, utcnow(), settings=service.settings, project=project, engine=service.engine)
+    if service.report_to_prefect:  # one flow, one set of tags, whoever starts the run
+        from flows.surfaces.prefect_flows import run_in_prefect
 
-    settings = get_settings()
-    job = prepare_job(trigger, parse_now(None), settings=settings)
-    check_smtp(settings)
-    summary = execute(job, should_stop=stopping.is_set)
+        summary = run_in_prefect(context.trigger, context.now.isoformat(), settings=service.settings,
+                                 project=project, engine=service.engine).summary
+    else:
+        summary = run(context, should_stop=stopping.is_set, logger=log)
     log.info(summary.headline())
 
 
@@ -73,26 +84,70 @@ DEFERRED_MINUTES = 5
 
 def run_deferred() -> None:
     """Every few minutes: send what the policy deferred, for every trigger, once its moment has come."""
-    from flows.clock import parse_now
-    from flows.surfaces.prefect_flows import check_smtp, execute, load, prepare_job
-
-    settings = get_settings()
-    project = load(settings)
-    now = parse_now(None)
+    service = _service()
+    project = service.load()
+    now = utcnow()
     enabled = [name for name, trigger in project.triggers.items() if trigger.enabled]
     if enabled:
-        check_smtp(settings)
+        check_smtp(service.settings)
     for name in enabled:
         if stopping.is_set():
             return
         try:  # each trigger its own error boundary: one that fails never holds back the others' sends
-            summary = execute(prepare_job(name, now, settings=settings, project=project), audience=False,
-                              should_stop=stopping.is_set)
+            context = prepare(name, now, settings=service.settings, project=project, engine=service.engine)
+            summary = execute(context, audience=False, should_stop=stopping.is_set, logger=log)
         except Exception:  # logged with its cause; the next trigger goes ahead
             log.exception("Deferred sends of %s failed", name)
             continue
         if summary.counts:
             log.info(summary.headline())
+
+
+@dataclass(frozen=True)
+class Service:
+    """What every scheduled run of this ``serve`` shares: its settings (resolved once, at
+    start) and its store. The trigger files are read again at each run, so an edit takes
+    effect at the next tick."""
+
+    settings: Settings
+    engine: Engine
+    report_to_prefect: bool = False  # PREFECT_API_URL set: runs go to that server, as flow runs
+
+    def load(self) -> Project:
+        return load(self.settings)
+
+
+_SERVICE: list[Service] = []  # the one ``serve`` of this process (set by ``serve``)
+
+
+def _service() -> Service:
+    if not _SERVICE:
+        raise RuntimeError("run_scheduled and run_deferred run inside `lifecycle serve`")
+    return _SERVICE[-1]
+
+
+# Where the job store's jobs pointed before the engine was laid out in stage packages: a
+# store that a serve of that release filled keeps its jobs (and their next run times).
+_MOVED = {"flows.serve:run_scheduled": "flows.surfaces.serve:run_scheduled",
+          "flows.serve:run_deferred": "flows.surfaces.serve:run_deferred"}
+
+
+def upgrade_jobs(engine: Engine) -> int:
+    """Point stored jobs at the functions' new home; returns how many were changed."""
+    from sqlalchemy import inspect, text
+
+    if not inspect(engine).has_table(JOBS_TABLE):
+        return 0
+    changed = 0
+    with engine.begin() as connection:
+        for job_id, blob in connection.execute(text(f"SELECT id, job_state FROM {JOBS_TABLE}")).all():
+            state = pickle.loads(blob)  # written by APScheduler's own store, in this database
+            if state.get("func") in _MOVED:
+                state["func"] = _MOVED[state["func"]]
+                connection.execute(text(f"UPDATE {JOBS_TABLE} SET job_state = :state WHERE id = :id"),
+                                   {"state": pickle.dumps(state, pickle.HIGHEST_PROTOCOL), "id": job_id})
+                changed += 1
+    return changed
 
 
 def job_store(settings: Settings) -> SQLAlchemyJobStore:
@@ -171,10 +226,13 @@ class TriggerScheduler:
         return self.sync() if self.stamp() != self._stamp else []
 
 
-def serve(settings: Settings, workers: int = 4) -> int:
+def serve(settings: Settings, workers: int = 4, engine: Engine | None = None,
+          report_to_prefect: bool = False) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
-    from flows.surfaces.prefect_flows import load
-
+    engine = engine or get_engine(settings.database_url)
+    _SERVICE.append(Service(resolved(settings, engine), engine, report_to_prefect))
+    if upgrade_jobs(engine):
+        log.info("Job store: jobs of an earlier release now point at flows.surfaces.serve")
     scheduler = BackgroundScheduler(jobstores={"default": job_store(settings)},
                                     executors={"default": ThreadPoolExecutor(workers)},
                                     job_defaults=JOB_DEFAULTS, timezone="UTC")

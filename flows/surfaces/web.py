@@ -36,10 +36,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
-from flows.feedback.bounces import Report
 from flows.consent import Confirmation, check, confirm, record, withdraw
-from flows.ingest import customer_by_id
-from flows.kinds import KINDS
 from flows.content.links import (
     CONFIRM,
     PREFERENCES,
@@ -49,8 +46,11 @@ from flows.content.links import (
     preferences_url,
     read,
 )
-from flows.redaction import redact
 from flows.content.render import language_of
+from flows.feedback.bounces import Report
+from flows.ingest import customer_by_id
+from flows.kinds import KINDS
+from flows.redaction import redact
 from flows.settings import Settings
 from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
@@ -311,8 +311,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     def preview(token: str) -> HTMLResponse:
         """A trigger's mail for a sample customer; the link is signed, so only our links work."""
         from flows.clock import parse_now
-        from flows.surfaces.prefect_flows import prepare_job
         from flows.content.preview import PreviewError, html_part, sample_message
+        from flows.run_context import prepare
 
         found = read(secret, PREVIEW, token)
         if found is None or "x" not in found:
@@ -320,8 +320,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
         if expired(found, clock()):
             raise HTTPException(status_code=410, detail="preview link expired")
         try:
-            job = prepare_job(found["t"], parse_now(None), settings=settings)
-            html = html_part(sample_message(job, found["s"], found["l"]))
+            context = prepare(found["t"], parse_now(None), settings=settings, engine=engine)
+            html = html_part(sample_message(context, found["s"], found["l"]))
         except (SpecError, PreviewError) as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})

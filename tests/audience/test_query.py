@@ -2,16 +2,16 @@
 
 import threading
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-from flows.audience.query import Skip, stream_candidates
+from flows.audience.query import stream_candidates
 from flows.kinds import KINDS
+from flows.outcomes import Outcome
 from flows.send.claims import Claim, claim
 from flows.spec.project import load_project
+from tests.support import ROOT
 from tests.support.builders import NOW, Store, ago
 
-from tests.support import ROOT
 RULES = load_project(ROOT / "triggers", ROOT / "templates").stages
 
 
@@ -21,7 +21,7 @@ def spec(kind: str, **fields: Any):
     return KINDS[kind].spec.model_validate(data, context={"stages": RULES.names})
 
 
-def plan(store: Store, trigger, now=NOW, batch_size: int = 100) -> dict[int, Skip | None]:
+def plan(store: Store, trigger, now=NOW, batch_size: int = 100) -> dict[int, Outcome | None]:
     batches = stream_candidates(store.engine, trigger, KINDS[trigger.kind], RULES, now, batch_size, "en")
     return {c.customer_id: c.skip for batch in batches for c in batch}
 
@@ -116,8 +116,8 @@ def test_skip_reasons_consent_suppression_missing_email(store: Store) -> None:
     store.suppress(suppressed.email.upper())
     no_email = store.customer("Leer", email=None, last_seen=ago(days=70))
     result = plan(store, spec("inactivity", inactive_for="60d"))
-    assert result == {ok.id: None, no_consent.id: Skip.NO_CONSENT, suppressed.id: Skip.SUPPRESSED,
-                      no_email.id: Skip.NO_EMAIL}
+    assert result == {ok.id: None, no_consent.id: Outcome.NO_CONSENT, suppressed.id: Outcome.SUPPRESSED,
+                      no_email.id: Outcome.NO_EMAIL}
 
 
 def test_reentry_cooldown_and_already_sent(store: Store) -> None:
@@ -128,7 +128,7 @@ def test_reentry_cooldown_and_already_sent(store: Store) -> None:
     won = claim(store.engine, [Claim(candidate.send_key, trigger.name, customer.id, candidate.occurrence, "x", "t",
                                      customer.email, "<m@x>")], "run-1", NOW)
     assert won == {candidate.send_key}
-    assert plan(store, trigger, NOW) == {customer.id: Skip.ALREADY_SENT}
+    assert plan(store, trigger, NOW) == {customer.id: Outcome.ALREADY_SENT}
     # Activity makes a new occurrence; the cool-down still holds it back for 90 days.
     from sqlmodel import Session
 
@@ -138,7 +138,7 @@ def test_reentry_cooldown_and_already_sent(store: Store) -> None:
         row.last_seen_at = NOW + timedelta(days=1)
         session.add(row)
         session.commit()
-    assert plan(store, trigger, NOW + timedelta(days=65)) == {customer.id: Skip.REENTRY}
+    assert plan(store, trigger, NOW + timedelta(days=65)) == {customer.id: Outcome.REENTRY}
     assert plan(store, trigger, NOW + timedelta(days=95)) == {customer.id: None}
 
 

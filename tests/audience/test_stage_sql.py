@@ -1,14 +1,12 @@
 """Stages are evaluated in SQL at the evaluation time, on SQLite and PostgreSQL alike."""
 
-from pathlib import Path
 
 from sqlmodel import Session
 
-from flows.spec.project import load_project
 from flows.audience.stage_sql import customer_stages
-from tests.support.builders import NOW, Store, ago
-
+from flows.spec.project import load_project
 from tests.support import ROOT
+from tests.support.builders import NOW, Store, ago
 
 
 def stages_at(store: Store, moment=NOW) -> dict[int, str]:

@@ -191,7 +191,8 @@ def test_language_of_without_supported_languages_keeps_the_locale_s_language() -
 
 def test_a_french_customer_in_a_real_run_gets_subject_body_and_money_all_in_the_default_language(
         settings: Settings, store: Store, smtp: SmtpServer) -> None:
-    from flows.surfaces.prefect_flows import execute, prepare_job
+    from flows.run import execute
+    from flows.run_context import prepare
 
     templates = Path(settings.templates_dir) / "winback"
     for name in ("default.de.html.j2", "default.en.html.j2"):  # the shipped win-back shows no amount: add one
@@ -199,7 +200,7 @@ def test_a_french_customer_in_a_real_run_gets_subject_body_and_money_all_in_the_
         path.write_text(path.read_text().replace("{% endblock %}", "<p>{{ 1500 | money('EUR') }}</p>\n{% endblock %}"))
     lea = store.customer("Léa", locale="fr-FR")
     store.order(lea, ago(days=500))
-    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    summary = execute(prepare("winback-lapsed", NOW, settings=settings))
     assert summary.outcomes == {"sent": 1}
     [mail] = [r.message for r in smtp.handler.to(lea.email)]
     assert mail["Subject"] == "Léa, 15% off just for you"
@@ -297,7 +298,8 @@ def test_an_oversized_template_is_refused_by_name(tmp_path: Path) -> None:
 
 def test_a_real_run_stops_a_template_that_hangs_on_one_customer_s_data_and_other_triggers_send(
         settings: Settings, store: Store, smtp: SmtpServer) -> None:
-    from flows.surfaces.prefect_flows import execute, prepare_job
+    from flows.run import execute
+    from flows.run_context import prepare
 
     # The win-back loops for ever for one customer only; test renders (sample data) pass.
     for name in ("default.de.html.j2", "default.en.html.j2"):
@@ -309,13 +311,13 @@ def test_a_real_run_stops_a_template_that_hangs_on_one_customer_s_data_and_other
     for customer in (anna, hang, berta):
         store.order(customer, ago(days=500))
     settings = settings.model_copy(update={"workers": 1})
-    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    summary = execute(prepare("winback-lapsed", NOW, settings=settings))
     # Anna before: sent. Hang: stopped. Berta after: not tried again in this run (she goes out once it is fixed).
     assert summary.outcomes == {"sent": 1, "failed:render_error": 2}
     assert [r.recipients for r in smtp.received] == [[anna.email]]
     complaint = store.customer("Carla")
     store.complaint(complaint, ago(hours=2))
-    other = execute(prepare_job("complaint-ack", NOW, settings=settings))
+    other = execute(prepare("complaint-ack", NOW, settings=settings))
     assert other.outcomes == {"sent": 1}
 
 

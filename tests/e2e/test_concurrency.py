@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from models import CartItem, Event, Send
-from tests.support.builders import NOW, Store
 from tests.conftest import POSTGRES_URL
+from tests.support.builders import NOW, Store
 from tests.support.smtp_server import SmtpServer
 
 RECIPIENTS = 400
@@ -22,10 +22,11 @@ RECIPIENTS = 400
 
 def dispatching_process(env: dict[str, str], barrier, results) -> None:  # runs in a child process
     os.environ.update(env)
-    from flows.surfaces.prefect_flows import execute, prepare_job
-    from flows.settings import get_settings
+    from flows.run import execute
+    from flows.run_context import prepare
+    from flows.surfaces.environment import settings_from_environment
 
-    job = prepare_job("winback-lapsed", NOW, settings=get_settings())
+    job = prepare("winback-lapsed", NOW, settings=settings_from_environment())
     barrier.wait()
     summary = execute(job)
     results.put(dict(summary.outcomes))

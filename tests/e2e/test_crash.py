@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from flows.surfaces.prefect_flows import execute, prepare_job
+from flows.run import execute
+from flows.run_context import prepare
 from flows.settings import Settings
 from models import Send
 from tests.support.builders import NOW, Store
@@ -26,9 +27,10 @@ WORKERS = 2  # sender processes: a kill of the run kills them too
 CHILD = """
 import sys
 from datetime import datetime
-from flows.surfaces.prefect_flows import execute, prepare_job
-from flows.settings import get_settings
-execute(prepare_job("winback-lapsed", datetime.fromisoformat(sys.argv[1]), settings=get_settings()))
+from flows.run import execute
+from flows.run_context import prepare
+from flows.surfaces.environment import settings_from_environment
+execute(prepare("winback-lapsed", datetime.fromisoformat(sys.argv[1]), settings=settings_from_environment()))
 """
 
 
@@ -59,7 +61,7 @@ def test_a_hard_kill_then_a_rerun_sends_every_mail_once(settings: Settings, stor
         # The next run (the killed run's lease is over: it is dead) finishes the job.
         rerun = settings.model_copy(update={"claim_lease_seconds": 0,
                                             "smtp_url": f"smtp://127.0.0.1:{slow.port}?connections={CONNECTIONS}"})
-        execute(prepare_job("winback-lapsed", NOW, settings=rerun))
+        execute(prepare("winback-lapsed", NOW, settings=rerun))
     finally:
         slow.stop()
 

@@ -9,9 +9,11 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from flows.run import execute
+from flows.run_context import prepare
 from flows.send.smtp import RelayRefused, SmtpUnavailable
-from flows.surfaces.prefect_flows import execute, prepare_job
-from flows.settings import Settings, get_settings
+from flows.settings import Settings
+from flows.surfaces.environment import settings_from_environment
 from models import Send, Suppression
 from tests.support.builders import NOW, Store, ago
 from tests.support.smtp_server import PostfixSink, Script, SmtpServer
@@ -38,7 +40,7 @@ def test_a_mix_of_temporary_rejections_dropped_connections_and_hard_bounces(sett
         elif roll < 0.32:
             smtp.handler.scripts[email] = Script(rcpt=["550 5.1.1 No such user"])
             bounced.add(email)
-    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"in_flight": 10})))
+    summary = execute(prepare("winback-lapsed", NOW, settings=settings.model_copy(update={"in_flight": 10})))
 
     received = Counter(r.recipients[0] for r in smtp.received)
     deliverable = set(emails) - bounced
@@ -64,11 +66,11 @@ def test_a_slow_server_slows_the_run_but_never_causes_duplicates(db_url: str, st
             monkeypatch.setenv("LIFECYCLE_TRIGGERS_DIR", str(project_dir / "triggers"))
             monkeypatch.setenv("LIFECYCLE_TEMPLATES_DIR", str(project_dir / "templates"))
             monkeypatch.setenv("LIFECYCLE_SMTP_BACKOFF_SECONDS", "0.01")
-            get_settings.cache_clear()
+            settings_from_environment.cache_clear()
             if expect_in_doubt:
                 for i in range(5):
                     store.order(store.customer(f"Neu{i}"), ago(days=500))
-            summary = execute(prepare_job("winback-lapsed", NOW, settings=get_settings()))
+            summary = execute(prepare("winback-lapsed", NOW, settings=settings_from_environment()))
             if expect_in_doubt:
                 # The server took longer than the timeout to answer DATA: the mail may or may not
                 # be accepted, so it is never retried — at most once, reported in doubt.
@@ -76,7 +78,7 @@ def test_a_slow_server_slows_the_run_but_never_causes_duplicates(db_url: str, st
             else:
                 assert summary.outcomes == {"sent": 12}
     finally:
-        get_settings.cache_clear()
+        settings_from_environment.cache_clear()
         slow.stop()  # lets the slow handlers finish their last accepts
     received = Counter(r.recipients[0] for r in slow.received)
     assert set(received.values()) == {1}  # in doubt or not: never twice
@@ -87,7 +89,7 @@ def test_a_slow_server_slows_the_run_but_never_causes_duplicates(db_url: str, st
 
 def with_sink(settings: Settings, sink: PostfixSink, monkeypatch: pytest.MonkeyPatch, **update: object) -> Settings:
     monkeypatch.setenv("LIFECYCLE_SMTP_URL", sink.url)  # for flows, which read the environment
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
     return settings.model_copy(update={"smtp_url": sink.url, **update})
 
 
@@ -97,7 +99,7 @@ def test_sender_processes_deliver_every_mail_once_to_postfix(settings: Settings,
     sink = PostfixSink().start()
     try:
         run = with_sink(settings, sink, monkeypatch, batch_size=10, workers=2, in_flight=4)
-        summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+        summary = execute(prepare("winback-lapsed", NOW, settings=run))
         received = Counter(sink.recipients())
     finally:
         sink.stop()
@@ -117,7 +119,7 @@ def test_postfix_deferring_every_recipient_sends_and_marks_nothing(settings: Set
     sink = PostfixSink(*flags).start()
     try:
         run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
-        summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+        summary = execute(prepare("winback-lapsed", NOW, settings=run))
         received = sink.recipients()
     finally:
         sink.stop()
@@ -141,7 +143,7 @@ def test_postfix_refusing_every_mail_stops_the_run_and_blames_nobody(settings: S
     try:
         run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
         with pytest.raises(RelayRefused, match="refused 3 of the batch's first 6 recipients.*5.3.0 Error: command"):
-            execute(prepare_job("winback-lapsed", NOW, settings=run))
+            execute(prepare("winback-lapsed", NOW, settings=run))
         received = sink.recipients()
     finally:
         sink.stop()
@@ -161,7 +163,7 @@ def test_a_server_down_for_a_while_is_waited_for_with_backoff(settings: Settings
                     smtp_backoff_max_seconds=1.0)
     comes_back.start()
     try:
-        summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+        summary = execute(prepare("winback-lapsed", NOW, settings=run))
         received = Counter(sink.recipients())
     finally:
         comes_back.join()
@@ -174,15 +176,15 @@ def test_a_server_down_for_a_while_is_waited_for_with_backoff(settings: Settings
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_server_lost_mid_run_fails_the_flow_and_a_rerun_completes_it_once(settings: Settings, store: Store,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.surfaces.prefect_flows import compile_flow, load
+    from flows.surfaces.prefect_flows import trigger_flow
 
     emails = set(store.lapsed(600))
     sink = PostfixSink().start()
     monkeypatch.setenv("LIFECYCLE_BATCH_SIZE", "40")
     monkeypatch.setenv("LIFECYCLE_WORKERS", "2")
     monkeypatch.setenv("LIFECYCLE_SMTP_ATTEMPTS", "3")
-    run = with_sink(settings, sink, monkeypatch)
-    flow = compile_flow(load(run).trigger("winback-lapsed"))
+    with_sink(settings, sink, monkeypatch)  # the flow reads the environment, as a deployed run does
+    flow = trigger_flow
 
     def lose_the_server() -> None:
         deadline = time.monotonic() + 60

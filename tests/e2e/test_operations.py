@@ -15,11 +15,10 @@ from sqlmodel import Session
 
 from models import Send
 from models.db import create_schema, make_engine
+from tests.support import ROOT
 from tests.support.builders import NOW, Store, ago
 from tests.support.prefect_server import PrefectServer, prefect_bin, stop
 from tests.support.smtp_server import SmtpServer
-
-from tests.support import ROOT
 
 
 class Site:

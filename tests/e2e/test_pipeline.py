@@ -9,11 +9,13 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from flows.surfaces.prefect_flows import compile_flow, execute, load, prepare_job
+from flows.run import execute
+from flows.run_context import prepare
 from flows.settings import Settings
 from flows.spec.problems import SpecError
 from flows.surfaces.web import create_app
 from models import Send, Suppression
+from tests.support import runs
 from tests.support.builders import NOW, Store, ago
 from tests.support.smtp_server import Script, SmtpServer
 from tests.support.web_server import WebServer
@@ -22,8 +24,7 @@ pytestmark = pytest.mark.usefixtures("prefect")
 
 
 def run_flow(settings: Settings, trigger: str, now=NOW):
-    spec = load(settings).trigger(trigger)
-    return compile_flow(spec)(trigger=trigger, now=now.isoformat())
+    return runs.run_flow(settings, trigger, now)
 
 
 def ledger_rows(store: Store) -> list[Send]:
@@ -143,7 +144,7 @@ def test_dry_run_shows_the_plan_and_sends_and_records_nothing(settings: Settings
     for name in ("Lea", "Tom"):
         store.order(store.customer(name), ago(days=500))
     store.order(store.customer("Ohne", consent=False), ago(days=500))
-    job = prepare_job("winback-lapsed", NOW, settings=settings, dry_run=True)
+    job = prepare("winback-lapsed", NOW, settings=settings, dry_run=True)
     summary = execute(job)
     assert summary.outcomes == {"would_send": 2, "skipped:no_consent": 1}
     assert {(p.stage, p.language, p.template) for p in summary.planned} == {("lapsed", "de", "winback/default.de.html.j2")}
@@ -157,7 +158,7 @@ def test_two_runs_at_the_same_time_send_every_key_once(settings: Settings, store
     barrier = threading.Barrier(2)
 
     def run() -> None:
-        job = prepare_job("winback-lapsed", NOW, settings=settings)
+        job = prepare("winback-lapsed", NOW, settings=settings)
         barrier.wait()
         summaries.append(execute(job))
 
@@ -171,7 +172,7 @@ def test_two_runs_at_the_same_time_send_every_key_once(settings: Settings, store
     assert sum(s.outcomes["sent"] for s in summaries) == 60
 
 
-def test_flow_runs_are_named_after_the_trigger_and_publish_artifacts(settings: Settings, store: Store,
+def test_flow_runs_are_named_and_tagged_after_the_trigger_and_publish_artifacts(settings: Settings, store: Store,
                                                                      smtp: SmtpServer) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
@@ -186,7 +187,10 @@ def test_flow_runs_are_named_after_the_trigger_and_publish_artifacts(settings: S
         # The client's read_artifacts sends nulls this server version rejects; ask the API directly.
         response = client.request("POST", "/artifacts/filter", json={
             "artifacts": {"flow_run_id": {"any_": [str(runs[0].id)]}}, "limit": 50, "offset": 0, "sort": "ID_DESC"})
-    assert flow.name == "complaint-ack"
+    # The one flow of every trigger, tagged with the trigger; the state's message carries the counts.
+    assert flow.name == "lifecycle-trigger"
+    assert set(runs[0].tags) == {"lifecycle", "kind:complaint", "trigger:complaint-ack"}
+    assert runs[0].state.message == "sent 1"
     artifacts = {a["key"]: a for a in response.json()}
     assert set(artifacts) == {"complaint-ack-summary", "complaint-ack-counts"}
     assert artifacts["complaint-ack-counts"]["type"] == "table"
@@ -209,15 +213,15 @@ def test_flow_runs_are_named_after_the_trigger_and_publish_artifacts(settings: S
 def test_an_unreachable_smtp_server_fails_the_run_and_marks_nothing_sent(settings: Settings, store: Store,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.send.smtp import SmtpUnavailable
+    from flows.surfaces.environment import settings_from_environment
     from flows.surfaces.outbox import free_port
-    from flows.settings import get_settings
 
     store.complaint(store.customer("Uwe"), ago(hours=1))
     monkeypatch.setenv("LIFECYCLE_SMTP_URL", f"smtp://127.0.0.1:{free_port()}?timeout=1")
     monkeypatch.setenv("LIFECYCLE_SMTP_ATTEMPTS", "3")
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
     with pytest.raises(SmtpUnavailable, match="unreachable after 3 attempts"):
-        run_flow(get_settings(), "complaint-ack")
+        run_flow(settings_from_environment(), "complaint-ack")
     assert ledger_rows(store) == []
 
 
@@ -230,7 +234,7 @@ def test_a_failed_run_closes_its_audience_even_while_its_error_is_kept(settings:
     from models.db import get_engine
 
     store.complaint(store.customer("Uwe"), ago(hours=1))
-    job = prepare_job("complaint-ack", NOW, settings=settings)
+    job = prepare("complaint-ack", NOW, settings=settings)
 
     def dispatch(*args: object, **kwargs: object) -> None:
         raise RuntimeError("the relay went away")

@@ -27,6 +27,7 @@ import yaml
 from hypothesis import event, given, target
 
 from flows.settings import Settings
+from tests.support import ROOT
 from tests.support.smtp_server import SmtpServer
 from tests.support.timelines import (
     MAILBOXES,
@@ -48,7 +49,6 @@ from tests.support.timelines import (
     timelines,
 )
 
-from tests.support import ROOT
 MARKETING_KINDS = {"abandoned_cart", "inactivity", "onboarding", "campaign"}
 # The README's table: re-entry when a trigger file does not say.
 DEFAULT_REENTRY = {"abandoned_cart": "1d", "inactivity": "30d", "onboarding": "once", "complaint": "every_occurrence",

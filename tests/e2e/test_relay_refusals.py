@@ -8,10 +8,12 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from flows.send.batch import check_smtp
+from flows.run import execute
+from flows.run_context import prepare
+from flows.send.probe import check_smtp
 from flows.send.smtp import RelayRefused
-from flows.surfaces.prefect_flows import execute, prepare_job
-from flows.settings import Settings, get_settings
+from flows.settings import Settings
+from flows.surfaces.environment import settings_from_environment
 from models import Feedback, Send, Suppression
 from tests.support.builders import NOW, Store
 from tests.support.smtp_server import Script, SmtpServer
@@ -47,7 +49,7 @@ def test_a_relay_denying_every_recipient_suppresses_nobody_and_fails_the_run(set
     emails = store.lapsed(40)
     run = logged_in(settings, relay)
     with pytest.raises(RelayRefused) as error:
-        execute(prepare_job("winback-lapsed", NOW, settings=run))
+        execute(prepare("winback-lapsed", NOW, settings=run))
     message = str(error.value)
     assert "554 5.7.1 Relay access denied" in message and f"127.0.0.1:{relay.port}" in message
     assert PASSWORD not in message and "\n" not in message
@@ -58,7 +60,7 @@ def test_a_relay_denying_every_recipient_suppresses_nobody_and_fails_the_run(set
     assert relay.received == []
 
     relay.handler.refuse_every_rcpt = None  # the operator fixes the relay's configuration
-    summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+    summary = execute(prepare("winback-lapsed", NOW, settings=run))
     assert summary.outcomes == {"sent": 40}
     received = Counter(r.recipients[0] for r in relay.received)
     assert set(received) == set(emails) and set(received.values()) == {1}
@@ -70,7 +72,7 @@ def test_a_relay_calling_every_address_unknown_suppresses_nobody(settings: Setti
     for email in emails:
         smtp.handler.scripts[email] = Script(rcpt=[f"550 5.1.1 <{email}>: Recipient address rejected: User unknown"])
     with pytest.raises(RelayRefused, match="most as unknown addresses"):
-        execute(prepare_job("winback-lapsed", NOW, settings=settings))
+        execute(prepare("winback-lapsed", NOW, settings=settings))
     statuses, suppressed, feedback = rows(store)
     assert statuses == Counter() and suppressed == set() and feedback == 0
 
@@ -85,7 +87,7 @@ def test_only_a_bad_address_suppresses_and_every_refusal_is_recorded_once(settin
         smtp.handler.scripts[email] = Script(rcpt=["552 5.2.2 Mailbox full"])
     for email in spam:
         smtp.handler.scripts[email] = Script(data=["554 5.7.1 Message rejected as spam"])
-    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"in_flight": 8})))
+    summary = execute(prepare("winback-lapsed", NOW, settings=settings.model_copy(update={"in_flight": 8})))
 
     assert summary.outcomes == {"sent": 23, "failed:bounced": 3, "failed:soft_bounce": 2, "failed:rejected": 2}
     received = Counter(r.recipients[0] for r in smtp.received)
@@ -107,7 +109,7 @@ def test_soft_bounces_at_smtp_time_count_toward_the_soft_bounce_limit(settings: 
     emails = store.lapsed(4)
     smtp.handler.scripts[emails[0]] = Script(rcpt=["552 5.2.2 Mailbox full"])
     run = settings.model_copy(update={"soft_bounce_limit": 1})
-    summary = execute(prepare_job("winback-lapsed", NOW, settings=run))
+    summary = execute(prepare("winback-lapsed", NOW, settings=run))
     assert summary.outcomes == {"sent": 3, "failed:soft_bounce": 1}
     _, suppressed, feedback = rows(store)
     assert suppressed == {emails[0].lower()} and feedback == 1
@@ -121,7 +123,7 @@ def test_a_login_the_relay_refuses_fails_the_run_before_the_first_send(settings:
         with pytest.raises(RelayRefused, match="refused our login: 535 5.7.8 Authentication credentials invalid"):
             check_smtp(run)
         with pytest.raises(RelayRefused, match="refused our login"):  # and a run without the probe: its first mail
-            execute(prepare_job("winback-lapsed", NOW, settings=run))
+            execute(prepare("winback-lapsed", NOW, settings=run))
         assert server.handler.rcpt_attempts == {} and server.received == []
     finally:
         server.stop()
@@ -135,7 +137,7 @@ def test_a_relay_that_wants_a_login_we_do_not_give_fails_the_run_at_its_first_ma
     try:
         run = settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{server.port}?connections=2&timeout=5"})
         with pytest.raises(RelayRefused, match="refused our login: 530 5.7.0 Authentication required"):
-            execute(prepare_job("winback-lapsed", NOW, settings=run))
+            execute(prepare("winback-lapsed", NOW, settings=run))
     finally:
         server.stop()
     assert rows(store) == (Counter(), set(), 0) and server.received == []
@@ -148,14 +150,14 @@ def test_the_prefect_flow_run_fails_and_the_command_exits_1_with_the_relays_word
     from typer.testing import CliRunner
 
     from flows.surfaces.cli import app
-    from flows.surfaces.prefect_flows import compile_flow, load
+    from flows.surfaces.prefect_flows import trigger_flow
 
     emails = store.lapsed(30)
     run = logged_in(settings, relay)
     monkeypatch.setenv("LIFECYCLE_SMTP_URL", run.smtp_url)  # flows read the environment
     monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal must not wrap the message
-    get_settings.cache_clear()
-    flow = compile_flow(load(run).trigger("winback-lapsed"))
+    settings_from_environment.cache_clear()
+    flow = trigger_flow
     state = flow(trigger="winback-lapsed", now=NOW.isoformat(), return_state=True)
     assert state.is_failed() and "554 5.7.1 Relay access denied" in (state.message or "")
     assert rows(store) == (Counter(), set(), 0)

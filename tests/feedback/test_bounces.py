@@ -6,7 +6,6 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlmodel import Session
 
-from flows.send import claims as ledger
 from flows.feedback.bounces import (
     Report,
     SoftBounceRule,
@@ -16,6 +15,7 @@ from flows.feedback.bounces import (
     record,
 )
 from flows.feedback.reports import process
+from flows.send import claims as ledger
 from models import Feedback, FeedbackKind, Send, Suppression
 from tests.support.builders import NOW, Store
 
@@ -95,7 +95,7 @@ def sent(store: Store, email: str, key: str = "winback-lapsed/1/x") -> str:
     claim = ledger.Claim(key, "winback-lapsed", customer.id, key.rsplit("/", 1)[1], "lapsed", "t", email,
                          f"<{key}@shop.example>")
     ledger.claim(store.engine, [claim], "run-1", NOW)
-    ledger.record(store.engine, [ledger.Outcome(key, ledger.SendStatus.SENT)])
+    ledger.record(store.engine, [ledger.Decision(key, ledger.SendStatus.SENT)])
     return key
 
 

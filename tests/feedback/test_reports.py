@@ -12,18 +12,20 @@ from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from flows.send import claims as ledger
-from flows.feedback.bounces import Report, record
-from flows.surfaces.cli import app
-from flows.feedback.reports import Tally, UnreadableReport, parse, process
 from flows.content.links import read_verp_token, send_digest, verp_address, verp_token
-from flows.surfaces.prefect_flows import execute, prepare_job
-from flows.summary import RunSummary
+from flows.feedback.bounces import Report, record
+from flows.feedback.reports import Tally, UnreadableReport, parse, process
+from flows.run import execute
+from flows.run_context import prepare
+from flows.send import claims as ledger
 from flows.settings import Settings
+from flows.summary import RunSummary
+from flows.surfaces.cli import app
 from models import Feedback, FeedbackKind, Send, SendStatus, Suppression
 from tests import support
 from tests.support.builders import NOW, Store
 from tests.support.imap_server import ImapServer, dovecot_binary
+from tests.support.runs import run_flow
 from tests.support.smtp_server import SmtpServer
 
 FIXTURES = support.FIXTURES / "bounces"
@@ -56,7 +58,7 @@ def seed_send(store: Store, key: str, email: str, status: SendStatus = SendStatu
                          email, f"<{send_digest(SECRET, key)}@shop.example>")
     assert ledger.claim(store.engine, [claim], "run-1", NOW) == {key}
     ledger.mark_sending(store.engine, [key], "run-1")
-    ledger.record(store.engine, [ledger.Outcome(key, status)])
+    ledger.record(store.engine, [ledger.Decision(key, status)])
 
 
 def seed_fixture_sends(store: Store) -> None:
@@ -108,7 +110,7 @@ def test_a_bounce_address_whose_local_part_cannot_hold_the_token_is_refused(monk
 def test_every_mail_of_a_run_has_a_return_path_naming_its_own_send(settings: Settings, store: Store,
                                                                     smtp: SmtpServer) -> None:
     emails = store.lapsed(3)
-    assert execute(prepare_job("winback-lapsed", NOW, settings=settings)).outcomes == {"sent": 3}
+    assert execute(prepare("winback-lapsed", NOW, settings=settings)).outcomes == {"sent": 3}
     with Session(store.engine) as session:
         sends = {row.email: row for row in session.execute(select(Send)).scalars()}
     assert sorted(sends) == sorted(emails)
@@ -126,7 +128,7 @@ def test_every_mail_of_a_run_has_a_return_path_naming_its_own_send(settings: Set
 
     other = settings.model_copy(update={"bounce_address": "returns@bounce.shop.example"})
     store.lapsed(1)
-    execute(prepare_job("winback-lapsed", NOW, settings=other))
+    execute(prepare("winback-lapsed", NOW, settings=other))
     assert re.fullmatch(r"returns\+[0-9a-f]{48}@bounce\.shop\.example", smtp.received[-1].sender)
 
 
@@ -235,7 +237,7 @@ def test_a_token_matches_by_send_so_a_forwarded_address_is_not_what_is_suppresse
 def test_a_real_run_then_its_bounce_closes_the_loop(settings: Settings, store: Store, smtp: SmtpServer,
                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [email] = store.lapsed(1)
-    execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    execute(prepare("winback-lapsed", NOW, settings=settings))
     [received] = smtp.received
     sent = message_from_bytes(received.data)
     # The relay's bounce, written to the envelope sender it was given, about the message it was given.
@@ -254,7 +256,7 @@ def test_a_real_run_then_its_bounce_closes_the_loop(settings: Settings, store: S
         row = session.execute(select(Send)).scalar_one()
     assert row.status == "bounced" and "5.1.1" in row.error
     assert suppressions(store.engine) == {email: "hard_bounce"}
-    assert execute(prepare_job("winback-lapsed", NOW, settings=settings)).outcomes.get("sent", 0) == 0
+    assert execute(prepare("winback-lapsed", NOW, settings=settings)).outcomes.get("sent", 0) == 0
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -388,14 +390,13 @@ def test_complaint_rates_are_shown_per_trigger(settings: Settings, store: Store,
 
 @pytest.mark.usefixtures("prefect")
 def test_a_flow_run_reports_its_triggers_complaint_rate(settings: Settings, store: Store, smtp: SmtpServer) -> None:
-    from flows.surfaces.prefect_flows import compile_flow, load
 
     store.lapsed(3)
-    execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    execute(prepare("winback-lapsed", NOW, settings=settings))
     with Session(store.engine) as session:
         key, email = session.execute(select(Send.send_key, Send.email).order_by(Send.id)).first()
         assert session.execute(select(func.count()).select_from(Send)).scalar_one() == 3
     record(store.engine, [Report("arf:flow-1", email, FeedbackKind.COMPLAINT, "arf", NOW, send_key=key)])
-    summary = compile_flow(load(settings).trigger("winback-lapsed"))(trigger="winback-lapsed", now=NOW.isoformat())
+    summary = run_flow(settings, "winback-lapsed", NOW)
     assert summary.complaints == (1, 3)
     assert "WARNING: spam complaints 33.33%" in summary.headline()

@@ -3,8 +3,8 @@
 from datetime import UTC, datetime
 from email import message_from_bytes, message_from_string, policy
 
-from flows.message.compose import Sender, build_message, message_id
 from flows.content.render import Rendered
+from flows.message.compose import Sender, build_message, message_id
 
 SENDER = Sender.parse("Kundenservice Müller <service@shop.example>")
 SECRET = "test-secret-0123456789"

@@ -8,8 +8,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from flows.surfaces.prefect_flows import execute, prepare_job
 from flows.content.render import TemplateCatalog
+from flows.run import execute
+from flows.run_context import prepare
 from flows.settings import Settings
 from flows.spec.common import EmailSpec
 from tests.support.builders import NOW, Store, ago
@@ -33,7 +34,7 @@ def test_received_marketing_mail_has_a_dkim_signature_that_verifies(
     store.order(customer, ago(days=500))
     signed = settings.model_copy(update={"dkim_selector": "mail2026", "dkim_private_key": __import__(
         "pydantic").SecretStr(pem)})
-    assert execute(prepare_job("winback-lapsed", NOW, settings=signed)).outcomes == {"sent": 1}
+    assert execute(prepare("winback-lapsed", NOW, settings=signed)).outcomes == {"sent": 1}
     raw = smtp.received[0].data
 
     looked_up: list[bytes] = []
@@ -55,12 +56,12 @@ def test_received_marketing_mail_has_a_dkim_signature_that_verifies(
 
 def test_without_a_selector_nothing_is_signed(settings: Settings, store: Store, smtp: SmtpServer) -> None:
     store.order(store.customer("Lea"), ago(days=500))
-    execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    execute(prepare("winback-lapsed", NOW, settings=settings))
     assert smtp.received[0].message["DKIM-Signature"] is None
 
 
 def test_a_selector_without_a_key_is_a_clear_error(settings: Settings) -> None:
-    job = prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"dkim_selector": "s1"}))
+    job = prepare("winback-lapsed", NOW, settings=settings.model_copy(update={"dkim_selector": "s1"}))
     with pytest.raises(ValueError, match="LIFECYCLE_DKIM_PRIVATE_KEY"):
         job.signer  # noqa: B018
 

@@ -25,20 +25,20 @@ def test_production_commands_refuse_an_unmigrated_store_until_db_upgrade(monkeyp
     from typer.testing import CliRunner
 
     from flows.surfaces.cli import app
-    from flows.settings import get_settings
+    from flows.surfaces.environment import settings_from_environment
 
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("LIFECYCLE_ENVIRONMENT", "production")
     monkeypatch.setenv("LIFECYCLE_SECRET", "a-production-secret-of-some-length")
     monkeypatch.setenv("LIFECYCLE_DATABASE_URL", f"sqlite:///{tmp_path / 'prod.db'}")
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
     runner = CliRunner()
     refused = runner.invoke(app, ["ledger", "in-doubt"])
     assert refused.exit_code == 2 and "run `lifecycle db upgrade` first" in refused.output
     upgraded = runner.invoke(app, ["db", "upgrade"])
     assert upgraded.exit_code == 0 and f"Store migrated from empty to {head_revision()}" in upgraded.output
     assert runner.invoke(app, ["ledger", "in-doubt"]).exit_code == 0
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
 
 
 def head_revision() -> str:

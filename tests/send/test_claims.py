@@ -59,9 +59,9 @@ def test_recording_marks_sent_and_failed_and_releases_deferred(store: Store) -> 
     a, b, c = claims(customer.id, 3)
     assert ledger.claim(store.engine, [a, b, c], "run", NOW) == {a.send_key, b.send_key, c.send_key}
     ledger.record(store.engine, [
-        ledger.Outcome(a.send_key, SendStatus.SENT, reply="250 ok"),
-        ledger.Outcome(b.send_key, SendStatus.FAILED, error="550 no such user"),
-        ledger.Outcome(c.send_key, None),  # the server said "later": release
+        ledger.Decision(a.send_key, SendStatus.SENT, reply="250 ok"),
+        ledger.Decision(b.send_key, SendStatus.FAILED, error="550 no such user"),
+        ledger.Decision(c.send_key, None),  # the server said "later": release
     ])
     with Session(store.engine) as session:
         rows = {r.send_key: r for r in session.execute(select(Send)).scalars()}

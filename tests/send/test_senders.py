@@ -1,5 +1,5 @@
-"""Sender processes: batches handed over come back as outcomes; a sender that cannot load or
-dies fails the run instead of leaving it waiting."""
+"""Sender processes: each gets the run's context once; batches handed over come back as
+outcomes; a sender that cannot start or dies fails the run instead of leaving it waiting."""
 
 import os
 import signal
@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from flows.audience.query import Candidate, stream_candidates
-from flows.send.batch import Job, prepare_job
-from flows.send.smtp import SmtpUnavailable
-from flows.surfaces.outbox import free_port
+from flows.run_context import RunContext, prepare
 from flows.send.senders import SenderDied, SenderPool
+from flows.send.smtp import SmtpUnavailable
 from flows.settings import Settings
-from flows.spec.problems import SpecError
+from flows.surfaces.outbox import free_port
 from models.db import get_engine
 from tests.support.builders import NOW, Store
 from tests.support.smtp_server import SmtpServer
@@ -39,14 +38,14 @@ def wait_until(condition: Callable[[], object], seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
-def due(job: Job) -> list[list[Candidate]]:
+def due(job: RunContext) -> list[list[Candidate]]:
     engine = get_engine(job.settings.database_url)
     return list(stream_candidates(engine, job.trigger, job.kind, job.stages, job.now, job.settings.batch_size,
                                   job.settings.default_language, job.policy))
 
 
-def winback(settings: Settings, **update: object) -> Job:
-    return prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5, **update}))
+def winback(settings: Settings, **update: object) -> RunContext:
+    return prepare("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5, **update}))
 
 
 def test_batches_come_back_as_outcomes_and_each_mail_arrives_once(settings: Settings, store: Store,
@@ -65,15 +64,26 @@ def test_batches_come_back_as_outcomes_and_each_mail_arrives_once(settings: Sett
     assert children() == before  # every sender has exited
 
 
-def test_a_sender_that_cannot_load_the_project_fails_the_pool_at_start(settings: Settings, store: Store,
-                                                                      project_dir: Path) -> None:
-    job = winback(settings)
+def test_senders_get_the_runs_context_once_and_never_read_the_project_again(settings: Settings, store: Store,
+                                                                           project_dir: Path, smtp: SmtpServer) -> None:
+    store.lapsed(5)
+    context = winback(settings)
     trigger_file = next((project_dir / "triggers").glob("winback.yaml"))
-    trigger_file.write_text(trigger_file.read_text().replace("kind:", "kind: [", 1))  # edited after the run began
+    trigger_file.write_text(trigger_file.read_text().replace("kind:", "kind: [", 1))  # broken after the run began
+    with SenderPool(context, 1) as senders:
+        [batch] = due(context)
+        assert senders.submit(batch, 1).result(timeout=60).counts == {("lapsed", "sent"): 5}
+
+
+def test_a_sender_that_cannot_make_its_context_fails_the_pool_at_start(settings: Settings, store: Store,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    context = winback(settings)
+    # What the sender unpickles raises there, in the child: as a context that cannot be rebuilt would.
+    monkeypatch.setattr(RunContext, "__reduce__", lambda self: (int, ("not a context",)))
     before = children()
-    with pytest.raises(SpecError, match=r"winback.yaml:4: invalid YAML") as failure:
-        with SenderPool(job, 1):
-            pytest.fail("the pool started with a sender that could not load the project")
+    with pytest.raises(ValueError, match="not a context") as failure:
+        with SenderPool(context, 1):
+            pytest.fail("the pool started with a sender that has no context")
     assert any("in sender process" in note for note in failure.value.__notes__)
     assert children() == before
 

@@ -7,13 +7,13 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from flows.feedback.bounces import Verdict
+from flows.outcomes import Outcome
 from flows.send.smtp import (
     BreakerPolicy,
     Delivery,
     Envelope,
     Mailer,
     RelayRefused,
-    Result,
     RetryPolicy,
     SmtpConfig,
     SmtpUnavailable,
@@ -49,7 +49,7 @@ def test_smtp_url_parsing() -> None:
 
 def test_every_message_is_delivered_once_over_reused_connections(smtp: SmtpServer) -> None:
     results = send(smtp.url, [envelope(f"r{i}@example.de") for i in range(20)])
-    assert {d.result for d in results.values()} == {Result.SENT}
+    assert {d.result for d in results.values()} == {Outcome.SENT}
     assert sorted(r.recipients[0] for r in smtp.received) == sorted(f"r{i}@example.de" for i in range(20))
 
 
@@ -68,7 +68,7 @@ def test_the_provider_limits_on_connections_and_rate_are_honoured(smtp: SmtpServ
 def test_a_4xx_is_retried_and_then_sent_exactly_once(smtp: SmtpServer) -> None:
     smtp.handler.scripts["busy@example.de"] = Script(rcpt=["451 4.7.1 Greylisted, try again"], data=["452 4.3.1 Full"])
     results = send(smtp.url, [envelope("busy@example.de"), envelope("calm@example.de")])
-    assert results["busy@example.de"].result == Result.SENT
+    assert results["busy@example.de"].result == Outcome.SENT
     assert len(smtp.handler.to("busy@example.de")) == 1
     assert smtp.handler.rcpt_attempts["busy@example.de"] == 3
 
@@ -76,16 +76,16 @@ def test_a_4xx_is_retried_and_then_sent_exactly_once(smtp: SmtpServer) -> None:
 def test_a_5xx_at_rcpt_is_a_bounce_and_does_not_stop_the_batch(smtp: SmtpServer) -> None:
     smtp.handler.scripts["gone@example.de"] = Script(rcpt=["550 5.1.1 No such user"])
     results = send(smtp.url, [envelope("gone@example.de"), envelope("ok@example.de")])
-    assert results["gone@example.de"].result == Result.BOUNCED
+    assert results["gone@example.de"].result == Outcome.BOUNCED
     assert "550" in results["gone@example.de"].reply
-    assert results["ok@example.de"].result == Result.SENT
+    assert results["ok@example.de"].result == Outcome.SENT
     assert smtp.handler.rcpt_attempts["gone@example.de"] == 1  # permanent: never retried
 
 
 def test_a_5xx_at_data_is_a_rejection_not_a_bounce(smtp: SmtpServer) -> None:
     smtp.handler.scripts["spam@example.de"] = Script(data=["554 5.7.1 Message looks like spam"])
     results = send(smtp.url, [envelope("ok@example.de"), envelope("spam@example.de")])
-    assert results["spam@example.de"].result == Result.REJECTED and results["ok@example.de"].result == Result.SENT
+    assert results["spam@example.de"].result == Outcome.REJECTED and results["ok@example.de"].result == Outcome.SENT
 
 
 def test_a_batch_the_relay_accepted_none_of_trips_however_small(smtp: SmtpServer) -> None:
@@ -100,7 +100,7 @@ def test_a_batch_the_relay_accepted_none_of_trips_however_small(smtp: SmtpServer
 def test_an_address_that_would_smuggle_a_command_is_refused_before_the_server_sees_it(smtp: SmtpServer) -> None:
     smuggler = envelope("a@example.de>\r\nRCPT TO:<victim@example.net", key="smuggler")
     results = send(smtp.url, [envelope("ok1@example.de"), smuggler, envelope("ok2@example.de")])
-    assert results["smuggler"].result == Result.BOUNCED and results["smuggler"].reply.startswith("553 5.1.3")
+    assert results["smuggler"].result == Outcome.BOUNCED and results["smuggler"].reply.startswith("553 5.1.3")
     assert sorted(r.recipients[0] for r in smtp.received) == ["ok1@example.de", "ok2@example.de"]
     assert "victim@example.net" not in smtp.handler.rcpt_attempts
 
@@ -108,7 +108,7 @@ def test_an_address_that_would_smuggle_a_command_is_refused_before_the_server_se
 def test_temporary_failures_outlasting_the_retries_are_deferred(smtp: SmtpServer) -> None:
     smtp.handler.scripts["later@example.de"] = Script(rcpt=["450 4.2.1 Mailbox busy"] * 10)
     result = send(smtp.url, [envelope("later@example.de")])["later@example.de"]
-    assert result.result == Result.DEFERRED
+    assert result.result == Outcome.RETRY
     assert smtp.handler.rcpt_attempts["later@example.de"] == FAST.attempts
     assert smtp.handler.to("later@example.de") == []
 
@@ -116,9 +116,9 @@ def test_temporary_failures_outlasting_the_retries_are_deferred(smtp: SmtpServer
 def test_a_connection_lost_during_data_is_in_doubt_and_not_retried(smtp: SmtpServer) -> None:
     smtp.handler.scripts["flaky@example.de"] = Script(drop_at_data=1)
     results = send(smtp.url, [envelope("flaky@example.de"), envelope("next@example.de")])
-    assert results["flaky@example.de"].result == Result.IN_DOUBT
+    assert results["flaky@example.de"].result == Outcome.IN_DOUBT
     assert smtp.handler.rcpt_attempts["flaky@example.de"] == 1
-    assert results["next@example.de"].result == Result.SENT  # a fresh connection carries on
+    assert results["next@example.de"].result == Outcome.SENT  # a fresh connection carries on
 
 
 def test_an_unreachable_server_raises_after_retries() -> None:
@@ -162,7 +162,7 @@ def test_more_than_the_share_of_a_batchs_first_recipients_refused_trips_it(smtp:
         smtp.handler.scripts[e.recipient] = Script(data=["554 5.7.1 Sending IP not allowed for this domain"])
     decided, trip = send_windows(smtp.url, mixed, BreakerPolicy(consecutive=10, sample=20, share=0.2))
     assert trip is not None and "of the batch's first 20 recipients, more than 20%" in str(trip)
-    assert all(d.result == Result.SENT for d in decided) and len(smtp.received) < 20
+    assert all(d.result == Outcome.SENT for d in decided) and len(smtp.received) < 20
 
 
 def test_bad_addresses_neither_trip_the_breaker_nor_hide_a_policy_refusal(smtp: SmtpServer) -> None:
@@ -187,7 +187,7 @@ def test_a_relay_calling_most_addresses_unknown_trips_the_breaker_and_blames_non
     decided, trip = send_windows(smtp.url, batch, BreakerPolicy(sample=40))
     assert trip is not None and "refused 21 of the batch's first 40 recipients, more than 50%" in str(trip)
     # The bounces were held and stay undecided (none suppresses); only what the relay took is decided.
-    assert {d.result for d in decided} <= {Result.SENT} and len(smtp.received) == len(decided) <= 2
+    assert {d.result for d in decided} <= {Outcome.SENT} and len(smtp.received) == len(decided) <= 2
 
 
 def test_a_refused_login_is_the_relay_failing_not_the_recipients() -> None:
@@ -214,7 +214,7 @@ def test_a_refused_login_is_the_relay_failing_not_the_recipients() -> None:
 
 def test_a_tripped_breaker_pickles_with_its_relays_words_and_decided_deliveries() -> None:
     """Raised in a sender process, it is re-raised in the flow's."""
-    done = [Delivery("k1", Result.BOUNCED, "550 5.1.1 unknown", Verdict(FeedbackKind.HARD_BOUNCE, "5.1.1"), 550)]
+    done = [Delivery("k1", Outcome.BOUNCED, "550 5.1.1 unknown", Verdict(FeedbackKind.HARD_BOUNCE, "5.1.1"), 550)]
     again = pickle.loads(pickle.dumps(RelayRefused("SMTP relay h:25 refused our login: 535 5.7.8", done)))
     assert type(again) is RelayRefused and isinstance(again, SmtpUnavailable)
     assert str(again) == "SMTP relay h:25 refused our login: 535 5.7.8" and again.done == done
@@ -232,7 +232,7 @@ def smtputf8_server(offered: bool) -> SmtpServer:
 
 def test_an_idn_domain_goes_out_in_its_ascii_form_from_a_store_that_kept_the_unicode_one(smtp: SmtpServer) -> None:
     results = send(smtp.url, [envelope("kunde@bücher.de"), envelope("ok@example.de")])
-    assert {d.result for d in results.values()} == {Result.SENT}, results
+    assert {d.result for d in results.values()} == {Outcome.SENT}, results
     assert sorted(r.recipients[0] for r in smtp.received) == ["kunde@xn--bcher-kva.de", "ok@example.de"]
 
 
@@ -242,7 +242,7 @@ def test_a_non_ascii_local_part_goes_out_with_smtputf8_when_the_server_offers_it
         results = send(server.url, [envelope("jürgen@xn--bcher-kva.de"), envelope("ok@example.de")])
     finally:
         server.stop()
-    assert {d.result for d in results.values()} == {Result.SENT}, results
+    assert {d.result for d in results.values()} == {Outcome.SENT}, results
     assert sorted(r.recipients[0] for r in server.received) == ["jürgen@xn--bcher-kva.de", "ok@example.de"]
 
 
@@ -257,7 +257,7 @@ def test_without_smtputf8_a_non_ascii_local_part_fails_that_recipient_only_and_t
     assert not any(not address.isascii() for address in server.handler.rcpt_attempts)
     for e in unicode:
         refused = results[e.key]
-        assert refused.result == Result.REJECTED  # recorded failed: never tried again
+        assert refused.result == Outcome.REJECTED  # recorded failed: never tried again
         assert refused.verdict == Verdict(FeedbackKind.MESSAGE_FAILURE, "5.6.7")  # never the address's fault
         assert "SMTPUTF8" in refused.reply
 
@@ -267,7 +267,8 @@ def test_a_run_fails_a_non_ascii_local_part_once_and_sends_the_idn_addresses(set
     from sqlalchemy import select
     from sqlmodel import Session
 
-    from flows.surfaces.prefect_flows import execute, prepare_job
+    from flows.run import execute
+    from flows.run_context import prepare
     from models import Send, Suppression
     from tests.support.builders import NOW, ago
 
@@ -276,8 +277,8 @@ def test_a_run_fails_a_non_ascii_local_part_once_and_sends_the_idn_addresses(set
     server = smtputf8_server(offered=False)
     plain = settings.model_copy(update={"smtp_url": server.url})
     try:
-        first = execute(prepare_job("winback-lapsed", NOW, settings=plain))
-        again = execute(prepare_job("winback-lapsed", NOW, settings=plain))
+        first = execute(prepare("winback-lapsed", NOW, settings=plain))
+        again = execute(prepare("winback-lapsed", NOW, settings=plain))
     finally:
         server.stop()
     assert first.outcomes == {"sent": 2, "failed:rejected": 1}, first.outcomes

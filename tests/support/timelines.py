@@ -22,12 +22,14 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text, update
 from sqlmodel import Session
 
+from flows.message.prepare import Prepared
+from flows.run import execute
+from flows.run_context import RunContext, prepare
 from flows.send import claims as ledger
-from flows.send.batch import Job, Prepared, dispatch_prepared, prepare_job
-from flows.surfaces.prefect_flows import execute
-from flows.summary import RunSummary
+from flows.send.batch import dispatch_prepared
 from flows.settings import Settings
 from flows.spec.project import Project, load_project
+from flows.summary import RunSummary
 from models import (
     CART_OPEN,
     Cart,
@@ -465,7 +467,7 @@ class Player:
                     changed, real.sent, tuple(m.customer for m in mails)))
             elif mode == "crash":
                 start = len(self.smtp.received)
-                job = prepare_job(name, moment, settings=self.settings, project=self.project)
+                job = prepare(name, moment, settings=self.settings, project=self.project)
                 try:
                     execute(job, dispatch=self.crashing(crash), audience=audience)
                 except Killed:
@@ -482,7 +484,7 @@ class Player:
                 self.crashed = True
 
     def execute(self, name: str, moment: datetime, audience: bool, dry_run: bool = False) -> RunSummary:
-        job = prepare_job(name, moment, settings=self.settings, project=self.project, dry_run=dry_run)
+        job = prepare(name, moment, settings=self.settings, project=self.project, dry_run=dry_run)
         return execute(job, audience=audience)
 
     def ledger_rows(self) -> list[tuple[object, ...]]:
@@ -494,7 +496,7 @@ class Player:
         """A dispatch step that sends part of its batch for real and then dies (see ``Crash``)."""
         host, port = "127.0.0.1", self.smtp.port
 
-        def dispatch(job: Job, prepared: Sequence[Prepared], batch: int = 0) -> Counter[tuple[str, str]]:
+        def dispatch(job: RunContext, prepared: Sequence[Prepared], batch: int = 0) -> Counter[tuple[str, str]]:
             cut = [crash.sent, crash.doubt_accepted, crash.doubt_lost, crash.claimed]
             parts, rest = [], list(prepared)
             for n in cut:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.surfaces.cli import app
 from flows.settings import Settings
+from flows.surfaces.cli import app
 from tests.support.builders import NOW, Store, ago
 from tests.support.smtp_server import SmtpServer
 

@@ -9,9 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.surfaces.cli import app
-from flows.settings import get_settings
-
+from flows.surfaces.environment import settings_from_environment
 from tests.support import ROOT
+
 runner = CliRunner()
 
 
@@ -23,9 +23,9 @@ def project(project_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("COLUMNS", "200")
     for name in ("LIFECYCLE_TRIGGERS_DIR", "LIFECYCLE_TEMPLATES_DIR"):
         monkeypatch.delenv(name, raising=False)
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
     yield project_dir
-    get_settings.cache_clear()
+    settings_from_environment.cache_clear()
 
 
 def deployments(project: Path) -> dict[str, dict]:

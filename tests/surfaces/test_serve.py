@@ -16,13 +16,15 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.base import BaseScheduler
 
-from flows.surfaces.prefect_flows import dispatch_prepared, execute, prepare_job
-from flows.surfaces.serve import JOB_DEFAULTS, TriggerScheduler
+from flows.run import execute
+from flows.run_context import prepare
+from flows.send.batch import dispatch_prepared
 from flows.settings import Settings
 from flows.spec.project import load_project
+from flows.surfaces.serve import JOB_DEFAULTS, TriggerScheduler
+from tests.support import ROOT
 from tests.support.builders import NOW, Store
 from tests.support.smtp_server import SmtpServer
-from tests.support import ROOT
 
 RUNS: list[str] = []  # what the scheduled job function was called with
 
@@ -202,7 +204,7 @@ def test_a_shutdown_lets_the_running_batch_finish_and_stops_before_the_next(
         settings: Settings, store: Store, smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch) -> None:
     store.lapsed(12)
     # In-process sending (workers 1), where the test can signal between batches.
-    job = prepare_job("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5, "workers": 1}))
+    job = prepare("winback-lapsed", NOW, settings=settings.model_copy(update={"batch_size": 5, "workers": 1}))
     stop = threading.Event()
 
     def dispatch_then_get_signalled(job, prepared, batch=0):
@@ -213,7 +215,7 @@ def test_a_shutdown_lets_the_running_batch_finish_and_stops_before_the_next(
     summary = execute(job, dispatch=dispatch_then_get_signalled, should_stop=stop.is_set)
     assert summary.interrupted and summary.outcomes == {"sent": 5}
     assert len(smtp.received) == 5
-    rest = execute(prepare_job("winback-lapsed", NOW, settings=settings))
+    rest = execute(prepare("winback-lapsed", NOW, settings=settings))
     assert rest.outcomes == {"sent": 7, "skipped:already_sent": 5}
 
 

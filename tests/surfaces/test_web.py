@@ -11,11 +11,14 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from flows.ingest import ingest_lines
-from flows.surfaces.prefect_flows import compile_flow, execute, load, prepare_job, render_candidates
+from flows.message.prepare import render_candidates
+from flows.run import execute
+from flows.run_context import load, prepare
 from flows.settings import Settings
 from flows.surfaces.web import create_app
 from models import CategoryOptOut, Customer, Send, Suppression
 from tests.support.builders import NOW, Store, ago
+from tests.support.runs import run_flow
 from tests.support.smtp_server import SmtpServer
 from tests.support.web_server import WebServer
 
@@ -43,7 +46,7 @@ def web(settings: Settings, clock: Clock) -> Iterator[WebServer]:
 
 
 def run(settings: Settings, trigger: str, now=NOW):
-    return execute(prepare_job(trigger, now, settings=settings))
+    return execute(prepare(trigger, now, settings=settings))
 
 
 def local(url: str, settings: Settings, web: WebServer) -> str:
@@ -157,7 +160,7 @@ def test_an_unsubscribe_during_a_run_is_honoured_before_the_next_batch_is_sent(s
         store.suppress(second.email, "unsubscribed")  # clicked while the run was rendering
         return result
 
-    summary = execute(prepare_job("winback-lapsed", NOW, settings=settings), render=render_then_second_unsubscribes)
+    summary = execute(prepare("winback-lapsed", NOW, settings=settings), render=render_then_second_unsubscribes)
     assert summary.outcomes == {"sent": 1, "skipped:unsubscribed_during_run": 1}
     assert [r.recipients for r in smtp.received] == [[first.email]]
 
@@ -185,8 +188,7 @@ def test_double_opt_in_pending_consent_gets_a_confirmation_and_no_marketing(sett
     assert ingest_lines(store.engine, [json.dumps(e) for e in events]).ok
     assert run(settings, "winback-lapsed").outcomes == {"skipped:consent_pending": 1}
 
-    spec = load(settings).trigger("confirm-subscription")
-    confirmation = compile_flow(spec)(trigger="confirm-subscription", now=NOW.isoformat())
+    confirmation = run_flow(settings, "confirm-subscription", NOW)
     assert confirmation.outcomes == {"sent": 1}
     message = smtp.handler.to("neu@example.de")[0].message
     assert message["Subject"] == "Bitte bestätige deine Anmeldung" and message["List-Unsubscribe"] is None

@@ -19,9 +19,9 @@ from fastapi.routing import APIRoute
 from uvicorn.logging import AccessFormatter
 
 from flows.content.links import PREVIEW, preferences_url, sign, unsubscribe_url
-from flows.surfaces.outbox import free_port
 from flows.redaction import TOKEN_ROUTES, Redacting, redact
 from flows.settings import Settings
+from flows.surfaces.outbox import free_port
 from flows.surfaces.web import create_app
 from flows.surfaces.web_security import (
     HSTS,

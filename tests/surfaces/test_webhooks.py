@@ -18,11 +18,10 @@ from cryptography.x509.oid import NameOID
 from pydantic import SecretStr, ValidationError
 
 from flows.content.links import send_digest, verp_address
-from flows.settings import Settings
 from flows.feedback.sns import trusted_url
+from flows.settings import Settings
 from flows.surfaces.web import create_app
 from models import SendStatus
-from tests.support.builders import Store
 from tests.feedback.test_reports import (
     SECRET,
     feedback_rows,
@@ -30,6 +29,7 @@ from tests.feedback.test_reports import (
     send_status,
     suppressions,
 )
+from tests.support.builders import Store
 from tests.support.web_server import WebServer
 
 TOPIC = "arn:aws:sns:eu-central-1:123456789012:ses-feedback"

@@ -1,0 +1,191 @@
+"""A trigger run, Prefect-free: audience → message → send → ledger → summary, batch by batch.
+
+``execute`` wires the stages over one ``RunContext``. It takes the render, dispatch and
+submit steps as arguments: the Prefect flows (``flows.surfaces.prefect_flows``) pass
+them as tasks (one task per batch, never per recipient); ``run_trigger``, a dry run,
+``lifecycle serve`` and an embedding shop pass the plain functions and need no Prefect
+at all. A run with more than one batch hands its batches to sender processes
+(``send.senders``) and sends alongside them, so every core sends.
+"""
+
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import ExitStack
+from datetime import datetime
+from typing import Any
+
+from flows.audience.query import Candidate, stream_candidates
+from flows.feedback.bounces import trigger_complaints
+from flows.message.prepare import claim_for, render_candidates
+from flows.outcomes import Outcome
+from flows.run_context import RunContext, prepare
+from flows.send import claims
+from flows.send.batch import PLANNED_LINES, BatchOutcome, DispatchStep, RenderStep, deliver, dispatch_prepared
+from flows.send.probe import check_smtp
+from flows.send.senders import SenderPool
+from flows.settings import Settings
+from flows.summary import RunSummary
+from models.types import utcnow
+
+log = logging.getLogger("lifecycle")
+
+# Hands a batch to a sender process; returns something with ``.result()`` (a Future, a PrefectFuture).
+SubmitStep = Callable[[SenderPool, list[Candidate], int], Any]
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+# Hands a batch to a sender process; returns something with ``.result()`` (a Future, a PrefectFuture).
+SubmitStep = Callable[[SenderPool, list[Candidate], int], Any]
+
+
+def _to_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> "Future[BatchOutcome]":
+    return senders.submit(candidates, batch)
+
+
+def execute(context: RunContext, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
+            should_stop: Callable[[], bool] = lambda: False, audience: bool = True,
+            submit: SubmitStep = _to_sender, logger: Logger = log) -> RunSummary:
+    """Run the stages batch by batch over everyone due (``audience=False``: only those whose
+    deferral has come due, the deferred sweep). ``should_stop`` is asked between batches
+    (graceful shutdown).
+
+    A deferral is decided by the same query and rules as fresh mail; the deferrals whose
+    moment has come that a complete pass did not meet are no longer due, and are closed
+    (``claims.close_deferred``).
+
+    The first batch is sent here. If another full batch follows, ``LIFECYCLE_WORKERS - 1``
+    sender processes start: each works on one batch and has one more queued (``submit``);
+    when they are all busy, this process sends the next batch itself. So every core sends,
+    and the audience is read ahead by at most two batches per sender: memory stays flat
+    however large the audience.
+    """
+    log = logger
+    settings, engine = context.settings, context.engine
+    summary = RunSummary(context.trigger.name, context.now, context.dry_run)
+    log.info("Evaluating %s (%s) as of %s%s", context.trigger.name, context.trigger.kind, context.now.isoformat(),
+             " (dry run)" if context.dry_run else "")
+
+    def finish(number: int, size: int, due: int, why: str, outcome: BatchOutcome) -> None:
+        summary.merge(outcome.counts)
+        summary.templates.update(outcome.templates)
+        summary.planned.extend(outcome.planned[: PLANNED_LINES - len(summary.planned)])
+        for failure in outcome.failures:
+            log.warning("Customer %s not rendered: %s", failure.candidate.external_id, failure.message)
+        log.info("Batch %d: %d candidates, %d due (skipped: %s), %d not renderable",
+                 number, size, due, why, len(outcome.failures))
+
+    def hand_over(pool: SenderPool, number: int, size: int, due: list[Candidate], why: str) -> None:
+        future, done = submit(pool, due, number), threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        pending.append((number, size, len(due), why, future, done))
+
+    def settle(finished_only: bool) -> None:
+        while pending and (pending[0][5].is_set() or not finished_only):
+            number, size, due, why, future, _ = pending.popleft()
+            finish(number, size, due, why, future.result())
+
+    parallel = settings.workers > 1 and not context.dry_run
+    senders: SenderPool | None = None
+    pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
+    deferrals = _Deferrals(claims.awaiting_keys(engine, context.trigger.name, context.now))
+    with ExitStack() as stack:
+        batches = stream_candidates(engine, context.trigger, context.kind, context.stages, context.now,
+                                    settings.batch_size, settings.default_language, context.policy,
+                                    deferred_only=not audience, lease=settings.claim_lease,
+                                    languages=context.catalog.languages_for(context.trigger.email))
+        stack.callback(batches.close)  # on every way out, a failure too: it holds a connection
+        for number, batch in enumerate(batches, start=1):
+            if should_stop():
+                log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
+                summary.interrupted = True
+                break
+            deferrals.met(batch)
+            due, why = _classify(context, batch, summary)
+            if not due:
+                log.info("Batch %d: %d candidates, none due (skipped: %s)", number, len(batch), why)
+                continue
+            if senders is None and parallel and number > 1 and len(batch) == settings.batch_size:
+                log.info("Starting %d sender process(es) for a large audience", settings.workers - 1)
+                senders = stack.enter_context(SenderPool(context, settings.workers - 1))
+            if senders is not None:
+                settle(finished_only=True)
+                if len(pending) < 2 * senders.workers:  # one at work and one queued per sender
+                    hand_over(senders, number, len(batch), due, why)
+                    continue
+            finish(number, len(batch), len(due), why, deliver(context, due, number, render, dispatch))
+        settle(finished_only=False)  # a shutdown too lets the batches already handed over finish
+    if not summary.interrupted:  # only a pass over the whole audience knows what is no longer due
+        closed = claims.close_deferred(engine, context.trigger.name, context.now, deferrals.awaiting,
+                                       deferrals.handled, deferrals.expired, context.dry_run)
+        for stage, reason in closed:
+            summary.add(stage, Outcome.EXPIRED if reason == claims.EXPIRED_AFTER else Outcome.NO_LONGER_DUE)
+        if closed:
+            log.info("%d deferred send(s) closed unsent: past deferred_expires_after, or no longer due", len(closed))
+    log.info(summary.headline())
+    return summary
+
+
+class _Deferrals:
+    """The deferrals of this trigger awaiting as the run began, and those it met in its
+    audience (the rest are no longer due)."""
+
+    def __init__(self, awaiting: set[str]) -> None:
+        self.awaiting = awaiting
+        self.handled: set[str] = set()
+        self.expired: set[str] = set()
+
+    def met(self, batch: Sequence[Candidate]) -> None:
+        for c in batch:
+            if c.deferred:
+                self.handled.add(c.send_key)
+                if c.skip is Outcome.EXPIRED:
+                    self.expired.add(c.send_key)
+
+
+def _classify(context: RunContext, batch: Sequence[Candidate], summary: RunSummary) -> tuple[list[Candidate], str]:
+    """Count the skipped, record what the policy deferred; returns who is due and why the rest are not."""
+    due, deferred = [], []
+    reasons: Counter[Outcome] = Counter()
+    for candidate in batch:
+        if candidate.skip is None:
+            due.append(candidate)
+            continue
+        reasons[candidate.skip] += 1
+        summary.add(candidate.stage, candidate.skip)
+        if candidate.skip in (Outcome.QUIET_HOURS, Outcome.FREQUENCY_CAP):
+            deferred.append(candidate)
+    if deferred and not context.dry_run:
+        after = context.trigger.deferred_expires_after
+        expires = context.now + after if after else None
+        claims.defer(context.engine,
+                     [(claim_for(context, c), c.not_before, expires) for c in deferred], context.run_id, context.now)
+    labels = sorted((reason.removeprefix("skipped:"), n) for reason, n in reasons.items())  # "no_email 3, …"
+    return due, ", ".join(f"{label} {n}" for label, n in labels) or "none"
+
+
+def run_trigger(trigger: str, *, settings: Settings, now: datetime | None = None, dry_run: bool = False,
+                should_stop: Callable[[], bool] = lambda: False) -> RunSummary:
+    """Run one trigger to the end without Prefect: validate, check the relay, send, count.
+
+    What ``lifecycle run`` does through Prefect, for a shop that embeds Lifecycle in its
+    own scheduler: ``run_trigger("abandoned-cart", settings=Settings())``.
+    """
+    context = prepare(trigger, now or utcnow(), settings=settings, dry_run=dry_run)
+    return run(context, should_stop=should_stop)
+
+
+def run(context: RunContext, *, should_stop: Callable[[], bool] = lambda: False, logger: Logger = log,
+        render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
+        submit: SubmitStep | None = None) -> RunSummary:
+    """A whole run over a prepared context: the relay checked first (unless a dry run),
+    every batch sent, and the trigger's recent complaint rate attached to the summary."""
+    if not context.dry_run:
+        check_smtp(context.settings)
+    summary = execute(context, render=render, dispatch=dispatch, should_stop=should_stop, logger=logger,
+                      submit=submit or _to_sender)
+    summary.complaints = (None if context.dry_run
+                          else trigger_complaints(context.engine, context.trigger.name, context.now))
+    return summary

@@ -1,0 +1,111 @@
+"""One run's context: everything a run of one trigger needs, made once and passed to every stage.
+
+A run loads and validates the project once (``prepare``), resolves its settings once
+(the signing secret included) and opens its store once. Every stage receives the same
+immutable ``RunContext``; nothing is derived again mid-run, and nothing is read back
+from the environment: the surfaces (CLI, serve, the Prefect flows, the web) read it,
+once, and hand their ``Settings`` in as a value.
+
+A sender process gets the context once, as a pickle: the trigger, the stage rules, the
+policy, the settings and the moment travel; the template catalog (compiled Jinja does
+not pickle) and the engine (a connection pool is per process) are made again there,
+from those same settings, without validating again.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+from sqlalchemy import Engine
+
+from flows.content.render import TemplateCatalog
+from flows.kinds import KINDS
+from flows.kinds.base import Kind
+from flows.message.compose import Sender
+from flows.message.dkim import DkimSigner
+from flows.settings import Settings
+from flows.signing_secret import resolved
+from flows.spec.common import TriggerBase
+from flows.spec.policy import Policy
+from flows.spec.project import Project, load_project
+from flows.spec.stages import StageRules
+from models.db import get_engine
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything one run of one trigger needs; immutable for the whole run."""
+
+    trigger: TriggerBase
+    kind: Kind
+    stages: StageRules
+    catalog: TemplateCatalog
+    policy: Policy
+    settings: Settings  # resolved: its signing secret is set
+    engine: Engine
+    now: datetime
+    run_id: str
+    dry_run: bool = False
+
+    @cached_property
+    def sender(self) -> Sender:
+        return Sender.parse(self.trigger.email.sender or self.settings.sender)
+
+    @cached_property
+    def signer(self) -> DkimSigner | None:
+        s = self.settings
+        key = s.dkim_private_key.get_secret_value() if s.dkim_private_key else None
+        return DkimSigner.from_settings(s.dkim_selector, s.dkim_domain, key, s.dkim_private_key_file,
+                                        self.sender.domain)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """What a sender process receives: the values; the catalog and engine are its own."""
+        return (_in_sender, (self.trigger, self.stages, self.policy, self.settings, self.now, self.run_id,
+                             self.dry_run))
+
+
+def _in_sender(trigger: TriggerBase, stages: StageRules, policy: Policy, settings: Settings, now: datetime,
+               run_id: str, dry_run: bool) -> RunContext:
+    return RunContext(trigger=trigger, kind=KINDS[trigger.kind], stages=stages, policy=policy, settings=settings,
+                      catalog=TemplateCatalog(settings.templates_dir, settings.default_language),
+                      engine=get_engine(settings.database_url), now=now, run_id=run_id, dry_run=dry_run)
+
+
+def load(settings: Settings) -> Project:
+    """The project the settings point at, every file validated and every template test-rendered."""
+    return load_project(
+        settings.triggers_dir, settings.templates_dir, settings.default_language, settings.base_url, settings.shop_url
+    )
+
+
+def prepare(
+    trigger_name: str,
+    now: datetime,
+    *,
+    settings: Settings,
+    project: Project | None = None,
+    engine: Engine | None = None,
+    dry_run: bool = False,
+    run_id: str | None = None,
+) -> RunContext:
+    """The run's context, validated before anything is sent: a ``SpecError`` names the file,
+    line and field of whatever is wrong with the trigger or its templates. A caller that
+    has loaded the project already (``lifecycle run --all``, the deferred sweep) passes it."""
+    project = project or load(settings)
+    trigger = project.trigger(trigger_name)
+    assert project.stages is not None  # a trigger only loads when the stage rules did
+    engine = engine or get_engine(settings.database_url)
+    return RunContext(
+        trigger=trigger,
+        kind=KINDS[trigger.kind],
+        stages=project.stages,
+        catalog=project.catalog,
+        policy=project.policy,
+        settings=resolved(settings, engine),
+        engine=engine,
+        now=now,
+        run_id=run_id or uuid.uuid4().hex,
+        dry_run=dry_run,
+    )
