@@ -30,12 +30,17 @@ WORK_POOL = "lifecycle"
 SECTION = "deployments:"
 
 
+def run_tags(trigger: TriggerBase) -> list[str]:
+    """The tags of every run of ``trigger``, deployed or started by ``lifecycle run`` or serve."""
+    return ["lifecycle", f"kind:{trigger.kind}", f"trigger:{trigger.name}"]
+
+
 def deployment(trigger: TriggerBase) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "name": trigger.name,
         "entrypoint": ENTRYPOINT,
         "description": trigger.description,
-        "tags": ["lifecycle", f"kind:{trigger.kind}"],
+        "tags": run_tags(trigger),
         "parameters": {"trigger": trigger.name},
         "schedules": [{"cron": trigger.schedule.cron, "timezone": trigger.schedule.timezone,
                        "active": trigger.enabled}],

@@ -43,16 +43,12 @@ from flows.settings import Settings
 from flows.spec.common import TriggerBase
 from flows.spec.project import Project
 from flows.summary import RunSummary
+from flows.surfaces.deployments import run_tags
 from flows.surfaces.environment import settings_from_environment
 from models.types import utcnow
 
 FLOW_NAME = "lifecycle-trigger"
 DEFERRED_FLOW_NAME = "lifecycle-deferred"
-
-
-def run_tags(trigger: TriggerBase) -> list[str]:
-    """The tags of every run of ``trigger``, deployed or started by hand."""
-    return ["lifecycle", f"kind:{trigger.kind}", f"trigger:{trigger.name}"]
 
 
 @dataclass(frozen=True)

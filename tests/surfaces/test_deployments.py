@@ -46,7 +46,7 @@ def test_one_deployment_per_trigger_with_its_schedule_tags_and_parameters(projec
     assert winback["entrypoint"] == "flows/surfaces/prefect_flows.py:trigger_flow"
     assert winback["parameters"] == {"trigger": "winback-lapsed"}
     assert winback["schedules"] == [{"cron": "0 10 * * 1", "timezone": "Europe/Berlin", "active": True}]
-    assert winback["tags"] == ["lifecycle", "kind:campaign"]
+    assert winback["tags"] == ["lifecycle", "kind:campaign", "trigger:winback-lapsed"]  # as every run of it
     assert winback["work_pool"] == {"name": "lifecycle"}
     assert winback["description"].startswith("Weekly win-back offer")
     [event] = found["complaint-ack"]["triggers"]
