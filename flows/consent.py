@@ -1,4 +1,5 @@
-"""Marketing consent: asked for, confirmed, withdrawn, and every change recorded.
+"""Who may be mailed: marketing consent asked for, confirmed and withdrawn (every change
+recorded), and the suppressions no trigger may write to.
 
 Double opt-in: the shop's opt-in is a *request* (``Customer.consent_requested_at``); only
 the confirmation link mailed for that request turns it into consent. A confirmation
@@ -8,16 +9,21 @@ confirmed. Each change is written to ``consent_changes`` with its time, its sour
 request it answers, so a confirmation leads back to the mail whose link was used.
 """
 
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
-from sqlmodel import Session
+from sqlalchemy import Engine, and_, delete, exists, func, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col
 
+from flows.content.links import UNSUBSCRIBE, address_tag, expired, read
+from flows.kinds.base import Kind
 from flows.kinds.consent_confirmation import request_id
-from flows.content.links import address_tag, expired
 from models import (
+    CategoryOptOut,
     ConsentChange,
     ConsentChangeKind,
     Customer,
@@ -25,8 +31,12 @@ from models import (
     SuppressionReason,
     suppression_key,
 )
+from models.db import one_of, writer
+from models.identity import customer_by_id
+from models.types import utcnow
 
-__all__ = ["Confirmation", "check", "confirm", "history", "record", "request_id", "requested_at", "withdraw"]
+__all__ = ["Confirmation", "check", "confirm", "history", "lift", "record", "request_id", "requested_at", "suppress",
+           "suppressed_for", "suppressions", "unsubscribe_by_token", "withdraw", "withdrawn"]
 
 
 def requested_at(request: str) -> datetime:
@@ -107,3 +117,73 @@ def history(session: Session, customer_id: int) -> list[ConsentChange]:
     """The customer's consent record, oldest first."""
     return list(session.execute(select(ConsentChange).where(ConsentChange.customer_id == customer_id)
                                 .order_by(ConsentChange.at, ConsentChange.id)).scalars())
+
+
+# -- suppressions ------------------------------------------------------------------
+
+def suppress(engine: Engine, emails: Iterable[str], reason: SuppressionReason, detail: str = "") -> None:
+    """Suppress addresses (an address already suppressed keeps its first reason)."""
+    rows = [{"email": e, "reason": reason.value, "detail": detail[:1000], "created_at": utcnow()}
+            for e in {suppression_key(e) for e in emails}]
+    if not rows:
+        return
+    with engine.begin() as connection:
+        connection.execute(
+            (pg_insert if engine.dialect.name == "postgresql" else sqlite_insert)(Suppression).values(rows).on_conflict_do_nothing(index_elements=["email"])
+        )
+
+
+def lift(engine: Engine, emails: Iterable[str]) -> int:
+    """Lift suppressions; returns how many there were (marketing still needs confirmed consent)."""
+    with engine.begin() as connection:
+        removed = connection.execute(delete(Suppression).where(
+            col(Suppression.email).in_([suppression_key(e) for e in emails])))
+    return int(removed.rowcount)
+
+
+def suppressions(engine: Engine, reason: str | None = None, limit: int = 100) -> list[Suppression]:
+    """Suppressed addresses, newest first."""
+    query = select(Suppression).order_by(col(Suppression.created_at).desc()).limit(limit)
+    if reason:
+        query = query.where(col(Suppression.reason) == reason)
+    with Session(engine) as session:
+        return list(session.execute(query).scalars().all())
+
+
+def unsubscribe_by_token(engine: Engine, secret: str, token: str, via: str, at: datetime) -> Customer | None:
+    """Unsubscribe the customer a genuine unsubscribe token names; None for a forged one.
+    Unsubscribe tokens never expire (``flows.content.links``)."""
+    data = read(secret, UNSUBSCRIBE, token)
+    if data is None:
+        return None
+    with Session(writer(engine), expire_on_commit=False) as session:
+        customer = customer_by_id(session, data["c"], lock=True)
+        if customer is None or not customer.email:
+            return None
+        withdraw(session, customer, via, at=at, detail=str(data.get("k")))
+        session.commit()
+        return customer
+
+
+# -- in the audience ---------------------------------------------------------------
+
+def suppressed_for(kind: Kind):
+    """Marketing stops for any suppression; service mail only for undeliverable or complaining addresses."""
+    condition = Suppression.email == func.lower(Customer.email)
+    if kind.category == "transactional":
+        condition = and_(condition, Suppression.reason != SuppressionReason.UNSUBSCRIBED)
+    return exists().where(condition)
+
+
+def withdrawn(engine: Engine, kind: Kind, customer_ids: Sequence[int]) -> set[int]:
+    """Customers who, since the audience was read, unsubscribed, left this category or were
+    suppressed: checked again right before each batch is sent, so it takes effect at once."""
+    if not customer_ids:
+        return set()
+    blocked = suppressed_for(kind)
+    if kind.category == "marketing":
+        opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
+        blocked = or_(blocked, Customer.marketing_consent.is_(False), opted_out)
+    with engine.connect() as connection:
+        among = one_of(Customer.id, customer_ids, engine.dialect.name)
+        return set(connection.execute(select(Customer.id).where(among, blocked)).scalars())

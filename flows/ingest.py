@@ -64,6 +64,7 @@ from models import (
     suppression_key,
 )
 from models.db import writer
+from models.identity import customer_by_id
 from models.types import stored_address
 
 COMMIT_EVERY = 500
@@ -508,17 +509,6 @@ def shared_addresses(session: Session, addresses: Iterable[str]) -> list[SharedA
         for email, external_id in rows:
             found.setdefault(email, []).append(external_id)
     return [SharedAddress(email, sorted(ids)) for email, ids in sorted(found.items()) if len(ids) > 1]
-
-
-def customer_by_id(session: Session, external_id: str, lock: bool = False) -> Customer | None:
-    """The customer an id names: their own userId, or one merged into them (an alias).
-    ``lock``: ``SELECT … FOR UPDATE`` (PostgreSQL; SQLite's write transaction is the lock)."""
-    query = select(Customer).where(col(Customer.external_id) == external_id)
-    customer = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
-    if customer is None:
-        alias = session.get(CustomerAlias, external_id)
-        customer = session.get(Customer, alias.customer_id, with_for_update=lock or None) if alias else None
-    return customer
 
 
 def _customer_references() -> list[tuple[Table, Column[Any]]]:

@@ -28,23 +28,22 @@ from sqlalchemy import (
 )
 from sqlmodel import Session
 
+from flows.audience.stage_sql import customer_stage, order_count, order_value, with_orders
+from flows.audience.timing import QUIET_HOURS, customer_zone, longest_window, next_allowed
+from flows.consent import suppressed_for
+from flows.content.render import language_of
 from flows.kinds.base import Kind
-from flows.send.claims import awaiting
 from flows.memory import frozen_heap
 from flows.outcomes import Outcome
-from flows.audience.timing import QUIET_HOURS, customer_zone, longest_window, next_allowed
-from flows.content.render import language_of
+from flows.send.claims import awaiting
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
-from flows.audience.stage_sql import customer_stage, order_count, order_value, with_orders
 from models import (
     CategoryOptOut,
     Customer,
     Send,
     SendStatus,
-    Suppression,
-    SuppressionReason,
 )
 from models.db import one_of
 from models.types import utcnow
@@ -142,28 +141,6 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
 def _over_customers(due: Select) -> bool:
     """A kind's due query that only filters customers (see ``Kind``)."""
     return due.get_final_froms() == [Customer.__table__]
-
-
-def suppressed_for(kind: Kind):
-    """Marketing stops for any suppression; service mail only for undeliverable or complaining addresses."""
-    condition = Suppression.email == func.lower(Customer.email)
-    if kind.category == "transactional":
-        condition = and_(condition, Suppression.reason != SuppressionReason.UNSUBSCRIBED)
-    return exists().where(condition)
-
-
-def withdrawn(engine: Engine, kind: Kind, customer_ids: Sequence[int]) -> set[int]:
-    """Customers who, since the audience was read, unsubscribed, left this category or were
-    suppressed: checked again right before each batch is sent, so it takes effect at once."""
-    if not customer_ids:
-        return set()
-    blocked = suppressed_for(kind)
-    if kind.category == "marketing":
-        opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
-        blocked = or_(blocked, Customer.marketing_consent.is_(False), opted_out)
-    with engine.connect() as connection:
-        among = one_of(Customer.id, customer_ids, engine.dialect.name)
-        return set(connection.execute(select(Customer.id).where(among, blocked)).scalars())
 
 
 # A send that happened (or may have): it counts for re-entry and frequency caps.

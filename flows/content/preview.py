@@ -18,12 +18,12 @@ from flows.audience.query import Candidate, send_key
 from flows.audience.stage_sql import customer_stages
 from flows.content.context import sample_contexts
 from flows.content.render import Rendered, RenderError, language_of
-from flows.ingest import customer_by_id
 from flows.message.compose import build_message, message_id
 from flows.message.prepare import render_candidates
 from flows.run_context import RunContext, prepare
 from flows.settings import Settings
 from models import CART_OPEN, Cart, Complaint, Customer
+from models.identity import customer_by_id
 from models.types import utcnow
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from flows.audience.query import Candidate, withdrawn
+from flows.audience.query import Candidate
+from flows.consent import withdrawn
 from flows.feedback import bounces
 from flows.message.prepare import Failure, Prepared, render_candidates
 from flows.outcomes import Outcome

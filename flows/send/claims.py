@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from models import Send, SendStatus, Suppression, SuppressionReason, suppression_key
+from models import Send, SendStatus
 from models.db import one_of
 from models.types import utcnow
 
@@ -255,17 +255,6 @@ def _release(connection: Connection, keys: Sequence[str]) -> int:
     deleted = connection.execute(
         delete(Send).where(one_of(Send.send_key, keys, dialect), Send.status.in_(IN_PROGRESS))).rowcount or 0
     return undeferred + deleted
-
-
-def suppress(engine: Engine, emails: Iterable[str], reason: SuppressionReason, detail: str = "") -> None:
-    rows = [{"email": e, "reason": reason.value, "detail": detail[:1000], "created_at": utcnow()}
-            for e in {suppression_key(e) for e in emails}]
-    if not rows:
-        return
-    with engine.begin() as connection:
-        connection.execute(
-            _insert(engine)(Suppression).values(rows).on_conflict_do_nothing(index_elements=["email"])
-        )
 
 
 def in_doubt(engine: Engine, older_than: timedelta = timedelta(minutes=10)) -> list[Send]:

@@ -333,7 +333,7 @@ def suppress_add(
     note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
 ) -> None:
     """Suppress addresses: every trigger skips them from the next batch on."""
-    from flows.send.claims import suppress
+    from flows.consent import suppress
     from models import SuppressionReason, suppression_key
 
     try:
@@ -351,8 +351,8 @@ def suppress_from_mail(files: Annotated[list[Path], typer.Argument(help=".eml fi
     import re
     from email import message_from_bytes, policy
 
+    from flows.consent import unsubscribe_by_token
     from flows.signing_secret import resolved
-    from flows.surfaces.web import unsubscribe_by_token
     from models.types import utcnow
 
     settings = _settings()
@@ -376,14 +376,9 @@ def suppress_from_mail(files: Annotated[list[Path], typer.Argument(help=".eml fi
 @suppress_app.command("remove")
 def suppress_remove(emails: Annotated[list[str], typer.Argument(help="Addresses to allow again.")]) -> None:
     """Lift suppressions (marketing still needs confirmed consent)."""
-    from sqlalchemy import delete
+    from flows.consent import lift
 
-    from models import Suppression, suppression_key
-
-    with _engine(_settings()).begin() as connection:
-        removed = connection.execute(delete(Suppression).where(
-            Suppression.email.in_([suppression_key(e) for e in emails])))
-    console.print(f"Removed {removed.rowcount} suppression(s).")
+    console.print(f"Removed {lift(_engine(_settings()), emails)} suppression(s).")
 
 
 @suppress_app.command("list")
@@ -392,16 +387,9 @@ def suppress_list(
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
 ) -> None:
     """List suppressed addresses, newest first."""
-    from sqlalchemy import select
-    from sqlmodel import Session
+    from flows.consent import suppressions
 
-    from models import Suppression
-
-    query = select(Suppression).order_by(Suppression.created_at.desc()).limit(limit)
-    if reason:
-        query = query.where(Suppression.reason == reason)
-    with Session(_engine(_settings())) as session:
-        rows = session.execute(query).scalars().all()
+    rows = suppressions(_engine(_settings()), reason, limit)
     table = Table(title=f"{len(rows)} suppressed address(es)", title_justify="left")
     for column in ("email", "reason", "since", "detail"):
         table.add_column(column)

@@ -36,7 +36,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
-from flows.consent import Confirmation, check, confirm, record, withdraw
+from flows.consent import Confirmation, check, confirm, record, unsubscribe_by_token, withdraw
 from flows.content.links import (
     CONFIRM,
     PREFERENCES,
@@ -48,7 +48,6 @@ from flows.content.links import (
 )
 from flows.content.render import language_of
 from flows.feedback.bounces import Report
-from flows.ingest import customer_by_id
 from flows.kinds import KINDS
 from flows.redaction import redact
 from flows.settings import Settings
@@ -63,6 +62,7 @@ from models import (
     suppression_key,
 )
 from models.db import make_engine, writer
+from models.identity import customer_by_id
 from models.types import display_address, utcnow
 
 log = logging.getLogger(__name__)
@@ -132,21 +132,6 @@ def masked(email: str) -> str:
     """``j***@example.de``: enough to recognise, not enough to harvest."""
     local, _, domain = display_address(email).rpartition("@")
     return f"{local[:1]}***@{domain}"
-
-
-def unsubscribe_by_token(engine: Engine, secret: str, token: str, via: str, at: datetime) -> Customer | None:
-    """Unsubscribe the customer a genuine unsubscribe token names; None for a forged one.
-    Unsubscribe tokens never expire (``flows.content.links``)."""
-    data = read(secret, UNSUBSCRIBE, token)
-    if data is None:
-        return None
-    with Session(writer(engine), expire_on_commit=False) as session:
-        customer = customer_by_id(session, data["c"], lock=True)
-        if customer is None or not customer.email:
-            return None
-        withdraw(session, customer, via, at=at, detail=str(data.get("k")))
-        session.commit()
-        return customer
 
 
 def web_engine(settings: Settings) -> Engine:

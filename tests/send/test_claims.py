@@ -6,6 +6,7 @@ from datetime import timedelta, timezone
 from sqlalchemy import select
 from sqlmodel import Session
 
+from flows import consent
 from flows.send import claims as ledger
 from models import Send, SendStatus, Suppression, SuppressionReason
 from models.types import utcnow
@@ -85,8 +86,8 @@ def test_in_doubt_lists_claims_left_behind_and_release_frees_them(store: Store) 
 
 
 def test_suppress_is_idempotent_and_lower_cases(store: Store) -> None:
-    ledger.suppress(store.engine, ["Bounce@Example.DE"], SuppressionReason.HARD_BOUNCE, "550")
-    ledger.suppress(store.engine, ["bounce@example.de"], SuppressionReason.HARD_BOUNCE, "550 again")
+    consent.suppress(store.engine, ["Bounce@Example.DE"], SuppressionReason.HARD_BOUNCE, "550")
+    consent.suppress(store.engine, ["bounce@example.de"], SuppressionReason.HARD_BOUNCE, "550 again")
     with Session(store.engine) as session:
         rows = session.execute(select(Suppression)).scalars().all()
     assert [(r.email, r.reason, r.detail) for r in rows] == [("bounce@example.de", "hard_bounce", "550")]
@@ -95,7 +96,7 @@ def test_suppress_is_idempotent_and_lower_cases(store: Store) -> None:
 
 def test_an_address_typed_with_its_unicode_domain_suppresses_the_mailbox_stored_in_ascii(store: Store) -> None:
     """Whoever names the address (an operator, a bounce report), the suppression is the one the run looks up."""
-    ledger.suppress(store.engine, ["Kunde@Bücher.DE", " kunde@xn--bcher-kva.de"], SuppressionReason.MANUAL)
+    consent.suppress(store.engine, ["Kunde@Bücher.DE", " kunde@xn--bcher-kva.de"], SuppressionReason.MANUAL)
     with Session(store.engine) as session:
         assert [s.email for s in session.execute(select(Suppression)).scalars()] == ["kunde@xn--bcher-kva.de"]
 
