@@ -1,15 +1,15 @@
 """Trigger files: every mistake is reported with file, line, field and the valid choices."""
 
-import os
-import subprocess
 from pathlib import Path
 from textwrap import dedent
 
 import pytest
 
+from flows.settings import Settings
 from flows.spec.problems import SpecError
 from flows.spec.project import load_project
 from tests.support import FIXTURES
+from tests.support.children import lifecycle
 
 VALID = dedent("""\
     name: cart-reminder
@@ -266,9 +266,8 @@ def hostile_project(project_dir: Path) -> None:
 
 def test_validate_reports_every_hostile_file_located_and_checks_the_rest(project_dir: Path, tmp_path: Path) -> None:
     hostile_project(project_dir)
-    result = subprocess.run(["lifecycle", "validate", "--triggers", str(project_dir / "triggers"),
-                             "--templates", str(project_dir / "templates")],
-                            check=False, capture_output=True, text=True, timeout=300, env=cli_env(tmp_path))
+    result = lifecycle("validate", "--triggers", str(project_dir / "triggers"),
+                       "--templates", str(project_dir / "templates"), settings=store_only(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
     out = " ".join(result.stderr.split())
     for located in ("bomb.yaml:4:", "latin.yaml:2:", "list_key.yaml:4:", "we_miss_you/default.en.html.j2:4:",
@@ -280,22 +279,18 @@ def test_validate_reports_every_hostile_file_located_and_checks_the_rest(project
 
 def test_a_run_of_every_trigger_goes_ahead_beside_hostile_files(project_dir: Path, tmp_path: Path) -> None:
     hostile_project(project_dir)
-    result = subprocess.run(["lifecycle", "run", "--all", "--dry-run", "--now", "2026-03-16T09:00:00Z"],
-                            check=False, capture_output=True, text=True, timeout=300,
-                            env=cli_env(tmp_path, project_dir))
+    result = lifecycle("run", "--all", "--dry-run", "--now", "2026-03-16T09:00:00Z",
+                       settings=store_only(tmp_path).model_copy(update={"triggers_dir": project_dir / "triggers",
+                                                                        "templates_dir": project_dir / "templates"}))
     assert result.returncode == 1, result.stdout + result.stderr  # some files have problems: not all ran
     assert "Traceback" not in result.stderr, result.stderr
     for name in ("abandoned-cart", "complaint-ack", "onboarding-day-0", "confirm-subscription"):
         assert name in result.stdout, result.stdout
 
 
-def cli_env(tmp_path: Path, project_dir: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, "LIFECYCLE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    if project_dir is not None:
-        env.update(LIFECYCLE_TRIGGERS_DIR=str(project_dir / "triggers"),
-                   LIFECYCLE_TEMPLATES_DIR=str(project_dir / "templates"))
-    return env
+def store_only(tmp_path: Path) -> Settings:
+    """The defaults, with a store of the test's own."""
+    return Settings(database_url=f"sqlite:///{tmp_path / 'store.db'}")
 
 
 # -- values that would make a trigger silently dead, or fail its run later -------------

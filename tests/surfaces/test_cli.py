@@ -1,8 +1,6 @@
 """The lifecycle command as marketers and ops use it."""
 
 import json
-import shutil
-import subprocess
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from typer.testing import CliRunner
 from flows.settings import Settings
 from flows.surfaces.cli import app
 from tests.support.builders import NOW, Store, ago
+from tests.support.children import lifecycle
 from tests.support.smtp_server import SmtpServer
 
 runner = CliRunner()
@@ -52,9 +51,7 @@ def test_a_files_own_words_are_shown_as_text_never_as_markup(settings: Settings)
 
 
 def test_validate_as_an_installed_command(settings: Settings) -> None:
-    lifecycle = shutil.which("lifecycle")
-    assert lifecycle, "the console script is installed by pip install"
-    done = subprocess.run([lifecycle, "validate"], capture_output=True, text=True, timeout=120, check=False)
+    done = lifecycle("validate", settings=settings, timeout=120)
     assert done.returncode == 0, done.stderr
 
 

@@ -24,6 +24,7 @@ from flows.spec.project import load_project
 from flows.surfaces.serve import JOB_DEFAULTS, TriggerScheduler
 from tests.support import ROOT
 from tests.support.builders import NOW, Store
+from tests.support.children import child_env
 from tests.support.smtp_server import SmtpServer
 
 RUNS: list[str] = []  # what the scheduled job function was called with
@@ -221,11 +222,8 @@ def test_a_shutdown_lets_the_running_batch_finish_and_stops_before_the_next(
 
 def test_the_serve_command_reloads_on_sighup_and_stops_on_sigterm(project_dir: Path, tmp_path: Path) -> None:
     only_trigger(project_dir)
-    env = {**os.environ, "LIFECYCLE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
-           "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
-           "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates")}
     log = tmp_path / "serve.log"
-    process = subprocess.Popen(["lifecycle", "serve"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = serve(project_dir / "triggers", project_dir, tmp_path, log)
     try:
         wait_for(log, "Next run of winback-lapsed")
         process.send_signal(signal.SIGHUP)
@@ -237,6 +235,14 @@ def test_the_serve_command_reloads_on_sighup_and_stops_on_sigterm(project_dir: P
             process.kill()
     assert "SIGTERM: finishing running batches, then stopping" in log.read_text()
     assert log.read_text().rstrip().endswith("Stopped")
+
+
+def serve(triggers: Path, project_dir: Path, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`lifecycle serve` as its own process, on a store of its own, writing to ``log``."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'store.db'}", triggers_dir=triggers,
+                        templates_dir=project_dir / "templates")
+    return subprocess.Popen(["lifecycle", "serve"], env=child_env(settings), stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
 
 
 def wait_for(log: Path, text: str, timeout: float = 60) -> None:
@@ -254,10 +260,8 @@ def test_serve_survives_cron_forms_it_cannot_run_at_start_and_on_sighup(project_
     (triggers / "leap.yaml").write_text((triggers / "winback.yaml").read_text()
                                         .replace("name: winback-lapsed", "name: leap-day")
                                         .replace('cron: "0 9 * * *"', 'cron: "0 0 L 2 *"'))
-    env = {**os.environ, "LIFECYCLE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
-           "LIFECYCLE_TRIGGERS_DIR": str(triggers), "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates")}
     log = tmp_path / "serve.log"
-    process = subprocess.Popen(["lifecycle", "serve"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = serve(triggers, project_dir, tmp_path, log)
     try:
         wait_for(log, "Next run of winback-lapsed")  # the healthy trigger is scheduled
         cron_line = (triggers / "leap.yaml").read_text().splitlines().index('  cron: "0 0 L 2 *"') + 1

@@ -3,7 +3,6 @@
 import base64
 import hashlib
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from flows.surfaces.web_security import (
 )
 from models.db import dispose_engines
 from tests.support.builders import Store
+from tests.support.children import child_env
 from tests.support.web_server import WebServer
 
 
@@ -252,19 +252,19 @@ def test_a_record_is_redacted_in_its_format_its_arguments_and_its_traceback() ->
 # -- the real `lifecycle web` process --------------------------------------------------
 
 
-def lifecycle_web(port: int, log: Path) -> subprocess.Popen:
+def lifecycle_web(settings: Settings, port: int, log: Path) -> subprocess.Popen:
     script = Path(sys.executable).with_name("lifecycle")
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from flows.surfaces.cli import app; app()"]
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*command, "web", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen([*command, "web", "--host", "127.0.0.1", "--port", str(port)],
+                            env=child_env(settings, PYTHONUNBUFFERED="1"), stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
 
 
 def test_lifecycle_web_never_logs_a_token(settings: Settings, store: Store, tmp_path: Path) -> None:
     marker = f"tokenmarker{uuid.uuid4().hex}"
     tokens = genuine_tokens(settings, store)
     port, log = free_port(), tmp_path / "web.log"
-    process = lifecycle_web(port, log)
+    process = lifecycle_web(settings, port, log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
