@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prefect.server.schemas.schedules import CronSchedule
 
 from flows.clock import check_cron, last_slot, next_slot
@@ -99,3 +101,19 @@ def test_every_weekday_form_validate_accepts_is_scheduled_by_serve_at_the_cronsi
     start = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
     ours, theirs, _ = fire_times(expression, "Europe/Berlin", start, 21)
     assert ours == theirs, expression
+
+
+_PIECES = ["*", "*/7", "0", "5", "59", "60", "1-5", "5-1", "0-59/15", "mon", "sun-sat", "jan-mar", "31", "0,30",
+           "7", "12", "13", "24", "23", "*/0", "2-3/0", "fri-mon", "feb", "1-31/10", "oct,dec", "sat"]
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), min_size=5, max_size=5))
+def test_every_expression_validate_accepts_is_one_serve_can_schedule(fields: list[str]) -> None:
+    """The spec check needs no scheduler of its own: what it accepts, APScheduler builds."""
+    expression = " ".join(fields)
+    try:
+        check_cron(expression)
+    except ValueError:
+        return
+    cron_trigger(expression, "Europe/Berlin")  # raises if `lifecycle serve` could not schedule it
