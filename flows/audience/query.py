@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     DateTime,
     Engine,
@@ -21,12 +22,13 @@ from sqlalchemy import (
     exists,
     false,
     func,
+    inspect,
     or_,
     select,
     true,
     type_coerce,
 )
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from flows.audience.stage_sql import customer_stage, order_count, order_value, with_orders
 from flows.audience.timing import QUIET_HOURS, customer_zone, longest_window, next_allowed
@@ -36,7 +38,7 @@ from flows.kinds.base import Kind
 from flows.memory import frozen_heap
 from flows.outcomes import Outcome
 from flows.send.claims import awaiting
-from flows.spec.common import TriggerBase
+from flows.spec.common import Reentry, TriggerBase
 from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
 from models import (
@@ -74,8 +76,13 @@ def send_key(trigger: str, customer_id: int, occurrence: str) -> str:
     return f"{trigger}/{customer_id}/{occurrence}"
 
 
+# A query of any columns (the audience's are read positionally, see ``_classifier``).
+AnySelect = Select[*tuple[Any, ...]]
+AnyRow = Row[*tuple[Any, ...]]
+
+
 def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime,
-                   deferred_only: bool = False) -> Select:
+                   deferred_only: bool = False) -> AnySelect:
     """Everyone due, in customer order, each customer's stage computed once.
 
     ``deferred_only`` keeps the customers with a deferral of this trigger that has come
@@ -88,39 +95,39 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         # subquery over customers cost a second lookup per customer.
         columns = due.selected_columns
         ref_id, ref_time = columns.ref_id, columns.ref_time
-        occurrence = [Customer.id]  # one row per customer; both databases accept its columns
-        base = select().select_from(Customer).where(true() if due.whereclause is None else due.whereclause)
+        occurrence: list[Any] = [col(Customer.id)]  # one row per customer; both databases accept its columns
+        base: AnySelect = select().select_from(Customer).where(true() if due.whereclause is None else due.whereclause)
     else:
         subquery = due.subquery("due")
         ref_id, ref_time = subquery.c.ref_id, subquery.c.ref_time
         # One group per occurrence (the kind's due rows are one per occurrence).
-        occurrence = [Customer.id, ref_id, ref_time]
-        base = select().select_from(subquery).join(Customer, Customer.id == subquery.c.customer_id)
+        occurrence = [col(Customer.id), ref_id, ref_time]
+        base = select().select_from(subquery).join(Customer, col(Customer.id) == subquery.c.customer_id)
     stage = customer_stage(rules, now)
     audience = trigger.audience
 
     query = base.add_columns(  # read positionally by _classifier: keep the order
-        Customer.id,
-        Customer.external_id,
-        Customer.email,
-        Customer.first_name,
-        Customer.last_name,
-        Customer.locale,
-        Customer.marketing_consent,
-        Customer.consent_requested_at.is_not(None).label("consent_requested"),
-        Customer.timezone,
+        col(Customer.id),
+        col(Customer.external_id),
+        col(Customer.email),
+        col(Customer.first_name),
+        col(Customer.last_name),
+        col(Customer.locale),
+        col(Customer.marketing_consent),
+        col(Customer.consent_requested_at).is_not(None).label("consent_requested"),
+        col(Customer.timezone),
         ref_id,
         # Naive UTC as stored: occurrences only stamp it, and attaching a zone costs
         # more than parsing (a microsecond a row).
         type_coerce(ref_time, DateTime()).label("ref_time"),
         stage.label("stage"),
         suppressed_for(kind).label("suppressed"),
-        exists().where(CategoryOptOut.customer_id == Customer.id,
-                       CategoryOptOut.category == kind.name).label("opted_out"),
+        exists().where(col(CategoryOptOut.customer_id) == col(Customer.id),
+                       col(CategoryOptOut.category) == kind.name).label("opted_out"),
         _reentry_blocked(trigger, now).label("reentry_blocked"),
     )
     if deferred_only:  # driven by the few deferrals, not by a probe per customer
-        query = query.where(Customer.id.in_(select(Send.customer_id).where(awaiting(trigger.name, now))))
+        query = query.where(col(Customer.id).in_(select(col(Send.customer_id)).where(awaiting(trigger.name, now))))
     if audience.locales:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
     # Grouped and ordered alike, so that both databases stream it without sorting.
@@ -138,37 +145,44 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     return query
 
 
-def _over_customers(due: Select) -> bool:
+def _over_customers(due: AnySelect) -> bool:
     """A kind's due query that only filters customers (see ``Kind``)."""
-    return due.get_final_froms() == [Customer.__table__]
+    return due.get_final_froms() == [inspect(Customer).local_table]
 
 
 # A send that happened (or may have): it counts for re-entry and frequency caps.
 DELIVERED = (SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT, SendStatus.BOUNCED, SendStatus.COMPLAINED)
 
 
-def address(email: Any) -> Any:
+def address(email: Any) -> ColumnElement[str]:
     """A mailbox as Lifecycle compares them: customers sharing one are one recipient."""
     return func.lower(email, type_=String())
 
 
-def _reentry_blocked(trigger: TriggerBase, now: datetime):
+def _reentry_blocked(trigger: TriggerBase, now: datetime) -> ColumnElement[bool]:
     """True when an earlier send of this trigger to the customer forbids another now (to
     the customer's mailbox under another record: ``_mailbox_history``, for the few shared)."""
     rule = trigger.reentry
     if rule.mode == "every_occurrence":
         return false()
-    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED), Send.customer_id == Customer.id)
+    earlier = and_(col(Send.trigger) == trigger.name, col(Send.status).in_(DELIVERED),
+                   col(Send.customer_id) == col(Customer.id))
     if rule.mode == "cooldown":
-        earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
+        earlier = and_(earlier, col(Send.evaluated_at) > now - _cooldown(rule), col(Send.evaluated_at) <= now)
     return exists().where(earlier)
+
+
+def _cooldown(rule: Reentry) -> timedelta:
+    """The cool-down of a ``cooldown`` rule (``parse_reentry`` gives it one)."""
+    assert rule.cooldown is not None
+    return rule.cooldown
 
 
 def shared_addresses(connection: Connection) -> frozenset[str]:
     """Mailboxes that several customer records share (few; a walk of one index, once per
     run, where a probe per audience row cost a third of the audience's time)."""
     mailbox = address(Customer.email)
-    return frozenset(connection.execute(select(mailbox).where(Customer.email.is_not(None)).group_by(mailbox)
+    return frozenset(connection.execute(select(mailbox).where(col(Customer.email).is_not(None)).group_by(mailbox)
                                         .having(func.count() > 1)).scalars())
 
 
@@ -261,7 +275,7 @@ class _InRun:
         self.earlier(customer_id).append(key)
 
 
-def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
+def _read_ahead(chunks: Iterator[Sequence[AnyRow]]) -> Iterator[Sequence[AnyRow]]:
     """Fetch the next chunk in a thread while the caller works on this one, so a database
     server computes it meanwhile on another core. Not for SQLite: it computes in this
     process, and its driver lets go of the GIL at every row, so the two threads would pass
@@ -274,13 +288,13 @@ def _read_ahead(chunks: Iterator[Sequence[Row]]) -> Iterator[Sequence[Row]]:
 
 
 def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str,
-                supported: frozenset[str] | None, shared_mailboxes: frozenset[str]) -> Callable[[Row], Candidate]:
+                supported: frozenset[str] | None, shared_mailboxes: frozenset[str]) -> Callable[[AnyRow], Candidate]:
     """Turns an audience row into a candidate, skipped or not. Runs once per row of
     audiences of hundreds of thousands, so everything that does not vary is settled here."""
     marketing = kind.category == "marketing"
     languages: dict[str | None, str] = {}
 
-    def classify(row: Row) -> Candidate:
+    def classify(row: AnyRow) -> Candidate:
         # Unpacked in audience_query's column order: by far the cheapest way to read a row.
         (customer_id, external_id, email, first_name, last_name, locale, consent, consent_requested, timezone,
          ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked) = row
@@ -321,8 +335,9 @@ def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candi
     if not batch:
         return batch
     ids = [c.customer_id for c in batch]
-    rows = session.execute(select(Send.send_key, Send.status, Send.not_before, Send.expires_at, Send.claimed_at)
-                           .where(Send.trigger == trigger.name, Send.customer_id.between(min(ids), max(ids)),
+    rows = session.execute(select(col(Send.send_key), col(Send.status), col(Send.not_before), col(Send.expires_at),
+                                  col(Send.claimed_at))
+                           .where(col(Send.trigger) == trigger.name, col(Send.customer_id).between(min(ids), max(ids)),
                                   one_of(Send.occurrence, {c.occurrence for c in batch},
                                          session.get_bind().dialect.name)))
     known = {key: rest for key, *rest in rows}
@@ -359,12 +374,12 @@ def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candida
     shared = {(c.email or "").lower() for c in batch if c.shared and (c.skip is None or c.skip.deferred)}
     if not shared:
         return batch
-    rows = session.execute(select(address(Send.email), Send.occurrence, Send.send_key, Send.status,
-                                  Send.evaluated_at).where(
-        Send.trigger == trigger.name, one_of(address(Send.email), shared, session.get_bind().dialect.name)))
+    rows = session.execute(select(address(Send.email), col(Send.occurrence), col(Send.send_key), col(Send.status),
+                                  col(Send.evaluated_at)).where(
+        col(Send.trigger) == trigger.name, one_of(address(Send.email), shared, session.get_bind().dialect.name)))
     history: dict[str, list[tuple[str, str, str, datetime]]] = {}
     for mailbox, *rest in rows:
-        history.setdefault(mailbox, []).append(tuple(rest))  # type: ignore[arg-type]
+        history.setdefault(mailbox, []).append(tuple(rest))
     rule = trigger.reentry
     out = []
     for c in batch:
@@ -374,7 +389,7 @@ def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candida
             if any(occurrence == c.occurrence for occurrence, _, _ in others):
                 c = c._replace(skip=Outcome.DUPLICATE_ADDRESS, not_before=None)
             elif rule.mode != "every_occurrence" and any(
-                    status in DELIVERED and (rule.mode == "once" or now - rule.cooldown < at <= now)
+                    status in DELIVERED and (rule.mode == "once" or now - _cooldown(rule) < at <= now)
                     for _, status, at in others):
                 c = c._replace(skip=Outcome.REENTRY, not_before=None)
         out.append(c)
@@ -384,11 +399,12 @@ def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candida
 def _blocked_by_another(session: Session, trigger: TriggerBase, c: Candidate, now: datetime) -> bool:
     """Re-entry for a claim about to be taken over, not counting that claim (rare: crash reruns)."""
     rule = trigger.reentry
-    earlier = and_(Send.trigger == trigger.name, Send.status.in_(DELIVERED), Send.send_key != c.send_key,
-                   or_(Send.customer_id == c.customer_id, address(Send.email) == (c.email or "").lower()))
+    earlier = and_(col(Send.trigger) == trigger.name, col(Send.status).in_(DELIVERED), col(Send.send_key) != c.send_key,
+                   or_(col(Send.customer_id) == c.customer_id, address(Send.email) == (c.email or "").lower()))
     if rule.mode == "cooldown":
-        earlier = and_(earlier, Send.evaluated_at > now - rule.cooldown, Send.evaluated_at <= now)
-    return session.execute(select(exists().where(earlier))).scalar_one()
+        earlier = and_(earlier, col(Send.evaluated_at) > now - _cooldown(rule), col(Send.evaluated_at) <= now)
+    blocked: bool = session.execute(select(exists().where(earlier))).scalar_one()
+    return blocked
 
 
 def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now: datetime,
@@ -408,9 +424,9 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
     window = longest_window(policy)
     if window:
         addresses = {(c.email or "").lower() for c in due}
-        rows = session.execute(select(address(Send.email), Send.send_key, Send.evaluated_at).where(
-            one_of(address(Send.email), addresses, session.get_bind().dialect.name), Send.category == "marketing",
-            Send.status.in_(DELIVERED), Send.evaluated_at > now - window, Send.evaluated_at <= now))
+        rows = session.execute(select(address(Send.email), col(Send.send_key), col(Send.evaluated_at)).where(
+            one_of(address(Send.email), addresses, session.get_bind().dialect.name), col(Send.category) == "marketing",
+            col(Send.status).in_(DELIVERED), col(Send.evaluated_at) > now - window, col(Send.evaluated_at) <= now))
         for mailbox, key, at in rows:
             recent.setdefault(mailbox, []).append((key, at))
         session.rollback()

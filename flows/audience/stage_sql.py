@@ -9,7 +9,7 @@ one subquery run per row, and twice per row once the stage was also filtered on.
 
 from datetime import datetime, timedelta
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVarTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -23,23 +23,27 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlmodel import col
 
 from flows.spec.stages import StageCondition, StageRules
 from models import Customer, Order
 
+Ts = TypeVarTuple("Ts")
+
 # The joined orders' aggregates (with no order, count is 0 and the others NULL).
+_ORDER_COUNT: ColumnElement[int] = func.count(col(Order.customer_id))  # in the covering index, unlike the id
 _STATS = SimpleNamespace(c=SimpleNamespace(
-    order_count=func.count(Order.customer_id),  # in the covering index, unlike the id
-    total_cents=func.sum(Order.total_cents),
-    first_order_at=func.min(Order.placed_at),
-    last_order_at=func.max(Order.placed_at),
+    order_count=_ORDER_COUNT,
+    total_cents=func.sum(col(Order.total_cents)),
+    first_order_at=func.min(col(Order.placed_at)),
+    last_order_at=func.max(col(Order.placed_at)),
 ))
 
 
-def with_orders(query: Select, customer_id: Any, now: datetime) -> Select:
+def with_orders(query: Select[*Ts], customer_id: Any, now: datetime) -> Select[*Ts]:
     """``query`` outer-joined to the orders of ``customer_id`` (a column) placed by ``now``:
     group it by one row per customer to use the aggregates below."""
-    return query.outerjoin(Order, and_(Order.customer_id == customer_id, Order.placed_at <= now))
+    return query.outerjoin(Order, and_(col(Order.customer_id) == customer_id, col(Order.placed_at) <= now))
 
 
 def customer_stage(rules: StageRules, now: datetime) -> ColumnElement[str]:
@@ -48,7 +52,7 @@ def customer_stage(rules: StageRules, now: datetime) -> ColumnElement[str]:
 
 
 def order_count() -> ColumnElement[int]:
-    return _STATS.c.order_count
+    return _ORDER_COUNT
 
 
 def order_value() -> ColumnElement[int]:
@@ -56,7 +60,9 @@ def order_value() -> ColumnElement[int]:
     return func.coalesce(_STATS.c.total_cents, 0)
 
 
-def _condition(cond: StageCondition, stats, now: datetime) -> ColumnElement[bool]:
+# ``stats``: anything whose ``.c`` has the columns of ``_STATS`` (order_count, total_cents,
+# first_order_at, last_order_at).
+def _condition(cond: StageCondition, stats: Any, now: datetime) -> ColumnElement[bool]:
     orders = func.coalesce(stats.c.order_count, 0)
     value = func.coalesce(stats.c.total_cents, 0)
     parts: list[ColumnElement[bool]] = []
@@ -80,7 +86,7 @@ def _condition(cond: StageCondition, stats, now: datetime) -> ColumnElement[bool
     return and_(true(), *parts)
 
 
-def stage_expression(rules: StageRules, stats, now: datetime) -> ColumnElement[str]:
+def stage_expression(rules: StageRules, stats: Any, now: datetime) -> ColumnElement[str]:
     """The first rule that matches names the stage; the last rule matches everyone."""
     whens = [
         (or_(false(), *(_condition(c, stats, now) for c in rule.when)), literal(rule.name))
@@ -90,7 +96,7 @@ def stage_expression(rules: StageRules, stats, now: datetime) -> ColumnElement[s
     return case(*whens, else_=fallback) if whens else fallback
 
 
-def customer_stages(rules: StageRules, now: datetime) -> Select:
+def customer_stages(rules: StageRules, now: datetime) -> Select[int | None, str]:
     """``(customer_id, stage)`` for every customer: for previews, reports and tests."""
-    query = select(Customer.id, customer_stage(rules, now).label("stage"))
-    return with_orders(query, Customer.id, now).group_by(Customer.id)
+    query = select(col(Customer.id), customer_stage(rules, now).label("stage"))
+    return with_orders(query, Customer.id, now).group_by(col(Customer.id))

@@ -2,7 +2,7 @@
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from flows import clock
@@ -35,10 +35,11 @@ def quiet_until(moment: datetime, zone: ZoneInfo, quiet: QuietHours) -> datetime
     if not inside:
         return None
     day = local.date() + timedelta(days=1) if overnight and now >= start else local.date()
-    return datetime.combine(day, end, tzinfo=zone).astimezone(timezone.utc)
+    return datetime.combine(day, end, tzinfo=zone).astimezone(UTC)
 
 
-def next_allowed(now: datetime, recent: Sequence[datetime], zone: ZoneInfo, policy: Policy) -> tuple[datetime, str | None]:
+def next_allowed(now: datetime, recent: Sequence[datetime], zone: ZoneInfo,
+                 policy: Policy) -> tuple[datetime, str | None]:
     """The earliest moment from ``now`` that respects every cap and the quiet hours.
 
     ``recent`` are the customer's marketing sends (any trigger). Returns the moment and
