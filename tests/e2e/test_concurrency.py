@@ -3,21 +3,31 @@
 import json
 import multiprocessing
 import os
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlmodel import Session
 
+from flows.settings import Settings
 from models import CartItem, Event, Send
 from tests.conftest import POSTGRES_URL
 from tests.support.builders import NOW, Store
+from tests.support.children import child_env, lifecycle_bin
+from tests.support.ledger import statuses
 from tests.support.smtp_server import SmtpServer
 
 RECIPIENTS = 400
+
+
+def in_batches(db_url: str, smtp: SmtpServer, project_dir: Path) -> Settings:
+    """The shipped project on ``db_url`` and ``smtp``, sent in batches of 50, 8 claims open at once."""
+    return Settings(database_url=db_url, smtp_url=smtp.url, triggers_dir=project_dir / "triggers",
+                    templates_dir=project_dir / "templates", batch_size=50, in_flight=8,
+                    secret=SecretStr("concurrency-test-secret"))
 
 
 def dispatching_process(env: dict[str, str], barrier, results) -> None:  # runs in a child process
@@ -37,10 +47,7 @@ def test_two_processes_sending_the_same_campaign_send_every_mail_once(db_url: st
                                                                       project_dir: Path) -> None:
     assert db_url == POSTGRES_URL
     store.lapsed(RECIPIENTS)
-    env = {"LIFECYCLE_DATABASE_URL": db_url, "LIFECYCLE_SMTP_URL": smtp.url,
-           "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
-           "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates"),
-           "LIFECYCLE_BATCH_SIZE": "50", "LIFECYCLE_IN_FLIGHT": "8", "LIFECYCLE_SECRET": "concurrency-test-secret"}
+    env = child_env(in_batches(db_url, smtp, project_dir))
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
     workers = [context.Process(target=dispatching_process, args=(env, barrier, results)) for _ in range(2)]
@@ -56,9 +63,7 @@ def test_two_processes_sending_the_same_campaign_send_every_mail_once(db_url: st
     assert len(received) == RECIPIENTS and set(received.values()) == {1}  # zero duplicates at the server
     assert sum(o.get("sent", 0) for o in outcomes) == RECIPIENTS
     assert all(o.get("sent", 0) > 0 for o in outcomes), outcomes  # both really sent: they did overlap
-    with Session(store.engine) as session:
-        assert session.execute(select(func.count()).select_from(Send).where(Send.status == "sent")).scalar_one() \
-            == RECIPIENTS
+    assert statuses(store.engine)["sent"] == RECIPIENTS
 
 
 # -- SQLite: ingests and a run writing at once ---------------------------------------------
@@ -89,21 +94,16 @@ def test_two_ingests_and_a_run_at_once_on_sqlite_lose_nothing(db_url: str, store
     server = SmtpServer(data_delay=0.002).start()  # the run lasts as long as the ingests
     try:
         store.lapsed(RECIPIENTS)
-        env = {"LIFECYCLE_DATABASE_URL": db_url, "LIFECYCLE_SMTP_URL": server.url,
-               "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
-               "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates"),
-               "LIFECYCLE_BATCH_SIZE": "50", "LIFECYCLE_IN_FLIGHT": "8", "LIFECYCLE_SECRET": "concurrency-test-secret"}
+        settings = in_batches(db_url, server, project_dir)
         files = []
         for tag in ("east", "west"):
             files.append(tmp_path / f"{tag}.jsonl")
             files[-1].write_text(_events(tag))
-        lifecycle = shutil.which("lifecycle")
-        assert lifecycle
-        ingests = [subprocess.Popen([lifecycle, "ingest", str(f)], env={**os.environ, **env, "COLUMNS": "250"},
+        ingests = [subprocess.Popen([lifecycle_bin(), "ingest", str(f)], env=child_env(settings, COLUMNS="250"),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for f in files]
         context = multiprocessing.get_context("spawn")
         barrier, results = context.Barrier(1), context.Queue()
-        run = context.Process(target=dispatching_process, args=(env, barrier, results))
+        run = context.Process(target=dispatching_process, args=(child_env(settings), barrier, results))
         run.start()
         outputs = [ingest.communicate(timeout=600)[0] for ingest in ingests]
         run.join(timeout=600)

@@ -7,17 +7,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-from sqlmodel import Session
+from pydantic import SecretStr
 
-from flows.run import execute
-from flows.run_context import prepare
 from flows.settings import Settings
-from models import Send
 from tests.support.builders import NOW, Store
+from tests.support.children import child_env
+from tests.support.ledger import addresses
+from tests.support.runs import run
 from tests.support.smtp_server import SmtpServer
 
 RECIPIENTS = 300
@@ -35,18 +33,14 @@ execute(prepare("winback-lapsed", datetime.fromisoformat(sys.argv[1]), settings=
 
 
 @pytest.mark.parametrize("kill_after", [20, 140, 260])
-def test_a_hard_kill_then_a_rerun_sends_every_mail_once(settings: Settings, store: Store, project_dir: Path,
-                                                        kill_after: int) -> None:
+def test_a_hard_kill_then_a_rerun_sends_every_mail_once(settings: Settings, store: Store, kill_after: int) -> None:
     slow = SmtpServer(data_delay=0.005).start()  # ~1,000 a second at most: room to kill mid-run
     try:
         emails = set(store.lapsed(RECIPIENTS))
-        env = {**os.environ, "LIFECYCLE_DATABASE_URL": settings.database_url,
-               "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{slow.port}?connections={CONNECTIONS}",
-               "LIFECYCLE_TRIGGERS_DIR": str(project_dir / "triggers"),
-               "LIFECYCLE_TEMPLATES_DIR": str(project_dir / "templates"),
-               "LIFECYCLE_BATCH_SIZE": "100", "LIFECYCLE_IN_FLIGHT": str(IN_FLIGHT), "LIFECYCLE_WORKERS": str(WORKERS),
-               "LIFECYCLE_SECRET": "crash-test-secret"}
-        child = subprocess.Popen([sys.executable, "-c", CHILD, NOW.isoformat()], env=env)
+        killed = settings.model_copy(update={
+            "smtp_url": f"smtp://127.0.0.1:{slow.port}?connections={CONNECTIONS}",
+            "batch_size": 100, "in_flight": IN_FLIGHT, "workers": WORKERS, "secret": SecretStr("crash-test-secret")})
+        child = subprocess.Popen([sys.executable, "-c", CHILD, NOW.isoformat()], env=child_env(killed))
         deadline = time.monotonic() + 60
         while len(slow.received) < kill_after and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -61,14 +55,12 @@ def test_a_hard_kill_then_a_rerun_sends_every_mail_once(settings: Settings, stor
         # The next run (the killed run's lease is over: it is dead) finishes the job.
         rerun = settings.model_copy(update={"claim_lease_seconds": 0,
                                             "smtp_url": f"smtp://127.0.0.1:{slow.port}?connections={CONNECTIONS}"})
-        execute(prepare("winback-lapsed", NOW, settings=rerun))
+        run(rerun, "winback-lapsed")
     finally:
         slow.stop()
 
     received = Counter(r.recipients[0] for r in slow.received)
-    with Session(store.engine) as session:
-        in_doubt = set(session.execute(select(Send.email).where(Send.status == "sending")).scalars())
-        sent = set(session.execute(select(Send.email).where(Send.status == "sent")).scalars())
+    in_doubt, sent = addresses(store.engine, "sending"), addresses(store.engine, "sent")
     print(f"\nkilled after {before} accepted: {len(in_doubt)} in doubt, "
           f"{sum(1 for e in in_doubt if e in received)} of them accepted by the server")
     assert set(received.values()) == {1}  # nobody got it twice
