@@ -5,9 +5,10 @@ plan the same key; only one INSERT wins, and only the winner sends. See
 ``models.ledger`` for the states and what a crash leaves behind.
 """
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -17,13 +18,17 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    inspect,
     or_,
     select,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import col
 
 from models import Send, SendStatus
 from models.db import one_of
@@ -57,7 +62,7 @@ class Decision:
     error: str = ""
 
 
-def _insert(engine: Engine):
+def _insert(engine: Engine) -> Callable[[Any], PgInsert | SqliteInsert]:
     return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
 
 
@@ -75,10 +80,10 @@ def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at
     ]
 
 
-def _unnested_insert(names: Sequence[str]):
+def _unnested_insert(names: Sequence[str]) -> PgInsert:
     """``INSERT INTO sends (…) SELECT … FROM unnest(:send_key, :trigger, …)``: a batch as
     one array per column, each bound under its column's name and typed after it."""
-    columns = [Send.__table__.c[name] for name in names]
+    columns = [inspect(Send).local_table.c[name] for name in names]
     arrays = func.unnest(*(bindparam(c.name, type_=ARRAY(c.type)) for c in columns))
     rows = arrays.table_valued(*names).render_derived()
     return pg_insert(Send).from_select(list(names), select(*rows.c))
@@ -96,6 +101,8 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
     if not claims:
         return set()
     rows = _rows(claims, SendStatus.CLAIMED, run_id, evaluated_at)
+    insert: PgInsert | SqliteInsert
+    parameters: dict[str, list[object]] | list[dict[str, object]]
     if engine.dialect.name == "postgresql":
         # One array per column, unnested by the server: a multi-row VALUES list of 14,000
         # parameters cost the driver three times as much to parse as the server to insert.
@@ -106,19 +113,19 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
         insert, parameters = _insert(engine)(Send), rows
     # Any conflict: the key's own row, or the mailbox's row for the same occurrence (another
     # customer record with the same address, see ``models.ledger``).
-    insert = insert.on_conflict_do_nothing().returning(Send.send_key)
+    inserted = insert.on_conflict_do_nothing().returning(col(Send.send_key))
     stale = utcnow() - lease
     with engine.begin() as connection:
-        won = set(connection.execute(insert, parameters).scalars())
+        won = set(connection.execute(inserted, parameters).scalars())
         for c in (c for c in claims if c.send_key not in won):  # usually none or few
             resumed = connection.execute(
-                update(Send).where(Send.send_key == c.send_key, or_(
-                    and_(Send.status == SendStatus.DEFERRED, Send.not_before <= evaluated_at,
-                         or_(Send.expires_at.is_(None), Send.expires_at > evaluated_at)),
-                    and_(Send.status == SendStatus.CLAIMED, Send.claimed_at < stale)))
+                update(Send).where(col(Send.send_key) == c.send_key, or_(
+                    and_(col(Send.status) == SendStatus.DEFERRED, col(Send.not_before) <= evaluated_at,
+                         or_(col(Send.expires_at).is_(None), col(Send.expires_at) > evaluated_at)),
+                    and_(col(Send.status) == SendStatus.CLAIMED, col(Send.claimed_at) < stale)))
                 .values(status=SendStatus.CLAIMED, run_id=run_id, claimed_at=utcnow(), evaluated_at=evaluated_at,
                         stage=c.stage, template=c.template, message_id=c.message_id)
-                .returning(Send.send_key)).scalar_one_or_none()
+                .returning(col(Send.send_key))).scalar_one_or_none()
             if resumed:
                 won.add(resumed)
     return won
@@ -135,9 +142,9 @@ def mark_sending(engine: Engine, keys: Iterable[str], run_id: str) -> set[str]:
         return set()
     with engine.begin() as connection:
         return set(connection.execute(
-            update(Send).where(one_of(Send.send_key, keys, engine.dialect.name), Send.status == SendStatus.CLAIMED,
-                               Send.run_id == run_id)
-            .values(status=SendStatus.SENDING).returning(Send.send_key)).scalars())
+            update(Send).where(one_of(Send.send_key, keys, engine.dialect.name),
+                               col(Send.status) == SendStatus.CLAIMED, col(Send.run_id) == run_id)
+            .values(status=SendStatus.SENDING).returning(col(Send.send_key))).scalars())
 
 
 def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | None]], run_id: str,
@@ -149,12 +156,12 @@ def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | Non
     if not claims:
         return
     rows = [row | {"not_before": not_before, "expires_at": expires_at}
-            for (claim_, not_before, expires_at), row in zip(
-                claims, _rows([c for c, _, _ in claims], SendStatus.DEFERRED, run_id, evaluated_at))]
+            for (_claim, not_before, expires_at), row in zip(
+                claims, _rows([c for c, _, _ in claims], SendStatus.DEFERRED, run_id, evaluated_at), strict=True)]
     # Any conflict leaves the row there: this key's own earlier deferral (moved on below),
     # or the mailbox's row for the same occurrence under another customer record.
     insert = _insert(engine)(Send).on_conflict_do_nothing()  # executemany, as in ``claim``
-    move_on = (update(Send).where(Send.send_key == bindparam("b_key"), Send.status == SendStatus.DEFERRED)
+    move_on = (update(Send).where(col(Send.send_key) == bindparam("b_key"), col(Send.status) == SendStatus.DEFERRED)
                .values(not_before=bindparam("b_not_before")).execution_options(synchronize_session=False))
     with engine.begin() as connection:
         connection.execute(insert, rows)
@@ -167,14 +174,14 @@ NO_LONGER_DUE = "no longer due when its moment came"
 
 def awaiting(trigger: str, now: datetime) -> ColumnElement[bool]:
     """Deferrals of ``trigger`` whose moment, or expiry, has come (``sends`` rows)."""
-    return and_(Send.trigger == trigger, Send.status == SendStatus.DEFERRED,
-                or_(Send.not_before <= now, Send.expires_at <= now))
+    return and_(col(Send.trigger) == trigger, col(Send.status) == SendStatus.DEFERRED,
+                or_(col(Send.not_before) <= now, col(Send.expires_at) <= now))
 
 
 def awaiting_keys(engine: Engine, trigger: str, now: datetime) -> set[str]:
     """The keys of ``awaiting`` deferrals, as a pass over the audience begins."""
     with engine.connect() as connection:
-        return set(connection.execute(select(Send.send_key).where(awaiting(trigger, now))).scalars())
+        return set(connection.execute(select(col(Send.send_key)).where(awaiting(trigger, now))).scalars())
 
 
 def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collection[str], handled: Collection[str],
@@ -193,8 +200,9 @@ def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collectio
     if not among:
         return []
     with engine.begin() as connection:
-        rows = connection.execute(select(Send.send_key, Send.stage, Send.expires_at)
-                                  .where(awaiting(trigger, now), one_of(Send.send_key, among, engine.dialect.name))).all()
+        rows = connection.execute(select(col(Send.send_key), col(Send.stage), col(Send.expires_at))
+                                  .where(awaiting(trigger, now),
+                                         one_of(Send.send_key, among, engine.dialect.name))).all()
         closing: dict[str, tuple[str, str]] = {}
         for key, stage, expires_at in rows:
             if key in expired or (key not in handled and expires_at is not None and expires_at <= now):
@@ -207,7 +215,7 @@ def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collectio
                 keys = [key for key, (_, why) in closing.items() if why == reason]
                 if keys:
                     connection.execute(update(Send).where(one_of(Send.send_key, keys, engine.dialect.name),
-                                                          Send.status == SendStatus.DEFERRED)
+                                                          col(Send.status) == SendStatus.DEFERRED)
                                        .values(status=SendStatus.EXPIRED, finished_at=finished, error=reason))
     return [closing[key] for key in closing if key not in handled]
 
@@ -216,7 +224,8 @@ def record(engine: Engine, outcomes: Sequence[Decision]) -> None:
     """Mark sent and failed keys; delete claims the server deferred, so a later run retries."""
     now = utcnow()
     finished = [
-        {"b_key": o.send_key, "b_status": o.status.value, "b_reply": o.reply[:1000], "b_error": o.error[:1000], "b_at": now}
+        {"b_key": o.send_key, "b_status": o.status.value, "b_reply": o.reply[:1000], "b_error": o.error[:1000],
+         "b_at": now}
         for o in outcomes
         if o.status in (SendStatus.SENT, SendStatus.FAILED)
     ]
@@ -225,8 +234,8 @@ def record(engine: Engine, outcomes: Sequence[Decision]) -> None:
         if finished:
             connection.execute(
                 update(Send)
-                .where(Send.send_key == bindparam("b_key"),  # (no IN here: executemany cannot expand it)
-                       or_(Send.status == SendStatus.CLAIMED, Send.status == SendStatus.SENDING))
+                .where(col(Send.send_key) == bindparam("b_key"),  # (no IN here: executemany cannot expand it)
+                       or_(col(Send.status) == SendStatus.CLAIMED, col(Send.status) == SendStatus.SENDING))
                 .values(status=bindparam("b_status"), smtp_reply=bindparam("b_reply"), error=bindparam("b_error"),
                         finished_at=bindparam("b_at"))
                 .execution_options(synchronize_session=False),
@@ -250,10 +259,10 @@ def _release(connection: Connection, keys: Sequence[str]) -> int:
     deleted, as if never claimed."""
     dialect = connection.dialect.name
     undeferred = connection.execute(
-        update(Send).where(one_of(Send.send_key, keys, dialect), Send.status.in_(IN_PROGRESS),
-                           Send.not_before.is_not(None)).values(status=SendStatus.DEFERRED)).rowcount or 0
+        update(Send).where(one_of(Send.send_key, keys, dialect), col(Send.status).in_(IN_PROGRESS),
+                           col(Send.not_before).is_not(None)).values(status=SendStatus.DEFERRED)).rowcount or 0
     deleted = connection.execute(
-        delete(Send).where(one_of(Send.send_key, keys, dialect), Send.status.in_(IN_PROGRESS))).rowcount or 0
+        delete(Send).where(one_of(Send.send_key, keys, dialect), col(Send.status).in_(IN_PROGRESS))).rowcount or 0
     return undeferred + deleted
 
 
@@ -262,6 +271,7 @@ def in_doubt(engine: Engine, older_than: timedelta = timedelta(minutes=10)) -> l
     cutoff = utcnow() - older_than
     with engine.connect() as connection:
         rows = connection.execute(
-            select(Send).where(Send.status == SendStatus.SENDING, Send.claimed_at < cutoff).order_by(Send.claimed_at)
+            select(Send).where(col(Send.status) == SendStatus.SENDING, col(Send.claimed_at) < cutoff)
+            .order_by(col(Send.claimed_at))
         )
         return [Send.model_validate(row._mapping) for row in rows]

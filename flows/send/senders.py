@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from types import TracebackType
+from typing import Any
 
 from flows.audience.query import Candidate
 from flows.memory import one_malloc_arena
@@ -93,7 +94,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
             replies.send(("failed", _portable(error)))
 
 
-_Work = tuple[Future, list[Candidate], int] | None  # None: no more batches for this sender
+_Work = tuple["Future[BatchOutcome]", list[Candidate], int] | None  # None: no more batches for this sender
 
 
 class _Sender:
@@ -143,7 +144,9 @@ class _Sender:
                 future.set_exception(detail)
         self.close()
 
-    def _exchange(self, candidates: list[Candidate], batch: int) -> tuple[str, object]:
+    # A reply is ``(status, detail)`` as unpickled from the sender: "ready" with its pid,
+    # "done" with a BatchOutcome, "failed" with the exception.
+    def _exchange(self, candidates: list[Candidate], batch: int) -> tuple[str, Any]:
         when = f"while it was sending batch {batch}"
         try:
             self._requests.send((candidates, batch))  # pickled whole before the first byte is written
@@ -156,9 +159,10 @@ class _Sender:
         self.process.wait()
         self._replies.close()
 
-    def _receive(self, when: str) -> tuple[str, object]:
+    def _receive(self, when: str) -> tuple[str, Any]:
         try:
-            return self._replies.recv()
+            reply: tuple[str, Any] = self._replies.recv()
+            return reply
         except EOFError:
             raise self._died(when) from None
 
@@ -235,9 +239,10 @@ class SenderPool:
             for future in self._drain():
                 future.cancel()
 
-    def _drain(self) -> list[Future]:
+    def _drain(self) -> list["Future[BatchOutcome]"]:
         """Take every waiting batch off the queue; the senders' ends of work stay on it."""
-        drained, ends = [], 0
+        drained: list[Future[BatchOutcome]] = []
+        ends = 0
         while True:
             try:
                 item = self._work.get_nowait()

@@ -18,6 +18,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
@@ -85,7 +86,8 @@ class SmtpConfig:
                 rate=float(query["rate"]) if "rate" in query else None,
             )
         except ValueError as exc:
-            why = str(exc) if str(exc).startswith("tls must be") else "a port, timeout, connections or rate is not a number"
+            why = (str(exc) if str(exc).startswith("tls must be")
+                   else "a port, timeout, connections or rate is not a number")
             raise ValueError(f"LIFECYCLE_SMTP_URL: {why}, got {shown!r}") from None
 
 
@@ -145,7 +147,8 @@ class SmtpUnavailable(Exception):
         super().__init__(message)
         self.done = done
 
-    def __reduce__(self) -> tuple:  # raised in a sender process, re-raised in the flow's
+    # Raised in a sender process, re-raised in the flow's.
+    def __reduce__(self) -> tuple[type[Self], tuple[str, list[Delivery]]]:
         return (type(self), (str(self), self.done))
 
 
@@ -269,7 +272,7 @@ class Mailer:
         # One message per 1/rate seconds, shared by all connections: no bursts above the limit.
         self._pace = AsyncLimiter(1, 1 / config.rate) if config.rate else None
 
-    async def __aenter__(self) -> "Mailer":  # noqa: PYI034 - not subclassed
+    async def __aenter__(self) -> "Mailer":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -356,7 +359,8 @@ class Mailer:
             raise SmtpUnavailable(self._unreachable(unreachable[0]), done)
         return done
 
-    async def _deliver(self, client: aiosmtplib.SMTP | None, envelope: Envelope) -> tuple[Delivery, aiosmtplib.SMTP | None]:
+    async def _deliver(self, client: aiosmtplib.SMTP | None,
+                       envelope: Envelope) -> tuple[Delivery, aiosmtplib.SMTP | None]:
         connection = client
 
         async def attempt() -> str:
@@ -487,5 +491,5 @@ async def _command(client: aiosmtplib.SMTP, verb: bytes, prefix: bytes, address:
 async def _reset(client: aiosmtplib.SMTP) -> None:
     try:
         await client.rset()
-    except Exception:  # noqa: BLE001, S110 - the connection is reset or replaced on the next use
+    except Exception:  # noqa: BLE001 - the connection is reset or replaced on the next use
         pass
