@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, exists, func, or_, select
+from sqlalchemy import ColumnElement, Engine, Exists, and_, delete, exists, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col
@@ -86,15 +86,17 @@ def check(session: Session, customer: Customer, token: dict[str, Any], *, at: da
         return Confirmation.SPENT
     withdrawn = customer.consent_withdrawn_at
     suppression = session.get(Suppression, suppression_key(customer.email)) if customer.email else None
-    if (withdrawn is not None and withdrawn >= pending) or (suppression is not None and suppression.created_at >= pending):
+    if ((withdrawn is not None and withdrawn >= pending)
+            or (suppression is not None and suppression.created_at >= pending)):
         return Confirmation.SPENT  # unsubscribed (or bounced, or complained) after asking: the request is void
     return Confirmation.CONFIRMED
 
 
 def _last_confirmed(session: Session, customer: Customer) -> str | None:
-    return session.execute(select(ConsentChange.request).where(
-        ConsentChange.customer_id == customer.id, ConsentChange.change == ConsentChangeKind.CONFIRMED.value,
-    ).order_by(ConsentChange.at.desc(), ConsentChange.id.desc()).limit(1)).scalar()
+    request: str | None = session.execute(select(col(ConsentChange.request)).where(
+        col(ConsentChange.customer_id) == customer.id, col(ConsentChange.change) == ConsentChangeKind.CONFIRMED.value,
+    ).order_by(col(ConsentChange.at).desc(), col(ConsentChange.id).desc()).limit(1)).scalar()
+    return request
 
 
 def confirm(session: Session, customer: Customer, token: dict[str, Any], *, at: datetime, secret: str,
@@ -115,8 +117,8 @@ def confirm(session: Session, customer: Customer, token: dict[str, Any], *, at: 
 
 def history(session: Session, customer_id: int) -> list[ConsentChange]:
     """The customer's consent record, oldest first."""
-    return list(session.execute(select(ConsentChange).where(ConsentChange.customer_id == customer_id)
-                                .order_by(ConsentChange.at, ConsentChange.id)).scalars())
+    return list(session.execute(select(ConsentChange).where(col(ConsentChange.customer_id) == customer_id)
+                                .order_by(col(ConsentChange.at), col(ConsentChange.id))).scalars())
 
 
 # -- suppressions ------------------------------------------------------------------
@@ -128,9 +130,8 @@ def suppress(engine: Engine, emails: Iterable[str], reason: SuppressionReason, d
     if not rows:
         return
     with engine.begin() as connection:
-        connection.execute(
-            (pg_insert if engine.dialect.name == "postgresql" else sqlite_insert)(Suppression).values(rows).on_conflict_do_nothing(index_elements=["email"])
-        )
+        insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+        connection.execute(insert(Suppression).values(rows).on_conflict_do_nothing(index_elements=["email"]))
 
 
 def lift(engine: Engine, emails: Iterable[str]) -> int:
@@ -167,11 +168,11 @@ def unsubscribe_by_token(engine: Engine, secret: str, token: str, via: str, at: 
 
 # -- in the audience ---------------------------------------------------------------
 
-def suppressed_for(kind: Kind):
+def suppressed_for(kind: Kind) -> Exists:
     """Marketing stops for any suppression; service mail only for undeliverable or complaining addresses."""
-    condition = Suppression.email == func.lower(Customer.email)
+    condition = col(Suppression.email) == func.lower(Customer.email)
     if kind.category == "transactional":
-        condition = and_(condition, Suppression.reason != SuppressionReason.UNSUBSCRIBED)
+        condition = and_(condition, col(Suppression.reason) != SuppressionReason.UNSUBSCRIBED)
     return exists().where(condition)
 
 
@@ -180,10 +181,12 @@ def withdrawn(engine: Engine, kind: Kind, customer_ids: Sequence[int]) -> set[in
     suppressed: checked again right before each batch is sent, so it takes effect at once."""
     if not customer_ids:
         return set()
-    blocked = suppressed_for(kind)
+    blocked: ColumnElement[bool] = suppressed_for(kind)
     if kind.category == "marketing":
-        opted_out = exists().where(CategoryOptOut.customer_id == Customer.id, CategoryOptOut.category == kind.name)
-        blocked = or_(blocked, Customer.marketing_consent.is_(False), opted_out)
+        opted_out = exists().where(col(CategoryOptOut.customer_id) == col(Customer.id),
+                                   col(CategoryOptOut.category) == kind.name)
+        blocked = or_(blocked, col(Customer.marketing_consent).is_(False), opted_out)
     with engine.connect() as connection:
         among = one_of(Customer.id, customer_ids, engine.dialect.name)
-        return set(connection.execute(select(Customer.id).where(among, blocked)).scalars())
+        return {customer_id for customer_id in connection.execute(select(col(Customer.id)).where(among, blocked))
+                .scalars() if customer_id is not None}
