@@ -22,6 +22,7 @@ from flows.surfaces.environment import settings_from_environment
 from flows.surfaces.prefect_flows import trigger_flow
 from tests.conftest import WORKER, ensure_database, postgres_url
 from tests.support.builders import NOW, Store, ago
+from tests.support.children import child_env, lifecycle_bin
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -334,7 +335,8 @@ def test_a_run_with_every_secret_set_shows_none_of_them(settings: Settings, reco
                                                          ago(hours=1))
         state = run_trigger()
         assert state.is_completed(), state.message
-        assert len(server.received) == 1 and server.logins and all(ok for _, ok in server.logins)  # every secret was used
+        # Every secret was used:
+        assert len(server.received) == 1 and server.logins and all(ok for _, ok in server.logins)
         assert b"DKIM-Signature" in server.received[0].data
         seen = assert_absent_everywhere(secrets.all, state, records, expect="Finished in state Completed")
         assert "complaint-ack-summary" in seen  # the artifacts were read
@@ -452,7 +454,8 @@ def test_a_dkim_key_that_cannot_sign_is_not_shown(settings: Settings, store: Sto
 
 
 def test_a_url_in_a_library_s_log_record_is_redacted(records: Records) -> None:
-    """The last line of defence (``flows.redaction.redact_every_record``, installed with the flows): a message we did not write."""
+    """The last line of defence (``flows.redaction.redact_every_record``, installed with the flows):
+    a message we did not write."""
     password = marker()
     url = f"postgresql://postgres:{password}@127.0.0.1:5432/test_f?password={password}"
     logging.getLogger("some.library").warning("connecting to %s", url)
@@ -471,14 +474,11 @@ def test_a_url_in_a_library_s_log_record_is_redacted(records: Records) -> None:
 def start_up_output(args: list[str], ready: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> str:
     """``lifecycle ARGS`` as its own process, until it prints ``ready``; then stopped. Its output."""
     import os
-    import shutil
     import signal
     import subprocess
 
-    lifecycle = shutil.which("lifecycle")
-    assert lifecycle, "lifecycle is installed with the project"
     log = cwd / f"{args[0]}.log"
-    process = subprocess.Popen([lifecycle, *args], cwd=cwd, env={**os.environ, **env}, stdout=log.open("wb"),
+    process = subprocess.Popen([lifecycle_bin(), *args], cwd=cwd, env=env, stdout=log.open("wb"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
@@ -499,8 +499,6 @@ def start_up_output(args: list[str], ready: str, env: dict[str, str], cwd: Path,
 
 def test_serve_and_web_start_up_show_no_secret(settings: Settings, postgres_store: None, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     from flows.surfaces.outbox import free_port
     from models.db import create_schema, get_engine
 
@@ -509,12 +507,13 @@ def test_serve_and_web_start_up_show_no_secret(settings: Settings, postgres_stor
         secrets = Secrets(monkeypatch, server.port)
         server.credentials = ("shop", secrets.smtp_password)
         create_schema(get_engine(secrets.database_url))
-        env = {k: v for k, v in os.environ.items() if k.startswith("LIFECYCLE_")}
+        marked = Settings()  # the environment, every secret a marker
+        env = child_env(marked)
         serve = start_up_output(["serve", "--workers", "1"], "Next run of", env, tmp_path)
         port = free_port()
         web = start_up_output(["web", "--port", str(port)], "Uvicorn running", env, tmp_path)
         # Both again with a store that refuses: what they say as they fail.
-        refused = {**env, "LIFECYCLE_DATABASE_URL": POSTGRES.format(pw=secrets.database, port=free_port())}
+        refused = child_env(marked, LIFECYCLE_DATABASE_URL=POSTGRES.format(pw=secrets.database, port=free_port()))
         failing = (start_up_output(["serve"], "Connection refused", refused, tmp_path)
                    + start_up_output(["web", "--port", str(port)], "Uvicorn running", refused, tmp_path))
     finally:
