@@ -1,0 +1,426 @@
+"""Upgrading from the last release before the restructuring (15be30b): over one store, the new
+code sends nothing the old code sent, leaves every ledger row the old code wrote as it was, and
+makes exactly the sends the old code would have made.
+
+The old code is the real one, unpacked from this repository's history and run in child
+processes (its Prefect-free path); the new code is the installed package, run through its CLI
+(``lifecycle run --all``, a real Prefect flow per trigger). Mail goes to real SMTP servers on
+loopback.
+
+1. The old code creates the schema; the store gets someone due for every trigger, someone the
+   policy defers (quiet hours, the frequency cap), an address the relay refuses (failed), and
+   a run that died mid-send (one key ``claimed``, one ``sending``: in doubt).
+2. The old code runs every enabled trigger at ``T0``: the ledger and the mail are snapshot.
+3. The store is copied: the new code carries on over the store, the old code over the copy.
+   Both run every trigger at ``T0`` again, then at ``T1`` (20 hours later: within every
+   re-entry window, past the deferrals' moments and the dead run's lease, and one customer
+   reaches onboarding day 3).
+4. After each step: no mail for a key the old code already sent, every row it had finished
+   unchanged to the byte, and both ledgers and both mailboxes the same, key by key.
+"""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, make_url, text, update
+from sqlmodel import Session, col
+
+from models import Customer
+from models.db import make_engine
+from tests.support.builders import NOW, Store, ago
+from tests.support.old_release import OldRelease, Unavailable, extract
+from tests.support.prefect_server import PrefectServer, stop
+from tests.support.smtp_server import Script, SmtpServer
+
+OLD_RELEASE = "15be30b"  # the last release with the flat flows/ package
+T0 = NOW  # Monday 2026-03-16 12:00 UTC (13:00 in Berlin)
+T1 = T0 + timedelta(hours=20)  # Tuesday 08:00 UTC: past quiet hours and the 16 h cap, inside every re-entry
+CRASHED_AT = T0 + timedelta(hours=2)  # a complaint-ack run that died mid-send
+SECRET = "upgrade-test-secret-0123456789"
+REFUSED = "550 5.1.1 User unknown"
+
+# What names a send and what became of it: equal between the old and the new code, key by key.
+IDENTITY = ("send_key", "trigger", "customer_id", "occurrence", "category", "ref_id", "status", "stage", "template",
+            "email", "message_id", "not_before", "expires_at", "error")
+FINISHED = ("sent", "failed", "sending")  # states no later run may touch (``sending``: in doubt, ops decide)
+
+# The old release, without Prefect: every enabled trigger at each ``run@MOMENT``; ``schema``
+# migrates a new store; ``crash:TRIGGER@MOMENT`` is a run of TRIGGER that died after claiming
+# its window and handing the first key to DATA (no reply recorded), an hour ago.
+OLD_CODE = r"""
+import json
+import sys
+from datetime import datetime, timedelta
+
+from models.db import create_schema, get_engine
+
+if sys.argv[1:] == ["schema"]:  # without importing the pipeline (and Prefect): a second or two sooner
+    import os
+    create_schema(get_engine(os.environ["LIFECYCLE_DATABASE_URL"]))
+    sys.exit()
+
+from sqlalchemy import update
+
+from flows import ledger
+from flows.pipeline import execute, load, prepare_job
+from flows.settings import Settings
+from models import Send, SendStatus
+from models.types import utcnow
+
+settings = Settings()
+engine = get_engine(settings.database_url)
+
+
+class Crash(Exception):
+    pass
+
+
+def dies_mid_send(job, prepared, batch=0):
+    won = ledger.claim(engine, [p.claim for p in prepared], job.run_id, job.now, settings.claim_lease)
+    ledger.mark_sending(engine, sorted(won)[:1], job.run_id)
+    raise Crash(sorted(won))
+
+
+for step in sys.argv[1:]:
+    action, _, moment = step.partition("@")
+    if action == "run":
+        project = load(settings)
+        assert not project.problems, project.problems
+        for name, trigger in project.triggers.items():
+            if trigger.enabled:
+                summary = execute(prepare_job(name, datetime.fromisoformat(moment), settings=settings,
+                                              project=project))
+                print(json.dumps({"trigger": name, "now": moment, "outcomes": dict(summary.outcomes)}))
+    elif action.startswith("crash:"):
+        try:
+            execute(prepare_job(action.removeprefix("crash:"), datetime.fromisoformat(moment), settings=settings),
+                    dispatch=dies_mid_send)
+        except Crash as crash:
+            print(json.dumps({"crashed": crash.args[0]}))
+        else:
+            sys.exit("nothing was due for the crashed run")
+        with engine.begin() as connection:  # the run died an hour ago: its lease has run out
+            connection.execute(update(Send).where(Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING]))
+                               .values(claimed_at=utcnow() - timedelta(hours=1)))
+    else:
+        sys.exit(f"unknown step {step!r}")
+"""
+
+
+@pytest.fixture(scope="module")
+def old_release(tmp_path_factory: pytest.TempPathFactory) -> OldRelease:
+    try:
+        return extract(OLD_RELEASE, tmp_path_factory.mktemp("old-release"))
+    except Unavailable as exc:
+        pytest.skip(f"the old release is needed to test the upgrade from it: {exc}")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], PrefectServer]]:
+    """One Prefect server for the new code's runs (a temporary one per ``lifecycle run`` costs
+    several seconds each); it starts while the old release works, and is waited for at first use."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(server.start)
+        try:
+            yield started.result
+        finally:
+            started.exception()  # let a start still under way finish before stopping it
+            if server.process:
+                stop(server.process, timeout=5)
+
+
+# -- stores --------------------------------------------------------------------------
+
+
+class SqliteStores:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def url(self, name: str) -> str:
+        return f"sqlite:///{self.folder / f'{name}.db'}"
+
+    def copy(self, source: str, target: str) -> None:
+        """SQLite's online backup: the WAL's pages too."""
+        with sqlite3.connect(self.folder / f"{source}.db") as src, sqlite3.connect(self.folder / f"{target}.db") as dst:
+            src.backup(dst)
+        dst.close()
+        src.close()
+
+    def close(self) -> None:
+        pass
+
+
+class PostgresStores:
+    """Databases of their own next to the suite's (``<base>_upgrade_<name>``), dropped afterwards."""
+
+    def __init__(self, base: str) -> None:
+        self.base = make_url(base)
+        self.admin = create_engine(self.base.set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
+        self.names: list[str] = []
+
+    def _name(self, name: str) -> str:
+        return f"{self.base.database}_upgrade_{name}"
+
+    def url(self, name: str) -> str:
+        return self.base.set(database=self._name(name)).render_as_string(hide_password=False)
+
+    def create(self, name: str, template: str | None = None) -> None:
+        database = self._name(name)
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            like = f' TEMPLATE "{self._name(template)}"' if template else ""
+            connection.execute(text(f'CREATE DATABASE "{database}"{like}'))
+        self.names.append(database)
+
+    def copy(self, source: str, target: str) -> None:
+        self.create(target, template=source)  # no one may be connected to the source: the children have exited
+
+    def close(self) -> None:
+        with self.admin.connect() as connection:
+            for database in self.names:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        self.admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteStores | PostgresStores]:
+    if request.param == "sqlite":
+        yield SqliteStores(tmp_path)
+        return
+    pg = PostgresStores(os.environ.get("LIFECYCLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    try:
+        pg.create("store")
+        yield pg
+    finally:
+        pg.close()
+
+
+# -- the two releases ------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One release over one store, mailing one SMTP server."""
+
+    url: str
+    smtp: SmtpServer
+    env: dict[str, str]
+
+    def received(self, since: int = 0) -> list[tuple[str, tuple[str, ...], str]]:
+        return sorted((r.message["Message-ID"], tuple(r.recipients), r.message["Subject"])
+                      for r in self.smtp.received[since:])
+
+
+def lifecycle_env(old: OldRelease, url: str, smtp: SmtpServer) -> dict[str, str]:
+    """Settings through the environment; the store's triggers and templates are the old release's own."""
+    return {"LIFECYCLE_DATABASE_URL": url, "LIFECYCLE_SMTP_URL": smtp.url, "LIFECYCLE_SECRET": SECRET,
+            "LIFECYCLE_TRIGGERS_DIR": str(old.root / "triggers"),
+            "LIFECYCLE_TEMPLATES_DIR": str(old.root / "templates"), "LIFECYCLE_WORKERS": "1",
+            "LIFECYCLE_SMTP_BACKOFF_SECONDS": "0.01", "LIFECYCLE_SMTP_BACKOFF_MAX_SECONDS": "0.05",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def old_run(old: OldRelease, side: Side, *steps: str) -> subprocess.Popen[str]:
+    return old.spawn(OLD_CODE, *steps, **side.env)
+
+
+def new_run(side: Side, moment: str, cwd: Path, prefect: PrefectServer) -> subprocess.Popen[str]:
+    """The installed package's CLI, in a process of its own (no PYTHONPATH of the old release)."""
+    lifecycle = Path(sys.executable).with_name("lifecycle")
+    command = [str(lifecycle)] if lifecycle.exists() else [shutil.which("lifecycle") or "lifecycle"]
+    env = prefect.env(**side.env)
+    return subprocess.Popen([*command, "run", "--all", "--now", moment], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(*processes: tuple[str, subprocess.Popen[str]], timeout: float = 120) -> None:
+    """Wait for every process (they run side by side); any failure fails the test with its output."""
+    problems = []
+    for label, process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            problems.append(f"{label}: timed out after {timeout}s")
+        if process.returncode != 0:
+            problems.append(f"{label} exited {process.returncode}\n"
+                            f"--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+    assert not problems, "\n\n".join(problems)
+
+
+# -- the ledger ------------------------------------------------------------------------
+
+
+def ledger(url: str) -> dict[str, dict[str, Any]]:
+    """Every row of ``sends`` as the database has it (no model in between), by send key."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT * FROM sends")).mappings().all()
+    finally:
+        engine.dispose()
+    return {row["send_key"]: dict(row) for row in rows}
+
+
+def identity(rows: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    return {key: tuple(row[c] for c in IDENTITY) for key, row in rows.items()}
+
+
+def differences(left: dict[str, tuple[Any, ...]], right: dict[str, tuple[Any, ...]]) -> list[str]:
+    """Readable key-by-key differences of two identity maps (empty when equal)."""
+    out = []
+    for key in sorted(set(left) | set(right)):
+        a, b = left.get(key), right.get(key)
+        if a != b:
+            out.append(f"{key}:\n   old code: {dict(zip(IDENTITY, a, strict=True)) if a else None}\n"
+                       f"   new code: {dict(zip(IDENTITY, b, strict=True)) if b else None}")
+    return out
+
+
+# -- the store -------------------------------------------------------------------------
+
+
+def seed(engine: Engine, smtp: SmtpServer) -> dict[str, Customer]:
+    """Someone due for every trigger at T0, a few held back or refused, and what comes due by T1."""
+    store = Store(engine)
+    people: dict[str, Customer] = {}
+    # abandoned-cart: two carts, and one whose owner's night it is (quiet hours until 08:00 local)
+    people["cart_de"] = store.customer("Jürgen", last_name="Groß", locale="de-DE")
+    store.cart(people["cart_de"], ago(hours=3), items=[("Wanderschuh „Alpin“", 129.9, 1), ("Socken", 12.5, 2)])
+    people["cart_en"] = store.customer("Amelia", last_name="Smith", locale="en-GB")
+    store.cart(people["cart_en"], ago(hours=5))
+    people["cart_night"] = store.customer("Katja", locale="de-DE")  # Kamchatka: 00:00 at T0, 20:00 at T1
+    store.cart(people["cart_night"], ago(hours=4))
+    # onboarding-day-0, and a sign-up with a cart: the cart reminder goes first, the welcome waits for the cap
+    people["welcome"] = store.customer("Nele", created=ago(hours=3), last_seen=ago(hours=3))
+    people["capped"] = store.customer("Paul", created=ago(hours=3), last_seen=ago(hours=3))
+    store.cart(people["capped"], ago(hours=3))
+    # onboarding-day-3: one at T0, and one who reaches day 3 only by T1
+    people["day3"] = store.customer("Dora", created=ago(days=3, hours=3), last_seen=ago(days=2))
+    people["day3_later"] = store.customer("Emil", created=ago(days=2, hours=10), last_seen=ago(days=2))
+    # complaint-ack: one acknowledged, one refused by the relay (failed, then suppressed)
+    people["complaint"] = store.customer("Greta")
+    store.complaint(people["complaint"], ago(hours=1), subject="Päckchen kaputt")
+    people["refused"] = store.customer("Bernd")
+    store.complaint(people["refused"], ago(hours=2))
+    smtp.handler.scripts[str(people["refused"].email)] = Script(rcpt=[REFUSED])
+    # complaint-ack after T0: the run that dies mid-send (one claimed, one in doubt)
+    for label, name in (("crash_a", "Clara"), ("crash_b", "Doris")):
+        people[label] = store.customer(name)
+        store.complaint(people[label], T0 + timedelta(hours=1), subject="Falsche Größe")
+    # confirm-subscription: an opt-in awaiting its double opt-in
+    people["opt_in"] = store.customer("Olaf", consent=False)
+    # we-miss-you: away for 70 days, last ordered 80 days ago
+    people["inactive"] = store.customer("Ines", last_seen=ago(days=70))
+    store.order(people["inactive"], ago(days=80))
+    # winback-lapsed: two lapsed, one of them in the middle of the night
+    people["lapsed"] = store.customer("Lea")
+    store.order(people["lapsed"], ago(days=500))
+    people["lapsed_night"] = store.customer("Tom")
+    store.order(people["lapsed_night"], ago(days=500))
+    with Session(engine) as session:
+        for label in ("cart_night", "lapsed_night"):
+            session.execute(update(Customer).where(col(Customer.id) == people[label].id)
+                            .values(timezone="Asia/Kamchatka"))
+        session.execute(update(Customer).where(col(Customer.id) == people["opt_in"].id)
+                        .values(consent_requested_at=ago(minutes=30)))
+        session.commit()
+    return people
+
+
+# -- the test --------------------------------------------------------------------------
+
+
+def test_the_new_code_over_an_old_store_sends_nothing_twice_and_keeps_every_key(
+        old_release: OldRelease, stores: SqliteStores | PostgresStores, prefect_server: Callable[[], PrefectServer],
+        tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        smtp: dict[str, SmtpServer] = {}
+        for name in ("before", "new", "old"):
+            smtp[name] = SmtpServer().start()
+            stack.callback(smtp[name].stop)
+        url = stores.url("store")
+        before = Side(url, smtp["before"], lifecycle_env(old_release, url, smtp["before"]))
+
+        # 1. A store of the old release, with someone due for every trigger.
+        finish(("old release: schema", old_run(old_release, before, "schema")))
+        engine = make_engine(url)
+        people = seed(engine, smtp["before"])
+        engine.dispose()
+
+        # 2. The old release at work: every trigger at T0, then a run that dies mid-send.
+        finish(("old release: run at T0", old_run(old_release, before, f"run@{T0.isoformat()}",
+                                                  f"crash:complaint-ack@{CRASHED_AT.isoformat()}")))
+        snapshot = ledger(url)
+        mailed = before.received()
+        statuses = {row["status"] for row in snapshot.values()}
+        assert {"sent", "failed", "deferred", "claimed", "sending"} <= statuses, statuses
+        assert {row["trigger"] for row in snapshot.values() if row["status"] == "sent"} == {
+            "abandoned-cart", "complaint-ack", "confirm-subscription", "we-miss-you", "onboarding-day-0",
+            "onboarding-day-3", "winback-lapsed"}, "every trigger has sent something before the upgrade"
+        deferred = {row["customer_id"] for row in snapshot.values() if row["status"] == "deferred"}
+        assert {people[p].id for p in ("cart_night", "lapsed_night", "capped")} <= deferred
+        assert [row["email"] for row in snapshot.values() if row["status"] == "failed"] == [people["refused"].email]
+        sent_ids = {row["message_id"] for row in snapshot.values() if row["status"] == "sent"}
+        assert sorted(m[0] for m in mailed) == sorted(sent_ids), "one mail per sent row, and no more"
+        finished = {key: row for key, row in snapshot.items() if row["status"] in FINISHED}
+        old_ids = {row["message_id"] for row in finished.values()}  # handed to the relay by the old code
+
+        # 3. The upgrade: the new code carries on over the store, the old code over a copy of it.
+        stores.copy("store", "old")
+        new = Side(url, smtp["new"], lifecycle_env(old_release, url, smtp["new"]))
+        old_url = stores.url("old")
+        old = Side(old_url, smtp["old"], lifecycle_env(old_release, old_url, smtp["old"]))
+
+        previous = snapshot
+        for moment in (T0, T1):
+            new_seen, old_seen = len(new.smtp.received), len(old.smtp.received)
+            at = moment.isoformat()
+            finish((f"new code: lifecycle run --all --now {at}", new_run(new, at, tmp_path, prefect_server())),
+                   (f"old release: run at {at}", old_run(old_release, old, f"run@{at}")))
+            after_new, after_old = ledger(new.url), ledger(old.url)
+            received_new, received_old = new.received(new_seen), old.received(old_seen)
+
+            # Nothing the old code sent (or handed to the relay) is mailed again: by Message-ID,
+            # and by the send key of the row that mail was recorded under.
+            again = sorted(m for m in received_new if m[0] in old_ids)
+            assert not again, f"at {moment:%Y-%m-%d %H:%M}, mailed again after the upgrade: {again}"
+            key_of = {row["message_id"]: key for key, row in after_new.items() if row["message_id"]}
+            mailed_keys = [key_of.get(m[0]) for m in received_new]
+            assert None not in mailed_keys, f"mail without a ledger row: {received_new}"
+            assert not set(mailed_keys) & set(finished), f"keys the old code had finished, mailed again: {mailed_keys}"
+            # Every row the old code finished is as it left it, every column.
+            changed = {key: (row, after_new.get(key)) for key, row in finished.items() if after_new.get(key) != row}
+            assert not changed, f"at {moment:%Y-%m-%d %H:%M}, rows of the old code changed: {changed}"
+            # Every other key, and every new one, as the old code would have it.
+            diff = differences(identity(after_old), identity(after_new))
+            assert not diff, f"at {moment:%Y-%m-%d %H:%M}, the ledgers part:\n" + "\n".join(diff)
+            assert received_new == received_old, f"at {moment:%Y-%m-%d %H:%M}, the mail differs"
+            sent_now = {row["message_id"] for key, row in after_new.items()
+                        if row["status"] == "sent" and previous.get(key, {}).get("status") != "sent"}
+            assert sorted(m[0] for m in received_new) == sorted(sent_now), "one mail per newly sent row"
+            if moment == T0:  # the same moment again: no one new is due, and nothing is taken over yet
+                assert received_new == [] and identity(after_new) == identity(snapshot)
+            previous = after_new
+
+        # The later moment did bring work, the same on both sides: the deferrals' moments came,
+        # the dead run's claim was taken over, day 3 came for one more, the in-doubt key stayed.
+        now_sent = {row["customer_id"] for key, row in after_new.items()
+                    if row["status"] == "sent" and snapshot.get(key, {}).get("status") != "sent"}
+        assert {people[p].id for p in ("cart_night", "lapsed_night", "capped", "day3_later")} <= now_sent
+        claimed = [key for key, row in snapshot.items() if row["status"] == "claimed"]
+        assert claimed and all(after_new[key]["status"] == "sent" for key in claimed)
+        assert [row["status"] for row in after_new.values() if row["status"] == "sending"] == ["sending"]
