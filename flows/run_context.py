@@ -13,9 +13,11 @@ from those same settings, without validating again.
 """
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -29,7 +31,8 @@ from flows.settings import Settings
 from flows.signing_secret import resolved
 from flows.spec.common import TriggerBase
 from flows.spec.policy import Policy
-from flows.spec.project import Project, load_project
+from flows.spec.problems import SpecError
+from flows.spec.project import STAGES_FILE, Project, load_project
 from flows.spec.stages import StageRules
 from models.db import get_engine
 
@@ -73,11 +76,11 @@ def _in_sender(trigger: TriggerBase, stages: StageRules, policy: Policy, setting
                       engine=get_engine(settings.database_url), now=now, run_id=run_id, dry_run=dry_run)
 
 
-def load(settings: Settings) -> Project:
-    """The project the settings point at, every file validated and every template test-rendered."""
-    return load_project(
-        settings.triggers_dir, settings.templates_dir, settings.default_language, settings.base_url, settings.shop_url
-    )
+def load(settings: Settings, only: Collection[str] | None = None) -> Project:
+    """The project the settings point at, every file validated and every template test-rendered
+    (``only``: just these triggers, plus the stage rules and the policy)."""
+    return load_project(settings.triggers_dir, settings.templates_dir, settings.default_language, settings.base_url,
+                        settings.shop_url, only=only)
 
 
 def prepare(
@@ -93,9 +96,10 @@ def prepare(
     """The run's context, validated before anything is sent: a ``SpecError`` names the file,
     line and field of whatever is wrong with the trigger or its templates. A caller that
     has loaded the project already (``lifecycle run --all``, the deferred sweep) passes it."""
-    project = project or load(settings)
+    project = project or load(settings, only=[trigger_name])
+    if project.stages is None:  # every run needs the stage rules: their own problems say why they did not load
+        raise SpecError([p for p in project.problems if Path(p.file).name == STAGES_FILE] or project.problems)
     trigger = project.trigger(trigger_name)
-    assert project.stages is not None  # a trigger only loads when the stage rules did
     engine = engine or get_engine(settings.database_url)
     return RunContext(
         trigger=trigger,

@@ -6,6 +6,7 @@ them all at once and a run can go ahead with the healthy triggers.
 
 import difflib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -46,6 +47,7 @@ class Project:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)  # shown by validate; the trigger still loads
     rejected: dict[str, list[Problem]] = field(default_factory=dict)  # trigger name → why it is not loaded
+    unread: set[str] = field(default_factory=set)  # triggers a partial load (``only``) left out, by declared name
 
     def kind(self, trigger: TriggerBase) -> Kind:
         return KINDS[trigger.kind]
@@ -56,14 +58,19 @@ class Project:
             return self.triggers[name]
         if name in self.rejected:
             raise SpecError(self.rejected[name])
-        known = ", ".join(sorted(self.triggers)) or "none"
-        hint = difflib.get_close_matches(name, list(self.triggers), n=1)
+        names = sorted(set(self.triggers) | self.unread)
+        known = ", ".join(names) or "none"
+        hint = difflib.get_close_matches(name, names, n=1)
         suffix = f"; did you mean {hint[0]!r}?" if hint else ""
         raise SpecError([Problem(self.triggers_dir, None, "", f"no trigger named {name!r}{suffix} (valid: {known})")])
 
 
 def load_project(triggers_dir: Path, templates_dir: Path, default_language: str = "en",
-                 base_url: str = "http://localhost", shop_url: str = "https://shop.example") -> Project:
+                 base_url: str = "http://localhost", shop_url: str = "https://shop.example",
+                 only: Collection[str] | None = None) -> Project:
+    """The project, every problem collected. ``only``: the triggers a run runs; the other
+    trigger files are not read past the name they declare, and only these triggers'
+    templates are test-rendered (the stage rules and the policy are always checked)."""
     catalog = TemplateCatalog(templates_dir, default_language)
     project = Project(triggers_dir, catalog, stages=None)
     if not triggers_dir.is_dir():
@@ -80,6 +87,9 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
 
     for path in sorted(triggers_dir.glob("*.y*ml")):
         if path.name in NOT_TRIGGERS:
+            continue
+        if only is not None and (declared := _declared_name(path)) not in only:
+            project.unread.add(declared)
             continue
         before = len(project.problems)
         try:  # each file its own error boundary: whatever one file does, the others are checked
@@ -99,7 +109,7 @@ def load_project(triggers_dir: Path, templates_dir: Path, default_language: str 
             project.problems.append(_unchecked(path, exc))
         if len(project.problems) > before:
             project.rejected[_declared_name(path)] = project.problems[before:]
-    if templates_dir.is_dir():
+    if templates_dir.is_dir() and only is None:  # a run's own templates were compiled by their test render
         known = {(p.file, p.line) for p in project.problems}
         try:
             syntax = catalog.check_syntax()

@@ -149,7 +149,7 @@ def run(
     settings = _settings()
     moment = _now(now)
     engine = _engine(settings)
-    project = load(settings)  # once: every run below gets it
+    project = load(settings) if all_ else load(settings, only=triggers)  # once: every run below gets it
     if project.problems:
         errors.print("[yellow]Some files have problems; their triggers are skipped:[/]")
         print_problems(project.problems)
