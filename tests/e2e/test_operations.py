@@ -5,18 +5,19 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
-from sqlmodel import Session
+from pydantic import SecretStr
 
-from models import Send
+from flows.settings import Settings
 from models.db import create_schema, make_engine
 from tests.support import ROOT
 from tests.support.builders import NOW, Store, ago
+from tests.support.children import lifecycle_bin, lifecycle_variables
+from tests.support.ledger import sends
 from tests.support.prefect_server import PrefectServer, prefect_bin, stop
 from tests.support.smtp_server import SmtpServer
 
@@ -30,9 +31,10 @@ class Site:
         self.store = Store(self.engine)
 
     def env(self) -> dict[str, str]:
-        return {"LIFECYCLE_DATABASE_URL": self.database_url, "LIFECYCLE_SMTP_URL": self.smtp.url,
-                "LIFECYCLE_SECRET": "operations-test-secret", "PREFECT_WORKER_QUERY_SECONDS": "1",
-                "PREFECT_LOGGING_LEVEL": "INFO"}
+        """What the worker and the commands get on top of the Prefect server's environment."""
+        settings = Settings(database_url=self.database_url, smtp_url=self.smtp.url,
+                            secret=SecretStr("operations-test-secret"))
+        return {**lifecycle_variables(settings), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +63,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         smtp.stop()
 
 
-def sent_rows(site: Site, trigger: str) -> list[Send]:
-    with Session(site.engine) as session:
-        return list(session.execute(select(Send).where(Send.trigger == trigger)).scalars())
-
-
 def test_deploy_all_registers_every_trigger(site: Site) -> None:
     response = httpx.post(f"{site.server.api_url}/deployments/filter", json={"limit": 50, "offset": 0})
     deployments = {d["name"]: d for d in response.json()}
@@ -88,20 +85,18 @@ def test_a_worker_runs_a_deployment_to_completion_and_the_mail_arrives(site: Sit
     assert "Completed" in done.stdout
     [mail] = site.smtp.handler.to(lapsed.email)
     assert mail.message["Subject"] == "Lena, 15 % Rabatt nur für dich"
-    assert [r.status for r in sent_rows(site, "winback-lapsed")] == ["sent"]
+    assert [r.status for r in sends(site.engine, trigger="winback-lapsed")] == ["sent"]
 
 
 def test_a_new_complaint_starts_a_run_within_seconds(site: Site, tmp_path: Path) -> None:
     customer = site.store.customer("Karla")
-    received = datetime.now(timezone.utc).isoformat()
+    received = datetime.now(UTC).isoformat()
     events = tmp_path / "complaint.jsonl"
     events.write_text(json.dumps({
         "type": "track", "userId": customer.external_id, "event": "Complaint Received", "timestamp": received,
         "messageId": f"complaint-{customer.id}", "properties": {"complaint_id": f"K-{customer.id}",
                                                                 "subject": "Ware fehlt"}}) + "\n")
-    lifecycle = shutil.which("lifecycle")
-    assert lifecycle
-    ingested = subprocess.run([lifecycle, "ingest", str(events)], env=site.server.env(**site.env()),
+    ingested = subprocess.run([lifecycle_bin(), "ingest", str(events)], env=site.server.env(**site.env()),
                               capture_output=True, text=True, timeout=120)
     assert ingested.returncode == 0, ingested.stdout + ingested.stderr
     assert "Announced 1 new complaint(s) to Prefect." in ingested.stdout
