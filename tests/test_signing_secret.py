@@ -47,6 +47,7 @@ def test_every_process_on_the_store_signs_with_the_same_secret(unset: Settings, 
     mine = resolved(unset, engine).signing_secret
     script = ("import hashlib; from flows.settings import Settings; from flows.signing_secret import resolved; "
               "print(hashlib.sha256(resolved(Settings()).signing_secret.encode()).hexdigest())")
+    # Its own environment, not child_env: a process that knows nothing but the store's URL.
     env = {"PATH": "/usr/bin:/bin", "LIFECYCLE_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
     theirs = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
                             cwd=ROOT).stdout.strip()
