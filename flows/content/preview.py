@@ -12,7 +12,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 from sqlalchemy import Engine, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from flows.audience.query import Candidate, send_key
 from flows.audience.stage_sql import customer_stages
@@ -101,8 +101,8 @@ def sample_mail(context: RunContext, stage: str, language: str) -> tuple[bytes, 
         raise PreviewError(str(exc)) from None
     key = send_key(context.trigger.name, 0, f"preview:{stage}:{language}")
     eml = build_message(rendered, sender=context.sender, to_address="preview@example.com",
-                        to_name=sample["customer"].name, msg_id=message_id(key, context.sender, settings.signing_secret),
-                        date=utcnow())
+                        to_name=sample["customer"].name,
+                        msg_id=message_id(key, context.sender, settings.signing_secret), date=utcnow())
     return eml, rendered
 
 
@@ -120,22 +120,26 @@ def preview_customer(settings: Settings, trigger: str, external_id: str, now: da
             raise PreviewError(f"no customer with id {external_id!r}")
         if not customer.email:
             raise PreviewError(f"customer {external_id!r} has no email address")
+        assert customer.id is not None  # a stored customer
         stage = session.execute(
-            customer_stages(context.stages, now).where(Customer.id == customer.id)
+            customer_stages(context.stages, now).where(col(Customer.id) == customer.id)
         ).one().stage
         ref_id = None
         if context.kind.reference == "cart":
-            ref_id = session.execute(select(Cart.id).where(Cart.customer_id == customer.id, Cart.status == CART_OPEN)
-                                     .order_by(Cart.updated_at.desc())).scalars().first()
+            ref_id = session.execute(select(col(Cart.id))
+                                     .where(col(Cart.customer_id) == customer.id, col(Cart.status) == CART_OPEN)
+                                     .order_by(col(Cart.updated_at).desc())).scalars().first()
         elif context.kind.reference == "complaint":
-            ref_id = session.execute(select(Complaint.id).where(Complaint.customer_id == customer.id)
-                                     .order_by(Complaint.received_at.desc())).scalars().first()
+            ref_id = session.execute(select(col(Complaint.id)).where(col(Complaint.customer_id) == customer.id)
+                                     .order_by(col(Complaint.received_at).desc())).scalars().first()
         if context.kind.reference and ref_id is None:
             raise PreviewError(f"customer {external_id!r} has no {context.kind.reference} to preview this trigger with")
     asked = language_of(customer.locale, settings.default_language)
-    language = language_of(customer.locale, settings.default_language, context.catalog.languages_for(context.trigger.email))
+    language = language_of(customer.locale, settings.default_language,
+                           context.catalog.languages_for(context.trigger.email))
     candidate = Candidate(customer.id, customer.external_id, customer.email, customer.first_name, customer.last_name,
-                          customer.locale, language, stage, ref_id, "preview", send_key(trigger, customer.id, "preview"))
+                          customer.locale, language, stage, ref_id, "preview",
+                          send_key(trigger, customer.id, "preview"))
     prepared, failures = render_candidates(context, [candidate])
     if failures:
         raise PreviewError(failures[0].message)

@@ -24,6 +24,7 @@ from flows.content.context import (
 )
 from flows.content.links import confirm_url, preferences_url, unsubscribe_url, verp_address
 from flows.content.render import RenderError
+from flows.kinds.consent_confirmation import Spec as ConsentConfirmationSpec
 from flows.message.compose import build_message, message_id
 from flows.outcomes import Outcome
 from flows.run_context import RunContext
@@ -103,7 +104,9 @@ def _confirm_url(context: RunContext, secret: str, c: Candidate) -> str:
         asked = requested_at(c.occurrence)
     except ValueError:
         asked = context.now  # a preview: no request behind it
-    return confirm_url(context.settings.base_url, secret, c.external_id, c.occurrence, asked + context.trigger.max_age,
+    trigger = context.trigger
+    assert isinstance(trigger, ConsentConfirmationSpec)  # the one kind whose mail confirms a request
+    return confirm_url(context.settings.base_url, secret, c.external_id, c.occurrence, asked + trigger.max_age,
                        c.email or "")
 
 
