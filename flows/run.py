@@ -37,10 +37,6 @@ SubmitStep = Callable[[SenderPool, list[Candidate], int], Any]
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
-# Hands a batch to a sender process; returns something with ``.result()`` (a Future, a PrefectFuture).
-SubmitStep = Callable[[SenderPool, list[Candidate], int], Any]
-
-
 def _to_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> "Future[BatchOutcome]":
     return senders.submit(candidates, batch)
 
@@ -160,10 +156,15 @@ def _classify(context: RunContext, batch: Sequence[Candidate], summary: RunSumma
     if deferred and not context.dry_run:
         after = context.trigger.deferred_expires_after
         expires = context.now + after if after else None
-        claims.defer(context.engine,
-                     [(claim_for(context, c), c.not_before, expires) for c in deferred], context.run_id, context.now)
+        claims.defer(context.engine, [_deferral(context, c, expires) for c in deferred], context.run_id, context.now)
     labels = sorted((reason.removeprefix("skipped:"), n) for reason, n in reasons.items())  # "no_email 3, …"
     return due, ", ".join(f"{label} {n}" for label, n in labels) or "none"
+
+
+def _deferral(context: RunContext, c: Candidate,
+              expires: datetime | None) -> tuple[claims.Claim, datetime, datetime | None]:
+    assert c.not_before is not None  # a candidate held back by the policy has the moment it may go
+    return claim_for(context, c), c.not_before, expires
 
 
 def run_trigger(trigger: str, *, settings: Settings, now: datetime | None = None, dry_run: bool = False,

@@ -5,7 +5,7 @@ and the trigger's send history, so each row arrives with everything needed to de
 "send" or "skip, because …" without another query per customer.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -198,7 +198,7 @@ def stream_candidates(
     deferred_only: bool = False,
     lease: timedelta = timedelta(minutes=10),
     languages: frozenset[str] | None = None,
-) -> Iterator[list[Candidate]]:
+) -> Generator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
 
     Marketing candidates also pass the sending ``policy``: those it holds back come out
