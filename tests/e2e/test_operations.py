@@ -69,7 +69,7 @@ def test_deploy_all_registers_every_trigger(site: Site) -> None:
     assert set(deployments) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0",
                                 "onboarding-day-3", "winback-lapsed", "confirm-subscription", "deferred-sends"}
     complaint = deployments["complaint-ack"]
-    assert complaint["tags"] == ["lifecycle", "kind:complaint"]
+    assert complaint["tags"] == ["lifecycle", "kind:complaint", "trigger:complaint-ack"]
     assert complaint["parameters"] == {"trigger": "complaint-ack"}
     assert complaint["work_pool_name"] == "lifecycle"
     [schedule] = complaint["schedules"]
