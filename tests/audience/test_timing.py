@@ -2,7 +2,7 @@
 
 import logging
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -21,9 +21,10 @@ from flows.spec.policy import Policy
 from flows.spec.project import load_project
 from models import Customer, Send
 from tests.support.builders import NOW, Store, ago
+from tests.support.ledger import sends, status_of, statuses
+from tests.support.runs import run
 from tests.support.smtp_server import SmtpServer
 
-UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
 POLICY = Policy.model_validate({"default_timezone": "Europe/Berlin",
                                 "frequency_caps": [{"max": 1, "per": "16h"}, {"max": 3, "per": "7d"}],
@@ -64,7 +65,8 @@ def test_policy_file_mistakes_are_located(project_dir: Path) -> None:
     policy.write_text(policy.read_text().replace('start: "21:00"', 'start: "9pm"').replace("per: 7d", "per: a week"))
     problems = [str(p) for p in load_project(project_dir / "triggers", project_dir / "templates").problems]
     assert any("policy.yaml:12: frequency_caps[1].per: expected a duration" in p for p in problems), problems
-    assert any("policy.yaml:16: quiet_hours.start: expected a clock time such as 21:00" in p for p in problems), problems
+    assert any("policy.yaml:16: quiet_hours.start: expected a clock time such as 21:00" in p
+               for p in problems), problems
 
 
 def customer_in(store: Store, zone: str | None, name: str = "Nora") -> Customer:
@@ -82,7 +84,7 @@ def test_dry_run_shows_deferrals_as_their_own_reasons(settings: Settings, store:
     customer_in(store, "Europe/Berlin", "Berta")
     customer_in(store, "America/Los_Angeles", "Liz")  # 05:00 there at 12:00 UTC
     customer_in(store, "Not/A_Zone", "Otto")  # falls back to Berlin: not quiet
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings, dry_run=True))
+    summary = run(settings, "winback-lapsed", dry_run=True)
     assert summary.outcomes == {"would_send": 2, "deferred:quiet_hours": 1}
     assert smtp.received == []
 
@@ -90,18 +92,17 @@ def test_dry_run_shows_deferrals_as_their_own_reasons(settings: Settings, store:
 def test_a_deferred_mail_is_sent_once_at_its_moment_not_dropped(settings: Settings, store: Store,
                                                                smtp: SmtpServer) -> None:
     la = customer_in(store, "America/Los_Angeles", "Liz")
-    first = execute(prepare("winback-lapsed", NOW, settings=settings))
+    first = run(settings, "winback-lapsed")
     assert first.outcomes == {"deferred:quiet_hours": 1} and smtp.received == []
-    with Session(store.engine) as session:
-        [row] = session.execute(select(Send)).scalars().all()
+    [row] = sends(store.engine)
     assert row.status == "deferred" and row.not_before == at(16, 15)  # 08:00 in Los Angeles (PDT)
 
-    early = execute(prepare("winback-lapsed", at(16, 14), settings=settings), audience=False)
+    early = run(settings, "winback-lapsed", at(16, 14), audience=False)
     assert early.outcomes == {} and smtp.received == []
-    swept = execute(prepare("winback-lapsed", at(16, 15, 5), settings=settings), audience=False)
+    swept = run(settings, "winback-lapsed", at(16, 15, 5), audience=False)
     assert swept.outcomes == {"sent": 1}
     assert [r.recipients for r in smtp.received] == [[la.email]]
-    again = execute(prepare("winback-lapsed", at(16, 16), settings=settings))
+    again = run(settings, "winback-lapsed", at(16, 16))
     assert again.outcomes == {"skipped:already_sent": 1} and len(smtp.received) == 1
 
 
@@ -110,11 +111,10 @@ def test_a_trigger_may_let_deferred_mail_expire(settings: Settings, store: Store
     winback = project_dir / "triggers" / "winback.yaml"
     winback.write_text(winback.read_text() + "deferred_expires_after: 2h\n")
     customer_in(store, "America/Los_Angeles", "Liz")
-    execute(prepare("winback-lapsed", NOW, settings=settings))
-    later = execute(prepare("winback-lapsed", NOW + timedelta(hours=3), settings=settings), audience=False)
+    run(settings, "winback-lapsed")
+    later = run(settings, "winback-lapsed", NOW + timedelta(hours=3), audience=False)
     assert later.outcomes == {"skipped:expired": 1} and smtp.received == []
-    with Session(store.engine) as session:
-        assert session.execute(select(Send.status)).scalar_one() == "expired"
+    assert statuses(store.engine) == {"expired": 1}
 
 
 def test_a_dead_runs_claim_of_the_same_mail_does_not_count_against_its_cap(settings: Settings, store: Store,
@@ -126,7 +126,7 @@ def test_a_dead_runs_claim_of_the_same_mail_does_not_count_against_its_cap(setti
     ledger.claim(store.engine, [claim_for(job, candidate)], "a-run-killed-before-sending", NOW)
 
     rerun = settings.model_copy(update={"claim_lease_seconds": 0})  # the killed run's lease is over
-    summary = execute(prepare("winback-lapsed", NOW, settings=rerun))
+    summary = run(rerun, "winback-lapsed")
     assert summary.outcomes == {"sent": 1}  # taken over, not held back by a cap it would break only with itself
     assert [r.recipients for r in smtp.received] == [[customer.email]]
 
@@ -134,7 +134,7 @@ def test_a_dead_runs_claim_of_the_same_mail_does_not_count_against_its_cap(setti
 def test_service_mail_ignores_the_policy(settings: Settings, store: Store, smtp: SmtpServer) -> None:
     customer = customer_in(store, "America/Los_Angeles", "Liz")
     store.complaint(customer, ago(hours=1))
-    assert execute(prepare("complaint-ack", NOW, settings=settings)).outcomes == {"sent": 1}
+    assert run(settings, "complaint-ack").outcomes == {"sent": 1}
 
 
 # -- deferral obeys the trigger's own rules (re-entry, send window, audience) ------------
@@ -157,14 +157,14 @@ def test_a_deferred_campaign_slot_is_never_sent_after_its_window_nor_besides_a_n
     """Issue: deferred win-backs went out 21 days late and again 25 hours later (reentry 60d)."""
     customer = customer_in(store, "Europe/Berlin")
     sent_earlier(store, customer, "abandoned-cart", NOW - timedelta(hours=1))
-    first = execute(prepare("winback-lapsed", NOW, settings=settings))  # the 16 March slot
+    first = run(settings, "winback-lapsed")  # the 16 March slot
     assert first.outcomes == {"deferred:frequency_cap": 1}
 
     sunday = datetime(2026, 4, 5, 9, 0, tzinfo=UTC)  # the 30 March slot is due; the 16 March one is past its 7 days
     monday = datetime(2026, 4, 6, 10, 0, tzinfo=UTC)  # the 6 April slot: 25 hours later, inside re-entry's 60 days
     for moment, expected in ((sunday, 1), (monday, 0)):
-        planned = execute(prepare("winback-lapsed", moment, settings=settings, dry_run=True))
-        real = execute(prepare("winback-lapsed", moment, settings=settings))
+        planned = run(settings, "winback-lapsed", moment, dry_run=True)
+        real = run(settings, "winback-lapsed", moment)
         assert planned.outcomes["would_send"] == real.outcomes["sent"] == expected
         assert [p.customer for p in planned.planned] == [customer.external_id] * expected
     assert [r.recipients for r in smtp.received] == [[customer.email]]
@@ -175,7 +175,7 @@ def test_a_deferred_mail_is_checked_again_when_its_moment_comes(settings: Settin
                                                                 smtp: SmtpServer) -> None:
     """Consent, suppression and the audience's own filters hold for a deferral as for a fresh mail."""
     withdrawn, suppressed, ordered = (customer_in(store, "America/Los_Angeles", name) for name in ("W", "S", "O"))
-    assert execute(prepare("winback-lapsed", NOW, settings=settings)).outcomes == {"deferred:quiet_hours": 3}
+    assert run(settings, "winback-lapsed").outcomes == {"deferred:quiet_hours": 3}
     with Session(store.engine) as session:
         row = session.get(Customer, withdrawn.id)
         row.marketing_consent = False
@@ -183,7 +183,7 @@ def test_a_deferred_mail_is_checked_again_when_its_moment_comes(settings: Settin
         session.commit()
     store.suppress(suppressed.email)
     store.order(ordered, NOW + timedelta(hours=1))  # no longer lapsed: out of the win-back's audience
-    swept = execute(prepare("winback-lapsed", at(16, 15, 5), settings=settings), audience=False)
+    swept = run(settings, "winback-lapsed", at(16, 15, 5), audience=False)
     assert swept.outcomes == {"skipped:no_consent": 1, "skipped:suppressed": 1, "skipped:no_longer_due": 1}
     assert smtp.received == []
 
@@ -197,15 +197,15 @@ def test_customers_sharing_an_address_get_one_mail_personalised_by_the_first_rec
     account = store.customer("Pat", email="Pat@Example.com", last_seen=ago(hours=2))
     for customer in (guest, account):
         store.order(customer, ago(days=500))
-    planned = execute(prepare("winback-lapsed", NOW, settings=settings, dry_run=True))
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings))
+    planned = run(settings, "winback-lapsed", dry_run=True)
+    summary = run(settings, "winback-lapsed")
     assert planned.outcomes == {"would_send": 1, "skipped:duplicate_address": 1}
     assert summary.outcomes == {"sent": 1, "skipped:duplicate_address": 1}
     [mail] = smtp.received
     assert mail.recipients == ["pat@example.com"] and mail.message["Subject"].startswith("Gast,")
 
     # Next week re-entry holds for the mailbox, under either record.
-    next_week = execute(prepare("winback-lapsed", NOW + timedelta(days=7), settings=settings))
+    next_week = run(settings, "winback-lapsed", NOW + timedelta(days=7))
     assert next_week.outcomes == {"skipped:reentry": 2}
     assert len(smtp.received) == 1
 
@@ -216,7 +216,7 @@ def test_the_mailbox_gets_its_mail_through_whichever_record_is_due(settings: Set
     store.customer("Ohne", email="ada@example.de", consent=False)
     store.order(store.customer("Ada", email="ada@example.de"), ago(days=500))
     store.order(store.customer("Neu", email="ADA@example.de"), ago(days=10))  # a new customer: not lapsed
-    assert execute(prepare("winback-lapsed", NOW, settings=settings)).outcomes == {"sent": 1}
+    assert run(settings, "winback-lapsed").outcomes == {"sent": 1}
     assert [r.message["Subject"] for r in smtp.received] == ["Ada, 15 % Rabatt nur für dich"]
 
 
@@ -224,7 +224,7 @@ def test_frequency_caps_count_every_mail_to_the_mailbox(settings: Settings, stor
     lapsed = customer_in(store, "Europe/Berlin", "Neu")
     other = store.customer("Alt", email=lapsed.email.upper())  # never ordered: not in the win-back's audience
     sent_earlier(store, other, "abandoned-cart", NOW - timedelta(hours=2))  # to the mailbox, as the other record
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings))
+    summary = run(settings, "winback-lapsed")
     assert summary.outcomes == {"deferred:frequency_cap": 1}
     assert smtp.received == []
 
@@ -235,9 +235,9 @@ def test_two_carts_of_one_customer_make_one_reminder_and_the_dry_run_says_so(
     customer = store.customer("Carla")
     store.cart(customer, ago(hours=3))
     store.cart(customer, ago(hours=4))
-    run = settings.model_copy(update={"batch_size": batch_size, "workers": 1})
-    planned = execute(prepare("abandoned-cart", NOW, settings=run, dry_run=True))
-    summary = execute(prepare("abandoned-cart", NOW, settings=run))
+    batched = settings.model_copy(update={"batch_size": batch_size, "workers": 1})
+    planned = run(batched, "abandoned-cart", dry_run=True)
+    summary = run(batched, "abandoned-cart")
     assert planned.outcomes == {"would_send": 1, "skipped:reentry": 1}
     assert summary.outcomes == {"sent": 1, "skipped:reentry": 1}
     assert [r.recipients for r in smtp.received] == [[customer.email]]
@@ -251,7 +251,7 @@ def test_one_deferred_sweep_over_every_trigger_still_keeps_to_the_caps(settings:
     customer = customer_in(store, "Europe/Berlin")
     store.cart(customer, evening - timedelta(hours=3))
     for trigger in ("abandoned-cart", "winback-lapsed"):
-        assert execute(prepare(trigger, evening, settings=settings)).outcomes == {"deferred:quiet_hours": 1}
+        assert run(settings, trigger, evening).outcomes == {"deferred:quiet_hours": 1}
     morning = datetime(2026, 3, 17, 7, 5, tzinfo=UTC)
     swept = [execute(prepare(trigger, morning, settings=settings, run_id="one-sweep"), audience=False).outcomes
              for trigger in ("abandoned-cart", "winback-lapsed")]
@@ -270,7 +270,7 @@ def test_a_shared_mailbox_gets_a_campaign_slot_once_whatever_the_reentry_rule(
     every_occurrence(project_dir)
     for name, email in (("Gast", "pat@example.com"), ("Pat", "Pat@Example.com")):
         store.order(store.customer(name, email=email), ago(days=500))
-    outcomes = [execute(prepare("winback-lapsed", NOW + timedelta(hours=hours), settings=settings)).outcomes
+    outcomes = [run(settings, "winback-lapsed", NOW + timedelta(hours=hours)).outcomes
                 for hours in (0, 1, 72)]
     assert outcomes[0] == {"sent": 1, "skipped:duplicate_address": 1}
     assert outcomes[1:] == [{"skipped:already_sent": 1, "skipped:duplicate_address": 1}] * 2
@@ -281,8 +281,9 @@ def test_two_runs_racing_for_a_shared_mailbox_send_it_one_mail(settings: Setting
                                                                smtp: SmtpServer, project_dir: Path) -> None:
     """The ledger decides, not the run's memory: run A sends while run B is between batches."""
     policy = project_dir / "triggers" / "policy.yaml"
-    policy.write_text(policy.read_text().replace("  - {max: 1, per: 16h}\n  - {max: 3, per: 7d}", "  - {max: 5, per: 1h}"))
-    run = settings.model_copy(update={"batch_size": 1, "workers": 1})
+    policy.write_text(policy.read_text().replace("  - {max: 1, per: 16h}\n  - {max: 3, per: 7d}",
+                                                 "  - {max: 5, per: 1h}"))
+    one_by_one = settings.model_copy(update={"batch_size": 1, "workers": 1})
     first = store.customer("Erst")
     store.order(first, ago(days=500))
     for name, email in (("Gast", "pat@example.com"), ("Pat", "Pat@Example.com")):
@@ -291,10 +292,10 @@ def test_two_runs_racing_for_a_shared_mailbox_send_it_one_mail(settings: Setting
 
     def meanwhile() -> bool:
         if not other:  # B has read its first batch: A runs now, start to end
-            other["a"] = execute(prepare("winback-lapsed", NOW, settings=run)).outcomes
+            other["a"] = run(one_by_one, "winback-lapsed").outcomes
         return False
 
-    execute(prepare("winback-lapsed", NOW, settings=run), should_stop=meanwhile)
+    run(one_by_one, "winback-lapsed", should_stop=meanwhile)
     received = Counter(r.recipients[0].lower() for r in smtp.received)
     assert received == {first.email: 1, "pat@example.com": 1}
 
@@ -311,8 +312,7 @@ def test_a_deferral_written_while_a_run_is_under_way_is_not_that_runs_to_close(
         ledger.defer(store.engine, [(late, NOW - timedelta(minutes=1), None)], "another-run", NOW)
         return False
 
-    run = settings.model_copy(update={"batch_size": 1, "workers": 1})
-    summary = execute(prepare("winback-lapsed", NOW, settings=run), should_stop=meanwhile)
+    one_by_one = settings.model_copy(update={"batch_size": 1, "workers": 1})
+    summary = run(one_by_one, "winback-lapsed", should_stop=meanwhile)
     assert summary.outcomes == {"sent": 2}
-    with Session(store.engine) as session:
-        assert session.execute(select(Send.status).where(Send.send_key == late.send_key)).scalar_one() == "deferred"
+    assert status_of(store.engine, late.send_key) == "deferred"
