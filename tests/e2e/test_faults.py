@@ -9,19 +9,18 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from flows.run import execute
-from flows.run_context import prepare
 from flows.send.smtp import RelayRefused, SmtpUnavailable
 from flows.settings import Settings
 from flows.surfaces.environment import settings_from_environment
 from models import Send, Suppression
+from tests.support import ledger
 from tests.support.builders import NOW, Store, ago
+from tests.support.runs import run
 from tests.support.smtp_server import PostfixSink, Script, SmtpServer
 
 
 def sent_in_ledger(store: Store) -> set[str]:
-    with Session(store.engine) as session:
-        return set(session.execute(select(Send.email).where(Send.status == "sent")).scalars())
+    return ledger.addresses(store.engine, "sent")
 
 
 def test_a_mix_of_temporary_rejections_dropped_connections_and_hard_bounces(settings: Settings, store: Store,
@@ -40,7 +39,7 @@ def test_a_mix_of_temporary_rejections_dropped_connections_and_hard_bounces(sett
         elif roll < 0.32:
             smtp.handler.scripts[email] = Script(rcpt=["550 5.1.1 No such user"])
             bounced.add(email)
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings.model_copy(update={"in_flight": 10})))
+    summary = run(settings.model_copy(update={"in_flight": 10}), "winback-lapsed")
 
     received = Counter(r.recipients[0] for r in smtp.received)
     deliverable = set(emails) - bounced
@@ -70,7 +69,7 @@ def test_a_slow_server_slows_the_run_but_never_causes_duplicates(db_url: str, st
             if expect_in_doubt:
                 for i in range(5):
                     store.order(store.customer(f"Neu{i}"), ago(days=500))
-            summary = execute(prepare("winback-lapsed", NOW, settings=settings_from_environment()))
+            summary = run(settings_from_environment(), "winback-lapsed")
             if expect_in_doubt:
                 # The server took longer than the timeout to answer DATA: the mail may or may not
                 # be accepted, so it is never retried — at most once, reported in doubt.
@@ -98,8 +97,8 @@ def test_sender_processes_deliver_every_mail_once_to_postfix(settings: Settings,
     emails = store.lapsed(90)
     sink = PostfixSink().start()
     try:
-        run = with_sink(settings, sink, monkeypatch, batch_size=10, workers=2, in_flight=4)
-        summary = execute(prepare("winback-lapsed", NOW, settings=run))
+        to_sink = with_sink(settings, sink, monkeypatch, batch_size=10, workers=2, in_flight=4)
+        summary = run(to_sink, "winback-lapsed")
         received = Counter(sink.recipients())
     finally:
         sink.stop()
@@ -118,8 +117,8 @@ def test_postfix_deferring_every_recipient_sends_and_marks_nothing(settings: Set
     store.lapsed(6)
     sink = PostfixSink(*flags).start()
     try:
-        run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
-        summary = execute(prepare("winback-lapsed", NOW, settings=run))
+        to_sink = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
+        summary = run(to_sink, "winback-lapsed")
         received = sink.recipients()
     finally:
         sink.stop()
@@ -141,9 +140,9 @@ def test_postfix_refusing_every_mail_stops_the_run_and_blames_nobody(settings: S
     store.lapsed(6)
     sink = PostfixSink(*flags).start()
     try:
-        run = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
-        with pytest.raises(RelayRefused, match="refused 3 of the batch's first 6 recipients.*5.3.0 Error: command"):
-            execute(prepare("winback-lapsed", NOW, settings=run))
+        to_sink = with_sink(settings, sink, monkeypatch, smtp_attempts=2)
+        with pytest.raises(RelayRefused, match=r"refused 3 of the batch's first 6 recipients.*5.3.0 Error: command"):
+            run(to_sink, "winback-lapsed")
         received = sink.recipients()
     finally:
         sink.stop()
@@ -159,11 +158,11 @@ def test_a_server_down_for_a_while_is_waited_for_with_backoff(settings: Settings
     emails = store.lapsed(5)
     sink = PostfixSink()
     comes_back = threading.Timer(1.0, sink.start)
-    run = with_sink(settings, sink, monkeypatch, smtp_attempts=6, smtp_backoff_seconds=0.3,
+    to_sink = with_sink(settings, sink, monkeypatch, smtp_attempts=6, smtp_backoff_seconds=0.3,
                     smtp_backoff_max_seconds=1.0)
     comes_back.start()
     try:
-        summary = execute(prepare("winback-lapsed", NOW, settings=run))
+        summary = run(to_sink, "winback-lapsed")
         received = Counter(sink.recipients())
     finally:
         comes_back.join()
@@ -200,9 +199,7 @@ def test_a_server_lost_mid_run_fails_the_flow_and_a_rerun_completes_it_once(sett
     finally:
         killer.join()
     first = sink.recipients()
-    with Session(store.engine) as session:
-        statuses = Counter(session.execute(select(Send.status)).scalars())
-        in_doubt = set(session.execute(select(Send.email).where(Send.status == "sending")).scalars())
+    statuses, in_doubt = ledger.statuses(store.engine), ledger.addresses(store.engine, "sending")
     assert 60 <= len(first) < 600 and statuses["claimed"] == 0
     assert sent_in_ledger(store) == set(first) - in_doubt  # nothing reported sent that the sink did not take
     assert len(in_doubt) <= 2 * 2  # what each sender's 2 connections were handing over

@@ -8,14 +8,14 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from flows.run import execute
-from flows.run_context import prepare
 from flows.send.probe import check_smtp
 from flows.send.smtp import RelayRefused
 from flows.settings import Settings
 from flows.surfaces.environment import settings_from_environment
-from models import Feedback, Send, Suppression
+from models import Feedback, Suppression
+from tests.support import ledger
 from tests.support.builders import NOW, Store
+from tests.support.runs import run
 from tests.support.smtp_server import Script, SmtpServer
 
 PASSWORD = "s3cret-Pa55"
@@ -24,10 +24,9 @@ PASSWORD = "s3cret-Pa55"
 def rows(store: Store) -> tuple[Counter[str], set[str], int]:
     """Send states, suppressed addresses, feedback reports."""
     with Session(store.engine) as session:
-        statuses = Counter(session.execute(select(Send.status)).scalars())
         suppressed = set(session.execute(select(Suppression.email)).scalars())
         feedback = len(session.execute(select(Feedback.id)).scalars().all())
-    return statuses, suppressed, feedback
+    return ledger.statuses(store.engine), suppressed, feedback
 
 
 @pytest.fixture
@@ -47,9 +46,9 @@ def logged_in(settings: Settings, server: SmtpServer, **update: object) -> Setti
 def test_a_relay_denying_every_recipient_suppresses_nobody_and_fails_the_run(settings: Settings, store: Store,
                                                                             relay: SmtpServer) -> None:
     emails = store.lapsed(40)
-    run = logged_in(settings, relay)
+    relayed = logged_in(settings, relay)
     with pytest.raises(RelayRefused) as error:
-        execute(prepare("winback-lapsed", NOW, settings=run))
+        run(relayed, "winback-lapsed")
     message = str(error.value)
     assert "554 5.7.1 Relay access denied" in message and f"127.0.0.1:{relay.port}" in message
     assert PASSWORD not in message and "\n" not in message
@@ -60,7 +59,7 @@ def test_a_relay_denying_every_recipient_suppresses_nobody_and_fails_the_run(set
     assert relay.received == []
 
     relay.handler.refuse_every_rcpt = None  # the operator fixes the relay's configuration
-    summary = execute(prepare("winback-lapsed", NOW, settings=run))
+    summary = run(relayed, "winback-lapsed")
     assert summary.outcomes == {"sent": 40}
     received = Counter(r.recipients[0] for r in relay.received)
     assert set(received) == set(emails) and set(received.values()) == {1}
@@ -72,7 +71,7 @@ def test_a_relay_calling_every_address_unknown_suppresses_nobody(settings: Setti
     for email in emails:
         smtp.handler.scripts[email] = Script(rcpt=[f"550 5.1.1 <{email}>: Recipient address rejected: User unknown"])
     with pytest.raises(RelayRefused, match="most as unknown addresses"):
-        execute(prepare("winback-lapsed", NOW, settings=settings))
+        run(settings, "winback-lapsed")
     statuses, suppressed, feedback = rows(store)
     assert statuses == Counter() and suppressed == set() and feedback == 0
 
@@ -87,7 +86,7 @@ def test_only_a_bad_address_suppresses_and_every_refusal_is_recorded_once(settin
         smtp.handler.scripts[email] = Script(rcpt=["552 5.2.2 Mailbox full"])
     for email in spam:
         smtp.handler.scripts[email] = Script(data=["554 5.7.1 Message rejected as spam"])
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings.model_copy(update={"in_flight": 8})))
+    summary = run(settings.model_copy(update={"in_flight": 8}), "winback-lapsed")
 
     assert summary.outcomes == {"sent": 23, "failed:bounced": 3, "failed:soft_bounce": 2, "failed:rejected": 2}
     received = Counter(r.recipients[0] for r in smtp.received)
@@ -95,7 +94,7 @@ def test_only_a_bad_address_suppresses_and_every_refusal_is_recorded_once(settin
     with Session(store.engine) as session:
         suppressions = {s.email: s.reason for s in session.execute(select(Suppression)).scalars()}
         reports = session.execute(select(Feedback)).scalars().all()
-        failed = {s.email: s.error for s in session.execute(select(Send).where(Send.status == "failed")).scalars()}
+    failed = {s.email: s.error for s in ledger.sends(store.engine, status="failed")}
     assert suppressions == {email.lower(): "hard_bounce" for email in gone}  # one soft bounce is not three
     assert Counter((r.kind, r.source) for r in reports) == {("hard_bounce", "smtp"): 3, ("soft_bounce", "smtp"): 2,
                                                             ("message_failure", "smtp"): 2}
@@ -108,8 +107,8 @@ def test_soft_bounces_at_smtp_time_count_toward_the_soft_bounce_limit(settings: 
                                                                      smtp: SmtpServer) -> None:
     emails = store.lapsed(4)
     smtp.handler.scripts[emails[0]] = Script(rcpt=["552 5.2.2 Mailbox full"])
-    run = settings.model_copy(update={"soft_bounce_limit": 1})
-    summary = execute(prepare("winback-lapsed", NOW, settings=run))
+    limited = settings.model_copy(update={"soft_bounce_limit": 1})
+    summary = run(limited, "winback-lapsed")
     assert summary.outcomes == {"sent": 3, "failed:soft_bounce": 1}
     _, suppressed, feedback = rows(store)
     assert suppressed == {emails[0].lower()} and feedback == 1
@@ -119,11 +118,11 @@ def test_a_login_the_relay_refuses_fails_the_run_before_the_first_send(settings:
     store.lapsed(5)
     server = SmtpServer(credentials=("shop", "another-password")).start()
     try:
-        run = logged_in(settings, server)
-        with pytest.raises(RelayRefused, match="refused our login: 535 5.7.8 Authentication credentials invalid"):
-            check_smtp(run)
+        relayed = logged_in(settings, server)
+        with pytest.raises(RelayRefused, match=r"refused our login: 535 5.7.8 Authentication credentials invalid"):
+            check_smtp(relayed)
         with pytest.raises(RelayRefused, match="refused our login"):  # and a run without the probe: its first mail
-            execute(prepare("winback-lapsed", NOW, settings=run))
+            run(relayed, "winback-lapsed")
         assert server.handler.rcpt_attempts == {} and server.received == []
     finally:
         server.stop()
@@ -135,9 +134,9 @@ def test_a_relay_that_wants_a_login_we_do_not_give_fails_the_run_at_its_first_ma
     store.lapsed(5)
     server = SmtpServer(credentials=("shop", PASSWORD), auth_required=True).start()
     try:
-        run = settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{server.port}?connections=2&timeout=5"})
-        with pytest.raises(RelayRefused, match="refused our login: 530 5.7.0 Authentication required"):
-            execute(prepare("winback-lapsed", NOW, settings=run))
+        anonymous = settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{server.port}?connections=2&timeout=5"})
+        with pytest.raises(RelayRefused, match=r"refused our login: 530 5.7.0 Authentication required"):
+            run(anonymous, "winback-lapsed")
     finally:
         server.stop()
     assert rows(store) == (Counter(), set(), 0) and server.received == []
@@ -153,8 +152,8 @@ def test_the_prefect_flow_run_fails_and_the_command_exits_1_with_the_relays_word
     from flows.surfaces.prefect_flows import trigger_flow
 
     emails = store.lapsed(30)
-    run = logged_in(settings, relay)
-    monkeypatch.setenv("LIFECYCLE_SMTP_URL", run.smtp_url)  # flows read the environment
+    relayed = logged_in(settings, relay)
+    monkeypatch.setenv("LIFECYCLE_SMTP_URL", relayed.smtp_url)  # flows read the environment
     monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal must not wrap the message
     settings_from_environment.cache_clear()
     flow = trigger_flow
