@@ -8,24 +8,23 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlmodel import Session
 from typer.testing import CliRunner
 
 from flows.content.links import read_verp_token, send_digest, verp_address, verp_token
 from flows.feedback.bounces import Report, record
 from flows.feedback.reports import Tally, UnreadableReport, parse, process
-from flows.run import execute
-from flows.run_context import prepare
 from flows.send import claims as ledger
 from flows.settings import Settings
 from flows.summary import RunSummary
 from flows.surfaces.cli import app
-from models import Feedback, FeedbackKind, Send, SendStatus, Suppression
+from models import Feedback, FeedbackKind, SendStatus, Suppression
 from tests import support
 from tests.support.builders import NOW, Store
 from tests.support.imap_server import ImapServer, dovecot_binary
-from tests.support.runs import run_flow
+from tests.support.ledger import sends, status_of
+from tests.support.runs import run, run_flow
 from tests.support.smtp_server import SmtpServer
 
 FIXTURES = support.FIXTURES / "bounces"
@@ -64,11 +63,6 @@ def seed_send(store: Store, key: str, email: str, status: SendStatus = SendStatu
 def seed_fixture_sends(store: Store) -> None:
     for key, email in SENDS.values():
         seed_send(store, key, email)
-
-
-def send_status(engine: Engine, key: str) -> str:
-    with Session(engine) as session:
-        return session.execute(select(Send.status).where(Send.send_key == key)).scalar_one()
 
 
 def suppressions(engine: Engine) -> dict[str, str]:
@@ -110,10 +104,9 @@ def test_a_bounce_address_whose_local_part_cannot_hold_the_token_is_refused(monk
 def test_every_mail_of_a_run_has_a_return_path_naming_its_own_send(settings: Settings, store: Store,
                                                                     smtp: SmtpServer) -> None:
     emails = store.lapsed(3)
-    assert execute(prepare("winback-lapsed", NOW, settings=settings)).outcomes == {"sent": 3}
-    with Session(store.engine) as session:
-        sends = {row.email: row for row in session.execute(select(Send)).scalars()}
-    assert sorted(sends) == sorted(emails)
+    assert run(settings, "winback-lapsed").outcomes == {"sent": 3}
+    by_email = {row.email: row for row in sends(store.engine)}
+    assert sorted(by_email) == sorted(emails)
     tokens = set()
     for received in smtp.received:
         [recipient] = received.recipients
@@ -121,14 +114,14 @@ def test_every_mail_of_a_run_has_a_return_path_naming_its_own_send(settings: Set
         assert match, received.sender
         tokens.add(match.group(1))
         digest = read_verp_token(SECRET, match.group(1))
-        assert digest == send_digest(SECRET, sends[recipient].send_key)
-        assert received.message["Message-ID"] == sends[recipient].message_id == f"<{digest}@shop.example>"
+        assert digest == send_digest(SECRET, by_email[recipient].send_key)
+        assert received.message["Message-ID"] == by_email[recipient].message_id == f"<{digest}@shop.example>"
         assert received.message["Return-Path"] is None  # added on delivery, never by us: DKIM never covers it
     assert len(tokens) == 3
 
     other = settings.model_copy(update={"bounce_address": "returns@bounce.shop.example"})
     store.lapsed(1)
-    execute(prepare("winback-lapsed", NOW, settings=other))
+    run(other, "winback-lapsed")
     assert re.fullmatch(r"returns\+[0-9a-f]{48}@bounce\.shop\.example", smtp.received[-1].sender)
 
 
@@ -177,7 +170,7 @@ def test_fixtures_are_recorded_against_their_sends_once(store: Store) -> None:
     tallies = {name: process(engine, fixture(name), SECRET) for name in SENDS}
     assert tallies["postfix-delayed.eml"] == Tally(delayed=1)  # a warning only: nothing recorded
     assert all(t.new == 1 and t.unmatched == 0 for n, t in tallies.items() if n != "postfix-delayed.eml")
-    assert {name: send_status(engine, key) for name, (key, _) in SENDS.items()} == {
+    assert {name: status_of(engine, key) for name, (key, _) in SENDS.items()} == {
         "postfix-user-unknown.eml": "bounced", "exim-user-unknown.eml": "bounced",
         "office365-recipient-not-found.eml": "bounced",
         "gmail-account-does-not-exist.eml": "bounced",  # matched by its Message-ID
@@ -220,7 +213,7 @@ def test_a_forged_token_matches_no_send(store: Store) -> None:
     assert found.digests == () and found.message_id is None
     tally = process(store.engine, forged, SECRET)
     assert (tally.new, tally.unmatched) == (1, 1)
-    assert send_status(store.engine, key) == "sent"
+    assert status_of(store.engine, key) == "sent"
     assert feedback_rows(store.engine)[0].send_key is None
 
 
@@ -231,20 +224,21 @@ def test_a_token_matches_by_send_so_a_forwarded_address_is_not_what_is_suppresse
         b"Final-Recipient: rfc822;missing@contoso.example", b"Final-Recipient: rfc822;forwarded.to@elsewhere.example")
     tally = process(store.engine, forwarded, SECRET)
     assert tally.suppressed == {email: "hard_bounce"}
-    assert send_status(store.engine, key) == "bounced"
+    assert status_of(store.engine, key) == "bounced"
 
 
 def test_a_real_run_then_its_bounce_closes_the_loop(settings: Settings, store: Store, smtp: SmtpServer,
                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [email] = store.lapsed(1)
-    execute(prepare("winback-lapsed", NOW, settings=settings))
+    run(settings, "winback-lapsed")
     [received] = smtp.received
     sent = message_from_bytes(received.data)
     # The relay's bounce, written to the envelope sender it was given, about the message it was given.
     template = fixture("postfix-user-unknown.eml").decode()
     old_token = verp_token(SECRET, SENDS["postfix-user-unknown.eml"][0])
     bounce = (template.replace(f"bounces+{old_token}@shop.example", received.sender)
-              .replace(f"<{send_digest(SECRET, SENDS['postfix-user-unknown.eml'][0])}@shop.example>", sent["Message-ID"])
+              .replace(f"<{send_digest(SECRET, SENDS['postfix-user-unknown.eml'][0])}@shop.example>",
+                       sent["Message-ID"])
               .replace("no.such.user@example.net", email))
     path = tmp_path / "bounce.eml"
     path.write_text(bounce)
@@ -252,11 +246,10 @@ def test_a_real_run_then_its_bounce_closes_the_loop(settings: Settings, store: S
     result = runner.invoke(app, ["bounces", str(path)])
     assert result.exit_code == 0, result.output
     assert f"suppressed {email} (hard_bounce)" in result.output
-    with Session(store.engine) as session:
-        row = session.execute(select(Send)).scalar_one()
+    [row] = sends(store.engine)
     assert row.status == "bounced" and "5.1.1" in row.error
     assert suppressions(store.engine) == {email: "hard_bounce"}
-    assert execute(prepare("winback-lapsed", NOW, settings=settings)).outcomes.get("sent", 0) == 0
+    assert run(settings, "winback-lapsed").outcomes.get("sent", 0) == 0
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -392,11 +385,11 @@ def test_complaint_rates_are_shown_per_trigger(settings: Settings, store: Store,
 def test_a_flow_run_reports_its_triggers_complaint_rate(settings: Settings, store: Store, smtp: SmtpServer) -> None:
 
     store.lapsed(3)
-    execute(prepare("winback-lapsed", NOW, settings=settings))
-    with Session(store.engine) as session:
-        key, email = session.execute(select(Send.send_key, Send.email).order_by(Send.id)).first()
-        assert session.execute(select(func.count()).select_from(Send)).scalar_one() == 3
+    run(settings, "winback-lapsed")
+    rows = sends(store.engine)
+    key, email = rows[0].send_key, rows[0].email
+    assert len(rows) == 3
     record(store.engine, [Report("arf:flow-1", email, FeedbackKind.COMPLAINT, "arf", NOW, send_key=key)])
-    summary = run_flow(settings, "winback-lapsed", NOW)
+    summary = run_flow(settings, "winback-lapsed")
     assert summary.complaints == (1, 3)
     assert "WARNING: spam complaints 33.33%" in summary.headline()
