@@ -1,6 +1,7 @@
 """Real parts: SQLite files and the local PostgreSQL, an SMTP server on loopback, Prefect's test server."""
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +20,16 @@ if WORKER and "PREFECT_HOME" not in os.environ:
     # temporary server's memo store and result storage live here; ~/.prefect is shared.
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-home-{WORKER}-")
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+# The terminal size as the controller's tests would see it (pytest_configure below): importing
+# readline there exported COLUMNS=80 and LINES=24 to the process environment the workers
+# inherit, which would pin rich's console at 80 columns whatever COLUMNS a test sets.
+_TERMINAL = os.environ.pop("LIFECYCLE_TEST_TERMINAL", None)
+if WORKER and _TERMINAL is not None:
+    for _name, _value in json.loads(_TERMINAL).items():
+        if _value is None:
+            os.environ.pop(_name, None)
+        else:
+            os.environ[_name] = _value
 
 import pytest
 from hypothesis import HealthCheck, Phase
@@ -93,6 +104,8 @@ if WORKER:
 def pytest_configure(config: pytest.Config) -> None:
     if WORKER:
         ensure_database(POSTGRES_URL)
+    elif getattr(config.option, "dist", "no") != "no":  # the xdist controller, before it starts workers
+        os.environ["LIFECYCLE_TEST_TERMINAL"] = json.dumps({name: os.environ.get(name) for name in ("COLUMNS", "LINES")})
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -21,6 +21,10 @@ from tests.support.ledger import sends
 from tests.support.prefect_server import PrefectServer, prefect_bin, stop
 from tests.support.smtp_server import SmtpServer
 
+# One worker for the module under pytest-xdist (--dist loadgroup): its site, a Prefect server and a
+# deployed project, is set up once instead of once on every worker that gets one of its tests.
+pytestmark = pytest.mark.xdist_group("operations-site")
+
 
 class Site:
     """A deployed project: its folder, store, SMTP server, Prefect server and one worker."""
