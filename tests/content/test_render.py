@@ -8,7 +8,7 @@ from flows.content.context import sample_contexts
 from flows.content.render import RenderError, TemplateCatalog, language_of
 from flows.settings import Settings
 from flows.spec.common import EmailSpec
-from tests.support.builders import NOW, Store, ago
+from tests.support.builders import Store, ago
 from tests.support.smtp_server import SmtpServer
 
 
@@ -58,7 +58,8 @@ def test_html_is_autoescaped_but_subjects_are_plain_text(catalog: TemplateCatalo
 
 def test_subjects_lose_line_breaks(catalog: TemplateCatalog) -> None:
     sneaky = context()["customer"].__class__("c", "e@x.de", "Eve\r\nBcc: all@x.de", None, "de", "de")
-    rendered = catalog.render(EmailSpec(template="offer", subject="Hi {{ customer.first_name }}"), context(customer=sneaky))
+    rendered = catalog.render(EmailSpec(template="offer", subject="Hi {{ customer.first_name }}"),
+                              context(customer=sneaky))
     assert "\n" not in rendered.subject and "\r" not in rendered.subject
     assert rendered.subject == "Hi Eve Bcc: all@x.de"
 
@@ -89,7 +90,8 @@ def test_money_is_formatted_per_language(tmp_path: Path, lang: str, expected: st
     assert rendered.html == expected
 
 
-@pytest.mark.parametrize(("locale", "expected"), [("de-AT", "de"), ("en_GB", "en"), ("", "en"), (None, "en"), ("??", "en")])
+@pytest.mark.parametrize(("locale", "expected"),
+                         [("de-AT", "de"), ("en_GB", "en"), ("", "en"), (None, "en"), ("??", "en")])
 def test_language_of_locale(locale: str | None, expected: str) -> None:
     assert language_of(locale, "en") == expected
 
@@ -191,8 +193,7 @@ def test_language_of_without_supported_languages_keeps_the_locale_s_language() -
 
 def test_a_french_customer_in_a_real_run_gets_subject_body_and_money_all_in_the_default_language(
         settings: Settings, store: Store, smtp: SmtpServer) -> None:
-    from flows.run import execute
-    from flows.run_context import prepare
+    from tests.support.runs import run
 
     templates = Path(settings.templates_dir) / "winback"
     for name in ("default.de.html.j2", "default.en.html.j2"):  # the shipped win-back shows no amount: add one
@@ -200,7 +201,7 @@ def test_a_french_customer_in_a_real_run_gets_subject_body_and_money_all_in_the_
         path.write_text(path.read_text().replace("{% endblock %}", "<p>{{ 1500 | money('EUR') }}</p>\n{% endblock %}"))
     lea = store.customer("Léa", locale="fr-FR")
     store.order(lea, ago(days=500))
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings))
+    summary = run(settings, "winback-lapsed")
     assert summary.outcomes == {"sent": 1}
     [mail] = [r.message for r in smtp.handler.to(lea.email)]
     assert mail["Subject"] == "Léa, 15% off just for you"
@@ -249,7 +250,8 @@ def test_output_over_the_budget_is_stopped_with_its_line(tmp_path: Path) -> None
     assert "1,000,000 characters of output" in str(caught.value)
 
 
-@pytest.mark.parametrize("expression", ["'x' * 10 ** 10", "[0] * 10 ** 9", "2 ** (10 ** 10)", "(10 ** 1000) * (10 ** 1000)"])
+@pytest.mark.parametrize("expression",
+                         ["'x' * 10 ** 10", "[0] * 10 ** 9", "2 ** (10 ** 10)", "(10 ** 1000) * (10 ** 1000)"])
 def test_star_and_power_cannot_build_huge_values(tmp_path: Path, expression: str) -> None:
     catalog = hanging(tmp_path, "{{ (" + expression + ")|length }}")
     with pytest.raises(RenderError, match=r"offer/default.html.j2:2: stopped: \*\*? would build"):
@@ -298,8 +300,7 @@ def test_an_oversized_template_is_refused_by_name(tmp_path: Path) -> None:
 
 def test_a_real_run_stops_a_template_that_hangs_on_one_customer_s_data_and_other_triggers_send(
         settings: Settings, store: Store, smtp: SmtpServer) -> None:
-    from flows.run import execute
-    from flows.run_context import prepare
+    from tests.support.runs import run
 
     # The win-back loops for ever for one customer only; test renders (sample data) pass.
     for name in ("default.de.html.j2", "default.en.html.j2"):
@@ -311,13 +312,13 @@ def test_a_real_run_stops_a_template_that_hangs_on_one_customer_s_data_and_other
     for customer in (anna, hang, berta):
         store.order(customer, ago(days=500))
     settings = settings.model_copy(update={"workers": 1})
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings))
+    summary = run(settings, "winback-lapsed")
     # Anna before: sent. Hang: stopped. Berta after: not tried again in this run (she goes out once it is fixed).
     assert summary.outcomes == {"sent": 1, "failed:render_error": 2}
     assert [r.recipients for r in smtp.received] == [[anna.email]]
     complaint = store.customer("Carla")
     store.complaint(complaint, ago(hours=2))
-    other = execute(prepare("complaint-ack", NOW, settings=settings))
+    other = run(settings, "complaint-ack")
     assert other.outcomes == {"sent": 1}
 
 

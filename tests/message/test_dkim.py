@@ -9,11 +9,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from flows.content.render import TemplateCatalog
-from flows.run import execute
 from flows.run_context import prepare
 from flows.settings import Settings
 from flows.spec.common import EmailSpec
 from tests.support.builders import NOW, Store, ago
+from tests.support.runs import run
 from tests.support.smtp_server import SmtpServer
 
 
@@ -34,7 +34,7 @@ def test_received_marketing_mail_has_a_dkim_signature_that_verifies(
     store.order(customer, ago(days=500))
     signed = settings.model_copy(update={"dkim_selector": "mail2026", "dkim_private_key": __import__(
         "pydantic").SecretStr(pem)})
-    assert execute(prepare("winback-lapsed", NOW, settings=signed)).outcomes == {"sent": 1}
+    assert run(signed, "winback-lapsed").outcomes == {"sent": 1}
     raw = smtp.received[0].data
 
     looked_up: list[bytes] = []
@@ -56,7 +56,7 @@ def test_received_marketing_mail_has_a_dkim_signature_that_verifies(
 
 def test_without_a_selector_nothing_is_signed(settings: Settings, store: Store, smtp: SmtpServer) -> None:
     store.order(store.customer("Lea"), ago(days=500))
-    execute(prepare("winback-lapsed", NOW, settings=settings))
+    run(settings, "winback-lapsed")
     assert smtp.received[0].message["DKIM-Signature"] is None
 
 

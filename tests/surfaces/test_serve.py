@@ -25,6 +25,7 @@ from flows.surfaces.serve import JOB_DEFAULTS, TriggerScheduler
 from tests.support import ROOT
 from tests.support.builders import NOW, Store
 from tests.support.children import child_env
+from tests.support.runs import run
 from tests.support.smtp_server import SmtpServer
 
 RUNS: list[str] = []  # what the scheduled job function was called with
@@ -216,7 +217,7 @@ def test_a_shutdown_lets_the_running_batch_finish_and_stops_before_the_next(
     summary = execute(job, dispatch=dispatch_then_get_signalled, should_stop=stop.is_set)
     assert summary.interrupted and summary.outcomes == {"sent": 5}
     assert len(smtp.received) == 5
-    rest = execute(prepare("winback-lapsed", NOW, settings=settings))
+    rest = run(settings, "winback-lapsed")
     assert rest.outcomes == {"sent": 7, "skipped:already_sent": 5}
 
 

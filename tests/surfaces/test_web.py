@@ -12,13 +12,12 @@ from sqlmodel import Session
 
 from flows.ingest import ingest_lines
 from flows.message.prepare import render_candidates
-from flows.run import execute
-from flows.run_context import load, prepare
+from flows.run_context import load
 from flows.settings import Settings
 from flows.surfaces.web import create_app
 from models import CategoryOptOut, Customer, Send, Suppression
 from tests.support.builders import NOW, Store, ago
-from tests.support.runs import run_flow
+from tests.support.runs import run, run_flow
 from tests.support.smtp_server import SmtpServer
 from tests.support.web_server import WebServer
 
@@ -43,10 +42,6 @@ def web(settings: Settings, clock: Clock) -> Iterator[WebServer]:
     server = WebServer(create_app(settings, clock=clock)).start()
     yield server
     server.stop()
-
-
-def run(settings: Settings, trigger: str, now=NOW):
-    return execute(prepare(trigger, now, settings=settings))
 
 
 def local(url: str, settings: Settings, web: WebServer) -> str:
@@ -98,7 +93,7 @@ def test_one_click_post_unsubscribes_at_once_and_the_next_run_skips(settings: Se
     with Session(store.engine) as session:
         assert session.get(Suppression, customer.email).reason == "unsubscribed"
         assert session.get(Customer, customer.id).marketing_consent is False
-    later = run(settings, "winback-lapsed", NOW + __import__("datetime").timedelta(days=7))
+    later = run(settings, "winback-lapsed", NOW + timedelta(days=7))
     assert later.outcomes == {"skipped:suppressed": 1}
 
 
@@ -144,23 +139,23 @@ def test_leaving_one_category_keeps_the_others(settings: Settings, store: Store,
     assert saved.status_code == 200 and "Gespeichert." in saved.text and 'value="campaign">' in saved.text
     with Session(store.engine) as session:
         assert [o.category for o in session.execute(select(CategoryOptOut)).scalars()] == ["campaign"]
-    assert run(settings, "winback-lapsed", NOW + __import__("datetime").timedelta(days=7)).outcomes == \
+    assert run(settings, "winback-lapsed", NOW + timedelta(days=7)).outcomes == \
         {"skipped:opted_out": 1}
     # Still subscribed to cart reminders: held back only by the 1-per-16h cap, then sent.
     assert run(settings, "abandoned-cart").outcomes == {"deferred:frequency_cap": 1}
-    assert run(settings, "abandoned-cart", NOW + __import__("datetime").timedelta(hours=20)).outcomes == {"sent": 1}
+    assert run(settings, "abandoned-cart", NOW + timedelta(hours=20)).outcomes == {"sent": 1}
 
 
 def test_an_unsubscribe_during_a_run_is_honoured_before_the_next_batch_is_sent(settings: Settings, store: Store,
                                                                                smtp: SmtpServer) -> None:
     first, second = lapsed(store, "Erster"), lapsed(store, "Zweite")
 
-    def render_then_second_unsubscribes(job, candidates, batch=0):  # noqa: ANN001, ANN202
+    def render_then_second_unsubscribes(job, candidates, batch=0):
         result = render_candidates(job, candidates, batch)
         store.suppress(second.email, "unsubscribed")  # clicked while the run was rendering
         return result
 
-    summary = execute(prepare("winback-lapsed", NOW, settings=settings), render=render_then_second_unsubscribes)
+    summary = run(settings, "winback-lapsed", render=render_then_second_unsubscribes)
     assert summary.outcomes == {"sent": 1, "skipped:unsubscribed_during_run": 1}
     assert [r.recipients for r in smtp.received] == [[first.email]]
 
@@ -363,7 +358,7 @@ def test_a_confirmation_link_of_the_old_unscoped_form_is_refused(settings: Setti
 class HeldLock:
     """Another session holds a write lock on the customer's row (PostgreSQL) or on the store (SQLite)."""
 
-    def __init__(self, engine, customer: Customer) -> None:  # noqa: ANN001
+    def __init__(self, engine, customer: Customer) -> None:
         from sqlalchemy import text
 
         self.connection = engine.connect()
