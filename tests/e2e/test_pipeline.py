@@ -6,7 +6,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
 from sqlmodel import Session
 
 from flows.run import execute
@@ -14,22 +13,14 @@ from flows.run_context import prepare
 from flows.settings import Settings
 from flows.spec.problems import SpecError
 from flows.surfaces.web import create_app
-from models import Send, Suppression
-from tests.support import runs
+from models import Suppression
 from tests.support.builders import NOW, Store, ago
+from tests.support.ledger import sends
+from tests.support.runs import run, run_flow
 from tests.support.smtp_server import Script, SmtpServer
 from tests.support.web_server import WebServer
 
 pytestmark = pytest.mark.usefixtures("prefect")
-
-
-def run_flow(settings: Settings, trigger: str, now=NOW):
-    return runs.run_flow(settings, trigger, now)
-
-
-def ledger_rows(store: Store) -> list[Send]:
-    with Session(store.engine) as session:
-        return list(session.execute(select(Send).order_by(Send.customer_id)).scalars())
 
 
 def test_a_run_sends_each_due_mail_once_and_a_rerun_sends_nothing(settings: Settings, store: Store,
@@ -52,7 +43,7 @@ def test_a_run_sends_each_due_mail_once_and_a_rerun_sends_nothing(settings: Sett
     [english] = [r.message for r in smtp.handler.to(amelia.email)]
     assert english["Subject"] == "Amelia, your cart is waiting for you"
 
-    rows = ledger_rows(store)
+    rows = sends(store.engine)
     assert [r.status for r in rows] == ["sent", "sent"]
     assert {r.message_id for r in rows} == {german["Message-ID"], english["Message-ID"]}
 
@@ -119,9 +110,9 @@ def test_a_broken_template_fails_the_run_before_the_first_mail(settings: Setting
         store.complaint(store.customer(name), ago(hours=1))
     template = Path(settings.templates_dir) / "complaint_ack" / "default.de.html.j2"
     template.write_text(template.read_text().replace("complaint.subject", "complaint.subjekt"))
-    with pytest.raises(SpecError, match="default.de.html.j2:4: complaint has no attribute .subjekt."):
+    with pytest.raises(SpecError, match=r"default.de.html.j2:4: complaint has no attribute .subjekt."):
         run_flow(settings, "complaint-ack")
-    assert smtp.received == [] and ledger_rows(store) == []
+    assert smtp.received == [] and sends(store.engine) == []
 
 
 def test_a_data_dependent_render_error_fails_only_that_recipient(settings: Settings, store: Store,
@@ -136,7 +127,7 @@ def test_a_data_dependent_render_error_fails_only_that_recipient(settings: Setti
     summary = run_flow(settings, "complaint-ack")
     assert summary.outcomes == {"sent": 1, "failed:render_error": 1}
     assert [r.recipients for r in smtp.received] == [[berta.email]]
-    assert [r.customer_id for r in ledger_rows(store)] == [berta.id]  # Anna is retried once the template is fixed
+    assert [r.customer_id for r in sends(store.engine)] == [berta.id]  # Anna is retried once the template is fixed
 
 
 def test_dry_run_shows_the_plan_and_sends_and_records_nothing(settings: Settings, store: Store,
@@ -144,12 +135,12 @@ def test_dry_run_shows_the_plan_and_sends_and_records_nothing(settings: Settings
     for name in ("Lea", "Tom"):
         store.order(store.customer(name), ago(days=500))
     store.order(store.customer("Ohne", consent=False), ago(days=500))
-    job = prepare("winback-lapsed", NOW, settings=settings, dry_run=True)
-    summary = execute(job)
+    summary = run(settings, "winback-lapsed", dry_run=True)
     assert summary.outcomes == {"would_send": 2, "skipped:no_consent": 1}
-    assert {(p.stage, p.language, p.template) for p in summary.planned} == {("lapsed", "de", "winback/default.de.html.j2")}
+    assert {(p.stage, p.language, p.template) for p in summary.planned} == {
+        ("lapsed", "de", "winback/default.de.html.j2")}
     assert {p.subject for p in summary.planned} == {"Lea, 15 % Rabatt nur für dich", "Tom, 15 % Rabatt nur für dich"}
-    assert smtp.received == [] and ledger_rows(store) == []
+    assert smtp.received == [] and sends(store.engine) == []
 
 
 def test_two_runs_at_the_same_time_send_every_key_once(settings: Settings, store: Store, smtp: SmtpServer) -> None:
@@ -157,12 +148,12 @@ def test_two_runs_at_the_same_time_send_every_key_once(settings: Settings, store
     summaries = []
     barrier = threading.Barrier(2)
 
-    def run() -> None:
+    def race() -> None:
         job = prepare("winback-lapsed", NOW, settings=settings)
         barrier.wait()
         summaries.append(execute(job))
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=race) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -222,7 +213,7 @@ def test_an_unreachable_smtp_server_fails_the_run_and_marks_nothing_sent(setting
     settings_from_environment.cache_clear()
     with pytest.raises(SmtpUnavailable, match="unreachable after 3 attempts"):
         run_flow(settings_from_environment(), "complaint-ack")
-    assert ledger_rows(store) == []
+    assert sends(store.engine) == []
 
 
 def test_a_failed_run_closes_its_audience_even_while_its_error_is_kept(settings: Settings, store: Store) -> None:
