@@ -282,3 +282,41 @@ def test_serve_survives_cron_forms_it_cannot_run_at_start_and_on_sighup(project_
         if process.poll() is None:
             process.kill()
     assert log.read_text().rstrip().endswith("Stopped")
+
+
+def test_jobs_stored_by_an_earlier_release_keep_their_schedule_after_the_upgrade(tmp_path: Path) -> None:
+    """serve's job store outlives a release: a job pointing at the old module is repointed,
+    with its next run time, before the scheduler loads it."""
+    import pickle
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from sqlalchemy import text
+
+    from flows.surfaces.serve import JOBS_TABLE, cron_trigger, run_scheduled, upgrade_jobs
+    from models.db import make_engine
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = SQLAlchemyJobStore(url=url, tablename=JOBS_TABLE)
+    before = BackgroundScheduler(jobstores={"default": store}, timezone="UTC")
+    before.start(paused=True)
+    before.add_job("flows.surfaces.serve:run_scheduled", cron_trigger("0 10 * * 1", "Europe/Berlin"),
+                   args=["winback-lapsed"], id="winback-lapsed", name="winback-lapsed")
+    due = before.get_job("winback-lapsed").next_run_time
+    before.shutdown(wait=False)
+    engine = make_engine(url)
+    with engine.begin() as connection:  # as the earlier release stored it
+        blob = connection.execute(text(f"SELECT job_state FROM {JOBS_TABLE}")).scalar_one()
+        state = pickle.loads(blob)
+        state["func"] = "flows.serve:run_scheduled"
+        connection.execute(text(f"UPDATE {JOBS_TABLE} SET job_state = :s"), {"s": pickle.dumps(state)})
+
+    assert upgrade_jobs(engine) == 1
+    assert upgrade_jobs(engine) == 0  # once
+    after = BackgroundScheduler(jobstores={"default": SQLAlchemyJobStore(url=url, tablename=JOBS_TABLE)},
+                                timezone="UTC")
+    after.start(paused=True)
+    try:
+        [job] = after.get_jobs()
+        assert job.func is run_scheduled and job.args == ("winback-lapsed",) and job.next_run_time == due
+    finally:
+        after.shutdown(wait=False)
