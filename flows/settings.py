@@ -47,7 +47,8 @@ class Settings(BaseSettings):
                                      "a random secret generated once and kept in the store.")
     base_url: str = Field("http://127.0.0.1:8025", description="Where unsubscribe links point.")
     shop_url: str = "https://shop.example"
-    unsubscribe_mailbox: str | None = Field(None, description="mailto: in List-Unsubscribe; default unsubscribe@<sender domain>.")
+    unsubscribe_mailbox: str | None = Field(
+        None, description="mailto: in List-Unsubscribe; default unsubscribe@<sender domain>.")
     default_language: str = "en"
     dkim_selector: str | None = Field(None, description="Signs every mail with DKIM when set.")
     dkim_domain: str | None = Field(None, description="d= of the signature; default: the sender's domain.")
@@ -122,7 +123,8 @@ class Settings(BaseSettings):
 
         local, at, domain = value.strip().rpartition("@")
         if not at or not local or not domain or any(ch in value for ch in "<>\" ,;\r\n\t"):
-            raise ValueError(f"LIFECYCLE_BOUNCE_ADDRESS must be a plain address such as bounces@shop.example, got {value!r}")
+            raise ValueError("LIFECYCLE_BOUNCE_ADDRESS must be a plain address such as bounces@shop.example, "
+                             f"got {value!r}")
         if len(local.encode()) + 1 + TOKEN_LENGTH > 64:
             raise ValueError(f"LIFECYCLE_BOUNCE_ADDRESS: local part {local!r} is too long; with +TOKEN "
                              f"({TOKEN_LENGTH + 1} characters) it must fit 64 octets")

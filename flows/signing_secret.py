@@ -26,7 +26,7 @@ _warned: set[str] = set()
 
 def store_secret(engine: Engine) -> str:
     """The store's secret, made on first use; two processes racing to make it agree on the first written."""
-    table = StoreMeta.__table__  # type: ignore[attr-defined]
+    table = StoreMeta.__table__  # type: ignore[attr-defined]  # set by SQLModel at class creation, not declared
     query = select(table.c.value).where(table.c.key == STORE_KEY)
     with engine.begin() as connection:
         found = connection.execute(query).scalar()

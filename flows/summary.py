@@ -79,7 +79,8 @@ class RunSummary:
         totals = self.outcomes
         main = totals[Outcome.WOULD_SEND] if self.dry_run else totals[Outcome.SENT]
         verb = "would send" if self.dry_run else "sent"
-        others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items()) if name not in (Outcome.SENT, Outcome.WOULD_SEND))
+        others = ", ".join(f"{name} {n}" for name, n in sorted(totals.items())
+                           if name not in (Outcome.SENT, Outcome.WOULD_SEND))
         stopped = " (interrupted by shutdown)" if self.interrupted else ""
         warning = f"; WARNING: {self.complaint_warning}" if self.complaint_warning else ""
         return f"{self.trigger} @ {self.evaluated_at:%Y-%m-%d %H:%M:%S} UTC{stopped}: {verb} {main}" + (

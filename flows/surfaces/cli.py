@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -18,6 +18,9 @@ from flows.settings import Settings
 from flows.spec.problems import SpecError
 from flows.surfaces.environment import settings_from_environment
 from flows.surfaces.terminal import console, errors, planned_table, print_problems, summary_table
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -53,7 +56,7 @@ def _settings(triggers: Path | None = None, templates: Path | None = None) -> Se
     return settings.model_copy(update=updates) if updates else settings
 
 
-def _engine(settings: Settings):
+def _engine(settings: Settings) -> "Engine":
     """The store's engine. Development migrates on the fly; production expects `lifecycle db upgrade`."""
     from models.db import create_schema, get_engine
     from models.migrate import current, head
@@ -137,7 +140,8 @@ def run(
     triggers: Annotated[list[str] | None, typer.Argument(help="Trigger names (see `lifecycle validate`).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Run every enabled trigger.")] = False,
     now: Annotated[str | None, typer.Option(help="Evaluate as of this ISO-8601 moment (default: now).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show who would get what; send and record nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run",
+                                          help="Show who would get what; send and record nothing.")] = False,
 ) -> None:
     """Run triggers through Prefect (or, with --dry-run, just show the plan)."""
     from flows.run import execute
@@ -171,7 +175,7 @@ def run(
             print_problems(exc.problems)
             failed = True
             continue
-        except Exception as exc:  # one broken trigger never stops the others
+        except Exception as exc:  # noqa: BLE001 - one broken trigger never stops the others
             # One line, however narrow the terminal, and the relay's words as they came (no markup).
             errors.print(f"[red]{name} failed:[/] {escape(redact_urls(str(exc)))}", soft_wrap=True)
             failed = True
@@ -191,8 +195,10 @@ def run(
 def preview(
     trigger: Annotated[str, typer.Argument(help="Trigger name.")],
     customer: Annotated[str | None, typer.Option(help="A customer's external id: render with their real data.")] = None,
-    stage: Annotated[list[str] | None, typer.Option(help="Stage(s) to preview with sample data (default: all).")] = None,
-    language: Annotated[list[str] | None, typer.Option(help="Language(s) (default: every one the trigger is written in).")] = None,
+    stage: Annotated[list[str] | None,
+                     typer.Option(help="Stage(s) to preview with sample data (default: all).")] = None,
+    language: Annotated[list[str] | None,
+                        typer.Option(help="Language(s) (default: every one the trigger is written in).")] = None,
     out: Annotated[Path, typer.Option(help="Where to write .html, .txt and .eml files.")] = Path("preview"),
     now: Annotated[str | None, typer.Option(help="Evaluation time for the customer's stage.")] = None,
 ) -> None:
@@ -296,7 +302,8 @@ def web(
 @app.command()
 def deployments(
     write: Annotated[bool, typer.Option("--write", help="Regenerate the deployments section of prefect.yaml.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Exit 1, with a diff, if prefect.yaml disagrees with triggers/.")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Exit 1, with a diff, if prefect.yaml disagrees with triggers/.")] = False,
     file: Annotated[Path, typer.Option(help="The Prefect project file.")] = Path("prefect.yaml"),
 ) -> None:
     """Keep prefect.yaml's deployments in step with the trigger files (one deployment per trigger)."""
@@ -346,7 +353,9 @@ def suppress_add(
 
 
 @suppress_app.command("from-mail")
-def suppress_from_mail(files: Annotated[list[Path], typer.Argument(help=".eml files received at the unsubscribe mailbox.")]) -> None:
+def suppress_from_mail(
+    files: Annotated[list[Path], typer.Argument(help=".eml files received at the unsubscribe mailbox.")],
+) -> None:
     """Apply unsubscribe requests mailed to the List-Unsubscribe mailto: address (subject: unsubscribe TOKEN)."""
     import re
     from email import message_from_bytes, policy
@@ -423,7 +432,8 @@ def db_current() -> None:
 @app.command()
 def bounces(
     files: Annotated[list[Path] | None, typer.Argument(help="Bounce or complaint mails (.eml), one per file.")] = None,
-    maildir: Annotated[Path | None, typer.Option(help="A Maildir: reads new/, then moves each message to cur/.")] = None,
+    maildir: Annotated[Path | None,
+                       typer.Option(help="A Maildir: reads new/, then moves each message to cur/.")] = None,
     imap: Annotated[str | None, typer.Option(
         help="imap://user:pass@host:port/INBOX or imaps://…: reads unseen messages, then flags them seen.",
         envvar="LIFECYCLE_BOUNCE_IMAP_URL", show_default=False)] = None,

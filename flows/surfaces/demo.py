@@ -107,7 +107,8 @@ def generate(anchor: datetime, customers: int = 300, seed: int = 7) -> list[dict
             orders = [rng.uniform(2, 55)]
         elif profile == "active":
             signup = rng.uniform(100, 700)
-            orders = sorted([rng.uniform(70, 110)] + [rng.uniform(10, 110) for _ in range(rng.randint(1, 3))], reverse=True)
+            orders = sorted([rng.uniform(70, 110)] + [rng.uniform(10, 110) for _ in range(rng.randint(1, 3))],
+                            reverse=True)
         elif profile == "loyal":
             signup = rng.uniform(300, 900)
             orders = sorted((rng.uniform(5, 280) for _ in range(rng.randint(5, 9))), reverse=True)
@@ -131,7 +132,7 @@ def generate(anchor: datetime, customers: int = 300, seed: int = 7) -> list[dict
             last_seen = min(rng.uniform(0.02, 20), newest_order, signup)
         n_events = 0
 
-        def event(kind: str, days_ago: float, **body: Any) -> None:
+        def event(kind: str, days_ago: float, user: str = user, **body: Any) -> None:
             nonlocal n_events
             n_events += 1
             events.append({"type": kind, "userId": user, "timestamp": _iso(at(days_ago)),
@@ -163,7 +164,8 @@ def generate(anchor: datetime, customers: int = 300, seed: int = 7) -> list[dict
             event("track", complaint_at, event="Complaint Received",
                   properties={"complaint_id": f"{user}-c1", "subject": rng.choice(COMPLAINTS)})
             if rng.random() < 0.3:
-                event("track", complaint_at - 0.05, event="Complaint Answered", properties={"complaint_id": f"{user}-c1"})
+                event("track", complaint_at - 0.05, event="Complaint Answered",
+                      properties={"complaint_id": f"{user}-c1"})
             last_seen = min(last_seen, complaint_at - 0.06)
         if rng.random() < 0.03:
             event("track", max(last_seen, 0.01) + 0.001, event="Unsubscribed", properties={})
@@ -216,7 +218,7 @@ def run_demo(settings: Settings, customers: int, outbox: Path, console: Console)
         settings = settings.model_copy(update={"smtp_url": box.url})
         console.print(f"Capture SMTP server on {box.url}, writing to {outbox}/. Running "
                       f"{len(project.triggers)} triggers through Prefect as of {anchor.isoformat()}…")
-        for name, spec in project.triggers.items():
+        for spec in project.triggers.values():
             if spec.enabled:
                 started = run_in_prefect(spec, anchor.isoformat(), settings=settings, project=project, engine=engine)
                 console.print(summary_table(started.summary))

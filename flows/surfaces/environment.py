@@ -8,6 +8,7 @@ core never talks to Prefect.
 
 import os
 from functools import lru_cache
+from typing import Any
 
 from flows.settings import SECRET_BLOCK_PREFIX, Settings
 
@@ -17,11 +18,13 @@ SECRET_BLOCK_FIELDS = ("database_url", "smtp_url", "secret", "dkim_private_key",
 @lru_cache
 def settings_from_environment() -> Settings:
     """The settings of this process (``cache_clear()`` after changing the environment)."""
-    values = {}
+    values: dict[str, Any] = {}
     for name in SECRET_BLOCK_FIELDS:
         raw = os.environ.get(f"LIFECYCLE_{name.upper()}", "")
         if raw.startswith(SECRET_BLOCK_PREFIX):
             from prefect.blocks.system import Secret
 
-            values[name] = Secret.load(raw.removeprefix(SECRET_BLOCK_PREFIX)).get()
+            block = Secret.load(raw.removeprefix(SECRET_BLOCK_PREFIX))
+            assert isinstance(block, Secret)  # called from sync code: the block itself, not a coroutine
+            values[name] = block.get()
     return Settings(**values)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect import flow, tags, task
+from prefect import State, Task, flow, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.states import Completed
 from prefect.utilities.annotations import quote
 from sqlalchemy import Engine
 
@@ -32,11 +32,11 @@ from flows.audience.query import Candidate
 from flows.clock import parse_now
 from flows.content.links import preview_url
 from flows.memory import one_malloc_arena
-from flows.message.prepare import Prepared, render_candidates
+from flows.message.prepare import Failure, Prepared, render_candidates
 from flows.redaction import redact_every_record
 from flows.run import execute, run
 from flows.run_context import RunContext, load, prepare
-from flows.send.batch import BatchOutcome, dispatch_prepared
+from flows.send.batch import BatchOutcome, Counts, dispatch_prepared
 from flows.send.probe import check_smtp
 from flows.send.senders import SenderPool
 from flows.settings import Settings
@@ -82,10 +82,15 @@ def _in_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> 
     return senders.submit(candidates, batch).result()
 
 
-render_batch = task(render_candidates, name="render", task_run_name="render-batch-{batch}", cache_policy=NO_CACHE)
-dispatch_batch = task(dispatch_prepared, name="dispatch", task_run_name="dispatch-batch-{batch}", cache_policy=NO_CACHE)
+# Typed with any parameters (``...``): they are called with ``quote``-wrapped arguments, which Prefect
+# unwraps before the call (see below).
+render_batch: Task[..., tuple[list[Prepared], list[Failure]]] = task(
+    name="render", task_run_name="render-batch-{batch}", cache_policy=NO_CACHE)(render_candidates)
+dispatch_batch: Task[..., Counts] = task(
+    name="dispatch", task_run_name="dispatch-batch-{batch}", cache_policy=NO_CACHE)(dispatch_prepared)
 # A batch rendered and sent in a sender process: one task run per batch, submitted so batches overlap.
-send_batch = task(_in_sender, name="send", task_run_name="send-batch-{batch}", cache_policy=NO_CACHE)
+send_batch: Task[..., BatchOutcome] = task(
+    name="send", task_run_name="send-batch-{batch}", cache_policy=NO_CACHE)(_in_sender)
 
 # The steps as a flow run calls them. Prefect walks every task parameter, element by element,
 # looking for futures (about 70 ms and a copy per 2,000 candidates); ``quote`` spares the batch

@@ -164,7 +164,7 @@ class TriggerScheduler:
     run: Callable[[str], None] | str = "flows.surfaces.serve:run_scheduled"
     schedules: dict[str, tuple[str, str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
-    _stamp: tuple = ()
+    _stamp: tuple[tuple[str, int], ...] = ()
     # The file watcher's thread and the SIGHUP handler (main thread) both reload: one at a
     # time. Re-entrant: a SIGHUP that lands while the main thread is reloading waits for nothing.
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -217,7 +217,7 @@ class TriggerScheduler:
         self.schedules[name] = schedule
         return change
 
-    def stamp(self) -> tuple:
+    def stamp(self) -> tuple[tuple[str, int], ...]:
         """Names and modification times of every file under the watched folders."""
         return tuple(sorted((str(p), p.stat().st_mtime_ns) for root in self.roots if root.is_dir()
                             for p in root.rglob("*") if p.is_file()))

@@ -34,7 +34,7 @@ from jinja2 import Environment
 from sqlalchemy import Engine, delete, event, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from flows.consent import Confirmation, check, confirm, record, unsubscribe_by_token, withdraw
 from flows.content.links import (
@@ -70,12 +70,16 @@ MARKETING = [name for name, kind in KINDS.items() if kind.category == "marketing
 
 WORDS: dict[str, dict[str, Any]] = {
     "de": {
-        "unsubscribe_title": "Abmelden", "unsubscribe_question": "Möchtest du keine Werbe-E-Mails mehr an {email} erhalten?",
-        "unsubscribe_button": "Ja, abmelden", "unsubscribed": "Du bist abgemeldet. Du erhältst keine Werbe-E-Mails mehr an {email}.",
-        "preferences_link": "Lieber nur einzelne Themen abbestellen?", "preferences_title": "Deine E-Mail-Einstellungen",
+        "unsubscribe_title": "Abmelden",
+        "unsubscribe_question": "Möchtest du keine Werbe-E-Mails mehr an {email} erhalten?",
+        "unsubscribe_button": "Ja, abmelden",
+        "unsubscribed": "Du bist abgemeldet. Du erhältst keine Werbe-E-Mails mehr an {email}.",
+        "preferences_link": "Lieber nur einzelne Themen abbestellen?",
+        "preferences_title": "Deine E-Mail-Einstellungen",
         "preferences_intro": "Wähle, welche E-Mails du an {email} bekommen möchtest:", "save": "Speichern",
         "saved": "Gespeichert.", "all": "Von allen Werbe-E-Mails abmelden",
-        "confirm_title": "Anmeldung bestätigen", "confirm_question": "Bitte bestätige, dass wir dir unsere Angebote an {email} schicken dürfen.",
+        "confirm_title": "Anmeldung bestätigen",
+        "confirm_question": "Bitte bestätige, dass wir dir unsere Angebote an {email} schicken dürfen.",
         "confirm_button": "Anmeldung bestätigen", "confirmed": "Danke! Deine Anmeldung ist bestätigt.",
         "invalid": "Dieser Link ist ungültig.",
         "spent": "Dieser Link ist abgelaufen oder wurde schon benutzt. Melde dich bitte erneut an, wenn du unsere "
@@ -87,11 +91,13 @@ WORDS: dict[str, dict[str, Any]] = {
     },
     "en": {
         "unsubscribe_title": "Unsubscribe", "unsubscribe_question": "Stop marketing emails to {email}?",
-        "unsubscribe_button": "Yes, unsubscribe", "unsubscribed": "You are unsubscribed. No more marketing emails will go to {email}.",
+        "unsubscribe_button": "Yes, unsubscribe",
+        "unsubscribed": "You are unsubscribed. No more marketing emails will go to {email}.",
         "preferences_link": "Rather leave only some topics?", "preferences_title": "Your email preferences",
         "preferences_intro": "Choose which emails {email} should get:", "save": "Save", "saved": "Saved.",
         "all": "Unsubscribe from all marketing emails",
-        "confirm_title": "Confirm your subscription", "confirm_question": "Please confirm that we may send our offers to {email}.",
+        "confirm_title": "Confirm your subscription",
+        "confirm_question": "Please confirm that we may send our offers to {email}.",
         "confirm_button": "Confirm subscription", "confirmed": "Thank you! Your subscription is confirmed.",
         "invalid": "This link is not valid.",
         "spent": "This link has expired or has already been used. Please sign up again if you want our offers.",
@@ -113,11 +119,13 @@ _PAGE = Environment(autoescape=True).from_string("""<!DOCTYPE html>
 <p><a href="{{ preferences }}">{{ w.preferences_link }}</a></p>
 {% elif form == "preferences" %}
 <form method="post">
-{% for name, label, on in categories %}<p><label><input type="checkbox" name="category" value="{{ name }}"{{ " checked" if on }}> {{ label }}</label></p>{% endfor %}
+{% for name, label, on in categories %}<p><label><input type="checkbox" name="category" value="{{ name }}"\
+{{ " checked" if on }}> {{ label }}</label></p>{% endfor %}
 <p><button type="submit">{{ w.save }}</button></p></form>
 <form method="post"><input type="hidden" name="all" value="1"><button type="submit">{{ w.all }}</button></form>
 {% elif form == "confirm" %}
-<form method="post"><input type="hidden" name="confirm" value="1"><button type="submit">{{ w.confirm_button }}</button></form>
+<form method="post"><input type="hidden" name="confirm" value="1">\
+<button type="submit">{{ w.confirm_button }}</button></form>
 {% endif %}
 </body></html>""")
 
@@ -126,6 +134,12 @@ def page(lang: str, title_key: str, lines: list[str], status: int = 200, **extra
     words = WORDS.get(lang, WORDS["en"])
     html = _PAGE.render(lang=lang, title=words[title_key], lines=lines, w=words, **extra)
     return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})
+
+
+def _address(customer: Customer) -> str:
+    """The address of a customer ``customer_for`` found (it has one)."""
+    assert customer.email
+    return customer.email
 
 
 def masked(email: str) -> str:
@@ -162,14 +176,15 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     settings = resolved(settings, engine)
     secret = settings.signing_secret
 
-    def customer_for(purpose: str, token: str, session: Session, lock: bool = False) -> tuple[Customer, dict[str, Any]]:
+    def customer_for(purpose: str, token: str, session: Session,
+                     lock: bool = False) -> tuple[Customer, dict[str, Any]]:
         """``lock``: for a change, the customer's row is locked first (PostgreSQL), so a
         confirmation and an unsubscribe at once take turns and the later sees the earlier."""
         data = read(secret, purpose, token)
         customer = None
         if data is not None:
             customer = customer_by_id(session, data["c"], lock=lock)
-        if customer is None or not customer.email:
+        if data is None or customer is None or not customer.email:
             raise HTTPException(status_code=404)
         return customer, data
 
@@ -212,7 +227,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
             customer, _ = customer_for(UNSUBSCRIBE, token, session)
             lang = lang_of(customer)
             return page(lang, "unsubscribe_title",
-                        [WORDS[lang]["unsubscribe_question"].format(email=masked(customer.email))],
+                        [WORDS[lang]["unsubscribe_question"].format(email=masked(_address(customer)))],
                         form="unsubscribe", preferences=preferences_url("", secret, customer.external_id))
 
     @app.post("/u/{token}")
@@ -220,7 +235,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
         form = await request.form()
         if form.get("List-Unsubscribe") != "One-Click":
             raise HTTPException(status_code=400)
-        customer = await run_in_threadpool(unsubscribe_by_token, engine, secret, token, "one-click unsubscribe", clock())
+        customer = await run_in_threadpool(unsubscribe_by_token, engine, secret, token, "one-click unsubscribe",
+                                           clock())
         if customer is None or not customer.email:
             raise HTTPException(status_code=404)
         lang = lang_of(customer)
@@ -234,13 +250,14 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
 
     def _preferences(session: Session, customer: Customer, lines: list[str]) -> HTMLResponse:
         lang = lang_of(customer)
-        left = set(session.execute(select(CategoryOptOut.category)
-                                   .where(CategoryOptOut.customer_id == customer.id)).scalars())
-        everything = session.get(Suppression, suppression_key(customer.email)) is not None or not customer.marketing_consent
+        left = set(session.execute(select(col(CategoryOptOut.category))
+                                   .where(col(CategoryOptOut.customer_id) == customer.id)).scalars())
+        everything = (session.get(Suppression, suppression_key(_address(customer))) is not None
+                      or not customer.marketing_consent)
         labels = WORDS[lang]["categories"]
         categories = [(name, labels.get(name, name), not everything and name not in left) for name in MARKETING]
         return page(lang, "preferences_title",
-                    lines + [WORDS[lang]["preferences_intro"].format(email=masked(customer.email))],
+                    [*lines, WORDS[lang]["preferences_intro"].format(email=masked(_address(customer)))],
                     form="preferences", categories=categories)
 
     @app.post("/preferences/{token}")
@@ -253,14 +270,15 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     def _save_preferences(token: str, everything: bool, keep: set[str]) -> HTMLResponse:
         with Session(writer(engine)) as session:
             customer, _ = customer_for(PREFERENCES, token, session, lock=True)
+            assert customer.id is not None  # a stored customer
             now = clock()
             if everything:
                 withdraw(session, customer, "preference page", at=now, detail="all")
             else:
-                before = set(session.execute(select(CategoryOptOut.category)
-                                             .where(CategoryOptOut.customer_id == customer.id)).scalars())
+                before = set(session.execute(select(col(CategoryOptOut.category))
+                                             .where(col(CategoryOptOut.customer_id) == customer.id)).scalars())
                 left = set(MARKETING) - keep
-                session.execute(delete(CategoryOptOut).where(CategoryOptOut.customer_id == customer.id))
+                session.execute(delete(CategoryOptOut).where(col(CategoryOptOut.customer_id) == customer.id))
                 for category in sorted(left):
                     session.add(CategoryOptOut(customer_id=customer.id, category=category))
                 if left != before:
@@ -279,8 +297,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
                 return page(lang, "confirm_title", [WORDS[lang]["confirmed"]])
             if check(session, customer, data, at=clock(), secret=secret) is Confirmation.SPENT:
                 return page(lang, "confirm_title", [WORDS[lang]["spent"]], status=410)
-            return page(lang, "confirm_title", [WORDS[lang]["confirm_question"].format(email=masked(customer.email))],
-                        form="confirm")
+            return page(lang, "confirm_title",
+                        [WORDS[lang]["confirm_question"].format(email=masked(_address(customer)))], form="confirm")
 
     @app.post("/confirm/{token}")
     def confirm_post(token: str) -> HTMLResponse:
