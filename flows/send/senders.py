@@ -105,7 +105,7 @@ class _Sender:
         replies_in, replies_out = os.pipe()  # outcomes: the sender writes, the run reads
         code = f"from flows.send.senders import serve; serve({requests_in}, {replies_out})"
         self.process = subprocess.Popen(
-            [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],  # type: ignore[attr-defined]
+            [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],  # type: ignore[attr-defined]  # private, undeclared
             pass_fds=(requests_in, replies_out),
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # what the run imports, it imports
         )

@@ -289,7 +289,7 @@ def web(
     """Serve the links in every mail (unsubscribe, preferences, confirmation), the webhooks and the previews."""
     # Prefect configures logging when first imported: before uvicorn does, not at the first
     # preview (which silenced the access log).
-    import prefect.main  # noqa: F401
+    import prefect.main  # noqa: F401 - imported for its side effect (see above)
     import uvicorn
 
     from flows.surfaces.web import create_app

@@ -142,7 +142,7 @@ def install_security(app: FastAPI, base_url: str) -> None:
         # added with app.add_middleware would not see the 500 that one sends.
         return SecurityHeaders(build(), https)
 
-    app.build_middleware_stack = build_with_headers  # type: ignore[method-assign]
+    app.build_middleware_stack = build_with_headers  # type: ignore[method-assign]  # wraps Starlette's own stack
     for name in ("uvicorn.access", "uvicorn.error", "flows.surfaces.web"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, Redacting) for f in logger.filters):
