@@ -46,7 +46,7 @@ def test_a_files_own_words_are_shown_as_text_never_as_markup(settings: Settings)
     text = (triggers / "winback.yaml").read_text()
     (triggers / "winback.yaml").write_text(text.replace("name: winback-lapsed", 'name: "[/x] [a-z0-9]"'))
     result = runner.invoke(app, ["validate"])
-    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert (result.exit_code == 1 and result.exception is None) or isinstance(result.exception, SystemExit)
     assert "[/x] [a-z0-9]" in result.output and "winback.yaml:1: name:" in result.output
 
 

@@ -233,9 +233,11 @@ def test_a_record_is_redacted_in_its_format_its_arguments_and_its_traceback() ->
     records = [
         logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
                           ("127.0.0.1:5", "GET", f"/u/{token}?t={token}", "1.1", 200), None),
-        logging.LogRecord("flows.surfaces.web", logging.WARNING, __file__, 1, "refused %s", (f"/preview/{token}",), None),
+        logging.LogRecord("flows.surfaces.web", logging.WARNING, __file__, 1, "refused %s", (f"/preview/{token}",),
+                          None),
         logging.LogRecord("flows.surfaces.web", logging.WARNING, __file__, 1, "/u/%s", (token,), None),  # put together
-        logging.LogRecord("flows.surfaces.web", logging.WARNING, __file__, 1, "%(path)s", ({"path": f"/c/{token}"},), None),
+        logging.LogRecord("flows.surfaces.web", logging.WARNING, __file__, 1, "%(path)s", ({"path": f"/c/{token}"},),
+                          None),
         logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application", (), exc_info),
     ]
     handler_output = []
