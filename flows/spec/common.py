@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from flows import clock
@@ -153,6 +154,15 @@ class Reentry(StrictModel):
 
     mode: Literal["once", "every_occurrence", "cooldown"]
     cooldown: timedelta | None = None
+
+    @model_validator(mode="after")
+    def _cooldown_with_its_mode(self) -> "Reentry":
+        """The mapping form says as much as the short one: a cool-down has a length, and only it has one."""
+        if self.mode == "cooldown" and self.cooldown is None:
+            raise ValueError("mode cooldown needs a cooldown, such as cooldown: 7d (or write reentry: 7d)")
+        if self.mode != "cooldown" and self.cooldown is not None:
+            raise ValueError(f"only mode cooldown has a cooldown; mode {self.mode} takes none")
+        return self
 
     def __str__(self) -> str:
         return clock.format_duration(self.cooldown) if self.cooldown else self.mode

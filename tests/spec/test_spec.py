@@ -59,6 +59,9 @@ CASES = [
     ("  template: abandoned_cart", "  template: abandonned", 11, "email.template", "valid templates: abandoned_cart"),
     ('  subject: "Dein Warenkorb"', '  subject: "{{ customer.first_name "', 12, "email.subject", "not a valid Jinja"),
     ("reentry: 1d", "reentry: sometimes", 13, "reentry", "expected once, every_occurrence or a cool-down"),
+    # The mapping form must say as much as the short one: a cool-down needs its length, and only it has one.
+    ("reentry: 1d", "reentry: {mode: cooldown}", 13, "reentry", "mode cooldown needs a cooldown"),
+    ("reentry: 1d", "reentry: {mode: once, cooldown: 1d}", 13, "reentry", "only mode cooldown has a cooldown"),
     ("name: cart-reminder", "name: Cart Reminder!", 1, "name", "should match pattern"),
     ("description: Remind shoppers of their cart.", "", 1, "description", "required field is missing"),
     ("audience:", "audience:\n  max_orderz: 3", 9, "audience.max_orderz", "did you mean 'max_orders'?"),
