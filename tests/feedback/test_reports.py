@@ -8,27 +8,24 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Engine, select
-from sqlmodel import Session
 from typer.testing import CliRunner
 
 from flows.content.links import read_verp_token, send_digest, verp_address, verp_token
 from flows.feedback.bounces import Report, record
 from flows.feedback.reports import Tally, UnreadableReport, parse, process
-from flows.send import claims as ledger
 from flows.settings import Settings
 from flows.summary import RunSummary
 from flows.surfaces.cli import app
-from models import Feedback, FeedbackKind, SendStatus, Suppression
+from models import FeedbackKind
 from tests import support
+from tests.support import SECRET
 from tests.support.builders import NOW, Store
 from tests.support.imap_server import ImapServer, dovecot_binary
-from tests.support.ledger import sends, status_of
+from tests.support.ledger import feedback_rows, seed_send, sends, status_of, suppressions
 from tests.support.runs import run, run_flow
 from tests.support.smtp_server import SmtpServer
 
 FIXTURES = support.FIXTURES / "bounces"
-SECRET = "test-secret-0123456789"  # the settings fixture's LIFECYCLE_SECRET: the fixtures' tokens are signed with it
 RETURN_PATH = re.compile(r"bounces\+([0-9a-f]{48})@shop\.example")
 runner = CliRunner()
 
@@ -50,29 +47,9 @@ def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
-def seed_send(store: Store, key: str, email: str, status: SendStatus = SendStatus.SENT) -> None:
-    """A send in the ledger as a run leaves it: claimed, then recorded as sent."""
-    customer = store.customer("Kim", email=email)
-    claim = ledger.Claim(key, key.split("/")[0], customer.id, key.rsplit("/", 1)[1], "lapsed", "winback_lapsed",
-                         email, f"<{send_digest(SECRET, key)}@shop.example>")
-    assert ledger.claim(store.engine, [claim], "run-1", NOW) == {key}
-    ledger.mark_sending(store.engine, [key], "run-1")
-    ledger.record(store.engine, [ledger.Decision(key, status)])
-
-
 def seed_fixture_sends(store: Store) -> None:
     for key, email in SENDS.values():
         seed_send(store, key, email)
-
-
-def suppressions(engine: Engine) -> dict[str, str]:
-    with Session(engine) as session:
-        return dict(session.execute(select(Suppression.email, Suppression.reason)).all())
-
-
-def feedback_rows(engine: Engine) -> list[Feedback]:
-    with Session(engine) as session:
-        return list(session.execute(select(Feedback).order_by(Feedback.email)).scalars())
 
 
 # -- VERP ----------------------------------------------------------------------------------

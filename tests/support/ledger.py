@@ -1,11 +1,16 @@
-"""Reading the send ledger (the ``sends`` table) as a test states what it should hold."""
+"""Reading and seeding the send ledger (the ``sends`` table), and what feedback did to it, as a test
+states what it should hold."""
 
 from collections import Counter
 
 from sqlalchemy import Engine, select
 from sqlmodel import Session
 
-from models import Send
+from flows.content.links import send_digest
+from flows.send import claims
+from models import Feedback, Send, SendStatus, Suppression
+from tests.support import SECRET
+from tests.support.builders import NOW, Store
 
 
 def sends(engine: Engine, *, trigger: str | None = None, status: str | None = None) -> list[Send]:
@@ -35,3 +40,25 @@ def status_of(engine: Engine, send_key: str) -> str:
     """The status of the one row with ``send_key``."""
     with Session(engine) as session:
         return session.execute(select(Send.status).where(Send.send_key == send_key)).scalar_one()
+
+
+def seed_send(store: Store, key: str, email: str, status: SendStatus = SendStatus.SENT) -> None:
+    """A send in the ledger as a run leaves it: claimed, then recorded as sent (or ``status``)."""
+    customer = store.customer("Kim", email=email)
+    claim = claims.Claim(key, key.split("/")[0], customer.id, key.rsplit("/", 1)[1], "lapsed", "winback_lapsed",
+                         email, f"<{send_digest(SECRET, key)}@shop.example>")
+    assert claims.claim(store.engine, [claim], "run-1", NOW) == {key}
+    claims.mark_sending(store.engine, [key], "run-1")
+    claims.record(store.engine, [claims.Decision(key, status)])
+
+
+def suppressions(engine: Engine) -> dict[str, str]:
+    """Suppressed address → reason."""
+    with Session(engine) as session:
+        return dict(session.execute(select(Suppression.email, Suppression.reason)).all())
+
+
+def feedback_rows(engine: Engine) -> list[Feedback]:
+    """Every bounce and complaint recorded, by address."""
+    with Session(engine) as session:
+        return list(session.execute(select(Feedback).order_by(Feedback.email)).scalars())

@@ -22,14 +22,9 @@ from flows.feedback.sns import trusted_url
 from flows.settings import Settings
 from flows.surfaces.web import create_app
 from models import SendStatus
-from tests.feedback.test_reports import (
-    SECRET,
-    feedback_rows,
-    seed_send,
-    send_status,
-    suppressions,
-)
+from tests.support import SECRET
 from tests.support.builders import Store
+from tests.support.ledger import feedback_rows, seed_send, status_of, suppressions
 from tests.support.web_server import WebServer
 
 TOPIC = "arn:aws:sns:eu-central-1:123456789012:ses-feedback"
@@ -160,7 +155,7 @@ def test_a_signed_ses_bounce_is_recorded_against_the_send_its_return_path_names(
     answer = post(web, "/webhooks/ses", message)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"reports": 1, "new": 1, "duplicates": 0, "unmatched": 0, "suppressed": 1}
-    assert send_status(store.engine, KEY) == "bounced"
+    assert status_of(store.engine, KEY) == "bounced"
     assert suppressions(store.engine) == {EMAIL: "hard_bounce"}
     [row] = feedback_rows(store.engine)
     assert (row.source, row.kind, row.status, row.send_key) == ("ses", "hard_bounce", "5.1.1", KEY)
@@ -184,7 +179,7 @@ def test_a_ses_complaint_is_matched_by_the_original_message_id(store: Store, web
     }
     answer = post(web, "/webhooks/ses", signed(notification(complaint), rsa_key[0], cert_host.url + "cert.pem", "2"))
     assert answer.status_code == 200, answer.text
-    assert send_status(store.engine, KEY) == "complained"
+    assert status_of(store.engine, KEY) == "complained"
     assert suppressions(store.engine) == {EMAIL: "spam_complaint"}
 
 
@@ -205,7 +200,7 @@ def test_a_forged_or_altered_sns_message_gets_403_and_changes_nothing(
         assert post(web, "/webhooks/ses", message).status_code == 403
     assert post(web, "/webhooks/ses", "not an object").status_code == 400
     assert feedback_rows(store.engine) == [] and suppressions(store.engine) == {}
-    assert send_status(store.engine, KEY) == SendStatus.SENT
+    assert status_of(store.engine, KEY) == SendStatus.SENT
 
 
 def test_without_the_test_setting_a_loopback_certificate_url_is_never_fetched(
@@ -273,13 +268,13 @@ def test_a_postmark_bounce_with_the_webhook_credentials_is_recorded(store: Store
                   auth=("postmark", "pm-hook-0123456789"))
     assert answer.status_code == 200, answer.text
     assert answer.json()["new"] == 1
-    assert send_status(store.engine, KEY) == "bounced"
+    assert status_of(store.engine, KEY) == "bounced"
     assert suppressions(store.engine) == {EMAIL: "hard_bounce"}
     assert post(web, "/webhooks/postmark", postmark_bounce(4323372036854775807),
                 auth=("postmark", "pm-hook-0123456789")).json()["duplicates"] == 1
     complaint = postmark_bounce(4323372036854775808, "SpamComplaint", "SpamComplaint")
     assert post(web, "/webhooks/postmark", complaint, auth=("postmark", "pm-hook-0123456789")).status_code == 200
-    assert send_status(store.engine, KEY) == "complained"
+    assert status_of(store.engine, KEY) == "complained"
     assert suppressions(store.engine) == {EMAIL: "hard_bounce"}  # already suppressed; the first reason stays
 
 
@@ -296,7 +291,7 @@ def test_a_postmark_request_without_the_right_credentials_gets_403_and_changes_n
         assert post(unconfigured, "/webhooks/postmark", postmark_bounce(1), auth=("", "")).status_code == 403
     finally:
         unconfigured.stop()
-    assert feedback_rows(store.engine) == [] and send_status(store.engine, KEY) == SendStatus.SENT
+    assert feedback_rows(store.engine) == [] and status_of(store.engine, KEY) == SendStatus.SENT
 
 
 def test_a_transient_ses_bounce_counts_as_soft_and_does_not_suppress_at_once(
