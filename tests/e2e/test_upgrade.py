@@ -3,9 +3,12 @@ code sends nothing the old code sent, leaves every ledger row the old code wrote
 makes exactly the sends the old code would have made.
 
 The old code is the real one, unpacked from this repository's history and run in child
-processes (its Prefect-free path); the new code is the installed package, run through its CLI
-(``lifecycle run --all``, a real Prefect flow per trigger). Mail goes to real SMTP servers on
-loopback.
+processes (its Prefect-free path); the new code is the installed package, run in child processes
+of its own through its Prefect-free path (``flows.run.run`` over ``flows.run_context.prepare``:
+the engine ``lifecycle run --all`` runs inside a Prefect flow, with the same audience query, send
+keys, claims and ledger, without a Prefect server's start-up per test). One process per step and
+side runs every enabled trigger; each process is started once and given its steps on stdin, so
+its imports and its loaded project serve every step. Mail goes to real SMTP servers on loopback.
 
 1. The old code creates the schema; the store gets someone due for every trigger, someone the
    policy defers (quiet hours, the frequency cap), an address the relay refuses (failed), and
@@ -20,12 +23,14 @@ loopback.
 """
 
 import os
-import shutil
+import queue
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,14 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, make_url, text, update
+from sqlalchemy import Engine, MetaData, create_engine, inspect, make_url, text, update
 from sqlmodel import Session, col
 
 from models import Customer
 from models.db import make_engine
+from tests.support import ROOT
 from tests.support.builders import NOW, Store, ago
-from tests.support.old_release import OldRelease, Unavailable, extract
-from tests.support.prefect_server import PrefectServer, stop
+from tests.support.old_release import OldRelease, Unavailable, extract, without_pythonpath
 from tests.support.smtp_server import Script, SmtpServer
 
 OLD_RELEASE = "15be30b"  # the last release with the flat flows/ package
@@ -55,20 +60,26 @@ IDENTITY = ("send_key", "trigger", "customer_id", "occurrence", "category", "ref
             "email", "message_id", "not_before", "expires_at", "error")
 FINISHED = ("sent", "failed", "sending")  # states no later run may touch (``sending``: in doubt, ops decide)
 
-# The old release, without Prefect: every enabled trigger at each ``run@MOMENT``; ``schema``
-# migrates a new store; ``crash:TRIGGER@MOMENT`` is a run of TRIGGER that died after claiming
-# its window and handing the first key to DATA (no reply recorded), an hour ago.
+# Every child answers each line of steps on its stdin with lines on its stdout, the last one DONE.
+DONE = "-- steps done --"
+
+# The old release, without Prefect. ``schema`` (as an argument: before the pipeline, and
+# Prefect, is imported, so the store can be seeded meanwhile) migrates a new store. Then, a
+# line of steps at a time: ``run@MOMENT`` runs every enabled trigger at MOMENT;
+# ``crash:TRIGGER@MOMENT`` is a run of TRIGGER that died after claiming its window and handing
+# the first key to DATA (no reply recorded), an hour ago.
 OLD_CODE = r"""
 import json
+import os
 import sys
 from datetime import datetime, timedelta
 
 from models.db import create_schema, get_engine
 
-if sys.argv[1:] == ["schema"]:  # without importing the pipeline (and Prefect): a second or two sooner
-    import os
+DONE = sys.argv[1]
+if sys.argv[2:] == ["schema"]:
     create_schema(get_engine(os.environ["LIFECYCLE_DATABASE_URL"]))
-    sys.exit()
+    print(DONE, flush=True)
 
 from sqlalchemy import update
 
@@ -79,7 +90,8 @@ from models import Send, SendStatus
 from models.types import utcnow
 
 settings = Settings()
-engine = get_engine(settings.database_url)
+engine = get_engine(settings.database_url)  # connects at its first step
+project = None  # loaded (every template test-rendered, on a time budget) at the first run, not beside others
 
 
 class Crash(Exception):
@@ -92,29 +104,64 @@ def dies_mid_send(job, prepared, batch=0):
     raise Crash(sorted(won))
 
 
-for step in sys.argv[1:]:
-    action, _, moment = step.partition("@")
-    if action == "run":
-        project = load(settings)
-        assert not project.problems, project.problems
-        for name, trigger in project.triggers.items():
-            if trigger.enabled:
-                summary = execute(prepare_job(name, datetime.fromisoformat(moment), settings=settings,
-                                              project=project))
-                print(json.dumps({"trigger": name, "now": moment, "outcomes": dict(summary.outcomes)}))
-    elif action.startswith("crash:"):
-        try:
-            execute(prepare_job(action.removeprefix("crash:"), datetime.fromisoformat(moment), settings=settings),
-                    dispatch=dies_mid_send)
-        except Crash as crash:
-            print(json.dumps({"crashed": crash.args[0]}))
+for line in sys.stdin:
+    for step in line.split():
+        action, _, moment = step.partition("@")
+        if action == "run":
+            project = project or load(settings)
+            assert not project.problems, project.problems
+            for name, trigger in project.triggers.items():
+                if trigger.enabled:
+                    summary = execute(prepare_job(name, datetime.fromisoformat(moment), settings=settings,
+                                                  project=project))
+                    print(json.dumps({"trigger": name, "now": moment, "outcomes": dict(summary.outcomes)}))
+        elif action.startswith("crash:"):
+            try:
+                execute(prepare_job(action.removeprefix("crash:"), datetime.fromisoformat(moment),
+                                    settings=settings), dispatch=dies_mid_send)
+            except Crash as crash:
+                print(json.dumps({"crashed": crash.args[0]}))
+            else:
+                sys.exit("nothing was due for the crashed run")
+            with engine.begin() as connection:  # the run died an hour ago: its lease has run out
+                connection.execute(update(Send).where(Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING]))
+                                   .values(claimed_at=utcnow() - timedelta(hours=1)))
         else:
-            sys.exit("nothing was due for the crashed run")
-        with engine.begin() as connection:  # the run died an hour ago: its lease has run out
-            connection.execute(update(Send).where(Send.status.in_([SendStatus.CLAIMED, SendStatus.SENDING]))
-                               .values(claimed_at=utcnow() - timedelta(hours=1)))
-    else:
-        sys.exit(f"unknown step {step!r}")
+            sys.exit(f"unknown step {step!r}")
+    print(DONE, flush=True)
+"""
+
+# The new code (the installed package), without Prefect, a MOMENT a line: every enabled trigger,
+# each run as ``lifecycle run --all`` has its flow run it (``prepare`` over the project loaded
+# once, then ``run``: the relay checked, every batch sent). It must not be the old release's tree.
+NEW_CODE = r"""
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import flows
+from flows.run import run
+from flows.run_context import load, prepare
+from flows.settings import Settings
+from models.db import get_engine
+
+DONE, old_root = sys.argv[1], Path(sys.argv[2])
+assert not Path(flows.__file__).resolve().is_relative_to(old_root.resolve()), flows.__file__
+settings = Settings()
+engine = get_engine(settings.database_url)  # connects at its first step, once the store is copied
+project = None
+for line in sys.stdin:
+    moment = line.strip()
+    project = project or load(settings)  # at the first step: its test renders on a time budget, not beside others
+    assert not project.problems, project.problems
+    for name, trigger in project.triggers.items():
+        if trigger.enabled:
+            summary = run(prepare(name, datetime.fromisoformat(moment), settings=settings, project=project,
+                                  engine=engine))
+            assert not summary.interrupted, name
+            print(json.dumps({"trigger": name, "now": moment, "outcomes": dict(summary.outcomes)}))
+    print(DONE, flush=True)
 """
 
 
@@ -126,25 +173,12 @@ def old_release(tmp_path_factory: pytest.TempPathFactory) -> OldRelease:
         pytest.skip(f"the old release is needed to test the upgrade from it: {exc}")
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], PrefectServer]]:
-    """One Prefect server for the new code's runs (a temporary one per ``lifecycle run`` costs
-    several seconds each); it starts while the old release works, and is waited for at first use."""
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
-    with ThreadPoolExecutor(1) as pool:
-        started = pool.submit(server.start)
-        try:
-            yield started.result
-        finally:
-            started.exception()  # let a start still under way finish before stopping it
-            if server.process:
-                stop(server.process, timeout=5)
-
-
 # -- stores --------------------------------------------------------------------------
 
 
 class SqliteStores:
+    migrated_copy = False  # the copy is the whole file
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
@@ -163,7 +197,11 @@ class SqliteStores:
 
 
 class PostgresStores:
-    """Databases of their own next to the suite's (``<base>_upgrade_<name>``), dropped afterwards."""
+    """Schemas of their own in the suite's database (``upgrade_<name>``, which the URL's
+    ``search_path`` makes the store's), dropped afterwards. Not databases of their own: on a
+    busy server every DROP DATABASE waits for a checkpoint, seconds each."""
+
+    migrated_copy = True  # the copy's tables are made by the old release's migrations, then filled
 
     def __init__(self, base: str) -> None:
         self.base = make_url(base)
@@ -171,29 +209,65 @@ class PostgresStores:
         self.names: list[str] = []
 
     def _name(self, name: str) -> str:
-        return f"{self.base.database}_upgrade_{name}"
+        return f"upgrade_{name}"
 
     def url(self, name: str) -> str:
-        return self.base.set(database=self._name(name)).render_as_string(hide_password=False)
+        url = self.base.update_query_dict({"options": f"-csearch_path={self._name(name)}"})
+        return url.render_as_string(hide_password=False)
 
-    def create(self, name: str, template: str | None = None) -> None:
-        database = self._name(name)
+    def create(self, name: str) -> None:
+        schema = self._name(name)
         with self.admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-            like = f' TEMPLATE "{self._name(template)}"' if template else ""
-            connection.execute(text(f'CREATE DATABASE "{database}"{like}'))
-        self.names.append(database)
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+        self.names.append(schema)
 
     def copy(self, source: str, target: str) -> None:
-        self.create(target, template=source)  # no one may be connected to the source: the children have exited
+        """Every row of every table into the target's tables (made by the same migrations), every
+        sequence where the source's is; then the two proven equal, table by table and row by row."""
+        src, dst = self._name(source), self._name(target)
+        with self.admin.connect() as connection:
+            connection = connection.execution_options(isolation_level="REPEATABLE READ")
+            with connection.begin():
+                tables = MetaData()
+                tables.reflect(connection, schema=src)
+                names = [table.name for table in tables.sorted_tables]  # referenced tables first
+                assert sorted(names) == sorted(inspect(connection).get_table_names(schema=dst)), (src, dst)
+                for name in reversed(names):  # the target's migrations table has its row already
+                    connection.execute(text(f'DELETE FROM "{dst}"."{name}"'))
+                for name in names:
+                    connection.execute(text(f'INSERT INTO "{dst}"."{name}" OVERRIDING SYSTEM VALUE '
+                                            f'SELECT * FROM "{src}"."{name}"'))
+                listed = text("SELECT sequencename FROM pg_sequences WHERE schemaname = :schema ORDER BY 1")
+                sequences = {schema: connection.execute(listed, {"schema": schema}).scalars().all()
+                             for schema in (src, dst)}
+                assert sequences[src] == sequences[dst], sequences
+                def state(schema: str, sequence: str) -> tuple[Any, ...]:
+                    return tuple(connection.execute(
+                        text(f'SELECT last_value, is_called FROM "{schema}"."{sequence}"')).one())
+
+                for sequence in sequences[src]:
+                    last, called = state(src, sequence)
+                    connection.execute(text("SELECT setval(:sequence, :last, :called)"),
+                                       {"sequence": f'"{dst}"."{sequence}"', "last": last, "called": called})
+                for name in names:
+                    a, b = f'"{src}"."{name}"', f'"{dst}"."{name}"'
+                    parted = connection.execute(text(
+                        f"SELECT count(*) FROM ((SELECT r::text FROM {a} r EXCEPT ALL SELECT r::text FROM {b} r) "
+                        f"UNION ALL (SELECT r::text FROM {b} r EXCEPT ALL SELECT r::text FROM {a} r)) AS parted"
+                    )).scalar()
+                    assert parted == 0, f"{parted} row(s) of {name} differ between {src} and its copy"
+                for sequence in sequences[src]:
+                    assert state(src, sequence) == state(dst, sequence), sequence
 
     def close(self) -> None:
         with self.admin.connect() as connection:
-            for database in self.names:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            for schema in self.names:
+                connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         self.admin.dispose()
 
 
+# Both stores in the default run: without a Prefect server each takes some 13-15 s on an idle pair of cores.
 @pytest.fixture(params=["sqlite", "postgresql"])
 def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteStores | PostgresStores]:
     if request.param == "sqlite":
@@ -202,6 +276,7 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteSto
     pg = PostgresStores(os.environ.get("LIFECYCLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     try:
         pg.create("store")
+        pg.create("old")
         yield pg
     finally:
         pg.close()
@@ -229,35 +304,105 @@ def lifecycle_env(old: OldRelease, url: str, smtp: SmtpServer) -> dict[str, str]
             "LIFECYCLE_TRIGGERS_DIR": str(old.root / "triggers"),
             "LIFECYCLE_TEMPLATES_DIR": str(old.root / "templates"), "LIFECYCLE_WORKERS": "1",
             "LIFECYCLE_SMTP_BACKOFF_SECONDS": "0.01", "LIFECYCLE_SMTP_BACKOFF_MAX_SECONDS": "0.05",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+            "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 
-def old_run(old: OldRelease, side: Side, *steps: str) -> subprocess.Popen[str]:
-    return old.spawn(OLD_CODE, *steps, **side.env)
+class Child:
+    """A process that takes lines of steps on its stdin and answers each with lines on its
+    stdout, the last one DONE. Its stderr goes to a file, shown when it fails."""
 
+    def __init__(self, label: str, command: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.label = label
+        self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- closed by stop()
+        self.output: list[str] = []
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.errors, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
 
-def new_run(side: Side, moment: str, cwd: Path, prefect: PrefectServer) -> subprocess.Popen[str]:
-    """The installed package's CLI, in a process of its own (no PYTHONPATH of the old release)."""
-    lifecycle = Path(sys.executable).with_name("lifecycle")
-    command = [str(lifecycle)] if lifecycle.exists() else [shutil.which("lifecycle") or "lifecycle"]
-    env = prefect.env(**side.env)
-    return subprocess.Popen([*command, "run", "--all", "--now", moment], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
 
-
-def finish(*processes: tuple[str, subprocess.Popen[str]], timeout: float = 120) -> None:
-    """Wait for every process (they run side by side); any failure fails the test with its output."""
-    problems = []
-    for label, process in processes:
+    def send(self, steps: str) -> str | None:
+        assert self.process.stdin is not None
         try:
-            out, err = process.communicate(timeout=timeout)
+            self.process.stdin.write(steps + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            return self._failure("exited before it was given its steps")
+        return None
+
+    def answer(self, deadline: float) -> str | None:
+        """None once the child has done its steps; else what went wrong, with its output."""
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.process.kill()
+                return self._failure("timed out")
+            if line is None:
+                return self._failure(f"exited {self.process.wait()}")
+            if line == DONE:
+                return None
+            self.output.append(line)
+
+    def close(self, timeout: float = 30) -> str | None:
+        """End of its steps: it exits, successfully (None) or with what went wrong."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.close()
+            returncode = self.process.wait(timeout)
+        except BrokenPipeError:
+            returncode = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-            problems.append(f"{label}: timed out after {timeout}s")
-        if process.returncode != 0:
-            problems.append(f"{label} exited {process.returncode}\n"
-                            f"--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+            self.process.kill()
+            return self._failure("did not exit")
+        return None if returncode == 0 else self._failure(f"exited {returncode}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.errors.close()
+
+    def _failure(self, what: str) -> str:
+        self.errors.seek(0)
+        out = "\n".join(self.output)
+        return f"{self.label}: {what}\n--- stdout\n{out[-4000:]}\n--- stderr\n{self.errors.read()[-4000:]}"
+
+
+def old_code(old: OldRelease, label: str, side: Side, *first: str) -> Child:
+    """The old release over ``side``'s store; ``first``: steps it takes as it starts (``schema``)."""
+    return Child(label, old.command(OLD_CODE, DONE, *first), old.root, old.env(**side.env))
+
+
+def new_code(old: OldRelease, label: str, side: Side) -> Child:
+    """The installed package: no PYTHONPATH, and the checkout's root as its folder (the one
+    ``flows`` the venv has installed)."""
+    return Child(label, [sys.executable, "-c", NEW_CODE, DONE, str(old.root)], ROOT, without_pythonpath(**side.env))
+
+
+def steps(*given: tuple[Child, str], timeout: float = 120) -> None:
+    """Give every child its steps (they work side by side) and wait for them all; any failure
+    fails the test with the child's output."""
+    problems = [problem for child, line in given if (problem := child.send(line))]
+    deadline = time.monotonic() + timeout
+    problems += [problem for child, _ in given if (problem := child.answer(deadline))]
+    assert not problems, "\n\n".join(problems)
+
+
+def started(*children: Child, timeout: float = 120) -> None:
+    """Wait for the steps the children take as they start."""
+    deadline = time.monotonic() + timeout
+    problems = [problem for child in children if (problem := child.answer(deadline))]
+    assert not problems, "\n\n".join(problems)
+
+
+def closed(*children: Child) -> None:
+    problems = [problem for child in children if (problem := child.close())]
     assert not problems, "\n\n".join(problems)
 
 
@@ -345,25 +490,36 @@ def seed(engine: Engine, smtp: SmtpServer) -> dict[str, Customer]:
 
 
 def test_the_new_code_over_an_old_store_sends_nothing_twice_and_keeps_every_key(
-        old_release: OldRelease, stores: SqliteStores | PostgresStores, prefect_server: Callable[[], PrefectServer],
-        tmp_path: Path) -> None:
+        old_release: OldRelease, stores: SqliteStores | PostgresStores) -> None:
     with ExitStack() as stack:
         smtp: dict[str, SmtpServer] = {}
         for name in ("before", "new", "old"):
             smtp[name] = SmtpServer().start()
             stack.callback(smtp[name].stop)
-        url = stores.url("store")
+        url, old_url = stores.url("store"), stores.url("old")
         before = Side(url, smtp["before"], lifecycle_env(old_release, url, smtp["before"]))
+        new = Side(url, smtp["new"], lifecycle_env(old_release, url, smtp["new"]))
+        old = Side(old_url, smtp["old"], lifecycle_env(old_release, old_url, smtp["old"]))
+
+        def child(made: Child) -> Child:
+            stack.callback(made.stop)
+            return made
 
         # 1. A store of the old release, with someone due for every trigger.
-        finish(("old release: schema", old_run(old_release, before, "schema")))
+        first = child(old_code(old_release, "old release over the store", before, "schema"))
+        started(first)
+        # The two processes of the upgrade start now, and import their code while the store is
+        # seeded and the old release works; neither connects to its store before its first step.
+        after = child(new_code(old_release, "new code over the store", new))
+        beside = child(old_code(old_release, "old release over the copy", old,
+                                *(["schema"] if stores.migrated_copy else [])))
         engine = make_engine(url)
         people = seed(engine, smtp["before"])
         engine.dispose()
 
         # 2. The old release at work: every trigger at T0, then a run that dies mid-send.
-        finish(("old release: run at T0", old_run(old_release, before, f"run@{T0.isoformat()}",
-                                                  f"crash:complaint-ack@{CRASHED_AT.isoformat()}")))
+        steps((first, f"run@{T0.isoformat()} crash:complaint-ack@{CRASHED_AT.isoformat()}"))
+        closed(first)  # the store is quiet while it is copied
         snapshot = ledger(url)
         mailed = before.received()
         statuses = {row["status"] for row in snapshot.values()}
@@ -380,17 +536,15 @@ def test_the_new_code_over_an_old_store_sends_nothing_twice_and_keeps_every_key(
         old_ids = {row["message_id"] for row in finished.values()}  # handed to the relay by the old code
 
         # 3. The upgrade: the new code carries on over the store, the old code over a copy of it.
+        if stores.migrated_copy:
+            started(beside)  # its tables made: now they can be filled
         stores.copy("store", "old")
-        new = Side(url, smtp["new"], lifecycle_env(old_release, url, smtp["new"]))
-        old_url = stores.url("old")
-        old = Side(old_url, smtp["old"], lifecycle_env(old_release, old_url, smtp["old"]))
 
         previous = snapshot
         for moment in (T0, T1):
             new_seen, old_seen = len(new.smtp.received), len(old.smtp.received)
             at = moment.isoformat()
-            finish((f"new code: lifecycle run --all --now {at}", new_run(new, at, tmp_path, prefect_server())),
-                   (f"old release: run at {at}", old_run(old_release, old, f"run@{at}")))
+            steps((after, at), (beside, f"run@{at}"))
             after_new, after_old = ledger(new.url), ledger(old.url)
             received_new, received_old = new.received(new_seen), old.received(old_seen)
 
@@ -424,3 +578,4 @@ def test_the_new_code_over_an_old_store_sends_nothing_twice_and_keeps_every_key(
         claimed = [key for key, row in snapshot.items() if row["status"] == "claimed"]
         assert claimed and all(after_new[key]["status"] == "sent" for key in claimed)
         assert [row["status"] for row in after_new.values() if row["status"] == "sending"] == ["sending"]
+        closed(after, beside)

@@ -42,6 +42,13 @@ def extract(commit: str, target: Path, repo: Path = ROOT) -> "OldRelease":
     return OldRelease(commit, target)
 
 
+def without_pythonpath(**extra: str) -> dict[str, str]:
+    """The current environment without PYTHONPATH, plus ``extra``: a child that imports the installed code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
 @dataclass(frozen=True)
 class OldRelease:
     commit: str
@@ -49,8 +56,7 @@ class OldRelease:
 
     def env(self, **extra: str) -> dict[str, str]:
         """The current environment with this tree first on the import path (and nothing else added to it)."""
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(PYTHONPATH=str(self.root), PYTHONDONTWRITEBYTECODE="1")
+        env = without_pythonpath(PYTHONPATH=str(self.root), PYTHONDONTWRITEBYTECODE="1")
         env.update(extra)
         return env
 
