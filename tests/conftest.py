@@ -31,18 +31,18 @@ if WORKER and _TERMINAL is not None:
         else:
             os.environ[_name] = _value
 
-import pytest
-from hypothesis import HealthCheck, Phase
-from hypothesis import settings as hypothesis_settings
-from sqlalchemy import Engine, create_engine, make_url, text
-from sqlalchemy.exc import DBAPIError
-from sqlmodel import SQLModel
+import pytest  # noqa: E402 - after the environment set-up above
+from hypothesis import HealthCheck, Phase  # noqa: E402 - after the environment set-up above
+from hypothesis import settings as hypothesis_settings  # noqa: E402 - after the environment set-up above
+from sqlalchemy import Engine, create_engine, make_url, text  # noqa: E402 - after the environment set-up above
+from sqlalchemy.exc import DBAPIError  # noqa: E402 - after the environment set-up above
+from sqlmodel import SQLModel  # noqa: E402 - after the environment set-up above
 
-from flows.settings import Settings
-from flows.surfaces.environment import settings_from_environment
-from models.db import create_schema, dispose_engines, make_engine
-from tests.support.builders import Store
-from tests.support.smtp_server import SmtpServer
+from flows.settings import Settings  # noqa: E402 - after the environment set-up above
+from flows.surfaces.environment import settings_from_environment  # noqa: E402 - after the environment set-up above
+from models.db import create_schema, dispose_engines, make_engine  # noqa: E402 - after the environment set-up above
+from tests.support.builders import Store  # noqa: E402 - after the environment set-up above
+from tests.support.smtp_server import SmtpServer  # noqa: E402 - after the environment set-up above
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if WORKER:
         ensure_database(POSTGRES_URL)
     elif getattr(config.option, "dist", "no") != "no":  # the xdist controller, before it starts workers
-        os.environ["LIFECYCLE_TEST_TERMINAL"] = json.dumps({name: os.environ.get(name) for name in ("COLUMNS", "LINES")})
+        terminal = {name: os.environ.get(name) for name in ("COLUMNS", "LINES")}
+        os.environ["LIFECYCLE_TEST_TERMINAL"] = json.dumps(terminal)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -215,7 +215,8 @@ def test_a_real_segment_export_loads_with_the_cli_and_exits_0(settings: Settings
         types = sorted(set(session.execute(select(Event.type)).scalars()))
         assert types == ["alias", "group", "identify", "page", "screen", "track"]
         jana = session.execute(select(Customer).where(Customer.external_id == "u-1001")).scalar_one()
-        assert (jana.email, jana.locale, jana.consent_requested_at is not None) == ("Jana.Weber@example.de", "de-DE", True)
+        assert (jana.email, jana.locale, jana.consent_requested_at is not None) == (
+            "Jana.Weber@example.de", "de-DE", True)
         guest = "4d1f7c2e-8b9a-4e61-9d0c-3f5b2a1e7c90"  # browsed and filled a cart before identifying
         assert session.execute(select(Customer).where(Customer.external_id == guest)).scalar_one_or_none() is None
         assert session.get(CustomerAlias, guest).customer_id == jana.id
@@ -379,7 +380,8 @@ def _refuse_deleting(engine: Engine, external_id: str) -> None:
                 "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
                 f"IF old.external_id = '{external_id}' THEN RAISE EXCEPTION 'kept by the test' "
                 "USING ERRCODE = 'integrity_constraint_violation'; END IF; RETURN old; END $$"))
-            connection.execute(text("CREATE TRIGGER keep BEFORE DELETE ON customers FOR EACH ROW EXECUTE FUNCTION keep()"))
+            connection.execute(text("CREATE TRIGGER keep BEFORE DELETE ON customers FOR EACH ROW "
+                                    "EXECUTE FUNCTION keep()"))
 
 
 def test_a_merge_that_fails_changes_nothing_and_the_next_lines_still_load(engine) -> None:
@@ -580,8 +582,8 @@ def test_a_store_holding_unicode_domains_upgrades_to_ascii_ones(db_url: str) -> 
                                     "VALUES (:e, 'manual', '', '2026-01-01')"), {"e": email})
         connection.execute(text("INSERT INTO sends (send_key, trigger, customer_id, occurrence, category, status, "
                                 "run_id, stage, template, email, message_id, evaluated_at, claimed_at, smtp_reply, "
-                                "error) VALUES ('w/1/slot:1', 'w', 1, 'slot:1', 'marketing', 'deferred', 'r', 'lapsed', "
-                                "'t', 'kunde@bücher.de', '', '2026-01-01', '2026-01-01', '', '')"))
+                                "error) VALUES ('w/1/slot:1', 'w', 1, 'slot:1', 'marketing', 'deferred', 'r', "
+                                "'lapsed', 't', 'kunde@bücher.de', '', '2026-01-01', '2026-01-01', '', '')"))
     upgrade(engine)
     with engine.connect() as connection:
         emails = connection.execute(text("SELECT email FROM customers ORDER BY id")).scalars().all()

@@ -88,7 +88,8 @@ def trigger_files() -> dict[str, TriggerFile]:
         if "kind" not in data:
             continue
         window = data.get("send_window", "12h" if data["kind"] == "campaign" else None)
-        out[data["name"]] = TriggerFile(data["name"], data["kind"], str(data.get("reentry", DEFAULT_REENTRY[data["kind"]])),
+        reentry = str(data.get("reentry", DEFAULT_REENTRY[data["kind"]]))
+        out[data["name"]] = TriggerFile(data["name"], data["kind"], reentry,
                                         duration(window) if window else None, data["schedule"]["cron"],
                                         data["schedule"].get("timezone", "UTC"))
     return out
@@ -221,7 +222,8 @@ def policy_violations(record: Record) -> Iterator[str]:
     for mailbox, mails in by_mailbox.items():
         mails.sort(key=lambda m: m.moment)
         for cap in policy.caps:
-            for first, last in zip(mails, mails[cap.max:]):
+            # Each mail paired with the one cap.max later: the shorter tail ends the pairs.
+            for first, last in zip(mails, mails[cap.max:], strict=False):
                 if last.moment - first.moment < cap.per:
                     between = [m for m in mails if first.moment <= m.moment <= last.moment]
                     yield (f"{mailbox} got {len(between)} marketing mails within {last.moment - first.moment} "

@@ -64,11 +64,12 @@ def test_a_ledger_that_mailed_a_shared_mailbox_twice_upgrades_and_keeps_both_row
                                {"n": n, "x": f"c-{n}", "e": email})
             connection.execute(text("INSERT INTO sends (send_key, trigger, customer_id, occurrence, category, status, "
                                     "run_id, stage, template, email, message_id, evaluated_at, claimed_at, smtp_reply, "
-                                    "error) VALUES (:k, 'w', :n, 'slot:1', 'marketing', 'sent', 'r', 'lapsed', 't', :e, "
-                                    "'', '2026-01-01', '2026-01-01', '', '')"), {"k": f"w/{n}/slot:1", "n": n, "e": email})
+                                    "error) VALUES (:k, 'w', :n, 'slot:1', 'marketing', 'sent', 'r', 'lapsed', 't', "
+                                    ":e, '', '2026-01-01', '2026-01-01', '', '')"),
+                               {"k": f"w/{n}/slot:1", "n": n, "e": email})
     upgrade(engine)
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT send_key, occurrence FROM sends ORDER BY id")).all()
-    assert [tuple(r) for r in rows][0] == ("w/1/slot:1", "slot:1")
+    assert tuple(rows[0]) == ("w/1/slot:1", "slot:1")
     assert rows[1][0] == "w/2/slot:1" and rows[1][1].startswith("slot:1#")
     engine.dispose()

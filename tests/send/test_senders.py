@@ -81,9 +81,8 @@ def test_a_sender_that_cannot_make_its_context_fails_the_pool_at_start(settings:
     # What the sender unpickles raises there, in the child: as a context that cannot be rebuilt would.
     monkeypatch.setattr(RunContext, "__reduce__", lambda self: (int, ("not a context",)))
     before = children()
-    with pytest.raises(ValueError, match="not a context") as failure:
-        with SenderPool(context, 1):
-            pytest.fail("the pool started with a sender that has no context")
+    with pytest.raises(ValueError, match="not a context") as failure, SenderPool(context, 1):
+        pytest.fail("the pool started with a sender that has no context")
     assert any("in sender process" in note for note in failure.value.__notes__)
     assert children() == before
 
@@ -93,9 +92,9 @@ def test_an_error_in_a_batch_fails_that_batch_and_the_sender_goes_on(settings: S
     store.lapsed(10)
     unreachable = f"smtp://127.0.0.1:{free_port()}?timeout=1"
     first, second = due(winback(settings))
-    with SenderPool(winback(settings, smtp_url=unreachable, smtp_attempts=2), 1) as senders:
-        with pytest.raises(SmtpUnavailable, match="unreachable after 2 attempts"):
-            senders.submit(first, 1).result(timeout=60)
+    with (SenderPool(winback(settings, smtp_url=unreachable, smtp_attempts=2), 1) as senders,
+          pytest.raises(SmtpUnavailable, match="unreachable after 2 attempts")):
+        senders.submit(first, 1).result(timeout=60)
     with SenderPool(winback(settings), 1) as senders:
         assert senders.submit(second, 2).result(timeout=60).counts == {("lapsed", "sent"): 5}
     assert len(smtp.received) == 5
@@ -109,16 +108,15 @@ def test_a_killed_sender_fails_its_batch_every_waiting_one_and_later_ones(settin
         job = winback(settings, smtp_url=slow.url, in_flight=1)
         batches = due(job)
         before = children()
-        with pytest.raises(SenderDied, match="killed by signal 9"):
-            with SenderPool(job, 1) as senders:
-                [sender] = children() - before
-                futures = [senders.submit(batch, number) for number, batch in enumerate(batches, start=1)]
-                wait_until(lambda: slow.received)  # the first batch is being sent
-                os.kill(sender, signal.SIGKILL)
-                for future in futures:
-                    with pytest.raises(SenderDied, match=f"sender process {sender} was killed by signal 9"):
-                        future.result(timeout=60)
-                senders.submit(batches[0], 4).result(timeout=1)
+        with pytest.raises(SenderDied, match="killed by signal 9"), SenderPool(job, 1) as senders:
+            [sender] = children() - before
+            futures = [senders.submit(batch, number) for number, batch in enumerate(batches, start=1)]
+            wait_until(lambda: slow.received)  # the first batch is being sent
+            os.kill(sender, signal.SIGKILL)
+            for future in futures:
+                with pytest.raises(SenderDied, match=f"sender process {sender} was killed by signal 9"):
+                    future.result(timeout=60)
+            senders.submit(batches[0], 4).result(timeout=1)
     finally:
         slow.stop()
     assert children() == before

@@ -118,7 +118,8 @@ def test_stage_rules_need_a_catch_all_last_stage(project_dir: Path) -> None:
 
 def test_a_template_error_names_the_template_file_and_line(project_dir: Path) -> None:
     template = project_dir / "templates" / "winback" / "default.en.html.j2"
-    template.write_text('{% extends "_layout/base.html.j2" %}\n{% block content %}\n<p>{{ customer.frist_name }}</p>\n{% endblock %}\n')
+    template.write_text('{% extends "_layout/base.html.j2" %}\n{% block content %}\n'
+                        '<p>{{ customer.frist_name }}</p>\n{% endblock %}\n')
     project = load_project(project_dir / "triggers", project_dir / "templates")
     [problem] = [p for p in project.problems if p.file.name == "default.en.html.j2"]
     assert problem.line == 3
@@ -216,7 +217,7 @@ def test_an_oversized_yaml_file_is_refused_located(project_dir: Path) -> None:
     project = load_project(project_dir / "triggers", project_dir / "templates")
     [problem] = [p for p in project.problems if p.file.name == "huge.yaml"]
     assert "KiB" in problem.message and "at most" in problem.message, str(problem)
-    assert HEALTHY <= set(project.triggers)
+    assert set(project.triggers) >= HEALTHY
 
 
 def test_an_astronomical_duration_is_refused_located(project_dir: Path) -> None:
@@ -225,7 +226,7 @@ def test_an_astronomical_duration_is_refused_located(project_dir: Path) -> None:
     project = load(project_dir, text, "inactivity.yaml")
     messages = [str(p) for p in project.problems]
     assert any("inactivity.yaml:4: inactive_for: " in m and "at most 3650d" in m for m in messages), messages
-    assert HEALTHY <= set(project.triggers) and "we-miss-you" not in project.triggers
+    assert set(project.triggers) >= HEALTHY and "we-miss-you" not in project.triggers
 
 
 def test_a_latin1_trigger_file_is_named_and_the_others_load(project_dir: Path) -> None:
@@ -240,7 +241,7 @@ def test_a_latin1_template_is_named_with_its_line_and_fails_only_its_trigger(pro
     problems = [p for p in project.problems if p.file.name == "default.en.html.j2"]
     assert problems and all(p.line == 3 and "not UTF-8" in p.message for p in problems), problems
     assert "we_miss_you" in str(problems[0].file)
-    assert "we-miss-you" not in project.triggers and HEALTHY <= set(project.triggers)
+    assert "we-miss-you" not in project.triggers and set(project.triggers) >= HEALTHY
 
 
 def test_a_list_as_a_yaml_key_is_refused_located(project_dir: Path) -> None:
@@ -254,7 +255,7 @@ def test_a_template_with_nested_range_loops_fails_its_own_trigger_located(projec
     project = hostile(project_dir, "nested_range.html.j2", "templates/we_miss_you/default.en.html.j2")
     problems = [p for p in project.problems if p.file.name == "default.en.html.j2"]
     assert problems and all(p.line == 4 and "budget" in p.message for p in problems), problems
-    assert "we-miss-you" not in project.triggers and HEALTHY <= set(project.triggers)
+    assert "we-miss-you" not in project.triggers and set(project.triggers) >= HEALTHY
 
 
 def hostile_project(project_dir: Path) -> None:

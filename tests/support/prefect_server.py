@@ -50,7 +50,8 @@ class PrefectServer:
             time.sleep(0.5)
         raise TimeoutError(f"Prefect server did not start: {self.log.read_text()[-3000:]}")
 
-    def run(self, *args: str, cwd: Path | None = None, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, cwd: Path | None = None, timeout: float = 180,
+            **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([prefect_bin(), "--no-prompt", *args], cwd=cwd, env=self.env(**env),
                               capture_output=True, text=True, timeout=timeout)
 

@@ -147,7 +147,8 @@ class PostfixSink:
     def start(self) -> "PostfixSink":
         binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        self.process = subprocess.Popen([binary, *user, "-D", str(self.dump), *self.flags, f"127.0.0.1:{self.port}", "100"])
+        self.process = subprocess.Popen([binary, *user, "-D", str(self.dump), *self.flags,
+                                         f"127.0.0.1:{self.port}", "100"])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

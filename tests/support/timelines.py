@@ -337,7 +337,7 @@ class Player:
         self.smtp.handler.received.clear()
         for person in timeline.people:
             self.sign_up(person, timeline.start, before=True)
-        for index, (moment, (_, step)) in enumerate(zip(timeline.moments(), timeline.steps)):
+        for index, (moment, (_, step)) in enumerate(zip(timeline.moments(), timeline.steps, strict=True)):
             if isinstance(step, SignUp):
                 self.sign_up(step.person, moment, before=False)
             elif isinstance(step, Fact):
@@ -535,7 +535,7 @@ class Player:
                 .join(Customer, Customer.id == Send.customer_id).where(Send.message_id.in_(ids)))}
         by_id = {f.external_id: f for f in self.people}
         mails = []
-        for received, mid in zip(new, ids):
+        for received, mid in zip(new, ids, strict=True):
             message = received.message
             external, trigger, occurrence = rows.get(mid, ("", "", ""))
             facts = by_id.get(external) or Facts("", received.recipients[0], None, False)
@@ -594,8 +594,8 @@ crashes = st.builds(Crash, sent=st.integers(0, 2), doubt_accepted=st.integers(0,
                     claimed=st.integers(0, 2))
 
 # The win-back and cart reminders most often: they reach the most customers of a timeline.
-runs = st.builds(Run, trigger=st.sampled_from(TRIGGERS[:2] * 2 + TRIGGERS), mode=st.sampled_from(("real", "dry_then_real", "crash")),
-                 crash=crashes)
+runs = st.builds(Run, trigger=st.sampled_from(TRIGGERS[:2] * 2 + TRIGGERS),
+                 mode=st.sampled_from(("real", "dry_then_real", "crash")), crash=crashes)
 
 _STEPS: dict[str, st.SearchStrategy[Step]] = {"run": runs, "fact": facts, "sign_up": st.builds(SignUp, people),
                                               "sweep": st.just(Sweep())}

@@ -237,7 +237,8 @@ def test_a_subscription_is_confirmed_by_visiting_its_subscribe_url_on_an_sns_hos
     confirmation = {"Type": "SubscriptionConfirmation", "MessageId": "165545c9-2a5c-472c-8df2-7ff2be2b3b1b",
                     "Token": "2336412f37fb687f5d51e6e2425f004aed", "TopicArn": TOPIC,
                     "Message": f"You have chosen to subscribe to the topic {TOPIC}.",
-                    "SubscribeURL": cert_host.url + "?Action=ConfirmSubscription&Token=2336412f37fb687f5d51e6e2425f004aed",
+                    "SubscribeURL": (cert_host.url
+                                     + "?Action=ConfirmSubscription&Token=2336412f37fb687f5d51e6e2425f004aed"),
                     "Timestamp": "2026-03-16T12:00:00.000Z"}
     elsewhere = signed({**confirmation, "SubscribeURL": "https://evil.example/?Action=ConfirmSubscription"},
                        rsa_key[0], cert_host.url + "cert.pem")
