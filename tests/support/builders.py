@@ -1,6 +1,6 @@
 """Small builders for the customer store, so each test states only the facts it is about."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from itertools import count
 
 from sqlalchemy import Engine
@@ -8,7 +8,7 @@ from sqlmodel import Session
 
 from models import CART_OPEN, Cart, CartItem, Complaint, Customer, Order, Suppression
 
-NOW = datetime(2026, 3, 16, 12, 0, tzinfo=timezone.utc)  # a Monday
+NOW = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)  # a Monday
 _ids = count(1)
 
 
