@@ -857,6 +857,16 @@ class TemplateCatalog:
             self._stopped[key] = error
         return error
 
+    def compile(self, email: EmailSpec) -> None:
+        """Compile every template file and this mail's subjects now, not at the first mail: a
+        sender process then freezes them with the rest of its heap (``gc.freeze``), so the
+        collector's scans during the run skip them, as they do in a run's own process, where
+        the test renders compiled them. Nothing compiles that validation did not."""
+        self.check_syntax()
+        for source in email.subject.values():
+            if source not in self._subjects:
+                self._subjects[source] = self.subject_env.from_string(source)
+
     # -- checking -----------------------------------------------------------------
     def check_syntax(self) -> list[Problem]:
         """Compile every template file, used by a trigger or not."""

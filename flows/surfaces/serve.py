@@ -24,7 +24,7 @@ import logging
 import pickle
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,16 +58,17 @@ stopping = threading.Event()
 
 
 def run_scheduled(trigger: str) -> None:
-    """One scheduled run (module level, so the persistent job store can refer to it)."""
+    """One scheduled run (module level, so the persistent job store can refer to it). The
+    trigger's file and templates are read again at each run, so an edit counts at the next tick."""
     service = _service()
-    project = service.load()
-    context = prepare(trigger, utcnow(), settings=service.settings, project=project, engine=service.engine)
+    project = service.load(only=[trigger])
     if service.report_to_prefect:  # one flow, one set of tags, whoever starts the run
         from flows.surfaces.prefect_flows import run_in_prefect
 
-        summary = run_in_prefect(context.trigger, context.now.isoformat(), settings=service.settings,
+        summary = run_in_prefect(project.trigger(trigger), utcnow().isoformat(), settings=service.settings,
                                  project=project, engine=service.engine).summary
     else:
+        context = prepare(trigger, utcnow(), settings=service.settings, project=project, engine=service.engine)
         summary = run(context, should_stop=stopping.is_set, logger=log)
     log.info(summary.headline())
 
@@ -113,8 +114,8 @@ class Service:
     engine: Engine
     report_to_prefect: bool = False  # PREFECT_API_URL set: runs go to that server, as flow runs
 
-    def load(self) -> Project:
-        return load(self.settings)
+    def load(self, only: Collection[str] | None = None) -> Project:
+        return load(self.settings, only=only)
 
 
 _SERVICE: list[Service] = []  # the one ``serve`` of this process (set by ``serve``)

@@ -320,3 +320,33 @@ def test_jobs_stored_by_an_earlier_release_keep_their_schedule_after_the_upgrade
         assert job.func is run_scheduled and job.args == ("winback-lapsed",) and job.next_run_time == due
     finally:
         after.shutdown(wait=False)
+
+
+@pytest.mark.usefixtures("prefect")
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_scheduled_run_reports_to_a_prefect_server_as_a_run_of_the_one_flow(settings: Settings, store: Store,
+                                                                            smtp: SmtpServer) -> None:
+    """With a server configured, serve's runs look like deployed ones: same flow, same tags, counts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.surfaces import serve as serving
+    from models.db import get_engine
+    from models.types import utcnow
+
+    store.complaint(store.customer("Ida"), utcnow() - timedelta(hours=1))  # serve runs at the real now
+    engine = get_engine(settings.database_url)
+    serving._SERVICE.append(serving.Service(settings, engine, report_to_prefect=True))
+    try:
+        serving.run_scheduled("complaint-ack")
+    finally:
+        serving._SERVICE.pop()
+    assert len(smtp.received) == 1
+    with get_client(sync_client=True) as client:
+        recent = client.read_flow_runs(limit=50, sort=FlowRunSort.START_TIME_DESC)  # this worker's newest first
+        runs = [r for r in recent if r.name.startswith("complaint-ack @ ")]
+        assert runs, "the scheduled run is not on the server"
+        flow = client.read_flow(runs[0].flow_id)
+    assert flow.name == "lifecycle-trigger"
+    assert set(runs[0].tags) == {"lifecycle", "kind:complaint", "trigger:complaint-ack"}
+    assert runs[0].state.message == "sent 1"
