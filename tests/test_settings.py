@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.settings import Settings
+from flows.surfaces.environment import settings_from_environment
 
 
 def test_no_secret_is_built_in_and_production_refuses_to_start_without_one(monkeypatch) -> None:
@@ -33,9 +34,15 @@ def test_values_can_come_from_prefect_secret_blocks(monkeypatch) -> None:
     Secret(value="a-secret-kept-in-a-prefect-block").save("lifecycle-secret", overwrite=True)
     monkeypatch.setenv("LIFECYCLE_SMTP_URL", "prefect-secret:lifecycle-smtp-url")
     monkeypatch.setenv("LIFECYCLE_SECRET", "prefect-secret:lifecycle-secret")
-    settings = Settings()
+    settings_from_environment.cache_clear()
+    try:
+        settings = settings_from_environment()  # the surfaces read the blocks: the core never talks to Prefect
+    finally:
+        settings_from_environment.cache_clear()
     assert settings.smtp_url == "smtp://mailer:s3cret@mail.example:587?tls=starttls"
     assert settings.secret.get_secret_value() == "a-secret-kept-in-a-prefect-block"
+    with pytest.raises(ValidationError, match="names a Prefect Secret block"):
+        Settings()  # made directly, a block's name is refused, never taken for the value
 
 
 @pytest.mark.parametrize("environment", ["development", "production"])

@@ -27,7 +27,10 @@ def children() -> set[int]:
     """This process's child processes, from every thread."""
     found: set[int] = set()
     for task in Path("/proc/self/task").iterdir():
-        found.update(int(pid) for pid in (task / "children").read_text().split())
+        try:
+            found.update(int(pid) for pid in (task / "children").read_text().split())
+        except FileNotFoundError:  # a thread that ended since the listing: it has no children now
+            continue
     return found
 
 
