@@ -15,8 +15,6 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Exists, and_, delete, exists, func, or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col
 
 from flows.content.links import UNSUBSCRIBE, address_tag, expired, read
@@ -31,7 +29,7 @@ from models import (
     SuppressionReason,
     suppression_key,
 )
-from models.db import one_of, writer
+from models.db import insert_for, one_of, writer
 from models.identity import customer_by_id
 from models.types import utcnow
 
@@ -130,8 +128,7 @@ def suppress(engine: Engine, emails: Iterable[str], reason: SuppressionReason, d
     if not rows:
         return
     with engine.begin() as connection:
-        insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-        connection.execute(insert(Suppression).values(rows).on_conflict_do_nothing(index_elements=["email"]))
+        connection.execute(insert_for(engine)(Suppression).values(rows).on_conflict_do_nothing(index_elements=["email"]))
 
 
 def lift(engine: Engine, emails: Iterable[str]) -> int:

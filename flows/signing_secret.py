@@ -12,12 +12,10 @@ import secrets
 
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from flows.settings import Settings
 from models import StoreMeta
-from models.db import get_engine
+from models.db import get_engine, insert_for
 
 log = logging.getLogger(__name__)
 STORE_KEY = "signing_secret"
@@ -31,8 +29,7 @@ def store_secret(engine: Engine) -> str:
     with engine.begin() as connection:
         found = connection.execute(query).scalar()
         if found is None:
-            insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-            connection.execute(insert(table).values(key=STORE_KEY, value=secrets.token_urlsafe(48))
+            connection.execute(insert_for(engine)(table).values(key=STORE_KEY, value=secrets.token_urlsafe(48))
                                .on_conflict_do_nothing(index_elements=["key"]))
             found = connection.execute(query).scalar_one()
     url = engine.url.render_as_string(hide_password=True)

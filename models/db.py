@@ -2,7 +2,7 @@
 
 import contextlib
 import json
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from sqlalchemy import (
@@ -18,6 +18,10 @@ from sqlalchemy import (
     literal_column,
     select,
 )
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.base import OptionEngineMixin
 from sqlmodel import create_engine
@@ -140,3 +144,8 @@ def one_of(column: Any, values: Collection[Any], dialect: str) -> ColumnElement[
     )
     condition = column.in_(listed)
     return condition
+
+
+def insert_for(engine: Engine) -> Callable[[Any], PgInsert | SqliteInsert]:
+    """The dialect's INSERT, which has ``on_conflict_do_nothing`` on both stores."""
+    return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert

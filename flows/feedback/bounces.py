@@ -10,16 +10,11 @@ is recorded against the send and never against the address.
 """
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import Engine, func, select, update
-from sqlalchemy.dialects.postgresql import Insert as PgInsert
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col
 
 from models import (
@@ -31,6 +26,7 @@ from models import (
     SuppressionReason,
     suppression_key,
 )
+from models.db import insert_for
 from models.ledger import message_digest
 from models.types import utcnow
 
@@ -128,10 +124,6 @@ _SUPPRESS = {FeedbackKind.HARD_BOUNCE: SuppressionReason.HARD_BOUNCE,
              FeedbackKind.COMPLAINT: SuppressionReason.SPAM_COMPLAINT}
 
 
-def _insert(engine: Engine) -> Callable[[Any], PgInsert | SqliteInsert]:
-    return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-
-
 def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = SoftBounceRule(),
            update_sends: bool = True) -> Recorded:
     """Store each new report once, mark its send, and suppress by the rules above.
@@ -162,7 +154,7 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                     # ever speak for the send it names.
                     trigger, email = send[0], suppression_key(send[1])
             inserted = connection.execute(
-                _insert(engine)(Feedback).values(
+                insert_for(engine)(Feedback).values(
                     report_id=report.report_id[:255], send_key=key, trigger=trigger, email=email,
                     kind=report.kind.value, status=report.status[:16], diagnostic=report.diagnostic[:1000],
                     source=report.source, occurred_at=report.occurred_at, recorded_at=now)
@@ -194,7 +186,7 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
             if reason is not None:
                 detail = f"{report.source}: {report.status} {report.diagnostic}".strip()[:1000]
                 done = connection.execute(
-                    _insert(engine)(Suppression).values(email=email, reason=reason.value,
+                    insert_for(engine)(Suppression).values(email=email, reason=reason.value,
                                                         detail=detail, created_at=now)
                     .on_conflict_do_nothing(index_elements=["email"]).returning(col(Suppression.email))).scalar()
                 if done:

@@ -5,10 +5,9 @@ plan the same key; only one INSERT wins, and only the winner sends. See
 ``models.ledger`` for the states and what a crash leaves behind.
 """
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -27,11 +26,10 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col
 
 from models import Send, SendStatus
-from models.db import one_of
+from models.db import insert_for, one_of
 from models.types import utcnow
 
 
@@ -60,10 +58,6 @@ class Decision:
     status: SendStatus | None
     reply: str = ""
     error: str = ""
-
-
-def _insert(engine: Engine) -> Callable[[Any], PgInsert | SqliteInsert]:
-    return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
 
 
 def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at: datetime,
@@ -110,7 +104,7 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
         insert, parameters = _unnested_insert(names), {name: [row[name] for row in rows] for name in names}
     else:
         # executemany: compiled once and cached, sent as a few multi-row INSERTs.
-        insert, parameters = _insert(engine)(Send), rows
+        insert, parameters = insert_for(engine)(Send), rows
     # Any conflict: the key's own row, or the mailbox's row for the same occurrence (another
     # customer record with the same address, see ``models.ledger``).
     inserted = insert.on_conflict_do_nothing().returning(col(Send.send_key))
@@ -160,7 +154,7 @@ def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | Non
                 claims, _rows([c for c, _, _ in claims], SendStatus.DEFERRED, run_id, evaluated_at), strict=True)]
     # Any conflict leaves the row there: this key's own earlier deferral (moved on below),
     # or the mailbox's row for the same occurrence under another customer record.
-    insert = _insert(engine)(Send).on_conflict_do_nothing()  # executemany, as in ``claim``
+    insert = insert_for(engine)(Send).on_conflict_do_nothing()  # executemany, as in ``claim``
     move_on = (update(Send).where(col(Send.send_key) == bindparam("b_key"), col(Send.status) == SendStatus.DEFERRED)
                .values(not_before=bindparam("b_not_before")).execution_options(synchronize_session=False))
     with engine.begin() as connection:
