@@ -5,6 +5,8 @@ tables, the Prefect artifacts, the logs and ``RunSummary.outcomes`` show. The fa
 says what becomes of the mail:
 
 - ``sent`` and ``would_send`` (a dry run);
+- ``held_out``: in the trigger's holdout group, so not mailed, on purpose; recorded in the
+  ledger (``held_out``) so it counts for re-entry and the frequency cap like a send;
 - ``retry``: the relay said "later" after every retry; the claim is released and the
   next run tries again;
 - ``deferred``: held by the sending policy (quiet hours, a frequency cap) until a later
@@ -26,6 +28,7 @@ from models import FeedbackKind, SendStatus
 class Outcome(StrEnum):
     SENT = "sent"
     WOULD_SEND = "would_send"
+    HELD_OUT = "held_out"  # the trigger's holdout group: never mailed, recorded to measure lift
     RETRY = "retry:smtp_temporary"
 
     # Refused for good at SMTP time, counted by what the refusal says (``flows.feedback.bounces.classify``).
@@ -55,7 +58,7 @@ class Outcome(StrEnum):
 
     @property
     def family(self) -> str:
-        """``sent``, ``would_send``, ``retry``, ``deferred``, ``skipped`` or ``failed``."""
+        """``sent``, ``would_send``, ``held_out``, ``retry``, ``deferred``, ``skipped`` or ``failed``."""
         return self.value.partition(":")[0]
 
     @property
@@ -89,4 +92,4 @@ _LEDGER = {
     Outcome.REJECTED: SendStatus.FAILED,
 }
 # The families as a run's headline groups them, in the order it lists them.
-FAMILIES = ("sent", "would_send", "retry", "deferred", "skipped", "failed")
+FAMILIES = ("sent", "would_send", "held_out", "retry", "deferred", "skipped", "failed")

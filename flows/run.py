@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
+from flows.audience.holdout import held_out
 from flows.audience.query import Candidate, stream_candidates
 from flows.feedback.bounces import trigger_complaints
 from flows.message.prepare import claim_for, render_candidates
@@ -142,12 +143,22 @@ class _Deferrals:
 
 
 def _classify(context: RunContext, batch: Sequence[Candidate], summary: RunSummary) -> tuple[list[Candidate], str]:
-    """Count the skipped, record what the policy deferred; returns who is due and why the rest are not."""
-    due, deferred = [], []
+    """Count the skipped, record what the policy deferred and who is held out; returns who
+    is due and why the rest are not.
+
+    The holdout is drawn among those who would be mailed now, after consent, suppression,
+    re-entry and the policy: both groups are alike in everything but the mail. A deferral
+    is drawn when its moment comes, like a fresh occurrence.
+    """
+    due, deferred, held = [], [], []
     reasons: Counter[Outcome] = Counter()
+    trigger = context.trigger
     for candidate in batch:
         if candidate.skip is None:
-            due.append(candidate)
+            if held_out(trigger.holdout, trigger.salt, candidate.external_id):
+                held.append(candidate)
+            else:
+                due.append(candidate)
             continue
         reasons[candidate.skip] += 1
         summary.add(candidate.stage, candidate.skip)
@@ -157,7 +168,15 @@ def _classify(context: RunContext, batch: Sequence[Candidate], summary: RunSumma
         after = context.trigger.deferred_expires_after
         expires = context.now + after if after else None
         claims.defer(context.engine, [_deferral(context, c, expires) for c in deferred], context.run_id, context.now)
-    labels = sorted((reason.removeprefix("skipped:"), n) for reason, n in reasons.items())  # "no_email 3, …"
+    if held:
+        won = ({c.send_key for c in held} if context.dry_run else
+               claims.hold_out(context.engine, [claim_for(context, c) for c in held], context.run_id, context.now,
+                               context.settings.claim_lease))
+        for c in held:
+            outcome = Outcome.HELD_OUT if c.send_key in won else Outcome.ALREADY_SENT
+            reasons[outcome] += 1
+            summary.add(c.stage, outcome)
+    labels = sorted((reason.removeprefix("skipped:"), n) for reason, n in reasons.items())  # "no_email 3, held_out 2"
     return due, ", ".join(f"{label} {n}" for label, n in labels) or "none"
 
 

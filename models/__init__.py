@@ -7,6 +7,7 @@ from models.events import Event, StoreMeta
 from models.feedback import Feedback, FeedbackKind
 from models.identity import CustomerAlias, GroupMembership
 from models.ledger import Send, SendStatus
+from models.outcomes import Attribution, AttributionBasis, Engagement, EngagementKind
 from models.preferences import CategoryOptOut
 from models.support import Complaint
 from models.suppression import Suppression, SuppressionReason, suppression_key
@@ -14,6 +15,8 @@ from models.suppression import Suppression, SuppressionReason, suppression_key
 __all__ = [
     "CART_OPEN",
     "CART_ORDERED",
+    "Attribution",
+    "AttributionBasis",
     "Cart",
     "CartItem",
     "CategoryOptOut",
@@ -22,6 +25,8 @@ __all__ = [
     "ConsentChangeKind",
     "Customer",
     "CustomerAlias",
+    "Engagement",
+    "EngagementKind",
     "Event",
     "Feedback",
     "FeedbackKind",

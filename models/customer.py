@@ -33,3 +33,7 @@ class Customer(SQLModel, table=True):
     consent_withdrawn_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True))
     last_seen_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), index=True))
+    # Left click and open tracking on the preference page: links go straight to their destination.
+    untracked_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
+    # Erased on request (``lifecycle forget``): the row stays for the ledger's counts, nothing personal does.
+    forgotten_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))

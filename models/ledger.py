@@ -22,6 +22,9 @@ States (a row only ever moves forward):
              was ordered…): not sent. ``error`` says which.
 ``bounced``  sent, then reported undeliverable by a DSN or a provider (``feedback``).
 ``complained`` sent, then reported as spam by its recipient (``feedback``).
+``held_out`` in the trigger's holdout group (``holdout:``): never sent, on purpose. It
+             counts for re-entry and the frequency cap exactly like a send, so the held-out
+             and the mailed stay comparable (``flows.audience.holdout``).
 
 A temporary failure that outlasts its retries deletes the claim, so the next run
 tries again: the server said no, so nothing was sent.
@@ -31,7 +34,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, Index, func, literal_column
+from sqlalchemy import Column, ColumnElement, Index, Text, func, literal_column
 from sqlmodel import Field, SQLModel
 
 from models.types import UtcDateTime
@@ -46,6 +49,7 @@ class SendStatus(StrEnum):
     EXPIRED = "expired"
     BOUNCED = "bounced"
     COMPLAINED = "complained"
+    HELD_OUT = "held_out"
 
 
 class Send(SQLModel, table=True):
@@ -82,6 +86,10 @@ class Send(SQLModel, table=True):
     expires_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
     smtp_reply: str = Field(default="", max_length=1000)
     error: str = Field(default="", max_length=1000)
+    # The destinations of the mail's tracked links, one per line, in order: a click token names
+    # a position here, so the destination always comes from the mail that was sent
+    # (``flows.tracking``). Text, not JSON: PostgreSQL's batch insert unnests arrays.
+    links: str | None = Field(default=None, sa_column=Column(Text))
 
 
 def message_digest(message_id: Any) -> ColumnElement[str]:

@@ -150,8 +150,11 @@ def _over_customers(due: AnySelect) -> bool:
     return due.get_final_froms() == [inspect(Customer).local_table]
 
 
-# A send that happened (or may have): it counts for re-entry and frequency caps.
-DELIVERED = (SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT, SendStatus.BOUNCED, SendStatus.COMPLAINED)
+# A send that happened (or may have): it counts for re-entry and frequency caps. So does a
+# held-out one, exactly like a send: otherwise the held-out would be mailed sooner by other
+# triggers and the two groups would no longer be alike.
+DELIVERED = (SendStatus.CLAIMED, SendStatus.SENDING, SendStatus.SENT, SendStatus.BOUNCED, SendStatus.COMPLAINED,
+             SendStatus.HELD_OUT)
 
 
 def address(email: Any) -> ColumnElement[str]:

@@ -9,7 +9,7 @@ from typing import Any, cast
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
-from models import Cart, CartItem, Complaint, Order
+from models import Cart, CartItem, Complaint, Customer, Order
 from models.db import one_of
 
 
@@ -117,6 +117,15 @@ def load_latest_orders(session: Session, customer_ids: Sequence[int], now: datet
     )
     return {customer: OrderView(external_id, placed_at, total, currency, list(products or []))
             for customer, external_id, placed_at, total, currency, products in rows}
+
+
+def load_untracked(session: Session, customer_ids: Sequence[int]) -> set[int]:
+    """Those of ``customer_ids`` who left tracking on the preference page (one query)."""
+    if not customer_ids:
+        return set()
+    dialect = session.get_bind().dialect.name
+    return set(session.execute(select(col(Customer.id)).where(
+        one_of(Customer.id, customer_ids, dialect), col(Customer.untracked_at).is_not(None))).scalars())
 
 
 def sample_contexts(reference: str | None, base_url: str, shop_url: str) -> list[dict[str, Any]]:

@@ -163,3 +163,58 @@ def verp_digests(secret: str, text: str) -> list[str]:
     """Every genuine VERP token in ``text`` (addresses, headers), as send digests, in order."""
     found = (read_verp_token(secret, match.group(1)) for match in VERP_TOKEN.finditer(text))
     return list(dict.fromkeys(d for d in found if d))
+
+
+# -- click and open tracking: the token names the send and the link ---------------------
+
+CLICK = "lifecycle.click"
+OPEN = "lifecycle.open"
+MAX_TRACKED_LINKS = 256  # a mail's links beyond this go untracked, straight to their destination
+_LINK_CHARS = 2  # the link's position, in hex
+CLICK_TOKEN_LENGTH = _DIGEST_CHARS + _LINK_CHARS + 2 * _TAG_BYTES
+OPEN_TOKEN_LENGTH = _DIGEST_CHARS + 2 * _TAG_BYTES
+_HEX = frozenset("0123456789abcdef")
+
+
+def _tracking_tag(secret: str, purpose: str, body: str) -> str:
+    return hmac.new(_derived_key(secret, purpose), body.encode(), hashlib.sha256).hexdigest()[: 2 * _TAG_BYTES]
+
+
+def click_token(secret: str, digest: str, link: int) -> str:
+    """``DIGEST`` (the send's, as in its Message-ID) + the link's position + a tag over both:
+    the destination is looked up in the ledger by the send and position, never carried in
+    the URL, so no request can choose it. HMAC-SHA256 by hand, as for VERP, because a mail
+    signs several (itsdangerous's serializer cost 15 µs a link; this costs 2 µs)."""
+    if not 0 <= link < MAX_TRACKED_LINKS:
+        raise ValueError(f"link position {link} out of range")
+    body = f"{digest}{link:02x}"
+    return body + _tracking_tag(secret, CLICK, body)
+
+
+def read_click_token(secret: str, token: str) -> tuple[str, int] | None:
+    """(the send's digest, the link's position) for a genuine token; None for anything else."""
+    if len(token) != CLICK_TOKEN_LENGTH or not _HEX.issuperset(token):
+        return None
+    body, tag = token[: _DIGEST_CHARS + _LINK_CHARS], token[_DIGEST_CHARS + _LINK_CHARS:]
+    if not hmac.compare_digest(_tracking_tag(secret, CLICK, body), tag):
+        return None
+    return body[:_DIGEST_CHARS], int(body[_DIGEST_CHARS:], 16)
+
+
+def open_token(secret: str, digest: str) -> str:
+    return digest + _tracking_tag(secret, OPEN, digest)
+
+
+def read_open_token(secret: str, token: str) -> str | None:
+    if len(token) != OPEN_TOKEN_LENGTH or not _HEX.issuperset(token):
+        return None
+    digest, tag = token[:_DIGEST_CHARS], token[_DIGEST_CHARS:]
+    return digest if hmac.compare_digest(_tracking_tag(secret, OPEN, digest), tag) else None
+
+
+def click_url(base_url: str, secret: str, digest: str, link: int) -> str:
+    return _url(base_url, "c", click_token(secret, digest, link))
+
+
+def open_url(base_url: str, secret: str, digest: str) -> str:
+    return _url(base_url, "o", open_token(secret, digest))

@@ -17,6 +17,7 @@ from models import Complaint
 
 
 class Spec(TriggerBase):
+    service = True
     kind: Literal["complaint"]
     max_age: Duration = Field(default=timedelta(days=7), description="Older complaints are not acknowledged.")
     reentry: ReentryRule = Reentry(mode="every_occurrence")

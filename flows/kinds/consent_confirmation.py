@@ -18,6 +18,7 @@ from models import Customer
 
 
 class Spec(TriggerBase):
+    service = True
     kind: Literal["consent_confirmation"]
     max_age: Duration = Field(default=timedelta(days=7), description="Older requests are not asked again.")
     reentry: ReentryRule = Reentry(mode="every_occurrence")

@@ -1,7 +1,8 @@
 """A batch of due recipients made into mail: rendered, composed, addressed, ready for SMTP.
 
 Per recipient: the template for their stage and language with their data (``content``),
-the MIME message with its List-* headers and, when configured, its DKIM signature
+its links tracked and its open pixel added where the policy and the customer allow it
+(``tracking``), the MIME message with its List-* headers and, when configured, its DKIM signature
 (``message.compose``), the VERP return path, and the ledger claim the send will take.
 One recipient's bad data fails only that recipient.
 """
@@ -21,15 +22,25 @@ from flows.content.context import (
     load_carts,
     load_complaints,
     load_latest_orders,
+    load_untracked,
 )
-from flows.content.links import confirm_url, preferences_url, unsubscribe_url, verp_address
-from flows.content.render import RenderError
+from flows.content.links import (
+    click_url,
+    confirm_url,
+    open_url,
+    preferences_url,
+    send_digest,
+    unsubscribe_url,
+    verp_address,
+)
+from flows.content.render import Rendered, RenderError
 from flows.kinds.consent_confirmation import Spec as ConsentConfirmationSpec
 from flows.message.compose import build_message, message_id
 from flows.outcomes import Outcome
 from flows.run_context import RunContext
 from flows.send.claims import Claim
 from flows.send.smtp import Envelope
+from flows.tracking.rewrite import add_pixel, track_links
 from models.types import utcnow
 
 
@@ -57,7 +68,11 @@ def render_candidates(context: RunContext, candidates: Sequence[Candidate], batc
         carts = load_carts(session, refs) if context.kind.reference == "cart" else {}
         complaints = load_complaints(session, refs) if context.kind.reference == "complaint" else {}
         orders = load_latest_orders(session, [c.customer_id for c in candidates], context.now)
+        tracking = context.policy.tracking
+        tracked = context.kind.category == "marketing" and (tracking.clicks or tracking.opens)
+        untracked = load_untracked(session, [c.customer_id for c in candidates]) if tracked else set()
     sender, secret, date = context.sender, settings.signing_secret, utcnow()
+    ours = [f"{settings.base_url.rstrip('/')}/{route}/" for route in ("u", "preferences", "confirm")]
     trigger_view = TriggerView(context.trigger.name, context.trigger.description)
     prepared: list[Prepared] = []
     failures: list[Failure] = []
@@ -83,6 +98,9 @@ def render_candidates(context: RunContext, candidates: Sequence[Candidate], batc
         }
         try:
             rendered = context.catalog.render(context.trigger.email, variables)
+            destinations: list[str] = []
+            if tracked and c.customer_id not in untracked:
+                rendered, destinations = _tracked(context, rendered, send_digest(secret, c.send_key), ours)
             msg_id = message_id(c.send_key, sender, secret)
             data = build_message(rendered, sender=sender, to_address=c.email, to_name=customer.name, msg_id=msg_id,
                                  date=date, extra_headers=list_headers(context, links), signer=context.signer)
@@ -92,10 +110,22 @@ def render_candidates(context: RunContext, candidates: Sequence[Candidate], batc
         except (ValueError, TypeError, IndexError) as exc:
             failures.append(Failure(c, Outcome.INVALID_MESSAGE, f"{type(exc).__name__}: {exc}"))
             continue
-        claim = claim_for(context, c, rendered.template, msg_id)
+        claim = claim_for(context, c, rendered.template, msg_id, destinations)
         return_path = verp_address(settings.bounce_address or f"bounces@{sender.domain}", secret, c.send_key)
         prepared.append(Prepared(c, claim, Envelope(c.send_key, return_path, c.email, data), rendered.subject))
     return prepared, failures
+
+
+def _tracked(context: RunContext, rendered: Rendered, digest: str, ours: list[str]) -> tuple[Rendered, list[str]]:
+    """Links through ``/c/``, and the pixel, as the policy says; the destinations by position."""
+    settings, tracking = context.settings, context.policy.tracking
+    destinations: list[str] = []
+    if tracking.clicks:
+        rendered, destinations = track_links(
+            rendered, ours, lambda n: click_url(settings.base_url, settings.signing_secret, digest, n))
+    if tracking.opens:
+        rendered = add_pixel(rendered, open_url(settings.base_url, settings.signing_secret, digest))
+    return rendered, destinations
 
 
 def _confirm_url(context: RunContext, secret: str, c: Candidate) -> str:
@@ -110,10 +140,11 @@ def _confirm_url(context: RunContext, secret: str, c: Candidate) -> str:
                        c.email or "")
 
 
-def claim_for(context: RunContext, c: Candidate, template: str = "", msg_id: str = "") -> Claim:
+def claim_for(context: RunContext, c: Candidate, template: str = "", msg_id: str = "",
+              links: Sequence[str] = ()) -> Claim:
     assert c.email is not None
     return Claim(c.send_key, context.trigger.name, c.customer_id, c.occurrence, c.stage, template, c.email,
-                 msg_id, context.kind.category, c.ref_id)
+                 msg_id, context.kind.category, c.ref_id, tuple(links))
 
 
 def list_headers(context: RunContext, links: Links) -> dict[str, str]:

@@ -45,6 +45,7 @@ class Claim:
     message_id: str
     category: str = "marketing"
     ref_id: int | None = None
+    links: tuple[str, ...] = ()  # the tracked links' destinations, by position (``flows.tracking``)
 
 
 IN_PROGRESS = (SendStatus.CLAIMED, SendStatus.SENDING)
@@ -68,7 +69,7 @@ def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at
             "send_key": c.send_key, "trigger": c.trigger, "customer_id": c.customer_id, "occurrence": c.occurrence,
             "category": c.category, "ref_id": c.ref_id, "status": status.value, "run_id": run_id, "stage": c.stage,
             "template": c.template, "email": c.email, "message_id": c.message_id, "evaluated_at": evaluated_at,
-            "claimed_at": now, **extra,
+            "claimed_at": now, "links": "\n".join(c.links) or None, **extra,
         }
         for c in claims
     ]
@@ -118,10 +119,24 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
                          or_(col(Send.expires_at).is_(None), col(Send.expires_at) > evaluated_at)),
                     and_(col(Send.status) == SendStatus.CLAIMED, col(Send.claimed_at) < stale)))
                 .values(status=SendStatus.CLAIMED, run_id=run_id, claimed_at=utcnow(), evaluated_at=evaluated_at,
-                        stage=c.stage, template=c.template, message_id=c.message_id)
+                        stage=c.stage, template=c.template, message_id=c.message_id,
+                        links="\n".join(c.links) or None)
                 .returning(col(Send.send_key))).scalar_one_or_none()
             if resumed:
                 won.add(resumed)
+    return won
+
+
+def hold_out(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: datetime,
+             lease: timedelta = timedelta(minutes=10)) -> set[str]:
+    """Record these occurrences as ``held_out``: claimed first, so a run racing for the same
+    key decides it once, then closed. Returns the keys this run held out."""
+    won = claim(engine, claims, run_id, evaluated_at, lease)
+    if won:
+        with engine.begin() as connection:
+            connection.execute(update(Send).where(one_of(Send.send_key, sorted(won), engine.dialect.name),
+                                                  col(Send.status) == SendStatus.CLAIMED, col(Send.run_id) == run_id)
+                               .values(status=SendStatus.HELD_OUT, finished_at=utcnow()))
     return won
 
 

@@ -1,7 +1,8 @@
 """The sending policy (``triggers/policy.yaml``): pressure and timing for all marketing mail."""
 
 import re
-from datetime import time
+from datetime import time, timedelta
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -32,10 +33,44 @@ class QuietHours(StrictModel):
         return value
 
 
+class Tracking(StrictModel):
+    """What marketing mail may measure. Service mail is never tracked, nor a customer who
+    left tracking on the preference page (``flows.tracking``)."""
+
+    clicks: bool = Field(True, description="Rewrite links to LIFECYCLE_BASE_URL/c/TOKEN and record clicks.")
+    opens: bool = Field(False, description="Add a tracking pixel. Unreliable: Apple Mail fetches every image.")
+    machine_click_within: Duration = Field(
+        timedelta(seconds=5), description="A click this soon after the send is a security scanner's, not a person's.")
+    repeat_within: Duration = Field(
+        timedelta(seconds=60), description="A repeat of the same click this soon is folded into it, not a new click.")
+    keep_for: Duration = Field(
+        timedelta(days=400), description="Clicks and opens older than this are deleted (lifecycle attribute).")
+
+
+Basis = Literal["click", "delivery", "open"]
+
+
+class Attribution(StrictModel):
+    """Last touch: an order goes to the latest marketing mail the customer touched within the window."""
+
+    window: Duration = Field(timedelta(days=5), description="How long after a touch an order is credited to it.")
+    basis: list[Basis] = Field(default_factory=lambda: list[Basis](["click", "delivery"]), min_length=1,
+                               description="What counts as a touch: click, delivery, and (not by default) open.")
+
+    @field_validator("basis")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each basis once, got {value}")
+        return value
+
+
 class Policy(StrictModel):
     default_timezone: str = Field("UTC", description="For customers without a valid time zone.")
     frequency_caps: list[FrequencyCap] = Field(default_factory=list)
     quiet_hours: QuietHours | None = None
+    tracking: Tracking = Tracking()
+    attribution: Attribution = Attribution()
 
     @field_validator("default_timezone")
     @classmethod
