@@ -82,6 +82,8 @@ class Settings(BaseSettings):
                                                  "gets 503 with Retry-After and changes nothing.")
     postmark_webhook_user: str | None = Field(None, description="Basic-auth user in Postmark's webhook URL.")
     postmark_webhook_password: SecretStr | None = None
+    admin_token: SecretStr | None = Field(
+        None, description="Opens the reports page of lifecycle web (business figures); unset, the page is off.")
 
     @property
     def signing_secret(self) -> str:
@@ -131,7 +133,7 @@ class Settings(BaseSettings):
         return value.strip()
 
     @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password",
-                     mode="before")
+                     "admin_token", mode="before")
     @classmethod
     def _no_secret_block_name(cls, value: object) -> object:
         """``prefect-secret:NAME`` is resolved by the surfaces (``flows.surfaces.environment``)

@@ -12,7 +12,8 @@ from typing import Any
 
 from flows.settings import SECRET_BLOCK_PREFIX, Settings
 
-SECRET_BLOCK_FIELDS = ("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password")
+SECRET_BLOCK_FIELDS = ("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password",
+                       "admin_token")
 
 
 @lru_cache
