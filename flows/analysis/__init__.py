@@ -1,0 +1,2 @@
+"""What the mail did: orders attributed to sends (``attribution``), and the lift a trigger's
+holdout group measures (``holdouts``, with the statistics in ``lift``)."""
