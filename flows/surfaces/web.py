@@ -7,14 +7,18 @@
 - ``/confirm/{token}``: double opt-in; POST confirms the one pending request the link was
   mailed for (``flows.consent``): once, until it expires, never after an unsubscribe.
 - ``/preview/{token}``: a trigger's mail with sample data (linked from Prefect runs).
+- ``/c/{token}``, ``/o/{token}``: a tracked link's redirect and the open pixel, each recorded
+  (``web_tracking``; the rules in ``flows.tracking.clicks``). The preferences page lets a
+  customer leave tracking (``Customer.untracked_at``): their later mail has plain links and
+  no pixel, and their clicks on older mail still redirect but record nothing.
 - ``/webhooks/ses``, ``/webhooks/postmark``: bounces and complaints from providers
   (signed by SNS, or behind basic auth), recorded like mailed reports (``flows.feedback.reports``).
 
-GET never changes anything (mail scanners follow links); every token is signed and scoped
-(``flows.content.links``). No handler blocks the event loop: database work runs in the thread pool,
-under a statement timeout (``LIFECYCLE_WEB_STATEMENT_TIMEOUT_SECONDS``); a request that
-meets it gets 503 with ``Retry-After`` and has changed nothing, and ``/healthz`` never waits
-for the database.
+GET never changes anything (mail scanners follow links) but a click's or an open's record,
+which is judged for machines; every token is signed and scoped (``flows.content.links``). No
+handler blocks the event loop: database work runs in the thread pool, under a statement
+timeout (``LIFECYCLE_WEB_STATEMENT_TIMEOUT_SECONDS``); a request that meets it gets 503 with
+``Retry-After`` and has changed nothing, and ``/healthz`` never waits for the database.
 Pages speak the customer's language (German or English).
 """
 
@@ -29,7 +33,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from jinja2 import Environment
 from sqlalchemy import Engine, delete, event, select
 from sqlalchemy.exc import OperationalError
@@ -54,6 +58,7 @@ from flows.settings import Settings
 from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
 from flows.surfaces.web_security import install_security
+from flows.surfaces.web_tracking import add_tracking, load_policy
 from models import (
     CategoryOptOut,
     ConsentChangeKind,
@@ -78,6 +83,8 @@ WORDS: dict[str, dict[str, Any]] = {
         "preferences_title": "Deine E-Mail-Einstellungen",
         "preferences_intro": "Wähle, welche E-Mails du an {email} bekommen möchtest:", "save": "Speichern",
         "saved": "Gespeichert.", "all": "Von allen Werbe-E-Mails abmelden",
+        "tracking": "Ihr dürft sehen, welche Links ich in euren E-Mails anklicke",
+        "link_title": "Link",
         "confirm_title": "Anmeldung bestätigen",
         "confirm_question": "Bitte bestätige, dass wir dir unsere Angebote an {email} schicken dürfen.",
         "confirm_button": "Anmeldung bestätigen", "confirmed": "Danke! Deine Anmeldung ist bestätigt.",
@@ -96,6 +103,7 @@ WORDS: dict[str, dict[str, Any]] = {
         "preferences_link": "Rather leave only some topics?", "preferences_title": "Your email preferences",
         "preferences_intro": "Choose which emails {email} should get:", "save": "Save", "saved": "Saved.",
         "all": "Unsubscribe from all marketing emails",
+        "tracking": "Let us see which links you click in our emails", "link_title": "Link",
         "confirm_title": "Confirm your subscription",
         "confirm_question": "Please confirm that we may send our offers to {email}.",
         "confirm_button": "Confirm subscription", "confirmed": "Thank you! Your subscription is confirmed.",
@@ -121,6 +129,8 @@ _PAGE = Environment(autoescape=True).from_string("""<!DOCTYPE html>
 <form method="post">
 {% for name, label, on in categories %}<p><label><input type="checkbox" name="category" value="{{ name }}"\
 {{ " checked" if on }}> {{ label }}</label></p>{% endfor %}
+<input type="hidden" name="tracking_shown" value="1">
+<p><label><input type="checkbox" name="tracking" value="1"{{ " checked" if tracked }}> {{ w.tracking }}</label></p>
 <p><button type="submit">{{ w.save }}</button></p></form>
 <form method="post"><input type="hidden" name="all" value="1"><button type="submit">{{ w.all }}</button></form>
 {% elif form == "confirm" %}
@@ -169,7 +179,9 @@ def web_engine(settings: Settings) -> Engine:
 
 
 def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> FastAPI:
-    """``clock`` tells the time to tokens that expire (tests pass a controlled one)."""
+    """``clock`` tells the time to tokens that expire and to clicks (tests pass a controlled
+    one). A broken ``triggers/policy.yaml`` stops here, with its located problems (``SpecError``)."""
+    policy = load_policy(settings.triggers_dir)
     app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None)
     install_security(app, settings.base_url)
     engine = web_engine(settings)
@@ -193,10 +205,18 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
 
     def title_for(path: str) -> str:
         return "unsubscribe_title" if path.startswith("/u/") else \
-            "preferences_title" if path.startswith("/preferences/") else "confirm_title"
+            "preferences_title" if path.startswith("/preferences/") else \
+            "link_title" if path.startswith(("/c/", "/o/")) else "confirm_title"
 
     def lang_asked(request: Request) -> str:
-        return "de" if request.headers.get("accept-language", "").lower().startswith("de") else "en"
+        return _lang_of_header(request.headers.get("accept-language", ""))
+
+    def link_error(accept_language: str, status: int) -> Response:
+        """The page a tracked link shows when it is not valid (404) or the store is busy (503)."""
+        lang = _lang_of_header(accept_language)
+        return page(lang, "link_title", [WORDS[lang]["busy" if status == 503 else "invalid"]], status=status)
+
+    app.state.clicks = add_tracking(app, settings, engine, policy.tracking, clock, link_error)
 
     @app.exception_handler(HTTPException)
     async def not_valid(request: Request, exc: HTTPException) -> HTMLResponse:
@@ -258,20 +278,27 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
         categories = [(name, labels.get(name, name), not everything and name not in left) for name in MARKETING]
         return page(lang, "preferences_title",
                     [*lines, WORDS[lang]["preferences_intro"].format(email=masked(_address(customer)))],
-                    form="preferences", categories=categories)
+                    form="preferences", categories=categories, tracked=customer.untracked_at is None)
 
     @app.post("/preferences/{token}")
     async def save_preferences(token: str, request: Request) -> HTMLResponse:
         form = await request.form()
         everything = form.get("all") == "1"
         keep = {str(value) for value in form.getlist("category")} & set(MARKETING)
-        return await run_in_threadpool(_save_preferences, token, everything, keep)
+        # Only a form that showed the tracking box says anything about it (not the "all" button's).
+        tracked = form.get("tracking") == "1" if form.get("tracking_shown") == "1" else None
+        return await run_in_threadpool(_save_preferences, token, everything, keep, tracked)
 
-    def _save_preferences(token: str, everything: bool, keep: set[str]) -> HTMLResponse:
+    def _save_preferences(token: str, everything: bool, keep: set[str], tracked: bool | None) -> HTMLResponse:
         with Session(writer(engine)) as session:
             customer, _ = customer_for(PREFERENCES, token, session, lock=True)
             assert customer.id is not None  # a stored customer
             now = clock()
+            if tracked is not None and tracked == (customer.untracked_at is not None):
+                # Left (or rejoined) tracking: not a consent change (marketing consent is
+                # untouched); the customer's row says since when.
+                customer.untracked_at = None if tracked else now
+                session.add(customer)
             if everything:
                 withdraw(session, customer, "preference page", at=now, detail="all")
             else:
@@ -331,6 +358,10 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
 
     add_webhooks(app, settings, engine)
     return app
+
+
+def _lang_of_header(accept_language: str) -> str:
+    return "de" if accept_language.lower().startswith("de") else "en"
 
 
 # -- bounce and complaint webhooks -----------------------------------------------------

@@ -10,8 +10,9 @@ included, by a wrapper outside Starlette's error middleware (so a 500 carries th
   still no script, no forms, no plugins, sandboxed, and framed only by our own pages.
 - ``X-Frame-Options`` (``DENY``; ``SAMEORIGIN`` for previews) for browsers without
   ``frame-ancestors``; ``X-Content-Type-Options: nosniff``; ``Referrer-Policy: no-referrer``
-  (the URL is the token); ``Cache-Control: no-store`` on every token page;
-  ``Cross-Origin-Opener-Policy`` and ``-Resource-Policy: same-origin``; a
+  (the URL is the token; a tracked link's destination never learns it); ``Cache-Control:
+  no-store`` on every token page; ``Cross-Origin-Opener-Policy`` and ``-Resource-Policy:
+  same-origin`` (``cross-origin`` for the open pixel, which webmail shows in its own pages); a
   ``Permissions-Policy`` that turns off every powerful feature; and
   ``Strict-Transport-Security`` when ``LIFECYCLE_BASE_URL`` is https.
 
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from flows.redaction import TOKEN_ROUTES, Redacting
 
 PREVIEW_ROUTE = "preview"
+PIXEL_ROUTE = "o"
 
 # The ``style=`` attributes of flows.surfaces.web's page template, allowed by hash ('unsafe-hashes'
 # allows exactly these attribute values, nothing else inline). tests/surfaces/test_web_security.py
@@ -94,7 +96,7 @@ def headers_for(path: str, https: bool) -> dict[str, str]:
         "x-content-type-options": "nosniff",
         "referrer-policy": "no-referrer",
         "cross-origin-opener-policy": "same-origin",
-        "cross-origin-resource-policy": "same-origin",
+        "cross-origin-resource-policy": "cross-origin" if first_segment(path) == PIXEL_ROUTE else "same-origin",
         "permissions-policy": PERMISSIONS_POLICY,
     }
     if https:

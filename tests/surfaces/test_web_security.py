@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from uvicorn.logging import AccessFormatter
 
-from flows.content.links import PREVIEW, preferences_url, sign, unsubscribe_url
+from flows.content.links import PREVIEW, click_token, open_token, preferences_url, sign, unsubscribe_url
 from flows.redaction import TOKEN_ROUTES, Redacting, redact
 from flows.settings import Settings
 from flows.surfaces.outbox import free_port
@@ -34,6 +34,7 @@ from models.db import dispose_engines
 from tests.support.builders import Store
 from tests.support.children import child_env
 from tests.support.web_server import WebServer
+from tests.tracking.test_clicks import tracked_send
 
 
 @pytest.fixture
@@ -47,7 +48,6 @@ EVERYWHERE = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
     "cross-origin-opener-policy": "same-origin",
-    "cross-origin-resource-policy": "same-origin",
 }
 
 
@@ -60,10 +60,13 @@ def genuine_tokens(settings: Settings, store: Store) -> dict[str, str]:
     secret = secret_of(settings)
     customer = store.customer("Lena", locale="en-GB")
     preview = sign(secret, PREVIEW, {"t": "winback-lapsed", "s": "lapsed", "l": "de", "x": int(time.time()) + 3600})
+    _, digest = tracked_send(store, customer=customer)
     return {
         "u": unsubscribe_url("", secret, customer.external_id, "campaign").rpartition("/")[2],
         "preferences": preferences_url("", secret, customer.external_id).rpartition("/")[2],
         "preview": preview,
+        "c": click_token(secret, digest, 0),
+        "o": open_token(secret, digest),
     }
 
 
@@ -74,6 +77,9 @@ def check_headers(response: httpx.Response, https: bool = False) -> None:
     for name, value in EVERYWHERE.items():
         assert headers.get(name) == value, f"{where}: {name}"
     assert "permissions-policy" in headers and "camera=()" in headers["permissions-policy"], where
+    # The open pixel is shown inside webmail's own pages; everything else is ours alone.
+    pixel = first_segment(response.request.url.path) == "o"
+    assert headers.get("cross-origin-resource-policy") == ("cross-origin" if pixel else "same-origin"), where
     preview = first_segment(response.request.url.path) == "preview"
     assert headers.get("content-security-policy") == (PREVIEW_CSP if preview else PAGE_CSP), where
     assert headers.get("x-frame-options") == ("SAMEORIGIN" if preview else "DENY"), where
@@ -164,6 +170,14 @@ def test_every_route_and_every_error_carries_the_security_headers(settings: Sett
         check_headers(response)
         check_page_styles(response)
     assert [r.status_code for r in errors] == [404, 404, 400, 400, 413, 405, 500, 404, 410]
+    tracking = [httpx.get(f"{web.url}/c/{tokens['c']}", timeout=30),
+                httpx.get(f"{web.url}/o/{tokens['o']}", timeout=30),
+                httpx.get(f"{web.url}/c/forged-token", timeout=30),
+                httpx.post(f"{web.url}/o/{tokens['o']}", timeout=30)]
+    for response in tracking:  # answered before Starlette's routing (flows.surfaces.web_tracking)
+        check_headers(response)
+        check_page_styles(response)
+    assert [r.status_code for r in tracking] == [302, 200, 404, 405]
     assert statuses["/u/{token}"] >= {200, 404, 405} and statuses["/preferences/{token}"] >= {200, 404}
     assert 200 in statuses["/preview/{token}"] and statuses["/webhooks/ses"] >= {403}
 
@@ -295,12 +309,14 @@ def test_lifecycle_web_never_logs_a_token(settings: Settings, store: Store, tmp_
                 client.get(f"/u/{tokens['u']}"),
                 client.get(f"/preferences/{tokens['preferences']}"),
                 client.get(f"/preview/{tokens['preview']}"),
+                client.get(f"/c/{tokens['c']}?token={marker}"),
+                client.get(f"/o/{tokens['o']}"),
                 client.post(f"/u/{tokens['u']}", data={"List-Unsubscribe": "One-Click"}),
                 # Our own log line, with what a caller sent in it: a token path, and a bare token.
                 client.post("/webhooks/ses", json={"TopicArn": f"https://evil.example/u/{marker}?q={marker}"}),
                 client.post("/webhooks/ses", json={"TopicArn": tokens["preferences"]}),
             ]
-        assert [a.status_code for a in answers[-6:]] == [200, 200, 200, 200, 403, 403]
+        assert [a.status_code for a in answers[-8:]] == [200, 200, 200, 302, 200, 200, 403, 403]
         for answer in answers:
             assert "server" not in answer.headers
             check_headers(answer)
@@ -315,6 +331,7 @@ def test_lifecycle_web_never_logs_a_token(settings: Settings, store: Store, tmp_
                  '"GET /confirm/… HTTP/1.1" 404', '"POST /confirm/… HTTP/1.1" 404', '"GET /preview/… HTTP/1.1" 404',
                  '"GET /c/… HTTP/1.1" 404', '"GET /o/… HTTP/1.1" 404', '"GET /healthz?… HTTP/1.1" 200',
                  '"PUT /u/… HTTP/1.1" 405', '"GET /u/… HTTP/1.1" 200', '"GET /preview/… HTTP/1.1" 200',
+                 '"GET /c/…?… HTTP/1.1" 302', '"GET /o/… HTTP/1.1" 200',
                  '"POST /u/… HTTP/1.1" 200', "SNS topic 'https://evil.example/u/…?…'", "SNS topic '…'"):
         assert line in output, f"{line!r} not in\n{output}"
 
