@@ -1,10 +1,11 @@
 """The ``lifecycle`` command: validate, ingest, run, preview, demo, serve, web, deployments,
-suppress, bounces, db and ledger."""
+suppress, bounces, db and ledger; report, customer, attribute, stages and forget."""
 
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import date, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,10 +18,14 @@ from flows.redaction import redact_urls
 from flows.settings import Settings
 from flows.spec.problems import SpecError
 from flows.surfaces.environment import settings_from_environment
-from flows.surfaces.terminal import console, errors, planned_table, print_problems, summary_table
+from flows.surfaces.terminal import console, errors, planned_table, print_problems, show, summary_table
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from flows.analysis.attribution import AttributionTally
+    from flows.spec.policy import Policy
+    from flows.spec.stages import StageRules
 
 app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -251,8 +256,8 @@ def in_doubt(minutes: Annotated[int, typer.Option(help="Claims older than this m
     for column in ("send key", "customer", "claimed at", "message id"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row.send_key, str(row.customer_id), row.claimed_at.isoformat(), row.message_id)
-    console.print(table)
+        table.add_row(escape(row.send_key), str(row.customer_id), row.claimed_at.isoformat(), escape(row.message_id))
+    show(table)
 
 
 @ledger_app.command("release")
@@ -403,8 +408,8 @@ def suppress_list(
     for column in ("email", "reason", "since", "detail"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row.email, row.reason, row.created_at.strftime("%Y-%m-%d %H:%M"), row.detail)
-    console.print(table)
+        table.add_row(escape(row.email), row.reason, row.created_at.strftime("%Y-%m-%d %H:%M"), escape(row.detail))
+    show(table)
 
 
 @db_app.command("upgrade")
@@ -469,7 +474,7 @@ def bounces(
             rate = complained / sent if sent else 0.0
             rate_table.add_row(trigger, str(sent), str(complained), f"{rate:.2%}",
                                "[red]above 0.1%[/]" if rate > COMPLAINT_RATE_WARNING else "")
-        console.print(rate_table)
+        show(rate_table)
         return
     if not files and maildir is None and imap is None:
         errors.print("[red]Name bounce files, or pass --maildir DIR or --imap URL (or --rates).[/]")
@@ -519,6 +524,253 @@ def bounces(
         console.print(f"suppressed {email} ({reason})", highlight=False)
     if unreadable:
         errors.print(f"[red]{len(unreadable)} input(s) could not be read:[/] {', '.join(unreadable)}", highlight=False)
+        raise typer.Exit(1)
+
+
+# -- outcomes: what the mail did ------------------------------------------------------
+
+DEFAULT_PERIOD_DAYS = 30
+
+
+def _moment(value: str | None, option: str) -> datetime | None:
+    """``--since``/``--until``: a date (YYYY-MM-DD, its first moment in UTC) or an ISO-8601
+    moment (naive means UTC), like ``--now``."""
+    if value is None:
+        return None
+    try:
+        return parse_now(value)
+    except ValueError:
+        errors.print(f"[red]{option} must be a date such as 2026-03-14 or an ISO-8601 moment such as "
+                     f"2026-03-14T09:30:00Z, got {escape(repr(value))}[/]")
+        raise typer.Exit(2) from None
+
+
+def _period(since: str | None, until: str | None, moment: datetime) -> tuple[datetime, datetime]:
+    """[since, until): until defaults to ``--now``, since to DEFAULT_PERIOD_DAYS before until."""
+    from datetime import timedelta
+
+    end = _moment(until, "--until") or moment
+    start = _moment(since, "--since") or end - timedelta(days=DEFAULT_PERIOD_DAYS)
+    if start >= end:
+        errors.print(f"[red]--since ({start.isoformat()}) must be before --until ({end.isoformat()})[/]")
+        raise typer.Exit(2)
+    return start, end
+
+
+def _policy_and_stages(settings: Settings) -> tuple["Policy", "StageRules | None"]:
+    """The policy (attribution window and basis) and stage rules, without reading the triggers."""
+    from flows.run_context import load
+
+    project = load(settings, only=[])
+    broken = [p for p in project.problems if Path(p.file).name in ("policy.yaml", "stages.yaml")]
+    if broken:
+        print_problems(broken)
+        errors.print("[red]Fix policy.yaml and stages.yaml first: the reports read them.[/]")
+        raise typer.Exit(1)
+    return project.policy, project.stages
+
+
+def _tally_line(tally: "AttributionTally", moment: datetime, rebuild: bool = False) -> str:
+    bases = ", ".join(f"{basis} {n}" for basis, n in sorted(tally.by_basis.items()) if n)
+    text = (f"{'Rebuilt' if rebuild else 'Refreshed'} attribution as of {moment.isoformat()}: "
+            f"{tally.orders_seen} order(s) looked at, {tally.attributed} attributed to a mail"
+            + (f" ({bases})" if bases else "") + f", {tally.unattributed} unattributed.")
+    if tally.deleted_engagements:
+        text += f" Deleted {tally.deleted_engagements} click(s) and open(s) past the retention period."
+    return text
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class ShortFormat(StrEnum):
+    table = "table"
+    json = "json"
+
+
+FormatOpt = Annotated[Format, typer.Option("--format", help="table (for people), json or csv (for tools).")]
+NowOpt = Annotated[str | None, typer.Option(help="As of this ISO-8601 moment (default: now).")]
+SinceOpt = Annotated[str | None, typer.Option(help="From this date or moment (inclusive, UTC).")]
+UntilOpt = Annotated[str | None, typer.Option(help="Up to this date or moment (exclusive; default: --now).")]
+
+
+def _write_json(value: object) -> None:
+    """JSON straight to stdout: no wrapping, no markup, whatever the terminal."""
+    import json
+
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+@app.command()
+def report(
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    trigger: Annotated[list[str] | None, typer.Option("--trigger", help="Only this trigger (repeatable).")] = None,
+    format_: FormatOpt = Format.table,
+    now: NowOpt = None,
+    no_attribute: Annotated[bool, typer.Option("--no-attribute",
+                                               help="Do not attribute new orders first.")] = False,
+) -> None:
+    """What each trigger's marketing mail did: delivered, bounced, clicked, orders, revenue, and
+    the holdout lift; per trigger, stage, template and variant. New orders are attributed first."""
+    from flows.analysis.report import build_report
+
+    settings = _settings()
+    moment = _now(now)
+    start, end = _period(since, until, moment)
+    engine = _engine(settings)
+    policy, _ = _policy_and_stages(settings)
+    out = console if format_ is Format.table else errors  # json and csv keep stdout to themselves
+    if no_attribute:
+        out.print("Attribution not refreshed (--no-attribute): orders since the last `lifecycle attribute` "
+                  "are counted as pending.", highlight=False, soft_wrap=True)
+    else:
+        from flows.analysis.attribution import attribute
+
+        out.print(_tally_line(attribute(engine, policy.attribution, moment), moment), highlight=False,
+                  soft_wrap=True)
+    found = build_report(engine, since=start, until=end, triggers=trigger or None, policy=policy, now=moment)
+    if format_ is Format.json:
+        _write_json(found.to_json())
+    elif format_ is Format.csv:
+        import csv
+
+        rows = found.to_rows()
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from flows.surfaces.terminal import print_report
+
+        print_report(found)
+
+
+@app.command()
+def customer(
+    customer_id: Annotated[str, typer.Argument(metavar="CUSTOMER", help="The shop's id for them, or their address.")],
+    format_: Annotated[ShortFormat, typer.Option("--format", help="table or json.")] = ShortFormat.table,
+    now: NowOpt = None,
+) -> None:
+    """A customer's timeline: each mail sent, held out, deferred, expired or failed (with the
+    reason), each click, each order and the mail it is attributed to, and the consent changes
+    and suppressions that explain a skipped mail."""
+    from flows.analysis.timeline import AmbiguousCustomer, timeline
+    from flows.surfaces.terminal import timeline_table
+
+    settings = _settings()
+    moment = _now(now)
+    engine = _engine(settings)
+    try:
+        found = timeline(engine, customer_id, now=moment)
+    except AmbiguousCustomer as exc:
+        errors.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    if found is None:
+        from flows.privacy import forgotten_at
+        from flows.signing_secret import resolved
+
+        erased = forgotten_at(engine, customer_id, secret=resolved(settings, engine).signing_secret)
+        errors.print(f"[red]{escape(customer_id)} was forgotten on {erased:%Y-%m-%d %H:%M} UTC: nothing is kept "
+                     "to show.[/]" if erased else f"[red]No customer is known as {escape(repr(customer_id))}.[/]",
+                     highlight=False)
+        raise typer.Exit(1)
+    if format_ is ShortFormat.json:
+        _write_json(found.to_json())
+        return
+    show(timeline_table(found))
+
+
+@app.command()
+def attribute(
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Recompute every order's attribution from scratch.")]
+    = False,
+    now: NowOpt = None,
+) -> None:
+    """Attribute orders to the last marketing mail their customer clicked or received within
+    the window (policy.yaml); only new orders unless --rebuild. Deletes clicks and opens
+    older than the policy keeps them."""
+    from flows.analysis.attribution import attribute as run_attribution
+
+    settings = _settings()
+    moment = _now(now)
+    engine = _engine(settings)
+    policy, _ = _policy_and_stages(settings)
+    tally = run_attribution(engine, policy.attribution, moment, rebuild=rebuild, keep_for=policy.tracking.keep_for)
+    console.print(_tally_line(tally, moment, rebuild), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def stages(
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    format_: Annotated[ShortFormat, typer.Option("--format", help="table or json.")] = ShortFormat.table,
+    now: NowOpt = None,
+) -> None:
+    """Customers per stage at each week's end, the moves between stages from --since to --until,
+    and each stage's conversion, repeat purchase, order value, frequency and click rate."""
+    from datetime import timedelta
+
+    from flows.analysis.stages import distribution, stage_kpis, transitions, week_ends
+    from flows.surfaces.terminal import distribution_table, kpi_table, transition_table
+
+    settings = _settings()
+    moment = _now(now)
+    start, end = _period(since, until, moment)
+    engine = _engine(settings)
+    _, rules = _policy_and_stages(settings)
+    if rules is None:
+        errors.print("[red]stages.yaml did not load: run `lifecycle validate`.[/]")
+        raise typer.Exit(1)
+    last = end - timedelta(microseconds=1)  # until is exclusive: its moment's own day ends after it
+    weeks = week_ends(start.date(), last.date())
+    shares = distribution(engine, rules, [*weeks, end] if not weeks or end > _end_of(weeks[-1]) else weeks)
+    matrix = transitions(engine, rules, start, end)
+    kpis = stage_kpis(engine, rules, start, end)
+    if format_ is ShortFormat.json:
+        _write_json({"since": start.isoformat(), "until": end.isoformat(),
+                     "distribution": [{"as_of": _end_of(day).isoformat(), "counts": counts} for day, counts in shares],
+                     "transitions": matrix, "kpis": [k.as_dict() for k in kpis]})
+        return
+    show(distribution_table(shares))
+    show(transition_table(matrix, f"{start:%Y-%m-%d %H:%M}", f"{end:%Y-%m-%d %H:%M} UTC"))
+    show(kpi_table(kpis, f"{start:%Y-%m-%d %H:%M}", f"{end:%Y-%m-%d %H:%M} UTC"))
+
+
+def _end_of(day: object) -> datetime:
+    from flows.analysis.stages import end_of
+
+    assert isinstance(day, (date, datetime))
+    return end_of(day)
+
+
+@app.command()
+def forget(
+    customer_id: Annotated[str, typer.Argument(metavar="CUSTOMER", help="The shop's id for them (or an alias).")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    format_: Annotated[ShortFormat, typer.Option("--format", help="table (a sentence) or json.")]
+    = ShortFormat.table,
+) -> None:
+    """Erase a customer (GDPR): delete their clicks, carts and opt-outs, anonymise their profile,
+    mail, orders and events, keep the ledger's counts. Forgetting twice changes nothing."""
+    from flows.privacy import forget as erase
+    from flows.signing_secret import resolved
+    from models.types import utcnow
+
+    settings = _settings()
+    engine = _engine(settings)
+    if not yes and not typer.confirm(f"Erase {customer_id!r} for good? Their personal data cannot be restored",
+                                     err=True):
+        errors.print("Nothing erased.")
+        raise typer.Exit(1)
+    done = erase(engine, customer_id, secret=resolved(settings, engine).signing_secret, at=utcnow())
+    if format_ is ShortFormat.json:
+        _write_json(done.to_json())
+    else:
+        console.print(done.summary(customer_id), markup=False, highlight=False, soft_wrap=True)
+    if not done.found:
         raise typer.Exit(1)
 
 

@@ -1,14 +1,28 @@
-"""What the commands print: problems with their file and line, and a run's tables.
+"""What the commands print: problems with their file and line, a run's tables, and the reports'
+tables (never cut when piped).
 
 The file's own words are always text, never markup: a trigger named "[/x]" is shown, not obeyed.
 """
 
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
+from flows.clock import format_duration
 from flows.spec.problems import Problem
 from flows.summary import RunSummary
+
+if TYPE_CHECKING:  # imported where used: every command loads this module, few need the analyses
+    from flows.analysis.holdouts import HoldoutLift
+    from flows.analysis.report import Report, ReportRow
+    from flows.analysis.stages import StageKpis
+    from flows.analysis.timeline import Timeline
 
 console = Console()
 errors = Console(stderr=True)
@@ -43,4 +57,160 @@ def planned_table(summary: RunSummary) -> Table:
         table.add_column(column)
     for mail in summary.planned:
         table.add_row(mail.customer, mail.stage, mail.language, mail.template, mail.subject)
+    return table
+
+
+# -- tables that are never cut -------------------------------------------------------
+
+def show(table: Table, on: Console | None = None) -> None:
+    """Print a table whole. Piped or captured, it is drawn at its own natural width, whatever
+    COLUMNS says (rich would otherwise squeeze it to 80 columns and wrap or cut its cells); in
+    a terminal it fits the window, folding a long cell onto more lines, never cutting it short."""
+    target = on or console
+    for column in table.columns:
+        column.overflow = "fold"
+    if target.is_terminal:
+        target.print(table)
+        return
+    natural = Measurement.get(target, target.options.update_width(100_000), table).maximum
+    title = cell_len(table.title) if isinstance(table.title, str) else 0
+    Console(file=target.file, width=max(natural, title, 20), no_color=True, highlight=False).print(table)
+
+
+def say(text: str, on: Console | None = None) -> None:
+    """One line of the report's prose, never wrapped (a pipe keeps it one line) and never markup."""
+    (on or console).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _table(title: str, columns: Sequence[str], left: int = 1) -> Table:
+    """A table whose first ``left`` columns are names (left-aligned) and the rest figures."""
+    table = Table(title=escape(title), title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(escape(column), justify="left" if i < left else "right")
+    return table
+
+
+# -- lifecycle report ----------------------------------------------------------------
+
+_FIGURES = ("delivered", "bounced", "clicked", "click rate", "orders", "conversion", "revenue", "revenue/recipient")
+
+
+def _figures(row: "ReportRow", opens: bool) -> list[str]:
+    from flows.analysis.report import money, percent
+
+    figures = [str(row.delivered), str(row.bounced), str(row.unique_clicks), percent(row.click_rate),
+               str(row.conversions), percent(row.conversion_rate), money(row.revenue),
+               money(row.revenue_per_recipient)]
+    return [*figures, str(row.opens)] if opens else figures
+
+
+def report_tables(report: "Report") -> list[Table]:
+    """Per trigger, then per stage, template folder and variant, then the holdouts."""
+    opens = any(row.opens for row in report.rows)
+    extra = ["opens*"] if opens else []
+    period = f"{report.since:%Y-%m-%d %H:%M} to {report.until:%Y-%m-%d %H:%M} UTC"
+    basis = " or ".join(report.basis)
+    tables = []
+    per_trigger = _table(f"Marketing mail sent from {period} (orders: last {basis} within "
+                         f"{format_duration(report.window)})", ["trigger", *_FIGURES, *extra])
+    for row in report.rows_of("trigger"):
+        per_trigger.add_row(escape(row.trigger), *_figures(row, opens))
+    tables.append(per_trigger)
+    for dimension, label in (("stage", "stage"), ("template", "template"), ("variant", "variant")):
+        table = _table(f"Per {label}", ["trigger", label, *_FIGURES, *extra], left=2)
+        for row in report.rows_of(dimension):
+            table.add_row(escape(row.trigger), escape(row.value or "-"), *_figures(row, opens))
+        tables.append(table)
+    if report.holdouts:
+        tables.append(holdout_table(report.holdouts))
+    return tables
+
+
+def holdout_table(lifts: Sequence["HoldoutLift"]) -> Table:
+    """Treated against held out, by intention to treat: any order in the window after the
+    (would-be) send, clicked or not."""
+    from flows.analysis.report import percent
+
+    table = _table("Holdout lift (orders within the window after the mail, or the would-be mail; 95 % interval)",
+                   ["trigger", "currency", "treated", "converted", "held out", "converted", "lift", "95 % interval",
+                    "revenue/recipient", "incremental revenue", "verdict"], left=2)
+    for lift in lifts:
+        lo, hi = lift.lift_ci
+        treated, held = lift.treated, lift.held_out
+        table.add_row(escape(lift.trigger), escape(lift.currency or "-"), str(treated.recipients),
+                      percent(treated.rate), str(held.recipients), percent(held.rate), points(lift.lift),
+                      f"{points(lo)} to {points(hi)}",
+                      f"{cents(treated.revenue_per_recipient_cents)} vs {cents(held.revenue_per_recipient_cents)}",
+                      cents(lift.incremental_revenue_cents), escape(lift.verdict))
+    return table
+
+
+def points(value: float | None) -> str:
+    """A difference of rates in percentage points, signed."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value * 100:+.1f} pp"
+
+
+def cents(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value / 100:,.2f}"
+
+
+def print_report(report: "Report") -> None:
+    from flows.analysis.report import OPENS_NOTE, money
+
+    for table in report_tables(report):
+        show(table)
+    found = report.unattributed
+    say(f"Unattributed: {found.orders} order(s) placed in the period ({money(found.revenue)}) had no marketing "
+        "mail within the window." + (f" {found.pending} order(s) are not attributed yet (run `lifecycle "
+                                     "attribute`)." if found.pending else ""))
+    if any(row.opens for row in report.rows):
+        say(f"* {OPENS_NOTE}.")
+    for line in report.lines():
+        say(line)
+
+
+# -- lifecycle customer --------------------------------------------------------------
+
+def timeline_table(found: "Timeline") -> Table:
+    who = ", ".join(p for p in (found.name, found.email) if p)
+    title = f"Customer {found.external_id}" + (f" ({who})" if who else "") + f", as of {found.now:%Y-%m-%d %H:%M} UTC"
+    table = _table(title, ["when (UTC)", "what", "trigger", ""], left=4)
+    for entry in found.entries:
+        table.add_row(f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.kind, escape(entry.trigger or "-"), escape(entry.what))
+    return table
+
+
+# -- lifecycle stages ----------------------------------------------------------------
+
+def distribution_table(rows: Sequence[tuple[Any, dict[str, int]]]) -> Table:
+    names = list(rows[0][1]) if rows else []
+    table = _table("Customers per stage at each week's end (share)", ["week ending", *names, "total"])
+    for day, counts in rows:
+        total = sum(counts.values())
+        table.add_row(str(day), *(f"{n} ({n / total:.0%})" if total else "0" for n in counts.values()), str(total))
+    return table
+
+
+def transition_table(matrix: dict[str, dict[str, int]], start: Any, end: Any) -> Table:
+    names = list(next(iter(matrix.values()))) if matrix else []
+    table = _table(f"Moves between stages from {start} to {end} (rows: from, columns: to)", ["from", *names])
+    for source, row in matrix.items():
+        table.add_row(escape(source), *(str(n) for n in row.values()))
+    return table
+
+
+def kpi_table(kpis: Sequence["StageKpis"], since: Any, until: Any) -> Table:
+    from flows.analysis.report import money, percent
+
+    table = _table(f"Per stage, customers in it on {since}, until {until}",
+                   ["stage", "customers", "conversion", "repeat purchase", "average order", "frequency",
+                    "click rate"])
+    for k in kpis:
+        frequency = "-" if k.purchase_frequency is None else f"{k.purchase_frequency:.2f}"
+        table.add_row(escape(k.stage), str(k.customers), percent(k.conversion_rate), percent(k.repeat_purchase_rate),
+                      money(k.average_order_value), frequency, percent(k.click_rate))
     return table
