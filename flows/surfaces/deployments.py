@@ -1,7 +1,8 @@
 """``prefect.yaml``'s deployments, generated from the trigger files.
 
 One deployment per trigger file (plus ``deferred-sends``, which sends what the policy
-deferred once its moment has come): the shared entrypoint, the trigger's name as its
+deferred once its moment has come, and ``lifecycle-report``, the daily attribution and
+report published as artifacts): the shared entrypoint, the trigger's name as its
 parameter, its cron schedule (paused when the trigger is disabled), a ``kind:`` tag,
 and the trigger's description. Complaint triggers also get a Prefect deployment
 trigger (event automation) so a new complaint starts a run within seconds instead of
@@ -25,6 +26,15 @@ DEFERRED = {
     "tags": ["lifecycle", "policy"],
     "parameters": {},
     "schedules": [{"cron": "*/5 * * * *", "timezone": "UTC", "active": True}],
+}
+REPORT = {
+    "name": "lifecycle-report",
+    "entrypoint": "flows/surfaces/prefect_flows.py:report_flow",
+    "description": "Daily: attributes the new orders, then publishes the last 7 days' report as artifacts "
+                   "(a summary, a table per trigger, a link to the reports page of lifecycle web).",
+    "tags": ["lifecycle", "report"],
+    "parameters": {},
+    "schedules": [{"cron": "30 5 * * *", "timezone": "UTC", "active": True}],
 }
 WORK_POOL = "lifecycle"
 SECTION = "deployments:"
@@ -61,9 +71,9 @@ def deployment(trigger: TriggerBase) -> dict[str, Any]:
 
 
 def deployments(triggers: list[TriggerBase]) -> list[dict[str, Any]]:
-    """One per trigger (sorted by name, stable), then the deferred-sends sweep."""
+    """One per trigger (sorted by name, stable), then the deferred-sends sweep and the daily report."""
     return [deployment(t) for t in sorted(triggers, key=lambda t: t.name)] + [
-        {**DEFERRED, "work_pool": {"name": WORK_POOL}}]
+        {**fixed, "work_pool": {"name": WORK_POOL}} for fixed in (DEFERRED, REPORT)]
 
 
 def render(existing: str, triggers: list[TriggerBase]) -> str:

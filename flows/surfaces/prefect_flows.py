@@ -1,4 +1,5 @@
-"""The Prefect surface: a trigger run as a flow, its batches as tasks, its summary as artifacts.
+"""The Prefect surface: a trigger run as a flow, its batches as tasks, its summary as artifacts;
+and ``lifecycle-report``, the daily attribution and report.
 
 One flow, ``lifecycle-trigger``, runs every trigger; its runs are named after the
 trigger and the moment, and tagged ``lifecycle``, ``kind:KIND`` and ``trigger:NAME``,
@@ -6,6 +7,10 @@ however they start: a deployment (``prefect.yaml``, tags from ``run_tags``), ``l
 run`` (``run_in_prefect``), or ``lifecycle serve`` when it reports to a Prefect server.
 A run's final state carries its counts (``sent 9; deferred 5; skipped 53``), so the
 runs list says more than "Completed".
+
+``lifecycle-report`` (``report_flow``) attributes the orders no run has looked at yet, then
+publishes the report of the last days (or since its last completed run) as artifacts: a
+markdown summary, a table per trigger, and a link to the reports page of ``lifecycle web``.
 
 A deployed run reads its settings from the environment here, at its start; a run
 started in-process (the CLI, serve, the demo) hands in its own settings, loaded project
@@ -16,11 +21,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from prefect import State, Task, flow, tags, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -45,10 +51,18 @@ from flows.spec.project import Project
 from flows.summary import RunSummary
 from flows.surfaces.deployments import run_tags
 from flows.surfaces.environment import settings_from_environment
+from models.db import get_engine
 from models.types import utcnow
+
+if TYPE_CHECKING:
+    from flows.analysis.attribution import AttributionTally
+    from flows.analysis.report import Report
 
 FLOW_NAME = "lifecycle-trigger"
 DEFERRED_FLOW_NAME = "lifecycle-deferred"
+REPORT_FLOW_NAME = "lifecycle-report"
+REPORT_DAYS = 7
+SINCE_LAST_RUN = "last-run"
 
 
 @dataclass(frozen=True)
@@ -203,3 +217,152 @@ def publish(summary: RunSummary, settings: Settings) -> None:
     create_markdown_artifact(key=f"{key}-summary", markdown=summary.to_markdown(preview),
                              description=summary.headline())
     create_table_artifact(key=f"{key}-counts", table=summary.table(), description="Counts per stage and outcome")
+
+
+# -- lifecycle-report: the daily attribution and report ---------------------------------------------
+
+def _report_run_name() -> str:
+    return f"report @ {parse_now(flow_run.parameters.get('now')):%Y-%m-%d %H:%M} UTC"
+
+
+def last_completed_report(before: datetime) -> datetime | None:
+    """When the latest completed run of ``lifecycle-report`` began (its ``now``), before ``before``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[REPORT_FLOW_NAME])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.COMPLETED]))),
+            sort=FlowRunSort.START_TIME_DESC, limit=20)
+    moments = [parse_now(run.parameters.get("now")) if run.parameters.get("now") else run.start_time
+               for run in runs if run.id != flow_run.id]
+    earlier = [moment for moment in moments if moment is not None and moment < before]
+    return max(earlier) if earlier else None
+
+
+def report_period(now: datetime, since: str | None, days: int) -> tuple[datetime, datetime]:
+    """``[since, now)``: the given moment, the previous completed run's (``last-run``; the last
+    ``days`` days if there was none), or by default the last ``days`` days."""
+    if since == SINCE_LAST_RUN:
+        return last_completed_report(now) or now - timedelta(days=days), now
+    return (parse_now(since) if since else now - timedelta(days=days)), now
+
+
+def _attribute_orders(engine: Engine, project: Project, now: datetime) -> "AttributionTally":
+    """The incremental attribution: orders placed by ``now`` that have no attribution yet (and
+    clicks older than the policy's ``keep_for`` deleted)."""
+    from flows.analysis.attribution import attribute
+
+    return attribute(engine, project.policy.attribution, now, keep_for=project.policy.tracking.keep_for)
+
+
+def _build_report(engine: Engine, project: Project, since: datetime, until: datetime) -> "Report":
+    from flows.analysis.report import build_report
+
+    return build_report(engine, since=since, until=until, policy=project.policy)
+
+
+# ``quote``-wrapped arguments, as the trigger flow's tasks (see above): typed with any parameters.
+attribute_orders: "Task[..., AttributionTally]" = task(name="attribute", cache_policy=NO_CACHE)(_attribute_orders)
+build_report_task: "Task[..., Report]" = task(name="report", cache_policy=NO_CACHE)(_build_report)
+
+
+@flow(name=REPORT_FLOW_NAME, flow_run_name=_report_run_name, validate_parameters=True)
+def report_flow(now: str | None = None, since: str | None = None, days: int = REPORT_DAYS) -> State:
+    """Attribute new orders at ``now`` (default: the current time), then publish the report of
+    ``[since, now)``: ``since`` an ISO 8601 moment, ``last-run`` (since the previous completed
+    run), or by default the last ``days`` days."""
+    settings, project, engine = _start()
+    moment = parse_now(now)
+    project = project or load(settings, only=[])  # the policy (window, basis, retention), no trigger
+    engine = engine or get_engine(settings.database_url)
+    tally = attribute_orders(quote(engine), quote(project), moment)
+    start, stop = report_period(moment, since, days)
+    report = build_report_task(quote(engine), quote(project), start, stop)
+    publish_report(report, tally, settings)
+    message = (f"attributed {tally.attributed} of {tally.orders_seen} new order(s); "
+               f"{len(report.triggers)} trigger(s) reported")
+    return Completed(message=message, data=report)
+
+
+def run_report_in_prefect(now: datetime, *, settings: Settings, project: Project,
+                          engine: Engine | None = None) -> "Report":
+    """``lifecycle-report`` as a flow run from this process (``lifecycle serve`` reporting to a
+    Prefect server): the same artifacts as a deployed run's."""
+    with _handing(settings, project, engine), tags("lifecycle", "report"):
+        state = report_flow(now=now.isoformat(), return_state=True)
+    from flows.analysis.report import Report
+
+    report = state.result()  # raises the run's own error when it failed
+    assert isinstance(report, Report)
+    return report
+
+
+def reports_link(settings: Settings, report: "Report") -> str:
+    """The reports page of ``lifecycle web`` for the report's very period (UTC moments)."""
+    def moment(value: datetime) -> str:
+        return f"{value.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+    return f"{settings.base_url.rstrip('/')}/reports?since={moment(report.since)}&until={moment(report.until)}"
+
+
+def report_markdown(report: "Report", tally: "AttributionTally", link: str, page_on: bool) -> str:
+    from flows.analysis.report import money
+
+    lines = [f"# Lifecycle report, {report.since:%Y-%m-%d %H:%M} to {report.until:%Y-%m-%d %H:%M} UTC", "",
+             f"Attribution: last touch ({' or '.join(report.basis)}) within {report.window.days} day(s). "
+             f"This run looked at {tally.orders_seen} new order(s): {tally.attributed} attributed "
+             f"({', '.join(f'{n} by {basis}' for basis, n in tally.by_basis.items()) or 'none'}), "
+             f"{tally.unattributed} with no mail to credit.", ""]
+    lines += [f"- {line}" for line in report.lines()] or ["No marketing mail in this period."]
+    missing = report.unattributed
+    lines += ["", f"Orders in the period with no mail to credit: {missing.orders} ({money(missing.revenue)})."]
+    if missing.pending:
+        lines.append(f"Orders not attributed yet: {missing.pending}.")
+    lines += ["", f"[The reports page]({link})" + ("" if page_on else
+                                                    " (off until LIFECYCLE_ADMIN_TOKEN is set for lifecycle web)")]
+    return "\n".join(lines)
+
+
+def report_table(report: "Report") -> list[dict[str, Any]]:
+    """One row per trigger: counts, rates, revenue per currency (cents), and each holdout's verdict."""
+    currencies = report.currencies
+    rows = []
+    for row in report.rows_of("trigger"):
+        entry: dict[str, Any] = {
+            "trigger": row.trigger, "delivered": row.delivered, "bounced": row.bounced,
+            "unique_clicks": row.unique_clicks, "click_rate": _rate(row.click_rate), "conversions": row.conversions,
+            "conversion_rate": _rate(row.conversion_rate)}
+        for currency in currencies:
+            entry[f"revenue_cents_{currency}"] = row.revenue.get(currency, 0)
+        entry["holdout"] = "; ".join(f"{lift.currency + ': ' if lift.currency else ''}{lift.verdict}"
+                                     for lift in report.holdouts if lift.trigger == row.trigger) or "-"
+        rows.append(entry)
+    return rows
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1%}"
+
+
+def publish_report(report: "Report", tally: "AttributionTally", settings: Settings) -> None:
+    """The report's artifacts: a markdown summary, a table, and a link to the reports page."""
+    link = reports_link(settings, report)
+    page_on = settings.admin_token is not None
+    headline = f"{len(report.triggers)} trigger(s), {tally.attributed} new order(s) attributed"
+    create_markdown_artifact(key="lifecycle-report-summary", markdown=report_markdown(report, tally, link, page_on),
+                             description=headline)
+    create_table_artifact(key="lifecycle-report-table", table=report_table(report),
+                          description="Per trigger: delivered, clicks, conversions, revenue (cents), holdout")
+    create_link_artifact(key="lifecycle-report-page", link=link, link_text="Lifecycle reports page",
+                         description="The charts and cards of this period in lifecycle web (needs the admin token)")

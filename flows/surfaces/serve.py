@@ -16,6 +16,10 @@ No Prefect server is involved: each scheduled run calls the engine directly. Pol
   and each trigger's scheduling, and a reload as a whole, has its own error boundary.
 - **Deferred sends** (quiet hours, frequency caps) go out every 5 minutes once their
   moment has come, whatever their trigger's own schedule.
+- **Attribution and report**, daily (``REPORT_CRON``, UTC): new orders are attributed
+  (incrementally; clicks past the policy's ``keep_for`` are deleted) and the last 7
+  days' report is logged, or published as a ``lifecycle-report`` flow run's artifacts
+  when a Prefect server is configured.
 - **Shutdown**: SIGTERM (or Ctrl-C) stops scheduling, lets each running trigger
   finish the batch it is dispatching, and exits.
 """
@@ -26,6 +30,7 @@ import signal
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +107,45 @@ def run_deferred() -> None:
             continue
         if summary.counts:
             log.info(summary.headline())
+
+
+REPORT_JOB = "lifecycle:attribution-report"
+REPORT_CRON = "30 5 * * *"  # as the lifecycle-report deployment's (flows.surfaces.deployments.REPORT)
+
+
+def run_report() -> None:
+    """Daily: attribute the orders no run has looked at yet, then report the last days."""
+    from flows.analysis.attribution import attribute
+    from flows.analysis.report import build_report
+    from flows.surfaces.prefect_flows import REPORT_DAYS
+
+    service = _service()
+    project = service.load(only=[])  # the policy: window, basis, retention
+    now = utcnow()
+    if service.report_to_prefect:  # the same artifacts as the deployed lifecycle-report's
+        from flows.surfaces.prefect_flows import run_report_in_prefect
+
+        run_report_in_prefect(now, settings=service.settings, project=project, engine=service.engine)
+        return
+    policy = project.policy
+    tally = attribute(service.engine, policy.attribution, now, keep_for=policy.tracking.keep_for)
+    log.info("Attribution: %d new order(s), %d attributed, %d with no mail to credit", tally.orders_seen,
+             tally.attributed, tally.unattributed)
+    report = build_report(service.engine, since=now - timedelta(days=REPORT_DAYS), until=now, policy=policy)
+    for line in report.lines():
+        log.info("Report, last %d days: %s", REPORT_DAYS, line)
+
+
+def schedule_jobs(scheduler: BaseScheduler) -> None:
+    """serve's own jobs, beside the triggers': the deferred sends and the daily attribution and report."""
+    scheduler.add_job("flows.surfaces.serve:run_deferred", "interval", minutes=DEFERRED_MINUTES, id=DEFERRED_JOB,
+                      name="deferred sends", replace_existing=True)
+    daily = cron_trigger(REPORT_CRON, "UTC")
+    existing = scheduler.get_job(REPORT_JOB)
+    # Known from the persistent store (a restart): kept, so a day missed while down is reported once.
+    if existing is None or repr(existing.trigger) != repr(daily):
+        scheduler.add_job("flows.surfaces.serve:run_report", daily, id=REPORT_JOB, name="attribution and report",
+                          replace_existing=True)
 
 
 @dataclass(frozen=True)
@@ -240,8 +284,7 @@ def serve(settings: Settings, workers: int = 4, engine: Engine | None = None,
     triggers = TriggerScheduler(scheduler, lambda: load(settings), [settings.triggers_dir, settings.templates_dir])
     scheduler.start(paused=True)  # jobs from the store are loaded, nothing runs before we sync
     triggers.sync()
-    scheduler.add_job("flows.surfaces.serve:run_deferred", "interval", minutes=DEFERRED_MINUTES, id=DEFERRED_JOB,
-                      name="deferred sends", replace_existing=True)
+    schedule_jobs(scheduler)
     watcher = threading.Thread(target=_watch, args=(triggers,), daemon=True)
     done = threading.Event()
 
