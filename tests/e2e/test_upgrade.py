@@ -58,6 +58,8 @@ REFUSED = "550 5.1.1 User unknown"
 # What names a send and what became of it: equal between the old and the new code, key by key.
 IDENTITY = ("send_key", "trigger", "customer_id", "occurrence", "category", "ref_id", "status", "stage", "template",
             "email", "message_id", "not_before", "expires_at", "error")
+# Columns of sends added by migrations since the old release (NULL on the rows it wrote).
+ADDED_SINCE = ("links",)
 FINISHED = ("sent", "failed", "sending")  # states no later run may touch (``sending``: in doubt, ops decide)
 
 # Every child answers each line of steps on its stdin with lines on its stdout, the last one DONE.
@@ -144,7 +146,7 @@ import flows
 from flows.run import run
 from flows.run_context import load, prepare
 from flows.settings import Settings
-from models.db import get_engine
+from models.db import create_schema, get_engine
 
 DONE, old_root = sys.argv[1], Path(sys.argv[2])
 assert not Path(flows.__file__).resolve().is_relative_to(old_root.resolve()), flows.__file__
@@ -153,6 +155,8 @@ engine = get_engine(settings.database_url)  # connects at its first step, once t
 project = None
 for line in sys.stdin:
     moment = line.strip()
+    if project is None:
+        create_schema(engine)  # the upgrade's migrations, as `lifecycle db upgrade` (or any command in development)
     project = project or load(settings)  # at the first step: its test renders on a time budget, not beside others
     assert not project.problems, project.problems
     for name, trigger in project.triggers.items():
@@ -438,9 +442,27 @@ def differences(left: dict[str, tuple[Any, ...]], right: dict[str, tuple[Any, ..
 # -- the store -------------------------------------------------------------------------
 
 
+class OldSchemaStore(Store):
+    """The builders over the old release's tables: each row is written with the columns that
+    store has (a column added since, such as ``customers.untracked_at``, is left out, as the
+    old release would)."""
+
+    def _add(self, *rows: object) -> None:
+        columns = {name: {c["name"] for c in inspect(self.engine).get_columns(name)}
+                   for name in {row.__table__.name for row in rows}}  # type: ignore[attr-defined]
+        with self.engine.begin() as connection:
+            for row in rows:
+                table = row.__table__  # type: ignore[attr-defined]
+                values = {c.name: getattr(row, c.name) for c in table.c
+                          if c.name in columns[table.name] and getattr(row, c.name) is not None}
+                result = connection.execute(table.insert().values(values))
+                if "id" in table.c and getattr(row, "id", None) is None:
+                    row.id = result.inserted_primary_key[0]  # type: ignore[attr-defined]
+
+
 def seed(engine: Engine, smtp: SmtpServer) -> dict[str, Customer]:
     """Someone due for every trigger at T0, a few held back or refused, and what comes due by T1."""
-    store = Store(engine)
+    store = OldSchemaStore(engine)
     people: dict[str, Customer] = {}
     # abandoned-cart: two carts, and one whose owner's night it is (quiet hours until 08:00 local)
     people["cart_de"] = store.customer("Jürgen", last_name="Groß", locale="de-DE")
@@ -556,8 +578,10 @@ def test_the_new_code_over_an_old_store_sends_nothing_twice_and_keeps_every_key(
             mailed_keys = [key_of.get(m[0]) for m in received_new]
             assert None not in mailed_keys, f"mail without a ledger row: {received_new}"
             assert not set(mailed_keys) & set(finished), f"keys the old code had finished, mailed again: {mailed_keys}"
-            # Every row the old code finished is as it left it, every column.
-            changed = {key: (row, after_new.get(key)) for key, row in finished.items() if after_new.get(key) != row}
+            # Every row the old code finished is as it left it, every column; a column the upgrade
+            # added (such as ``links``) is empty on it.
+            changed = {key: (row, after_new.get(key)) for key, row in finished.items()
+                       if after_new.get(key) != {**row, **{c: None for c in ADDED_SINCE}}}
             assert not changed, f"at {moment:%Y-%m-%d %H:%M}, rows of the old code changed: {changed}"
             # Every other key, and every new one, as the old code would have it.
             diff = differences(identity(after_old), identity(after_new))
