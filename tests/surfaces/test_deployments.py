@@ -35,13 +35,13 @@ def deployments(project: Path) -> dict[str, dict]:
 def test_the_shipped_prefect_yaml_matches_the_shipped_triggers(project: Path) -> None:
     result = runner.invoke(app, ["deployments", "--check"])
     assert result.exit_code == 0, result.output
-    assert "matches triggers/ (8 deployments)" in result.output
+    assert "matches triggers/ (9 deployments)" in result.output
 
 
 def test_one_deployment_per_trigger_with_its_schedule_tags_and_parameters(project: Path) -> None:
     found = deployments(project)
     assert set(found) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0", "onboarding-day-3",
-                          "winback-lapsed", "confirm-subscription", "deferred-sends"}
+                          "winback-lapsed", "confirm-subscription", "deferred-sends", "lifecycle-report"}
     winback = found["winback-lapsed"]
     assert winback["entrypoint"] == "flows/surfaces/prefect_flows.py:trigger_flow"
     assert winback["parameters"] == {"trigger": "winback-lapsed"}
