@@ -155,8 +155,9 @@ class Report:
                     f"{row.conversions} order(s) ({percent(row.conversion_rate)} of delivered converted)")
             if row.revenue:
                 text += f", {money(row.revenue)}"
-            for lift in (h for h in self.holdouts if h.trigger == trigger):
-                text += f"; holdout{' ' + lift.currency if lift.currency else ''}: {lift.verdict}"
+            # The verdict is the conversion lift's, the same in every currency's row.
+            for verdict in dict.fromkeys(h.verdict for h in self.holdouts if h.trigger == trigger):
+                text += f"; holdout: {verdict}"
             lines.append(text + ".")
         return lines
 

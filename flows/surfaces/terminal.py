@@ -4,6 +4,7 @@ tables (never cut when piped).
 The file's own words are always text, never markup: a trigger named "[/x]" is shown, not obeyed.
 """
 
+import io
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -64,8 +65,9 @@ def planned_table(summary: RunSummary) -> Table:
 
 def show(table: Table, on: Console | None = None) -> None:
     """Print a table whole. Piped or captured, it is drawn at its own natural width, whatever
-    COLUMNS says (rich would otherwise squeeze it to 80 columns and wrap or cut its cells); in
-    a terminal it fits the window, folding a long cell onto more lines, never cutting it short."""
+    COLUMNS says (rich would otherwise squeeze it to 80 columns and wrap or cut its cells), with
+    no trailing blanks; in a terminal it fits the window, folding a long cell onto more lines,
+    never cutting it short."""
     target = on or console
     for column in table.columns:
         column.overflow = "fold"
@@ -74,7 +76,10 @@ def show(table: Table, on: Console | None = None) -> None:
         return
     natural = Measurement.get(target, target.options.update_width(100_000), table).maximum
     title = cell_len(table.title) if isinstance(table.title, str) else 0
-    Console(file=target.file, width=max(natural, title, 20), no_color=True, highlight=False).print(table)
+    drawn = io.StringIO()
+    Console(file=drawn, width=max(natural, title, 20), no_color=True, highlight=False).print(table)
+    target.file.write("".join(line.rstrip() + "\n" for line in drawn.getvalue().splitlines()))
+    target.file.flush()
 
 
 def say(text: str, on: Console | None = None) -> None:
@@ -82,11 +87,12 @@ def say(text: str, on: Console | None = None) -> None:
     (on or console).print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _table(title: str, columns: Sequence[str], left: int = 1) -> Table:
-    """A table whose first ``left`` columns are names (left-aligned) and the rest figures."""
+def _table(title: str, columns: Sequence[str], left: int = 1, words: Sequence[str] = ()) -> Table:
+    """A table whose first ``left`` columns, and those named in ``words``, are text (left-aligned);
+    the rest are figures."""
     table = Table(title=escape(title), title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(escape(column), justify="left" if i < left else "right")
+        table.add_column(escape(column), justify="left" if i < left or column in words else "right")
     return table
 
 
@@ -133,7 +139,7 @@ def holdout_table(lifts: Sequence["HoldoutLift"]) -> Table:
 
     table = _table("Holdout lift (orders within the window after the mail, or the would-be mail; 95 % interval)",
                    ["trigger", "currency", "treated", "converted", "held out", "converted", "lift", "95 % interval",
-                    "revenue/recipient", "incremental revenue", "verdict"], left=2)
+                    "revenue/recipient", "incremental revenue", "verdict"], left=2, words=["verdict"])
     for lift in lifts:
         lo, hi = lift.lift_ci
         treated, held = lift.treated, lift.held_out
