@@ -95,6 +95,11 @@ def placeholder_address(send_id: int) -> str:
     return f"forgotten-{send_id}@invalid"
 
 
+def is_placeholder(address: str) -> bool:
+    """An address ``forget`` put in place of a real one: nothing about it is worth keeping."""
+    return address.startswith("forgotten-") and address.endswith("@invalid")
+
+
 def _placeholder_sql() -> Any:
     return literal("forgotten-") + cast(col(Send.id), String) + literal("@invalid")
 

@@ -11,12 +11,13 @@ is recorded against the send and never against the address.
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, func, select, update
 from sqlmodel import col
 
+from flows.privacy import is_placeholder
 from models import (
     Feedback,
     FeedbackKind,
@@ -153,6 +154,9 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                     # The address we mailed, whatever the report claims: a report can only
                     # ever speak for the send it names.
                     trigger, email = send[0], suppression_key(send[1])
+            erased = is_placeholder(email)
+            if erased:  # a late report on a forgotten customer's mail: its text may name them
+                report = replace(report, diagnostic="")
             inserted = connection.execute(
                 insert_for(engine)(Feedback).values(
                     report_id=report.report_id[:255], send_key=key, trigger=trigger, email=email,
@@ -174,8 +178,8 @@ def record(engine: Engine, reports: Sequence[Report], rule: SoftBounceRule = Sof
                 connection.execute(update(Send).where(col(Send.send_key) == key, col(Send.status).in_(allowed)).values(
                     status=_SEND_STATUS[report.kind], error=f"{report.source}: {report.status} {report.diagnostic}"
                     .strip()[:1000]))
-            reason = _SUPPRESS.get(report.kind)
-            if reason is None and report.kind == FeedbackKind.SOFT_BOUNCE:
+            reason = None if erased else _SUPPRESS.get(report.kind)  # the erasure already suppressed them
+            if reason is None and report.kind == FeedbackKind.SOFT_BOUNCE and not erased:
                 recent = connection.execute(select(func.count()).select_from(Feedback).where(
                     func.lower(Feedback.email) == email, col(Feedback.kind) == FeedbackKind.SOFT_BOUNCE,
                     col(Feedback.send_key).is_not(None),

@@ -15,8 +15,9 @@ from flows.feedback.bounces import (
     record,
 )
 from flows.feedback.reports import process
+from flows.privacy import forget
 from flows.send import claims as ledger
-from models import Feedback, FeedbackKind, Suppression
+from models import Customer, Feedback, FeedbackKind, Send, Suppression
 from tests.support.builders import NOW, Store
 from tests.support.ledger import statuses
 
@@ -107,6 +108,25 @@ def test_a_report_speaks_only_for_the_address_its_send_was_mailed_to(store: Stor
     assert statuses(store.engine) == {"bounced": 1}
     with Session(store.engine) as session:
         assert session.get(Suppression, "someone.else@example.com") is None
+
+
+def test_a_late_report_on_a_forgotten_customers_mail_keeps_nothing_that_could_name_them(store: Store) -> None:
+    key = sent(store, "kim@example.de")
+    with Session(store.engine) as session:
+        send = session.execute(select(Send).where(Send.send_key == key)).scalar_one()
+        customer = session.get(Customer, send.customer_id)
+        assert customer is not None
+    assert forget(store.engine, customer.external_id, secret=SECRET, at=NOW).changed
+    report = Report("dsn:late", "kim@example.de", HARD, "dsn", NOW, "5.1.1", send_key=key,
+                    diagnostic="550 5.1.1 <kim@example.de>: Recipient address rejected")
+    tally = record(store.engine, [report])
+    assert (tally.new, tally.suppressed) == (1, {})
+    with Session(store.engine) as session:
+        [row] = session.execute(select(Feedback)).scalars().all()
+        assert row.diagnostic == "" and "kim" not in row.email
+        [kept] = session.execute(select(Suppression)).scalars().all()  # the erasure's own, not a bounce's
+        assert (kept.email, kept.reason) == ("kim@example.de", "unsubscribed")
+        assert "kim" not in session.execute(select(Send)).scalar_one().error
 
 
 def test_soft_bounces_suppress_after_the_limit_within_the_window_and_only_once(store: Store) -> None:
