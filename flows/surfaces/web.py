@@ -183,10 +183,12 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     one). A broken ``triggers/policy.yaml`` stops here, with its located problems (``SpecError``)."""
     policy = load_policy(settings.triggers_dir)
     app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None)
-    install_security(app, settings.base_url)
     engine = web_engine(settings)
     settings = resolved(settings, engine)
     secret = settings.signing_secret
+    # The click routes first, so that the security headers wrap them too (see add_tracking).
+    app.state.clicks = add_tracking(app, settings, engine, policy.tracking, clock, _link_error)
+    install_security(app, settings.base_url)
 
     def customer_for(purpose: str, token: str, session: Session,
                      lock: bool = False) -> tuple[Customer, dict[str, Any]]:
@@ -210,13 +212,6 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
 
     def lang_asked(request: Request) -> str:
         return _lang_of_header(request.headers.get("accept-language", ""))
-
-    def link_error(accept_language: str, status: int) -> Response:
-        """The page a tracked link shows when it is not valid (404) or the store is busy (503)."""
-        lang = _lang_of_header(accept_language)
-        return page(lang, "link_title", [WORDS[lang]["busy" if status == 503 else "invalid"]], status=status)
-
-    app.state.clicks = add_tracking(app, settings, engine, policy.tracking, clock, link_error)
 
     @app.exception_handler(HTTPException)
     async def not_valid(request: Request, exc: HTTPException) -> HTMLResponse:
@@ -364,6 +359,13 @@ def _lang_of_header(accept_language: str) -> str:
     return "de" if accept_language.lower().startswith("de") else "en"
 
 
+def _link_error(accept_language: str, status: int) -> Response:
+    """The page a tracked link shows when it is not valid (404), the store is busy (503) or
+    we failed (500)."""
+    lang = _lang_of_header(accept_language)
+    return page(lang, "link_title", [WORDS[lang]["busy" if status >= 500 else "invalid"]], status=status)
+
+
 # -- bounce and complaint webhooks -----------------------------------------------------
 
 WEBHOOK_MAX_BYTES = 1_000_000  # SNS messages are at most 256 KB; Postmark's with content stay well below
@@ -457,3 +459,13 @@ def add_webhooks(app: FastAPI, settings: Settings, engine: Engine) -> None:
         payload = await body_of(request)
         reports = await run_in_threadpool(postmark_reports, engine, payload, secret)
         return await run_in_threadpool(recorded, reports)
+
+
+def app_from_environment() -> FastAPI:
+    """The app as each worker process of ``lifecycle web --workers N`` makes it (uvicorn
+    imports it by name): settings from the environment, every log record redacted."""
+    from flows.redaction import redact_every_record
+    from flows.surfaces.environment import settings_from_environment
+
+    redact_every_record()
+    return create_app(settings_from_environment())

@@ -25,6 +25,7 @@ import base64
 import copy
 import hashlib
 import logging
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -104,6 +105,23 @@ def headers_for(path: str, https: bool) -> dict[str, str]:
     return headers
 
 
+_DEFAULTS = {b"cache-control": b"no-store", b"x-robots-tag": b"noindex, nofollow"}
+
+
+def _replaced(path: str, https: bool) -> dict[bytes, bytes]:
+    """The headers a response to ``path`` gets in place of its own, encoded (the same for
+    every path of a kind: worked out once per kind, since every click asks)."""
+    segment = first_segment(path)
+    kind = segment if segment in (PREVIEW_ROUTE, PIXEL_ROUTE) else ""
+    return _replaced_for(kind, carries_token(path), https)
+
+
+@lru_cache(maxsize=16)
+def _replaced_for(kind: str, token: bool, https: bool) -> dict[bytes, bytes]:
+    ours = {name.encode(): value.encode() for name, value in headers_for(f"/{kind}/", https).items()}
+    return {**ours, b"cache-control": b"no-store"} if token else ours
+
+
 class SecurityHeaders:
     """ASGI wrapper: sets ``headers_for`` on every HTTP response (replacing what a route set),
     ``Cache-Control: no-store`` on token pages (by default elsewhere) and ``X-Robots-Tag``."""
@@ -115,18 +133,15 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        ours = {name.encode(): value.encode() for name, value in headers_for(path, self.https).items()}
-        forced = {b"cache-control": b"no-store"} if carries_token(path) else {}
-        defaults = {b"cache-control": b"no-store", b"x-robots-tag": b"noindex, nofollow"}
+        replaced = _replaced(scope.get("path", ""), self.https)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                replaced = {**ours, **forced}
                 kept = [(name, value) for name, value in message.get("headers", [])
                         if name.lower() not in replaced]
                 present = {name.lower() for name, _ in kept}
-                extra = [(name, value) for name, value in defaults.items() if name not in present | replaced.keys()]
+                extra = [(name, value) for name, value in _DEFAULTS.items() if name not in present and
+                         name not in replaced]
                 message = {**message, "headers": kept + list(replaced.items()) + extra}
             await send(message)
 

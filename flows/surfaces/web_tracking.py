@@ -11,21 +11,26 @@
 **Group commit.** Each click is committed before its 302 is sent, so a redirect the client
 saw is a click the store has. One transaction per click would cost a commit (an fsync on
 PostgreSQL) per request; instead the handler checks the token on the event loop (an HMAC,
-2 µs), queues the click and waits, and one writer thread writes everything queued in one
+2 µs), queues the click and waits, and a writer thread writes everything queued in one
 transaction (``record_hits``), then answers every waiter. While one batch is being written
 the next one queues, so batches grow with the load and an idle server writes each click at
-once. A failed batch is rolled back whole and each of its requests answered 503 with
+once; on PostgreSQL up to four batches are written at once, each in its own transaction.
+A failed batch is rolled back whole and each of its requests answered 503 with
 ``Retry-After`` (the browser's user clicks again; nothing was half-recorded). At shutdown,
 the server finishes its requests and the writer drains its queue before the process ends.
 
-**A path of its own.** These two routes are answered by an ASGI middleware before
-Starlette's routing, validation and exception layers: the redirect is the one request of
-``lifecycle web`` that comes in thousands a second after a campaign goes out (bench/clicks.py).
-Security headers and log redaction (``web_security``) apply to it as to every route.
+**A path of its own.** These two routes are answered by an ASGI layer just inside the
+security headers, before FastAPI's and Starlette's middleware, routing and validation: the
+redirect is the one request of ``lifecycle web`` that comes in thousands a second after a
+campaign goes out, and those layers cost more than the redirect (FastAPI's telemetry
+middleware alone reads the environment three times a request; bench/clicks.py). Security
+headers and log redaction (``web_security``) apply to it as to every route; a defect
+answers 500 here, since Starlette's error middleware is not around it.
 """
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -39,7 +44,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flows.content.links import read_click_token, read_open_token
 from flows.settings import Settings
@@ -56,6 +61,9 @@ log = logging.getLogger(__name__)
 PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
          b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 MAX_BATCH = 1000  # clicks written in one transaction, at most
+# Batches written at once: SQLite has one writer at a time anyway; PostgreSQL commits
+# several transactions with one flush of its log.
+WRITERS = {"postgresql": 4}
 RETRY_AFTER = "30"
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 
@@ -83,32 +91,40 @@ class StoreUnavailable(Exception):
 
 class ClickWriter:
     """Group commit: ``submit`` queues one hit and returns once the batch it went into is
-    committed, with where the request goes (``record_hits``). One writer thread, one batch
-    at a time; the batch being written is the queue's whole content when it started."""
+    committed, with where the request goes (``record_hits``). Each writer takes the queue's
+    whole content when it starts a batch; on PostgreSQL several batches are written at
+    once (``WRITERS``), so that one batch's commit wait overlaps the next one's work."""
 
-    def __init__(self, engine: Engine, policy: Tracking, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, engine: Engine, policy: Tracking, max_batch: int = MAX_BATCH,
+                 writers: int | None = None) -> None:
         self.engine, self.policy, self.max_batch = engine, policy, max_batch
+        self.writers = writers or WRITERS.get(engine.dialect.name, 1)
         self._pending: list[tuple[Hit, asyncio.Future[str | None]]] = []
-        self._draining: asyncio.Task[None] | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="lifecycle-clicks")
-        self.batches = 0  # written so far (bench/clicks.py reports the mean batch)
+        self._drains: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads = ThreadPoolExecutor(self.writers, thread_name_prefix="lifecycle-clicks")
+        self.batches = 0  # written so far, and how long the writers took (logged at shutdown)
         self.written = 0
+        self.busy_seconds = 0.0
 
     async def submit(self, hit: Hit) -> str | None:
         loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a test client may run each request on an event loop of its own
+            self._loop, self._drains = loop, []
         future: asyncio.Future[str | None] = loop.create_future()
         self._pending.append((hit, future))
-        # One drain per event loop (a test client may run each request on a loop of its own).
-        if self._draining is None or self._draining.done() or self._draining.get_loop() is not loop:
-            self._draining = loop.create_task(self._drain())
+        self._drains = [drain for drain in self._drains if not drain.done()]
+        if len(self._drains) < self.writers:
+            self._drains.append(loop.create_task(self._drain()))
         return await future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            started = time.perf_counter()
             try:
-                answers = await loop.run_in_executor(self._thread, record_hits, self.engine,
+                answers = await loop.run_in_executor(self._threads, record_hits, self.engine,
                                                      [hit for hit, _ in batch], self.policy)
             except (DBAPIError, PoolTimeout) as exc:
                 log.warning("%d clicks not recorded, answered 503: the store did not answer in time (%s)",
@@ -122,6 +138,7 @@ class ClickWriter:
                 continue
             self.batches += 1
             self.written += len(batch)
+            self.busy_seconds += time.perf_counter() - started
             for (_, future), answer in zip(batch, answers, strict=True):
                 if not future.done():
                     future.set_result(answer)
@@ -134,10 +151,14 @@ class ClickWriter:
 
     async def close(self) -> None:
         """Write what is queued (at shutdown: the server has finished its requests)."""
-        if self._pending and (self._draining is None or self._draining.done()):
-            self._draining = asyncio.get_running_loop().create_task(self._drain())
-        if self._draining is not None and not self._draining.done():
-            await self._draining
+        loop = asyncio.get_running_loop()
+        live = [drain for drain in self._drains if not drain.done() and drain.get_loop() is loop]
+        if self._pending and not live:
+            live.append(loop.create_task(self._drain()))
+        await asyncio.gather(*live)
+        if self.batches:
+            log.info("%d clicks and opens written in %d batches (%.1f a batch, %.1f ms each)", self.written,
+                     self.batches, self.written / self.batches, 1000 * self.busy_seconds / self.batches)
 
 
 ErrorPage = Callable[[str, int], Response]  # (Accept-Language, status) → our error page
@@ -152,10 +173,22 @@ class TrackingRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path.startswith("/c/"):
-            await self._answer(scope, receive, send, EngagementKind.CLICK, path[3:])
-        elif path.startswith("/o/"):
-            await self._answer(scope, receive, send, EngagementKind.OPEN, path[3:])
+        if path.startswith(("/c/", "/o/")):
+            kind = EngagementKind.CLICK if path[1] == "c" else EngagementKind.OPEN
+            started = False
+
+            async def send_noting_start(message: Message) -> None:
+                nonlocal started
+                started = True
+                await send(message)
+
+            try:
+                await self._answer(scope, receive, send_noting_start, kind, path[3:])
+            except Exception:
+                log.exception("%s %s failed", scope["method"], path)
+                if started:
+                    raise
+                await self._error(scope, receive, send, 500)
         else:
             await self.app(scope, receive, send)
 
@@ -215,10 +248,15 @@ async def _plain(send: Send, status: int, headers: list[tuple[bytes, bytes]], bo
 
 def add_tracking(app: FastAPI, settings: Settings, engine: Engine, tracking_policy: Tracking,
                  clock: Callable[[], datetime], error_page: ErrorPage) -> ClickWriter:
-    """Serve ``/c/`` and ``/o/`` on ``app``; the writer drains its queue when the app shuts down."""
+    """Serve ``/c/`` and ``/o/`` on ``app``; the writer drains its queue when the app shuts down.
+    Call it before ``install_security``, which must wrap what this adds."""
     writer = ClickWriter(engine, tracking_policy)
-    app.add_middleware(TrackingRoutes, secret=settings.signing_secret, writer=writer, clock=clock,
-                       error_page=error_page)
+    build = app.build_middleware_stack
+
+    def build_with_tracking() -> ASGIApp:
+        return TrackingRoutes(build(), settings.signing_secret, writer, clock, error_page)
+
+    app.build_middleware_stack = build_with_tracking  # type: ignore[method-assign]  # wraps Starlette's own stack
     previous = app.router.lifespan_context
 
     @asynccontextmanager

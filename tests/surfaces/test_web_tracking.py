@@ -359,3 +359,18 @@ def test_the_pixel_route_answers_only_get_and_head(settings: Settings, store: St
     assert client.delete(f"/c/{click_token(settings.signing_secret, digest, 0)}").status_code == 405
     assert engagements(store.engine) == []
 
+
+
+def test_a_defect_answers_500_with_the_security_headers(settings: Settings, store: Store, app: FastAPI,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _, digest = tracked_send(store)
+
+    async def broken(hit: Hit) -> str | None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.state.clicks, "submit", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get(f"/c/{click_token(settings.signing_secret, digest, 0)}", follow_redirects=False)
+    assert answer.status_code == 500 and "location" not in answer.headers
+    assert answer.headers["content-security-policy"].startswith("default-src 'none'")
+    assert answer.headers["cache-control"] == "no-store"
