@@ -117,6 +117,7 @@ def _arms(engine: Engine, since: datetime, until: datetime, window: timedelta,
                col(Order.currency))
         .join(Order, and_(col(Order.customer_id) == exposures.c.customer_id, col(Order.placed_at) > exposures.c.at,
                           col(Order.placed_at) <= shifted(exposures.c.at, window, engine.dialect.name)))
+        .where(col(Order.placed_at) > since, col(Order.placed_at) <= until + window)
         .distinct()
         .subquery("converting")
     )

@@ -19,6 +19,8 @@ Interval = tuple[float, float]
 Z95 = NormalDist().inv_cdf(0.975)  # 1.95996…: the two-sided 95 % quantile
 # Draws per bootstrap batch: bounds memory (8 bytes each, twice) whatever the arm's size.
 _BATCH_DRAWS = 4_000_000
+# Listed values per arm up to which every resample draws them one by one (see below).
+EXACT_UP_TO = 20_000
 
 
 def wilson(k: int, n: int, z: float = Z95) -> Interval:
@@ -53,7 +55,8 @@ def newcombe(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> Interval:
 
 
 def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], *, seed: int, resamples: int = 2000,
-                              zeros_a: int = 0, zeros_b: int = 0, confidence: float = 0.95) -> Interval:
+                              zeros_a: int = 0, zeros_b: int = 0, confidence: float = 0.95,
+                              exact_up_to: int = EXACT_UP_TO) -> Interval:
     """A percentile bootstrap interval for ``mean(a) - mean(b)``, the same for the same seed.
 
     Each resample draws ``len(a)`` values from ``a`` with replacement, and ``len(b)`` from
@@ -65,17 +68,25 @@ def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], *, seed: i
     who bought nothing). They are resampled exactly as if listed, only faster: the number
     of non-zero values a resample draws is binomial, and only those are drawn. Revenue per
     recipient is mostly zeros, so a resample costs its converters, not its recipients.
+
+    An arm with more than ``exact_up_to`` listed values (20,000 buyers: 40 M draws per arm
+    at 2,000 resamples, a second or two) keeps the exact binomial count ``K`` of a
+    resample's non-zero draws, and draws their sum from its normal limit, mean ``K·m`` and
+    variance ``K·s²`` (``m``, ``s²``: the listed values' mean and variance): the skew a sum
+    of 20,000 draws keeps is the values' own over √20,000, below 1 % for order values.
     """
     if resamples < 1:
         raise ValueError(f"at least one resample, got {resamples}")
     rng = np.random.default_rng(seed)
-    differences = _resampled_means(rng, a, zeros_a, resamples) - _resampled_means(rng, b, zeros_b, resamples)
+    differences = (_resampled_means(rng, a, zeros_a, resamples, exact_up_to)
+                   - _resampled_means(rng, b, zeros_b, resamples, exact_up_to))
     tail = (1 - confidence) / 2
     low, high = np.quantile(differences, [tail, 1 - tail])
     return float(low), float(high)
 
 
-def _resampled_means(rng: np.random.Generator, values: Sequence[float], zeros: int, resamples: int) -> np.ndarray:
+def _resampled_means(rng: np.random.Generator, values: Sequence[float], zeros: int, resamples: int,
+                     exact_up_to: int) -> np.ndarray:
     listed = np.asarray(values, dtype=np.float64)
     n = len(listed) + zeros
     if n == 0:
@@ -84,6 +95,10 @@ def _resampled_means(rng: np.random.Generator, values: Sequence[float], zeros: i
         return np.zeros(resamples)
     # How many of each resample's n draws fall on a listed value (the rest are zeros).
     hits = rng.binomial(n, len(listed) / n, size=resamples) if zeros else np.full(resamples, n)
+    if len(listed) > exact_up_to:
+        spread = np.sqrt(hits * listed.var())
+        limit: np.ndarray = (hits * listed.mean() + spread * rng.standard_normal(resamples)) / n
+        return limit
     sums = np.empty(resamples)
     start = 0
     while start < resamples:

@@ -110,3 +110,13 @@ def test_the_sample_size_gives_80_percent_power_and_grows_with_a_smaller_effect(
     assert sample_size(0.05, 0.02, 9.0) < n  # more treated recipients: fewer held-out ones needed
     with pytest.raises(ValueError):
         sample_size(0.995, 0.01, 4.0)
+
+
+def test_a_large_arms_resampled_sums_come_from_their_normal_limit_and_give_the_exact_bootstraps_interval():
+    rng = np.random.default_rng(21)
+    buyers_a, buyers_b = list(rng.gamma(2.0, 3000.0, 3000)), list(rng.gamma(2.0, 3000.0, 400))
+    shape = {"seed": 9, "resamples": 4000, "zeros_a": 27_000, "zeros_b": 3600}
+    exact = bootstrap_mean_difference(buyers_a, buyers_b, **shape)
+    limit = bootstrap_mean_difference(buyers_a, buyers_b, exact_up_to=100, **shape)
+    assert limit == pytest.approx(exact, abs=0.05 * (exact[1] - exact[0]))
+    assert bootstrap_mean_difference(buyers_a, buyers_b, exact_up_to=100, **shape) == limit
