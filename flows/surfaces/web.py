@@ -13,6 +13,7 @@
   no pixel, and their clicks on older mail still redirect but record nothing.
 - ``/webhooks/ses``, ``/webhooks/postmark``: bounces and complaints from providers
   (signed by SNS, or behind basic auth), recorded like mailed reports (``flows.feedback.reports``).
+- ``/reports``: the business figures, behind ``LIFECYCLE_ADMIN_TOKEN`` (``web_reports``).
 
 GET never changes anything (mail scanners follow links) but a click's or an open's record,
 which is judged for machines; every token is signed and scoped (``flows.content.links``). No
@@ -57,6 +58,7 @@ from flows.redaction import redact
 from flows.settings import Settings
 from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
+from flows.surfaces.web_reports import add_reports
 from flows.surfaces.web_security import install_security
 from flows.surfaces.web_tracking import add_tracking, load_policy
 from models import (
@@ -352,6 +354,7 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})
 
     add_webhooks(app, settings, engine)
+    add_reports(app, settings, engine, clock)
     return app
 
 

@@ -6,8 +6,10 @@ included, by a wrapper outside Starlette's error middleware (so a 500 carries th
 - ``Content-Security-Policy``: our pages (unsubscribe, preferences, confirmation, errors)
   load nothing (``default-src 'none'``), run no script, post forms only to us, cannot be
   framed, and may use only the inline ``style=`` attributes our template has, by hash.
-  A preview (``/preview/``) is a rendered marketing mail: inline styles and https images,
-  still no script, no forms, no plugins, sandboxed, and framed only by our own pages.
+  The reports page (``/reports``) has its own policy, its one stylesheet allowed by hash
+  (``flows.surfaces.web_reports.REPORTS_CSP``). A preview (``/preview/``) is a rendered
+  marketing mail: inline styles and https images, still no script, no forms, no plugins,
+  sandboxed, and framed only by our own pages.
 - ``X-Frame-Options`` (``DENY``; ``SAMEORIGIN`` for previews) for browsers without
   ``frame-ancestors``; ``X-Content-Type-Options: nosniff``; ``Referrer-Policy: no-referrer``
   (the URL is the token; a tracked link's destination never learns it); ``Cache-Control:
@@ -33,9 +35,12 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flows.redaction import TOKEN_ROUTES, Redacting
+from flows.surfaces.web_reports import PATH as REPORTS_PATH
+from flows.surfaces.web_reports import REPORTS_CSP
 
 PREVIEW_ROUTE = "preview"
 PIXEL_ROUTE = "o"
+REPORTS_ROUTE = REPORTS_PATH.strip("/")
 
 # The ``style=`` attributes of flows.surfaces.web's page template, allowed by hash ('unsafe-hashes'
 # allows exactly these attribute values, nothing else inline). tests/surfaces/test_web_security.py
@@ -90,14 +95,15 @@ def carries_token(path: str) -> bool:
 
 def headers_for(path: str, https: bool) -> dict[str, str]:
     """The security headers of a response to ``path`` (lower-case names)."""
-    preview = first_segment(path) == PREVIEW_ROUTE
+    segment = first_segment(path)
+    preview = segment == PREVIEW_ROUTE
     headers = {
-        "content-security-policy": PREVIEW_CSP if preview else PAGE_CSP,
+        "content-security-policy": PREVIEW_CSP if preview else REPORTS_CSP if segment == REPORTS_ROUTE else PAGE_CSP,
         "x-frame-options": "SAMEORIGIN" if preview else "DENY",
         "x-content-type-options": "nosniff",
         "referrer-policy": "no-referrer",
         "cross-origin-opener-policy": "same-origin",
-        "cross-origin-resource-policy": "cross-origin" if first_segment(path) == PIXEL_ROUTE else "same-origin",
+        "cross-origin-resource-policy": "cross-origin" if segment == PIXEL_ROUTE else "same-origin",
         "permissions-policy": PERMISSIONS_POLICY,
     }
     if https:
@@ -112,7 +118,7 @@ def _replaced(path: str, https: bool) -> dict[bytes, bytes]:
     """The headers a response to ``path`` gets in place of its own, encoded (the same for
     every path of a kind: worked out once per kind, since every click asks)."""
     segment = first_segment(path)
-    kind = segment if segment in (PREVIEW_ROUTE, PIXEL_ROUTE) else ""
+    kind = segment if segment in (PREVIEW_ROUTE, PIXEL_ROUTE, REPORTS_ROUTE) else ""
     return _replaced_for(kind, carries_token(path), https)
 
 

@@ -22,6 +22,7 @@ from flows.redaction import TOKEN_ROUTES, Redacting, redact
 from flows.settings import Settings
 from flows.surfaces.outbox import free_port
 from flows.surfaces.web import create_app
+from flows.surfaces.web_reports import REPORTS_CSP
 from flows.surfaces.web_security import (
     HSTS,
     PAGE_CSP,
@@ -81,7 +82,9 @@ def check_headers(response: httpx.Response, https: bool = False) -> None:
     pixel = first_segment(response.request.url.path) == "o"
     assert headers.get("cross-origin-resource-policy") == ("cross-origin" if pixel else "same-origin"), where
     preview = first_segment(response.request.url.path) == "preview"
-    assert headers.get("content-security-policy") == (PREVIEW_CSP if preview else PAGE_CSP), where
+    reports = first_segment(response.request.url.path) == "reports"  # its own policy (web_reports)
+    assert headers.get("content-security-policy") == (
+        PREVIEW_CSP if preview else REPORTS_CSP if reports else PAGE_CSP), where
     assert headers.get("x-frame-options") == ("SAMEORIGIN" if preview else "DENY"), where
     assert "no-store" in headers.get("cache-control", ""), where
     if carries_token(response.request.url.path):
