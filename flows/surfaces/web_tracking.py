@@ -20,12 +20,11 @@ A failed batch is rolled back whole and each of its requests answered 503 with
 the server finishes its requests and the writer drains its queue before the process ends.
 
 **A path of its own.** These two routes are answered by an ASGI layer just inside the
-security headers, before FastAPI's and Starlette's middleware, routing and validation: the
-redirect is the one request of ``lifecycle web`` that comes in thousands a second after a
-campaign goes out, and those layers cost more than the redirect (FastAPI's telemetry
-middleware alone reads the environment three times a request; bench/clicks.py). Security
-headers and log redaction (``web_security``) apply to it as to every route; a defect
-answers 500 here, since Starlette's error middleware is not around it.
+security headers, before Starlette's middleware (FastAPI's exception telemetry, the error
+middleware), routing and validation: the redirect is the one request of ``lifecycle web``
+that comes in thousands a second after a campaign goes out (bench/clicks.py), and it needs
+none of them. Security headers and log redaction (``web_security``) apply to it as to
+every route; a defect answers 500 here, since Starlette's error middleware is not around it.
 """
 
 import asyncio
