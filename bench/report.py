@@ -7,9 +7,12 @@ The store is ``bench/outcomes_store.py``'s (1 M customers, 10 M events, 1.5 M se
 already (``--build`` builds it anew), and attributed once with the default policy if it
 has no attributions yet. Then, each the best of three:
 
-1. ``build_report`` over the last 30 days, and over all 180 (every send in the store);
+1. ``build_report`` over the last 30 days, and over all 180 (every send in the store), and
+   of it the holdout comparison alone (``lift_by_trigger``, which ``build_report`` runs
+   alongside its own queries);
 2. ``revenue_over_time`` over the 180 days in weeks;
-3. ``lifecycle report`` as its own process, end to end: the project's policy loaded, the
+3. the incremental attribution ``lifecycle report`` runs first, with nothing new;
+4. ``lifecycle report`` as its own process, end to end: the project's policy loaded, the
    incremental attribution (nothing new to attribute), the report built and its tables
    printed.
 
@@ -33,6 +36,7 @@ from sqlalchemy import Engine, text
 
 from bench import outcomes_store
 from flows.analysis.attribution import attribute
+from flows.analysis.holdouts import lift_by_trigger
 from flows.analysis.report import build_report, revenue_over_time
 from flows.spec.policy import Policy
 from models.db import make_engine
@@ -82,10 +86,15 @@ def measure(engine: Engine, url: str) -> dict[str, float]:
     return {
         "build_report, last 30 days": best_of(3, lambda: build_report(
             engine, since=NOW - timedelta(days=30), until=NOW, policy=POLICY)),
+        "  of it lift_by_trigger alone": best_of(3, lambda: lift_by_trigger(
+            engine, since=NOW - timedelta(days=30), until=NOW, window=POLICY.attribution.window)),
         f"build_report, all {days.days} days": best_of(3, lambda: build_report(
             engine, since=NOW - days, until=NOW, policy=POLICY)),
+        f"  of it lift_by_trigger alone, {days.days} days": best_of(3, lambda: lift_by_trigger(
+            engine, since=NOW - days, until=NOW, window=POLICY.attribution.window)),
         f"revenue_over_time, {days.days} days in weeks": best_of(3, lambda: revenue_over_time(
             engine, since=NOW - days, until=NOW)),
+        "attribute, incremental, nothing new": best_of(3, lambda: attribute(engine, POLICY.attribution, NOW)),
         "lifecycle report, a process end to end": min(command(url) for _ in range(3)),
     }
 
