@@ -105,7 +105,11 @@ def attribute(engine: Engine, policy: AttributionPolicy, now: datetime, *, rebui
     with engine.begin() as connection:
         kept_since = _kept_since(connection)
         if rebuild:
-            connection.execute(delete(Attribution).where(*_recomputable(policy, now, kept_since)))
+            recomputable = and_(*_recomputable(policy, now, kept_since))
+            kept = connection.execute(select(col(Attribution.order_id)).where(~recomputable).limit(1)).first()
+            # Emptying the whole table is SQLite's truncation (0.4 s for 300,000 rows); deleting
+            # the same rows by a condition updates every index row by row (17 s).
+            connection.execute(delete(Attribution) if kept is None else delete(Attribution).where(recomputable))
         bases = Counter(connection.execute(_insert(engine, policy, now)).scalars())
         tally.orders_seen = bases.total()
         tally.unattributed = bases.pop("", 0)

@@ -201,6 +201,22 @@ def test_an_incremental_run_attributes_only_orders_it_has_not_seen_and_only_thos
     assert of(engine, later) == (mail, "delivery")
 
 
+def test_a_rebuild_as_of_an_earlier_moment_recomputes_the_orders_by_then_and_keeps_the_later_rows(store, engine):
+    anna = store.customer()
+    early = send(engine, anna, NOW - timedelta(days=3))
+    first = order(engine, anna, NOW - timedelta(days=2))
+    late = send(engine, anna, NOW - timedelta(hours=2))
+    second = order(engine, anna, NOW)
+    attribute(engine, DEFAULT, NOW)
+    with engine.begin() as connection:  # the earlier send bounced since: no longer a delivery
+        connection.execute(Send.__table__.update().where(col(Send.id) == early).values(status="bounced"))
+
+    tally = attribute(engine, DEFAULT, NOW - timedelta(days=1), rebuild=True)
+
+    assert tally == AttributionTally(orders_seen=1, attributed=0, unattributed=1, by_basis={})
+    assert of(engine, first) == (None, "") and of(engine, second) == (late, "delivery")
+
+
 def test_time_travel_counts_no_send_or_click_after_the_moment(store, engine):
     anna = store.customer()
     order_at = NOW - timedelta(days=1)
