@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import date, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -290,8 +290,11 @@ def serve(workers: Annotated[int, typer.Option(help="Triggers that may run at th
 def web(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes; one per core serves the most "
+                                         "clicks (each commits its own clicks before their redirects).")] = 1,
 ) -> None:
-    """Serve the links in every mail (unsubscribe, preferences, confirmation), the webhooks and the previews."""
+    """Serve the links in every mail (tracked links, unsubscribe, preferences, confirmation), the webhooks,
+    the previews and the reports page."""
     # Prefect configures logging when first imported: before uvicorn does, not at the first
     # preview (which silenced the access log).
     import prefect.main  # noqa: F401 - imported for its side effect (see above)
@@ -300,8 +303,18 @@ def web(
     from flows.surfaces.web import create_app
     from flows.surfaces.web_security import log_config
 
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info", log_config=log_config(),
-                server_header=False)
+    settings = _settings()
+    _engine(settings)  # the store's schema: migrated in development, checked in production
+    try:
+        application = create_app(settings)  # a broken policy.yaml stops here, located, in any case
+    except SpecError as exc:
+        print_problems(exc.problems)
+        raise typer.Exit(2) from None
+    served: Any = application
+    if workers > 1:  # each worker process makes its own app from the same environment
+        served = "flows.surfaces.web:app_from_environment"
+    uvicorn.run(served, factory=workers > 1, workers=workers if workers > 1 else None, host=host, port=port,
+                log_level="info", log_config=log_config(), server_header=False)
 
 
 @app.command()

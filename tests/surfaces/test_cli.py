@@ -199,3 +199,12 @@ def test_preview_by_a_merged_guest_s_id_renders_the_account(settings: Settings, 
                                  "--now", NOW.isoformat()])
     assert result.exit_code == 0, result.output
     assert "subject: Pat, 15% off just for you" in result.output
+
+
+def test_web_refuses_to_start_with_a_broken_policy_and_says_where(settings: Settings, project_dir: Path) -> None:
+    policy_file = project_dir / "triggers" / "policy.yaml"
+    policy_file.write_text(policy_file.read_text().replace("repeat_within: 60s", "repeat_within: soon"))
+    result = runner.invoke(app, ["web", "--port", "1"])
+    assert result.exit_code == 2, result.output
+    line = next(n for n, text in enumerate(policy_file.read_text().splitlines(), start=1) if "repeat_within" in text)
+    assert f"policy.yaml:{line}: tracking.repeat_within: expected a duration" in result.output
