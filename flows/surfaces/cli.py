@@ -299,12 +299,18 @@ def web(
     # preview (which silenced the access log).
     import prefect.main  # noqa: F401 - imported for its side effect (see above)
     import uvicorn
+    from sqlalchemy.exc import OperationalError
 
     from flows.surfaces.web import create_app
     from flows.surfaces.web_security import log_config
 
     settings = _settings()
-    _engine(settings)  # the store's schema: migrated in development, checked in production
+    try:
+        _engine(settings)  # the store's schema: migrated in development, checked in production
+    except OperationalError as exc:
+        # Served anyway: /healthz never needs the store, and pages answer 503 until it is back.
+        errors.print(f"[yellow]The store cannot be reached ({type(exc.orig).__name__}); serving anyway, "
+                     "pages that need it answer 503 until it is back.[/]")
     try:
         application = create_app(settings)  # a broken policy.yaml stops here, located, in any case
     except SpecError as exc:
