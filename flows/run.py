@@ -155,7 +155,7 @@ def _classify(context: RunContext, batch: Sequence[Candidate], summary: RunSumma
     trigger = context.trigger
     for candidate in batch:
         if candidate.skip is None:
-            if held_out(trigger.holdout, trigger.salt, candidate.external_id):
+            if held_out(trigger.holdout, trigger.name, trigger.salt, candidate.external_id):
                 held.append(candidate)
             else:
                 due.append(candidate)

@@ -116,7 +116,9 @@ def attribute(engine: Engine, policy: AttributionPolicy, now: datetime, *, rebui
         tally.attributed = bases.total()
         tally.by_basis = dict(sorted(bases.items()))
         if keep_for is not None:
-            horizon = now - keep_for
+            # By the real clock, never a simulated later one: a run "as of" next year must not
+            # delete today's clicks.
+            horizon = min(now, datetime.now(UTC)) - keep_for
             tally.deleted_engagements = connection.execute(
                 delete(Engagement).where(col(Engagement.at) < horizon)).rowcount
             if kept_since is None or horizon > kept_since:

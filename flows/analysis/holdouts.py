@@ -83,9 +83,10 @@ class _Arm:
 
 def lift_by_trigger(engine: Engine, *, since: datetime, until: datetime, window: timedelta,
                     triggers: Collection[str] | None = None, effect: float = 0.01, resamples: int = 2000,
-                    seed: int = 0) -> list[HoldoutLift]:
-    """Per trigger with held-out rows in the period, and per currency: both arms, the lift and a verdict."""
-    arms = _arms(engine, since, until, window, triggers)
+                    seed: int = 0, now: datetime | None = None) -> list[HoldoutLift]:
+    """Per trigger with held-out rows in the period, and per currency: both arms, the lift and a verdict.
+    ``now``: as of that moment, only orders placed by then count (time travel)."""
+    arms = _arms(engine, since, until, window, triggers, now)
     results = []
     for trigger in sorted({trigger for trigger, _ in arms}):
         treated, held = arms.get((trigger, "treated"), _Arm()), arms[(trigger, "held_out")]
@@ -97,7 +98,7 @@ def lift_by_trigger(engine: Engine, *, since: datetime, until: datetime, window:
 
 
 def _arms(engine: Engine, since: datetime, until: datetime, window: timedelta,
-          triggers: Collection[str] | None) -> dict[tuple[str, str], _Arm]:
+          triggers: Collection[str] | None, now: datetime | None = None) -> dict[tuple[str, str], _Arm]:
     """(trigger, arm) → recipients, converted customers and their revenue per currency, in two queries."""
     in_period = [col(Send.evaluated_at) >= since, col(Send.evaluated_at) < until]
     if triggers is not None:
@@ -117,7 +118,8 @@ def _arms(engine: Engine, since: datetime, until: datetime, window: timedelta,
                col(Order.currency))
         .join(Order, and_(col(Order.customer_id) == exposures.c.customer_id, col(Order.placed_at) > exposures.c.at,
                           col(Order.placed_at) <= shifted(exposures.c.at, window, engine.dialect.name)))
-        .where(col(Order.placed_at) > since, col(Order.placed_at) <= until + window)
+        .where(col(Order.placed_at) > since, col(Order.placed_at) <= until + window,
+               *([col(Order.placed_at) <= now] if now is not None else []))
         .distinct()
         .subquery("converting")
     )

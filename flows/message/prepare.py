@@ -10,6 +10,7 @@ One recipient's bad data fails only that recipient.
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlmodel import Session
 
@@ -121,8 +122,9 @@ def _tracked(context: RunContext, rendered: Rendered, digest: str, ours: list[st
     settings, tracking = context.settings, context.policy.tracking
     destinations: list[str] = []
     if tracking.clicks:
+        hosts = [h for h in (urlsplit(settings.shop_url).hostname, *tracking.domains) if h]
         rendered, destinations = track_links(
-            rendered, ours, lambda n: click_url(settings.base_url, settings.signing_secret, digest, n))
+            rendered, ours, lambda n: click_url(settings.base_url, settings.signing_secret, digest, n), hosts)
     if tracking.opens:
         rendered = add_pixel(rendered, open_url(settings.base_url, settings.signing_secret, digest))
     return rendered, destinations

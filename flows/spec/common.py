@@ -223,7 +223,8 @@ class TriggerBase(StrictModel):
         default=None, description="Hold this share of customers out (never mailed, recorded held_out) to measure lift.")
     holdout_salt: str | None = Field(
         default=None, min_length=1, max_length=64,
-        description="Mixed into the holdout's hash (default: the trigger's name); a new salt draws a new group.")
+        description="Mixed into the holdout's hash with the trigger's name (default: the name alone); a new salt "
+                    "draws a new group.")
     # Service mail (complaint replies, confirmations) must reach everyone: never held out.
     service: ClassVar[bool] = False
 

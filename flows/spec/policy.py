@@ -10,6 +10,8 @@ from flows import clock
 from flows.spec.common import Duration, StrictModel
 
 _CLOCK_TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOST = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)*{_LABEL}$")
 
 
 class FrequencyCap(StrictModel):
@@ -45,6 +47,17 @@ class Tracking(StrictModel):
         timedelta(seconds=60), description="A repeat of the same click this soon is folded into it, not a new click.")
     keep_for: Duration = Field(
         timedelta(days=400), description="Clicks and opens older than this are deleted (lifecycle attribute).")
+    domains: list[str] = Field(
+        default_factory=list, description="Hosts whose links are tracked besides LIFECYCLE_SHOP_URL's (and their "
+                                          "subdomains); links anywhere else go straight to their destination.")
+
+    @field_validator("domains")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not _HOST.match(host):
+                raise ValueError(f"expected a host name such as blog.shop.example, got {host!r}")
+        return [host.lower() for host in value]
 
 
 Basis = Literal["click", "delivery", "open"]

@@ -9,8 +9,9 @@ left alone. The text part gets the same tracked URLs wherever it shows a destina
 
 import html
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 from flows.content.links import MAX_TRACKED_LINKS
 from flows.content.render import Rendered
@@ -19,22 +20,34 @@ from flows.content.render import Rendered
 _HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(?:"([^"]*)"|'([^']*)')""", re.IGNORECASE)
 # Where a destination shown in text ends: not where the URL goes on (a sentence's full stop may follow).
 _URL_ENDS = r"(?![\w/?#&=%~+-]|\.\w)"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+
+
+def on_hosts(url: str, hosts: Collection[str]) -> bool:
+    """Whether ``url`` goes to one of ``hosts`` or a subdomain of one (``www.shop.example``)."""
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    return any(host == h or host.endswith("." + h) for h in hosts)
 
 
 def _trackable(url: str, kept: Sequence[str]) -> bool:
     lowered = url[:8].lower()
-    if "\n" in url or "\r" in url:  # the ledger keeps one destination per line
+    if _CONTROL.search(url):  # no header carries them (Location), and the ledger keeps one per line
         return False
     if not (lowered.startswith("https://") or lowered.startswith("http://")):
         return False
     return not any(url.startswith(prefix) for prefix in kept)
 
 
-def track_links(rendered: Rendered, kept: Sequence[str], tracked_url: Callable[[int], str]
-                ) -> tuple[Rendered, list[str]]:
+def track_links(rendered: Rendered, kept: Sequence[str], tracked_url: Callable[[int], str],
+                hosts: Collection[str] | None = None) -> tuple[Rendered, list[str]]:
     """The mail with its links rewritten, and the destinations by position. ``kept``: URL
-    prefixes never rewritten (our own token pages)."""
+    prefixes never rewritten (our own token pages). ``hosts``: only links to these (and their
+    subdomains) are tracked; a link elsewhere, say a product URL from the shop's event data,
+    goes straight to its destination, so our domain never redirects to one we do not know."""
     destinations: list[str] = []
     positions: dict[str, int] = {}
 
@@ -48,7 +61,7 @@ def track_links(rendered: Rendered, kept: Sequence[str], tracked_url: Callable[[
     def swap(match: re.Match[str]) -> str:
         raw = match.group(2) if match.group(2) is not None else match.group(3)
         url = html.unescape(raw).strip()
-        if not _trackable(url, kept):
+        if not _trackable(url, kept) or (hosts is not None and not on_hosts(url, hosts)):
             return match.group(0)
         n = position(url)
         if n is None:

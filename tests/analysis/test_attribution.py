@@ -331,3 +331,19 @@ def test_after_old_clicks_are_deleted_a_rebuild_keeps_the_older_rows_and_still_e
     # A rebuild of everything with the clicks that are left would have lost some click attributions:
     without_old_clicks = month.expected(DEFAULT, end, clicks_since=clicks_kept_since)
     assert {o: r[:2] for o, r in incremental.items()} == month.expected(DEFAULT, end) != without_old_clicks
+
+
+def test_a_run_as_of_a_later_moment_deletes_no_click_the_real_clock_still_keeps(store, engine):
+    """Retention goes by the real clock: "as of next year" is a question, not a reason to delete today's clicks."""
+    from models.types import utcnow
+
+    anna = store.customer("Anna")
+    today = utcnow()
+    mail = send(engine, anna, today - timedelta(hours=2))
+    engage(engine, mail, anna, today - timedelta(hours=1))
+    tally = attribute(engine, DEFAULT, today + timedelta(days=500), keep_for=timedelta(days=400))
+    assert tally.deleted_engagements == 0
+    with Session(engine) as session:
+        assert session.execute(select(func.count()).select_from(Engagement)).scalar_one() == 1
+        kept = session.get(StoreMeta, "engagements_kept_since")
+        assert kept is not None and datetime.fromisoformat(kept.value) <= utcnow() - timedelta(days=400)

@@ -229,7 +229,7 @@ def synthetic_store(engine: Engine, seed: int) -> None:
     """Replace the ledger and the orders with seed ``seed``'s."""
     rng = np.random.default_rng(seed)
     salt, ids = f"winback-{seed}", np.arange(1, CUSTOMERS + 1)
-    holdout = np.array([held_out(SHARE, salt, f"s{i}") for i in ids])
+    holdout = np.array([held_out(SHARE, "winback", salt, f"s{i}") for i in ids])
     deferred = rng.random(CUSTOMERS) < 0.05
     first = rng.uniform(0, 25 * 86_400, CUSTOMERS)
     second = np.where(rng.random(CUSTOMERS) < 0.1, first + rng.uniform(6, 12, CUSTOMERS) * 86_400, np.nan)
@@ -301,6 +301,23 @@ def test_the_synthetic_store_holds_out_a_fifth_by_the_real_hash(tmp_path):
     with engine.connect() as connection:
         rows = connection.execute(query).all()
     engine.dispose()
-    assert all((status == "held_out") == held_out(SHARE, "winback-0", external) for status, external in rows)
+    assert all((status == "held_out") == held_out(SHARE, "winback", "winback-0", external) for status, external in rows)
     share = sum(status == "held_out" for status, _ in rows) / len(rows)
     assert 0.17 < share < 0.23
+
+
+def test_as_of_a_moment_the_lift_counts_only_orders_placed_by_then(store, engine):
+    """Time travel: a report as of a past moment must not see the conversions that came after it."""
+    treated = [store.customer(f"T{i}") for i in range(5)]
+    held = [store.customer(f"H{i}") for i in range(5)]
+    mailed = SINCE + timedelta(days=1)
+    for who in treated:
+        exposure(engine, who, mailed, trigger="cart")
+    for who in held:
+        exposure(engine, who, mailed, status="held_out", trigger="cart")
+        store.order(who, mailed + timedelta(days=2))
+    now = mailed + timedelta(days=1)
+    [as_of] = lift_by_trigger(engine, since=SINCE, until=UNTIL, window=WINDOW, now=now)
+    assert as_of.held_out.conversions == 0
+    [later] = lift_by_trigger(engine, since=SINCE, until=UNTIL, window=WINDOW)
+    assert later.held_out.conversions == 5

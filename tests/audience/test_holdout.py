@@ -1,5 +1,6 @@
 """Holdouts: a stable, salted share of customers is never mailed, and is recorded as such."""
 
+import hashlib
 import math
 from datetime import timedelta
 from pathlib import Path
@@ -42,26 +43,29 @@ def lapsed(store: Store, count: int, zone: str | None = None) -> list[Customer]:
 
 
 def held(customers: list[Customer], share: float = 0.5, salt: str = "spring") -> list[Customer]:
-    return [c for c in customers if held_out(share, salt, c.external_id)]
+    return [c for c in customers if held_out(share, "winback-lapsed", salt, c.external_id)]
 
 
-def test_the_draw_is_fixed_by_salt_and_customer_and_uniform() -> None:
-    assert draw("s", "c-1") == draw("s", "c-1")
-    assert draw("s", "c-1") != draw("t", "c-1")
+def test_the_draw_is_fixed_by_trigger_salt_and_customer_and_uniform() -> None:
+    assert draw("t", "s", "c-1") == draw("t", "s", "c-1")
+    assert draw("t", "s", "c-1") != draw("t", "u", "c-1")
+    assert draw("t", "s", "c-1") != draw("v", "s", "c-1")  # two triggers stating one salt: two groups
     ids = [f"c-{n}" for n in range(20_000)]
-    share = sum(held_out(0.2, "spring", c) for c in ids) / len(ids)
+    share = sum(held_out(0.2, "t", "spring", c) for c in ids) / len(ids)
     # Binomial(20 000, 0.2): standard deviation 0.28 points; five of them is a bug, not chance.
     assert abs(share - 0.2) < 5 * math.sqrt(0.2 * 0.8 / len(ids))
-    other = {c for c in ids if held_out(0.2, "autumn", c)}
-    mine = {c for c in ids if held_out(0.2, "spring", c)}
+    other = {c for c in ids if held_out(0.2, "t", "autumn", c)}
+    mine = {c for c in ids if held_out(0.2, "t", "spring", c)}
     assert 0.1 < len(other & mine) / len(mine) < 0.3  # a new salt draws a new, independent group
-    assert not held_out(None, "spring", "c-1")
+    beside = {c for c in ids if held_out(0.2, "v", "spring", c)}
+    assert 0.1 < len(beside & mine) / len(mine) < 0.3  # so does another trigger with the same salt
+    assert not held_out(None, "t", "spring", "c-1")
 
 
 def test_the_group_is_the_same_on_another_machine() -> None:
-    """Pinned values: the draw is SHA-256 of the salt and the shop's id, not Python's salted hash()."""
-    assert draw("winback-2026", "demo-00001") == int.from_bytes(
-        __import__("hashlib").sha256(b"winback-2026\x1fdemo-00001").digest()[:8], "big") / 2**64
+    """The draw is SHA-256 of the trigger, the salt and the shop's id, not Python's per-process hash()."""
+    assert draw("winback-lapsed", "winback-2026", "demo-00001") == int.from_bytes(
+        hashlib.sha256(b"winback-lapsed\x1fwinback-2026\x1fdemo-00001").digest()[:8], "big") / 2**64
 
 
 def test_held_out_customers_are_recorded_not_mailed(settings: Settings, store: Store, smtp: SmtpServer,
@@ -114,7 +118,7 @@ def test_the_salt_defaults_to_the_trigger_name(settings: Settings, store: Store,
     with_holdout(project_dir, share="50%", salt=None)
     customers = lapsed(store, 20)
     summary = run(settings, "winback-lapsed")
-    assert summary.outcomes["held_out"] == len(held(customers, salt="winback-lapsed")) > 0
+    assert summary.outcomes["held_out"] == len(held(customers, salt="winback-lapsed")) > 0  # the name, twice
 
 
 def test_a_deferred_mail_is_drawn_when_its_moment_comes(settings: Settings, store: Store, smtp: SmtpServer,

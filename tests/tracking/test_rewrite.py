@@ -55,6 +55,22 @@ def test_the_text_part_shows_the_tracked_links_where_it_showed_the_destinations(
                               "Other: https://shop.example/p/10.html")  # a longer URL is another page
 
 
+def test_only_links_to_the_shops_hosts_are_tracked_so_we_never_redirect_to_a_stranger() -> None:
+    html = ('<a href="https://shop.example/p/1">a</a><a href="https://www.shop.example/b">b</a>'
+            '<a href="https://evil.example/phish">c</a><a href="https://shop.example.evil.example/x">d</a>')
+    rewritten, destinations = track_links(mail(html), OURS, tracked, hosts=["shop.example"])
+    assert destinations == ["https://shop.example/p/1", "https://www.shop.example/b"]
+    assert 'href="https://evil.example/phish"' in rewritten.html
+    assert 'href="https://shop.example.evil.example/x"' in rewritten.html
+
+
+def test_a_destination_with_a_control_character_is_left_untracked() -> None:
+    """No Location header can carry it: tracked, the person would get an error, not the page."""
+    html = '<a href="https://shop.example/p/1\x01x">a</a><a href="https://shop.example/p/2\x7fy">b</a>'
+    _, destinations = track_links(mail(html), OURS, tracked)
+    assert destinations == []
+
+
 def test_a_mail_without_links_is_unchanged() -> None:
     original = mail("<p>Hallo</p>", "Hallo")
     assert track_links(original, OURS, tracked) == (original, [])
