@@ -2,11 +2,22 @@
 
 import threading
 import time
+from datetime import datetime
 
 import uvicorn
 from fastapi import FastAPI
 
 from flows.surfaces.outbox import free_port
+
+
+class Clock:
+    """The web app's time, moved by the test (links that expire, and clicks, are judged by it)."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
 class WebServer:

@@ -19,17 +19,7 @@ from models import CategoryOptOut, Customer, Send, Suppression
 from tests.support.builders import NOW, Store, ago
 from tests.support.runs import run, run_flow
 from tests.support.smtp_server import SmtpServer
-from tests.support.web_server import WebServer
-
-
-class Clock:
-    """The web app's time, moved by the test (links that expire are judged by it)."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.support.web_server import Clock, WebServer
 
 
 @pytest.fixture

@@ -28,22 +28,12 @@ from models.types import utcnow
 from tests.support.builders import NOW, Store, ago
 from tests.support.runs import run
 from tests.support.smtp_server import SmtpServer
-from tests.support.web_server import WebServer
+from tests.support.web_server import Clock, WebServer
 from tests.tracking.test_clicks import CHROME, tracked_send
 
 LATER = NOW + timedelta(minutes=10)  # a person's click: well after the mail left at NOW
 SHOP = "https://shop.example/p/1"
 UTM = "utm_source=lifecycle&utm_medium=email&utm_campaign=winback-lapsed&utm_content=winback_lapsed/lapsed/default"
-
-
-class Clock:
-    """The web app's time, moved by the test."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
