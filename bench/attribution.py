@@ -112,18 +112,11 @@ def bench(url: str, size: outcomes_store.Size, *, build: bool, rounds: int) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sqlite", type=Path, help="the SQLite store (built there if missing)")
-    parser.add_argument("--postgres", help="a PostgreSQL URL (its tables are replaced when it is built)")
-    parser.add_argument("--customers", type=int, help="customers (the rest scales with them); default 1,000,000")
-    parser.add_argument("--scale", type=float, default=1.0, help="a fraction of the full size, e.g. 0.01")
-    parser.add_argument("--seed", type=int, default=16)
+    outcomes_store.add_store_arguments(parser)
     parser.add_argument("--build", action="store_true", help="build the store even if it is there")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    size = outcomes_store.Size(args.customers or round(1_000_000 * args.scale), args.seed)
-    urls = ([f"sqlite:///{args.sqlite}"] if args.sqlite else []) + ([args.postgres] if args.postgres else [])
-    if not urls:
-        parser.error("say where: --sqlite PATH and/or --postgres URL")
+    size, urls = outcomes_store.store_of(parser, args)
     results = {}
     for url in urls:
         name = url.split(":")[0].split("+")[0]

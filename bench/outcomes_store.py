@@ -371,18 +371,29 @@ def add_day(engine: Engine) -> dict[str, int]:
     return counts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sqlite", type=Path, help="the SQLite file to build")
-    parser.add_argument("--postgres", help="a PostgreSQL URL to build into (its tables are emptied)")
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the store is and how big: the options every outcomes benchmark takes."""
+    parser.add_argument("--sqlite", type=Path, help="the SQLite file of the store")
+    parser.add_argument("--postgres", help="a PostgreSQL URL of the store (its tables are emptied to build it)")
     parser.add_argument("--customers", type=int, help="customers (the rest scales with them); default 1,000,000")
     parser.add_argument("--scale", type=float, default=1.0, help="a fraction of the full size, e.g. 0.01")
-    parser.add_argument("--seed", type=int, default=16)
-    args = parser.parse_args()
+    parser.add_argument("--seed", type=int, default=Size.seed)
+
+
+def store_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Size, list[str]]:
+    """The size and the store URLs the options name (at least one, or the parser says so)."""
     size = Size(args.customers or round(1_000_000 * args.scale), args.seed)
     urls = ([f"sqlite:///{args.sqlite}"] if args.sqlite else []) + ([args.postgres] if args.postgres else [])
     if not urls:
         parser.error("say where: --sqlite PATH and/or --postgres URL")
+    return size, urls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_store_arguments(parser)
+    args = parser.parse_args()
+    size, urls = store_of(parser, args)
     for url in urls:
         print(f"{url.split(':')[0]}: {size.customers:,} customers")
         began = time.perf_counter()

@@ -101,16 +101,10 @@ def measure(engine: Engine, url: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sqlite", type=Path, help="the SQLite file of the store")
-    parser.add_argument("--postgres", help="a PostgreSQL URL of the store (its tables are emptied to build it)")
-    parser.add_argument("--customers", type=int, help="customers (the rest scales with them); default 1,000,000")
-    parser.add_argument("--scale", type=float, default=1.0, help="a fraction of the full size, e.g. 0.01")
+    outcomes_store.add_store_arguments(parser)
     parser.add_argument("--build", action="store_true", help="build the store anew")
     args = parser.parse_args()
-    size = outcomes_store.Size(args.customers or round(1_000_000 * args.scale))
-    urls = ([f"sqlite:///{args.sqlite}"] if args.sqlite else []) + ([args.postgres] if args.postgres else [])
-    if not urls:
-        parser.error("say where: --sqlite PATH and/or --postgres URL")
+    size, urls = outcomes_store.store_of(parser, args)
     for url in urls:
         print(f"{url.split(':')[0]}: {size.customers:,} customers", flush=True)
         engine = ready(url, size, args.build)
