@@ -146,7 +146,7 @@ def history(rng: random.Random, size: Size, ids: Ids, count: int, start: datetim
 
 
 def _status(rng: random.Random, trigger: Trigger, customer: int, at: datetime) -> tuple[str, str | None]:
-    if trigger.holdout and held_out(trigger.holdout, trigger.name, f"c{customer}"):
+    if trigger.holdout and held_out(trigger.holdout, trigger.name, trigger.name, f"c{customer}"):  # salt: its name
         return "held_out", None
     draw = rng.random()
     if draw < 0.02:
