@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -88,6 +89,17 @@ def _events(tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _until_loading_began(store: Store, ingests: list[subprocess.Popen[str]]) -> None:
+    """Wait for the first ingested event: a run started before it would not overlap the loading."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and all(ingest.poll() is None for ingest in ingests):
+        with Session(store.engine) as session:
+            if session.execute(select(func.count()).select_from(Event)).scalar_one():
+                return
+        time.sleep(0.01)
+    raise AssertionError("the ingests wrote nothing, or finished before the run could start")
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_two_ingests_and_a_run_at_once_on_sqlite_lose_nothing(db_url: str, store: Store, project_dir: Path,
                                                               tmp_path: Path) -> None:
@@ -102,9 +114,11 @@ def test_two_ingests_and_a_run_at_once_on_sqlite_lose_nothing(db_url: str, store
         ingests = [subprocess.Popen([lifecycle_bin(), "ingest", str(f)], env=child_env(settings, COLUMNS="250"),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for f in files]
         context = multiprocessing.get_context("spawn")
-        barrier, results = context.Barrier(1), context.Queue()
+        barrier, results = context.Barrier(2), context.Queue()
         run = context.Process(target=dispatching_process, args=(child_env(settings), barrier, results))
         run.start()
+        _until_loading_began(store, ingests)  # the run claims only once the ingests are writing
+        barrier.wait(timeout=120)
         outputs = [ingest.communicate(timeout=600)[0] for ingest in ingests]
         run.join(timeout=600)
         outcome = results.get(timeout=5) if run.exitcode == 0 else {}
