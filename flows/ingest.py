@@ -24,7 +24,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -113,7 +113,7 @@ def _json_constant(name: str) -> float:
 
 
 # Made once: json.loads with hooks builds a decoder per call (a tenth of a line's parsing).
-_DECODER = json.JSONDecoder(parse_float=_json_number, parse_constant=_json_constant)
+DECODER = json.JSONDecoder(parse_float=_json_number, parse_constant=_json_constant)
 
 
 def _exact(value: Any) -> Any:
@@ -181,6 +181,17 @@ def _bounded_moment(value: datetime | None) -> datetime | None:
 
 
 Moment = Annotated[datetime | None, BeforeValidator(_lenient_moment), AfterValidator(_bounded_moment)]
+
+
+def _zoned(value: datetime | None) -> datetime | None:
+    if value is not None and value.utcoffset() is None:
+        raise ValueError(f"no time zone in {value.isoformat()} (add Z or an offset such as +01:00)")
+    return value
+
+
+# A client's own clock (originalTimestamp): it may run ahead of ours, which is what the
+# collector's correction is for; bounded only when it is the event's moment (_check_envelope).
+ClientMoment = Annotated[datetime | None, BeforeValidator(_lenient_moment), AfterValidator(_zoned)]
 
 
 # Shops send ids as numbers or strings; we store them as text.
@@ -257,7 +268,8 @@ class SegmentEvent(_Lenient):
     previous_id: Id | None = Field(None, validation_alias=AliasChoices("previousId", "previous_id"))
     group_id: Id | None = Field(None, validation_alias=AliasChoices("groupId", "group_id"))
     timestamp: Moment = None
-    original_timestamp: Moment = Field(None, validation_alias=AliasChoices("originalTimestamp", "original_timestamp"))
+    original_timestamp: ClientMoment = Field(
+        None, validation_alias=AliasChoices("originalTimestamp", "original_timestamp"))
     received_at: Moment = Field(None, validation_alias=AliasChoices("receivedAt", "received_at"))
     message_id: str | None = Field(None, validation_alias=AliasChoices("messageId", "message_id"), max_length=255)
     traits: dict[str, Any] = Field(default_factory=dict)  # a person's for identify, the group's for group
@@ -323,15 +335,17 @@ class _Parsed:
     message_id: str
     raw: dict[str, Any]
     traits: Traits | None = None  # identify only
+    source: str | None = None  # the write key's source, or "ingest"
+    received_at: datetime | None = None  # when the collector received it (else: when stored)
 
 
-def parse_line(text: str) -> _Parsed:
-    """Validate one line; raises ValueError with a readable reason."""
+def parse_line(text: str, source: str | None = None) -> "_Parsed":
+    """Decode and validate one line; raises ValueError with a readable reason."""
     # Without its line break: json counts a break as a line, so an object cut short at the
     # end of its line was reported at "column 1" (of the empty line after it).
     text = text.rstrip("\r\n")
     try:
-        raw = _DECODER.decode(text)
+        raw = DECODER.decode(text)
     except json.JSONDecodeError as exc:
         # One line, so the position is the column: 1-based, in characters (as editors count).
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
@@ -344,10 +358,16 @@ def parse_line(text: str) -> _Parsed:
                          else f"not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ValueError("expected a JSON object")  # not a TypeError: a bad line, reported as such
-    if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(raw, MAX_DEPTH):
+    if text.count("{") + text.count("[") > MAX_DEPTH and deeper_than(raw, MAX_DEPTH):
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if "\\u" in text:  # only an escape spells a NUL or a lone surrogate in a line that is UTF-8
-        _check_strings(raw)
+        check_strings(raw)
+    return parse_event(raw, source)
+
+
+def parse_event(raw: dict[str, Any], source: str | None = None, received_at: datetime | None = None) -> "_Parsed":
+    """Validate one decoded event (a line's, or one of an HTTP batch's, already checked for
+    depth and unstorable characters); raises ValueError with a readable reason."""
     try:
         event = SegmentEvent.model_validate(raw)
     except ValidationError as exc:
@@ -365,10 +385,10 @@ def parse_line(text: str) -> _Parsed:
     message_id = event.message_id or "sha256:" + hashlib.sha256(
         json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
-    return _Parsed(event, details, message_id, raw, traits)
+    return _Parsed(event, details, message_id, raw, traits, source, received_at)
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
+def deeper_than(value: Any, limit: int) -> bool:
     """Whether objects and arrays nest more than ``limit`` levels (the line itself is level 1)."""
     stack = [(value, 1)]
     while stack:
@@ -383,7 +403,7 @@ def _deeper_than(value: Any, limit: int) -> bool:
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-def _check_strings(raw: dict[str, Any]) -> None:
+def check_strings(raw: dict[str, Any]) -> None:
     """No NUL (PostgreSQL's text cannot hold it) and no lone surrogate (not Unicode: no
     database can store it) in any key or value, wherever it is."""
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(raw, ())]
@@ -406,6 +426,11 @@ def _check_envelope(event: SegmentEvent) -> None:
     problems = []
     if event.timestamp is None and event.original_timestamp is None and event.received_at is None:
         problems.append("timestamp: required (or originalTimestamp, receivedAt)")
+    elif event.timestamp is None and event.original_timestamp is not None:
+        try:
+            _bounded_moment(event.original_timestamp)
+        except ValueError as exc:
+            problems.append(f"originalTimestamp: {exc}")
     if event.type == "alias":
         if event.previous_id is None:
             problems.append("previousId: alias calls need the previous id")
@@ -443,57 +468,115 @@ def _decoded(data: str | bytes) -> str:
         raise ValueError(f"not UTF-8 (byte 0x{data[exc.start]:02x} at column {column})") from None
 
 
-def ingest_lines(engine: Engine, lines: Iterable[str | bytes]) -> IngestReport:
-    """Load one event per line (text, or bytes as read from a file: each line decoded on its own)."""
-    report = IngestReport()
-    # Every line reads, then writes: on SQLite each transaction takes the write lock as it
-    # begins, so that a run or another ingest writing meanwhile makes it wait, not fail.
-    sqlite = engine.dialect.name == "sqlite"
+@dataclass
+class Applied:
+    """What loading one group of events did, event by event (in the group's order)."""
+
+    outcomes: list[str | None] = field(default_factory=list)  # None loaded, DUPLICATE, or the reason refused
+    complaints: list[str] = field(default_factory=list)
+    merged: int = 0
+    addresses: set[str] = field(default_factory=set)
+    exact: bool = False  # some event was refused: the group was loaded again, one savepoint per event
+
+
+DUPLICATE = "duplicate"
+
+
+def apply_events(engine: Engine, events: Sequence[_Parsed]) -> Applied:
+    """Load ``events`` in their order in one transaction, committed before this returns: the
+    one way events reach the store, from a file (``ingest_lines``) or over HTTP (``flows.collect``).
+
+    First optimistically, with what the group needs looked up in a few statements and its
+    rows written together at the commit (``bench/collect.py``: more than ten times the pace
+    of one savepoint and a handful of statements per event). When any event is refused
+    (a rule, or the store's constraint), that pass is rolled back whole and the group is
+    loaded again one savepoint per event, so that the others are stored and each refusal
+    is reported with its reason: either way the same rules, the same result."""
+    try:
+        return _apply(engine, events, exact=False)
+    except (ValueError, OverflowError, StatementError) as exc:
+        if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
+            raise  # the database failed, not an event (a lost connection, a lock): the caller decides
+    return _apply(engine, events, exact=True)
+
+
+def _apply(engine: Engine, events: Sequence[_Parsed], exact: bool) -> Applied:
+    applied = Applied(exact=exact)
     with Session(writer(engine), expire_on_commit=False) as session:
-        store = _Store(session)
-        pending = 0
-        for number, data in enumerate(lines, start=1):
-            try:
-                text = _decoded(data)
-            except ValueError as exc:
-                report.errors.append((number, str(exc)))
-                continue
-            if number == 1:
-                text = text.removeprefix("\ufeff")  # a byte order mark, as some editors save UTF-8
-            if not text.strip():
-                continue
-            try:
-                parsed = parse_line(text)
-            except ValueError as exc:
-                report.errors.append((number, str(exc)))
-                continue
+        store = _Store(session, exact=exact)
+        if not exact:
+            store.prefetch(events)
+        for parsed in events:
             if store.seen(parsed.message_id):
-                report.duplicates += 1
+                applied.outcomes.append(DUPLICATE)
                 continue
-            merged = store.merged
-            try:
-                with session.begin_nested():  # all of one event or nothing, a merge included
-                    store.apply(parsed)
-            except (ValueError, OverflowError, StatementError) as exc:
-                if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
-                    raise  # the database failed, not the line (a lost connection, a lock): stop
-                reason = (f"the store refused it ({exc.orig})" if isinstance(exc, StatementError) else
-                          f"the store refused it ({exc})" if isinstance(exc, OverflowError) else str(exc))
-                report.errors.append((number, reason))
-                store.forget(merged)  # what the failed line cached was rolled back
-                continue
-            report.loaded += 1
+            if exact:
+                reason = store.apply_alone(parsed)
+                applied.outcomes.append(reason)
+                if reason is not None:
+                    continue
+            else:
+                store.apply(parsed)
+                applied.outcomes.append(None)
             if parsed.event.event == "Complaint Received":  # whose details are a ComplaintReceived
-                report.complaints.append(parsed.details.complaint_id)  # type: ignore[union-attr]
-            pending += 1
-            if pending >= COMMIT_EVERY:
-                session.commit()
-                pending = 0
-                if sqlite:
-                    time.sleep(SQLITE_PAUSE)  # let a waiting writer (a run's ledger) take its turn
+                applied.complaints.append(parsed.details.complaint_id)  # type: ignore[union-attr]
         session.commit()
-        report.merged = store.merged
-        report.shared = shared_addresses(session, store.addresses)
+        applied.merged, applied.addresses = store.merged, store.addresses
+    return applied
+
+
+def ingest_lines(engine: Engine, lines: Iterable[str | bytes], source: str = "ingest") -> IngestReport:
+    """Load one event per line (text, or bytes as read from a file: each line decoded on its own),
+    ``COMMIT_EVERY`` lines to a transaction (``apply_events``)."""
+    report = IngestReport()
+    # On SQLite each transaction takes the write lock as it begins, so that a run or another
+    # ingest writing meanwhile makes it wait, not fail; between two, a pause lets them in.
+    sqlite = engine.dialect.name == "sqlite"
+    addresses: set[str] = set()
+    group: list[_Parsed] = []
+    numbers: list[int] = []
+
+    def load() -> None:
+        applied = apply_events(engine, group)
+        for number, outcome in zip(numbers, applied.outcomes, strict=True):
+            if outcome is None:
+                report.loaded += 1
+            elif outcome == DUPLICATE:
+                report.duplicates += 1
+            else:
+                report.errors.append((number, outcome))
+        report.complaints.extend(applied.complaints)
+        report.merged += applied.merged
+        addresses.update(applied.addresses)
+        group.clear()
+        numbers.clear()
+
+    for number, data in enumerate(lines, start=1):
+        try:
+            text = _decoded(data)
+        except ValueError as exc:
+            report.errors.append((number, str(exc)))
+            continue
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte order mark, as some editors save UTF-8
+        if not text.strip():
+            continue
+        try:
+            parsed = parse_line(text, source)
+        except ValueError as exc:
+            report.errors.append((number, str(exc)))
+            continue
+        group.append(parsed)
+        numbers.append(number)
+        if len(group) >= COMMIT_EVERY:
+            load()
+            if sqlite:
+                time.sleep(SQLITE_PAUSE)  # let a waiting writer (a run's ledger) take its turn
+    if group:
+        load()
+    report.errors.sort()
+    with Session(engine) as session:
+        report.shared = shared_addresses(session, addresses)
     return report
 
 
@@ -527,16 +610,41 @@ TRAITS = ("email", "first_name", "last_name", "timezone")
 class _Store:
     """Applies validated events; caches customers for the length of one file."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, session: Session, exact: bool = True) -> None:
+        self.session, self.exact = session, exact
         self.customers: dict[str, Customer] = {}
-        self.message_ids: set[str] = set()
+        self.message_ids: set[str] = set()  # stored by this group, or (prefetched) before it
+        self.absent: set[str] = set()  # ids prefetched and found to name nobody yet
         self.addresses: set[str] = set()  # lower-cased, of customers this load identified or merged
         self.merged = 0
+
+    def prefetch(self, events: Sequence[_Parsed]) -> None:
+        """The group's known messageIds and the customers its ids name, in a few statements."""
+        wanted = sorted({parsed.message_id for parsed in events})
+        ids = sorted({i for parsed in events for i in (parsed.event.user_id, parsed.event.anonymous_id,
+                                                        parsed.event.previous_id) if i is not None})
+        for start in range(0, len(wanted), 1000):
+            self.message_ids.update(self.session.execute(
+                select(col(Event.message_id)).where(col(Event.message_id).in_(wanted[start:start + 1000]))).scalars())
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            for customer in self.session.execute(
+                    select(Customer).where(col(Customer.external_id).in_(chunk))).scalars():
+                self.customers[customer.external_id] = customer
+            aliases = self.session.execute(select(col(CustomerAlias.external_id), col(CustomerAlias.customer_id))
+                                           .where(col(CustomerAlias.external_id).in_(chunk))).all()
+            owners = {c.id: c for c in self.session.execute(
+                select(Customer).where(col(Customer.id).in_({owner for _, owner in aliases}))).scalars()}
+            for alias, owner in aliases:
+                if owner in owners:
+                    self.customers[alias] = owners[owner]
+        self.absent = set(ids) - set(self.customers)
 
     def seen(self, message_id: str) -> bool:
         if message_id in self.message_ids:
             return True
+        if not self.exact:
+            return False  # prefetched
         found = self.session.execute(select(col(Event.id)).where(col(Event.message_id) == message_id)).first()
         return found is not None
 
@@ -545,14 +653,41 @@ class _Store:
         self.customers.clear()
         self.merged = merged
 
+    def apply_alone(self, parsed: _Parsed) -> str | None:
+        """``apply`` in a savepoint of its own: all of the event or nothing. None when stored,
+        else why it was refused. A row another writer inserted meanwhile (the same customer,
+        the same messageId from a client's retry) is met by trying once more: then it is seen."""
+        for attempt in range(2):
+            merged = self.merged
+            try:
+                with self.session.begin_nested():  # all of one event or nothing, a merge included
+                    self.apply(parsed)
+                return None
+            except (ValueError, OverflowError, StatementError) as exc:
+                if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
+                    raise  # the database failed, not the event (a lost connection, a lock): stop
+                self.forget(merged)  # what the failed event cached was rolled back
+                if attempt == 0 and isinstance(exc, IntegrityError):
+                    if self.seen(parsed.message_id):
+                        return DUPLICATE
+                    continue
+                return (f"the store refused it ({exc.orig})" if isinstance(exc, StatementError) else
+                        f"the store refused it ({exc})" if isinstance(exc, OverflowError) else str(exc))
+        raise AssertionError("unreachable")
+
     def apply(self, parsed: _Parsed) -> None:
         event, ts = parsed.event, parsed.event.moment
         if event.type == "alias":
             assert event.user_id is not None and event.previous_id is not None
             customer = self.customer(event.user_id, ts)
+            if customer.id is None:
+                self.session.flush()
             self.alias(event.previous_id, customer, ts)
         else:
             customer = self.customer(event.key, ts)
+            handler = _TRACK_HANDLERS.get(event.event or "") if event.type == "track" else None
+            if customer.id is None and (handler is not None or event.type in ("identify", "group")):
+                self.session.flush()  # a new customer's id, which the rows below point at
             if event.type == "identify":
                 if event.user_id is not None and event.anonymous_id is not None:
                     self.claim_anonymous(event.anonymous_id, customer, ts)
@@ -562,24 +697,27 @@ class _Store:
                 self.group(customer, event, ts)
             else:  # track, page, screen: the customer was active
                 customer.last_seen_at = max(filter(None, [customer.last_seen_at, ts]))
-                handler = _TRACK_HANDLERS.get(event.event or "") if event.type == "track" else None
                 if handler:
                     handler(self, customer, parsed.details, ts)
-        self.session.add(
-            Event(message_id=parsed.message_id, type=event.type, name=event.event or event.name,
-                  user_id=event.key, timestamp=ts, payload=parsed.raw)
-        )
-        self.session.flush()
+        stored = Event(message_id=parsed.message_id, type=event.type, name=event.event or event.name,
+                       user_id=event.key, timestamp=ts, payload=parsed.raw, source=parsed.source)
+        if parsed.received_at is not None:
+            stored.received_at = parsed.received_at
+        self.session.add(stored)
+        if self.exact:
+            self.session.flush()  # a refusal is met inside the event's savepoint
         self.message_ids.add(parsed.message_id)
 
     def customer(self, external_id: str, ts: datetime) -> Customer:
         customer = self.customers.get(external_id)
         if customer is None:
-            customer = customer_by_id(self.session, external_id)
+            customer = None if external_id in self.absent else customer_by_id(self.session, external_id)
+            self.absent.discard(external_id)
             if customer is None:
                 customer = Customer(external_id=external_id, created_at=ts)
                 self.session.add(customer)
-                self.session.flush()
+                if self.exact:
+                    self.session.flush()  # else with the next rows that need it (``apply``)
             self.customers[external_id] = customer
         return customer
 

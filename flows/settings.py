@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     postmark_webhook_password: SecretStr | None = None
     admin_token: SecretStr | None = Field(
         None, description="Opens the reports page of lifecycle web (business figures); unset, the page is off.")
+    write_keys: SecretStr | None = Field(
+        None, description="The tracking API's write keys, one per source: source:key pairs separated by commas. "
+                          "Unset, /v1/ accepts nothing.")
+    collect_max_pending: int = Field(20_000, ge=100, description="`lifecycle web`: events received but not yet "
+                                     "committed, per process, beyond which the tracking API answers 503 with "
+                                     "Retry-After, so that clients back off instead of queueing without end.")
 
     @property
     def signing_secret(self) -> str:
@@ -133,7 +139,7 @@ class Settings(BaseSettings):
         return value.strip()
 
     @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password",
-                     "admin_token", mode="before")
+                     "admin_token", "write_keys", mode="before")
     @classmethod
     def _no_secret_block_name(cls, value: object) -> object:
         """``prefect-secret:NAME`` is resolved by the surfaces (``flows.surfaces.environment``)

@@ -20,6 +20,8 @@ class Event(SQLModel, table=True):
     timestamp: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False, index=True))
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     received_at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False))
+    source: str | None = Field(default=None, max_length=64,
+                               description="Where it came from: a write key's source, or ingest (NULL before 0009).")
 
 
 class StoreMeta(SQLModel, table=True):

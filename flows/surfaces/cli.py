@@ -293,14 +293,16 @@ def web(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes; one per core serves the most "
                                          "clicks (each commits its own clicks before their redirects).")] = 1,
 ) -> None:
-    """Serve the links in every mail (tracked links, unsubscribe, preferences, confirmation), the webhooks,
-    the previews and the reports page."""
+    """Serve the links in every mail (tracked links, unsubscribe, preferences, confirmation), the tracking
+    API (/v1/batch, /v1/track, … for Segment's and RudderStack's libraries), the webhooks, the previews and
+    the reports page."""
     # Prefect configures logging when first imported: before uvicorn does, not at the first
     # preview (which silenced the access log).
     import prefect.main  # noqa: F401 - imported for its side effect (see above)
     import uvicorn
     from sqlalchemy.exc import OperationalError
 
+    from flows.collect import WriteKeyError
     from flows.surfaces.web import create_app
     from flows.surfaces.web_security import log_config
 
@@ -315,6 +317,9 @@ def web(
         application = create_app(settings)  # a broken policy.yaml stops here, located, in any case
     except SpecError as exc:
         print_problems(exc.problems)
+        raise typer.Exit(2) from None
+    except WriteKeyError as exc:
+        errors.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(2) from None
     served: Any = application
     if workers > 1:  # each worker process makes its own app from the same environment

@@ -6,8 +6,10 @@ COMPLAINT_EVENT = "lifecycle.complaint.received"
 COMPLAINT_RESOURCE_PREFIX = "lifecycle.complaint."
 
 
-def emit_complaints(complaint_ids: Sequence[str]) -> int:
+def emit_complaints(complaint_ids: Sequence[str], drain: bool = True) -> int:
     """Announce new complaints to the Prefect server in PREFECT_API_URL; returns how many.
+    ``drain``: wait until they are sent (a command about to exit); a server process that
+    goes on (``lifecycle web``) leaves them to Prefect's events worker thread.
 
     Without a configured server nothing is emitted (no temporary server is started just
     to drop an event): the complaint trigger's schedule picks the complaints up instead.
@@ -24,5 +26,6 @@ def emit_complaints(complaint_ids: Sequence[str]) -> int:
             resource={"prefect.resource.id": f"{COMPLAINT_RESOURCE_PREFIX}{complaint_id}",
                       "prefect.resource.name": f"complaint {complaint_id}"},
         )
-    EventsWorker.drain_all(timeout=30)  # the CLI exits right after: send before it does
+    if drain:
+        EventsWorker.drain_all(timeout=30)  # the CLI exits right after: send before it does
     return len(complaint_ids)

@@ -41,6 +41,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, col
 
+from flows.collect import WriteKeys
 from flows.consent import Confirmation, check, confirm, record, unsubscribe_by_token, withdraw
 from flows.content.links import (
     CONFIRM,
@@ -58,6 +59,7 @@ from flows.redaction import redact
 from flows.settings import Settings
 from flows.signing_secret import resolved
 from flows.spec.problems import SpecError
+from flows.surfaces.web_collect import add_collect
 from flows.surfaces.web_reports import add_reports
 from flows.surfaces.web_security import install_security
 from flows.surfaces.web_tracking import add_tracking, load_policy
@@ -181,8 +183,9 @@ def web_engine(settings: Settings) -> Engine:
 
 
 def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> FastAPI:
-    """``clock`` tells the time to tokens that expire and to clicks (tests pass a controlled
-    one). A broken ``triggers/policy.yaml`` stops here, with its located problems (``SpecError``)."""
+    """``clock`` tells the time to tokens that expire, to clicks and to tracked events (tests
+    pass a controlled one). A broken ``triggers/policy.yaml`` stops here, with its located
+    problems (``SpecError``); unreadable ``LIFECYCLE_WRITE_KEYS`` too (``WriteKeyError``)."""
     policy = load_policy(settings.triggers_dir)
     app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None)
     engine = web_engine(settings)
@@ -190,6 +193,8 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
     secret = settings.signing_secret
     # The click routes first, so that the security headers wrap them too (see add_tracking).
     app.state.clicks = add_tracking(app, settings, engine, policy.tracking, clock, _link_error)
+    keys = WriteKeys.parse(settings.write_keys.get_secret_value() if settings.write_keys else "")
+    app.state.events = add_collect(app, keys, engine, clock, settings.collect_max_pending)
     install_security(app, settings.base_url)
 
     def customer_for(purpose: str, token: str, session: Session,

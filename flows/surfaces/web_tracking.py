@@ -9,15 +9,11 @@
   ``tracking.opens`` is on); the same machine rules apply.
 
 **Group commit.** Each click is committed before its 302 is sent, so a redirect the client
-saw is a click the store has. One transaction per click would cost a commit (an fsync on
-PostgreSQL) per request; instead the handler checks the token on the event loop (an HMAC,
-2 µs), queues the click and waits, and a writer thread writes everything queued in one
-transaction (``record_hits``), then answers every waiter. While one batch is being written
-the next one queues, so batches grow with the load and an idle server writes each click at
-once; on PostgreSQL up to four batches are written at once, each in its own transaction.
-A failed batch is rolled back whole and each of its requests answered 503 with
-``Retry-After`` (the browser's user clicks again; nothing was half-recorded). At shutdown,
-the server finishes its requests and the writer drains its queue before the process ends.
+saw is a click the store has: the handler checks the token on the event loop (an HMAC,
+2 µs), and ``flows.surfaces.group_commit`` writes it with the clicks queued beside it in
+one transaction (``record_hits``). A failed batch is rolled back whole and each of its
+requests answered 503 with ``Retry-After`` (the browser's user clicks again; nothing was
+half-recorded).
 
 **A path of its own.** These two routes are answered by an ASGI layer just inside the
 security headers, before Starlette's middleware (FastAPI's exception telemetry, the error
@@ -27,11 +23,8 @@ none of them. Security headers and log redaction (``web_security``) apply to it 
 every route; a defect answers 500 here, since Starlette's error middleware is not around it.
 """
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -40,8 +33,6 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import ValidationError
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,6 +42,7 @@ from flows.spec.policy import Policy, Tracking
 from flows.spec.problems import SpecError
 from flows.spec.project import POLICY_FILE, problems_from
 from flows.spec.yaml_source import YamlSyntaxError, load_yaml
+from flows.surfaces.group_commit import GroupCommit, StoreUnavailable
 from flows.tracking.clicks import Hit, record_hits, request_machine
 from models.outcomes import EngagementKind
 
@@ -60,9 +52,6 @@ log = logging.getLogger(__name__)
 PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
          b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 MAX_BATCH = 1000  # clicks written in one transaction, at most
-# Batches written at once: SQLite has one writer at a time anyway; PostgreSQL commits
-# several transactions with one flush of its log.
-WRITERS = {"postgresql": 4}
 RETRY_AFTER = "30"
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 
@@ -84,80 +73,16 @@ def load_policy(triggers_dir: Path) -> Policy:
         raise SpecError(problems_from(doc, exc, Policy)) from None
 
 
-class StoreUnavailable(Exception):
-    """The batch a request was in could not be written (rolled back whole)."""
-
-
-class ClickWriter:
-    """Group commit: ``submit`` queues one hit and returns once the batch it went into is
-    committed, with where the request goes (``record_hits``). Each writer takes the queue's
-    whole content when it starts a batch; on PostgreSQL several batches are written at
-    once (``WRITERS``), so that one batch's commit wait overlaps the next one's work."""
+class ClickWriter(GroupCommit[Hit, str | None]):
+    """Group commit of clicks and opens (``record_hits``): each answered with where the request goes."""
 
     def __init__(self, engine: Engine, policy: Tracking, max_batch: int = MAX_BATCH,
                  writers: int | None = None) -> None:
-        self.engine, self.policy, self.max_batch = engine, policy, max_batch
-        self.writers = writers or WRITERS.get(engine.dialect.name, 1)
-        self._pending: list[tuple[Hit, asyncio.Future[str | None]]] = []
-        self._drains: list[asyncio.Task[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._threads = ThreadPoolExecutor(self.writers, thread_name_prefix="lifecycle-clicks")
-        self.batches = 0  # written so far, and how long the writers took (logged at shutdown)
-        self.written = 0
-        self.busy_seconds = 0.0
+        self.policy = policy
+        super().__init__(engine, self._record, "clicks and opens", max_batch, writers)
 
-    async def submit(self, hit: Hit) -> str | None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # a test client may run each request on an event loop of its own
-            self._loop, self._drains = loop, []
-        future: asyncio.Future[str | None] = loop.create_future()
-        self._pending.append((hit, future))
-        self._drains = [drain for drain in self._drains if not drain.done()]
-        if len(self._drains) < self.writers:
-            self._drains.append(loop.create_task(self._drain()))
-        return await future
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-            started = time.perf_counter()
-            try:
-                answers = await loop.run_in_executor(self._threads, record_hits, self.engine,
-                                                     [hit for hit, _ in batch], self.policy)
-            except (DBAPIError, PoolTimeout) as exc:
-                log.warning("%d clicks not recorded, answered 503: the store did not answer in time (%s)",
-                            len(batch), type(getattr(exc, "orig", exc)).__name__)
-                self._fail(batch, StoreUnavailable(type(exc).__name__))
-                continue
-            except BaseException as exc:  # a defect, or cancelled: every waiter learns it, none hangs
-                self._fail(batch, exc if isinstance(exc, Exception) else StoreUnavailable("cancelled"))
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            self.batches += 1
-            self.written += len(batch)
-            self.busy_seconds += time.perf_counter() - started
-            for (_, future), answer in zip(batch, answers, strict=True):
-                if not future.done():
-                    future.set_result(answer)
-
-    @staticmethod
-    def _fail(batch: list[tuple[Hit, asyncio.Future[str | None]]], exc: BaseException) -> None:
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
-
-    async def close(self) -> None:
-        """Write what is queued (at shutdown: the server has finished its requests)."""
-        loop = asyncio.get_running_loop()
-        live = [drain for drain in self._drains if not drain.done() and drain.get_loop() is loop]
-        if self._pending and not live:
-            live.append(loop.create_task(self._drain()))
-        await asyncio.gather(*live)
-        if self.batches:
-            log.info("%d clicks and opens written in %d batches (%.1f a batch, %.1f ms each)", self.written,
-                     self.batches, self.written / self.batches, 1000 * self.busy_seconds / self.batches)
+    def _record(self, engine: Engine, hits: list[Hit]) -> list[str | None]:
+        return record_hits(engine, hits, self.policy)
 
 
 ErrorPage = Callable[[str, int], Response]  # (Accept-Language, status) → our error page
