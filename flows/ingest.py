@@ -41,8 +41,9 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from sqlalchemy import Column, Engine, Table, delete, func, select, update
+from sqlalchemy import Column, Engine, Table, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, SQLModel, col
 
 from flows import consent
@@ -65,7 +66,7 @@ from models import (
 )
 from models.db import writer
 from models.identity import customer_by_id
-from models.types import stored_address
+from models.types import stored_address, utcnow
 
 COMMIT_EVERY = 500
 # SQLite has one writer at a time, and its busy handler polls every 100 ms at most: without
@@ -520,6 +521,7 @@ def _apply(engine: Engine, events: Sequence[_Parsed], exact: bool) -> Applied:
                 applied.outcomes.append(None)
             if parsed.event.event == "Complaint Received":  # whose details are a ComplaintReceived
                 applied.complaints.append(parsed.details.complaint_id)  # type: ignore[union-attr]
+        store.write_pending()
         session.commit()
         applied.merged, applied.addresses = store.merged, store.addresses
     return applied
@@ -607,6 +609,117 @@ def _customer_references() -> list[tuple[Table, Column[Any]]]:
 TRAITS = ("email", "first_name", "last_name", "timezone")
 
 
+class _Carts:
+    """The carts a group's events touch, and their items, as the session holds them: loaded
+    for all of the group's customers in two statements, or one customer's (or cart's) on
+    a miss, and kept in step by the handlers, so a cart event costs no statement of its own."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.open: dict[int, list[Cart]] = {}  # customer id → their open carts (loaded customers only)
+        self.by_name: dict[str, Cart | None] = {}  # external id → cart (None: there is none)
+        self.items: dict[int, dict[str, CartItem]] = {}  # cart id → product id → item (loaded carts)
+
+    def clear(self) -> None:
+        self.open, self.by_name, self.items = {}, {}, {}
+
+    def load(self, customers: set[int], names: set[str]) -> None:
+        customers, names = customers - set(self.open), names - set(self.by_name)
+        found: list[Cart] = []
+        for chunk in _chunks(sorted(customers)):
+            found.extend(self.session.execute(select(Cart).where(
+                col(Cart.customer_id).in_(chunk), col(Cart.status) == CART_OPEN)).scalars())
+        for name_chunk in _chunks(sorted(names)):
+            found.extend(self.session.execute(select(Cart).where(col(Cart.external_id).in_(name_chunk))).scalars())
+        for customer in customers:
+            self.open[customer] = []
+        for name in names:
+            self.by_name[name] = None
+        carts = {cart.id: cart for cart in found}
+        for cart in carts.values():
+            self.by_name[cart.external_id] = cart
+            if cart.status == CART_OPEN and cart.customer_id in customers:
+                self.open[cart.customer_id].append(cart)
+        fresh = [cart_id for cart_id in carts if cart_id is not None and cart_id not in self.items]
+        for cart_id in fresh:
+            self.items[cart_id] = {}
+        for id_chunk in _chunks(sorted(fresh)):
+            for item in self.session.execute(select(CartItem).where(col(CartItem.cart_id).in_(id_chunk))).scalars():
+                self.items[item.cart_id][item.product_id] = item
+
+    def named(self, name: str) -> Cart | None:
+        if name not in self.by_name:
+            self.load(set(), {name})
+        return self.by_name[name]
+
+    def open_of(self, customer: Customer) -> list[Cart]:
+        assert customer.id is not None
+        if customer.id not in self.open:
+            self.load({customer.id}, set())
+        return list(self.open[customer.id])
+
+    def latest_open(self, customer: Customer) -> Cart | None:
+        return max(self.open_of(customer), key=lambda cart: cart.id or 0, default=None)
+
+    def items_of(self, cart: Cart) -> dict[str, CartItem]:
+        assert cart.id is not None
+        if cart.id not in self.items:  # a cart of another customer's, loaded by name only
+            self.items[cart.id] = {item.product_id: item for item in self.session.execute(
+                select(CartItem).where(col(CartItem.cart_id) == cart.id)).scalars()}
+        return self.items[cart.id]
+
+    def added(self, cart: Cart) -> None:
+        self.by_name[cart.external_id] = cart
+        assert cart.id is not None
+        self.items[cart.id] = {}
+        if cart.customer_id in self.open:
+            self.open[cart.customer_id].append(cart)
+
+    def reopened(self, cart: Cart) -> None:
+        """A product added to a cart makes it open again (a cart named by the event, once ordered)."""
+        if cart.status != CART_OPEN:
+            cart.status = CART_OPEN
+            if cart.customer_id in self.open and cart not in self.open[cart.customer_id]:
+                self.open[cart.customer_id].append(cart)
+
+    def ordered(self, cart: Cart) -> None:
+        if cart in self.open.get(cart.customer_id, []):
+            self.open[cart.customer_id].remove(cart)
+
+
+class _Known:
+    """Which external ids of a table (orders) exist: the group's looked up at once."""
+
+    def __init__(self, session: Session, table: type[Order]) -> None:
+        self.session, self.table = session, table
+        self.checked: set[str] = set()
+        self.known: set[str] = set()
+
+    def clear(self) -> None:
+        self.checked, self.known = set(), set()
+
+    def load(self, names: set[str]) -> None:
+        names -= self.checked
+        for chunk in _chunks(sorted(names)):
+            self.known.update(self.session.execute(select(col(self.table.external_id))
+                                                   .where(col(self.table.external_id).in_(chunk))).scalars())
+        self.checked |= names
+
+    def exists(self, name: str) -> bool:
+        if name not in self.checked:
+            self.load({name})
+        return name in self.known
+
+    def added(self, name: str) -> None:
+        self.checked.add(name)
+        self.known.add(name)
+
+
+def _chunks(values: list[Any], size: int = 1000) -> Iterable[list[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
 class _Store:
     """Applies validated events; caches customers for the length of one file."""
 
@@ -617,6 +730,33 @@ class _Store:
         self.absent: set[str] = set()  # ids prefetched and found to name nobody yet
         self.addresses: set[str] = set()  # lower-cased, of customers this load identified or merged
         self.merged = 0
+        # Written together (``write_pending``): the event rows, and each customer's latest
+        # activity, so that a page view costs no statement of its own.
+        self.pending_events: list[dict[str, Any]] = []
+        self.pending_seen: dict[int, tuple[Customer, datetime]] = {}  # id(customer) →
+        self.carts = _Carts(session)
+        self.orders = _Known(session, Order)
+
+    def write_pending(self) -> None:
+        """The event rows and activity noted so far, in two statements: before anything reads
+        them (a merge weighs identify events and activity) and before the commit."""
+        self.session.flush()  # new customers get their ids
+        if self.pending_events:
+            self.session.connection().execute(insert(Event.__table__), self.pending_events)  # type: ignore[attr-defined]
+            self.pending_events = []
+        if self.pending_seen:
+            latest = bindparam("latest", type_=Event.__table__.c.timestamp.type)  # type: ignore[attr-defined]
+            table = Customer.__table__  # type: ignore[attr-defined]
+            self.session.execute(
+                update(table).where(table.c.id == bindparam("customer"))
+                .values(last_seen_at=case((or_(table.c.last_seen_at.is_(None), table.c.last_seen_at < latest),
+                                           latest), else_=table.c.last_seen_at))
+                .execution_options(synchronize_session=False),
+                [{"customer": customer.id, "latest": moment} for customer, moment in self.pending_seen.values()])
+            for customer, moment in self.pending_seen.values():
+                if customer.last_seen_at is None or _aware(customer.last_seen_at) < moment:
+                    set_committed_value(customer, "last_seen_at", moment)
+            self.pending_seen = {}
 
     def prefetch(self, events: Sequence[_Parsed]) -> None:
         """The group's known messageIds and the customers its ids name, in a few statements."""
@@ -639,6 +779,12 @@ class _Store:
                 if owner in owners:
                     self.customers[alias] = owners[owner]
         self.absent = set(ids) - set(self.customers)
+        shopping = [parsed for parsed in events if parsed.event.type == "track" and isinstance(
+            parsed.details, Product | OrderCompleted)]
+        self.carts.load({c.id for parsed in shopping if (c := self.customers.get(parsed.event.key)) and c.id},
+                        {cart for parsed in shopping if (cart := parsed.details.cart_id)})  # type: ignore[union-attr]
+        self.orders.load({parsed.details.order_id for parsed in shopping if isinstance(parsed.details,
+                                                                                         OrderCompleted)})
 
     def seen(self, message_id: str) -> bool:
         if message_id in self.message_ids:
@@ -652,6 +798,9 @@ class _Store:
         """After a failed line: drop the cache (it may hold rolled-back customers) and its merges."""
         self.customers.clear()
         self.merged = merged
+        self.pending_events, self.pending_seen = [], {}
+        self.carts.clear()
+        self.orders.clear()
 
     def apply_alone(self, parsed: _Parsed) -> str | None:
         """``apply`` in a savepoint of its own: all of the event or nothing. None when stored,
@@ -696,16 +845,17 @@ class _Store:
             elif event.type == "group":
                 self.group(customer, event, ts)
             else:  # track, page, screen: the customer was active
-                customer.last_seen_at = max(filter(None, [customer.last_seen_at, ts]))
+                noted = self.pending_seen.get(id(customer))
+                if noted is None or noted[1] < ts:
+                    self.pending_seen[id(customer)] = (customer, ts)
                 if handler:
                     handler(self, customer, parsed.details, ts)
-        stored = Event(message_id=parsed.message_id, type=event.type, name=event.event or event.name,
-                       user_id=event.key, timestamp=ts, payload=parsed.raw, source=parsed.source)
-        if parsed.received_at is not None:
-            stored.received_at = parsed.received_at
-        self.session.add(stored)
+        self.pending_events.append({
+            "message_id": parsed.message_id, "type": event.type, "name": event.event or event.name,
+            "user_id": event.key, "timestamp": ts, "payload": parsed.raw, "source": parsed.source,
+            "received_at": parsed.received_at or utcnow()})
         if self.exact:
-            self.session.flush()  # a refusal is met inside the event's savepoint
+            self.write_pending()  # a refusal is met inside the event's savepoint
         self.message_ids.add(parsed.message_id)
 
     def customer(self, external_id: str, ts: datetime) -> Customer:
@@ -804,7 +954,7 @@ class _Store:
         """Fold ``previous`` into ``customer``: everything that points at it, its traits and
         its consent; its id becomes an alias. Inside the event's savepoint: all or nothing."""
         session = self.session
-        session.flush()
+        self.write_pending()  # what the merge weighs and moves
         newer, older = self._newer_first(previous, customer)
         previous_id, gone, kept = previous.external_id, previous.id, customer.id
         for table, column in _customer_references():
@@ -823,6 +973,7 @@ class _Store:
         values["last_seen_at"] = max(filter(None, [previous.last_seen_at, customer.last_seen_at]), default=None)
         values.update(self._merged_consent(previous, customer))
         session.expire_all()  # the bulk updates moved rows under the objects the session holds
+        self.carts.clear()  # … carts among them
         session.delete(session.get(Customer, gone))
         session.flush()
         for name, value in values.items():
@@ -886,28 +1037,22 @@ class _Store:
 
     # -- track events ---------------------------------------------------------------
     def open_cart(self, customer: Customer, cart_id: str | None, ts: datetime) -> Cart:
-        if cart_id:
-            cart = self.session.execute(select(Cart).where(col(Cart.external_id) == cart_id)).scalar_one_or_none()
-        else:
-            cart = self.session.execute(
-                select(Cart).where(col(Cart.customer_id) == customer.id, col(Cart.status) == CART_OPEN)
-                .order_by(col(Cart.id).desc())
-            ).scalars().first()
+        cart = self.carts.named(cart_id) if cart_id else self.carts.latest_open(customer)
         if cart is None:
             assert customer.id is not None
             cart = Cart(external_id=cart_id or f"{customer.external_id}/{ts:%Y%m%dT%H%M%S%f}",
                         customer_id=customer.id, created_at=ts, updated_at=ts)
             self.session.add(cart)
             self.session.flush()
+            self.carts.added(cart)
         elif cart.customer_id != customer.id:
             raise ValueError(f"cart {cart_id!r} belongs to another customer")
         return cart
 
     def product_added(self, customer: Customer, product: Product, ts: datetime) -> None:
         cart = self.open_cart(customer, product.cart_id, ts)
-        item = self.session.execute(
-            select(CartItem).where(col(CartItem.cart_id) == cart.id, col(CartItem.product_id) == product.product_id)
-        ).scalar_one_or_none()
+        items = self.carts.items_of(cart)
+        item = items.get(product.product_id)
         if item is None:
             assert cart.id is not None
             item = CartItem(cart_id=cart.id, product_id=product.product_id, quantity=0)
@@ -919,35 +1064,39 @@ class _Store:
         item.price_cents = _cents(product.price)
         item.url, item.image_url = product.url or item.url, product.image_url or item.image_url
         self.session.add(item)
-        cart.status, cart.updated_at = CART_OPEN, max(cart.updated_at, ts)
+        items[product.product_id] = item
+        cart.updated_at = max(cart.updated_at, ts)
+        self.carts.reopened(cart)
 
     def product_removed(self, customer: Customer, product: Product, ts: datetime) -> None:
         cart = self.open_cart(customer, product.cart_id, ts)
-        item = self.session.execute(
-            select(CartItem).where(col(CartItem.cart_id) == cart.id, col(CartItem.product_id) == product.product_id)
-        ).scalar_one_or_none()
+        items = self.carts.items_of(cart)
+        item = items.get(product.product_id)
         if item is not None:
             item.quantity -= product.quantity
             if item.quantity <= 0:
-                self.session.delete(item)
+                if item in self.session.new:  # added in this group, never written
+                    self.session.expunge(item)
+                else:
+                    self.session.delete(item)
+                del items[product.product_id]
             else:
                 self.session.add(item)
         cart.updated_at = max(cart.updated_at, ts)
 
     def order_completed(self, customer: Customer, order: OrderCompleted, ts: datetime) -> None:
-        exists = self.session.execute(select(col(Order.id)).where(col(Order.external_id) == order.order_id)).first()
-        if exists:
+        if self.orders.exists(order.order_id):
             raise ValueError(f"order {order.order_id!r} was already loaded from another event")
         assert customer.id is not None
         amount = order.total if order.total is not None else order.revenue
         self.session.add(Order(external_id=order.order_id, customer_id=customer.id, placed_at=ts,
                                total_cents=_cents(amount or Decimal(0)), currency=order.currency.upper(),
                                products=order.products))
-        carts = select(Cart).where(col(Cart.customer_id) == customer.id, col(Cart.status) == CART_OPEN)
-        if order.cart_id:
-            carts = carts.where(col(Cart.external_id) == order.cart_id)
-        for cart in self.session.execute(carts).scalars():
-            cart.status, cart.updated_at = CART_ORDERED, max(cart.updated_at, ts)
+        self.orders.added(order.order_id)
+        for cart in self.carts.open_of(customer):
+            if not order.cart_id or cart.external_id == order.cart_id:
+                cart.status, cart.updated_at = CART_ORDERED, max(cart.updated_at, ts)
+                self.carts.ordered(cart)
 
     def complaint_received(self, customer: Customer, complaint: ComplaintReceived, ts: datetime) -> None:
         exists = self.session.execute(
