@@ -41,9 +41,8 @@ from flows.collect import (
     Received,
     WriteKeys,
     basic_user,
-    decoded,
     decompressed,
-    read_request,
+    read_body,
 )
 from flows.ingest import DUPLICATE, apply_events
 from flows.surfaces.group_commit import GroupCommit, StoreUnavailable
@@ -137,14 +136,14 @@ class CollectRoutes:
         received_at = self.clock()
         try:
             body = await _body(receive, limit)
-            raw = decoded(decompressed(body, _header(scope, b"content-encoding"), limit))
+            request = read_body(call, decompressed(body, _header(scope, b"content-encoding"), limit), source,
+                                received_at)
             if source is None:  # analytics.js sends the key in the body
-                body_key = raw.get("writeKey") if isinstance(raw.get("writeKey"), str) else None
-                source = self.keys.source_of(body_key)
+                source = self.keys.source_of(request.write_key)
                 if source is None:
                     await _unauthorized(send)
                     return
-            request = read_request(call, raw, source, received_at)
+                request.attribute_to(source)
         except BadRequest as exc:
             log.warning("POST /v1/%s refused: %s", call, exc)
             await _answer(send, 400, {"success": False, "code": exc.code, "message": str(exc)})
