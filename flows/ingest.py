@@ -21,6 +21,7 @@ not merge two accounts); an explicit ``alias`` always merges.
 
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -67,6 +68,8 @@ from models import (
 from models.db import writer
 from models.identity import customer_by_id
 from models.types import stored_address, utcnow
+
+log = logging.getLogger(__name__)
 
 COMMIT_EVERY = 500
 # SQLite has one writer at a time, and its busy handler polls every 100 ms at most: without
@@ -493,12 +496,25 @@ def apply_events(engine: Engine, events: Sequence[_Parsed]) -> Applied:
     (a rule, or the store's constraint), that pass is rolled back whole and the group is
     loaded again one savepoint per event, so that the others are stored and each refusal
     is reported with its reason: either way the same rules, the same result."""
-    try:
-        return _apply(engine, events, exact=False)
-    except (ValueError, OverflowError, StatementError) as exc:
-        if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
-            raise  # the database failed, not an event (a lost connection, a lock): the caller decides
-    return _apply(engine, events, exact=True)
+    for attempt in range(1, RETRIES + 1):
+        try:
+            try:
+                return _apply(engine, events, exact=False)
+            except (ValueError, OverflowError, StatementError) as exc:
+                if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
+                    raise  # the database failed, not an event (a lost connection, a lock): see below
+            return _apply(engine, events, exact=True)
+        except DBAPIError as exc:
+            # Two writers waiting on each other's rows (PostgreSQL picks one to fail): rolled
+            # back whole, so the group is simply loaded again. Anything else is the caller's.
+            if getattr(exc.orig, "sqlstate", None) not in RETRYABLE or attempt == RETRIES:
+                raise
+            log.info("events: %s, the group of %d loaded again", type(exc.orig).__name__, len(events))
+    raise AssertionError("unreachable")
+
+
+RETRIES = 3
+RETRYABLE = ("40P01", "40001")  # deadlock detected, serialization failure
 
 
 def _apply(engine: Engine, events: Sequence[_Parsed], exact: bool) -> Applied:
@@ -752,7 +768,8 @@ class _Store:
                 .values(last_seen_at=case((or_(table.c.last_seen_at.is_(None), table.c.last_seen_at < latest),
                                            latest), else_=table.c.last_seen_at))
                 .execution_options(synchronize_session=False),
-                [{"customer": customer.id, "latest": moment} for customer, moment in self.pending_seen.values()])
+                sorted(({"customer": customer.id, "latest": moment} for customer, moment in self.pending_seen.values()),
+                       key=lambda row: row["customer"]))  # in one order for every writer: no deadlock between two
             for customer, moment in self.pending_seen.values():
                 if customer.last_seen_at is None or _aware(customer.last_seen_at) < moment:
                     set_committed_value(customer, "last_seen_at", moment)

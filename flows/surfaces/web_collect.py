@@ -87,7 +87,7 @@ def write_requests(engine: Engine, requests: list[Received]) -> list[Outcome]:
 
 class EventWriter(GroupCommit[Received, Outcome]):
     def __init__(self, engine: Engine, writers: int | None = None) -> None:
-        super().__init__(engine, write_requests, "tracked events", max_batch=500, writers=writers,
+        super().__init__(engine, write_requests, "tracking API requests", max_batch=500, writers=writers,
                          weight=lambda request: len(request.events), max_weight=MAX_EVENTS_A_TRANSACTION)
 
 
