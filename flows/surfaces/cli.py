@@ -109,21 +109,29 @@ def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> No
 
 
 @app.command()
-def ingest(file: Annotated[str, typer.Argument(help="A .jsonl file of Segment events, or - for stdin.")]) -> None:
+def ingest(
+    file: Annotated[str, typer.Argument(help="A .jsonl file of Segment events, or - for stdin.")],
+    source: Annotated[str, typer.Option(help="Recorded with each event as where it came from (the tracking API "
+                                        "records its write key's source).")] = "ingest",
+) -> None:
     """Load Segment events (identify, track, page, screen, group, alias) into the store; re-loading is harmless."""
+    from flows.collect import SOURCE
     from flows.ingest import ingest_lines
 
+    if not SOURCE.fullmatch(source):
+        errors.print("[red]--source: letters, digits, '.', '_' or '-', at most 64 characters[/]")
+        raise typer.Exit(2)
     settings = _settings()
     engine = _engine(settings)
     if file == "-":
-        report = ingest_lines(engine, sys.stdin.buffer)
+        report = ingest_lines(engine, sys.stdin.buffer, source)
     else:
         path = Path(file)
         if not path.is_file():
             errors.print(f"[red]{file}: no such file[/]")
             raise typer.Exit(2)
         with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad line, not a crash
-            report = ingest_lines(engine, handle)
+            report = ingest_lines(engine, handle, source)
     for line, reason in report.errors:
         errors.print(f"[red]{escape(file)}:{line}[/]: {escape(reason)}", highlight=False)
     console.print(f"Loaded {report.loaded} event(s), {report.duplicates} already known, "
