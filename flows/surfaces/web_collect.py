@@ -218,6 +218,11 @@ def add_collect(app: FastAPI, keys: WriteKeys, engine: Engine, clock: Callable[[
     """Serve ``/v1/`` on ``app``; the writer drains its queue when the app shuts down.
     Call it before ``install_security``, which must wrap what this adds."""
     writer = EventWriter(engine)
+    if keys.sources:
+        log.info("The tracking API (/v1/) accepts events from %d source(s): %s", len(keys.sources),
+                 ", ".join(sorted(keys.sources.values())))
+    else:
+        log.info("The tracking API (/v1/) accepts nothing: set LIFECYCLE_WRITE_KEYS (source:key pairs) to turn it on")
     build = app.build_middleware_stack
 
     def build_with_collect() -> ASGIApp:
