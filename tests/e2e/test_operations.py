@@ -1,6 +1,8 @@
-"""Operations: prefect deploy --all against a real Prefect server, a process worker, event-driven complaints."""
+"""Operations: prefect deploy --all against a real Prefect server, a process worker, event-driven complaints
+(from `lifecycle ingest` and from the tracking API of `lifecycle web`)."""
 
 import json
+import secrets
 import shutil
 import subprocess
 import time
@@ -13,6 +15,8 @@ import pytest
 from pydantic import SecretStr
 
 from flows.settings import Settings
+from flows.surfaces.outbox import free_port
+from flows.surfaces.prefect_events import COMPLAINT_EVENT, COMPLAINT_RESOURCE_PREFIX
 from models.db import create_schema, make_engine
 from tests.support import ROOT
 from tests.support.builders import NOW, Store, ago
@@ -116,3 +120,56 @@ def test_a_new_complaint_starts_a_run_within_seconds(site: Site, tmp_path: Path)
     assert latency < 60  # within a minute, not at the next cron tick
     [mail] = site.smtp.handler.to(customer.email)
     assert mail.message["Subject"] == "Wir kümmern uns: Ware fehlt"
+
+
+def test_a_complaint_tracked_through_the_api_reaches_its_acknowledgement_within_a_minute(site: Site) -> None:
+    """The promise as the shop sees it: its backend tracks a complaint with Segment's own Python
+    library at T, pointed at `lifecycle web` with only the host and write key changed; the
+    acknowledgement reaches the mailbox within a minute (announced to Prefect at once, not
+    picked up at the next cron tick)."""
+    from segment.analytics import Client
+
+    customer = site.store.customer("Mira")
+    write_key = secrets.token_urlsafe(24)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = site.root / "web.log"
+    env = site.server.env(**site.env(), LIFECYCLE_WRITE_KEYS=f"backend:{write_key}")
+    web = subprocess.Popen([lifecycle_bin(), "web", "--host", "127.0.0.1", "--port", str(port)], cwd=site.root,
+                           env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert web.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        backend = Client(write_key, host=url, sync_mode=True, max_retries=0)  # a refusal raises here
+        backend.identify(customer.external_id, {"email": customer.email, "firstName": "Mira"})
+        tracked, at = time.monotonic(), datetime.now(UTC)
+        backend.track(customer.external_id, "Complaint Received",
+                      {"complaint_id": f"K-{customer.id}", "subject": "Paket beschädigt"})
+        deadline = tracked + 90
+        while time.monotonic() < deadline and not site.smtp.handler.to(customer.email):
+            time.sleep(0.2)
+        latency = time.monotonic() - tracked
+    finally:
+        stop(web)
+    logs = log.read_text()[-3000:] + (site.root / "worker.log").read_text()[-3000:]
+    assert site.smtp.handler.to(customer.email), f"no acknowledgement after {latency:.0f}s\n{logs}"
+    print(f"\ncomplaint tracked through the API at {at:%H:%M:%S.%f} → acknowledgement received by SMTP: "
+          f"{latency:.1f} s")
+    assert latency < 60  # within a minute, not at the next cron tick
+    [mail] = site.smtp.handler.to(customer.email)
+    assert mail.message["Subject"] == "Wir kümmern uns: Paket beschädigt"
+    # Through the Prefect event, not the schedule's every-minute run that could have come first.
+    found = httpx.post(f"{site.server.api_url}/events/filter", json={
+        "filter": {"event": {"name": [COMPLAINT_EVENT]},
+                   "resource": {"id": [f"{COMPLAINT_RESOURCE_PREFIX}K-{customer.id}"]}}}).json()
+    assert found["total"] == 1, found
+    runs = httpx.post(f"{site.server.api_url}/flow_runs/filter", json={"limit": 200}).json()
+    assert any(run["created_by"] and run["created_by"]["type"] == "AUTOMATION" and run["state_name"] == "Completed"
+               and datetime.fromisoformat(run["created"]) >= at for run in runs), runs
