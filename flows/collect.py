@@ -12,6 +12,7 @@ request and answers; nothing here touches the store.
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import re
@@ -191,6 +192,10 @@ def _event(call: str, item: Any, shared: dict[str, Any], sent_at: Any, source: s
     if call != "batch":
         item["type"] = call  # the endpoint says what the call is, as Segment's does
     size = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+    if not item.get("messageId"):  # from the event as the client made it, so that its retry is the same event
+        made = {name: value for name, value in item.items() if name not in ("sentAt", "receivedAt")}
+        item["messageId"] = "sha256:" + hashlib.sha256(json.dumps(
+            made, separators=(",", ":"), sort_keys=True, default=str).encode()).hexdigest()
     if size > MAX_EVENT_BYTES:
         raise ValueError(f"the event is {size // 1024} KB; at most {MAX_EVENT_BYTES // 1024} KB")
     if not checked:

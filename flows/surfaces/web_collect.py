@@ -145,7 +145,10 @@ class CollectRoutes:
                     return
                 request.attribute_to(source)
         except BadRequest as exc:
-            log.warning("POST /v1/%s refused: %s", call, exc)
+            if source is None:  # nobody known: nothing more is said about the body
+                await _unauthorized(send)
+                return
+            log.warning("source %s: POST /v1/%s refused: %s", source, call, exc)
             await _answer(send, 400, {"success": False, "code": exc.code, "message": str(exc)})
             return
         outcome = Outcome(0, 0, [])
@@ -161,12 +164,12 @@ class CollectRoutes:
         for index, reason in errors:
             log.warning("source %s: event %d of POST /v1/%s refused: %s", source, index, call, reason)
         stored = outcome.loaded + outcome.duplicates
-        answer: dict[str, Any] = {"success": bool(stored), "accepted": outcome.loaded,
+        answer: dict[str, Any] = {"success": True, "accepted": outcome.loaded,
                                   "duplicates": outcome.duplicates}
         if errors:
             answer["errors"] = [{"index": index, "reason": reason} for index, reason in errors]
         if not stored and errors:
-            answer |= {"code": "invalid_events", "message": f"every event was refused: {errors[0][1]}"
+            answer |= {"success": False, "code": "invalid_events", "message": f"every event was refused: {errors[0][1]}"
                        if call != "batch" else f"all {len(errors)} events were refused; see errors"}
             await _answer(send, 400, answer)
             return
