@@ -191,17 +191,18 @@ def _event(call: str, item: Any, shared: dict[str, Any], sent_at: Any, source: s
     item.pop("writeKey", None)  # a secret: never stored
     if call != "batch":
         item["type"] = call  # the endpoint says what the call is, as Segment's does
+    if not checked:  # before its size is measured: a lone surrogate has no UTF-8 to measure
+        if deeper_than(item, MAX_DEPTH):
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        check_strings(item)
     size = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False, default=str).encode())
     if not item.get("messageId"):  # from the event as the client made it, so that its retry is the same event
         made = {name: value for name, value in item.items() if name not in ("sentAt", "receivedAt")}
         item["messageId"] = "sha256:" + hashlib.sha256(json.dumps(
             made, separators=(",", ":"), sort_keys=True, default=str).encode()).hexdigest()
     if size > MAX_EVENT_BYTES:
-        raise ValueError(f"the event is {size // 1024} KB; at most {MAX_EVENT_BYTES // 1024} KB")
-    if not checked:
-        if deeper_than(item, MAX_DEPTH):
-            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
-        check_strings(item)
+        raise ValueError(f"the event is {size:,} bytes; at most {MAX_EVENT_BYTES // 1024} KB "
+                         f"({MAX_EVENT_BYTES:,} bytes)")
     corrected(item, item.get("sentAt", sent_at), received_at)
     return parse_event(item, source, received_at)
 
@@ -214,7 +215,8 @@ def corrected(item: dict[str, Any], sent_at: Any, received_at: datetime) -> None
     item["receivedAt"] = _iso(received_at)
     original = item.get("originalTimestamp") or item.get("timestamp")
     if sent_at is None or original is None:
-        item.setdefault("timestamp", original or _iso(received_at))
+        if not item.get("timestamp"):  # absent, null or empty: the client's own time, else the arrival
+            item["timestamp"] = original or _iso(received_at)
         return
     sent, happened = _instant("sentAt", sent_at), _instant("timestamp", original)
     item["originalTimestamp"], item["sentAt"] = original, sent_at

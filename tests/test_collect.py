@@ -248,7 +248,7 @@ def test_an_event_over_32_kb_in_a_batch_is_refused_by_its_index() -> None:
     received = read_request("batch", {"batch": [track("m0"), big, just]}, "backend", RECEIVED)
     assert [event.message_id for event in received.events] == ["m0", "m2"]
     [(index, reason)] = received.errors
-    assert index == 1 and reason.endswith("at most 32 KB"), reason
+    assert index == 1 and "at most 32 KB (32,768 bytes)" in reason, reason
 
 
 def nested(depth: int) -> Any:
@@ -277,8 +277,6 @@ def read_events(batch: list[Any], fast: bool) -> Received:
     return read_request("batch", {"batch": batch}, "backend", RECEIVED)
 
 
-@pytest.mark.xfail(strict=True, reason="flows.collect._event measures the event's size (json.dumps(...).encode()) "
-                   "before check_strings: a lone surrogate fails the encode with Python's codec message")
 @pytest.mark.parametrize("fast", [False, True], ids=["walked", "from the body"])
 def test_a_lone_surrogate_is_refused_by_its_index_with_ingests_located_reason(fast: bool) -> None:
     event = track("m1", properties={"name": "a\ud800b"})
