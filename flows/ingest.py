@@ -751,6 +751,7 @@ class _Store:
         self.pending_events: list[dict[str, Any]] = []
         self.pending_seen: dict[int, tuple[Customer, datetime]] = {}  # id(customer) →
         self.carts = _Carts(session)
+        self.message_id = ""  # of the event being applied
         self.orders = _Known(session, Order)
 
     def write_pending(self) -> None:
@@ -783,18 +784,22 @@ class _Store:
         for start in range(0, len(wanted), 1000):
             self.message_ids.update(self.session.execute(
                 select(col(Event.message_id)).where(col(Event.message_id).in_(wanted[start:start + 1000]))).scalars())
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start:start + 1000]
-            for customer in self.session.execute(
-                    select(Customer).where(col(Customer.external_id).in_(chunk))).scalars():
-                self.customers[customer.external_id] = customer
-            aliases = self.session.execute(select(col(CustomerAlias.external_id), col(CustomerAlias.customer_id))
-                                           .where(col(CustomerAlias.external_id).in_(chunk))).all()
-            owners = {c.id: c for c in self.session.execute(
-                select(Customer).where(col(Customer.id).in_({owner for _, owner in aliases}))).scalars()}
-            for alias, owner in aliases:
-                if owner in owners:
-                    self.customers[alias] = owners[owner]
+        named: dict[str, int] = {}  # external id or alias → customer id
+        for chunk in _chunks(ids):
+            named.update(self.session.execute(select(col(Customer.external_id), col(Customer.id))
+                                              .where(col(Customer.external_id).in_(chunk))).all())
+            named.update(self.session.execute(select(col(CustomerAlias.external_id), col(CustomerAlias.customer_id))
+                                              .where(col(CustomerAlias.external_id).in_(chunk))).all())
+        # Locked at once, in the order of their ids (PostgreSQL): two writers naming the same
+        # customers take turns instead of deadlocking on them halfway through their groups.
+        by_id: dict[int, Customer] = {}
+        for id_chunk in _chunks(sorted(set(named.values()))):
+            by_id.update((c.id, c) for c in self.session.execute(
+                select(Customer).where(col(Customer.id).in_(id_chunk)).order_by(col(Customer.id))
+                .with_for_update()).scalars() if c.id is not None)
+        for name, customer_id in named.items():
+            if customer_id in by_id:
+                self.customers[name] = by_id[customer_id]
         self.absent = set(ids) - set(self.customers)
         shopping = [parsed for parsed in events if parsed.event.type == "track" and isinstance(
             parsed.details, Product | OrderCompleted)]
@@ -843,6 +848,7 @@ class _Store:
 
     def apply(self, parsed: _Parsed) -> None:
         event, ts = parsed.event, parsed.event.moment
+        self.message_id = parsed.message_id  # names a new cart when its moment's name is taken
         if event.type == "alias":
             assert event.user_id is not None and event.previous_id is not None
             customer = self.customer(event.user_id, ts)
@@ -1057,8 +1063,10 @@ class _Store:
         cart = self.carts.named(cart_id) if cart_id else self.carts.latest_open(customer)
         if cart is None:
             assert customer.id is not None
-            cart = Cart(external_id=cart_id or f"{customer.external_id}/{ts:%Y%m%dT%H%M%S%f}",
-                        customer_id=customer.id, created_at=ts, updated_at=ts)
+            name = cart_id or f"{customer.external_id}/{ts:%Y%m%dT%H%M%S%f}"
+            if not cart_id and self.carts.named(name) is not None:  # one ordered at this very moment
+                name = f"{name}/{self.message_id[-32:]}"
+            cart = Cart(external_id=name, customer_id=customer.id, created_at=ts, updated_at=ts)
             self.session.add(cart)
             self.session.flush()
             self.carts.added(cart)

@@ -49,7 +49,10 @@ from flows.surfaces.group_commit import GroupCommit, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-MAX_EVENTS_A_TRANSACTION = 5000
+# A group's customers stay locked until its commit: smaller groups hold them shorter, and
+# two writers a process (on PostgreSQL) overlap one's commit with the other's work.
+MAX_EVENTS_A_TRANSACTION = 2000
+WRITERS = 2
 RETRY_AFTER_OVERLOAD = "1"
 RETRY_AFTER_STORE = "5"
 _JSON = (b"content-type", b"application/json")
@@ -87,7 +90,8 @@ def write_requests(engine: Engine, requests: list[Received]) -> list[Outcome]:
 
 class EventWriter(GroupCommit[Received, Outcome]):
     def __init__(self, engine: Engine, writers: int | None = None) -> None:
-        super().__init__(engine, write_requests, "tracking API requests", max_batch=500, writers=writers,
+        super().__init__(engine, write_requests, "tracking API requests", max_batch=500,
+                         writers=writers or (WRITERS if engine.dialect.name == "postgresql" else 1),
                          weight=lambda request: len(request.events), max_weight=MAX_EVENTS_A_TRANSACTION)
 
 
