@@ -634,7 +634,7 @@ class _Carts:
         self.session = session
         self.open: dict[int, list[Cart]] = {}  # customer id → their open carts (loaded customers only)
         self.by_name: dict[str, Cart | None] = {}  # external id → cart (None: there is none)
-        self.items: dict[int, dict[str, CartItem]] = {}  # cart id → product id → item (loaded carts)
+        self.items: dict[int, dict[str, CartItem]] = {}  # id(cart) → product id → item (loaded or new carts)
 
     def clear(self) -> None:
         self.open, self.by_name, self.items = {}, {}, {}
@@ -656,12 +656,12 @@ class _Carts:
             self.by_name[cart.external_id] = cart
             if cart.status == CART_OPEN and cart.customer_id in customers:
                 self.open[cart.customer_id].append(cart)
-        fresh = [cart_id for cart_id in carts if cart_id is not None and cart_id not in self.items]
+        fresh = [cart_id for cart_id, cart in carts.items() if cart_id is not None and id(cart) not in self.items]
         for cart_id in fresh:
-            self.items[cart_id] = {}
+            self.items[id(carts[cart_id])] = {}
         for id_chunk in _chunks(sorted(fresh)):
             for item in self.session.execute(select(CartItem).where(col(CartItem.cart_id).in_(id_chunk))).scalars():
-                self.items[item.cart_id][item.product_id] = item
+                self.items[id(carts[item.cart_id])][item.product_id] = item
 
     def named(self, name: str) -> Cart | None:
         if name not in self.by_name:
@@ -675,19 +675,19 @@ class _Carts:
         return list(self.open[customer.id])
 
     def latest_open(self, customer: Customer) -> Cart | None:
-        return max(self.open_of(customer), key=lambda cart: cart.id or 0, default=None)
+        """The newest open cart: the last one made, or the one with the highest id."""
+        carts = self.open_of(customer)
+        return max(carts, key=lambda cart: (cart.id is None, cart.id or carts.index(cart)), default=None)
 
     def items_of(self, cart: Cart) -> dict[str, CartItem]:
-        assert cart.id is not None
-        if cart.id not in self.items:  # a cart of another customer's, loaded by name only
-            self.items[cart.id] = {item.product_id: item for item in self.session.execute(
+        if id(cart) not in self.items:  # a cart of another customer's, loaded by name only
+            self.items[id(cart)] = {item.product_id: item for item in self.session.execute(
                 select(CartItem).where(col(CartItem.cart_id) == cart.id)).scalars()}
-        return self.items[cart.id]
+        return self.items[id(cart)]
 
     def added(self, cart: Cart) -> None:
         self.by_name[cart.external_id] = cart
-        assert cart.id is not None
-        self.items[cart.id] = {}
+        self.items[id(cart)] = {}
         if cart.customer_id in self.open:
             self.open[cart.customer_id].append(cart)
 
@@ -1067,8 +1067,7 @@ class _Store:
             if not cart_id and self.carts.named(name) is not None:  # one ordered at this very moment
                 name = f"{name}/{self.message_id[-32:]}"
             cart = Cart(external_id=name, customer_id=customer.id, created_at=ts, updated_at=ts)
-            self.session.add(cart)
-            self.session.flush()
+            self.session.add(cart)  # written with the next flush; its items point at it meanwhile
             self.carts.added(cart)
         elif cart.customer_id != customer.id:
             raise ValueError(f"cart {cart_id!r} belongs to another customer")
@@ -1079,8 +1078,8 @@ class _Store:
         items = self.carts.items_of(cart)
         item = items.get(product.product_id)
         if item is None:
-            assert cart.id is not None
-            item = CartItem(cart_id=cart.id, product_id=product.product_id, quantity=0)
+            # ``cart``, not ``cart_id``: a new cart gets its id when both are written
+            item = CartItem(cart=cart, product_id=product.product_id, quantity=0)  # type: ignore[call-arg]
         if item.quantity + product.quantity > MAX_QUANTITY:
             raise ValueError(f"properties.quantity: the cart would hold {item.quantity + product.quantity} of "
                              f"product {product.product_id!r}, more than {MAX_QUANTITY}")

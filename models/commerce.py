@@ -4,7 +4,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, Index, UniqueConstraint
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, Relationship, SQLModel
 
 from models.types import UtcDateTime, utcnow
 
@@ -37,6 +37,9 @@ class CartItem(SQLModel, table=True):
     quantity: int = Field(default=1)
     url: str | None = Field(default=None, max_length=2000)
     image_url: str | None = Field(default=None, max_length=2000)
+    # An item may belong to a cart not yet written: the session writes the cart, then the
+    # item with its id, in one flush (ingest adds both without a statement each).
+    cart: Cart | None = Relationship()
 
 
 class Order(SQLModel, table=True):
