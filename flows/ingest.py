@@ -491,18 +491,24 @@ def apply_events(engine: Engine, events: Sequence[_Parsed]) -> Applied:
     one way events reach the store, from a file (``ingest_lines``) or over HTTP (``flows.collect``).
 
     First optimistically, with what the group needs looked up in a few statements and its
-    rows written together at the commit (``bench/collect.py``: more than ten times the pace
-    of one savepoint and a handful of statements per event). When any event is refused
-    (a rule, or the store's constraint), that pass is rolled back whole and the group is
-    loaded again one savepoint per event, so that the others are stored and each refusal
-    is reported with its reason: either way the same rules, the same result."""
+    rows written together at the commit (``bench/collect.py``). An event a rule refuses
+    rolls that pass back, and the group is loaded again without it; when the store's own
+    constraint refuses something at the commit (whose event is not known), or more than a
+    few events are refused, the group is loaded one savepoint per event instead, so that
+    the others are stored and each refusal is reported with its reason: either way the
+    same rules, the same result."""
     for attempt in range(1, RETRIES + 1):
         try:
-            try:
-                return _apply(engine, events, exact=False)
-            except (ValueError, OverflowError, StatementError) as exc:
-                if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
-                    raise  # the database failed, not an event (a lost connection, a lock): see below
+            refused: dict[int, str] = {}
+            while len(refused) <= MAX_REFUSED_OPTIMISTICALLY:
+                try:
+                    return _apply(engine, events, exact=False, refused=refused)
+                except _Refused as exc:  # a rule refused this event: the pass again, without it
+                    refused[exc.index] = exc.reason
+                except (ValueError, OverflowError, StatementError) as exc:
+                    if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError):
+                        raise  # the database failed, not an event (a lost connection, a lock): see below
+                    break  # the store's constraint, at a flush: whose event is not known
             return _apply(engine, events, exact=True)
         except DBAPIError as exc:
             # Two writers waiting on each other's rows (PostgreSQL picks one to fail): rolled
@@ -515,15 +521,26 @@ def apply_events(engine: Engine, events: Sequence[_Parsed]) -> Applied:
 
 RETRIES = 3
 RETRYABLE = ("40P01", "40001")  # deadlock detected, serialization failure
+# Events a rule refuses, each met by one more optimistic pass without it; beyond, one
+# savepoint per event is cheaper.
+MAX_REFUSED_OPTIMISTICALLY = 10
 
 
-def _apply(engine: Engine, events: Sequence[_Parsed], exact: bool) -> Applied:
+class _Refused(Exception):
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+def _apply(engine: Engine, events: Sequence[_Parsed], exact: bool, refused: dict[int, str] | None = None) -> Applied:
+    """One pass over the group. ``refused``: events a rule refused in an earlier pass, left out."""
     applied = Applied(exact=exact)
+    refused = refused or {}
     with Session(writer(engine), expire_on_commit=False) as session:
         store = _Store(session, exact=exact)
         if not exact:
             store.prefetch(events)
-        for parsed in events:
+        for index, parsed in enumerate(events):
             if store.seen(parsed.message_id):
                 applied.outcomes.append(DUPLICATE)
                 continue
@@ -532,8 +549,18 @@ def _apply(engine: Engine, events: Sequence[_Parsed], exact: bool) -> Applied:
                 applied.outcomes.append(reason)
                 if reason is not None:
                     continue
+            elif index in refused:
+                applied.outcomes.append(refused[index])
+                continue
             else:
-                store.apply(parsed)
+                try:
+                    store.apply(parsed)
+                except OverflowError as exc:
+                    raise _Refused(index, f"the store refused it ({exc})") from None
+                except ValueError as exc:
+                    if isinstance(exc, StatementError):
+                        raise
+                    raise _Refused(index, str(exc)) from None
                 applied.outcomes.append(None)
             if parsed.event.event == "Complaint Received":  # whose details are a ComplaintReceived
                 applied.complaints.append(parsed.details.complaint_id)  # type: ignore[union-attr]
@@ -848,7 +875,7 @@ class _Store:
 
     def apply(self, parsed: _Parsed) -> None:
         event, ts = parsed.event, parsed.event.moment
-        self.message_id = parsed.message_id  # names a new cart when its moment's name is taken
+        self.message_id = parsed.message_id  # names a new cart (open_cart)
         if event.type == "alias":
             assert event.user_id is not None and event.previous_id is not None
             customer = self.customer(event.user_id, ts)
@@ -1063,9 +1090,10 @@ class _Store:
         cart = self.carts.named(cart_id) if cart_id else self.carts.latest_open(customer)
         if cart is None:
             assert customer.id is not None
-            name = cart_id or f"{customer.external_id}/{ts:%Y%m%dT%H%M%S%f}"
-            if not cart_id and self.carts.named(name) is not None:  # one ordered at this very moment
-                name = f"{name}/{self.message_id[-32:]}"
+            # A cart the shop did not name is named by its moment and its event: unique by
+            # construction (another at the same moment, once ordered, keeps its name).
+            name = cart_id or (f"{customer.external_id[:200]}/{ts:%Y%m%dT%H%M%S%f}/"
+                               f"{hashlib.sha256(self.message_id.encode()).hexdigest()[:10]}")
             cart = Cart(external_id=name, customer_id=customer.id, created_at=ts, updated_at=ts)
             self.session.add(cart)  # written with the next flush; its items point at it meanwhile
             self.carts.added(cart)
