@@ -382,14 +382,24 @@ def parse_event(raw: dict[str, Any], source: str | None = None, received_at: dat
         details = model.model_validate(event.properties) if model else None
     except ValidationError as exc:
         raise ValueError(_reasons(exc, ("properties",))) from None
-    try:
-        traits = Traits.model_validate(event.traits) if event.type == "identify" else None
-    except ValidationError as exc:
-        raise ValueError(_reasons(exc, ("traits",))) from None
+    traits = _identified(event) if event.type == "identify" else None
     message_id = event.message_id or "sha256:" + hashlib.sha256(
         json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
     return _Parsed(event, details, message_id, raw, traits, source, received_at)
+
+
+def _identified(event: SegmentEvent) -> Traits:
+    """An identify's traits: its own, and those only in ``context.traits``, where RudderStack's
+    libraries send them (its collector reads both, the event's own winning)."""
+    inherited = event.context.get("traits")
+    given = {**inherited, **event.traits} if isinstance(inherited, dict) else event.traits
+    try:
+        return Traits.model_validate(given)
+    except ValidationError as exc:
+        raise ValueError("; ".join(
+            f"{format_path(('traits' if e['loc'][0] in event.traits else 'context.traits', *e['loc']))}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
 
 
 def deeper_than(value: Any, limit: int) -> bool:

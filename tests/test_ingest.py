@@ -593,3 +593,19 @@ def test_a_store_holding_unicode_domains_upgrades_to_ascii_ones(db_url: str) -> 
     assert suppressed == ["jürgen@xn--bcher-kva.de", "kunde@xn--bcher-kva.de"]
     assert sends == ["kunde@xn--bcher-kva.de"]
     engine.dispose()
+
+
+def test_an_identify_reads_traits_from_context_too_as_rudderstack_sends_them() -> None:
+    """RudderStack's libraries put identify's traits in ``context.traits`` only; the event's own win."""
+    from flows.ingest import parse_line
+
+    base = {"type": "identify", "userId": "r1", "timestamp": "2026-03-02T10:00:00Z", "messageId": "r-1"}
+    only_context = parse_line(json.dumps({**base, "context": {"traits": {"email": "Ada@Shop.example",
+                                                                         "first_name": "Ada"}}}))
+    assert only_context.traits is not None
+    assert (only_context.traits.email, only_context.traits.first_name) == ("Ada@shop.example", "Ada")
+    both = parse_line(json.dumps({**base, "traits": {"first_name": "Grace"},
+                                  "context": {"traits": {"email": "ada@shop.example", "first_name": "Ada"}}}))
+    assert both.traits is not None and (both.traits.email, both.traits.first_name) == ("ada@shop.example", "Grace")
+    with pytest.raises(ValueError, match=r"^context\.traits\.email: not a deliverable address"):
+        parse_line(json.dumps({**base, "context": {"traits": {"email": "not-an-address"}}}))

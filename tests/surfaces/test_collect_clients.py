@@ -197,8 +197,6 @@ def test_segment_python_client_stores_each_call_once_under_its_keys_source(
 
 
 @pytest.mark.xdist_group("collect_clients")  # one worker, one shared server (with --dist loadgroup)
-@pytest.mark.xfail(strict=True, reason="rudder-sdk-python sends identify's traits only as context.traits, which "
-                   "the store does not read: the customer gets no email or name")
 def test_rudderstack_python_client_stores_each_call_once_under_its_keys_source(
         shared: tuple[Collector, Engine]) -> None:
     """rudder-sdk-python: its data plane URL is the client's ``host``."""
