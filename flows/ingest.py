@@ -768,6 +768,23 @@ class _Known:
         self.known.add(name)
 
 
+EVENT_COLUMNS = ("message_id", "type", "name", "user_id", "timestamp", "payload", "received_at", "source")
+
+
+def _copy_events(connection: Any, rows: list[dict[str, Any]]) -> None:
+    """Event rows by COPY (PostgreSQL): a fifth of the cost of an INSERT's parameters for the
+    store's widest rows (bench/collect.py). Times as the store keeps them, naive UTC."""
+    def naive(moment: datetime) -> datetime:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+
+    cursor = connection.connection.driver_connection.cursor()
+    with cursor.copy(f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row((row["message_id"], row["type"], row["name"], row["user_id"], naive(row["timestamp"]),
+                            json.dumps(row["payload"], separators=(",", ":")), naive(row["received_at"]),
+                            row["source"]))
+
+
 def _chunks(values: list[Any], size: int = 1000) -> Iterable[list[Any]]:
     for start in range(0, len(values), size):
         yield values[start:start + size]
@@ -796,7 +813,11 @@ class _Store:
         them (a merge weighs identify events and activity) and before the commit."""
         self.session.flush()  # new customers get their ids
         if self.pending_events:
-            self.session.connection().execute(insert(Event.__table__), self.pending_events)  # type: ignore[attr-defined]
+            connection = self.session.connection()
+            if connection.dialect.name == "postgresql":
+                _copy_events(connection, self.pending_events)
+            else:
+                connection.execute(insert(Event.__table__), self.pending_events)  # type: ignore[attr-defined]
             self.pending_events = []
         if self.pending_seen:
             latest = bindparam("latest", type_=Event.__table__.c.timestamp.type)  # type: ignore[attr-defined]
