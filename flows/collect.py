@@ -112,6 +112,8 @@ def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise BadRequest("too_large", f"the body is larger than {limit // 1024} KB unpacked")
     if not unpacker.eof:
         raise BadRequest("bad_encoding", "the gzip body is cut short")
+    if unpacker.unused_data:
+        raise BadRequest("bad_encoding", "the gzip body has bytes after its end")
     return text
 
 
@@ -180,6 +182,8 @@ def read_request(call: str, raw: dict[str, Any], source: str | None, received_at
             received.positions.append(index)
         except ValueError as exc:
             received.errors.append((index, str(exc)))
+        except OverflowError:  # the skew correction left the calendar: a time no client meant
+            received.errors.append((index, "sentAt, timestamp: too far apart to correct the client's clock by"))
     return received
 
 

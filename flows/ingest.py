@@ -777,12 +777,16 @@ def _copy_events(connection: Any, rows: list[dict[str, Any]]) -> None:
     def naive(moment: datetime) -> datetime:
         return moment.astimezone(UTC).replace(tzinfo=None)
 
+    statement = f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
     cursor = connection.connection.driver_connection.cursor()
-    with cursor.copy(f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row((row["message_id"], row["type"], row["name"], row["user_id"], naive(row["timestamp"]),
-                            json.dumps(row["payload"], separators=(",", ":")), naive(row["received_at"]),
-                            row["source"]))
+    try:
+        with cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row((row["message_id"], row["type"], row["name"], row["user_id"],
+                                naive(row["timestamp"]), json.dumps(row["payload"], separators=(",", ":")),
+                                naive(row["received_at"]), row["source"]))
+    except connection.dialect.dbapi.Error as exc:  # as SQLAlchemy's own errors: a unique key met, a lock, …
+        raise DBAPIError.instance(statement, None, exc, connection.dialect.dbapi.Error) from exc
 
 
 def _chunks(values: list[Any], size: int = 1000) -> Iterable[list[Any]]:
@@ -1162,6 +1166,7 @@ class _Store:
                     self.session.expunge(item)
                 else:
                     self.session.delete(item)
+                    self.session.flush()  # before a new item for the product is inserted (a unique key)
                 del items[product.product_id]
             else:
                 self.session.add(item)

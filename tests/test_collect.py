@@ -356,3 +356,21 @@ def test_an_unreadable_sent_at_refuses_its_events_by_index(sent_at: Any, said: s
                             RECEIVED)
     assert received.events == [] and [index for index, _ in received.errors] == [0, 1]
     assert all(reason.startswith(said) for _, reason in received.errors), received.errors
+
+
+def test_a_skew_correction_beyond_the_calendar_refuses_that_event_only() -> None:
+    """A sentAt and a timestamp millennia apart: the corrected time would leave the calendar.
+    That event is refused by its index; the request's others stand (a retry could never help it)."""
+    far = track("m1", timestamp="0001-01-01T00:00:00Z")
+    received = read_request("batch", {"batch": [track("m0", sentAt=iso(RECEIVED)), far],
+                                      "sentAt": "9999-12-31T23:59:59Z"},
+                            "backend", RECEIVED)
+    assert [event.message_id for event in received.events] == ["m0"]
+    assert [index for index, _ in received.errors] == [1]
+    assert "too far apart" in received.errors[0][1]
+
+
+def test_bytes_after_the_end_of_a_gzip_body_are_refused() -> None:
+    with pytest.raises(BadRequest) as refused:
+        decompressed(gzip.compress(b'{"batch": []}') + b"trailing", "gzip", 1000)
+    assert refused.value.code == "bad_encoding"

@@ -316,3 +316,22 @@ def test_concurrent_groups_creating_one_customer_lose_and_duplicate_nothing(engi
         assert sorted(row["message_id"] for row in mine) == sorted(f"c{round_}-{n}" for n in range(9))
         assert [c["external_id"] for c in store["customers"]].count(person) == 1
     print(f"{exact_passes} of {2 * rounds} groups met the other writer's rows and were loaded again exactly")
+
+
+def test_an_item_emptied_and_added_again_in_one_group_needs_no_second_pass(twins: tuple[Engine, Engine]) -> None:
+    """Product Removed to nothing, then Product Added of the same product: the item's row is
+    deleted before the new one is written, so the optimistic pass holds (the cart's unique
+    product key is not met)."""
+    store, _ = twins
+    moment = "2026-03-02T10:00:0{}Z"
+    first = [{"type": "track", "userId": "u9", "event": "Product Added", "messageId": "a1",
+              "timestamp": moment.format(1), "properties": {"product_id": "p", "price": 5, "quantity": 1}}]
+    apply_events(store, parsed(first))
+    again = [{"type": "track", "userId": "u9", "event": "Product Removed", "messageId": "r1",
+              "timestamp": moment.format(2), "properties": {"product_id": "p", "quantity": 1}},
+             {"type": "track", "userId": "u9", "event": "Product Added", "messageId": "a2",
+              "timestamp": moment.format(3), "properties": {"product_id": "p", "price": 6, "quantity": 2}}]
+    applied = apply_events(store, parsed(again))
+    assert applied.outcomes == [None, None] and not applied.exact
+    items = snapshot(store)["cart_items"]
+    assert [(item["product_id"], item["quantity"], item["price_cents"]) for item in items] == [("p", 2, 600)]

@@ -84,7 +84,10 @@ def write_requests(engine: Engine, requests: list[Received]) -> list[Outcome]:
                    if outcome is not None and outcome != DUPLICATE]
         outcomes.append(Outcome(mine.count(None), mine.count(DUPLICATE), refused))
     if applied.complaints:
-        emit_complaints(applied.complaints, drain=False)  # committed: the reply can start at once
+        try:
+            emit_complaints(applied.complaints, drain=False)  # committed: the reply can start at once
+        except Exception:  # committed events stay answered 200; the cron schedule still replies
+            log.exception("%d complaint(s) not announced to Prefect", len(applied.complaints))
     return outcomes
 
 
