@@ -16,11 +16,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
 
+from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.types import ASGIApp
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +123,26 @@ class GroupCommit(Generic[Item, Answer]):
         if self.batches:
             log.info("%d %s written in %d batches (%.1f a batch, %.1f ms each)", self.written, self.what,
                      self.batches, self.written / self.batches, 1000 * self.busy_seconds / self.batches)
+
+
+def serve_first(app: FastAPI, layer: Callable[[ASGIApp], ASGIApp], writer: GroupCommit[Any, Any]) -> None:
+    """Put ``layer`` (routes of its own) around ``app``'s middleware stack, before Starlette's
+    middleware and routing, and drain ``writer`` when the app shuts down. Call it before
+    ``install_security``, which must wrap what this adds."""
+    build = app.build_middleware_stack
+
+    def build_with_layer() -> ASGIApp:
+        return layer(build())
+
+    app.build_middleware_stack = build_with_layer  # type: ignore[method-assign]  # wraps Starlette's own stack
+    previous = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(application: Any) -> Any:
+        async with previous(application) as state:
+            try:
+                yield state
+            finally:
+                await writer.close()
+
+    app.router.lifespan_context = lifespan

@@ -24,7 +24,6 @@ routing and validation: a shop's backend sends thousands of events a second
 import json
 import logging
 from collections.abc import Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,7 +44,7 @@ from flows.collect import (
     read_body,
 )
 from flows.ingest import DUPLICATE, apply_events
-from flows.surfaces.group_commit import GroupCommit, StoreUnavailable
+from flows.surfaces.group_commit import GroupCommit, StoreUnavailable, serve_first
 
 log = logging.getLogger(__name__)
 
@@ -233,22 +232,6 @@ def add_collect(app: FastAPI, keys: WriteKeys, engine: Engine, clock: Callable[[
                  ", ".join(sorted(keys.sources.values())))
     else:
         log.info("The tracking API (/v1/) accepts nothing: set LIFECYCLE_WRITE_KEYS (source:key pairs) to turn it on")
-    build = app.build_middleware_stack
-
-    def build_with_collect() -> ASGIApp:
-        return CollectRoutes(build(), keys, writer, clock, max_pending)
-
-    app.build_middleware_stack = build_with_collect  # type: ignore[method-assign]  # wraps Starlette's own stack
-    previous = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(application: Any) -> Any:
-        async with previous(application) as state:
-            try:
-                yield state
-            finally:
-                await writer.close()
-
-    app.router.lifespan_context = lifespan
+    serve_first(app, lambda inner: CollectRoutes(inner, keys, writer, clock, max_pending), writer)
     return writer
 

@@ -25,10 +25,8 @@ every route; a defect answers 500 here, since Starlette's error middleware is no
 
 import logging
 from collections.abc import Callable
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -42,7 +40,7 @@ from flows.spec.policy import Policy, Tracking
 from flows.spec.problems import SpecError
 from flows.spec.project import POLICY_FILE, problems_from
 from flows.spec.yaml_source import YamlSyntaxError, load_yaml
-from flows.surfaces.group_commit import GroupCommit, StoreUnavailable
+from flows.surfaces.group_commit import GroupCommit, StoreUnavailable, serve_first
 from flows.tracking.clicks import Hit, record_hits, request_machine
 from models.outcomes import EngagementKind
 
@@ -175,22 +173,6 @@ def add_tracking(app: FastAPI, settings: Settings, engine: Engine, tracking_poli
     """Serve ``/c/`` and ``/o/`` on ``app``; the writer drains its queue when the app shuts down.
     Call it before ``install_security``, which must wrap what this adds."""
     writer = ClickWriter(engine, tracking_policy)
-    build = app.build_middleware_stack
-
-    def build_with_tracking() -> ASGIApp:
-        return TrackingRoutes(build(), settings.signing_secret, writer, clock, error_page)
-
-    app.build_middleware_stack = build_with_tracking  # type: ignore[method-assign]  # wraps Starlette's own stack
-    previous = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(application: Any) -> Any:
-        async with previous(application) as state:
-            try:
-                yield state
-            finally:
-                await writer.close()
-
-    app.router.lifespan_context = lifespan
+    serve_first(app, lambda inner: TrackingRoutes(inner, settings.signing_secret, writer, clock, error_page), writer)
     return writer
 
