@@ -44,14 +44,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import make_url, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.clicks import fresh_store as empty_store
 from bench.store import TABLES, grow
 from flows.surfaces.outbox import free_port
-from models.db import create_schema, make_engine
+from models.db import make_engine
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/bench_collect"
 SOURCE, WRITE_KEY = "bench-shop", "bench-write-key-0123456789"
@@ -147,17 +148,10 @@ def jsonl(path: Path, count: int, customers: int, anonymous: float) -> None:
 
 def fresh_store(url: str, customers: int) -> dict[str, int]:
     """Drop and remake the database, migrate it, and seed a shop of ``customers``; rows per table."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql":
+    if make_url(url).get_backend_name() != "postgresql":
         raise SystemExit("--database-url: a PostgreSQL URL (its database is dropped and made anew)")
-    admin = create_engine(parsed.set(drivername="postgresql+psycopg", database="postgres"),
-                          isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
-    admin.dispose()
+    empty_store(url)  # dropped, made anew, the schema as `lifecycle db upgrade` makes it
     engine = make_engine(url)
-    create_schema(engine)  # what `lifecycle db upgrade` does
     counts = grow(engine, 1, customers, datetime.now(UTC))
     with engine.begin() as connection:  # the load gave explicit ids: new rows continue after them
         for table, (columns, _) in TABLES.items():
