@@ -31,11 +31,12 @@ class Store:
 
     def customer(self, name: str = "Anna", *, email: str | None = "", consent: bool = True, locale: str = "de-DE",
                  created: datetime | None = None, last_seen: datetime | None = None,
-                 last_name: str | None = "Schäfer") -> Customer:
+                 last_name: str | None = "Schäfer", external_id: str | None = None) -> Customer:
         n = next(_ids)
         address = f"kunde{n}@example.de" if email == "" else email
-        customer = Customer(external_id=f"c-{n}", email=address, first_name=name, last_name=last_name, locale=locale,
-                            marketing_consent=consent, consent_at=ago(days=400) if consent else None,
+        customer = Customer(external_id=external_id or f"c-{n}", email=address, first_name=name,
+                            last_name=last_name, locale=locale, marketing_consent=consent,
+                            consent_at=ago(days=400) if consent else None,
                             created_at=created or ago(days=500), last_seen_at=last_seen or ago(days=1))
         self._add(customer)
         return customer
