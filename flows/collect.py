@@ -21,7 +21,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from flows.ingest import DECODER, MAX_DEPTH, _BadJson, _Parsed, check_strings, deeper_than, parse_event
+from flows.ingest import (
+    DECODER,
+    MAX_DEPTH,
+    _BadJson,
+    _Parsed,
+    check_strings,
+    compact_json,
+    deeper_than,
+    parse_event,
+)
 
 MAX_BATCH_BYTES = 500 * 1024  # Segment's limits: a request to /v1/batch …
 MAX_EVENT_BYTES = 32 * 1024  # … and one event, alone or in a batch
@@ -199,7 +208,7 @@ def _event(call: str, item: Any, shared: dict[str, Any], sent_at: Any, source: s
         if deeper_than(item, MAX_DEPTH):
             raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
         check_strings(item)
-    size = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+    size = len(compact_json(item).encode())
     if not item.get("messageId"):  # from the event as the client made it, so that its retry is the same event
         made = {name: value for name, value in item.items() if name not in ("sentAt", "receivedAt")}
         item["messageId"] = "sha256:" + hashlib.sha256(json.dumps(

@@ -335,3 +335,51 @@ def test_an_item_emptied_and_added_again_in_one_group_needs_no_second_pass(twins
     assert applied.outcomes == [None, None] and not applied.exact
     items = snapshot(store)["cart_items"]
     assert [(item["product_id"], item["quantity"], item["price_cents"]) for item in items] == [("p", 2, 600)]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_customer_another_writer_holds_delays_only_their_own_events(engine: Engine) -> None:
+    """While another writer's transaction holds a customer, a group commits everyone else's
+    events at once and loads that customer's after the other commits, in their order: an alias
+    naming the held customer, then a page view by the id the alias introduced, land on the held
+    customer (not on a new guest made of the id)."""
+    apply_events(engine, parsed([{"type": "identify", "userId": "held", "messageId": "h0", "timestamp": at(0),
+                                  "traits": {"email": "held@example.de"}}]))
+    group = parsed([
+        {"type": "page", "userId": "free", "name": "Home", "messageId": "f1", "timestamp": at(1)},
+        {"type": "alias", "previousId": "guest-7", "userId": "held", "messageId": "h1", "timestamp": at(2)},
+        {"type": "page", "anonymousId": "guest-7", "name": "Cart", "messageId": "h2", "timestamp": at(3)},
+        {"type": "track", "userId": "free", "event": "Product Added", "messageId": "f2", "timestamp": at(4),
+         "properties": product("p1")},
+    ])
+    tables = SQLModel.metadata.tables
+    customers, events = tables["customers"], tables["events"]
+
+    def stored() -> set[str]:
+        with engine.connect() as connection:
+            return set(connection.execute(select(events.c.message_id)).scalars())
+
+    other = engine.connect()
+    transaction = other.begin()
+    other.execute(select(customers.c.id).where(customers.c.external_id == "held").with_for_update())
+    result: list[Any] = []
+    loader = threading.Thread(target=lambda: result.append(apply_events(engine, group)))
+    loader.start()
+    try:
+        for _ in range(200):
+            if {"f1", "f2"} <= stored():
+                break
+            loader.join(0.05)
+        assert stored() == {"h0", "f1", "f2"}  # committed while "held" is still held
+        assert loader.is_alive()  # and waiting for it
+    finally:
+        transaction.commit()
+        other.close()
+    loader.join(30)
+    [applied] = result
+    assert applied.outcomes == [None, None, None, None] and applied.deferred == []
+    assert stored() == {"h0", "f1", "h1", "h2", "f2"}
+    with engine.connect() as connection:
+        people = dict(connection.execute(select(customers.c.external_id, customers.c.last_seen_at)).all())
+    assert set(people) == {"held", "free"}  # guest-7 is an alias of "held", not a customer of its own
+    assert people["held"] is not None and people["held"].isoformat().startswith(at(3).removesuffix("Z"))
