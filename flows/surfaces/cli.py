@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.clock import parse_now
+from flows.memory import long_lived_heap
 from flows.redaction import redact_urls
 from flows.settings import Settings
 from flows.spec.problems import SpecError
@@ -123,6 +124,7 @@ def ingest(
         raise typer.Exit(2)
     settings = _settings()
     engine = _engine(settings)
+    long_lived_heap()
     if file == "-":
         report = ingest_lines(engine, sys.stdin.buffer, source)
     else:
@@ -332,6 +334,8 @@ def web(
     served: Any = application
     if workers > 1:  # each worker process makes its own app from the same environment
         served = "flows.surfaces.web:app_from_environment"
+    else:
+        long_lived_heap()
     uvicorn.run(served, factory=workers > 1, workers=workers if workers > 1 else None, host=host, port=port,
                 log_level="info", log_config=log_config(), server_header=False)
 

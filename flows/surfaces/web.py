@@ -55,6 +55,7 @@ from flows.content.links import (
 from flows.content.render import language_of
 from flows.feedback.bounces import Report
 from flows.kinds import KINDS
+from flows.memory import long_lived_heap
 from flows.redaction import redact
 from flows.settings import Settings
 from flows.signing_secret import resolved
@@ -476,4 +477,6 @@ def app_from_environment() -> FastAPI:
     from flows.surfaces.environment import settings_from_environment
 
     redact_every_record()
-    return create_app(settings_from_environment())
+    application = create_app(settings_from_environment())
+    long_lived_heap()
+    return application
