@@ -48,8 +48,9 @@ from flows.surfaces.group_commit import GroupCommit, StoreUnavailable, serve_fir
 
 log = logging.getLogger(__name__)
 
-# A group's customers stay locked until its commit: smaller groups hold them shorter, and
-# two writers a process (on PostgreSQL) overlap one's commit with the other's work.
+# A group's customers stay locked until its commit (another writer's group skips them and
+# loads their events after it, ``flows.ingest.apply_events``): smaller groups hold them
+# shorter, and two writers a process (on PostgreSQL) overlap one's commit with the other's work.
 MAX_EVENTS_A_TRANSACTION = 2000
 WRITERS = 2
 RETRY_AFTER_OVERLOAD = "1"
