@@ -924,12 +924,14 @@ class _Store:
         self.absent = set(ids) - set(self.customers) - held
         deferred = set()
         if held:
+            later: set[str] = set()  # the messageIds of events left for later: a repeat waits with them
             for index, parsed in enumerate(events):
                 named_ids = {i for i in (parsed.event.user_id, parsed.event.anonymous_id, parsed.event.previous_id)
                              if i is not None}
-                if named_ids & held:
+                if named_ids & held or parsed.message_id in later:
                     deferred.add(index)
                     held |= named_ids
+                    later.add(parsed.message_id)
             events = [parsed for index, parsed in enumerate(events) if index not in deferred]
         shopping = [parsed for parsed in events if parsed.event.type == "track" and isinstance(
             parsed.details, Product | OrderCompleted)]

@@ -6,6 +6,8 @@ lose and duplicate nothing."""
 import json
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -337,6 +339,27 @@ def test_an_item_emptied_and_added_again_in_one_group_needs_no_second_pass(twins
     assert [(item["product_id"], item["quantity"], item["price_cents"]) for item in items] == [("p", 2, 600)]
 
 
+def stored(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(connection.execute(select(SQLModel.metadata.tables["events"].c.message_id)).scalars())
+
+
+@contextmanager
+def held_by_another_writer(engine: Engine, external_id: str) -> Iterator[None]:
+    """A transaction that holds the customer's row, as another writer's group does, until the block ends."""
+    customers = SQLModel.metadata.tables["customers"]
+    with engine.connect() as other, other.begin():
+        other.execute(select(customers.c.id).where(customers.c.external_id == external_id).with_for_update())
+        yield
+
+
+def loading(engine: Engine, group: list[_Parsed]) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+    loader = threading.Thread(target=lambda: result.append(apply_events(engine, group)))
+    loader.start()
+    return loader, result
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_customer_another_writer_holds_delays_only_their_own_events(engine: Engine) -> None:
     """While another writer's transaction holds a customer, a group commits everyone else's
@@ -352,34 +375,39 @@ def test_a_customer_another_writer_holds_delays_only_their_own_events(engine: En
         {"type": "track", "userId": "free", "event": "Product Added", "messageId": "f2", "timestamp": at(4),
          "properties": product("p1")},
     ])
-    tables = SQLModel.metadata.tables
-    customers, events = tables["customers"], tables["events"]
-
-    def stored() -> set[str]:
-        with engine.connect() as connection:
-            return set(connection.execute(select(events.c.message_id)).scalars())
-
-    other = engine.connect()
-    transaction = other.begin()
-    other.execute(select(customers.c.id).where(customers.c.external_id == "held").with_for_update())
-    result: list[Any] = []
-    loader = threading.Thread(target=lambda: result.append(apply_events(engine, group)))
-    loader.start()
-    try:
+    customers = SQLModel.metadata.tables["customers"]
+    with held_by_another_writer(engine, "held"):
+        loader, result = loading(engine, group)
         for _ in range(200):
-            if {"f1", "f2"} <= stored():
+            if {"f1", "f2"} <= stored(engine):
                 break
             loader.join(0.05)
-        assert stored() == {"h0", "f1", "f2"}  # committed while "held" is still held
+        assert stored(engine) == {"h0", "f1", "f2"}  # committed while "held" is still held
         assert loader.is_alive()  # and waiting for it
-    finally:
-        transaction.commit()
-        other.close()
     loader.join(30)
     [applied] = result
     assert applied.outcomes == [None, None, None, None] and applied.deferred == []
-    assert stored() == {"h0", "f1", "h1", "h2", "f2"}
+    assert stored(engine) == {"h0", "f1", "h1", "h2", "f2"}
     with engine.connect() as connection:
         people = dict(connection.execute(select(customers.c.external_id, customers.c.last_seen_at)).all())
     assert set(people) == {"held", "free"}  # guest-7 is an alias of "held", not a customer of its own
     assert people["held"] is not None and people["held"].isoformat().startswith(at(3).removesuffix("Z"))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_repeat_of_an_event_left_for_later_waits_with_it(engine: Engine) -> None:
+    """The first of two events with one messageId is the one stored, even when its customer is
+    held and the repeat's is not."""
+    apply_events(engine, parsed([{"type": "identify", "userId": "held", "messageId": "h0", "timestamp": at(0),
+                                  "traits": {"email": "held@example.de"}}]))
+    group = parsed([{"type": "page", "userId": "held", "name": "Home", "messageId": "m1", "timestamp": at(1)},
+                    {"type": "page", "userId": "free", "name": "Home", "messageId": "m1", "timestamp": at(1)}])
+    with held_by_another_writer(engine, "held"):
+        loader, result = loading(engine, group)
+        loader.join(1)
+    loader.join(30)
+    assert result[0].outcomes == [None, DUPLICATE]
+    events = SQLModel.metadata.tables["events"]
+    with engine.connect() as connection:
+        assert connection.execute(select(events.c.user_id).where(events.c.message_id == "m1")).scalars().all() \
+            == ["held"]
