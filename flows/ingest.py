@@ -513,6 +513,7 @@ def apply_events(engine: Engine, events: Sequence[_Parsed]) -> Applied:
     applied = _load(engine, events, wait=False)
     if applied.deferred:  # their customers were another writer's: now, waiting for them
         later = _load(engine, [events[index] for index in applied.deferred], wait=True)
+        assert not later.deferred  # a pass that waits leaves nothing for later
         for index, outcome in zip(applied.deferred, later.outcomes, strict=True):
             applied.outcomes[index] = outcome
         applied.complaints += later.complaints
@@ -811,7 +812,7 @@ def compact_json(raw: dict[str, Any]) -> str:
     try:
         return orjson.dumps(raw, default=_number_fragment).decode()
     except orjson.JSONEncodeError:
-        return json.dumps(raw, separators=(",", ":"))
+        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)  # as orjson: sizes in UTF-8
 
 
 def _copy_events(connection: Any, rows: list[dict[str, Any]]) -> None:
@@ -844,6 +845,32 @@ def _among(session: Session, column: Any, values: list[Any]) -> Any:
 def _chunks(values: list[Any], size: int = 1000) -> Iterable[list[Any]]:
     for start in range(0, len(values), size):
         yield values[start:start + size]
+
+
+def _deferred(events: Sequence[_Parsed], held: set[str]) -> set[int]:
+    """The events (by index) to load after the group's commit, when ``held`` ids name customers
+    another writer holds: each event naming one of them; each later event naming an id of a
+    deferred one, or repeating its messageId; and, once one is deferred, every later event
+    that changes more than its customer's activity (identify, alias, group, carts, orders,
+    complaints, unsubscribes), since those meet across customers (a cart, an order or a
+    complaint id, a shared mailbox's suppression). Page views and other tracks of customers
+    not held load at once: they touch only their own customer's activity. So every id's
+    events, and all the changing events, still load in their order."""
+    deferred: set[int] = set()
+    if not held:
+        return deferred
+    held, later, changes_wait = set(held), set(), False
+    for index, parsed in enumerate(events):
+        event = parsed.event
+        named_ids = {i for i in (event.user_id, event.anonymous_id, event.previous_id) if i is not None}
+        changes = event.type in ("identify", "group", "alias") or (
+            event.type == "track" and (event.event or "") in _TRACK_HANDLERS)
+        if named_ids & held or parsed.message_id in later or (changes and changes_wait):
+            deferred.add(index)
+            held |= named_ids
+            later.add(parsed.message_id)
+            changes_wait = changes_wait or changes
+    return deferred
 
 
 class _Store:
@@ -902,37 +929,17 @@ class _Store:
         for chunk in _chunks(wanted):
             self.message_ids.update(self.session.execute(
                 select(col(Event.message_id)).where(_among(self.session, col(Event.message_id), chunk))).scalars())
-        named: dict[str, int] = {}  # external id or alias → customer id
-        for chunk in _chunks(ids):
-            named.update(self.session.execute(select(col(Customer.external_id), col(Customer.id))
-                                              .where(_among(self.session, col(Customer.external_id), chunk))).all())
-            named.update(self.session.execute(select(col(CustomerAlias.external_id), col(CustomerAlias.customer_id))
-                                              .where(_among(self.session, col(CustomerAlias.external_id), chunk))
-                                              ).all())
         # Locked at once, in the order of their ids (PostgreSQL): two writers naming the same
         # customers take turns instead of deadlocking on them halfway through their groups.
-        by_id: dict[int, Customer] = {}
         skip = not wait and self.session.get_bind().dialect.name == "postgresql"
-        for id_chunk in _chunks(sorted(set(named.values()))):
-            by_id.update((c.id, c) for c in self.session.execute(
-                select(Customer).where(_among(self.session, col(Customer.id), id_chunk)).order_by(col(Customer.id))
-                .with_for_update(skip_locked=skip)).scalars() if c.id is not None)
+        named, by_id = self._lock(ids, skip)
         held = {name for name, customer_id in named.items() if customer_id not in by_id}  # by another writer
         for name, customer_id in named.items():
             if customer_id in by_id:
                 self.customers[name] = by_id[customer_id]
         self.absent = set(ids) - set(self.customers) - held
-        deferred = set()
-        if held:
-            later: set[str] = set()  # the messageIds of events left for later: a repeat waits with them
-            for index, parsed in enumerate(events):
-                named_ids = {i for i in (parsed.event.user_id, parsed.event.anonymous_id, parsed.event.previous_id)
-                             if i is not None}
-                if named_ids & held or parsed.message_id in later:
-                    deferred.add(index)
-                    held |= named_ids
-                    later.add(parsed.message_id)
-            events = [parsed for index, parsed in enumerate(events) if index not in deferred]
+        deferred = _deferred(events, held)
+        events = [parsed for index, parsed in enumerate(events) if index not in deferred]
         shopping = [parsed for parsed in events if parsed.event.type == "track" and isinstance(
             parsed.details, Product | OrderCompleted)]
         self.carts.load({c.id for parsed in shopping if (c := self.customers.get(parsed.event.key)) and c.id},
@@ -940,6 +947,37 @@ class _Store:
         self.orders.load({parsed.details.order_id for parsed in shopping if isinstance(parsed.details,
                                                                                          OrderCompleted)})
         return deferred
+
+    def _lock(self, ids: list[str], skip: bool) -> tuple[dict[str, int], dict[int, Customer]]:
+        """Which customer each of ``ids`` names (external id or alias), and those customers,
+        locked. ``skip``: those another writer holds are left out. Else a customer merged
+        away while this waited for it (its row gone, its id now an alias) is looked up again."""
+        named: dict[str, int] = {}  # external id or alias → customer id
+        by_id: dict[int, Customer] = {}
+        wanted = ids
+        for _ in range(3):
+            found = self._named(wanted)
+            named.update(found)
+            for id_chunk in _chunks(sorted(set(found.values()) - set(by_id))):
+                by_id.update((c.id, c) for c in self.session.execute(
+                    select(Customer).where(_among(self.session, col(Customer.id), id_chunk))
+                    .order_by(col(Customer.id)).with_for_update(skip_locked=skip)).scalars() if c.id is not None)
+            wanted = [name for name, customer_id in found.items() if customer_id not in by_id]
+            if skip or not wanted:
+                break
+            for name in wanted:
+                del named[name]
+        return named, by_id
+
+    def _named(self, ids: list[str]) -> dict[str, int]:
+        named: dict[str, int] = {}
+        for chunk in _chunks(ids):
+            named.update(self.session.execute(select(col(Customer.external_id), col(Customer.id))
+                                              .where(_among(self.session, col(Customer.external_id), chunk))).all())
+            named.update(self.session.execute(select(col(CustomerAlias.external_id), col(CustomerAlias.customer_id))
+                                              .where(_among(self.session, col(CustomerAlias.external_id), chunk))
+                                              ).all())
+        return named
 
     def seen(self, message_id: str) -> bool:
         if message_id in self.message_ids:

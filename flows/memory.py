@@ -59,14 +59,29 @@ def one_malloc_arena() -> bool:
 
 # Allocations between two collections of the youngest generation (CPython's default: 700).
 YOUNG_COLLECTION_EVERY = 10_000
+_young = 0  # long_lived_heap scopes open
+_young_before = 700
 
 
-def long_lived_heap() -> None:
-    """For a process that loads events until it is stopped (``lifecycle web``) or to the end of
-    a file (``lifecycle ingest``): everything alive once it has started (modules, the app) is
-    frozen out of collections for good, and the youngest generation is collected every
-    10,000 allocations instead of 700. A request's events allocate tens of thousands of short-
-    lived objects; with the defaults, collections took 40 % of the tracking API's Python time
+@contextmanager
+def long_lived_heap() -> Iterator[None]:
+    """For as long as a process loads events (``lifecycle web`` while it serves, ``lifecycle
+    ingest`` to the end of its file): the heap alive at the start frozen out of collections
+    (``frozen_heap``), and the youngest generation collected every 10,000 allocations
+    instead of 700. A request's events allocate tens of thousands of short-lived objects;
+    with the defaults, collections took 40 % of the tracking API's Python time
     (bench/collect.py: about 170 µs an event, 100 µs without)."""
-    gc.freeze()
-    gc.set_threshold(YOUNG_COLLECTION_EVERY, *gc.get_threshold()[1:])
+    global _young, _young_before
+    with frozen_heap():
+        with _lock:
+            _young += 1
+            if _young == 1:
+                _young_before = gc.get_threshold()[0]
+                gc.set_threshold(YOUNG_COLLECTION_EVERY, *gc.get_threshold()[1:])
+        try:
+            yield
+        finally:
+            with _lock:
+                _young -= 1
+                if _young == 0:
+                    gc.set_threshold(_young_before, *gc.get_threshold()[1:])

@@ -251,6 +251,15 @@ def test_an_event_over_32_kb_in_a_batch_is_refused_by_its_index() -> None:
     assert index == 1 and "at most 32 KB (32,768 bytes)" in reason, reason
 
 
+@pytest.mark.parametrize("number", [12345, 123456789012345678901234], ids=["64-bit", "beyond 64 bits"])
+def test_an_event_is_measured_in_utf_8_whatever_numbers_it_holds(number: int) -> None:
+    """18,000 bytes of umlauts are 18 KB however the event's numbers are written out (an integer
+    beyond 64 bits is serialised another way): under the limit, never counted as \\u escapes."""
+    event = track("m1", properties={"order_number": number, "note": "ü" * 9000})
+    received = read_request("batch", {"batch": [event]}, "backend", RECEIVED)
+    assert received.errors == [] and len(received.events) == 1
+
+
 def nested(depth: int) -> Any:
     value: Any = "deep"
     for _ in range(depth):

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import event as hypothesis_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select
-from sqlmodel import SQLModel
+from sqlalchemy import Engine, select, text
+from sqlmodel import Session, SQLModel
 
-from flows.ingest import DUPLICATE, _apply, _Parsed, apply_events, parse_event
-from models.db import create_schema, make_engine
+from flows.ingest import DUPLICATE, _apply, _Parsed, _Store, apply_events, parse_event
+from models.db import create_schema, make_engine, writer
 
 BASE = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 RECEIVED = BASE + timedelta(days=1)
@@ -363,7 +363,8 @@ def loading(engine: Engine, group: list[_Parsed]) -> tuple[threading.Thread, lis
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_customer_another_writer_holds_delays_only_their_own_events(engine: Engine) -> None:
     """While another writer's transaction holds a customer, a group commits everyone else's
-    events at once and loads that customer's after the other commits, in their order: an alias
+    activity at once and loads that customer's events (and the changes after them) once the
+    other has committed, in their order: an alias
     naming the held customer, then a page view by the id the alias introduced, land on the held
     customer (not on a new guest made of the id)."""
     apply_events(engine, parsed([{"type": "identify", "userId": "held", "messageId": "h0", "timestamp": at(0),
@@ -372,8 +373,10 @@ def test_a_customer_another_writer_holds_delays_only_their_own_events(engine: En
         {"type": "page", "userId": "free", "name": "Home", "messageId": "f1", "timestamp": at(1)},
         {"type": "alias", "previousId": "guest-7", "userId": "held", "messageId": "h1", "timestamp": at(2)},
         {"type": "page", "anonymousId": "guest-7", "name": "Cart", "messageId": "h2", "timestamp": at(3)},
-        {"type": "track", "userId": "free", "event": "Product Added", "messageId": "f2", "timestamp": at(4),
+        {"type": "track", "userId": "free", "event": "Product Viewed", "messageId": "f2", "timestamp": at(4),
          "properties": product("p1")},
+        {"type": "track", "userId": "free", "event": "Product Added", "messageId": "f3", "timestamp": at(5),
+         "properties": product("p1")},  # a change, after a change left for later: waits with it
     ])
     customers = SQLModel.metadata.tables["customers"]
     with held_by_another_writer(engine, "held"):
@@ -386,8 +389,8 @@ def test_a_customer_another_writer_holds_delays_only_their_own_events(engine: En
         assert loader.is_alive()  # and waiting for it
     loader.join(30)
     [applied] = result
-    assert applied.outcomes == [None, None, None, None] and applied.deferred == []
-    assert stored(engine) == {"h0", "f1", "h1", "h2", "f2"}
+    assert applied.outcomes == [None, None, None, None, None] and applied.deferred == []
+    assert stored(engine) == {"h0", "f1", "h1", "h2", "f2", "f3"}
     with engine.connect() as connection:
         people = dict(connection.execute(select(customers.c.external_id, customers.c.last_seen_at)).all())
     assert set(people) == {"held", "free"}  # guest-7 is an alias of "held", not a customer of its own
@@ -411,3 +414,86 @@ def test_a_repeat_of_an_event_left_for_later_waits_with_it(engine: Engine) -> No
     with engine.connect() as connection:
         assert connection.execute(select(events.c.user_id).where(events.c.message_id == "m1")).scalars().all() \
             == ["held"]
+
+
+# What other writers hold must change nothing: each case is loaded while "held" is held, and
+# compared with the same events loaded one at a time, in order, into a store of its own.
+HELD_AND_FREE = [{"type": "identify", "userId": "held", "messageId": "s0", "timestamp": at(0),
+                  "traits": {"email": "held@example.de"}},
+                 {"type": "identify", "userId": "free", "messageId": "s1", "timestamp": at(0),
+                  "traits": {"email": "free@example.de"}}]
+THROUGH_ANOTHER_CUSTOMER = {
+    "a cart named by both": [
+        {"type": "track", "userId": "held", "event": "Product Added", "messageId": "a1", "timestamp": at(1),
+         "properties": product("p1", cart_id="C1")},
+        {"type": "track", "userId": "free", "event": "Product Added", "messageId": "a2", "timestamp": at(2),
+         "properties": product("p2", cart_id="C1")}],
+    "an order id sent for both": [
+        {"type": "track", "userId": "held", "event": "Order Completed", "messageId": "b1", "timestamp": at(1),
+         "properties": {"order_id": "O1", "total": 10}},
+        {"type": "track", "userId": "free", "event": "Order Completed", "messageId": "b2", "timestamp": at(2),
+         "properties": {"order_id": "O1", "total": 20}}],
+    "a complaint answered by another": [
+        {"type": "track", "userId": "held", "event": "Complaint Received", "messageId": "c1", "timestamp": at(1),
+         "properties": {"complaint_id": "K1", "subject": "kaputt"}},
+        {"type": "track", "userId": "free", "event": "Complaint Answered", "messageId": "c2", "timestamp": at(2),
+         "properties": {"complaint_id": "K1"}}],
+    "a shared mailbox unsubscribed, then merged": [
+        {"type": "identify", "userId": "free", "messageId": "e0", "timestamp": at(1),
+         "traits": {"email": "held@example.de", "marketing_consent": True, "consent_confirmed": True}},
+        {"type": "page", "anonymousId": "guest", "name": "Home", "messageId": "e1", "timestamp": at(1)},
+        {"type": "track", "userId": "held", "event": "Unsubscribed", "messageId": "e2", "timestamp": at(2)},
+        {"type": "identify", "userId": "free", "anonymousId": "guest", "messageId": "e3", "timestamp": at(3),
+         "traits": {}}],
+}
+STATE = """SELECT 'cart', c.external_id, cu.external_id, NULL FROM carts c JOIN customers cu ON cu.id = c.customer_id
+UNION ALL SELECT 'order', o.external_id, cu.external_id, o.total_cents
+  FROM orders o JOIN customers cu ON cu.id = o.customer_id
+UNION ALL SELECT 'complaint', k.external_id, cu.external_id, CASE WHEN k.answered_at IS NULL THEN 0 ELSE 1 END
+  FROM complaints k JOIN customers cu ON cu.id = k.customer_id
+UNION ALL SELECT 'consent', external_id, email, CASE WHEN marketing_consent THEN 1 ELSE 0 END FROM customers
+ORDER BY 1, 2"""
+
+
+@pytest.mark.parametrize("case", sorted(THROUGH_ANOTHER_CUSTOMER))
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_events_that_meet_across_customers_wait_for_the_held_ones_before_them(engine: Engine, tmp_path: Path,
+                                                                              case: str) -> None:
+    group = parsed(THROUGH_ANOTHER_CUSTOMER[case])
+    one_by_one = make_engine(f"sqlite:///{tmp_path / 'one-by-one.db'}")
+    create_schema(one_by_one)
+    for store in (one_by_one, engine):
+        apply_events(store, parsed(HELD_AND_FREE))
+    expected = [apply_events(one_by_one, [event]).outcomes[0] for event in group]
+    with held_by_another_writer(engine, "held"):
+        loader, result = loading(engine, group)
+        loader.join(0.5)
+    loader.join(30)
+    assert result[0].outcomes == expected
+    with one_by_one.connect() as left, engine.connect() as right:
+        assert [tuple(row) for row in right.execute(text(STATE))] == [tuple(row) for row in left.execute(text(STATE))]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_event_waiting_for_a_customer_merged_away_meanwhile_lands_on_the_survivor(engine: Engine) -> None:
+    """The other writer holds X while it merges X into Y (an alias): the event waiting for X is
+    loaded, on Y, once the merge has committed; it is never left out."""
+    apply_events(engine, parsed([{"type": "identify", "userId": name, "messageId": f"s-{name}", "timestamp": at(0),
+                                  "traits": {"email": f"{name.lower()}@example.de"}} for name in ("X", "Y")]))
+    merge = parsed([{"type": "alias", "previousId": "X", "userId": "Y", "messageId": "m1", "timestamp": at(1)}])
+    with Session(writer(engine), expire_on_commit=False) as other:
+        merging = _Store(other, exact=False)
+        merging.prefetch(merge)  # X and Y locked, as a large group holds them while it loads
+        loader, result = loading(engine, parsed([
+            {"type": "page", "userId": "X", "name": "Home", "messageId": "p1", "timestamp": at(2)}]))
+        loader.join(0.5)
+        assert loader.is_alive()
+        merging.apply(merge[0])
+        merging.write_pending()
+        other.commit()
+    loader.join(30)
+    assert result[0].outcomes == [None]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT user_id FROM events WHERE message_id = 'p1'")).scalar_one() == "X"
+        seen = connection.execute(text("SELECT external_id, last_seen_at FROM customers")).all()
+    assert [name for name, _ in seen] == ["Y"] and seen[0][1] is not None

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from flows.memory import frozen_heap
+from flows.memory import YOUNG_COLLECTION_EVERY, frozen_heap, long_lived_heap
 
 
 def test_objects_alive_at_the_start_stay_frozen_until_the_last_stream_ends() -> None:
@@ -67,3 +67,15 @@ def arenas_after_six_threads(mode: str) -> int:
 def test_threads_share_one_malloc_arena() -> None:
     assert arenas_after_six_threads("many") > 1  # glibc's default: an arena per thread, up to 8 per core
     assert arenas_after_six_threads("one") == 1
+
+
+def test_a_process_loading_events_collects_its_youngest_objects_less_often_and_restores_it() -> None:
+    before = gc.get_threshold()
+    with long_lived_heap():
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *before[1:])
+        with long_lived_heap():  # a second scope (two apps in one process) ends inside the first
+            pass
+        assert gc.get_threshold()[0] == YOUNG_COLLECTION_EVERY
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

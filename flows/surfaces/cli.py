@@ -124,15 +124,16 @@ def ingest(
         raise typer.Exit(2)
     settings = _settings()
     engine = _engine(settings)
-    long_lived_heap()
     if file == "-":
-        report = ingest_lines(engine, sys.stdin.buffer, source)
+        with long_lived_heap():
+            report = ingest_lines(engine, sys.stdin.buffer, source)
     else:
         path = Path(file)
         if not path.is_file():
             errors.print(f"[red]{file}: no such file[/]")
             raise typer.Exit(2)
-        with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad line, not a crash
+        # bytes: a line that is not UTF-8 is one bad line, not a crash
+        with path.open("rb") as handle, long_lived_heap():
             report = ingest_lines(engine, handle, source)
     for line, reason in report.errors:
         errors.print(f"[red]{escape(file)}:{line}[/]: {escape(reason)}", highlight=False)
@@ -334,8 +335,6 @@ def web(
     served: Any = application
     if workers > 1:  # each worker process makes its own app from the same environment
         served = "flows.surfaces.web:app_from_environment"
-    else:
-        long_lived_heap()
     uvicorn.run(served, factory=workers > 1, workers=workers if workers > 1 else None, host=host, port=port,
                 log_level="info", log_config=log_config(), server_header=False)
 

@@ -27,7 +27,8 @@ import base64
 import binascii
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -183,12 +184,18 @@ def web_engine(settings: Settings) -> Engine:
     return engine
 
 
+@asynccontextmanager
+async def _serving(_app: FastAPI) -> AsyncIterator[None]:
+    with long_lived_heap():  # what exists once the app serves stays out of collections while it does
+        yield
+
+
 def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> FastAPI:
     """``clock`` tells the time to tokens that expire, to clicks and to tracked events (tests
     pass a controlled one). A broken ``triggers/policy.yaml`` stops here, with its located
     problems (``SpecError``); unreadable ``LIFECYCLE_WRITE_KEYS`` too (``WriteKeyError``)."""
     policy = load_policy(settings.triggers_dir)
-    app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Lifecycle", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_serving)
     engine = web_engine(settings)
     settings = resolved(settings, engine)
     secret = settings.signing_secret
@@ -477,6 +484,4 @@ def app_from_environment() -> FastAPI:
     from flows.surfaces.environment import settings_from_environment
 
     redact_every_record()
-    application = create_app(settings_from_environment())
-    long_lived_heap()
-    return application
+    return create_app(settings_from_environment())
