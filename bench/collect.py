@@ -146,6 +146,25 @@ def jsonl(path: Path, count: int, customers: int, anonymous: float) -> None:
             out.write("\n")
 
 
+def pace(batches: int = 300) -> float:
+    """Microseconds to read one event of a fixed batch of the mix (``flows.collect.read_body``,
+    pure Python, one core): a yardstick printed with the figures, since this machine's speed
+    drifts by up to half between runs."""
+    from flows.collect import read_body
+
+    sample = Path(tempfile.mkdtemp(prefix="bench-pace-")) / "events.jsonl"
+    jsonl(sample, 100, 1000, 0.05)
+    body = ('{"batch": [' + ", ".join(sample.read_text(encoding="utf-8").splitlines()) + '], "sentAt": "'
+            + datetime.now(UTC).isoformat() + '"}').encode()
+    shutil.rmtree(sample.parent)
+    now = datetime.now(UTC)
+    read_body("batch", body, SOURCE, now)
+    started = time.process_time()
+    for _ in range(batches):
+        read_body("batch", body, SOURCE, now)
+    return 1e6 * (time.process_time() - started) / (batches * 100)
+
+
 def fresh_store(url: str, customers: int) -> dict[str, int]:
     """Drop and remake the database, migrate it, and seed a shop of ``customers``; rows per table."""
     if make_url(url).get_backend_name() != "postgresql":
@@ -289,7 +308,8 @@ def main() -> None:
 
     load = os.getloadavg()
     print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-          f"on {os.cpu_count()} cores", flush=True)
+          f"on {os.cpu_count()} cores; pace: {pace():.1f} µs to read an event of the mix (the same work every "
+          "run: this machine's speed drifts, and the figures below with it)", flush=True)
     folder = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     url = args.database_url
     try:

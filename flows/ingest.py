@@ -847,29 +847,48 @@ def _chunks(values: list[Any], size: int = 1000) -> Iterable[list[Any]]:
         yield values[start:start + size]
 
 
-def _deferred(events: Sequence[_Parsed], held: set[str]) -> set[int]:
+def _deferred(events: Sequence[_Parsed], held: set[str], named: dict[str, int],
+              addresses: dict[int, str]) -> set[int]:
     """The events (by index) to load after the group's commit, when ``held`` ids name customers
-    another writer holds: each event naming one of them; each later event naming an id of a
-    deferred one, or repeating its messageId; and, once one is deferred, every later event
-    that changes more than its customer's activity (identify, alias, group, carts, orders,
-    complaints, unsubscribes), since those meet across customers (a cart, an order or a
-    complaint id, a shared mailbox's suppression). Page views and other tracks of customers
-    not held load at once: they touch only their own customer's activity. So every id's
-    events, and all the changing events, still load in their order."""
+    another writer holds (``named``: id → customer; ``addresses``: customer → stored address).
+
+    Each event naming a held customer is left for later, and so is every later event that
+    shares anything with one left for later: an id or a customer, the messageId (a repeat),
+    a cart, order or complaint id, or, for the events that change a customer's record
+    (identify, alias, group, carts, orders, complaints, unsubscribes), a mailbox: the
+    address a customer has, or was given by an identify earlier in the group (a suppression
+    or a merge weighs it). So whatever two events of a group have in common loads in their
+    order, and everyone else's events load at once."""
     deferred: set[int] = set()
     if not held:
         return deferred
-    held, later, changes_wait = set(held), set(), False
+    waiting = {f"id:{name}" for name in held} | {f"customer:{named[name]}" for name in held}
+    mailboxes: dict[str, set[str]] = {}  # a customer's (or a new id's) addresses, as the group goes
+    for customer, address in addresses.items():
+        mailboxes[f"customer:{customer}"] = {suppression_key(address)}
     for index, parsed in enumerate(events):
         event = parsed.event
-        named_ids = {i for i in (event.user_id, event.anonymous_id, event.previous_id) if i is not None}
-        changes = event.type in ("identify", "group", "alias") or (
-            event.type == "track" and (event.event or "") in _TRACK_HANDLERS)
-        if named_ids & held or parsed.message_id in later or (changes and changes_wait):
+        names = [i for i in (event.user_id, event.anonymous_id, event.previous_id) if i is not None]
+        people = {f"customer:{named[name]}" if name in named else f"id:{name}" for name in names}
+        keys = {f"id:{name}" for name in names} | people | {f"message:{parsed.message_id}"}
+        details = parsed.details
+        if isinstance(details, Product | OrderCompleted) and details.cart_id:
+            keys.add(f"cart:{details.cart_id}")
+        if isinstance(details, OrderCompleted):
+            keys.add(f"order:{details.order_id}")
+        if isinstance(details, ComplaintReceived | ComplaintAnswered):
+            keys.add(f"complaint:{details.complaint_id}")
+        if event.type in ("identify", "group", "alias") or (event.type == "track" and
+                                                             (event.event or "") in _TRACK_HANDLERS):
+            boxes = set().union(*(mailboxes.get(person, set()) for person in people))
+            if parsed.traits is not None and parsed.traits.email:
+                boxes.add(suppression_key(parsed.traits.email))
+            for person in people:  # a merge makes them one: their mailboxes too
+                mailboxes[person] = boxes
+            keys |= {f"mailbox:{box}" for box in boxes}
+        if keys & waiting:
             deferred.add(index)
-            held |= named_ids
-            later.add(parsed.message_id)
-            changes_wait = changes_wait or changes
+            waiting |= keys
     return deferred
 
 
@@ -938,7 +957,15 @@ class _Store:
             if customer_id in by_id:
                 self.customers[name] = by_id[customer_id]
         self.absent = set(ids) - set(self.customers) - held
-        deferred = _deferred(events, held)
+        addresses = {customer.id: customer.email for customer in by_id.values()
+                     if customer.id is not None and customer.email}
+        if held:  # theirs, read without waiting: whose mailbox a held customer's events may touch
+            held_ids = sorted({named[name] for name in held})
+            for id_chunk in _chunks(held_ids):
+                addresses.update(self.session.execute(
+                    select(col(Customer.id), col(Customer.email))
+                    .where(_among(self.session, col(Customer.id), id_chunk), col(Customer.email).is_not(None))).all())
+        deferred = _deferred(events, held, named, addresses)
         events = [parsed for index, parsed in enumerate(events) if index not in deferred]
         shopping = [parsed for parsed in events if parsed.event.type == "track" and isinstance(
             parsed.details, Product | OrderCompleted)]
