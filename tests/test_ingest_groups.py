@@ -497,3 +497,23 @@ def test_an_event_waiting_for_a_customer_merged_away_meanwhile_lands_on_the_surv
         assert connection.execute(text("SELECT user_id FROM events WHERE message_id = 'p1'")).scalar_one() == "X"
         seen = connection.execute(text("SELECT external_id, last_seen_at FROM customers")).all()
     assert [name for name, _ in seen] == ["Y"] and seen[0][1] is not None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_messageid_another_writer_commits_while_the_copy_waits_is_a_duplicate(engine: Engine) -> None:
+    """The other writer's row is not yet committed when this group looks its messageIds up, so
+    the event rows' COPY meets it at the unique key: a duplicate, once the other commits."""
+    events = SQLModel.metadata.tables["events"]
+    group = parsed([{"type": "page", "userId": "u1", "name": "Home", "messageId": "m1", "timestamp": at(1)},
+                    {"type": "page", "userId": "u2", "name": "Home", "messageId": "m2", "timestamp": at(1)}])
+    with engine.connect() as other, other.begin():
+        other.execute(events.insert().values(message_id="m1", type="page", name="Home", user_id="u1",
+                                             timestamp=BASE, payload={}, received_at=RECEIVED, source="other"))
+        loader, result = loading(engine, group)
+        loader.join(0.5)
+        assert loader.is_alive()  # the COPY waits for the other writer's row
+    loader.join(30)
+    assert result[0].outcomes == [DUPLICATE, None]
+    with engine.connect() as connection:
+        assert dict(connection.execute(select(events.c.message_id, events.c.source)).all()) == {
+            "m1": "other", "m2": "ingest"}
