@@ -1,0 +1,160 @@
+"""A journey as its file states it: every field checked on its own, the tree as a whole
+checked for what only it can tell, and every problem located at its line."""
+
+from datetime import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flows.spec.journey import Journey, journey_problems, walk
+from flows.spec.problems import Problem
+from flows.spec.project import problems_from
+from flows.spec.yaml_source import load_yaml
+
+STAGES = ["prospect", "new", "active", "loyal", "at_risk", "lapsed"]
+
+ABANDONED_CART_SERIES = """\
+steps:
+  - name: reminder
+    wait: 2h
+    email: {template: abandoned_cart, subject: "Noch da?"}
+  - name: nudge
+    wait: 24h
+    email: {template: abandoned_cart, subject: "Dein Warenkorb wartet"}
+  - name: incentive
+    wait: 48h
+    at: "10:00"
+    when: {min_cart_value: 80}
+    email: {template: abandoned_cart, subject: "10 % auf deinen Warenkorb"}
+exit_when:
+  - ordered: true
+  - unsubscribed: true
+"""
+
+WELCOME_SERIES = """\
+steps:
+  - name: day-0
+    wait: 0s
+    email: {template: welcome, subject: Willkommen}
+  - name: day-3
+    wait: 3d
+    email: {template: welcome, subject: "Unsere Lieblinge"}
+    experiment:
+      metric: clicks
+      pick_winner: {min_per_variant: 500, probability: 0.95}
+      variants:
+        - {name: a, subject: "Unsere Lieblinge"}
+        - {name: b, subject: "Drei Dinge, die du kennen solltest"}
+    branches:
+      - when: {clicked: day-3}
+        steps:
+          - name: day-7-engaged
+            wait: 4d
+            email: {template: welcome, subject: "Schön, dass du da bist"}
+      - else: true
+        steps:
+          - name: day-7-reminder
+            wait: 4d
+            when: {not_clicked: day-0}
+            email: {template: welcome, subject: "Hast du schon gesehen?"}
+exit_when:
+  - ordered: true
+  - stage_changed_to: loyal
+"""
+
+
+def check(tmp_path: Path, text: str) -> tuple[Journey | None, list[Problem]]:
+    file = tmp_path / "journey.yaml"
+    file.write_text(text, encoding="utf-8")
+    doc = load_yaml(file)
+    try:
+        journey = Journey.model_validate(doc.data, context={"stages": STAGES})
+    except ValidationError as exc:
+        return None, problems_from(doc, exc, Journey)
+    return journey, journey_problems(journey, doc)
+
+
+def only(problems: list[Problem]) -> Problem:
+    assert len(problems) == 1, [str(p) for p in problems]
+    return problems[0]
+
+
+@pytest.mark.parametrize("text", [ABANDONED_CART_SERIES, WELCOME_SERIES], ids=["abandoned cart", "welcome"])
+def test_a_series_with_waits_conditions_branches_and_variants_validates(tmp_path: Path, text: str) -> None:
+    journey, problems = check(tmp_path, text)
+    assert problems == [] and journey is not None
+
+
+def test_the_tree_is_walked_in_reading_order_with_the_path_each_step_is_reached_by(tmp_path: Path) -> None:
+    journey, _ = check(tmp_path, WELCOME_SERIES)
+    assert journey is not None
+    assert [(spot.step.name, spot.before) for spot in walk(journey.steps)] == [
+        ("day-0", ()), ("day-3", ("day-0",)), ("day-7-engaged", ("day-0", "day-3")),
+        ("day-7-reminder", ("day-0", "day-3"))]
+    assert journey.steps[0].wait.total_seconds() == 0  # day 0: at the entry
+    series, _ = check(tmp_path, ABANDONED_CART_SERIES)
+    assert series is not None
+    incentive = series.steps[2]
+    assert (incentive.name, incentive.at, incentive.wait.total_seconds()) == ("incentive", time(10, 0), 48 * 3600)
+
+
+def test_a_step_name_used_twice_is_located_at_the_second_and_names_the_first(tmp_path: Path) -> None:
+    text = ABANDONED_CART_SERIES.replace("name: nudge", "name: reminder")
+    problem = only(check(tmp_path, text)[1])
+    assert (problem.line, problem.field) == (5, "steps[1].name")
+    assert "'reminder' is used twice (first at line 2)" in problem.message
+
+
+def test_a_condition_naming_a_step_not_before_it_is_refused_with_the_steps_that_are(tmp_path: Path) -> None:
+    later = WELCOME_SERIES.replace("when: {not_clicked: day-0}", "when: {not_clicked: day-7-engaged}")
+    problem = only(check(tmp_path, later)[1])
+    assert problem.field == "steps[1].branches[1].steps[0].when.not_clicked" and problem.line == 24
+    assert "no earlier step named 'day-7-engaged' on this path; earlier steps: day-0, day-3" in problem.message
+    typo = WELCOME_SERIES.replace("when: {clicked: day-3}", "when: {clicked: day-33}")
+    problem = only(check(tmp_path, typo)[1])
+    assert problem.field == "steps[1].branches[0].when.clicked" and problem.line == 15
+    itself = ABANDONED_CART_SERIES.replace("when: {min_cart_value: 80}", "when: {clicked: incentive}")
+    assert "no earlier step named 'incentive'" in only(check(tmp_path, itself)[1]).message
+
+
+def test_branches_need_an_else_and_only_last(tmp_path: Path) -> None:
+    no_else = WELCOME_SERIES.replace("      - else: true\n", "      - when: {stage: [new]}\n")
+    problem = only(check(tmp_path, no_else)[1])
+    assert problem.field == "steps[1].branches" and "no `else` branch" in problem.message
+    first = WELCOME_SERIES.replace("      - when: {clicked: day-3}\n", "      - else: true\n", 1) \
+        .replace("      - else: true\n        steps:\n          - name: day-7-reminder",
+                 "      - when: {stage: [new]}\n        steps:\n          - name: day-7-reminder")
+    messages = [p.message for p in check(tmp_path, first)[1]]
+    assert any("`else` is branch 1 of 2" in m for m in messages) and any("no `else`" in m for m in messages)
+
+
+@pytest.mark.parametrize(("before", "after", "field", "words"), [
+    ("{name: a, subject: \"Unsere Lieblinge\"}", "{name: a}", "steps[1].experiment.variants[0]", "changes nothing"),
+    ("metric: clicks", "metric: opens", "steps[1].experiment.metric", "clicks"),
+    ("- ordered: true", "- {ordered: true, unsubscribed: true}", "exit_when[0]", "each exit goal is one of"),
+    ("stage_changed_to: loyal", "stage_changed_to: loyl", "exit_when[1].stage_changed_to", "valid stages: prospect"),
+    ("wait: 3d", "wait: soon", "steps[1].wait", "soon"),
+    ("name: day-0\n    wait: 0s", "name: day-0\n    wait: 0s\n    at: \"25:00\"", "steps[0].at", "10:00"),
+    ("name: day-0\n    wait: 0s", "name: day-0\n    wait: 0s\n    when: {}", "steps[0].when", "always holds"),
+    ("name: day-0\n    wait: 0s", "name: day-0\n    wiat: 0s", "steps[0].wiat", "did you mean 'wait'"),
+    ("- else: true\n", "- else: true\n        when: {stage: [new]}\n", "steps[1].branches[1]", "either `when:`"),
+    ("wait: 3d", "wait: 400d", "steps[1].wait", "longer than 365d"),
+])
+def test_each_new_field_is_checked_and_located(tmp_path: Path, before: str, after: str, field: str,
+                                               words: str) -> None:
+    assert before in WELCOME_SERIES
+    journey, problems = check(tmp_path, WELCOME_SERIES.replace(before, after, 1))
+    assert journey is None or problems
+    assert any(p.field.startswith(field) and words in p.message and p.line for p in problems), \
+        [str(p) for p in problems]
+
+
+def test_weights_that_add_up_to_nothing_are_refused(tmp_path: Path) -> None:
+    zero = WELCOME_SERIES.replace("{name: a, subject", "{name: a, weight: 0, subject") \
+        .replace("{name: b, subject", "{name: b, weight: 0, subject")
+    problem = only(check(tmp_path, zero)[1])
+    assert (problem.field, problem.line) == ("steps[1].experiment.variants", 11)
+    assert "add up to nothing" in problem.message
+    one_zero = WELCOME_SERIES.replace("{name: b, subject", "{name: b, weight: 0, subject")
+    assert check(tmp_path, one_zero)[1] == []  # an arm switched off, the other takes everyone
