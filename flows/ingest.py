@@ -939,9 +939,9 @@ class _Store:
     def prefetch(self, events: Sequence[_Parsed], wait: bool = True) -> set[int]:
         """The group's known messageIds and the customers its ids name, in a few statements.
         Without ``wait`` (PostgreSQL), customers another writer has locked are skipped, not
-        waited for: the events that name them, and every later event naming an id of one of
-        those, are returned (by index) to be loaded after this group's commit, so that each id's
-        events still load in their order and a writer never sits idle behind another's group."""
+        waited for: the events that name them, and those that share anything with them
+        (``_deferred``), are returned (by index) to be loaded after this group's commit, so
+        that they still load in their order and a writer never sits idle behind another's group."""
         wanted = sorted({parsed.message_id for parsed in events})
         ids = sorted({i for parsed in events for i in (parsed.event.user_id, parsed.event.anonymous_id,
                                                         parsed.event.previous_id) if i is not None})
