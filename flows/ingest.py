@@ -853,25 +853,33 @@ def _deferred(events: Sequence[_Parsed], held: set[str], named: dict[str, int],
     another writer holds (``named``: id → customer; ``addresses``: customer → stored address).
 
     Each event naming a held customer is left for later, and so is every later event that
-    shares anything with one left for later: an id or a customer, the messageId (a repeat),
-    a cart, order or complaint id, or, for the events that change a customer's record
-    (identify, alias, group, carts, orders, complaints, unsubscribes), a mailbox: the
-    address a customer has, or was given by an identify earlier in the group (a suppression
-    or a merge weighs it). So whatever two events of a group have in common loads in their
-    order, and everyone else's events load at once."""
+    shares anything with one left for later: a person, the messageId (a repeat), a cart,
+    order or complaint id, or, for the events that change a customer's record (identify,
+    alias, group, carts, orders, complaints, unsubscribes), a mailbox: an address a person
+    has, or is given by an identify in the group (a suppression or a merge weighs it). A
+    person is every id and customer that an alias, or an identify with both ids, anywhere in
+    the group may make one, from the group's first event on: a merge later in the group
+    reorders what came before it too (which cart is the latest open one). So whatever two
+    events of a group may have in common loads in their order, and everyone else's events
+    load at once."""
     deferred: set[int] = set()
     if not held:
         return deferred
-    waiting = {f"id:{name}" for name in held} | {f"customer:{named[name]}" for name in held}
-    mailboxes: dict[str, set[str]] = {}  # a customer's (or a new id's) addresses, as the group goes
-    for customer, address in addresses.items():
-        mailboxes[f"customer:{customer}"] = {suppression_key(address)}
-    for index, parsed in enumerate(events):
+    people = _People(named)
+    for parsed in events:
         event = parsed.event
-        names = [i for i in (event.user_id, event.anonymous_id, event.previous_id) if i is not None]
-        people = {f"customer:{named[name]}" if name in named else f"id:{name}" for name in names}
-        keys = {f"id:{name}" for name in names} | people | {f"message:{parsed.message_id}"}
-        details = parsed.details
+        names = _names(parsed)
+        if event.type == "alias" or (event.type == "identify" and event.user_id and event.anonymous_id):
+            for name in names[1:]:
+                people.join(names[0], name)
+    mailboxes: dict[str, set[str]] = {}  # a person's addresses, stored and given in the group so far
+    for customer, address in addresses.items():
+        mailboxes.setdefault(people.of_customer(customer), set()).add(suppression_key(address))
+    waiting = {people.of(name) for name in held}
+    for index, parsed in enumerate(events):
+        event, details = parsed.event, parsed.details
+        persons = {people.of(name) for name in _names(parsed)}
+        keys = persons | {f"message:{parsed.message_id}"}
         if isinstance(details, Product | OrderCompleted) and details.cart_id:
             keys.add(f"cart:{details.cart_id}")
         if isinstance(details, OrderCompleted):
@@ -880,16 +888,48 @@ def _deferred(events: Sequence[_Parsed], held: set[str], named: dict[str, int],
             keys.add(f"complaint:{details.complaint_id}")
         if event.type in ("identify", "group", "alias") or (event.type == "track" and
                                                              (event.event or "") in _TRACK_HANDLERS):
-            boxes = set().union(*(mailboxes.get(person, set()) for person in people))
-            if parsed.traits is not None and parsed.traits.email:
-                boxes.add(suppression_key(parsed.traits.email))
-            for person in people:  # a merge makes them one: their mailboxes too
-                mailboxes[person] = boxes
-            keys |= {f"mailbox:{box}" for box in boxes}
+            for person in persons:
+                boxes = mailboxes.setdefault(person, set())
+                if parsed.traits is not None and parsed.traits.email:
+                    boxes.add(suppression_key(parsed.traits.email))
+                keys |= {f"mailbox:{box}" for box in boxes}
         if keys & waiting:
             deferred.add(index)
             waiting |= keys
     return deferred
+
+
+def _names(parsed: _Parsed) -> list[str]:
+    event = parsed.event
+    return [i for i in (event.user_id, event.anonymous_id, event.previous_id) if i is not None]
+
+
+class _People:
+    """Ids and customers that are, or may become within a group, one person (union-find)."""
+
+    def __init__(self, named: dict[str, int]) -> None:
+        self.parent: dict[str, str] = {}
+        for name, customer in named.items():
+            self._union(f"id:{name}", f"customer:{customer}")
+
+    def of(self, name: str) -> str:
+        return self._root(f"id:{name}")
+
+    def of_customer(self, customer: int) -> str:
+        return self._root(f"customer:{customer}")
+
+    def join(self, a: str, b: str) -> None:
+        self._union(f"id:{a}", f"id:{b}")
+
+    def _union(self, a: str, b: str) -> None:
+        self.parent[self._root(a)] = self._root(b)
+
+    def _root(self, key: str) -> str:
+        self.parent.setdefault(key, key)
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
 
 
 class _Store:

@@ -455,23 +455,86 @@ UNION ALL SELECT 'consent', external_id, email, CASE WHEN marketing_consent THEN
 ORDER BY 1, 2"""
 
 
+def identify(user: str, minute: float, message_id: str, **traits: Any) -> dict[str, Any]:
+    return {"type": "identify", "userId": user, "messageId": message_id, "timestamp": at(minute), "traits": traits}
+
+
+# Groups in which an alias, or an identify with both ids, makes two people one: from the
+# group's first event on, what either does waits with what the other does.
+MADE_ONE_IN_THE_GROUP: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "a merge later in the group decides which cart is the latest open one": (
+        [identify("held", 0, "s0", email="h@example.de"), identify("free", 0, "s1", email="f@example.de")],
+        [{"type": "track", "userId": "held", "event": "Product Added", "messageId": "e0", "timestamp": at(1),
+          "properties": product("p1")},
+         {"type": "track", "userId": "free", "event": "Product Added", "messageId": "e1", "timestamp": at(2),
+          "properties": product("p1")},
+         {"type": "alias", "previousId": "held", "userId": "free", "messageId": "e2", "timestamp": at(3)},
+         {"type": "track", "userId": "free", "event": "Product Added", "messageId": "e3", "timestamp": at(4),
+          "properties": product("p2")}]),
+    "an id made an alias unsubscribes a mailbox a held customer's event shares": (
+        [identify("held", 0, "s0", email="s@example.de"), identify("free", 0, "s1", first_name="F")],
+        [{"type": "alias", "previousId": "p", "userId": "free", "messageId": "e0", "timestamp": at(1)},
+         {"type": "group", "userId": "held", "groupId": "g", "messageId": "e1", "timestamp": at(2), "traits": {}},
+         identify("free", 3, "e2", email="s@example.de"),
+         {"type": "track", "userId": "p", "event": "Unsubscribed", "messageId": "e3", "timestamp": at(4)}]),
+    "an id made an alias asks for consent after its person was given the mailbox": (
+        [identify("held", 0, "s0", email="s@example.de"), identify("free", 0, "s1", first_name="F")],
+        [{"type": "alias", "previousId": "p", "userId": "free", "messageId": "e0", "timestamp": at(1)},
+         {"type": "group", "userId": "held", "groupId": "g", "messageId": "e1", "timestamp": at(2), "traits": {}},
+         identify("free", 3, "e2", email="s@example.de", marketing_consent=True),
+         identify("p", 4, "e3", marketing_consent=True)]),
+    "a guest claimed by identify gives its mailbox to the account": (
+        [identify("held", 0, "s0", email="s1@bücher.de", marketing_consent=False)],
+        [{"type": "identify", "userId": "g", "anonymousId": "f", "messageId": "e2", "timestamp": at(6),
+          "traits": {}},
+         {"type": "track", "userId": "held", "event": "Complaint Answered", "messageId": "e4", "timestamp": at(3),
+          "properties": {"complaint_id": "k1"}},
+         identify("f", 6, "e6", email="s1@bücher.de", marketing_consent=True, consent_confirmed=True),
+         identify("g", 10, "e7", email="s1@example.de", marketing_consent=True)]),
+}
+EVERY_ROW = ("events", "customers", "customer_aliases", "carts", "cart_items", "orders", "complaints",
+             "suppressions", "consent_changes", "customer_groups")
+
+
+def loaded_while_held(engine: Engine, tmp_path: Path, setup: list[dict[str, Any]],
+                      group_events: list[dict[str, Any]]) -> tuple[list[Any], list[Any], Engine]:
+    """The group's outcomes loaded one event at a time (into a store of its own) and in one
+    group while "held" is another writer's; and that store, to compare."""
+    group = parsed(group_events)
+    one_by_one = make_engine(f"sqlite:///{tmp_path / 'one-by-one.db'}")
+    create_schema(one_by_one)
+    for store in (one_by_one, engine):
+        apply_events(store, parsed(setup))
+    expected = [apply_events(one_by_one, [event]).outcomes[0] for event in group]
+    with held_by_another_writer(engine, "held"):
+        loader, result = loading(engine, group)
+        loader.join(0.3)
+    loader.join(30)
+    return result[0].outcomes, expected, one_by_one
+
+
 @pytest.mark.parametrize("case", sorted(THROUGH_ANOTHER_CUSTOMER))
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_events_that_meet_across_customers_wait_for_the_held_ones_before_them(engine: Engine, tmp_path: Path,
                                                                               case: str) -> None:
-    group = parsed(THROUGH_ANOTHER_CUSTOMER[case])
-    one_by_one = make_engine(f"sqlite:///{tmp_path / 'one-by-one.db'}")
-    create_schema(one_by_one)
-    for store in (one_by_one, engine):
-        apply_events(store, parsed(HELD_AND_FREE))
-    expected = [apply_events(one_by_one, [event]).outcomes[0] for event in group]
-    with held_by_another_writer(engine, "held"):
-        loader, result = loading(engine, group)
-        loader.join(0.5)
-    loader.join(30)
-    assert result[0].outcomes == expected
+    outcomes, expected, one_by_one = loaded_while_held(engine, tmp_path, HELD_AND_FREE,
+                                                       THROUGH_ANOTHER_CUSTOMER[case])
+    assert outcomes == expected
     with one_by_one.connect() as left, engine.connect() as right:
         assert [tuple(row) for row in right.execute(text(STATE))] == [tuple(row) for row in left.execute(text(STATE))]
+
+
+@pytest.mark.parametrize("case", sorted(MADE_ONE_IN_THE_GROUP))
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_people_an_alias_in_the_group_makes_one_wait_together_from_its_first_event(engine: Engine, tmp_path: Path,
+                                                                                   case: str) -> None:
+    setup, group_events = MADE_ONE_IN_THE_GROUP[case]
+    outcomes, expected, one_by_one = loaded_while_held(engine, tmp_path, setup, group_events)
+    assert outcomes == expected
+    columns = {"events": ("message_id", "user_id", "type")}
+    left, right = snapshot(one_by_one, columns["events"]), snapshot(engine, columns["events"])
+    for table in EVERY_ROW:
+        assert _comparable(right[table]) == _comparable(left[table]), table
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -517,3 +580,12 @@ def test_a_messageid_another_writer_commits_while_the_copy_waits_is_a_duplicate(
     with engine.connect() as connection:
         assert dict(connection.execute(select(events.c.message_id, events.c.source)).all()) == {
             "m1": "other", "m2": "ingest"}
+
+
+def _comparable(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows as text, times in UTC to the second (SQLite and PostgreSQL return them alike only so)."""
+    def value(item: Any) -> Any:
+        if isinstance(item, datetime):
+            return (item if item.tzinfo else item.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="seconds")
+        return item
+    return sorted(json.dumps({k: value(v) for k, v in row.items()}, sort_keys=True, default=str) for row in rows)
