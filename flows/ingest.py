@@ -500,8 +500,11 @@ DUPLICATE = "duplicate"
 
 
 def apply_events(engine: Engine, events: Sequence[_Parsed]) -> Applied:
-    """Load ``events`` in their order in one transaction, committed before this returns: the
-    one way events reach the store, from a file (``ingest_lines``) or over HTTP (``flows.collect``).
+    """Load ``events`` in their order, committed before this returns: the one way events reach
+    the store, from a file (``ingest_lines``) or over HTTP (``flows.collect``). One
+    transaction, or two when another writer holds some of the group's customers: their
+    events, and those that share anything with them (``_deferred``), load in a second one
+    after the first has committed, waiting for that writer.
 
     First optimistically, with what the group needs looked up in a few statements and its
     rows written together at the commit (``bench/collect.py``). An event a rule refuses
