@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -129,12 +130,19 @@ def start_web(url: str, port: int, log: Path, triggers: Path, workers: int = 1) 
                    "--log-config", str(_log_config(log.parent))]
     process = subprocess.Popen(command, env=environment, cwd=ROOT,
                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return serving(process, port, log)
+
+
+def serving(process: subprocess.Popen[bytes], port: int, log: Path,
+            ready: Callable[[], bool] = lambda: True) -> subprocess.Popen[bytes]:
+    """``process`` once it answers ``/healthz`` on ``port`` and ``ready()`` holds (within 90 s);
+    its log in the error if it ends or never gets there."""
     deadline = time.monotonic() + 90
     while True:
         if process.poll() is not None:
             raise SystemExit(f"lifecycle web ended:\n{log.read_text()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200 and ready():
                 return process
         except httpx.TransportError:
             pass

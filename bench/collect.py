@@ -43,13 +43,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 from sqlalchemy import make_url, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.clicks import fresh_store as empty_store
+from bench.clicks import serving
 from bench.store import TABLES, grow
 from flows.surfaces.outbox import free_port
 from models.db import make_engine
@@ -211,20 +211,8 @@ def start_web(env: dict[str, str], port: int, workers: int, access_log: bool, lo
                    "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else [])]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
-    deadline = time.monotonic() + 90
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the server ended:\n{log.read_text()}")
-        try:
-            processes = workers + 1 if workers > 1 else 1  # uvicorn's parent and every worker
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200 and len(
-                    group_pids(process.pid)) >= processes:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start:\n{log.read_text()}")
-        time.sleep(0.2)
+    processes = workers + 1 if workers > 1 else 1  # uvicorn's parent and every worker
+    return serving(process, port, log, lambda: len(group_pids(process.pid)) >= processes)
 
 
 def group_pids(group: int) -> list[int]:
