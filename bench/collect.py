@@ -48,8 +48,8 @@ from sqlalchemy import make_url, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.clicks import cpu_seconds, serving
 from bench.clicks import fresh_store as empty_store
-from bench.clicks import serving
 from bench.store import TABLES, grow
 from flows.surfaces.outbox import free_port
 from models.db import make_engine
@@ -237,17 +237,6 @@ def group_rss_mb(group: int) -> float:
     return total / 2**20
 
 
-def group_cpu_seconds(group: int) -> float:
-    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for pid in group_pids(group):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
-
-
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of every core since boot."""
     fields = [float(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -320,12 +309,12 @@ def main() -> None:
               f"-s bench/collect.lua (batches of {args.batch})", flush=True)
         sampler = RssSampler(web.pid)
         try:
-            cpu_before, busy_before = group_cpu_seconds(web.pid), machine_busy()
+            cpu_before, busy_before = cpu_seconds(web.pid), machine_busy()
             sampler.start()
             answer = subprocess.run(command, capture_output=True, text=True, check=True)
             sampler.stopped.set()
             sampler.join()
-            cpu = group_cpu_seconds(web.pid) - cpu_before
+            cpu = cpu_seconds(web.pid) - cpu_before
             busy_after = machine_busy()
         finally:
             web.send_signal(signal.SIGTERM)  # uvicorn finishes its requests; the writers drain their queues
