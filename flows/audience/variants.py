@@ -30,8 +30,9 @@ def draw(trigger: str, step: str, salt: str, customer: str) -> float:
 def assign(weights: Sequence[tuple[str, float]], trigger: str, step: str, salt: str, customer: str) -> str:
     """The customer's variant: variant i for draws in its slice of the cumulative weights.
 
-    Weights need not sum to 1 (``[("A", 2), ("B", 1)]`` is two thirds and one third); each must be
-    positive, since a variant nobody can get is a typo, not a design.
+    Weights need not sum to 1 (``[("A", 2), ("B", 1)]`` is two thirds and one third). A weight
+    of 0 switches a variant off (nobody new gets it; the journey file allows it, so that a
+    marketer can stop an arm without deleting its history); together they must be positive.
     """
     names, cumulative = _slices(weights)
     point = draw(trigger, step, salt, customer) * cumulative[-1]
@@ -58,8 +59,11 @@ def _slices(weights: Sequence[tuple[str, float]]) -> tuple[list[str], list[float
         raise ValueError("an experiment needs at least one variant")
     names = [name for name, _ in weights]
     for name, weight in weights:
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"variant {name!r}: a weight must be a positive number, got {weight}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"variant {name!r}: a weight must be a number from 0 up, got {weight}")
         if names.count(name) > 1:
             raise ValueError(f"variant {name!r} is listed twice")
-    return names, list(accumulate(weight for _, weight in weights))
+    cumulative = list(accumulate(weight for _, weight in weights))
+    if cumulative[-1] <= 0:
+        raise ValueError("the variants' weights add up to nothing: give at least one a positive weight")
+    return names, cumulative

@@ -66,16 +66,23 @@ def test_the_variants_split_held_out_and_treated_customers_alike(salt: str) -> N
 
 
 @pytest.mark.parametrize(("weights", "message"), [
-    ([("A", 1.0), ("B", 0.0)], "variant 'B': a weight must be a positive number, got 0.0"),
-    ([("A", -1.0), ("B", 2.0)], "variant 'A': a weight must be a positive number, got -1.0"),
-    ([("A", 1.0), ("B", math.nan)], "variant 'B': a weight must be a positive number, got nan"),
-    ([("A", math.inf), ("B", 1.0)], "variant 'A': a weight must be a positive number, got inf"),
+    ([("A", 0.0), ("B", 0.0)], "the variants' weights add up to nothing: give at least one a positive weight"),
+    ([("A", -1.0), ("B", 2.0)], "variant 'A': a weight must be a number from 0 up, got -1.0"),
+    ([("A", 1.0), ("B", math.nan)], "variant 'B': a weight must be a number from 0 up, got nan"),
+    ([("A", math.inf), ("B", 1.0)], "variant 'A': a weight must be a number from 0 up, got inf"),
     ([("A", 1.0), ("A", 1.0)], "variant 'A' is listed twice"),
     ([], "an experiment needs at least one variant"),
 ])
 def test_bad_weights_are_refused_with_the_variant_named(weights, message: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         assign(weights, "welcome", "day-1", "spring", "c-1")
+
+
+@pytest.mark.parametrize("off", [0, 1, 2])
+def test_a_variant_weighted_0_is_switched_off_and_the_others_share_its_traffic(off: int) -> None:
+    weights = [(name, 0.0 if index == off else weight) for index, (name, weight) in enumerate(THREE)]
+    given = {assign(weights, "welcome", "day-1", "spring", c) for c in IDS[:5000]}
+    assert given == {name for index, (name, _) in enumerate(THREE) if index != off}
 
 
 def test_once_a_winner_is_named_every_later_customer_gets_it() -> None:
