@@ -163,17 +163,24 @@ def _log_config(folder: Path) -> Path:
     return path
 
 
-def cpu_seconds(group: int) -> float:
-    """CPU time (user + system) of every process in process group ``group`` (the server, its workers)."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+def group_stats(group: int) -> dict[int, list[str]]:
+    """Each live process of process group ``group`` (the server, its workers): its /proc stat
+    fields after the command name."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:
             continue
         if int(fields[2]) == group:  # pgrp
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
+            found[int(stat.parent.name)] = fields
+    return found
+
+
+def cpu_seconds(group: int) -> float:
+    """CPU time (user + system) of every process in process group ``group``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum((int(fields[11]) + int(fields[12])) / tick for fields in group_stats(group).values())  # utime, stime
 
 
 def recorded(url: str) -> tuple[int, int]:

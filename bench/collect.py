@@ -48,7 +48,7 @@ from sqlalchemy import make_url, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.clicks import cpu_seconds, serving
+from bench.clicks import cpu_seconds, group_stats, serving
 from bench.clicks import fresh_store as empty_store
 from bench.store import TABLES, grow
 from flows.surfaces.outbox import free_port
@@ -216,15 +216,7 @@ def start_web(env: dict[str, str], port: int, workers: int, access_log: bool, lo
 
 
 def group_pids(group: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group:  # pgrp
-            pids.append(int(stat.parent.name))
-    return pids
+    return list(group_stats(group))
 
 
 def group_rss_mb(group: int) -> float:
