@@ -51,10 +51,14 @@ class Outcome(StrEnum):
     EXPIRED = "skipped:expired"  # deferred longer than its trigger allows
     NO_LONGER_DUE = "skipped:no_longer_due"  # deferred, and by its moment its occurrence was no longer due
     UNSUBSCRIBED = "skipped:unsubscribed_during_run"  # checked again just before sending
+    # A journey step: recorded in the ledger (``passed``, ``exited``), so the journey goes on, or ends, from it.
+    CONDITION_NOT_MET = "skipped:condition_not_met"  # the step's ``when`` did not hold: the journey goes on
+    EXITED = "skipped:exited"  # an ``exit_when`` goal was reached: no later step
 
     QUIET_HOURS = "deferred:quiet_hours"
     FREQUENCY_CAP = "deferred:frequency_cap"
     WAITING = "deferred:waiting"  # deferred by an earlier run, its moment not reached yet
+    TIME_OF_DAY = "deferred:time_of_day"  # a journey step's ``at``: held until that time in the customer's zone
 
     @property
     def family(self) -> str:

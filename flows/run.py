@@ -14,11 +14,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from flows.analysis import experiment_looks
 from flows.audience.holdout import held_out
 from flows.audience.query import Candidate, stream_candidates
+from flows.audience.variants import winner_takes_all
 from flows.feedback.bounces import trigger_complaints
 from flows.message.prepare import claim_for, render_candidates
 from flows.outcomes import Outcome
@@ -29,6 +32,7 @@ from flows.send.probe import check_smtp
 from flows.send.senders import SenderPool
 from flows.settings import Settings
 from flows.summary import RunSummary
+from models import SendStatus
 from models.types import utcnow
 
 log = logging.getLogger("lifecycle")
@@ -49,6 +53,35 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
     deferral has come due, the deferred sweep). ``should_stop`` is asked between batches
     (graceful shutdown).
 
+    A journey runs one pass per step, in the tree's reading order, each over its own
+    audience (``flows.audience.journey``): the entry first, then every later step whose
+    wait is over. An experiment's winner rule takes its look as its step's pass begins
+    (``flows.analysis.experiment_looks``). The summary counts every pass, step by step.
+    """
+    passes = context.passes()
+    if len(passes) == 1 and passes[0].step is None:
+        return _execute_pass(context, render, dispatch, should_stop, audience, submit, logger)
+    summary = RunSummary(context.trigger.name, context.now, context.dry_run)
+    for part in passes:
+        plan = part.step
+        assert plan is not None
+        said = None
+        if plan.step.experiment is not None:
+            winner, said = experiment_looks.decide(part, logger)
+            part = replace(part, winner=winner)
+        done = _execute_pass(part, render, dispatch, should_stop, audience, submit, logger)
+        if said:
+            done.decisions[plan.name] = said
+        summary.absorb(plan.name, done)
+        if done.interrupted:
+            break
+    return summary
+
+
+def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchStep, should_stop: Callable[[], bool],
+                  audience: bool, submit: SubmitStep, logger: Logger) -> RunSummary:
+    """One pass over one audience: the trigger's one mail, or one journey step's.
+
     A deferral is decided by the same query and rules as fresh mail; the deferrals whose
     moment has come that a complete pass did not meet are no longer due, and are closed
     (``claims.close_deferred``).
@@ -62,8 +95,9 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
     log = logger
     settings, engine = context.settings, context.engine
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
-    log.info("Evaluating %s (%s) as of %s%s", context.trigger.name, context.trigger.kind, context.now.isoformat(),
-             " (dry run)" if context.dry_run else "")
+    step = context.step.name if context.step is not None else ""
+    log.info("Evaluating %s (%s%s) as of %s%s", context.trigger.name, context.trigger.kind,
+             f", step {step}" if step else "", context.now.isoformat(), " (dry run)" if context.dry_run else "")
 
     def finish(number: int, size: int, due: int, why: str, outcome: BatchOutcome) -> None:
         summary.merge(outcome.counts)
@@ -87,12 +121,12 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
     parallel = settings.workers > 1 and not context.dry_run
     senders: SenderPool | None = None
     pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
-    deferrals = _Deferrals(claims.awaiting_keys(engine, context.trigger.name, context.now))
+    deferrals = _Deferrals(claims.awaiting_keys(engine, context.trigger.name, context.now, step))
     with ExitStack() as stack:
         batches = stream_candidates(engine, context.trigger, context.kind, context.stages, context.now,
                                     settings.batch_size, settings.default_language, context.policy,
                                     deferred_only=not audience, lease=settings.claim_lease,
-                                    languages=context.catalog.languages_for(context.trigger.email))
+                                    languages=context.catalog.languages_for(context.email), step=context.step)
         stack.callback(batches.close)  # on every way out, a failure too: it holds a connection
         for number, batch in enumerate(batches, start=1):
             if should_stop():
@@ -116,7 +150,7 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
         settle(finished_only=False)  # a shutdown too lets the batches already handed over finish
     if not summary.interrupted:  # only a pass over the whole audience knows what is no longer due
         closed = claims.close_deferred(engine, context.trigger.name, context.now, deferrals.awaiting,
-                                       deferrals.handled, deferrals.expired, context.dry_run)
+                                       deferrals.handled, deferrals.expired, context.dry_run, step)
         for stage, reason in closed:
             summary.add(stage, Outcome.EXPIRED if reason == claims.EXPIRED_AFTER else Outcome.NO_LONGER_DUE)
         if closed:
@@ -148,22 +182,37 @@ def _classify(context: RunContext, batch: Sequence[Candidate], summary: RunSumma
 
     The holdout is drawn among those who would be mailed now, after consent, suppression,
     re-entry and the policy: both groups are alike in everything but the mail. A deferral
-    is drawn when its moment comes, like a fresh occurrence.
+    is drawn when its moment comes, like a fresh occurrence. A journey's held-out customers
+    are held out of every step (the same draw), its own arm beside the experiment's
+    variants, which are drawn among the mailed (``flows.audience.variants``). A journey step
+    decided without a mail (passed, exited) is recorded, so the journey goes on or ends.
     """
-    due, deferred, held = [], [], []
+    due, deferred, held, closed = [], [], [], []
     reasons: Counter[Outcome] = Counter()
     trigger = context.trigger
+    plan = context.step
+    weights = plan.variant_weights() if plan is not None else []
+    salt = (plan.step.experiment.salt or "") if plan is not None and plan.step.experiment else ""
     for candidate in batch:
         if candidate.skip is None:
             if held_out(trigger.holdout, trigger.name, trigger.salt, candidate.external_id):
                 held.append(candidate)
             else:
+                if weights and plan is not None:
+                    candidate = candidate._replace(variant=winner_takes_all(
+                        context.winner, weights, trigger.name, plan.name, salt, candidate.external_id))
                 due.append(candidate)
             continue
         reasons[candidate.skip] += 1
         summary.add(candidate.stage, candidate.skip)
-        if candidate.skip in (Outcome.QUIET_HOURS, Outcome.FREQUENCY_CAP):
+        if candidate.skip in (Outcome.QUIET_HOURS, Outcome.FREQUENCY_CAP, Outcome.TIME_OF_DAY):
             deferred.append(candidate)
+        elif candidate.skip in (Outcome.CONDITION_NOT_MET, Outcome.EXITED) and candidate.email:
+            closed.append(candidate)
+    if closed and not context.dry_run:
+        claims.close_steps(context.engine, [
+            (claim_for(context, c), SendStatus.EXITED if c.skip is Outcome.EXITED else SendStatus.PASSED,
+             f"exit: {c.reason}" if c.reason else "") for c in closed], context.run_id, context.now)
     if deferred and not context.dry_run:
         after = context.trigger.deferred_expires_after
         expires = context.now + after if after else None

@@ -14,7 +14,7 @@ from those same settings, without validating again.
 
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -29,11 +29,13 @@ from flows.message.compose import Sender
 from flows.message.dkim import DkimSigner
 from flows.settings import Settings
 from flows.signing_secret import resolved
-from flows.spec.common import TriggerBase
+from flows.spec.common import EmailSpec
+from flows.spec.journey import StepPlan, plans, variant_email
 from flows.spec.policy import Policy
 from flows.spec.problems import SpecError
 from flows.spec.project import STAGES_FILE, Project, load_project
 from flows.spec.stages import StageRules
+from flows.spec.trigger import TriggerBase
 from models.db import get_engine
 
 
@@ -51,10 +53,45 @@ class RunContext:
     now: datetime
     run_id: str
     dry_run: bool = False
+    # A journey's run is one pass per step, each with its own context (``flows.run``): the
+    # step, and the experiment's winner once the rule named one (None: the split as written).
+    step: StepPlan | None = None
+    winner: str | None = None
+
+    @property
+    def email(self) -> EmailSpec:
+        """The mail this pass sends: the trigger's one, or its step's."""
+        if self.step is not None:
+            return self.step.step.email
+        assert self.trigger.email is not None, "a journey runs one pass per step"
+        return self.trigger.email
+
+    @cached_property
+    def _variants(self) -> dict[str, EmailSpec]:
+        experiment = self.step.step.experiment if self.step is not None else None
+        if experiment is None:
+            return {}
+        return {v.name: variant_email(self.email, v) for v in experiment.variants}
+
+    def email_for(self, variant: str) -> EmailSpec:
+        """The mail of one arm of the step's experiment (``""``: the step's own)."""
+        return self._variants[variant] if variant else self.email
+
+    def passes(self) -> list["RunContext"]:
+        """The run's passes: itself for a trigger's one mail; one per step for a journey, in
+        the tree's reading order (``flows.spec.journey.plans``)."""
+        journey = self.trigger.journey
+        if journey is None or self.step is not None:
+            return [self]
+        return [replace(self, step=plan) for plan in plans(journey)]
+
+    def variants(self) -> list[str]:
+        """The arms of this pass's experiment (``[""]``: the step's own mail, no experiment)."""
+        return list(self._variants) or [""]
 
     @cached_property
     def sender(self) -> Sender:
-        return Sender.parse(self.trigger.email.sender or self.settings.sender)
+        return Sender.parse(self.email.sender or self.settings.sender)
 
     @cached_property
     def signer(self) -> DkimSigner | None:
@@ -66,14 +103,15 @@ class RunContext:
     def __reduce__(self) -> tuple[Any, ...]:
         """What a sender process receives: the values; the catalog and engine are its own."""
         return (_in_sender, (self.trigger, self.stages, self.policy, self.settings, self.now, self.run_id,
-                             self.dry_run))
+                             self.dry_run, self.step, self.winner))
 
 
 def _in_sender(trigger: TriggerBase, stages: StageRules, policy: Policy, settings: Settings, now: datetime,
-               run_id: str, dry_run: bool) -> RunContext:
+               run_id: str, dry_run: bool, step: StepPlan | None, winner: str | None) -> RunContext:
     return RunContext(trigger=trigger, kind=KINDS[trigger.kind], stages=stages, policy=policy, settings=settings,
                       catalog=TemplateCatalog(settings.templates_dir, settings.default_language),
-                      engine=get_engine(settings.database_url), now=now, run_id=run_id, dry_run=dry_run)
+                      engine=get_engine(settings.database_url), now=now, run_id=run_id, dry_run=dry_run,
+                      step=step, winner=winner)
 
 
 def load(settings: Settings, only: Collection[str] | None = None) -> Project:

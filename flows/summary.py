@@ -29,12 +29,28 @@ class RunSummary:
     templates: set[tuple[str, str, str]] = field(default_factory=set)  # (template file, stage, language)
     interrupted: bool = False  # stopped between batches by a shutdown
     complaints: tuple[int, int] | None = None  # (spam complaints, mails sent) by this trigger in the last 30 days
+    steps: dict[str, Counter[Outcome]] = field(default_factory=dict)  # a journey's outcomes, step by step
+    decisions: dict[str, str] = field(default_factory=dict)  # a step's experiment: its winner rule's last word
 
     def add(self, stage: str, outcome: Outcome, count: int = 1) -> None:
         self.counts[(stage, outcome)] += count
 
     def merge(self, other: Counter[tuple[str, Outcome]]) -> None:
         self.counts.update(other)
+
+    def absorb(self, step: str, part: "RunSummary") -> None:
+        """A journey step's pass, counted in the run's totals and on its own."""
+        self.merge(part.counts)
+        self.planned.extend(part.planned)
+        self.templates.update(part.templates)
+        self.interrupted = self.interrupted or part.interrupted
+        self.steps[step] = part.outcomes
+        self.decisions.update(part.decisions)
+
+    def step_table(self) -> list[dict[str, object]]:
+        """A journey's run: one row per step, one column per outcome."""
+        columns = sorted({outcome for counts in self.steps.values() for outcome in counts})
+        return [{"step": step, **{c: counts.get(c, 0) for c in columns}} for step, counts in self.steps.items()]
 
     @property
     def outcomes(self) -> Counter[Outcome]:
@@ -113,4 +129,14 @@ class RunSummary:
             for name, stage, lang in sorted(self.templates)
         ) or "- none"
         warning = f"\n\n> **Warning:** {self.complaint_warning}" if self.complaint_warning else ""
-        return f"# {self.trigger}\n\n{self.headline()}{warning}\n\n{body}\n\n## Templates used\n{templates}\n"
+        journey = ""
+        if self.steps:
+            steps = self.step_table()
+            columns = list(steps[0]) if steps else ["step"]
+            journey = "\n\n## Steps\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            journey += "\n".join("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in steps)
+        if self.decisions:
+            journey += "\n\n## Experiments\n" + "\n".join(f"- **{step}**: {line}"
+                                                         for step, line in sorted(self.decisions.items()))
+        return (f"# {self.trigger}\n\n{self.headline()}{warning}\n\n{body}{journey}\n\n"
+                f"## Templates used\n{templates}\n")

@@ -7,7 +7,7 @@ from models.events import Event, StoreMeta
 from models.feedback import Feedback, FeedbackKind
 from models.identity import CustomerAlias, GroupMembership
 from models.ledger import Send, SendStatus
-from models.outcomes import Attribution, AttributionBasis, Engagement, EngagementKind
+from models.outcomes import Attribution, AttributionBasis, Engagement, EngagementKind, ExperimentLook
 from models.preferences import CategoryOptOut
 from models.support import Complaint
 from models.suppression import Suppression, SuppressionReason, suppression_key
@@ -28,6 +28,7 @@ __all__ = [
     "Engagement",
     "EngagementKind",
     "Event",
+    "ExperimentLook",
     "Feedback",
     "FeedbackKind",
     "GroupMembership",

@@ -25,6 +25,14 @@ States (a row only ever moves forward):
 ``held_out`` in the trigger's holdout group (``holdout:``): never sent, on purpose. It
              counts for re-entry and the frequency cap exactly like a send, so the held-out
              and the mailed stay comparable (``flows.audience.holdout``).
+``passed``   a journey step whose conditions (``when:``) did not hold when it was due: not
+             sent, and the journey goes on from it as from a sent step.
+``exited``   the customer reached one of the journey's ``exit_when`` goals before this step
+             (``error`` names it): not sent, and no later step follows.
+
+A journey keeps its state in these rows alone (``flows.audience.journey``): each step's row
+has the step's name in ``step`` and its key extends the entry's key (the first step's key is
+the entry's own), so who is due for a step is one query over the ledger at any ``now``.
 
 A temporary failure that outlasts its retries deletes the claim, so the next run
 tries again: the server said no, so nothing was sent.
@@ -50,6 +58,8 @@ class SendStatus(StrEnum):
     BOUNCED = "bounced"
     COMPLAINED = "complained"
     HELD_OUT = "held_out"
+    PASSED = "passed"
+    EXITED = "exited"
 
 
 class Send(SQLModel, table=True):
@@ -58,6 +68,8 @@ class Send(SQLModel, table=True):
         Index("ix_sends_trigger_customer_evaluated", "trigger", "customer_id", "evaluated_at"),
         Index("ix_sends_customer_category_evaluated", "customer_id", "category", "evaluated_at"),
         Index("ix_sends_trigger_status_not_before", "trigger", "status", "not_before"),
+        # A journey step's audience: the rows of the step before it, old enough.
+        Index("ix_sends_trigger_step_evaluated", "trigger", "step", "evaluated_at"),
         # One mailbox, one mail: customers sharing an address are one recipient, so the same
         # occurrence of a trigger goes to a mailbox once, whichever runs race for it. Frequency
         # caps and re-entry find the mailbox's sends through it too.
@@ -90,6 +102,8 @@ class Send(SQLModel, table=True):
     # a position here, so the destination always comes from the mail that was sent
     # (``flows.tracking``). Text, not JSON: PostgreSQL's batch insert unnests arrays.
     links: str | None = Field(default=None, sa_column=Column(Text))
+    step: str = Field(default="", max_length=64, description="The journey step; empty for a trigger's one mail.")
+    variant: str = Field(default="", max_length=64, description="The step's experiment arm; empty if none.")
 
 
 def message_digest(message_id: Any) -> ColumnElement[str]:

@@ -9,12 +9,15 @@ same click within the de-duplication window adds to ``repeats`` instead of a row
 ``attributions`` keeps one row per order the attribution has looked at, attributed or
 not (``send_id`` NULL), so a report reads attributions and never the event log, and the
 next incremental run knows which orders it has already seen.
+
+``experiment_looks`` keeps each look the winner rule took at a journey step's experiment,
+with its figures: the last one with a winner decides who gets later mail.
 """
 
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Column, Index
+from sqlalchemy import Column, Index, Text
 from sqlmodel import Field, SQLModel
 
 from models.types import UtcDateTime
@@ -65,3 +68,20 @@ class Attribution(SQLModel, table=True):
     template: str = Field(default="", max_length=255)
     basis: str = Field(default="", max_length=8, description="click, delivery or open; empty if unattributed")
     touched_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
+
+
+class ExperimentLook(SQLModel, table=True):
+    """One look of the winner rule (``flows.analysis.experiments.pick_winner``) at one step's
+    experiment; a new ``salt`` is a new experiment, with looks of its own."""
+
+    __tablename__ = "experiment_looks"
+
+    trigger: str = Field(max_length=64, primary_key=True)
+    step: str = Field(max_length=64, primary_key=True)
+    salt: str = Field(max_length=64, primary_key=True)
+    look: int = Field(primary_key=True)
+    checkpoint: int
+    winner: str | None = Field(default=None, max_length=64)
+    reason: str = Field(max_length=1000)
+    figures: str = Field(sa_column=Column(Text, nullable=False), description="The decision as JSON.")
+    decided_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))

@@ -23,6 +23,7 @@ from sqlalchemy import (
     false,
     func,
     inspect,
+    literal,
     or_,
     select,
     true,
@@ -30,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Session, col
 
+from flows.audience import journey
 from flows.audience.stage_sql import customer_stage, order_count, order_value, with_orders
 from flows.audience.timing import QUIET_HOURS, customer_zone, longest_window, next_allowed
 from flows.consent import suppressed_for
@@ -38,9 +40,11 @@ from flows.kinds.base import Kind
 from flows.memory import frozen_heap
 from flows.outcomes import Outcome
 from flows.send.claims import awaiting
-from flows.spec.common import Reentry, TriggerBase
+from flows.spec.common import Reentry
+from flows.spec.journey import StepPlan
 from flows.spec.policy import Policy
 from flows.spec.stages import StageRules
+from flows.spec.trigger import TriggerBase
 from models import (
     CategoryOptOut,
     Customer,
@@ -48,7 +52,7 @@ from models import (
     SendStatus,
 )
 from models.db import one_of
-from models.types import utcnow
+from models.types import UtcDateTime, utcnow
 
 
 class Candidate(NamedTuple):
@@ -70,6 +74,8 @@ class Candidate(NamedTuple):
     not_before: datetime | None = None  # set when deferred by the policy
     deferred: bool = False  # the ledger holds a deferral of this very key
     shared: bool = False  # another customer record has the same mailbox (marketing only)
+    variant: str = ""  # a journey step's experiment arm, drawn when the mail is due
+    reason: str = ""  # why a journey step was exited (the goal), for the ledger
 
 
 def send_key(trigger: str, customer_id: int, occurrence: str) -> str:
@@ -82,14 +88,19 @@ AnyRow = Row[*tuple[Any, ...]]
 
 
 def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime,
-                   deferred_only: bool = False) -> AnySelect:
+                   deferred_only: bool = False, step: StepPlan | None = None) -> AnySelect:
     """Everyone due, in customer order, each customer's stage computed once.
 
     ``deferred_only`` keeps the customers with a deferral of this trigger that has come
     due (the deferred sweep): their deferrals are decided exactly as fresh mail is, by
     the same query, so a deferral never outlives its occurrence's window or audience.
+
+    For a journey ``step``, the first step's audience is the kind's (the entry) and a later
+    step's is the ledger's (``flows.audience.journey.step_due``); either way the step's
+    conditions and the goals reached come out as columns (``journey.step_columns``).
     """
-    due = kind.due(trigger, now)
+    due = kind.due(trigger, now) if step is None or step.first else journey.step_due(trigger.name, step, now)
+    extra: list[Any] = []  # a later step's own columns of its due rows, grouped like the occurrence
     if _over_customers(due):
         # The kind's filter goes straight into this query: joining customers to a
         # subquery over customers cost a second lookup per customer.
@@ -100,11 +111,22 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     else:
         subquery = due.subquery("due")
         ref_id, ref_time = subquery.c.ref_id, subquery.c.ref_time
+        if step is not None and not step.first:
+            extra = [subquery.c.previous_at, subquery.c.occurrence, subquery.c.send_key]
         # One group per occurrence (the kind's due rows are one per occurrence).
-        occurrence = [col(Customer.id), ref_id, ref_time]
+        occurrence = [col(Customer.id), ref_id, ref_time, *extra]
         base = select().select_from(subquery).join(Customer, col(Customer.id) == subquery.c.customer_id)
     stage = customer_stage(rules, now)
     audience = trigger.audience
+    refs = None
+    if step is not None:
+        later = not step.first
+        refs = journey.Refs(entered=ref_time if later else literal(now, UtcDateTime()),
+                            entry_key=_entry_key(subquery.c.send_key, step) if later else literal(""),
+                            ref_id=ref_id, entry_stage=subquery.c.entry_stage if later else None, stage=stage,
+                            category=kind.name)
+        if later:
+            occurrence.append(subquery.c.entry_stage)
 
     query = base.add_columns(  # read positionally by _classifier: keep the order
         col(Customer.id),
@@ -124,10 +146,13 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         suppressed_for(kind).label("suppressed"),
         exists().where(col(CategoryOptOut.customer_id) == col(Customer.id),
                        col(CategoryOptOut.category) == kind.name).label("opted_out"),
-        _reentry_blocked(trigger, now).label("reentry_blocked"),
+        _reentry_blocked(trigger, now, step).label("reentry_blocked"),
     )
+    if step is not None and refs is not None:
+        query = query.add_columns(*journey.step_columns(step, refs, now), *extra)
     if deferred_only:  # driven by the few deferrals, not by a probe per customer
-        query = query.where(col(Customer.id).in_(select(col(Send.customer_id)).where(awaiting(trigger.name, now))))
+        query = query.where(col(Customer.id).in_(select(col(Send.customer_id))
+                                                 .where(awaiting(trigger.name, now, _step_name(step)))))
     if audience.locales:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
     # Grouped and ordered alike, so that both databases stream it without sorting.
@@ -142,7 +167,19 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         query = query.having(order_value() >= round(audience.min_lifetime_value * 100))
     if audience.max_lifetime_value is not None:
         query = query.having(order_value() <= round(audience.max_lifetime_value * 100))
+    if step is not None and step.opens_branch and refs is not None:
+        query = query.having(journey.branch_taken(step, refs, now))
     return query
+
+
+def _step_name(step: StepPlan | None) -> str:
+    """What ``sends.step`` holds for the mail of ``step``: empty for a trigger's one mail."""
+    return "" if step is None else step.name
+
+
+def _entry_key(key: Any, step: StepPlan) -> Any:
+    """The entry's key from a later step's own key (``ENTRY/step``)."""
+    return func.substr(key, 1, func.length(key) - len(step.name) - 1)
 
 
 def _over_customers(due: AnySelect) -> bool:
@@ -162,14 +199,21 @@ def address(email: Any) -> ColumnElement[str]:
     return func.lower(email, type_=String())
 
 
-def _reentry_blocked(trigger: TriggerBase, now: datetime) -> ColumnElement[bool]:
+def _reentry_blocked(trigger: TriggerBase, now: datetime, step: StepPlan | None = None) -> ColumnElement[bool]:
     """True when an earlier send of this trigger to the customer forbids another now (to
-    the customer's mailbox under another record: ``_mailbox_history``, for the few shared)."""
+    the customer's mailbox under another record: ``_mailbox_history``, for the few shared).
+
+    A journey's re-entry rule is about entries: its first step's rows, whatever became of
+    them; a later step is never "re-entered" (its key is the entry's, once)."""
     rule = trigger.reentry
-    if rule.mode == "every_occurrence":
+    if rule.mode == "every_occurrence" or (step is not None and not step.first):
         return false()
-    earlier = and_(col(Send.trigger) == trigger.name, col(Send.status).in_(DELIVERED),
-                   col(Send.customer_id) == col(Customer.id))
+    if step is None:
+        earlier = and_(col(Send.trigger) == trigger.name, col(Send.status).in_(DELIVERED),
+                       col(Send.customer_id) == col(Customer.id))
+    else:
+        earlier = and_(col(Send.trigger) == trigger.name, journey.entry_rows(step.first_step),
+                       col(Send.status).in_(journey.ENTERED), col(Send.customer_id) == col(Customer.id))
     if rule.mode == "cooldown":
         earlier = and_(earlier, col(Send.evaluated_at) > now - _cooldown(rule), col(Send.evaluated_at) <= now)
     return exists().where(earlier)
@@ -201,6 +245,7 @@ def stream_candidates(
     deferred_only: bool = False,
     lease: timedelta = timedelta(minutes=10),
     languages: frozenset[str] | None = None,
+    step: StepPlan | None = None,
 ) -> Generator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
 
@@ -215,15 +260,17 @@ def stream_candidates(
     by re-entry, or held back by the caps, exactly as the run that sends the first would
     find it in the ledger. That is what makes a dry run predict the run.
     """
-    query = audience_query(trigger, kind, rules, now, deferred_only)
-    in_run = _InRun(trigger.reentry.mode != "every_occurrence")
+    query = audience_query(trigger, kind, rules, now, deferred_only, step)
+    # A journey's later step is never "re-entered": its key is the entry's, once.
+    rule = trigger.reentry if step is None or step.first else Reentry(mode="every_occurrence")
+    in_run = _InRun(rule.mode != "every_occurrence")
     # Batches are handled (sent, in a run) while this waits at ``yield``, still frozen.
     with frozen_heap(), engine.connect() as reader, Session(engine) as ledger:
         shared = shared_addresses(reader) if kind.category == "marketing" else frozenset()
-        classify = _classifier(trigger, kind, now, default_language, languages, shared)
+        classify = _classifier(trigger, kind, now, default_language, languages, shared, step, policy)
         chunks = reader.execution_options(yield_per=batch_size).execute(query).partitions(batch_size)
         for rows in chunks if engine.dialect.name == "sqlite" else _read_ahead(chunks):
-            batch = _mark_already_sent(ledger, trigger, [classify(row) for row in rows], now, lease)
+            batch = _mark_already_sent(ledger, trigger, [classify(row) for row in rows], now, lease, rule)
             if deferred_only:
                 batch = [c for c in batch if c.deferred]
             batch = in_run.mailbox(in_run.reentry(batch))
@@ -291,20 +338,34 @@ def _read_ahead(chunks: Iterator[Sequence[AnyRow]]) -> Iterator[Sequence[AnyRow]
 
 
 def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_language: str,
-                supported: frozenset[str] | None, shared_mailboxes: frozenset[str]) -> Callable[[AnyRow], Candidate]:
+                supported: frozenset[str] | None, shared_mailboxes: frozenset[str], step: StepPlan | None = None,
+                policy: Policy | None = None) -> Callable[[AnyRow], Candidate]:
     """Turns an audience row into a candidate, skipped or not. Runs once per row of
-    audiences of hundreds of thousands, so everything that does not vary is settled here."""
+    audiences of hundreds of thousands, so everything that does not vary is settled here.
+
+    A journey step's row says more (``journey.step_columns``): a goal reached exits the
+    customer before anything else is asked; a step whose conditions do not hold is passed
+    (after consent and the rest: a customer in no state to be mailed keeps their place); a
+    step with ``at`` waits for that time of day in the customer's zone."""
     marketing = kind.category == "marketing"
     languages: dict[str | None, str] = {}
+    at = step.step.at if step is not None else None
 
     def classify(row: AnyRow) -> Candidate:
         # Unpacked in audience_query's column order: by far the cheapest way to read a row.
         (customer_id, external_id, email, first_name, last_name, locale, consent, consent_requested, timezone,
-         ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked) = row
-        occurrence = kind.occurrence(trigger, now, ref_id, ref_time)
-        key = send_key(trigger.name, customer_id, occurrence)
+         ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked, *steps) = row
+        reason, not_before = "", None
+        if steps:
+            holds, reason, previous_at, occurrence, key = steps
+            reason = reason or ""
+        if not steps or occurrence is None:
+            occurrence = kind.occurrence(trigger, now, ref_id, ref_time)
+            key = send_key(trigger.name, customer_id, occurrence)
         skip = None
-        if not email:
+        if reason:
+            skip = Outcome.EXITED
+        elif not email:
             skip = Outcome.NO_EMAIL
         elif suppressed:
             skip = Outcome.SUPPRESSED
@@ -314,18 +375,25 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
             skip = Outcome.OPTED_OUT
         elif reentry_blocked:
             skip = Outcome.REENTRY
+        elif steps and not holds:
+            skip = Outcome.CONDITION_NOT_MET
+        elif at is not None and step is not None and policy is not None and previous_at is not None:
+            moment = journey.at_moment(previous_at, step.step.wait, at, customer_zone(timezone, policy, external_id))
+            if moment > now:
+                skip, not_before = Outcome.TIME_OF_DAY, moment
         language = languages.get(locale)
         if language is None:
             language = languages[locale] = language_of(locale, default_language, supported)
         shared = bool(shared_mailboxes) and bool(email) and email.lower() in shared_mailboxes
         return Candidate(customer_id, external_id, email, first_name, last_name, locale or default_language,
-                         language, stage, ref_id, occurrence, key, skip, timezone, None, False, shared)
+                         language, stage, ref_id, occurrence, key, skip, timezone, not_before, False, shared,
+                         "", reason)
 
     return classify
 
 
 def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candidate], now: datetime,
-                       lease: timedelta) -> list[Candidate]:
+                       lease: timedelta, rule: Reentry) -> list[Candidate]:
     """One lookup per batch; the claim at dispatch remains the real guard.
 
     A key deferred earlier is decided like a fresh one: whatever skips a fresh mail
@@ -363,12 +431,13 @@ def _mark_already_sent(session: Session, trigger: TriggerBase, batch: list[Candi
             elif c.skip is None or c.skip == Outcome.REENTRY:
                 c = c._replace(skip=Outcome.EXPIRED if status == SendStatus.EXPIRED else Outcome.ALREADY_SENT)
         marked.append(c)
-    marked = _mailbox_history(session, trigger, marked, now)
+    marked = _mailbox_history(session, trigger, marked, now, rule)
     session.rollback()  # end the read transaction so SQLite can checkpoint
     return marked
 
 
-def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candidate], now: datetime) -> list[Candidate]:
+def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candidate], now: datetime,
+                     rule: Reentry) -> list[Candidate]:
     """A shared mailbox's sends under its other customer records count as the customer's own:
     the same occurrence on record under another record (sent, in progress, deferred or
     closed) is not mailed again, whatever the re-entry rule, and an earlier mail of this
@@ -383,7 +452,6 @@ def _mailbox_history(session: Session, trigger: TriggerBase, batch: list[Candida
     history: dict[str, list[tuple[str, str, str, datetime]]] = {}
     for mailbox, *rest in rows:
         history.setdefault(mailbox, []).append(tuple(rest))
-    rule = trigger.reentry
     out = []
     for c in batch:
         if c.shared and (c.skip is None or c.skip.deferred):

@@ -17,6 +17,7 @@ from sqlmodel import Session, col
 from flows.audience.query import Candidate, send_key
 from flows.audience.stage_sql import customer_stages
 from flows.content.context import sample_contexts
+from flows.content.diagram import mermaid
 from flows.content.render import Rendered, RenderError, language_of
 from flows.message.compose import build_message, message_id
 from flows.message.prepare import render_candidates
@@ -40,6 +41,7 @@ class Preview:
     language: str
     subject: str
     paths: list[Path]
+    mail: str = ""  # which of a journey's mails: "step reminder", "step nudge, variant b"
 
     @property
     def fell_back(self) -> bool:
@@ -70,33 +72,53 @@ def _write(out: Path, name: str, eml: bytes, subject: str, language: str, asked:
 
 def preview_samples(settings: Settings, trigger: str, stages: list[str] | None, languages: list[str] | None,
                     out: Path) -> list[Preview]:
+    """Every mail the trigger can send (each step's, each variant's) for each stage and
+    language, with sample data; a journey's diagram beside them (``journey.mmd``)."""
     context = prepare(trigger, utcnow(), settings=settings)
-    catalog, email = context.catalog, context.trigger.email
     stages = stages or context.trigger.audience.stages or context.stages.names
     unknown = [s for s in stages if s not in context.stages.names]
     if unknown:
         raise PreviewError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(context.stages.names)}")
-    languages = languages or sorted(catalog.languages_for(email) | {catalog.default_language})
     written: list[Preview] = []
-    for stage in stages:
-        for lang in languages:
-            eml, rendered = sample_mail(context, stage, lang)
-            paths = _write(out / trigger, f"{stage}.{lang}", eml, rendered.subject, rendered.language, lang)
-            written.append(Preview(stage, lang, rendered.language, rendered.subject, paths))
+    for part in context.passes():
+        catalog = part.catalog
+        for variant in part.variants():
+            email = part.email_for(variant)
+            folder, mail = _where(out / trigger, part, variant)
+            for stage in stages:
+                for lang in languages or sorted(catalog.languages_for(email) | {catalog.default_language}):
+                    eml, rendered = sample_mail(part, stage, lang, variant)
+                    paths = _write(folder, f"{stage}.{lang}", eml, rendered.subject, rendered.language, lang)
+                    written.append(Preview(stage, lang, rendered.language, rendered.subject, paths, mail))
+    journey = context.trigger.journey
+    if journey is not None:
+        diagram = out / trigger / "journey.mmd"
+        diagram.write_text(mermaid(journey, context.kind.name), encoding="utf-8")
+        written.append(Preview("", "", "", "", [diagram], "the journey's diagram (Mermaid)"))
     return written
 
 
-def sample_message(context: RunContext, stage: str, language: str) -> bytes:
+def _where(out: Path, part: RunContext, variant: str) -> tuple[Path, str]:
+    """A journey's mails each in a folder of their own: ``STEP/`` or ``STEP/VARIANT/``."""
+    if part.step is None:
+        return out, ""
+    folder, mail = out / part.step.name, f"step {part.step.name}"
+    if variant:
+        folder, mail = folder / variant, f"{mail}, variant {variant}"
+    return folder, mail
+
+
+def sample_message(context: RunContext, stage: str, language: str, variant: str = "") -> bytes:
     """The trigger's mail for a sample customer in ``stage`` speaking ``language``, as sent."""
-    return sample_mail(context, stage, language)[0]
+    return sample_mail(context, stage, language, variant)[0]
 
 
-def sample_mail(context: RunContext, stage: str, language: str) -> tuple[bytes, Rendered]:
+def sample_mail(context: RunContext, stage: str, language: str, variant: str = "") -> tuple[bytes, Rendered]:
     """The sample mail as sent, and what was rendered (its subject, the language used)."""
     settings = context.settings
     sample = sample_contexts(context.kind.reference, settings.base_url, settings.shop_url)[0]
     try:
-        rendered = context.catalog.render(context.trigger.email, {**sample, "stage": stage, "lang": language})
+        rendered = context.catalog.render(context.email_for(variant), {**sample, "stage": stage, "lang": language})
     except RenderError as exc:
         raise PreviewError(str(exc)) from None
     key = send_key(context.trigger.name, 0, f"preview:{stage}:{language}")
@@ -135,15 +157,20 @@ def preview_customer(settings: Settings, trigger: str, external_id: str, now: da
         if context.kind.reference and ref_id is None:
             raise PreviewError(f"customer {external_id!r} has no {context.kind.reference} to preview this trigger with")
     asked = language_of(customer.locale, settings.default_language)
-    language = language_of(customer.locale, settings.default_language,
-                           context.catalog.languages_for(context.trigger.email))
-    candidate = Candidate(customer.id, customer.external_id, customer.email, customer.first_name, customer.last_name,
-                          customer.locale, language, stage, ref_id, "preview",
-                          send_key(trigger, customer.id, "preview"))
-    prepared, failures = render_candidates(context, [candidate])
-    if failures:
-        raise PreviewError(failures[0].message)
-    subject = prepared[0].subject
-    paths = _write(out / trigger, f"{external_id}.{stage}.{language}", prepared[0].envelope.data, subject, language,
-                   asked)
-    return [Preview(stage, asked, language, subject, paths)]
+    written: list[Preview] = []
+    for part in context.passes():
+        for variant in part.variants():
+            language = language_of(customer.locale, settings.default_language,
+                                   part.catalog.languages_for(part.email_for(variant)))
+            candidate = Candidate(customer.id, customer.external_id, customer.email, customer.first_name,
+                                  customer.last_name, customer.locale, language, stage, ref_id, "preview",
+                                  send_key(trigger, customer.id, "preview"), variant=variant)
+            prepared, failures = render_candidates(part, [candidate])
+            if failures:
+                raise PreviewError(failures[0].message)
+            subject = prepared[0].subject
+            folder, mail = _where(out / trigger, part, variant)
+            paths = _write(folder, f"{external_id}.{stage}.{language}", prepared[0].envelope.data, subject,
+                           language, asked)
+            written.append(Preview(stage, asked, language, subject, paths, mail))
+    return written

@@ -8,7 +8,8 @@ from sqlalchemy import exists, select
 from sqlmodel import col
 
 from flows.kinds.base import DueQuery, Kind, stamp
-from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
+from flows.spec.common import Duration, Reentry, ReentryRule
+from flows.spec.trigger import TriggerBase
 from models import CART_OPEN, Cart, CartItem, Order
 
 

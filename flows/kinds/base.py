@@ -8,7 +8,7 @@ from typing import Any, Generic, Literal
 from sqlalchemy import Select
 from typing_extensions import TypeVar
 
-from flows.spec.common import TriggerBase
+from flows.spec.trigger import TriggerBase
 
 Category = Literal["marketing", "transactional"]
 Reference = Literal["cart", "complaint", "consent"]

@@ -9,7 +9,8 @@ from sqlmodel import col
 
 from flows import clock
 from flows.kinds.base import DueQuery, Kind, stamp
-from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
+from flows.spec.common import Duration, Reentry, ReentryRule
+from flows.spec.trigger import TriggerBase
 from models import Customer
 
 

@@ -12,7 +12,8 @@ from sqlalchemy import or_, select
 from sqlmodel import col
 
 from flows.kinds.base import DueQuery, Kind
-from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
+from flows.spec.common import Duration, Reentry, ReentryRule
+from flows.spec.trigger import TriggerBase
 from models import Complaint
 
 

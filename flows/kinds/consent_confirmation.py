@@ -13,7 +13,8 @@ from sqlalchemy import null, or_, select
 from sqlmodel import col
 
 from flows.kinds.base import DueQuery, Kind, stamp
-from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
+from flows.spec.common import Duration, Reentry, ReentryRule
+from flows.spec.trigger import TriggerBase
 from models import Customer
 
 

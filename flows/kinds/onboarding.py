@@ -8,7 +8,8 @@ from sqlalchemy import null, select
 from sqlmodel import col
 
 from flows.kinds.base import DueQuery, Kind
-from flows.spec.common import Duration, Reentry, ReentryRule, TriggerBase
+from flows.spec.common import Duration, Reentry, ReentryRule
+from flows.spec.trigger import TriggerBase
 from models import Customer
 
 

@@ -98,7 +98,7 @@ def render_candidates(context: RunContext, candidates: Sequence[Candidate], batc
             "now": context.now,
         }
         try:
-            rendered = context.catalog.render(context.trigger.email, variables)
+            rendered = context.catalog.render(context.email_for(c.variant), variables)
             destinations: list[str] = []
             if tracked and c.customer_id not in untracked:
                 rendered, destinations = _tracked(context, rendered, send_digest(secret, c.send_key), ours)
@@ -146,7 +146,8 @@ def claim_for(context: RunContext, c: Candidate, template: str = "", msg_id: str
               links: Sequence[str] = ()) -> Claim:
     assert c.email is not None
     return Claim(c.send_key, context.trigger.name, c.customer_id, c.occurrence, c.stage, template, c.email,
-                 msg_id, context.kind.category, c.ref_id, tuple(links))
+                 msg_id, context.kind.category, c.ref_id, tuple(links),
+                 context.step.name if context.step is not None else "", c.variant)
 
 
 def list_headers(context: RunContext, links: Links) -> dict[str, str]:

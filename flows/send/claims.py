@@ -46,6 +46,8 @@ class Claim:
     category: str = "marketing"
     ref_id: int | None = None
     links: tuple[str, ...] = ()  # the tracked links' destinations, by position (``flows.tracking``)
+    step: str = ""  # the journey step; empty for a trigger's one mail
+    variant: str = ""  # the step's experiment arm
 
 
 IN_PROGRESS = (SendStatus.CLAIMED, SendStatus.SENDING)
@@ -69,7 +71,7 @@ def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at
             "send_key": c.send_key, "trigger": c.trigger, "customer_id": c.customer_id, "occurrence": c.occurrence,
             "category": c.category, "ref_id": c.ref_id, "status": status.value, "run_id": run_id, "stage": c.stage,
             "template": c.template, "email": c.email, "message_id": c.message_id, "evaluated_at": evaluated_at,
-            "claimed_at": now, "links": "\n".join(c.links) or None, **extra,
+            "claimed_at": now, "links": "\n".join(c.links) or None, "step": c.step, "variant": c.variant, **extra,
         }
         for c in claims
     ]
@@ -120,7 +122,7 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
                     and_(col(Send.status) == SendStatus.CLAIMED, col(Send.claimed_at) < stale)))
                 .values(status=SendStatus.CLAIMED, run_id=run_id, claimed_at=utcnow(), evaluated_at=evaluated_at,
                         stage=c.stage, template=c.template, message_id=c.message_id,
-                        links="\n".join(c.links) or None)
+                        links="\n".join(c.links) or None, variant=c.variant)
                 .returning(col(Send.send_key))).scalar_one_or_none()
             if resumed:
                 won.add(resumed)
@@ -181,20 +183,43 @@ EXPIRED_AFTER = "deferred longer than deferred_expires_after"
 NO_LONGER_DUE = "no longer due when its moment came"
 
 
-def awaiting(trigger: str, now: datetime) -> ColumnElement[bool]:
-    """Deferrals of ``trigger`` whose moment, or expiry, has come (``sends`` rows)."""
-    return and_(col(Send.trigger) == trigger, col(Send.status) == SendStatus.DEFERRED,
+def awaiting(trigger: str, now: datetime, step: str = "") -> ColumnElement[bool]:
+    """Deferrals of ``trigger``'s mail (a journey's: of its ``step``) whose moment, or expiry,
+    has come (``sends`` rows)."""
+    return and_(col(Send.trigger) == trigger, col(Send.step) == step, col(Send.status) == SendStatus.DEFERRED,
                 or_(col(Send.not_before) <= now, col(Send.expires_at) <= now))
 
 
-def awaiting_keys(engine: Engine, trigger: str, now: datetime) -> set[str]:
+def awaiting_keys(engine: Engine, trigger: str, now: datetime, step: str = "") -> set[str]:
     """The keys of ``awaiting`` deferrals, as a pass over the audience begins."""
     with engine.connect() as connection:
-        return set(connection.execute(select(col(Send.send_key)).where(awaiting(trigger, now))).scalars())
+        return set(connection.execute(select(col(Send.send_key)).where(awaiting(trigger, now, step))).scalars())
+
+
+def close_steps(engine: Engine, claims: Sequence[tuple[Claim, SendStatus, str]], run_id: str,
+                evaluated_at: datetime) -> None:
+    """Record journey steps decided without a mail: ``passed`` (its conditions did not hold)
+    or ``exited`` (a goal reached; ``error`` names it). A deferral of the same key (the policy
+    held the step, then the customer ordered) is closed the same way; any other row already
+    there (a racing run's decision) stays as it is."""
+    if not claims:
+        return
+    rows = [row | {"status": status.value, "error": why, "finished_at": row["claimed_at"]}
+            for (_, status, why), row in zip(claims, _rows([c for c, _, _ in claims], SendStatus.PASSED, run_id,
+                                                          evaluated_at), strict=True)]
+    insert = insert_for(engine)(Send).on_conflict_do_nothing()  # executemany, as in ``claim``
+    close = (update(Send).where(col(Send.send_key) == bindparam("b_key"), col(Send.status) == SendStatus.DEFERRED)
+             .values(status=bindparam("b_status"), error=bindparam("b_error"), finished_at=bindparam("b_at"),
+                     evaluated_at=evaluated_at, run_id=run_id)
+             .execution_options(synchronize_session=False))
+    with engine.begin() as connection:
+        connection.execute(insert, rows)
+        connection.execute(close, [{"b_key": r["send_key"], "b_status": r["status"], "b_error": r["error"],
+                                    "b_at": r["finished_at"]} for r in rows])
 
 
 def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collection[str], handled: Collection[str],
-                   expired: Collection[str], dry_run: bool = False) -> list[tuple[str, str]]:
+                   expired: Collection[str], dry_run: bool = False, step: str = "") -> list[tuple[str, str]]:
     """End the deferrals that a complete pass over the trigger's audience did not keep.
 
     ``among`` are the deferrals awaiting when the pass began (``awaiting_keys``): one
@@ -210,7 +235,7 @@ def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collectio
         return []
     with engine.begin() as connection:
         rows = connection.execute(select(col(Send.send_key), col(Send.stage), col(Send.expires_at))
-                                  .where(awaiting(trigger, now),
+                                  .where(awaiting(trigger, now, step),
                                          one_of(Send.send_key, among, engine.dialect.name))).all()
         closing: dict[str, tuple[str, str]] = {}
         for key, stage, expires_at in rows:

@@ -80,7 +80,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         context: RunContext = requests.recv()  # its catalog and engine made here (RunContext.__reduce__)
         # What the first batch would build, built now so the freeze below keeps it out of the
         # collector's scans: the compiled templates, and the store's dialect and first connection.
-        context.catalog.compile(context.trigger.email)
+        context.catalog.compile(context.email)
         with context.engine.connect():
             pass
     except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it

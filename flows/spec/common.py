@@ -7,7 +7,7 @@ exist) arrive through pydantic's validation context.
 import re
 from datetime import timedelta
 from email.utils import parseaddr
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
 from jinja2 import Environment, TemplateSyntaxError
@@ -203,45 +203,3 @@ def parse_share(value: Any) -> Any:
 
 
 Share = Annotated[float, BeforeValidator(parse_share), Field(gt=0, le=MAX_HOLDOUT)]
-
-
-class TriggerBase(StrictModel):
-    """What every trigger file holds; each kind adds its own parameters."""
-
-    name: Slug = Field(description="Unique; names the Prefect flow and the send keys.")
-    description: str = Field(min_length=1)
-    kind: str
-    enabled: bool = True
-    schedule: Schedule
-    audience: Audience = Audience()
-    email: EmailSpec
-    reentry: ReentryRule
-    deferred_expires_after: Duration | None = Field(
-        default=None, description="Drop a mail the sending policy deferred for longer than this (default: never)."
-    )
-    holdout: Share | None = Field(
-        default=None, description="Hold this share of customers out (never mailed, recorded held_out) to measure lift.")
-    holdout_salt: str | None = Field(
-        default=None, min_length=1, max_length=64,
-        description="Mixed into the holdout's hash with the trigger's name (default: the name alone); a new salt "
-                    "draws a new group.")
-    # Service mail (complaint replies, confirmations) must reach everyone: never held out.
-    service: ClassVar[bool] = False
-
-    @field_validator("holdout")
-    @classmethod
-    def _no_holdout_for_service_mail(cls, value: float | None) -> float | None:
-        if value is not None and cls.service:
-            raise ValueError("service mail is never held out: every customer it is due for must get it")
-        return value
-
-    @model_validator(mode="after")
-    def _salt_with_holdout(self) -> "TriggerBase":
-        if self.holdout_salt is not None and self.holdout is None:
-            raise ValueError("holdout_salt without holdout: set holdout, such as holdout: 10%")
-        return self
-
-    @property
-    def salt(self) -> str:
-        """What the holdout hash mixes in: stated in the file, or the trigger's name."""
-        return self.holdout_salt or self.name

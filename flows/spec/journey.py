@@ -157,6 +157,16 @@ class Variant(StrictModel):
         return self
 
 
+def variant_email(email: EmailSpec, variant: Variant) -> EmailSpec:
+    """A step's mail as one variant sends it: its own subject, template or both."""
+    changes: dict[str, Any] = {}
+    if variant.template is not None:
+        changes["template"] = variant.template
+    if variant.subject is not None:
+        changes["subject"] = variant.subject
+    return email.model_copy(update=changes)
+
+
 class Experiment(StrictModel):
     variants: list[Variant] = Field(min_length=2, max_length=MAX_VARIANTS)
     metric: Literal["clicks", "conversions"] = Field(
@@ -224,6 +234,61 @@ def walk(steps: list[Step], path: Path_ = ("steps",), before: tuple[str, ...] = 
             yield from walk(branch.steps, (*here, "branches", number, "steps"), before)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """One step as a run decides it: whose row it follows, and what its customers must meet.
+
+    ``previous`` is the step whose row (sent, held out or passed) this step waits after;
+    None for the journey's first step, which goes at the entry and whose key is the entry's
+    own. A step that opens a branch is taken only if its branch's condition holds
+    (``branch``; None for ``else``) and no earlier branch's does (``passed_over``), and never
+    after a sibling branch was taken (``rivals``: those branches' first steps).
+    """
+
+    step: Step
+    first_step: str
+    previous: str | None
+    branch: When | None = None
+    opens_branch: bool = False
+    passed_over: tuple[When, ...] = ()
+    rivals: tuple[str, ...] = ()
+    exits: tuple[ExitGoal, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+    @property
+    def first(self) -> bool:
+        return self.previous is None
+
+    def variant_weights(self) -> list[tuple[str, float]]:
+        experiment = self.step.experiment
+        return [(v.name, v.weight) for v in experiment.variants] if experiment else []
+
+
+def plans(journey: Journey) -> list[StepPlan]:
+    """Every step of the tree in reading order, as the runs decide them (``StepPlan``)."""
+    exits = tuple(journey.exit_when)
+    first = journey.steps[0].name
+    out: list[StepPlan] = []
+
+    def visit(steps: list[Step], previous: str | None, opening: dict[str, Any] | None) -> None:
+        for index, step in enumerate(steps):
+            extra = opening if index == 0 and opening is not None else {}
+            out.append(StepPlan(step, first, previous, exits=exits, **extra))
+            previous = step.name
+            branches = step.branches or []
+            for number, branch in enumerate(branches):
+                rivals = tuple(other.steps[0].name for other in branches if other is not branch)
+                visit(branch.steps, step.name, {
+                    "branch": branch.when, "opens_branch": True, "rivals": rivals,
+                    "passed_over": tuple(b.when for b in branches[:number] if b.when is not None)})
+
+    visit(journey.steps, None, None)
+    return out
+
+
 def journey_problems(journey: Journey, doc: YamlDocument, path: Path_ = ()) -> list[Problem]:
     """What the tree as a whole gets wrong, each at its line (``path``: where the journey's
     fields are in the file, the top level of a trigger file)."""
@@ -233,6 +298,19 @@ def journey_problems(journey: Journey, doc: YamlDocument, path: Path_ = ()) -> l
     if len(placed) > MAX_STEPS:
         problems.append(doc.problem((*path, "steps"), "steps",
                                     f"{len(placed)} steps; at most {MAX_STEPS} in one journey"))
+    opening = journey.steps[0]
+    at = (*path, "steps", 0)
+    if opening.wait:
+        problems.append(doc.problem((*at, "wait"), f"{format_path(at)}.wait",
+                                    "the first step goes at the entry: expected wait: 0s (the kind's own "
+                                    "parameters, such as idle_for or days_after_signup, say when customers enter)"))
+    if opening.at is not None:
+        problems.append(doc.problem((*at, "at"), f"{format_path(at)}.at",
+                                    "the first step goes at the entry: `at` applies to later steps (the policy's "
+                                    "quiet hours hold the first)"))
+    if opening.when is not None and any(True for _ in opening.when.steps_named()):
+        problems.append(doc.problem((*at, "when"), f"{format_path(at)}.when",
+                                    "the first step has no earlier step to have clicked"))
     for spot in placed:
         name = spot.step.name
         where = format_path(spot.path)
@@ -258,6 +336,21 @@ def journey_problems(journey: Journey, doc: YamlDocument, path: Path_ = ()) -> l
                                                 f"no earlier step named {step_name!r} on this path; "
                                                 f"earlier steps: {known}"))
         problems.extend(_branch_problems(spot, doc))
+    problems.extend(_after_branching(journey.steps, (*path, "steps"), doc))
+    return problems
+
+
+def _after_branching(steps: list[Step], path: Path_, doc: YamlDocument) -> list[Problem]:
+    """A step after a branching one in the same list would follow every path at once: refused."""
+    problems = []
+    for index, step in enumerate(steps):
+        if step.branches and index < len(steps) - 1:
+            at = (*path, index + 1)
+            problems.append(doc.problem(at, format_path(at),
+                                        f"a step after {step.name!r}, which branches: put it inside the branches, "
+                                        "where each path goes on"))
+        for number, branch in enumerate(step.branches or []):
+            problems.extend(_after_branching(branch.steps, (*path, index, "branches", number, "steps"), doc))
     return problems
 
 

@@ -18,10 +18,12 @@ from flows.content.context import sample_contexts
 from flows.content.render import TemplateCatalog
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
-from flows.spec.common import TriggerBase
+from flows.spec.common import EmailSpec
+from flows.spec.journey import journey_problems
 from flows.spec.policy import Policy
 from flows.spec.problems import Path_, Problem, SpecError, format_path
 from flows.spec.stages import StageRules
+from flows.spec.trigger import TriggerBase
 from flows.spec.yaml_source import (
     MAX_YAML_BYTES,
     YamlDocument,
@@ -182,37 +184,48 @@ def _load_trigger(path: Path, stages: list[str] | None, catalog: TemplateCatalog
     except ValidationError as exc:
         problems.extend(problems_from(doc, exc, model))
         return None
-    if not catalog.exists(spec.email.template):
-        choices = sorted(p.name for p in catalog.root.iterdir() if p.is_dir() and not p.name.startswith("_")) \
-            if catalog.root.is_dir() else []
-        problems.append(doc.problem(
-            ("email", "template"), "email.template",
-            f"no folder templates/{spec.email.template}/; valid templates: {', '.join(choices)}"))
-        return None
-    errors, notes = _language_problems(spec, doc, catalog)
+    journey = spec.journey
+    if journey is not None:
+        tree = journey_problems(journey, doc)
+        if tree:
+            problems.extend(tree)
+            return None
+    errors: list[Problem] = []
+    for at, email in spec.mails():
+        if not catalog.exists(email.template):
+            choices = sorted(p.name for p in catalog.root.iterdir() if p.is_dir() and not p.name.startswith("_")) \
+                if catalog.root.is_dir() else []
+            where = (*at, "template")
+            problems.append(doc.problem(where, format_path(where), f"no folder templates/{email.template}/; "
+                                                                   f"valid templates: {', '.join(choices)}"))
+            return None
+        found, notes = _language_problems(spec, email, at, doc, catalog)
+        errors.extend(found)
+        warnings.extend(notes)
     problems.extend(errors)
-    warnings.extend(notes)
     return spec if not errors else None
 
 
-def _needs_default_language(spec: TriggerBase, catalog: TemplateCatalog) -> bool:
+def _needs_default_language(spec: TriggerBase, email: EmailSpec, catalog: TemplateCatalog) -> bool:
     """Whether some recipient can get the default language: anyone, unless the audience
     is limited to languages the email is written in."""
     locales = spec.audience.locales
-    supported = catalog.languages_for(spec.email)
+    supported = catalog.languages_for(email)
     return locales is None or any(lang not in supported for lang in locales)
 
 
-def _language_problems(spec: TriggerBase, doc: YamlDocument,
+def _language_problems(spec: TriggerBase, email: EmailSpec, at: tuple[str | int, ...], doc: YamlDocument,
                        catalog: TemplateCatalog) -> tuple[list[Problem], list[Problem]]:
     """A language the trigger targets but cannot write in whole is sent in the default
     language (a warning: nobody gets a mixed mail); no subject for the default language
-    itself leaves those recipients without one (an error)."""
-    email, default = spec.email, catalog.default_language
+    itself leaves those recipients without one (an error). ``at``: where the file states
+    the mail (``email``, a step's ``email``, a variant)."""
+    default = catalog.default_language
     supported = catalog.languages_for(email)
     errors: list[Problem] = []
-    if _needs_default_language(spec, catalog) and not email.has_subject(default):
-        errors.append(doc.problem(("email", "subject"), "email.subject",
+    subject_at, template_at = (*at, "subject"), (*at, "template")
+    if _needs_default_language(spec, email, catalog) and not email.has_subject(default):
+        errors.append(doc.problem(subject_at, format_path(subject_at),
                                   f"no subject for the default language {default!r}, which every customer whose "
                                   f"language has no subject or template gets; add `{default}: …`"))
     targeted: dict[str, str] = {}
@@ -221,44 +234,46 @@ def _language_problems(spec: TriggerBase, doc: YamlDocument,
     for lang in sorted(catalog.languages(email.template)):
         targeted.setdefault(lang, f"templates/{email.template}/ has {lang} files")
     for lang in email.subject:
-        targeted.setdefault(lang, f"email.subject has {lang}")
+        targeted.setdefault(lang, f"{format_path(subject_at)} has {lang}")
     warnings = []
     for lang, why in targeted.items():
         if lang in ("*", default) or lang in supported:
             continue
         if not email.has_subject(lang):
-            path, field_name, missing = ("email", "subject"), "email.subject", f"no subject for {lang!r}"
+            path, missing = subject_at, f"no subject for {lang!r}"
         else:
-            path, field_name = ("email", "template"), "email.template"
+            path = template_at
             missing = f"no templates/{email.template}/default.{lang}.html.j2 (nor a language-neutral default.html.j2)"
-        warnings.append(replace(doc.problem(path, field_name, f"language {lang!r} is targeted ({why}) but has "
-                                            f"{missing}; {lang} customers get the whole mail in {default!r}"),
+        warnings.append(replace(doc.problem(path, format_path(path), f"language {lang!r} is targeted ({why}) but "
+                                            f"has {missing}; {lang} customers get the whole mail in {default!r}"),
                                 severity="warning"))
     return errors, warnings
 
 
 def _check_templates(spec: TriggerBase, project: Project, base_url: str, shop_url: str,
                      path: Path | None = None) -> list[Problem]:
+    """Every mail the file can send (each step's, each variant's) test-rendered for every
+    stage and language it can go out in."""
     catalog = project.catalog
     all_stages = project.stages.names if project.stages else ["default"]
     stages = spec.audience.stages or all_stages
-    # Any other language renders as the default one (TemplateCatalog.render), so these are all there is.
-    languages = set(catalog.languages_for(spec.email))
-    if _needs_default_language(spec, catalog):
-        languages.add(catalog.default_language)
     samples = sample_contexts(KINDS[spec.kind].reference, base_url, shop_url)
-    problems = catalog.check(spec.email, stages, languages, samples)
-    if path is None or not any(_is_subject_problem(p, catalog) for p in problems):
-        return problems
-    doc = load_yaml(path)  # a subject's failure is the trigger file's: its line, as for its other errors
-    located = []
-    for problem in problems:
-        if _is_subject_problem(problem, catalog):
-            case = _TEST_RENDER_LANGUAGE.search(problem.message)
-            lang = case.group(1) if case else "*"
-            key = ("email", "subject", lang) if lang in spec.email.subject else ("email", "subject")
-            problem = doc.problem(key, format_path(key), problem.message.removeprefix("subject: "))
-        located.append(problem)
+    located: list[Problem] = []
+    doc = None
+    for at, email in spec.mails():
+        # Any other language renders as the default one (TemplateCatalog.render), so these are all there is.
+        languages = set(catalog.languages_for(email))
+        if _needs_default_language(spec, email, catalog):
+            languages.add(catalog.default_language)
+        for problem in catalog.check(email, stages, languages, samples):
+            if path is not None and _is_subject_problem(problem, catalog):
+                # A subject's failure is the trigger file's: its line, as for its other errors.
+                doc = doc or load_yaml(path)
+                case = _TEST_RENDER_LANGUAGE.search(problem.message)
+                lang = case.group(1) if case else "*"
+                key = (*at, "subject", lang) if lang in email.subject else (*at, "subject")
+                problem = doc.problem(key, format_path(key), problem.message.removeprefix("subject: "))
+            located.append(problem)
     return located
 
 

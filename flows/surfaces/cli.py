@@ -234,11 +234,15 @@ def preview(
         errors.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     for mail in written:
-        used = f"language {mail.language}" if not mail.fell_back else (
-            f"[yellow]language {mail.language}, not {mail.asked}: the trigger has no subject or template for "
-            f"{mail.asked}[/]")
-        console.print(f"{mail.stage} ({used}): subject: ", end="")
-        console.print(mail.subject, markup=False, highlight=False)
+        if not mail.stage:  # a journey's diagram
+            console.print(f"{mail.mail}:", highlight=False)
+        else:
+            used = f"language {mail.language}" if not mail.fell_back else (
+                f"[yellow]language {mail.language}, not {mail.asked}: the trigger has no subject or template for "
+                f"{mail.asked}[/]")
+            console.print(f"{mail.mail + ': ' if mail.mail else ''}{mail.stage} ({used}): subject: ", end="",
+                          highlight=False)
+            console.print(mail.subject, markup=False, highlight=False)
         for path in mail.paths:
             console.print(f"  wrote {path}", highlight=False)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from flows.spec.common import TriggerBase
+from flows.spec.trigger import TriggerBase
 from flows.surfaces.prefect_events import COMPLAINT_EVENT, COMPLAINT_RESOURCE_PREFIX
 
 ENTRYPOINT = "flows/surfaces/prefect_flows.py:trigger_flow"

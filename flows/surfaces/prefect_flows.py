@@ -46,8 +46,8 @@ from flows.send.batch import BatchOutcome, Counts, dispatch_prepared
 from flows.send.probe import check_smtp
 from flows.send.senders import SenderPool
 from flows.settings import Settings
-from flows.spec.common import TriggerBase
 from flows.spec.project import Project
+from flows.spec.trigger import TriggerBase
 from flows.summary import RunSummary
 from flows.surfaces.deployments import run_tags
 from flows.surfaces.environment import settings_from_environment

@@ -47,9 +47,9 @@ from flows.run_context import load, prepare
 from flows.send.probe import check_smtp
 from flows.settings import Settings
 from flows.signing_secret import resolved
-from flows.spec.common import TriggerBase
 from flows.spec.problems import Problem
 from flows.spec.project import Project
+from flows.spec.trigger import TriggerBase
 from models.db import get_engine, normalise_url
 from models.types import utcnow
 

@@ -41,7 +41,7 @@ flowchart TD
     entry(["abandoned cart, idle 1h"])
     exits>"exits when: ordered · unsubscribed"]
     entry -.- exits
-    s0["reminder<br/>after 2h<br/>Noch da?"]
+    s0["reminder<br/>at entry<br/>Noch da?"]
     entry --> s0
     s1["nudge<br/>after 1d<br/>Dein Warenkorb wartet"]
     s0 --> s1
@@ -150,7 +150,7 @@ def test_subjects_waits_weights_and_goals_as_a_reader_says_them(tmp_path: Path) 
     text = """\
 steps:
   - name: first
-    wait: 1d
+    wait: 0s
     email:
       template: welcome
       subject: {de: "Ein sehr langer Betreff, der nicht in den Kasten passt", en: Hello}
@@ -178,7 +178,7 @@ flowchart TD
     entry(["onboarding"])
     exits>"exits when: ordered · unsubscribed · stage → loyal · event 'Review Written'"]
     entry -.- exits
-    s0["first<br/>after 1d<br/>Ein sehr langer Betreff, der nicht in…<br/>A/B/C on conversions: a 66.7 %, b 33.3 %, c 0 %"]
+    s0["first<br/>at entry<br/>Ein sehr langer Betreff, der nicht in…<br/>A/B/C on conversions: a 66.7 %, b 33.3 %, c 0 %"]
     entry --> s0
     d0{"first match"}
     s0 --> d0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.spec.journey import Journey, journey_problems, walk
+from flows.spec.journey import Journey, journey_problems, plans, walk
 from flows.spec.problems import Problem
 from flows.spec.project import problems_from
 from flows.spec.yaml_source import load_yaml
@@ -17,7 +17,7 @@ STAGES = ["prospect", "new", "active", "loyal", "at_risk", "lapsed"]
 ABANDONED_CART_SERIES = """\
 steps:
   - name: reminder
-    wait: 2h
+    wait: 0s
     email: {template: abandoned_cart, subject: "Noch da?"}
   - name: nudge
     wait: 24h
@@ -158,3 +158,44 @@ def test_weights_that_add_up_to_nothing_are_refused(tmp_path: Path) -> None:
     assert "add up to nothing" in problem.message
     one_zero = WELCOME_SERIES.replace("{name: b, subject", "{name: b, weight: 0, subject")
     assert check(tmp_path, one_zero)[1] == []  # an arm switched off, the other takes everyone
+
+
+def test_the_first_step_goes_at_the_entry(tmp_path: Path) -> None:
+    text = ABANDONED_CART_SERIES.replace("wait: 0s", "wait: 2h", 1)
+    problem = only(check(tmp_path, text)[1])
+    assert (problem.line, problem.field) == (3, "steps[0].wait")
+    assert "goes at the entry" in problem.message and "idle_for" in problem.message
+
+
+def test_the_first_step_has_no_time_of_day(tmp_path: Path) -> None:
+    text = ABANDONED_CART_SERIES.replace("    wait: 0s\n", "    wait: 0s\n    at: \"10:00\"\n", 1)
+    problem = only(check(tmp_path, text)[1])
+    assert (problem.line, problem.field) == (4, "steps[0].at")
+
+
+def test_a_step_after_a_branching_step_is_refused(tmp_path: Path) -> None:
+    text = WELCOME_SERIES.replace("exit_when:", """  - name: day-10
+    wait: 3d
+    email: {template: welcome, subject: Hallo}
+exit_when:""")
+    problem = only(check(tmp_path, text)[1])
+    assert problem.field == "steps[2]" and "day-3" in problem.message and "inside the branches" in problem.message
+    assert problem.line == text.splitlines().index("  - name: day-10") + 1
+
+
+def test_plans_name_the_row_each_step_follows_and_the_branch_it_opens(tmp_path: Path) -> None:
+    journey, _ = check(tmp_path, WELCOME_SERIES)
+    assert journey is not None
+    by_name = {plan.name: plan for plan in plans(journey)}
+    assert list(by_name) == ["day-0", "day-3", "day-7-engaged", "day-7-reminder"]
+    assert by_name["day-0"].first and by_name["day-0"].previous is None
+    assert by_name["day-3"].previous == "day-0" and not by_name["day-3"].opens_branch
+    engaged, reminder = by_name["day-7-engaged"], by_name["day-7-reminder"]
+    assert engaged.previous == reminder.previous == "day-3"
+    assert engaged.branch is not None and engaged.branch.clicked == "day-3" and engaged.passed_over == ()
+    assert reminder.branch is None and reminder.passed_over == (engaged.branch,)
+    assert engaged.rivals == ("day-7-reminder",) and reminder.rivals == ("day-7-engaged",)
+    assert {plan.first_step for plan in by_name.values()} == {"day-0"}
+    assert [goal.model_dump(exclude_none=True) for goal in engaged.exits] == [{"ordered": True},
+                                                                             {"stage_changed_to": "loyal"}]
+    assert by_name["day-3"].variant_weights() == [("a", 1.0), ("b", 1.0)]
