@@ -137,8 +137,15 @@ def _consent(session: Session, customer_id: int, now: datetime) -> list[Entry]:
 
 
 def _mail_sentence(send: Send) -> str:
-    what = f"{send.trigger} ({send.stage or 'no stage'}, {send.template or 'no template'})"
+    step = f" step {send.step}" if send.step else ""
+    variant = f", variant {send.variant}" if send.variant else ""
+    what = f"{send.trigger}{step} ({send.stage or 'no stage'}, {send.template or 'no template'}{variant})"
     status = send.status
+    if status == SendStatus.PASSED:
+        return f"passed {send.trigger}{step}: its conditions did not hold when it was due; the journey went on"
+    if status == SendStatus.EXITED:
+        goal = send.error.removeprefix("exit: ") or "a goal"
+        return f"left {send.trigger} before{step}: reached its exit goal ({goal})"
     if status == SendStatus.SENT:
         return f"sent {what}"
     if status == SendStatus.HELD_OUT:
@@ -164,6 +171,7 @@ def _mails_and_feedback(session: Session, customer_id: int, now: datetime) -> li
                                                     col(Send.evaluated_at) <= now).order_by(col(Send.id))).scalars())
     entries = [Entry(s.evaluated_at, "mail", _mail_sentence(s), s.trigger, s.id,
                      {"status": s.status, "stage": s.stage, "template": s.template, "category": s.category,
+                      "step": s.step, "variant": s.variant,
                       "error": s.error, "smtp_reply": s.smtp_reply,
                       "not_before": s.not_before.isoformat() if s.not_before else None})
                for s in sends]

@@ -11,17 +11,19 @@ same query, whether a goal was reached since the entry and whether the step's co
 hold. Replaying any ``now`` replays the journey: nothing else holds its state.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, String, and_, case, exists, func, literal, not_, null, or_, select, true
+from sqlalchemy import ColumnElement, Engine, String, and_, case, exists, func, literal, not_, null, or_, select, true
 from sqlalchemy.orm import aliased
 from sqlmodel import col
 
 from flows.kinds.base import DueQuery
-from flows.spec.journey import ExitGoal, StepPlan, When
+from flows.spec.journey import ExitGoal, StepPlan, When, plans
+from flows.spec.trigger import TriggerBase
 from models import CartItem, CategoryOptOut, Customer, Engagement, EngagementKind, Event, Order, Send, SendStatus
 
 # A step's row that the next step follows: the mail went (or was held out, or the step was
@@ -212,3 +214,42 @@ def at_moment(previous_at: datetime, wait: timedelta, at: time, zone: ZoneInfo) 
         moment = datetime.combine(ready.date() + timedelta(days=1), at, tzinfo=zone)
     return moment.astimezone(previous_at.tzinfo)
 
+
+
+def stranded(engine: Engine, trigger: TriggerBase) -> dict[str, int]:
+    """Customers a changed journey file leaves with no way on, by the removed step(s) they reached.
+
+    A customer goes on from the step they reached, matched by name: a removed step is
+    skipped, since the step after it follows the row before it. Stranded are those whose
+    rows name a step the file no longer has and from which no step of the file follows (a
+    renamed first step, a removed branch): neither exited nor at the end of a path. Only
+    read when some row names a step the file does not have, so an unchanged journey costs
+    one index lookup.
+    """
+    journey = trigger.journey
+    if journey is None:
+        return {}
+    steps = plans(journey)
+    current = {plan.name for plan in steps}
+    with engine.connect() as connection:
+        gone = connection.execute(select(col(Send.step)).where(
+            col(Send.trigger) == trigger.name, col(Send.step) != "", col(Send.step).not_in(current)).limit(1)).first()
+        if gone is None:
+            return {}
+        rows = connection.execute(select(col(Send.send_key), col(Send.step), col(Send.status)).where(
+            col(Send.trigger) == trigger.name, col(Send.step) != ""))
+        entries: dict[str, dict[str, str]] = {}
+        for key, step, status in rows:
+            entry = key[: -len(step) - 1] if key.endswith("/" + step) else key
+            entries.setdefault(entry, {})[step] = status
+    leaves = current - {plan.previous for plan in steps if plan.previous is not None}
+    counts: Counter[str] = Counter()
+    for reached in entries.values():
+        removed = sorted(step for step in reached if step not in current)
+        if not removed or SendStatus.EXITED in reached.values() or leaves & reached.keys():
+            continue
+        if any(plan.previous in reached and reached[plan.previous] in DONE and plan.name not in reached
+               and not any(rival in reached for rival in plan.rivals) for plan in steps if plan.previous):
+            continue
+        counts[", ".join(removed)] += 1
+    return dict(counts)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
     from flows.analysis.attribution import AttributionTally
     from flows.spec.policy import Policy
+    from flows.spec.problems import Problem
+    from flows.spec.project import Project
     from flows.spec.stages import StageRules
 
 app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
@@ -96,6 +98,7 @@ def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> No
 
     settings = _settings(triggers, templates)
     project = load(settings)
+    project.warnings.extend(_stranded(settings, project))
     print_problems(project.warnings)  # shown, never failing: such a mail goes out in the default language
     if project.problems:
         print_problems(project.problems)
@@ -107,6 +110,41 @@ def validate(triggers: TriggersOpt = None, templates: TemplatesOpt = None) -> No
     warned = f" {len(project.warnings)} warning(s)." if project.warnings else ""
     console.print(f"[green]All good:[/] {len(project.triggers)} triggers ({names}), "
                   f"{len(project.stages.stages) if project.stages else 0} stages, templates render.{warned}")
+
+
+def _stranded(settings: Settings, project: "Project") -> "list[Problem]":
+    """Warnings for journeys whose file changed under customers inside them, when the store is
+    there to ask (validate also runs where there is none, such as a pull request's check)."""
+    from dataclasses import replace
+
+    from sqlalchemy import inspect, make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from flows.audience.journey import stranded
+    from flows.spec.yaml_source import load_yaml
+    from models.db import get_engine
+
+    journeys = [t for t in project.triggers.values() if t.journey is not None]
+    url = make_url(settings.database_url)
+    if not journeys or (url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file()):
+        return []
+    warnings = []
+    try:
+        engine = get_engine(settings.database_url)
+        if "step" not in {c["name"] for c in inspect(engine).get_columns("sends")}:
+            return []  # a store from before journeys: nobody is inside one
+        for trigger in journeys:
+            counts = stranded(engine, trigger)
+            if counts:
+                doc = load_yaml(project.files[trigger.name])
+                said = "; ".join(f"{n} at {steps}" for steps, n in sorted(counts.items()))
+                warnings.append(replace(doc.problem(("steps",), "steps", (
+                    f"{sum(counts.values())} customer(s) are inside this journey at steps it no longer has "
+                    f"({said}), and no step of it follows from where they are: they go no further"
+                )), severity="warning"))
+    except SQLAlchemyError:
+        return []  # no store to ask: the files alone are checked
+    return warnings
 
 
 @app.command()

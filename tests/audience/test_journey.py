@@ -13,8 +13,10 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlmodel import Session, col
 
+from flows.audience.journey import stranded
 from flows.audience.variants import assign
 from flows.outcomes import Outcome
+from flows.run_context import load
 from flows.settings import Settings
 from models import Engagement, Send, SendStatus
 from tests.support.builders import NOW, Store, ago
@@ -237,3 +239,49 @@ def test_a_step_with_a_time_of_day_waits_for_it_in_the_customers_zone(
     assert len(smtp.received) == 1
     run(settings, "cart-series", NOW + timedelta(hours=45))
     assert subjects(smtp) == ["Nudge for Anna", "Reminder for Anna"]
+
+
+def test_a_renamed_step_strands_who_reached_it_and_validate_says_how_many(
+        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
+    from typer.testing import CliRunner
+
+    from flows.surfaces.cli import app
+
+    write(settings, SERIES)
+    for name in ("Anna", "Ben"):
+        store.cart(store.customer(name), ago(hours=3))
+    run(settings, "cart-series")
+    project = load(settings)
+    assert stranded(engine, project.trigger("cart-series")) == {}
+
+    # The middle step removed: who got the reminder goes on to the incentive, skipping the nudge.
+    write(settings, SERIES.replace("""  - name: nudge
+    wait: 22h
+    email: {template: abandoned_cart, subject: "Nudge for {{ customer.first_name }}"}
+""", ""))
+    assert stranded(engine, load(settings).trigger("cart-series")) == {}
+
+    renamed = SERIES.replace("name: reminder", "name: first-reminder")
+    write(settings, renamed)
+    assert stranded(engine, load(settings).trigger("cart-series")) == {"reminder": 2}
+    result = CliRunner().invoke(app, ["validate"])
+    assert result.exit_code == 0, result.output
+    line = renamed.splitlines().index("steps:") + 1
+    assert f"cart-series.yaml:{line}" in result.output
+    assert "2 customer(s) are inside this journey at steps it no longer has (2 at reminder)" in " ".join(
+        result.output.split())
+
+
+def test_a_removed_step_is_skipped_by_who_was_before_it(
+        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
+    write(settings, SERIES)
+    store.cart(store.customer("Anna"), ago(hours=3), [("Zelt", 249.0, 1)])
+    run(settings, "cart-series")
+    write(settings, SERIES.replace("""  - name: nudge
+    wait: 22h
+    email: {template: abandoned_cart, subject: "Nudge for {{ customer.first_name }}"}
+""", ""))
+    run(settings, "cart-series", NOW + timedelta(hours=47))  # the incentive waits 48 h after the reminder
+    assert subjects(smtp) == ["Reminder for Anna"]
+    run(settings, "cart-series", NOW + timedelta(hours=48))
+    assert subjects(smtp) == ["Incentive for Anna", "Reminder for Anna"]
