@@ -1,0 +1,85 @@
+"""The winner rule at work in real runs: a look once every arm has its checkpoint of mature
+recipients, recorded with its figures; the winner's mail for everyone after; one look per
+checkpoint, whatever the runs in between."""
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+from sqlmodel import Session, col
+
+from flows.settings import Settings
+from models import Engagement, ExperimentLook, Send, SendStatus
+from tests.support.builders import NOW, Store, ago
+from tests.support.runs import run
+from tests.support.smtp_server import SmtpServer
+
+AB = """\
+name: winback-ab
+description: A win-back with two subjects, the better one to win.
+kind: inactivity
+inactive_for: 90d
+schedule: {cron: "0 10 * * 1", timezone: Europe/Berlin}
+reentry: once
+steps:
+  - name: first
+    wait: 0s
+    email: {template: we_miss_you, subject: "Plain"}
+    experiment:
+      metric: clicks
+      pick_winner: {min_per_variant: 100, probability: 0.95}
+      variants:
+        - {name: a, subject: "Subject A"}
+        - {name: b, subject: "Subject B"}
+"""
+
+
+def sends(engine: Engine) -> list[Send]:
+    with Session(engine) as session:
+        return list(session.execute(select(Send).where(col(Send.trigger) == "winback-ab")
+                                    .order_by(col(Send.id))).scalars())
+
+
+def looks(engine: Engine) -> list[ExperimentLook]:
+    with Session(engine) as session:
+        return list(session.execute(select(ExperimentLook).order_by(col(ExperimentLook.look))).scalars())
+
+
+def test_the_better_subject_wins_at_its_checkpoint_and_takes_every_later_mail(
+        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
+    (Path(settings.triggers_dir) / "winback_ab.yaml").write_text(AB, encoding="utf-8")
+    for i in range(260):
+        store.customer(f"P{i}", last_seen=ago(days=200))
+    first = run(settings, "winback-ab")
+    mailed = sends(engine)
+    by_variant = {v: [s for s in mailed if s.variant == v] for v in ("a", "b")}
+    assert min(len(by_variant["a"]), len(by_variant["b"])) >= 100, {v: len(s) for v, s in by_variant.items()}
+    assert first.decisions == {}  # nobody is mature yet: no look
+    with Session(engine) as session:
+        for variant, share in (("a", 5), ("b", 2)):  # 1 in 20 of a's recipients click, 1 in 2 of b's
+            for n, send in enumerate(by_variant[variant]):
+                if n % share == 0:
+                    session.add(Engagement(send_id=send.id, customer_id=send.customer_id, kind="click", link=0,
+                                           at=NOW + timedelta(hours=2)))
+        session.commit()
+
+    early = run(settings, "winback-ab", NOW + timedelta(hours=20))  # not a day old yet: still no look
+    assert early.decisions == {} and looks(engine) == []
+
+    for i in range(30):  # enter after the winner is named
+        store.customer(f"Late{i}", last_seen=NOW - timedelta(days=91))
+    later = run(settings, "winback-ab", NOW + timedelta(days=2))
+    (look,) = looks(engine)
+    assert (look.look, look.checkpoint, look.winner) == (1, 100, "b")
+    figures = json.loads(look.figures)
+    assert [v["name"] for v in figures["variants"]] == ["a", "b"]
+    assert [v["n"] for v in figures["variants"]] == [100, 100]  # each arm's first 100, in send order
+    assert figures["variants"][1]["k"] == 50 and figures["variants"][0]["k"] == 20
+    assert later.decisions["first"].startswith("b wins")
+    late = [s for s in sends(engine) if s.id not in {m.id for m in mailed}]
+    assert len(late) == 30 and {s.variant for s in late} == {"b"}
+    assert all(s.status == SendStatus.SENT for s in late)
+
+    again = run(settings, "winback-ab", NOW + timedelta(days=3))
+    assert again.decisions == {} and len(looks(engine)) == 1
