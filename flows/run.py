@@ -22,6 +22,7 @@ from flows.analysis import experiment_looks
 from flows.audience.holdout import held_out
 from flows.audience.query import Candidate, stream_candidates
 from flows.audience.variants import winner_takes_all
+from flows.content.diagram import mermaid
 from flows.feedback.bounces import trigger_complaints
 from flows.message.prepare import claim_for, render_candidates
 from flows.outcomes import Outcome
@@ -62,6 +63,8 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
     if len(passes) == 1 and passes[0].step is None:
         return _execute_pass(context, render, dispatch, should_stop, audience, submit, logger)
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
+    if context.trigger.journey is not None:
+        summary.diagram = mermaid(context.trigger.journey, context.kind.name)
     for part in passes:
         plan = part.step
         assert plan is not None

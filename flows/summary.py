@@ -31,6 +31,7 @@ class RunSummary:
     complaints: tuple[int, int] | None = None  # (spam complaints, mails sent) by this trigger in the last 30 days
     steps: dict[str, Counter[Outcome]] = field(default_factory=dict)  # a journey's outcomes, step by step
     decisions: dict[str, str] = field(default_factory=dict)  # a step's experiment: its winner rule's last word
+    diagram: str | None = None  # a journey drawn as a Mermaid flowchart (``flows.content.diagram``)
 
     def add(self, stage: str, outcome: Outcome, count: int = 1) -> None:
         self.counts[(stage, outcome)] += count
@@ -138,5 +139,7 @@ class RunSummary:
         if self.decisions:
             journey += "\n\n## Experiments\n" + "\n".join(f"- **{step}**: {line}"
                                                          for step, line in sorted(self.decisions.items()))
+        if self.diagram:
+            journey += f"\n\n## The journey\n```mermaid\n{self.diagram}```"
         return (f"# {self.trigger}\n\n{self.headline()}{warning}\n\n{body}{journey}\n\n"
                 f"## Templates used\n{templates}\n")

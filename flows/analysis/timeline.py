@@ -26,6 +26,7 @@ from models import (
     ConsentChange,
     Customer,
     Engagement,
+    ExperimentLook,
     Feedback,
     FeedbackKind,
     Order,
@@ -136,9 +137,12 @@ def _consent(session: Session, customer_id: int, now: datetime) -> list[Entry]:
     return entries
 
 
-def _mail_sentence(send: Send) -> str:
+def _mail_sentence(send: Send, decided: dict[tuple[str, str], ExperimentLook]) -> str:
     step = f" step {send.step}" if send.step else ""
     variant = f", variant {send.variant}" if send.variant else ""
+    look = decided.get((send.trigger, send.step)) if send.variant else None
+    if look is not None:
+        variant += f"; {look.winner} won the experiment on {look.decided_at:%Y-%m-%d} (look {look.look})"
     what = f"{send.trigger}{step} ({send.stage or 'no stage'}, {send.template or 'no template'}{variant})"
     status = send.status
     if status == SendStatus.PASSED:
@@ -169,7 +173,14 @@ def _mail_sentence(send: Send) -> str:
 def _mails_and_feedback(session: Session, customer_id: int, now: datetime) -> list[Entry]:
     sends = list(session.execute(select(Send).where(col(Send.customer_id) == customer_id,
                                                     col(Send.evaluated_at) <= now).order_by(col(Send.id))).scalars())
-    entries = [Entry(s.evaluated_at, "mail", _mail_sentence(s), s.trigger, s.id,
+    decided: dict[tuple[str, str], ExperimentLook] = {}
+    experiments = {(s.trigger, s.step) for s in sends if s.variant}
+    if experiments:  # the winners named by now, for the mails of steps with an experiment
+        for look in session.execute(select(ExperimentLook).where(
+                col(ExperimentLook.trigger).in_({t for t, _ in experiments}), col(ExperimentLook.winner).is_not(None),
+                col(ExperimentLook.decided_at) <= now).order_by(col(ExperimentLook.look))).scalars():
+            decided.setdefault((look.trigger, look.step), look)
+    entries = [Entry(s.evaluated_at, "mail", _mail_sentence(s, decided), s.trigger, s.id,
                      {"status": s.status, "stage": s.stage, "template": s.template, "category": s.category,
                       "step": s.step, "variant": s.variant,
                       "error": s.error, "smtp_reply": s.smtp_reply,

@@ -217,6 +217,9 @@ def publish(summary: RunSummary, settings: Settings) -> None:
     create_markdown_artifact(key=f"{key}-summary", markdown=summary.to_markdown(preview),
                              description=summary.headline())
     create_table_artifact(key=f"{key}-counts", table=summary.table(), description="Counts per stage and outcome")
+    if summary.steps:
+        create_table_artifact(key=f"{key}-steps", table=summary.step_table(),
+                              description="A journey's counts per step and outcome")
 
 
 # -- lifecycle-report: the daily attribution and report ---------------------------------------------

@@ -9,8 +9,9 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlmodel import Session, col
 
+from flows.analysis.timeline import timeline
 from flows.settings import Settings
-from models import Engagement, ExperimentLook, Send, SendStatus
+from models import Customer, Engagement, ExperimentLook, Send, SendStatus
 from tests.support.builders import NOW, Store, ago
 from tests.support.runs import run
 from tests.support.smtp_server import SmtpServer
@@ -83,3 +84,16 @@ def test_the_better_subject_wins_at_its_checkpoint_and_takes_every_later_mail(
 
     again = run(settings, "winback-ab", NOW + timedelta(days=3))
     assert again.decisions == {} and len(looks(engine)) == 1
+
+    # Support sees the arm a customer got, and the decision, in `lifecycle customer`.
+    with Session(engine) as session:
+        early_bird = session.get(Customer, by_variant["a"][0].customer_id)
+    assert early_bird is not None
+    story = timeline(engine, early_bird.external_id, now=NOW + timedelta(days=3))
+    assert story is not None
+    (mail,) = story.of_kind("mail")
+    assert "winback-ab step first" in mail.what and "variant a" in mail.what
+    assert "b won the experiment on 2026-03-18 (look 1)" in mail.what
+    assert (mail.detail["step"], mail.detail["variant"]) == ("first", "a")
+    before = timeline(engine, early_bird.external_id, now=NOW + timedelta(days=1))
+    assert before is not None and "won the experiment" not in before.of_kind("mail")[0].what

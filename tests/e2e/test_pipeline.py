@@ -201,6 +201,32 @@ def test_flow_runs_are_named_and_tagged_after_the_trigger_and_publish_artifacts(
     assert forged.status_code == 404
 
 
+def test_a_journeys_flow_run_publishes_its_steps_and_its_diagram(settings: Settings, store: Store,
+                                                               smtp: SmtpServer) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from tests.audience.test_journey import SERIES, write
+
+    write(settings, SERIES)
+    store.cart(store.customer("Ida"), ago(hours=3))
+    run_flow(settings, "cart-series")
+    with get_client(sync_client=True) as client:
+        recent = client.read_flow_runs(limit=200, sort=FlowRunSort.START_TIME_DESC)
+        (flow_run, *_) = [r for r in recent if r.name == "cart-series @ 2026-03-16 12:00 UTC"]
+        response = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [str(flow_run.id)]}}, "limit": 50, "offset": 0, "sort": "ID_DESC"})
+    artifacts = {a["key"]: a for a in response.json()}
+    assert set(artifacts) == {"cart-series-summary", "cart-series-counts", "cart-series-steps"}
+    steps = artifacts["cart-series-steps"]["data"]
+    rows = steps if isinstance(steps, list) else __import__("json").loads(steps)
+    assert [row["step"] for row in rows] == ["reminder", "nudge", "incentive"]
+    assert rows[0]["sent"] == 1 and rows[1].get("sent", 0) == 0
+    summary = artifacts["cart-series-summary"]["data"]
+    assert "## Steps" in summary and "```mermaid\nflowchart TD" in summary
+    assert 'reminder<br/>at entry' in summary and "exits when: ordered" in summary
+
+
 def test_an_unreachable_smtp_server_fails_the_run_and_marks_nothing_sent(settings: Settings, store: Store,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.send.smtp import SmtpUnavailable
