@@ -13,15 +13,18 @@ every later mail of the step is the winner's (``variants.winner_takes_all``); wi
 
 import json
 import logging
-from dataclasses import asdict
-from datetime import timedelta
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import case, exists, func, select
+from sqlalchemy import Engine, case, exists, func, select
 from sqlmodel import Session, col
 
-from flows.analysis.experiments import Decision, Tally, checkpoint, pick_winner
+from flows.analysis.attribution import shifted
+from flows.analysis.experiments import Decision, Tally, checkpoint, pick_winner, probability_best
+from flows.analysis.lift import Interval, wilson
 from flows.run_context import RunContext
-from models import Attribution, Engagement, EngagementKind, ExperimentLook, Send, SendStatus
+from models import Attribution, Engagement, EngagementKind, ExperimentLook, Order, Send, SendStatus
 
 log = logging.getLogger("lifecycle")
 
@@ -91,3 +94,81 @@ def decide(context: RunContext, logger: logging.Logger | logging.LoggerAdapter[l
 def figures(decision: Decision) -> str:
     """The decision as JSON, for the ledger and the report (intervals as [low, high])."""
     return json.dumps(asdict(decision), default=list, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """One arm of a step's experiment over a period: its mails, and what they earned."""
+
+    variant: str  # "" for the held-out arm
+    recipients: int
+    clicks: int  # recipients a person clicked for (never for the held out: they got nothing)
+    conversions: int  # recipients with an order attributed to the mail, or placed within the window held out
+    click_rate: float
+    click_interval: Interval
+    click_p_best: float | None
+    conversion_rate: float
+    conversion_interval: Interval
+    conversion_p_best: float | None
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    trigger: str
+    step: str
+    arms: tuple[ArmResult, ...]
+    decision: str | None  # the last look's reason, or None before any
+    winner: str | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"trigger": self.trigger, "step": self.step, "winner": self.winner, "decision": self.decision,
+                "arms": [asdict(arm) | {"variant": arm.variant or "held_out"} for arm in self.arms]}
+
+
+def results(engine: Engine, *, since: datetime, until: datetime, now: datetime, window: timedelta,
+            triggers: Collection[str] | None = None) -> list[ExperimentResult]:
+    """Each experiment's arms over the period's mails (``evaluated_at`` in it, by ``now``): the
+    variants by their recorded arm, and the held out of the same step as an arm of its own.
+    P(best) compares the variants only (the held out get no mail to click). A conversion of a
+    variant is an attributed order; of the held out, an order within ``window`` of the moment
+    the mail would have gone (as the holdout lift counts it)."""
+    period = (col(Send.evaluated_at) >= since, col(Send.evaluated_at) < until, col(Send.evaluated_at) <= now)
+    scope = (col(Send.trigger).in_(list(triggers)),) if triggers else ()
+    with Session(engine) as session:
+        experiments = session.execute(select(col(Send.trigger), col(Send.step)).where(
+            col(Send.variant) != "", *period, *scope).distinct().order_by(col(Send.trigger), col(Send.step))).all()
+        found = []
+        for trigger, step in experiments:
+            clicked = exists().where(col(Engagement.send_id) == col(Send.id),
+                                     col(Engagement.kind) == EngagementKind.CLICK, col(Engagement.machine) == "",
+                                     col(Engagement.at) <= now)
+            attributed = exists().where(col(Attribution.send_id) == col(Send.id), col(Attribution.placed_at) <= now)
+            ordered = exists().where(col(Order.customer_id) == col(Send.customer_id),
+                                     col(Order.placed_at) > col(Send.evaluated_at),
+                                     col(Order.placed_at) <= shifted(col(Send.evaluated_at), window,
+                                                                     engine.dialect.name),
+                                     col(Order.placed_at) <= now)
+            held = col(Send.status) == SendStatus.HELD_OUT
+            converted = case((held, ordered), else_=attributed)
+            rows = session.execute(
+                select(col(Send.variant), func.count(), func.sum(case((clicked, 1), else_=0)),
+                       func.sum(case((converted, 1), else_=0)))
+                .where(col(Send.trigger) == trigger, col(Send.step) == step, *period,
+                       col(Send.status).in_((*MAILED, SendStatus.HELD_OUT)))
+                .group_by(col(Send.variant)).order_by(col(Send.variant))).all()
+            counts = [(variant, int(n), int(k or 0), int(c or 0)) for variant, n, k, c in rows]
+            variants = [row for row in counts if row[0]]
+            click_best = dict(zip([v for v, *_ in variants], probability_best([(k, n) for _, n, k, _ in variants]),
+                                  strict=True)) if len(variants) > 1 else {}
+            conversion_best = dict(zip([v for v, *_ in variants],
+                                       probability_best([(c, n) for _, n, _, c in variants]), strict=True)
+                                   ) if len(variants) > 1 else {}
+            arms = tuple(ArmResult(variant, n, k, c, k / n if n else 0.0, wilson(k, n), click_best.get(variant),
+                                   c / n if n else 0.0, wilson(c, n), conversion_best.get(variant))
+                         for variant, n, k, c in [*variants, *(row for row in counts if not row[0])])
+            last = session.execute(select(ExperimentLook).where(
+                col(ExperimentLook.trigger) == trigger, col(ExperimentLook.step) == step,
+                col(ExperimentLook.decided_at) <= now).order_by(col(ExperimentLook.look).desc())).scalars().first()
+            found.append(ExperimentResult(trigger, step, arms, last.reason if last else None,
+                                          last.winner if last else None))
+    return found

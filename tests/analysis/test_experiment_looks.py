@@ -97,3 +97,37 @@ def test_the_better_subject_wins_at_its_checkpoint_and_takes_every_later_mail(
     assert (mail.detail["step"], mail.detail["variant"]) == ("first", "a")
     before = timeline(engine, early_bird.external_id, now=NOW + timedelta(days=1))
     assert before is not None and "won the experiment" not in before.of_kind("mail")[0].what
+
+
+def test_the_report_gives_each_arm_its_rates_intervals_and_p_best_and_the_held_out_their_own(
+        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
+    from flows.analysis.experiment_looks import results
+
+    text = AB.replace("reentry: once\n", "reentry: once\nholdout: 20%\n")
+    (Path(settings.triggers_dir) / "winback_ab.yaml").write_text(text, encoding="utf-8")
+    people = [store.customer(f"P{i}", last_seen=ago(days=200)) for i in range(120)]
+    run(settings, "winback-ab")
+    mailed = sends(engine)
+    with Session(engine) as session:
+        for n, send in enumerate(s for s in mailed if s.variant == "b"):
+            if n % 2 == 0:
+                session.add(Engagement(send_id=send.id, customer_id=send.customer_id, kind="click", link=0,
+                                       at=NOW + timedelta(hours=1)))
+        session.commit()
+    held = [s for s in mailed if s.status == SendStatus.HELD_OUT]
+    store.order(next(p for p in people if p.id == held[0].customer_id), NOW + timedelta(days=1))
+
+    (found,) = results(engine, since=NOW - timedelta(days=1), until=NOW + timedelta(days=1),
+                       now=NOW + timedelta(days=2), window=timedelta(days=5))
+    arms = {arm.variant: arm for arm in found.arms}
+    assert set(arms) == {"a", "b", ""}
+    counted = {v: sum(1 for s in mailed if s.variant == v and s.status != SendStatus.HELD_OUT) for v in "ab"}
+    assert (arms["a"].recipients, arms["b"].recipients, arms[""].recipients) == (counted["a"], counted["b"],
+                                                                                 len(held))
+    assert arms["a"].clicks == 0 and arms["b"].clicks == (counted["b"] + 1) // 2
+    assert arms[""].clicks == 0 and arms[""].conversions == 1 and arms[""].click_p_best is None
+    assert arms["b"].click_p_best is not None and arms["b"].click_p_best > 0.99
+    low, high = arms["b"].click_interval
+    assert low < arms["b"].click_rate < high
+    assert found.decision is None and found.winner is None
+    assert found.to_json()["arms"][-1]["variant"] == "held_out"
