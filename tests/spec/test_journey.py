@@ -199,3 +199,86 @@ def test_plans_name_the_row_each_step_follows_and_the_branch_it_opens(tmp_path: 
     assert [goal.model_dump(exclude_none=True) for goal in engaged.exits] == [{"ordered": True},
                                                                              {"stage_changed_to": "loyal"}]
     assert by_name["day-3"].variant_weights() == [("a", 1.0), ("b", 1.0)]
+
+
+PROJECT_SERIES = """\
+name: cart-series
+description: The abandoned-cart series.
+kind: abandoned_cart
+idle_for: 2h
+schedule: {cron: "*/15 * * * *", timezone: Europe/Berlin}
+reentry: 1d
+steps:
+  - name: reminder
+    wait: 0s
+    email: {template: abandoned_cart, subject: {de: "Noch da?", en: "Still there?"}}
+  - name: nudge
+    wait: 22h
+    email: {template: abandoned_cart, subject: {de: "Dein Warenkorb", en: "Your cart"}}
+    experiment:
+      metric: clicks
+      variants:
+        - {name: a, subject: {de: "A", en: "A"}}
+        - {name: b, subject: {de: "{{ customer.first_name | nosuchfilter }}", en: "B"}}
+exit_when:
+  - ordered: true
+"""
+
+
+def load_series(project_dir: Path, text: str):  # type: ignore[no-untyped-def]
+    from flows.spec.project import load_project
+
+    (project_dir / "triggers" / "cart_series.yaml").write_text(text, encoding="utf-8")
+    return load_project(project_dir / "triggers", project_dir / "templates")
+
+
+def test_every_variant_is_test_rendered_and_its_failure_located(project_dir: Path) -> None:
+    project = load_series(project_dir, PROJECT_SERIES)
+    problems = [p for p in project.problems if p.file.name == "cart_series.yaml"]
+    assert len(problems) == 1, [str(p) for p in problems]
+    (problem,) = problems
+    line = PROJECT_SERIES.splitlines().index(
+        '        - {name: b, subject: {de: "{{ customer.first_name | nosuchfilter }}", en: "B"}}') + 1
+    assert problem.field == "steps[1].experiment.variants[1].subject.de" and problem.line == line
+    assert "nosuchfilter" in problem.message
+
+
+def test_a_steps_unknown_template_is_located_at_that_step(project_dir: Path) -> None:
+    text = PROJECT_SERIES.replace('{name: b, subject: {de: "{{ customer.first_name | nosuchfilter }}", en: "B"}}',
+                                  '{name: b, subject: {de: "B", en: "B"}}')
+    text = text.replace("    email: {template: abandoned_cart, subject: {de: \"Dein Warenkorb\"",
+                        "    email: {template: abandoned_carts, subject: {de: \"Dein Warenkorb\"")
+    problems = [p for p in load_series(project_dir, text).problems if p.file.name == "cart_series.yaml"]
+    (problem,) = problems
+    assert problem.field == "steps[1].email.template" and "no folder templates/abandoned_carts/" in problem.message
+    assert problem.line == text.splitlines().index("  - name: nudge") + 3
+
+
+def test_the_tree_is_checked_when_the_project_loads(project_dir: Path) -> None:
+    text = PROJECT_SERIES.replace("  - name: nudge", "  - name: reminder")
+    project = load_series(project_dir, text)
+    (problem,) = [p for p in project.problems if p.file.name == "cart_series.yaml"]
+    assert problem.field == "steps[1].name" and "used twice" in problem.message
+    assert "cart-series" not in project.triggers
+
+
+def test_a_valid_series_loads_as_a_journey(project_dir: Path) -> None:
+    text = PROJECT_SERIES.replace("{{ customer.first_name | nosuchfilter }}", "{{ customer.first_name }}")
+    project = load_series(project_dir, text)
+    assert [p for p in project.problems if p.file.name == "cart_series.yaml"] == []
+    journey = project.triggers["cart-series"].journey
+    assert journey is not None and [step.name for step in journey.steps] == ["reminder", "nudge"]
+    assert project.triggers["cart-series"].email is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda t: t.replace("steps:\n", "email: {template: abandoned_cart, subject: Hi}\nsteps:\n"), "not both"),
+    (lambda t: t[:t.index("steps:")], "give one"),
+    (lambda t: t.replace("kind: abandoned_cart", "kind: complaint").replace("idle_for: 2h\n", ""),
+     "service mail is one mail, never a journey"),
+])
+def test_one_mail_or_steps(project_dir: Path, change, message: str) -> None:  # type: ignore[no-untyped-def]
+    project = load_series(project_dir, change(PROJECT_SERIES.replace("{{ customer.first_name | nosuchfilter }}",
+                                                                     "B")))
+    assert any(message in p.message for p in project.problems if p.file.name == "cart_series.yaml"), \
+        [str(p) for p in project.problems]
