@@ -26,7 +26,8 @@ class RunSummary:
     dry_run: bool = False
     counts: Counter[tuple[str, Outcome]] = field(default_factory=Counter)
     planned: list[PlannedMail] = field(default_factory=list)
-    templates: set[tuple[str, str, str]] = field(default_factory=set)  # (template file, stage, language)
+    # (template file, stage, language, journey step, variant): each mail sent, for its preview link
+    templates: set[tuple[str, str, str, str, str]] = field(default_factory=set)
     interrupted: bool = False  # stopped between batches by a shutdown
     complaints: tuple[int, int] | None = None  # (spam complaints, mails sent) by this trigger in the last 30 days
     steps: dict[str, Counter[Outcome]] = field(default_factory=dict)  # a journey's outcomes, step by step
@@ -116,8 +117,9 @@ class RunSummary:
         stopped = " (interrupted by shutdown)" if self.interrupted else ""
         return "; ".join(parts) + stopped
 
-    def to_markdown(self, preview: Callable[[str, str], str] | None = None) -> str:
-        """The summary for the Prefect UI; ``preview(stage, language)`` gives each template's preview link."""
+    def to_markdown(self, preview: Callable[[str, str, str, str], str] | None = None) -> str:
+        """The summary for the Prefect UI; ``preview(stage, language, step, variant)`` gives each
+        template's preview link."""
         rows = self.table()
         if len(rows) == 1:
             body = "_Nobody was due._"
@@ -125,9 +127,13 @@ class RunSummary:
             columns = list(rows[0])
             body = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
             body += "\n".join("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows)
+        def label(name: str, stage: str, lang: str, step: str, variant: str) -> str:
+            where = "".join((f"step {step}, " if step else "", f"variant {variant}, " if variant else ""))
+            return f"`{name}` ({where}{stage}, {lang})"
+
         templates = "\n".join(
-            f"- [`{name}` ({stage}, {lang})]({preview(stage, lang)})" if preview else f"- `{name}` ({stage}, {lang})"
-            for name, stage, lang in sorted(self.templates)
+            f"- [{label(*mail)}]({preview(*mail[1:])})" if preview else f"- {label(*mail)}"
+            for mail in sorted(self.templates)
         ) or "- none"
         warning = f"\n\n> **Warning:** {self.complaint_warning}" if self.complaint_warning else ""
         journey = ""

@@ -101,10 +101,17 @@ def confirm_url(base_url: str, secret: str, customer: str, request: str, expires
     return _url(base_url, "confirm", sign(secret, CONFIRM, claims))
 
 
-def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: str, now: datetime) -> str:
-    """A link to a trigger's mail rendered with sample data; signed, so only links we made work."""
+def preview_url(base_url: str, secret: str, trigger: str, stage: str, language: str, now: datetime,
+                step: str = "", variant: str = "") -> str:
+    """A link to a trigger's mail (a journey's: one step's, one variant's) rendered with sample
+    data; signed, so only links we made work."""
     expires = int((now + timedelta(days=PREVIEW_DAYS)).timestamp())
-    return _url(base_url, "preview", sign(secret, PREVIEW, {"t": trigger, "s": stage, "l": language, "x": expires}))
+    data: dict[str, object] = {"t": trigger, "s": stage, "l": language, "x": expires}
+    if step:  # ("p" is every token's purpose)
+        data["j"] = step
+    if variant:
+        data["a"] = variant
+    return _url(base_url, "preview", sign(secret, PREVIEW, data))
 
 
 # -- VERP: the envelope sender names the send ------------------------------------------

@@ -115,7 +115,8 @@ class BatchOutcome:
 
     counts: Counts = field(default_factory=Counter)
     failures: list[Failure] = field(default_factory=list)
-    templates: set[tuple[str, str, str]] = field(default_factory=set)  # (template file, stage, language)
+    # (template file, stage, language, journey step, variant): what was sent, for its preview link
+    templates: set[tuple[str, str, str, str, str]] = field(default_factory=set)
     planned: list[PlannedMail] = field(default_factory=list)  # dry runs: who would get what
 
 
@@ -129,7 +130,8 @@ def deliver(context: RunContext, candidates: Sequence[Candidate], batch: int = 0
     prepared, failures = render(context, candidates, batch=batch)
     outcome = BatchOutcome(failures=failures)
     outcome.counts.update((f.candidate.stage, f.outcome) for f in failures)
-    outcome.templates.update((p.claim.template, p.candidate.stage, p.candidate.language) for p in prepared)
+    outcome.templates.update((p.claim.template, p.candidate.stage, p.candidate.language, p.claim.step,
+                              p.claim.variant) for p in prepared)
     if context.dry_run:
         outcome.counts.update((p.candidate.stage, Outcome.WOULD_SEND) for p in prepared)
         outcome.planned = [PlannedMail(p.candidate.external_id, p.candidate.stage, p.candidate.language,

@@ -211,8 +211,8 @@ def publish(summary: RunSummary, settings: Settings) -> None:
     key = "".join(ch if ch.isalnum() else "-" for ch in summary.trigger.lower())
     secret, made = settings.signing_secret, utcnow()  # a preview link expires after its making, not the run's --now
 
-    def preview(stage: str, language: str) -> str:
-        return preview_url(settings.base_url, secret, summary.trigger, stage, language, made)
+    def preview(stage: str, language: str, step: str, variant: str) -> str:
+        return preview_url(settings.base_url, secret, summary.trigger, stage, language, made, step, variant)
 
     create_markdown_artifact(key=f"{key}-summary", markdown=summary.to_markdown(preview),
                              description=summary.headline())

@@ -361,7 +361,11 @@ def create_app(settings: Settings, clock: Callable[[], datetime] = utcnow) -> Fa
             raise HTTPException(status_code=410, detail="preview link expired")
         try:
             context = prepare(found["t"], parse_now(None), settings=settings, engine=engine)
-            html = html_part(sample_message(context, found["s"], found["l"]))
+            step, variant = found.get("j", ""), found.get("a", "")
+            part = next((p for p in context.passes() if (p.step.name if p.step else "") == step), None)
+            if part is None or variant not in part.variants():
+                raise PreviewError(f"the trigger has no step {step!r} with variant {variant!r} any more")
+            html = html_part(sample_message(part, found["s"], found["l"], variant))
         except (SpecError, PreviewError) as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})

@@ -225,6 +225,15 @@ def test_a_journeys_flow_run_publishes_its_steps_and_its_diagram(settings: Setti
     summary = artifacts["cart-series-summary"]["data"]
     assert "## Steps" in summary and "```mermaid\nflowchart TD" in summary
     assert 'reminder<br/>at entry' in summary and "exits when: ordered" in summary
+    # The step's mail links to its preview, served by `lifecycle web`.
+    [link] = re.findall(r"\(([^)]+/preview/[^)]+)\)", summary)
+    assert "`abandoned_cart/default.de.html.j2` (step reminder, " in summary
+    web = WebServer(create_app(settings)).start()
+    try:
+        page = httpx.get(link.replace(settings.base_url, web.url), timeout=30)
+    finally:
+        web.stop()
+    assert page.status_code == 200 and "Warenkorb" in page.text
 
 
 def test_an_unreachable_smtp_server_fails_the_run_and_marks_nothing_sent(settings: Settings, store: Store,
