@@ -20,7 +20,7 @@ from typing import Any
 
 from flows.analysis import experiment_looks
 from flows.audience.holdout import held_out
-from flows.audience.query import Candidate, stream_candidates
+from flows.audience.query import Candidate, ledger_steps, stream_candidates
 from flows.audience.variants import winner_takes_all
 from flows.content.diagram import mermaid
 from flows.feedback.bounces import trigger_complaints
@@ -99,6 +99,7 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
     settings, engine = context.settings, context.engine
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
     step = context.step.name if context.step is not None else ""
+    steps = ledger_steps(context.step)
     log.info("Evaluating %s (%s%s) as of %s%s", context.trigger.name, context.trigger.kind,
              f", step {step}" if step else "", context.now.isoformat(), " (dry run)" if context.dry_run else "")
 
@@ -124,7 +125,7 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
     parallel = settings.workers > 1 and not context.dry_run
     senders: SenderPool | None = None
     pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
-    deferrals = _Deferrals(claims.awaiting_keys(engine, context.trigger.name, context.now, step))
+    deferrals = _Deferrals(claims.awaiting_keys(engine, context.trigger.name, context.now, steps))
     with ExitStack() as stack:
         batches = stream_candidates(engine, context.trigger, context.kind, context.stages, context.now,
                                     settings.batch_size, settings.default_language, context.policy,
@@ -153,7 +154,7 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
         settle(finished_only=False)  # a shutdown too lets the batches already handed over finish
     if not summary.interrupted:  # only a pass over the whole audience knows what is no longer due
         closed = claims.close_deferred(engine, context.trigger.name, context.now, deferrals.awaiting,
-                                       deferrals.handled, deferrals.expired, context.dry_run, step)
+                                       deferrals.handled, deferrals.expired, context.dry_run, steps)
         for stage, reason in closed:
             summary.add(stage, Outcome.EXPIRED if reason == claims.EXPIRED_AFTER else Outcome.NO_LONGER_DUE)
         if closed:

@@ -152,7 +152,7 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         query = query.add_columns(*journey.step_columns(step, refs, now), *extra)
     if deferred_only:  # driven by the few deferrals, not by a probe per customer
         query = query.where(col(Customer.id).in_(select(col(Send.customer_id))
-                                                 .where(awaiting(trigger.name, now, _step_name(step)))))
+                                                 .where(awaiting(trigger.name, now, ledger_steps(step)))))
     if audience.locales:
         query = query.where(func.lower(func.substr(Customer.locale, 1, 2)).in_(audience.locales))
     # Grouped and ordered alike, so that both databases stream it without sorting.
@@ -172,9 +172,13 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     return query
 
 
-def _step_name(step: StepPlan | None) -> str:
-    """What ``sends.step`` holds for the mail of ``step``: empty for a trigger's one mail."""
-    return "" if step is None else step.name
+def ledger_steps(step: StepPlan | None) -> tuple[str, ...]:
+    """What ``sends.step`` holds for the mail of ``step``: empty for a trigger's one mail; for a
+    journey's first step, its name, or empty on rows from before the trigger had steps (the
+    same keys: a deferral of the single mail is the first step's)."""
+    if step is None:
+        return ("",)
+    return ("", step.name) if step.first else (step.name,)
 
 
 def _entry_key(key: Any, step: StepPlan) -> Any:

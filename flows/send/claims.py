@@ -183,17 +183,17 @@ EXPIRED_AFTER = "deferred longer than deferred_expires_after"
 NO_LONGER_DUE = "no longer due when its moment came"
 
 
-def awaiting(trigger: str, now: datetime, step: str = "") -> ColumnElement[bool]:
-    """Deferrals of ``trigger``'s mail (a journey's: of its ``step``) whose moment, or expiry,
-    has come (``sends`` rows)."""
-    return and_(col(Send.trigger) == trigger, col(Send.step) == step, col(Send.status) == SendStatus.DEFERRED,
+def awaiting(trigger: str, now: datetime, steps: tuple[str, ...] = ("",)) -> ColumnElement[bool]:
+    """Deferrals of ``trigger``'s mail (a journey's: of one step, ``steps`` naming it; its first
+    step's also those from before the trigger had steps) whose moment, or expiry, has come."""
+    return and_(col(Send.trigger) == trigger, col(Send.step).in_(steps), col(Send.status) == SendStatus.DEFERRED,
                 or_(col(Send.not_before) <= now, col(Send.expires_at) <= now))
 
 
-def awaiting_keys(engine: Engine, trigger: str, now: datetime, step: str = "") -> set[str]:
+def awaiting_keys(engine: Engine, trigger: str, now: datetime, steps: tuple[str, ...] = ("",)) -> set[str]:
     """The keys of ``awaiting`` deferrals, as a pass over the audience begins."""
     with engine.connect() as connection:
-        return set(connection.execute(select(col(Send.send_key)).where(awaiting(trigger, now, step))).scalars())
+        return set(connection.execute(select(col(Send.send_key)).where(awaiting(trigger, now, steps))).scalars())
 
 
 def close_steps(engine: Engine, claims: Sequence[tuple[Claim, SendStatus, str]], run_id: str,
@@ -219,7 +219,8 @@ def close_steps(engine: Engine, claims: Sequence[tuple[Claim, SendStatus, str]],
 
 
 def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collection[str], handled: Collection[str],
-                   expired: Collection[str], dry_run: bool = False, step: str = "") -> list[tuple[str, str]]:
+                   expired: Collection[str], dry_run: bool = False,
+                   steps: tuple[str, ...] = ("",)) -> list[tuple[str, str]]:
     """End the deferrals that a complete pass over the trigger's audience did not keep.
 
     ``among`` are the deferrals awaiting when the pass began (``awaiting_keys``): one
@@ -235,7 +236,7 @@ def close_deferred(engine: Engine, trigger: str, now: datetime, among: Collectio
         return []
     with engine.begin() as connection:
         rows = connection.execute(select(col(Send.send_key), col(Send.stage), col(Send.expires_at))
-                                  .where(awaiting(trigger, now, step),
+                                  .where(awaiting(trigger, now, steps),
                                          one_of(Send.send_key, among, engine.dialect.name))).all()
         closing: dict[str, tuple[str, str]] = {}
         for key, stage, expires_at in rows:

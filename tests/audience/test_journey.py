@@ -285,3 +285,20 @@ def test_a_removed_step_is_skipped_by_who_was_before_it(
     assert subjects(smtp) == ["Reminder for Anna"]
     run(settings, "cart-series", NOW + timedelta(hours=48))
     assert subjects(smtp) == ["Incentive for Anna", "Reminder for Anna"]
+
+
+def test_a_deferral_of_the_single_mail_is_sent_by_the_journeys_first_step_once(
+        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
+    anna, ben = store.customer("Anna"), store.customer("Ben")
+    store.cart(anna, NOW + timedelta(hours=6))
+    store.cart(ben, NOW + timedelta(hours=6))
+    late = run(settings, "abandoned-cart", NOW + timedelta(hours=9))  # 22:00 in Berlin: quiet hours
+    assert late.outcomes[Outcome.QUIET_HOURS] == 2 and smtp.received == []
+    store.order(ben, NOW + timedelta(hours=12))  # Ben's deferral is no longer due
+    write(settings, SERIES.replace("name: cart-series", "name: abandoned-cart"), "abandoned_cart")
+    summary = run(settings, "abandoned-cart", NOW + timedelta(hours=19))  # 08:00 in Berlin
+    run(settings, "abandoned-cart", NOW + timedelta(hours=19, minutes=15))
+    assert subjects(smtp) == ["Reminder for Anna"]
+    assert summary.steps["reminder"][Outcome.NO_LONGER_DUE] == 1
+    status = {r.customer_id: r.status for r in rows(engine, "abandoned-cart")}
+    assert status == {anna.id: SendStatus.SENT, ben.id: SendStatus.EXPIRED}
