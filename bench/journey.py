@@ -10,6 +10,8 @@ only for those who did not click ``first``; it ends on an order.
 1. Each step's audience as a run streams it (read and classified: conditions, exits,
    consent, suppressions, re-entry, the sending policy), and its SQL alone, on SQLite and
    PostgreSQL.
+   Beside them, the series' entry as a single mail of the same kind: the first step's
+   audience is that one, with its columns added.
 2. Sending: the series' second step (``--mails`` due) against a single-mail trigger with
    as many due, alternately (A B B A, twice: ``--rounds``), in one process each as a run
    does it (Prefect-free ``flows.run.execute``, its sender processes, Postfix's smtp-sink
@@ -41,6 +43,7 @@ NOW = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)
 POSTGRES_URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/bench_journey")
 SERIES = "bench-series"
 SINGLE = "bench-single"
+ENTRY = "bench-entry"
 
 SERIES_FILE = f"""\
 name: {SERIES}
@@ -88,6 +91,8 @@ def project(folder: Path, mails: int, customers: int) -> Path:
         shutil.copy(ROOT / "triggers" / name, triggers / name)
     (triggers / "series.yaml").write_text(SERIES_FILE, encoding="utf-8")
     (triggers / "single.yaml").write_text(single_file(mails, customers), encoding="utf-8")
+    entry = SERIES_FILE[:SERIES_FILE.index("steps:")].replace(f"name: {SERIES}", f"name: {ENTRY}")
+    (triggers / "entry.yaml").write_text(entry + "email: {template: winback, subject: Hallo}\n", encoding="utf-8")
     return triggers
 
 
@@ -157,7 +162,28 @@ def audiences(settings: "object", url: str) -> list[tuple[str, float, float, int
     return out
 
 
-def send_once(settings: "object", url: str, trigger: str) -> tuple[int, float]:
+def entry_alone(settings: "object", url: str) -> list[tuple[str, float, float, int]]:
+    """The series' entry as a single mail of the same kind over the same store: the first
+    step's audience is this one, with its conditions and the entries' re-entry as columns."""
+    from flows.audience.query import audience_query, stream_candidates
+    from flows.run_context import prepare
+    from models.db import get_engine
+
+    engine = get_engine(url)
+    context = prepare(ENTRY, NOW, settings=settings)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    with engine.connect() as connection:
+        for _ in connection.execute(audience_query(context.trigger, context.kind, context.stages, NOW)):
+            pass
+    queried = time.perf_counter() - start
+    start, candidates = time.perf_counter(), 0
+    for batch in stream_candidates(engine, context.trigger, context.kind, context.stages, NOW, 5000, "en",
+                                   context.policy):
+        candidates += len(batch)
+    return [("(single)", time.perf_counter() - start, queried, candidates)]
+
+
+def send_once(settings: "object", url: str, trigger: str) -> tuple[int, float, str]:
     """One run of ``trigger`` (only its second step for the series), then its rows deleted."""
     from sqlalchemy import text
 
@@ -176,7 +202,8 @@ def send_once(settings: "object", url: str, trigger: str) -> tuple[int, float]:
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM sends WHERE run_id = :run"), {"run": context.run_id})
     engine.dispose()
-    return summary.outcomes[Outcome.SENT], seconds
+    others = ", ".join(f"{outcome} {n:,}" for outcome, n in sorted(summary.outcomes.items()) if outcome != Outcome.SENT)
+    return summary.outcomes[Outcome.SENT], seconds, others
 
 
 def main() -> None:
@@ -229,16 +256,17 @@ def main() -> None:
                                 triggers_dir=triggers, templates_dir=ROOT / "templates", batch_size=1000,
                                 in_flight=200, workers=args.workers, secret="bench-secret-0123456789abcdef",
                                 environment="development")
-            for step, streamed, queried, candidates in audiences(settings, url):
+            for step, streamed, queried, candidates in [*audiences(settings, url), *entry_alone(settings, url)]:
                 print(f"  audience of {step:>6}: {streamed:5.2f} s streamed and classified, {queried:5.2f} s SQL "
                       f"alone, {candidates:,} candidates", flush=True)
             rates: dict[str, list[float]] = {SINGLE: [], SERIES: []}
             for _ in range(args.rounds):
                 for trigger in (SINGLE, SERIES, SERIES, SINGLE):
-                    sent, seconds = send_once(settings, url, trigger)
+                    sent, seconds, others = send_once(settings, url, trigger)
                     rates[trigger].append(sent / seconds)
                     label = "series, second step" if trigger == SERIES else "single mail"
-                    print(f"  {label:>20}: {sent:,} mails in {seconds:.1f} s, {sent / seconds:,.0f}/s", flush=True)
+                    print(f"  {label:>20}: {sent:,} mails in {seconds:.1f} s, {sent / seconds:,.0f}/s ({others})",
+                          flush=True)
             single, series = statistics.mean(rates[SINGLE]), statistics.mean(rates[SERIES])
             print(f"  {database}: series step / single mail: {series:,.0f} / {single:,.0f} mails/s = "
                   f"{series / single:.3f}", flush=True)

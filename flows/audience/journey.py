@@ -59,9 +59,13 @@ def _strip(value: ColumnElement[str], suffix: str) -> ColumnElement[str]:
     return func.substr(value, 1, func.length(value) - len(suffix))
 
 
-def step_due(trigger: str, plan: StepPlan, now: datetime) -> DueQuery:
+def step_due(trigger: str, plan: StepPlan, now: datetime, expires_after: timedelta) -> DueQuery:
     """The rows due for a later step (not the first): ``customer_id``, ``ref_id``, ``ref_time``
-    (the entry's moment), ``occurrence``, ``send_key``, ``previous_at`` and ``entry_stage``."""
+    (the entry's moment), ``occurrence``, ``send_key``, ``previous_at`` and ``entry_stage``.
+
+    Only rows whose step fell due within ``expires_after`` (the trigger's
+    ``step_expires_after``): a step that could not go for that long is not sent late, and the
+    query reads the last days' rows of the step before, never every entry there ever was."""
     assert plan.previous is not None, "the first step's audience is its kind's"
     previous = aliased(Send, name="previous")
     first = plan.previous == plan.first_step
@@ -75,6 +79,7 @@ def step_due(trigger: str, plan: StepPlan, now: datetime) -> DueQuery:
     query: DueQuery = (select(col(previous.customer_id).label("customer_id"), col(previous.ref_id).label("ref_id"))
              .where(col(previous.trigger) == trigger, col(previous.step) == plan.previous,
                     col(previous.status).in_(DONE), col(previous.evaluated_at) <= now - plan.step.wait,
+                    col(previous.evaluated_at) > now - plan.step.wait - expires_after,
                     # A deferral of this step is still due (the policy held it); any other row decided it.
                     ~exists().where(col(decided.send_key) == key, col(decided.status) != SendStatus.DEFERRED)))
     for rival in plan.rivals:  # a sibling branch taken: this one never is

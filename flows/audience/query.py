@@ -99,7 +99,8 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     step's is the ledger's (``flows.audience.journey.step_due``); either way the step's
     conditions and the goals reached come out as columns (``journey.step_columns``).
     """
-    due = kind.due(trigger, now) if step is None or step.first else journey.step_due(trigger.name, step, now)
+    due = kind.due(trigger, now) if step is None or step.first else journey.step_due(trigger.name, step, now,
+                                                                                      trigger.step_expires_after)
     extra: list[Any] = []  # a later step's own columns of its due rows, grouped like the occurrence
     if _over_customers(due):
         # The kind's filter goes straight into this query: joining customers to a

@@ -6,6 +6,7 @@ journey whose keys are exactly those of a single mail, so a file can grow steps 
 mailing anyone twice (``flows.audience.journey``).
 """
 
+from datetime import timedelta
 from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
@@ -29,6 +30,10 @@ class TriggerBase(StrictModel):
         description="A journey: mails in order, each after a wait, with conditions, branches and variants.")
     exit_when: list[ExitGoal] | None = Field(
         default=None, min_length=1, description="Goals that end a customer's journey before any later step.")
+    step_expires_after: Duration = Field(
+        default=timedelta(days=7),
+        description="A journey step not sent within this long after it fell due (runs missed, consent missing, "
+                    "the policy holding it) is not sent any more: the customer goes no further.")
     reentry: ReentryRule
     deferred_expires_after: Duration | None = Field(
         default=None, description="Drop a mail the sending policy deferred for longer than this (default: never)."
@@ -70,6 +75,8 @@ class TriggerBase(StrictModel):
             raise ValueError("a trigger has `email:` (one mail) or `steps:` (each step its own email), not both")
         if self.exit_when is not None and self.steps is None:
             raise ValueError("exit_when ends a journey early: it needs `steps:`")
+        if "step_expires_after" in self.model_fields_set and self.steps is None:
+            raise ValueError("step_expires_after is about a journey's steps: it needs `steps:`")
         return self
 
     @property

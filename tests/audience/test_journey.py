@@ -302,3 +302,13 @@ def test_a_deferral_of_the_single_mail_is_sent_by_the_journeys_first_step_once(
     assert summary.steps["reminder"][Outcome.NO_LONGER_DUE] == 1
     status = {r.customer_id: r.status for r in rows(engine, "abandoned-cart")}
     assert status == {anna.id: SendStatus.SENT, ben.id: SendStatus.EXPIRED}
+
+
+@pytest.mark.parametrize(("late", "sent"), [(timedelta(days=6, hours=23), True), (timedelta(days=7, hours=1), False)])
+def test_a_step_that_could_not_go_for_step_expires_after_is_not_sent_late(
+        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer, late: timedelta, sent: bool) -> None:
+    write(settings, SERIES)  # step_expires_after: 7d, the default
+    store.cart(store.customer("Anna"), ago(hours=3))
+    run(settings, "cart-series")
+    run(settings, "cart-series", NOW + timedelta(hours=22) + late)  # no run since the nudge fell due
+    assert ("Nudge for Anna" in subjects(smtp)) is sent
