@@ -1,5 +1,5 @@
 """The ``lifecycle`` command: validate, ingest, run, preview, demo, serve, web, deployments,
-suppress, bounces, db and ledger; report, customer, attribute, stages and forget."""
+suppress, bounces, db and ledger; report, customer, attribute, stages and forget; simulate."""
 
 import os
 import sys
@@ -849,6 +849,47 @@ def forget(
         console.print(done.summary(customer_id), markup=False, highlight=False, soft_wrap=True)
     if not done.found:
         raise typer.Exit(1)
+
+
+@app.command()
+def simulate(
+    trigger: Annotated[str, typer.Argument(help="Trigger name.")],
+    from_: Annotated[str, typer.Option("--from", help="First tick: a date or an ISO-8601 moment (UTC).")],
+    to: Annotated[str, typer.Option("--to", help="Last tick (inclusive): a date or an ISO-8601 moment.")],
+    every: Annotated[str, typer.Option(help="Time between ticks: a duration such as 15m, 1h or 1d.")] = "1h",
+    format_: Annotated[ShortFormat, typer.Option("--format", help="table or json.")] = ShortFormat.table,
+) -> None:
+    """Replay the store over a timeline: the trigger runs at every tick against a scratch copy
+    of the store, and shows who enters, reaches each step, exits by which goal, takes which
+    branch and would get which variant. Sends and records nothing."""
+    from flows.clock import parse_duration
+    from flows.simulate import SimulationError, ticks
+    from flows.simulate import simulate as replay
+    from flows.surfaces.terminal import say, simulation_headline, simulation_tables
+
+    start, end = _moment(from_, "--from"), _moment(to, "--to")
+    assert start is not None and end is not None
+    try:
+        step = parse_duration(every)
+    except ValueError as exc:
+        errors.print(f"[red]--every: {escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    settings = _settings()
+    try:
+        ticks(start, end, step)  # a bad timeline is refused before the store is opened
+        found = replay(trigger, start, end, step, settings=settings, source=_engine(settings))
+    except SpecError as exc:
+        print_problems(exc.problems)
+        raise typer.Exit(1) from None
+    except SimulationError as exc:
+        errors.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    if format_ is ShortFormat.json:
+        _write_json(found.to_json())
+        return
+    say(simulation_headline(found))
+    for table in simulation_tables(found):
+        show(table)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The file's own words are always text, never markup: a trigger named "[/x]" is sh
 
 import io
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # imported where used: every command loads this module, few n
     from flows.analysis.report import Report, ReportRow
     from flows.analysis.stages import StageKpis
     from flows.analysis.timeline import Timeline
+    from flows.simulate import Simulation
 
 console = Console()
 errors = Console(stderr=True)
@@ -220,3 +222,56 @@ def kpi_table(kpis: Sequence["StageKpis"], since: Any, until: Any) -> Table:
         table.add_row(escape(k.stage), str(k.customers), percent(k.conversion_rate), percent(k.repeat_purchase_rate),
                       money(k.average_order_value), frequency, percent(k.click_rate))
     return table
+
+
+# -- lifecycle simulate --------------------------------------------------------------
+
+TIMELINE_LINES = 24  # more ticks with something happening than this: one line per day
+
+
+def simulation_headline(found: "Simulation") -> str:
+    return (f"Simulated {found.trigger} from {found.start:%Y-%m-%d %H:%M} to {found.end:%Y-%m-%d %H:%M} UTC "
+            f"every {format_duration(found.every)}, {len(found.ticks)} tick(s): {found.entered} entered; "
+            "nothing was sent or recorded.")
+
+
+def simulation_tables(found: "Simulation") -> list[Table]:
+    """Per step, where its customers ended; then the timeline: per tick (or per day, when
+    many ticks had something happen), who entered and each step's mails."""
+    from flows.simulate import ONE_MAIL
+
+    def label(step: str) -> str:
+        return step or "mail"
+
+    def counts(counter: Counter[str]) -> str:
+        return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "-"
+
+    lines = []
+    for tally in found.steps:
+        exited = sum(tally.exited.values())
+        lines.append({"step": label(tally.step), "branch": tally.branch, "reached": str(tally.reached),
+                     "sent": str(tally.sent), "held out": str(tally.held_out), "passed": str(tally.passed),
+                     "exited": f"{exited} ({counts(tally.exited)})" if exited else "0",
+                     "deferred": str(tally.deferred), "other": counts(tally.other) if tally.other else "",
+                     "variants (sent)": counts(tally.variants) if tally.variants else ""})
+    optional = ("branch", "other", "variants (sent)")  # shown when a step has one
+    columns = [c for c in lines[0] if c not in optional or any(line[c] for line in lines)]
+    steps = _table("Per step", columns, left=2 if "branch" in columns else 1, words=["exited", *optional])
+    for line in lines:
+        steps.add_row(*(escape(line[c] or "-") for c in columns))
+    names = [t.step for t in found.steps] or [ONE_MAIL]
+    active = [tick for tick in found.ticks if tick.active]
+    daily = len(active) > TIMELINE_LINES
+    rows: dict[str, list[int]] = {}
+    for tick in active:
+        when = f"{tick.at:%Y-%m-%d}" if daily else f"{tick.at:%Y-%m-%d %H:%M}"
+        row = rows.setdefault(when, [0] * (len(names) + 2))
+        row[0] += tick.entered
+        for i, name in enumerate(names, start=1):
+            row[i] += tick.mails(name)
+        row[-1] += tick.exited
+    timeline = _table(f"Timeline ({'per day' if daily else 'ticks'} with something happening)",
+                      ["day" if daily else "tick (UTC)", "entered", *(f"{label(n)} sent" for n in names), "exited"])
+    for when, row in rows.items():
+        timeline.add_row(when, *map(str, row))
+    return [steps, timeline]
