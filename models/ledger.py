@@ -104,6 +104,11 @@ class Send(SQLModel, table=True):
     links: str | None = Field(default=None, sa_column=Column(Text))
     step: str = Field(default="", max_length=64, description="The journey step; empty for a trigger's one mail.")
     variant: str = Field(default="", max_length=64, description="The step's experiment arm; empty if none.")
+    experiment: str = Field(default="", max_length=64,
+                            description="The salt of the experiment the arm was drawn in: a new salt, a new one.")
+    # A journey's entry moment, on each of its rows: "since the entry" is measured from it, never
+    # from the moment a deferred first mail went out (NULL before journeys).
+    entered_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime()))
 
 
 def message_digest(message_id: Any) -> ColumnElement[str]:

@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, case, exists, func, select
+from sqlalchemy import Engine, and_, case, exists, func, or_, select
 from sqlmodel import Session, col
 
 from flows.analysis.attribution import shifted
@@ -25,6 +25,7 @@ from flows.analysis.experiments import Decision, Tally, checkpoint, pick_winner,
 from flows.analysis.lift import Interval, wilson
 from flows.run_context import RunContext
 from models import Attribution, Engagement, EngagementKind, ExperimentLook, Order, Send, SendStatus
+from models.db import insert_for
 
 log = logging.getLogger("lifecycle")
 
@@ -42,20 +43,33 @@ def recorded_winner(session: Session, trigger: str, step: str, salt: str) -> str
 def decide(context: RunContext, logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
            ) -> tuple[str | None, str | None]:
     """The step's winner (None: the split as written), and what the rule said now if it took
-    a look (a dry run takes it too, and records nothing)."""
+    a look (a dry run takes it too, and records nothing).
+
+    Only the experiment's own mails count (its salt: a new salt is a new experiment), and only
+    its arms with a weight: one switched off (weight 0) grows no more, so the rule compares the
+    others. A winner the file no longer has with a weight (renamed, removed, switched off) is
+    not applied: the split as written goes on, and the run says why.
+    """
     plan = context.step
     assert plan is not None and plan.step.experiment is not None
     experiment = plan.step.experiment
     trigger, salt = context.trigger.name, experiment.salt or ""
+    names = [v.name for v in experiment.variants if v.weight > 0]
     with Session(context.engine) as session:
         winner = recorded_winner(session, trigger, plan.name, salt)
-        if winner is not None or experiment.pick_winner is None:
-            return winner, None
+        if winner is not None:
+            if winner in names:
+                return winner, None
+            logger.warning("%s, step %s: the experiment's winner %r is no longer one of its variants with a "
+                           "weight (%s): the split as written goes on", trigger, plan.name, winner, ", ".join(names))
+            return None, f"winner {winner} is no longer a variant with a weight: the split as written"
+        if experiment.pick_winner is None or len(names) < 2:
+            return None, None
         rule = experiment.pick_winner
         maturity = CLICK_MATURITY if experiment.metric == "clicks" else context.policy.attribution.window
-        names = [v.name for v in experiment.variants]
-        mature = (col(Send.trigger) == trigger, col(Send.step) == plan.name, col(Send.variant).in_(names),
-                  col(Send.status).in_(MAILED), col(Send.evaluated_at) <= context.now - maturity)
+        mature = (col(Send.trigger) == trigger, col(Send.step) == plan.name, col(Send.experiment) == salt,
+                  col(Send.variant).in_(names), col(Send.status).in_(MAILED),
+                  col(Send.evaluated_at) <= context.now - maturity)
         sizes = dict(session.execute(select(col(Send.variant), func.count()).where(*mature)
                                      .group_by(col(Send.variant))).tuples().all())
         reached = checkpoint(min(sizes.get(name, 0) for name in names), min_per_variant=rule.min_per_variant,
@@ -63,8 +77,7 @@ def decide(context: RunContext, logger: logging.Logger | logging.LoggerAdapter[l
         if reached is None:
             return None, None
         look = reached.bit_length() - rule.min_per_variant.bit_length() + 1
-        taken = session.get(ExperimentLook, (trigger, plan.name, salt, look))
-        if taken is not None:
+        if session.get(ExperimentLook, (trigger, plan.name, salt, look)) is not None:
             return None, None
         ranked = select(col(Send.id).label("id"), col(Send.variant).label("variant"),
                         func.row_number().over(partition_by=col(Send.variant), order_by=col(Send.id)).label("rank")
@@ -83,12 +96,18 @@ def decide(context: RunContext, logger: logging.Logger | logging.LoggerAdapter[l
                                min_per_variant=rule.min_per_variant, probability=rule.probability, looks=LOOKS)
         said = decision.summary()
         logger.info("%s, step %s: look %d of the winner rule: %s", trigger, plan.name, look, said)
-        if not context.dry_run:
-            session.add(ExperimentLook(trigger=trigger, step=plan.name, salt=salt, look=look, checkpoint=reached,
-                                       winner=decision.winner, reason=decision.reason, figures=figures(decision),
-                                       decided_at=context.now))
-            session.commit()
-        return decision.winner, said
+        if context.dry_run:
+            return decision.winner, said
+        session.rollback()  # the reads' transaction ends: the write below starts its own
+    with context.engine.begin() as connection:
+        recorded = connection.execute(insert_for(context.engine)(ExperimentLook).values(
+            trigger=trigger, step=plan.name, salt=salt, look=look, checkpoint=reached, winner=decision.winner,
+            reason=decision.reason, figures=figures(decision), decided_at=context.now,
+        ).on_conflict_do_nothing().returning(col(ExperimentLook.look))).first()
+    if recorded is None:  # a run racing this one took the look first: its decision holds
+        with Session(context.engine) as session:
+            return recorded_winner(session, trigger, plan.name, salt), None
+    return decision.winner, said
 
 
 def figures(decision: Decision) -> str:
@@ -116,12 +135,14 @@ class ArmResult:
 class ExperimentResult:
     trigger: str
     step: str
+    salt: str  # which experiment of the step: a new salt is a new one
     arms: tuple[ArmResult, ...]
     decision: str | None  # the last look's reason, or None before any
     winner: str | None
 
     def to_json(self) -> dict[str, object]:
-        return {"trigger": self.trigger, "step": self.step, "winner": self.winner, "decision": self.decision,
+        return {"trigger": self.trigger, "step": self.step, "salt": self.salt, "winner": self.winner,
+                "decision": self.decision,
                 "arms": [asdict(arm) | {"variant": arm.variant or "held_out"} for arm in self.arms]}
 
 
@@ -135,10 +156,11 @@ def results(engine: Engine, *, since: datetime, until: datetime, now: datetime, 
     period = (col(Send.evaluated_at) >= since, col(Send.evaluated_at) < until, col(Send.evaluated_at) <= now)
     scope = (col(Send.trigger).in_(list(triggers)),) if triggers else ()
     with Session(engine) as session:
-        experiments = session.execute(select(col(Send.trigger), col(Send.step)).where(
-            col(Send.variant) != "", *period, *scope).distinct().order_by(col(Send.trigger), col(Send.step))).all()
+        experiments = session.execute(select(col(Send.trigger), col(Send.step), col(Send.experiment)).where(
+            col(Send.variant) != "", *period, *scope).distinct()
+            .order_by(col(Send.trigger), col(Send.step), col(Send.experiment))).all()
         found = []
-        for trigger, step in experiments:
+        for trigger, step, salt in experiments:
             clicked = exists().where(col(Engagement.send_id) == col(Send.id),
                                      col(Engagement.kind) == EngagementKind.CLICK, col(Engagement.machine) == "",
                                      col(Engagement.at) <= now)
@@ -154,7 +176,7 @@ def results(engine: Engine, *, since: datetime, until: datetime, now: datetime, 
                 select(col(Send.variant), func.count(), func.sum(case((clicked, 1), else_=0)),
                        func.sum(case((converted, 1), else_=0)))
                 .where(col(Send.trigger) == trigger, col(Send.step) == step, *period,
-                       col(Send.status).in_((*MAILED, SendStatus.HELD_OUT)))
+                       or_(and_(col(Send.experiment) == salt, col(Send.status).in_(MAILED)), held))
                 .group_by(col(Send.variant)).order_by(col(Send.variant))).all()
             counts = [(variant, int(n), int(k or 0), int(c or 0)) for variant, n, k, c in rows]
             variants = [row for row in counts if row[0]]
@@ -168,7 +190,8 @@ def results(engine: Engine, *, since: datetime, until: datetime, now: datetime, 
                          for variant, n, k, c in [*variants, *(row for row in counts if not row[0])])
             last = session.execute(select(ExperimentLook).where(
                 col(ExperimentLook.trigger) == trigger, col(ExperimentLook.step) == step,
+                col(ExperimentLook.salt) == salt,
                 col(ExperimentLook.decided_at) <= now).order_by(col(ExperimentLook.look).desc())).scalars().first()
-            found.append(ExperimentResult(trigger, step, arms, last.reason if last else None,
+            found.append(ExperimentResult(trigger, step, salt, arms, last.reason if last else None,
                                           last.winner if last else None))
     return found

@@ -80,17 +80,25 @@ def step_due(trigger: str, plan: StepPlan, now: datetime, expires_after: timedel
              .where(col(previous.trigger) == trigger, col(previous.step) == plan.previous,
                     col(previous.status).in_(DONE), col(previous.evaluated_at) <= now - plan.step.wait,
                     col(previous.evaluated_at) > now - plan.step.wait - expires_after,
-                    # A deferral of this step is still due (the policy held it); any other row decided it.
-                    ~exists().where(col(decided.send_key) == key, col(decided.status) != SendStatus.DEFERRED)))
-    for rival in plan.rivals:  # a sibling branch taken: this one never is
+                    # A deferral of this step is still due (the policy held it), and so is a claim (a
+                    # dead run's is taken over once its lease is out: ``_mark_already_sent``); any
+                    # other row decided it.
+                    ~exists().where(col(decided.send_key) == key, col(decided.trigger) == trigger,
+                                    col(decided.step) == plan.name,
+                                    col(decided.status).not_in((SendStatus.DEFERRED, SendStatus.CLAIMED)))))
+    # A step added to a live journey is not sent to who is already past it, and a sibling
+    # branch taken rules this one out.
+    for other in (*plan.rivals, *plan.later):
         taken = aliased(Send, name="taken")
-        query = query.where(~exists().where(col(taken.send_key) == step_key(entry_key, rival, plan.first_step)))
+        query = query.where(~exists().where(col(taken.send_key) == step_key(entry_key, other, plan.first_step)))
     if first:
-        entered, entry_stage = col(previous.evaluated_at), col(previous.stage)
+        entered = func.coalesce(col(previous.entered_at), col(previous.evaluated_at))
+        entry_stage = col(previous.stage)
     else:
         entry = aliased(Send, name="entry")
         query = query.join(entry, col(entry.send_key) == entry_key)
-        entered, entry_stage = col(entry.evaluated_at), col(entry.stage)
+        entered = func.coalesce(col(previous.entered_at), col(entry.evaluated_at))
+        entry_stage = col(entry.stage)
     return query.add_columns(entered.label("ref_time"),
                              (entry_occurrence + literal("/" + plan.name, String())).label("occurrence"),
                              key.label("send_key"), col(previous.evaluated_at).label("previous_at"),

@@ -76,6 +76,7 @@ class Candidate(NamedTuple):
     shared: bool = False  # another customer record has the same mailbox (marketing only)
     variant: str = ""  # a journey step's experiment arm, drawn when the mail is due
     reason: str = ""  # why a journey step was exited (the goal), for the ledger
+    entered_at: datetime | None = None  # a journey's entry moment (its first step: this run's)
 
 
 def send_key(trigger: str, customer_id: int, occurrence: str) -> str:
@@ -360,10 +361,11 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
         # Unpacked in audience_query's column order: by far the cheapest way to read a row.
         (customer_id, external_id, email, first_name, last_name, locale, consent, consent_requested, timezone,
          ref_id, ref_time, stage, suppressed, opted_out, reentry_blocked, *steps) = row
-        reason, not_before = "", None
+        reason, not_before, entered_at = "", None, None
         if steps:
             holds, reason, previous_at, occurrence, key = steps
             reason = reason or ""
+            entered_at = now if occurrence is None else ref_time  # a later step's ref_time: the entry's
         if not steps or occurrence is None:
             occurrence = kind.occurrence(trigger, now, ref_id, ref_time)
             key = send_key(trigger.name, customer_id, occurrence)
@@ -392,7 +394,7 @@ def _classifier(trigger: TriggerBase, kind: Kind, now: datetime, default_languag
         shared = bool(shared_mailboxes) and bool(email) and email.lower() in shared_mailboxes
         return Candidate(customer_id, external_id, email, first_name, last_name, locale or default_language,
                          language, stage, ref_id, occurrence, key, skip, timezone, not_before, False, shared,
-                         "", reason)
+                         "", reason, entered_at)
 
     return classify
 

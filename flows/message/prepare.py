@@ -145,9 +145,11 @@ def _confirm_url(context: RunContext, secret: str, c: Candidate) -> str:
 def claim_for(context: RunContext, c: Candidate, template: str = "", msg_id: str = "",
               links: Sequence[str] = ()) -> Claim:
     assert c.email is not None
+    step = context.step
+    experiment = step.step.experiment if step is not None else None
     return Claim(c.send_key, context.trigger.name, c.customer_id, c.occurrence, c.stage, template, c.email,
-                 msg_id, context.kind.category, c.ref_id, tuple(links),
-                 context.step.name if context.step is not None else "", c.variant)
+                 msg_id, context.kind.category, c.ref_id, tuple(links), step.name if step is not None else "",
+                 c.variant, (experiment.salt or "") if experiment is not None and c.variant else "", c.entered_at)
 
 
 def list_headers(context: RunContext, links: Links) -> dict[str, str]:

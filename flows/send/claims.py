@@ -48,6 +48,8 @@ class Claim:
     links: tuple[str, ...] = ()  # the tracked links' destinations, by position (``flows.tracking``)
     step: str = ""  # the journey step; empty for a trigger's one mail
     variant: str = ""  # the step's experiment arm
+    experiment: str = ""  # the salt of the experiment the arm was drawn in
+    entered_at: datetime | None = None  # the journey's entry moment
 
 
 IN_PROGRESS = (SendStatus.CLAIMED, SendStatus.SENDING)
@@ -71,7 +73,8 @@ def _rows(claims: Sequence[Claim], status: SendStatus, run_id: str, evaluated_at
             "send_key": c.send_key, "trigger": c.trigger, "customer_id": c.customer_id, "occurrence": c.occurrence,
             "category": c.category, "ref_id": c.ref_id, "status": status.value, "run_id": run_id, "stage": c.stage,
             "template": c.template, "email": c.email, "message_id": c.message_id, "evaluated_at": evaluated_at,
-            "claimed_at": now, "links": "\n".join(c.links) or None, "step": c.step, "variant": c.variant, **extra,
+            "claimed_at": now, "links": "\n".join(c.links) or None, "step": c.step, "variant": c.variant,
+            "experiment": c.experiment, "entered_at": c.entered_at, **extra,
         }
         for c in claims
     ]
@@ -122,7 +125,10 @@ def claim(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at: da
                     and_(col(Send.status) == SendStatus.CLAIMED, col(Send.claimed_at) < stale)))
                 .values(status=SendStatus.CLAIMED, run_id=run_id, claimed_at=utcnow(), evaluated_at=evaluated_at,
                         stage=c.stage, template=c.template, message_id=c.message_id,
-                        links="\n".join(c.links) or None, variant=c.variant)
+                        links="\n".join(c.links) or None, step=c.step, variant=c.variant, experiment=c.experiment,
+                        # A deferral's own entry moment stays; one of a single mail (before the trigger
+                        # had steps) enters the journey when it was deferred, not now.
+                        entered_at=func.coalesce(col(Send.entered_at), col(Send.evaluated_at)) if c.step else None)
                 .returning(col(Send.send_key))).scalar_one_or_none()
             if resumed:
                 won.add(resumed)

@@ -253,6 +253,7 @@ class StepPlan:
     passed_over: tuple[When, ...] = ()
     rivals: tuple[str, ...] = ()
     exits: tuple[ExitGoal, ...] = ()
+    later: tuple[str, ...] = ()  # the steps after this one on its paths: who reached one is past it
 
     @property
     def name(self) -> str:
@@ -273,10 +274,14 @@ def plans(journey: Journey) -> list[StepPlan]:
     first = journey.steps[0].name
     out: list[StepPlan] = []
 
+    def after(steps: list[Step]) -> tuple[str, ...]:
+        return tuple(placed.step.name for placed in walk(steps))
+
     def visit(steps: list[Step], previous: str | None, opening: dict[str, Any] | None) -> None:
         for index, step in enumerate(steps):
             extra = opening if index == 0 and opening is not None else {}
-            out.append(StepPlan(step, first, previous, exits=exits, **extra))
+            later = after(steps[index + 1:]) + after([s for b in step.branches or [] for s in b.steps])
+            out.append(StepPlan(step, first, previous, exits=exits, later=later, **extra))
             previous = step.name
             branches = step.branches or []
             for number, branch in enumerate(branches):

@@ -1,5 +1,5 @@
-"""Journeys: each send's step and experiment arm, the index a step's audience reads, and the
-winner rule's looks.
+"""Journeys: each send's step, experiment arm and experiment, its journey's entry moment, the
+index a step's audience reads, and the winner rule's looks.
 
 A row written before journeys has the empty step: the trigger's one mail, its key unchanged.
 
@@ -28,6 +28,9 @@ def upgrade() -> None:
                                    server_default=""))
         batch.add_column(sa.Column("variant", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False,
                                    server_default=""))
+        batch.add_column(sa.Column("experiment", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False,
+                                   server_default=""))
+        batch.add_column(sa.Column("entered_at", models.types.UtcDateTime(), nullable=True))
         batch.create_index("ix_sends_trigger_step_evaluated", ["trigger", "step", "evaluated_at"], unique=False)
     op.create_table(
         "experiment_looks",
@@ -48,5 +51,7 @@ def downgrade() -> None:
     op.drop_table("experiment_looks")
     with op.batch_alter_table("sends") as batch:
         batch.drop_index("ix_sends_trigger_step_evaluated")
+        batch.drop_column("entered_at")
+        batch.drop_column("experiment")
         batch.drop_column("variant")
         batch.drop_column("step")
