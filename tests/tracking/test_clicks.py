@@ -1,11 +1,13 @@
 """What a request to a tracked link was (a person, a machine, a repeat), where it goes, and what is recorded."""
 
+import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from itertools import count
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, insert, select, text, update
 from sqlmodel import Session, col
 
 from flows.content.links import send_digest
@@ -278,3 +280,34 @@ def test_opens_are_recorded_as_link_minus_one_only_while_opens_are_on(store: Sto
     assert [(r.kind, r.link, r.machine, r.repeats) for r in engagements(store.engine)] == [
         ("open", -1, PERSON, 1), ("open", -1, SCANNER, 0)]
 
+
+
+def test_two_writers_on_one_send_take_turns_and_the_second_sees_the_firsts_click(store: Store) -> None:
+    """PostgreSQL: a batch waits for the send's lock, then reads the engagements the lock's
+    holder committed, so a click another process recorded a second earlier is a repeat."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time")
+    send, digest = tracked_send(store)
+    at = NOW + timedelta(minutes=10)
+    answers: list[list[str | None]] = []
+    with store.engine.connect() as other:
+        held = other.begin()
+        other.execute(text("SELECT pg_advisory_xact_lock(1617000, :id)"), {"id": send.id})
+        other.execute(insert(Engagement), {"send_id": send.id, "customer_id": send.customer_id, "kind": "click",
+                                           "link": 0, "at": at, "machine": PERSON, "repeats": 0})
+        writer = threading.Thread(target=lambda: answers.append(
+            record_hits(store.engine, [click(digest, 0, at + SECOND)], POLICY)))
+        writer.start()
+        waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        with store.engine.connect() as watch:
+            for _ in range(600):
+                if watch.execute(waiting).scalar_one():
+                    break
+                watch.rollback()
+                time.sleep(0.05)
+            else:
+                pytest.fail("record_hits never waited for the send's lock")
+        held.commit()
+    writer.join(30)
+    assert len(answers) == 1 and answers[0][0] is not None
+    assert [(r.link, r.at, r.repeats) for r in engagements(store.engine)] == [(0, at, 1)]
