@@ -49,7 +49,8 @@ SERIES_FILE = f"""\
 name: {SERIES}
 description: A three-step win-back series.
 kind: inactivity
-inactive_for: 90d
+inactive_for: 60d
+give_up_after: 180d
 schedule: {{cron: "0 10 * * *", timezone: Europe/Berlin}}
 reentry: once
 steps:
