@@ -17,8 +17,10 @@ def test_every_outcome_is_spelled_family_colon_reason_or_is_a_family() -> None:
     assert len({o.value for o in Outcome}) == len(Outcome)
 
 
-def test_deferred_means_a_policy_hold_and_never_an_smtp_retry() -> None:
-    assert {o for o in Outcome if o.deferred} == {Outcome.QUIET_HOURS, Outcome.FREQUENCY_CAP, Outcome.WAITING}
+def test_deferred_means_a_hold_until_a_moment_and_never_an_smtp_retry() -> None:
+    """The policy's holds, an earlier run's hold still waiting, and a journey step's time of day."""
+    assert {o for o in Outcome if o.deferred} == {Outcome.QUIET_HOURS, Outcome.FREQUENCY_CAP, Outcome.WAITING,
+                                                  Outcome.TIME_OF_DAY}
     assert Outcome.RETRY.family == "retry" and not Outcome.RETRY.deferred
 
 

@@ -58,8 +58,9 @@ REFUSED = "550 5.1.1 User unknown"
 # What names a send and what became of it: equal between the old and the new code, key by key.
 IDENTITY = ("send_key", "trigger", "customer_id", "occurrence", "category", "ref_id", "status", "stage", "template",
             "email", "message_id", "not_before", "expires_at", "error")
-# Columns of sends added by migrations since the old release (NULL on the rows it wrote).
-ADDED_SINCE = ("links",)
+# Columns of sends added by migrations since the old release, as they are on the rows it wrote:
+# no tracked links, no journey step, experiment or entry moment.
+ADDED_SINCE = {"links": None, "step": "", "variant": "", "experiment": "", "entered_at": None}
 FINISHED = ("sent", "failed", "sending")  # states no later run may touch (``sending``: in doubt, ops decide)
 
 # Every child answers each line of steps on its stdin with lines on its stdout, the last one DONE.
@@ -579,9 +580,9 @@ def test_the_new_code_over_an_old_store_sends_nothing_twice_and_keeps_every_key(
             assert None not in mailed_keys, f"mail without a ledger row: {received_new}"
             assert not set(mailed_keys) & set(finished), f"keys the old code had finished, mailed again: {mailed_keys}"
             # Every row the old code finished is as it left it, every column; a column the upgrade
-            # added (such as ``links``) is empty on it.
+            # added (such as ``links`` or ``step``) is empty on it.
             changed = {key: (row, after_new.get(key)) for key, row in finished.items()
-                       if after_new.get(key) != {**row, **{c: None for c in ADDED_SINCE}}}
+                       if after_new.get(key) != {**row, **ADDED_SINCE}}
             assert not changed, f"at {moment:%Y-%m-%d %H:%M}, rows of the old code changed: {changed}"
             # Every other key, and every new one, as the old code would have it.
             diff = differences(identity(after_old), identity(after_new))
