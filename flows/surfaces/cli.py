@@ -710,8 +710,12 @@ def report(
         out.print(_tally_line(attribute(engine, policy.attribution, moment), moment), highlight=False,
                   soft_wrap=True)
     found = build_report(engine, since=start, until=end, triggers=trigger or None, policy=policy, now=moment)
+    from flows.analysis.experiment_looks import results
+
+    experiments = results(engine, since=start, until=end, now=moment, window=policy.attribution.window,
+                          triggers=trigger or None)
     if format_ is Format.json:
-        _write_json(found.to_json())
+        _write_json({**found.to_json(), "experiments": [e.to_json() for e in experiments]})
     elif format_ is Format.csv:
         import csv
 
@@ -720,9 +724,11 @@ def report(
         writer.writeheader()
         writer.writerows(rows)
     else:
-        from flows.surfaces.terminal import print_report
+        from flows.surfaces.terminal import experiment_tables, print_report
 
         print_report(found)
+        for table in experiment_tables(experiments):
+            show(table)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from flows.spec.problems import Problem
 from flows.summary import RunSummary
 
 if TYPE_CHECKING:  # imported where used: every command loads this module, few need the analyses
+    from flows.analysis.experiment_looks import ExperimentResult
     from flows.analysis.holdouts import HoldoutLift
     from flows.analysis.report import Report, ReportRow
     from flows.analysis.stages import StageKpis
@@ -179,6 +180,34 @@ def print_report(report: "Report") -> None:
         say(f"* {OPENS_NOTE}.")
     for line in report.lines():
         say(line)
+
+
+def experiment_tables(found: "Sequence[ExperimentResult]") -> list[Table]:
+    """Each journey step's experiment: every arm's recipients, human clicks and conversions with
+    their rates, 95 % intervals and P(best); the held out as their own arm; the rule's last word."""
+    tables = []
+    for result in found:
+        salt = f", salt {result.salt}" if result.salt else ""
+        table = _table(f"Experiment: {result.trigger}, step {result.step}{salt}",
+                       ["arm", "recipients", "clicks", "click rate (95 % interval)", "P(best) clicks", "conversions",
+                        "conversion rate (95 % interval)", "P(best) conversions"])
+        for arm in result.arms:
+            table.add_row(escape(arm.variant or "held out"), f"{arm.recipients:,}", f"{arm.clicks:,}",
+                          _rate(arm.click_rate, arm.click_interval), _best(arm.click_p_best), f"{arm.conversions:,}",
+                          _rate(arm.conversion_rate, arm.conversion_interval), _best(arm.conversion_p_best))
+        winner = f"{result.winner} won: " if result.winner else ""
+        table.caption = escape(winner + (result.decision or "the winner rule has taken no look yet"))
+        table.caption_justify = "left"
+        tables.append(table)
+    return tables
+
+
+def _rate(rate: float, interval: tuple[float, float]) -> str:
+    return f"{rate:.1%} ({interval[0]:.1%}–{interval[1]:.1%})"
+
+
+def _best(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3f}"
 
 
 # -- lifecycle customer --------------------------------------------------------------

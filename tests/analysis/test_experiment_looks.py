@@ -98,6 +98,23 @@ def test_the_better_subject_wins_at_its_checkpoint_and_takes_every_later_mail(
     before = timeline(engine, early_bird.external_id, now=NOW + timedelta(days=1))
     assert before is not None and "won the experiment" not in before.of_kind("mail")[0].what
 
+    # The report: each arm's figures and the decision, as a table and as JSON.
+    from typer.testing import CliRunner
+
+    from flows.surfaces.cli import app
+
+    period = ["--since", "2026-03-15", "--until", "2026-03-20", "--now", "2026-03-19T12:00:00Z"]
+    shown = CliRunner().invoke(app, ["report", *period, "--no-attribute"])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())
+    assert "Experiment: winback-ab, step first" in text and "b won: b has P(best)" in text
+    data = json.loads(CliRunner().invoke(app, ["report", *period, "--no-attribute", "--format", "json"]).stdout)
+    (experiment,) = data["experiments"]
+    assert (experiment["step"], experiment["winner"]) == ("first", "b")
+    arms = {arm["variant"]: arm for arm in experiment["arms"]}
+    assert set(arms) == {"a", "b"} and arms["b"]["recipients"] == len(by_variant["b"]) + 30
+    assert arms["b"]["clicks"] == (len(by_variant["b"]) + 1) // 2 and arms["b"]["click_p_best"] > 0.99
+
 
 def test_the_report_gives_each_arm_its_rates_intervals_and_p_best_and_the_held_out_their_own(
         settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
