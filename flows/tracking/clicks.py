@@ -202,7 +202,7 @@ _ENGAGEMENTS = Engagement.__table__  # type: ignore[attr-defined]  # SQLModel's 
 # Built once: making a statement costs more than running it here (coercions, annotations).
 _SENDS = (
     select(col(Send.id), col(Send.customer_id), col(Send.links), col(Send.trigger), col(Send.template),
-           col(Send.stage), col(Send.finished_at), col(Send.claimed_at), col(Customer.untracked_at),
+           col(Send.stage), col(Send.variant), col(Send.finished_at), col(Send.claimed_at), col(Customer.untracked_at),
            col(Customer.forgotten_at), message_digest(col(Send.message_id)).label("digest"))
     .join(Customer, col(Customer.id) == col(Send.customer_id))
     .where(message_digest(col(Send.message_id)).in_(bindparam("digests", expanding=True)))
@@ -226,7 +226,7 @@ _REPEAT = (update(_ENGAGEMENTS).where(_ENGAGEMENTS.c.id == bindparam("b_id"))
 _DIGEST = "substr(sends.message_id, 2, 32)"  # message_digest, spelt as the index has it
 _PG_SENDS = (
     "SELECT sends.*, pg_advisory_xact_lock(%(namespace)s, sends.id) FROM ("
-    "SELECT sends.id, sends.customer_id, sends.links, sends.trigger, sends.template, sends.stage, "
+    "SELECT sends.id, sends.customer_id, sends.links, sends.trigger, sends.template, sends.stage, sends.variant, "
     f"sends.finished_at, sends.claimed_at, customers.untracked_at, customers.forgotten_at, {_DIGEST} AS digest "
     f"FROM sends JOIN customers ON customers.id = sends.customer_id WHERE {_DIGEST} = ANY(%(digests)s) "
     "ORDER BY sends.id) AS sends")
@@ -246,7 +246,7 @@ _COLUMNS = ("send_id", "customer_id", "kind", "link", "at", "machine", "repeats"
 def _send_row(row: Any) -> _SendRow:
     forgotten = row.forgotten_at is not None
     links = None if forgotten or row.links is None else row.links.split("\n")
-    return _SendRow(row.id, row.customer_id, links, row.trigger, utm_content(row.template, row.stage),
+    return _SendRow(row.id, row.customer_id, links, row.trigger, utm_content(row.template, row.stage, row.variant),
                     row.finished_at or row.claimed_at, tracked=row.untracked_at is None and not forgotten,
                     forgotten=forgotten)
 

@@ -145,7 +145,7 @@ def test_utm_content_names_the_template_folder_the_stage_and_the_variant() -> No
 
 def tracked_send(store: Store, links: Sequence[str] = ("https://shop.example/p/1", "https://shop.example/p/2"),
                  *, left: datetime = NOW, customer: Customer | None = None, trigger: str = "winback-lapsed",
-                 template: str = "winback_lapsed/default.de.html.j2") -> tuple[Send, str]:
+                 template: str = "winback_lapsed/default.de.html.j2", variant: str = "") -> tuple[Send, str]:
     """A marketing mail that left at ``left`` with ``links`` tracked; the send and its digest."""
     customer = customer or store.customer("Kim")
     key = f"{trigger}/{customer.id}/o{next(_ids)}"
@@ -153,7 +153,7 @@ def tracked_send(store: Store, links: Sequence[str] = ("https://shop.example/p/1
     send = Send(send_key=key, trigger=trigger, customer_id=customer.id, occurrence=key.rsplit("/", 1)[1],
                 status="sent", run_id="run-1", stage="lapsed", template=template, email=customer.email or "",
                 message_id=f"<{digest}@shop.example>", evaluated_at=left, claimed_at=left - SECOND, finished_at=left,
-                links="\n".join(links) or None)
+                links="\n".join(links) or None, step="first" if variant else "", variant=variant)
     with Session(store.engine, expire_on_commit=False) as session:
         session.add(send)
         session.commit()
@@ -184,6 +184,12 @@ def test_each_click_goes_to_its_links_destination_with_utm_and_is_recorded(store
     assert [(r.send_id, r.customer_id, r.kind, r.link, r.at, r.machine, r.repeats) for r in rows] == [
         (first.id, first.customer_id, "click", 1, at, "", 0), (second.id, second.customer_id, "click", 0, at, "", 0),
         (first.id, first.customer_id, "click", 0, at, "", 0)]
+
+
+def test_a_journey_steps_variant_is_in_utm_content(store: Store) -> None:
+    _, digest = tracked_send(store, variant="b")
+    (answer,) = record_hits(store.engine, [click(digest, 0, NOW + timedelta(minutes=10))], POLICY)
+    assert answer is not None and answer.endswith("&utm_content=winback_lapsed/lapsed/b")
 
 
 def test_a_token_for_no_send_or_a_position_past_the_mails_links_goes_nowhere_and_records_nothing(
