@@ -17,12 +17,30 @@ from datetime import datetime, time, timedelta
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, Engine, String, and_, case, exists, func, literal, not_, null, or_, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Float,
+    String,
+    and_,
+    case,
+    exists,
+    func,
+    literal,
+    not_,
+    null,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import col
 
 from flows.kinds.base import DueQuery
-from flows.spec.journey import ExitGoal, StepPlan, When, plans
+from flows.spec.journey import EventCondition, ExitGoal, StepPlan, When, plans
 from flows.spec.trigger import TriggerBase
 from models import CartItem, CategoryOptOut, Customer, Engagement, EngagementKind, Event, Order, Send, SendStatus
 
@@ -146,9 +164,46 @@ def ordered_since(refs: Refs, now: datetime) -> ColumnElement[bool]:
                           col(order.placed_at) <= now)
 
 
-def event_since(refs: Refs, name: str, now: datetime) -> ColumnElement[bool]:
-    return exists().where(col(Event.user_id) == col(Customer.external_id), col(Event.name) == name,
-                          col(Event.timestamp) > refs.entered, col(Event.timestamp) <= now)
+def event_since(refs: Refs, event: str | EventCondition, now: datetime) -> ColumnElement[bool]:
+    """Such an event since the entry: by its name (an exit goal), or as a step's condition
+    states it, with its property within bounds."""
+    stated = event if isinstance(event, EventCondition) else EventCondition(name=event)
+    parts = [col(Event.user_id) == col(Customer.external_id), col(Event.name) == stated.name,
+             col(Event.timestamp) > refs.entered, col(Event.timestamp) <= now]
+    if stated.property is not None:
+        value = JsonNumber(col(Event.payload), literal("properties", String()), literal(stated.property, String()))
+        if stated.at_least is not None:
+            parts.append(value >= stated.at_least)
+        if stated.at_most is not None:
+            parts.append(value <= stated.at_most)
+    return exists().where(*parts)
+
+
+class JsonNumber(FunctionElement[float]):
+    """A JSON document's number at a path of keys, NULL for anything else there: a missing
+    key, ``null``, or a string (``"7"``), which PostgreSQL would refuse to cast and so fail
+    the whole audience over one odd event."""
+
+    type = Float()
+    name = "json_number"
+    inherit_cache = True
+
+
+@compiles(JsonNumber, "sqlite")
+def _json_number_sqlite(element: JsonNumber, compiler: SQLCompiler, **kw: Any) -> str:
+    document, *keys = (compiler.process(clause, **kw) for clause in element.clauses)
+    # Keys are plain names (``EventCondition.property``, "properties"): no quoting needed.
+    path = " || ".join(["'$'", *(f"'.' || {key}" for key in keys)])
+    return (f"CASE WHEN json_type({document}, {path}) IN ('integer', 'real') "
+            f"THEN json_extract({document}, {path}) END")
+
+
+@compiles(JsonNumber, "postgresql")
+def _json_number_postgresql(element: JsonNumber, compiler: SQLCompiler, **kw: Any) -> str:
+    document, *keys = (compiler.process(clause, **kw) for clause in element.clauses)
+    value = f"({document})" + "".join(f" -> {key}" for key in keys)
+    text = f"({document})" + "".join(f" -> {key}" for key in keys[:-1]) + f" ->> {keys[-1]}"
+    return f"CASE WHEN json_typeof({value}) = 'number' THEN CAST({text} AS DOUBLE PRECISION) END"
 
 
 def _clicked(refs: Refs, step: str, first_step: str, now: datetime) -> ColumnElement[bool]:

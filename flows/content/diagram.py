@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from flows.clock import format_duration
-from flows.spec.journey import Branch, ExitGoal, Experiment, Journey, Step, When
+from flows.spec.journey import Branch, EventCondition, ExitGoal, Experiment, Journey, Step, When
 
 SUBJECT_CHARS = 40  # a subject longer than this is cut, with "…": the node stays legible
 _LINE = "<br/>"
@@ -76,12 +76,20 @@ def describe(when: When) -> str:
     if when.not_clicked is not None:
         parts.append(f"not clicked {when.not_clicked}")
     if when.event_since_entry is not None:
-        parts.append(f"'{when.event_since_entry}' since entry")
+        parts.append(f"{_event(when.event_since_entry)} since entry")
     if when.no_event_since_entry is not None:
-        parts.append(f"no '{when.no_event_since_entry}' since entry")
+        parts.append(f"no {_event(when.no_event_since_entry)} since entry")
     for name, value in (when.customer or {}).items():
         parts.append(f"{name} = {value}")
     return " and ".join(parts)
+
+
+def _event(event: EventCondition) -> str:
+    """``'NPS Answered' with score ≤ 6``: the name, and the property's bounds if any."""
+    bounds = [f"≥ {event.at_least:g}" if event.at_least is not None else "",
+              f"≤ {event.at_most:g}" if event.at_most is not None else ""]
+    said = " and ".join(b for b in bounds if b)
+    return f"'{event.name}'" + (f" with {event.property} {said}" if event.property else "")
 
 
 def _goal(goal: ExitGoal) -> str:

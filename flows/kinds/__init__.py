@@ -9,12 +9,14 @@ from flows.kinds import (
     consent_confirmation,
     inactivity,
     onboarding,
+    post_purchase,
 )
 from flows.kinds.base import Kind
 
 KINDS: dict[str, Kind[Any]] = {
     module.KIND.name: module.KIND
-    for module in (abandoned_cart, inactivity, onboarding, complaint, campaign, consent_confirmation)
+    for module in (abandoned_cart, inactivity, onboarding, complaint, campaign, consent_confirmation,
+                   post_purchase)
 }
 
 __all__ = ["KINDS", "Kind"]

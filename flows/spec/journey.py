@@ -76,9 +76,41 @@ def _stages_known(value: list[str] | None, info: ValidationInfo) -> list[str] | 
     return value
 
 
+class EventCondition(StrictModel):
+    """A named event, optionally only with a numeric property within bounds, such as
+    ``{name: NPS Answered, property: score, at_most: 6}``. A property that is missing or not
+    a number (``"7"`` in quotes too) does not match."""
+
+    name: str = Field(min_length=1, max_length=255)
+    property: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+                                 description="A key of the event's properties.")
+    at_least: float | None = Field(default=None, ge=-MAX_AMOUNT, le=MAX_AMOUNT, allow_inf_nan=False)
+    at_most: float | None = Field(default=None, ge=-MAX_AMOUNT, le=MAX_AMOUNT, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _bounds_with_property(self) -> "EventCondition":
+        bounded = self.at_least is not None or self.at_most is not None
+        if self.property is not None and not bounded:
+            raise ValueError(f"property {self.property!r} without a bound: add at_least, at_most or both")
+        if bounded and self.property is None:
+            raise ValueError("at_least and at_most bound a property: name it, such as property: score")
+        if self.at_least is not None and self.at_most is not None and self.at_least > self.at_most:
+            raise ValueError(f"at_least {self.at_least:g} is above at_most {self.at_most:g}")
+        return self
+
+
+def _event_condition(value: Any) -> Any:
+    """An event's name alone is the condition on that event, whatever its properties."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+EventWhen = Annotated[EventCondition, BeforeValidator(_event_condition)]
+
+
 class When(StrictModel):
     """Conditions checked when a step is due; all must hold. ``clicked`` and ``not_clicked``
-    name an earlier step (its mail clicked by a person, not a scanner)."""
+    name an earlier step (its mail clicked by a person, not a scanner). ``event_since_entry``
+    names an event, or states one with a bound on a numeric property."""
 
     stage: list[str] | None = Field(default=None, min_length=1, description="The customer's stage is one of these.")
     min_cart_value: float | None = Field(default=None, ge=0, le=MAX_AMOUNT, allow_inf_nan=False,
@@ -89,8 +121,9 @@ class When(StrictModel):
                                                                        "false: has not.")
     clicked: Slug | None = Field(default=None, description="A person clicked this earlier step's mail.")
     not_clicked: Slug | None = Field(default=None, description="Nobody clicked this earlier step's mail (yet).")
-    event_since_entry: str | None = Field(default=None, min_length=1, max_length=255)
-    no_event_since_entry: str | None = Field(default=None, min_length=1, max_length=255)
+    event_since_entry: EventWhen | None = Field(
+        default=None, description="NAME, or {name, property, at_least, at_most}: such an event since entering.")
+    no_event_since_entry: EventWhen | None = Field(default=None, description="No such event since entering.")
     customer: dict[Literal["locale", "timezone", "consent_source"], str] | None = Field(
         default=None, min_length=1, description="The customer's own fields equal these.")
 

@@ -100,7 +100,8 @@ WORDS: dict[str, dict[str, Any]] = {
         "busy": "Gerade geht es nicht. Bitte versuche es in einer Minute noch einmal.",
         "categories": {"abandoned_cart": "Erinnerungen an deinen Warenkorb",
                        "inactivity": "Nachrichten, wenn du länger nicht bei uns warst",
-                       "onboarding": "Willkommens- und Einstiegstipps", "campaign": "Angebote und Aktionen"},
+                       "onboarding": "Willkommens- und Einstiegstipps", "campaign": "Angebote und Aktionen",
+                       "post_purchase": "Fragen nach deiner Meinung zu einer Bestellung"},
     },
     "en": {
         "unsubscribe_title": "Unsubscribe", "unsubscribe_question": "Stop marketing emails to {email}?",
@@ -117,7 +118,8 @@ WORDS: dict[str, dict[str, Any]] = {
         "spent": "This link has expired or has already been used. Please sign up again if you want our offers.",
         "busy": "We cannot do this right now. Please try again in a minute.",
         "categories": {"abandoned_cart": "Reminders about your cart", "inactivity": "Messages when you have been away",
-                       "onboarding": "Welcome and getting-started tips", "campaign": "Offers and campaigns"},
+                       "onboarding": "Welcome and getting-started tips", "campaign": "Offers and campaigns",
+                       "post_purchase": "Asking what you think of an order"},
     },
 }
 

@@ -282,3 +282,45 @@ def test_one_mail_or_steps(project_dir: Path, change, message: str) -> None:  # 
                                                                      "B")))
     assert any(message in p.message for p in project.problems if p.file.name == "cart_series.yaml"), \
         [str(p) for p in project.problems]
+NPS = """\
+steps:
+  - name: question
+    wait: 0s
+    email: {template: nps_question, subject: "Wie war's?"}
+  - name: follow-up
+    wait: 2d
+    when:
+      event_since_entry: {name: NPS Answered, property: score, at_most: 6}
+    email: {template: nps_follow_up, subject: "Das tut uns leid"}
+"""
+
+
+def test_an_event_condition_is_a_name_or_a_name_with_a_bounded_property(tmp_path: Path) -> None:
+    journey, problems = check(tmp_path, NPS)
+    assert problems == [] and journey is not None
+    when = journey.steps[1].when
+    assert when is not None and when.event_since_entry is not None
+    assert (when.event_since_entry.name, when.event_since_entry.property, when.event_since_entry.at_least,
+            when.event_since_entry.at_most) == ("NPS Answered", "score", None, 6)
+    plain, problems = check(tmp_path, NPS.replace("{name: NPS Answered, property: score, at_most: 6}",
+                                                  "NPS Detractor"))
+    assert problems == [] and plain is not None and plain.steps[1].when is not None
+    assert plain.steps[1].when.event_since_entry is not None
+    assert plain.steps[1].when.event_since_entry.model_dump(exclude_none=True) == {"name": "NPS Detractor"}
+
+
+@pytest.mark.parametrize(("condition", "words"), [
+    ("{name: NPS Answered, property: score}", "without a bound"),
+    ("{name: NPS Answered, at_most: 6}", "name it"),
+    ("{name: NPS Answered, property: score, at_least: 7, at_most: 6}", "at_least 7 is above at_most 6"),
+    ("{name: NPS Answered, property: \"score'; --\", at_most: 6}", "pattern"),
+    ("{name: NPS Answered, property: score, at_most: .nan}", "finite"),
+    ("{name: NPS Answered, propety: score, at_most: 6}", "did you mean 'property'"),
+    ("{name: '', property: score, at_most: 6}", "at least 1 character"),
+])
+def test_an_event_condition_is_checked_and_located(tmp_path: Path, condition: str, words: str) -> None:
+    journey, problems = check(tmp_path, NPS.replace("{name: NPS Answered, property: score, at_most: 6}", condition))
+    assert journey is None
+    problem = only(problems)
+    assert problem.field.startswith("steps[1].when.event_since_entry") and problem.line == 8, str(problem)
+    assert words in problem.message, str(problem)

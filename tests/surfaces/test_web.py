@@ -125,7 +125,8 @@ def test_leaving_one_category_keeps_the_others(settings: Settings, store: Store,
     preferences = web.url + re.search(r'href="(/preferences/[^"]+)"', page.text).group(1)
     form = httpx.get(preferences, timeout=30)
     assert 'value="campaign" checked' in form.text and "Angebote und Aktionen" in form.text
-    saved = httpx.post(preferences, data={"category": ["abandoned_cart", "inactivity", "onboarding"]}, timeout=30)
+    saved = httpx.post(preferences, data={"category": ["abandoned_cart", "inactivity", "onboarding", "post_purchase"]},
+                       timeout=30)
     assert saved.status_code == 200 and "Gespeichert." in saved.text and 'value="campaign">' in saved.text
     with Session(store.engine) as session:
         assert [o.category for o in session.execute(select(CategoryOptOut)).scalars()] == ["campaign"]
