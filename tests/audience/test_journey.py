@@ -19,6 +19,7 @@ from flows.outcomes import Outcome
 from flows.run_context import load
 from flows.settings import Settings
 from models import Engagement, Send, SendStatus
+from tests.support import ROOT
 from tests.support.builders import NOW, Store, ago
 from tests.support.runs import run
 from tests.support.smtp_server import SmtpServer
@@ -117,12 +118,29 @@ def test_nothing_is_recorded_by_a_dry_run(settings: Settings, store: Store, engi
     assert rows(engine) == [] and smtp.received == []
 
 
+ONE_MAIL_CART_REMINDER = """\
+name: abandoned-cart
+description: Remind shoppers of a cart they left behind, two hours after their last change.
+kind: abandoned_cart
+idle_for: 2h
+give_up_after: 3d
+schedule: {cron: "*/15 * * * *", timezone: Europe/Berlin}
+email:
+  template: abandoned_cart
+  subject:
+    de: "{{ customer.first_name or 'Hallo' }}, dein Warenkorb wartet auf dich"
+    en: "{{ customer.first_name or 'Hi' }}, your cart is waiting for you"
+reentry: 1d
+"""
+
+
 def test_a_single_mail_trigger_keeps_its_keys_and_becomes_a_journey_without_a_second_mail(
         settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
-    """The shipped abandoned-cart reminder, run as it is, then turned into a series under the
-    same name: its rows keep today's keys (``trigger/customer/occurrence``, no step), and the
-    series mails nobody the reminder already reached; its later steps follow from its own
-    entries only."""
+    """The abandoned-cart reminder as it shipped as one mail, run, then the shipped series that
+    replaced it under the same name: its rows keep their keys (``trigger/customer/occurrence``,
+    no step), and the series mails nobody the reminder already reached; its later steps follow
+    from its own entries only."""
+    write(settings, ONE_MAIL_CART_REMINDER, "abandoned_cart")
     anna = store.customer("Anna")
     store.cart(anna, ago(hours=3))
     run(settings, "abandoned-cart")
@@ -130,7 +148,7 @@ def test_a_single_mail_trigger_keeps_its_keys_and_becomes_a_journey_without_a_se
     assert single.send_key == f"abandoned-cart/{anna.id}/{single.occurrence}" and single.step == ""
     assert len(smtp.received) == 1
 
-    write(settings, SERIES.replace("name: cart-series", "name: abandoned-cart"), "abandoned_cart")
+    write(settings, (ROOT / "triggers" / "abandoned_cart.yaml").read_text(encoding="utf-8"), "abandoned_cart")
     run(settings, "abandoned-cart", NOW + timedelta(minutes=15))
     run(settings, "abandoned-cart", NOW + timedelta(hours=23))
     assert len(smtp.received) == 1

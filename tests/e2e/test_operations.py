@@ -78,8 +78,8 @@ def test_deploy_all_registers_every_trigger(site: Site) -> None:
     response = httpx.post(f"{site.server.api_url}/deployments/filter", json={"limit": 50, "offset": 0})
     deployments = {d["name"]: d for d in response.json()}
     assert set(deployments) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0",
-                                "onboarding-day-3", "winback-lapsed", "confirm-subscription", "deferred-sends",
-                                "lifecycle-report"}
+                                "post-purchase-nps", "referral-loyal", "winback-lapsed", "confirm-subscription",
+                                "deferred-sends", "lifecycle-report"}
     complaint = deployments["complaint-ack"]
     assert complaint["tags"] == ["lifecycle", "kind:complaint", "trigger:complaint-ack"]
     assert complaint["parameters"] == {"trigger": "complaint-ack"}

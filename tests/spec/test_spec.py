@@ -37,7 +37,7 @@ def test_shipped_triggers_and_templates_are_valid(project_dir: Path) -> None:
     project = load_project(project_dir / "triggers", project_dir / "templates")
     assert project.problems == []
     assert {t.kind for t in project.triggers.values()} == {
-        "abandoned_cart", "inactivity", "onboarding", "complaint", "campaign", "consent_confirmation"}
+        "abandoned_cart", "inactivity", "onboarding", "complaint", "campaign", "consent_confirmation", "post_purchase"}
 
 
 def test_a_valid_file_loads_with_its_parameters(project_dir: Path) -> None:
@@ -192,8 +192,8 @@ def test_the_shipped_project_has_no_language_warnings(project_dir: Path) -> None
 # -- hostile input: one broken file fails its own trigger, located, never the others ----
 
 HOSTILE = FIXTURES / "spec_hostile"
-HEALTHY = {"abandoned-cart", "complaint-ack", "onboarding-day-0", "onboarding-day-3", "winback-lapsed",
-           "confirm-subscription"}
+HEALTHY = {"abandoned-cart", "complaint-ack", "onboarding-day-0", "post-purchase-nps", "referral-loyal",
+           "winback-lapsed", "confirm-subscription"}
 
 
 def hostile(project_dir: Path, fixture: str, target: str):
@@ -225,7 +225,7 @@ def test_an_astronomical_duration_is_refused_located(project_dir: Path) -> None:
                                                                               "inactive_for: 1000000000d")
     project = load(project_dir, text, "inactivity.yaml")
     messages = [str(p) for p in project.problems]
-    assert any("inactivity.yaml:4: inactive_for: " in m and "at most 3650d" in m for m in messages), messages
+    assert any("inactivity.yaml:5: inactive_for: " in m and "at most 3650d" in m for m in messages), messages
     assert set(project.triggers) >= HEALTHY and "we-miss-you" not in project.triggers
 
 
@@ -264,8 +264,8 @@ def hostile_project(project_dir: Path) -> None:
                             ("nested_range.html.j2", "templates/we_miss_you/default.en.html.j2"),
                             ("latin1_template.html.j2", "templates/winback/default.de.html.j2")]:
         (project_dir / target).write_bytes((HOSTILE / fixture).read_bytes())
-    onboarding = project_dir / "triggers" / "onboarding_day_3.yaml"
-    onboarding.write_text(onboarding.read_text() + "catch_up: 1000000000d\n")
+    referral = project_dir / "triggers" / "referral.yaml"
+    referral.write_text(referral.read_text() + "send_window: 1000000000d\n")
 
 
 def test_validate_reports_every_hostile_file_located_and_checks_the_rest(project_dir: Path, tmp_path: Path) -> None:
@@ -275,10 +275,10 @@ def test_validate_reports_every_hostile_file_located_and_checks_the_rest(project
     assert result.returncode == 1, result.stdout + result.stderr
     out = " ".join(result.stderr.split())
     for located in ("bomb.yaml:4:", "latin.yaml:2:", "list_key.yaml:4:", "we_miss_you/default.en.html.j2:4:",
-                    "winback/default.de.html.j2:3:", "onboarding_day_3.yaml:"):
+                    "winback/default.de.html.j2:3:", "referral.yaml:"):
         assert located in out, (located, result.stderr)
     assert "Traceback" not in result.stderr
-    assert "4 trigger(s) are valid" in out, result.stderr  # cart, complaint, onboarding day 0, consent
+    assert "5 trigger(s) are valid" in out, result.stderr  # cart, complaint, welcome, consent, NPS
 
 
 def test_a_run_of_every_trigger_goes_ahead_beside_hostile_files(project_dir: Path, tmp_path: Path) -> None:

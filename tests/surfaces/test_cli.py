@@ -24,7 +24,7 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validate_passes_on_the_shipped_project(settings: Settings) -> None:
     result = runner.invoke(app, ["validate"])
     assert result.exit_code == 0, result.output
-    assert "All good: 7 triggers" in result.output
+    assert "All good: 8 triggers" in result.output
 
 
 def test_validate_reports_every_problem_with_file_and_line_and_exits_1(settings: Settings) -> None:
@@ -38,7 +38,7 @@ def test_validate_reports_every_problem_with_file_and_line_and_exits_1(settings:
     assert "winback.yaml:9: audience.stages: unknown stage 'lapsd'; valid stages: prospect, lapsed" in result.output
     assert "complaint.yaml:4: max_age: expected a duration" in result.output
     assert "> 4 | max_age: 7 days" in result.output  # the offending line is shown
-    assert "2 problem(s) in 2 file(s). 5 trigger(s) are valid." in result.output
+    assert "2 problem(s) in 2 file(s). 6 trigger(s) are valid." in result.output
 
 
 def test_a_files_own_words_are_shown_as_text_never_as_markup(settings: Settings) -> None:
@@ -91,11 +91,16 @@ def test_preview_renders_every_stage_and_language_to_files(settings: Settings, t
     out = tmp_path / "preview"
     result = runner.invoke(app, ["preview", "abandoned-cart", "--stage", "loyal", "--stage", "new", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in (out / "abandoned-cart").iterdir())
+    # A journey: each step's mails in a folder of their own, and the diagram beside them.
+    assert sorted(p.name for p in (out / "abandoned-cart").iterdir()) == ["incentive", "journey.mmd", "nudge",
+                                                                          "reminder"]
+    reminder = out / "abandoned-cart" / "reminder"
+    names = sorted(p.name for p in reminder.iterdir())
     assert names == sorted(f"{s}.{lang}.{ext}" for s in ("loyal", "new") for lang in ("de", "en")
                            for ext in ("eml", "html", "txt"))
-    assert "Stammkunde" in (out / "abandoned-cart" / "loyal.de.html").read_text()
-    assert "Stammkunde" not in (out / "abandoned-cart" / "new.de.html").read_text()
+    assert "Stammkunde" in (reminder / "loyal.de.html").read_text()
+    assert "Stammkunde" not in (reminder / "new.de.html").read_text()
+    assert "KORB10" in (out / "abandoned-cart" / "incentive" / "new.de.html").read_text()
 
 
 def test_preview_with_a_real_customer_uses_their_cart(settings: Settings, store: Store, tmp_path: Path) -> None:
@@ -105,7 +110,7 @@ def test_preview_with_a_real_customer_uses_their_cart(settings: Settings, store:
     result = runner.invoke(app, ["preview", "abandoned-cart", "--customer", customer.external_id, "--out", str(out),
                                  "--now", NOW.isoformat()])
     assert result.exit_code == 0, result.output
-    html = (out / "abandoned-cart" / f"{customer.external_id}.prospect.de.html").read_text()
+    html = (out / "abandoned-cart" / "reminder" / f"{customer.external_id}.prospect.de.html").read_text()
     assert "Rucksack 28 l" in html and "Hallo Jürgen" in html
 
 
@@ -156,7 +161,7 @@ def test_validate_warns_about_a_language_without_a_subject_and_still_exits_0(set
     assert result.exit_code == 0, result.output
     assert ("winback.yaml:12: email.subject: warning: language 'fr' is targeted (templates/winback/ has fr files) "
             "but has no subject for 'fr'; fr customers get the whole mail in 'en'") in result.output
-    assert "All good: 7 triggers" in result.output and "1 warning(s)." in result.output
+    assert "All good: 8 triggers" in result.output and "1 warning(s)." in result.output
 
 
 def test_preview_shows_the_subject_and_says_when_another_language_was_used(settings: Settings,

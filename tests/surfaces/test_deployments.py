@@ -35,13 +35,14 @@ def deployments(project: Path) -> dict[str, dict]:
 def test_the_shipped_prefect_yaml_matches_the_shipped_triggers(project: Path) -> None:
     result = runner.invoke(app, ["deployments", "--check"])
     assert result.exit_code == 0, result.output
-    assert "matches triggers/ (9 deployments)" in result.output
+    assert "matches triggers/ (10 deployments)" in result.output
 
 
 def test_one_deployment_per_trigger_with_its_schedule_tags_and_parameters(project: Path) -> None:
     found = deployments(project)
-    assert set(found) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0", "onboarding-day-3",
-                          "winback-lapsed", "confirm-subscription", "deferred-sends", "lifecycle-report"}
+    assert set(found) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0", "post-purchase-nps",
+                          "referral-loyal", "winback-lapsed", "confirm-subscription", "deferred-sends",
+                          "lifecycle-report"}
     winback = found["winback-lapsed"]
     assert winback["entrypoint"] == "flows/surfaces/prefect_flows.py:trigger_flow"
     assert winback["parameters"] == {"trigger": "winback-lapsed"}
@@ -67,9 +68,9 @@ def test_a_hand_edit_fails_the_check_with_a_diff_and_write_repairs_it(project: P
 
 def test_a_new_or_disabled_trigger_file_needs_no_python_change(project: Path) -> None:
     triggers = project / "triggers"
-    text = (triggers / "onboarding_day_3.yaml").read_text()
+    text = (triggers / "onboarding_day_0.yaml").read_text()
     (triggers / "onboarding_day_7.yaml").write_text(
-        text.replace("onboarding-day-3", "onboarding-day-7").replace("day: 3", "day: 7")
+        text.replace("onboarding-day-0", "onboarding-day-7").replace("day: 0", "day: 7")
         .replace("enabled: true", "enabled: false"))
     assert runner.invoke(app, ["deployments", "--check"]).exit_code == 1
     assert runner.invoke(app, ["deployments", "--write"]).exit_code == 0

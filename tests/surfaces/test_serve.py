@@ -93,12 +93,12 @@ def make(project_dir: Path, jobstore=None, executor=None, run=record) -> tuple[S
 
 
 def test_every_enabled_trigger_is_scheduled_with_its_cron_and_time_zone(project_dir: Path, clock: Clock) -> None:
-    disabled = project_dir / "triggers" / "onboarding_day_3.yaml"
+    disabled = project_dir / "triggers" / "referral.yaml"
     disabled.write_text(disabled.read_text().replace("enabled: true", "enabled: false"))
     scheduler, _ = make(project_dir)
     jobs = {job.id: job for job in scheduler.get_jobs()}
     assert set(jobs) == {"abandoned-cart", "complaint-ack", "we-miss-you", "onboarding-day-0", "winback-lapsed",
-                         "confirm-subscription"}
+                         "confirm-subscription", "post-purchase-nps"}
     # Monday 2026-03-16 07:00 UTC = 08:00 in Berlin (CET): the win-back fires at 10:00 Berlin, 09:00 UTC.
     assert jobs["winback-lapsed"].next_run_time == datetime(2026, 3, 16, 9, 0, tzinfo=UTC)
     assert jobs["we-miss-you"].next_run_time == datetime(2026, 3, 16, 9, 0, tzinfo=UTC)
