@@ -121,12 +121,12 @@ def test_branches_and_variants_are_counted_where_they_happen(
 
 def test_a_single_mail_trigger_is_one_step(settings: Settings, store: Store, engine: Engine,
                                            smtp: SmtpServer) -> None:
-    store.cart(store.customer("Anna"), ago(hours=1))
-    found = simulate("abandoned-cart", NOW, NOW + timedelta(hours=2), timedelta(minutes=30), settings=settings,
+    store.complaint(store.customer("Anna"), NOW + timedelta(minutes=45))
+    found = simulate("complaint-ack", NOW, NOW + timedelta(hours=2), timedelta(minutes=30), settings=settings,
                      source=engine)
     (mail,) = found.steps
     assert (mail.step, mail.sent, found.entered) == ("", 1, 1)
-    assert [tick.at for tick in found.ticks if tick.entered] == [NOW + timedelta(hours=1)]  # idle for 2 h
+    assert [tick.at for tick in found.ticks if tick.entered] == [NOW + timedelta(hours=1)]  # the first tick after
     assert smtp.received == []
 
 
