@@ -39,6 +39,7 @@ TREATED = tuple(s.value for s in (SendStatus.CLAIMED, SendStatus.SENDING, SendSt
                                   SendStatus.COMPLAINED, SendStatus.FAILED))
 HELD_OUT = SendStatus.HELD_OUT.value
 ARMS = ("treated", "held_out")
+DEFAULT_EFFECT = 0.01  # the lift, one point of conversion rate, whose sample size "not yet conclusive" tells
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class _Arm:
 
 
 def lift_by_trigger(engine: Engine, *, since: datetime, until: datetime, window: timedelta,
-                    triggers: Collection[str] | None = None, effect: float = 0.01, resamples: int = 2000,
+                    triggers: Collection[str] | None = None, effect: float = DEFAULT_EFFECT, resamples: int = 2000,
                     seed: int = 0, now: datetime | None = None) -> list[HoldoutLift]:
     """Per trigger with held-out rows in the period, and per currency: both arms, the lift and a verdict.
     ``now``: as of that moment, only orders placed by then count (time travel)."""

@@ -11,8 +11,10 @@ recipients an arm needs before a lift of a chosen size would show.
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 Interval = tuple[float, float]
 
@@ -77,6 +79,8 @@ def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], *, seed: i
     """
     if resamples < 1:
         raise ValueError(f"at least one resample, got {resamples}")
+    import numpy as np  # here, not on import: the report's holdout thread imports it while the ledger is read
+
     rng = np.random.default_rng(seed)
     differences = (_resampled_means(rng, a, zeros_a, resamples, exact_up_to)
                    - _resampled_means(rng, b, zeros_b, resamples, exact_up_to))
@@ -85,8 +89,10 @@ def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], *, seed: i
     return float(low), float(high)
 
 
-def _resampled_means(rng: np.random.Generator, values: Sequence[float], zeros: int, resamples: int,
-                     exact_up_to: int) -> np.ndarray:
+def _resampled_means(rng: "np.random.Generator", values: Sequence[float], zeros: int, resamples: int,
+                     exact_up_to: int) -> "np.ndarray":
+    import numpy as np
+
     listed = np.asarray(values, dtype=np.float64)
     n = len(listed) + zeros
     if n == 0:

@@ -681,6 +681,20 @@ def _write_json(value: object) -> None:
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def _effect(value: str) -> float:
+    """``2%`` or ``2``: percentage points of conversion rate, as a fraction (0.02)."""
+    text = value.strip().removesuffix("%").strip()
+    try:
+        points = float(text)
+    except ValueError:
+        points = float("nan")
+    if not 0 < points < 100:
+        errors.print(f"[red]--effect must be a lift in percentage points, more than 0 and less than 100, such as "
+                     f"2%, got {value!r}[/]", highlight=False)
+        raise typer.Exit(2)
+    return points / 100
+
+
 @app.command()
 def report(
     since: SinceOpt = None,
@@ -690,26 +704,37 @@ def report(
     now: NowOpt = None,
     no_attribute: Annotated[bool, typer.Option("--no-attribute",
                                                help="Do not attribute new orders first.")] = False,
+    effect: Annotated[str, typer.Option(
+        help="The conversion lift, in percentage points, whose sample size a holdout that is not yet conclusive "
+             "is told (1% by default).")] = "1%",
 ) -> None:
     """What each trigger's marketing mail did: delivered, bounced, clicked, orders, revenue, and
     the holdout lift; per trigger, stage, template and variant. New orders are attributed first."""
-    from flows.analysis.report import build_report
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.analysis.report import build_report, holdouts_meanwhile
 
     settings = _settings()
     moment = _now(now)
     start, end = _period(since, until, moment)
+    lift = _effect(effect)
     engine = _engine(settings)
     policy, _ = _policy_and_stages(settings)
     out = console if format_ is Format.table else errors  # json and csv keep stdout to themselves
-    if no_attribute:
-        out.print("Attribution not refreshed (--no-attribute): orders since the last `lifecycle attribute` "
-                  "are counted as pending.", highlight=False, soft_wrap=True)
-    else:
-        from flows.analysis.attribution import attribute
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The holdout comparison reads no attribution: it runs while new orders are attributed.
+        holdouts = holdouts_meanwhile(pool, engine, since=start, until=end, triggers=trigger or None, policy=policy,
+                                      now=moment, effect=lift)
+        if no_attribute:
+            out.print("Attribution not refreshed (--no-attribute): orders since the last `lifecycle attribute` "
+                      "are counted as pending.", highlight=False, soft_wrap=True)
+        else:
+            from flows.analysis.attribution import attribute
 
-        out.print(_tally_line(attribute(engine, policy.attribution, moment), moment), highlight=False,
-                  soft_wrap=True)
-    found = build_report(engine, since=start, until=end, triggers=trigger or None, policy=policy, now=moment)
+            out.print(_tally_line(attribute(engine, policy.attribution, moment), moment), highlight=False,
+                      soft_wrap=True)
+        found = build_report(engine, since=start, until=end, triggers=trigger or None, policy=policy, now=moment,
+                             effect=lift, holdouts=holdouts)
     from flows.analysis.experiment_looks import results
 
     experiments = results(engine, since=start, until=end, now=moment, window=policy.attribution.window,

@@ -1,13 +1,15 @@
 """The report: each figure per trigger, stage, template and variant follows from a hand-made
 ledger (sends in every status, clicks by people and machines, stored attributions)."""
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
 
+from flows.analysis.attribution import attribute
 from flows.analysis.holdouts import lift_by_trigger
-from flows.analysis.report import SCHEMA, build_report, revenue_over_time
+from flows.analysis.report import SCHEMA, build_report, holdouts_meanwhile, revenue_over_time
 from flows.spec.policy import Policy
 from models import Send
 from tests.support.builders import NOW, Store, ago
@@ -134,6 +136,28 @@ def test_holdout_lifts_are_those_of_the_holdout_analysis(store: Store, ledger: L
     assert {lift.trigger for lift in found.holdouts} == {CART}  # only it has a held-out row
     line = next(line for line in found.lines() if line.startswith(CART))
     assert found.holdouts[0].verdict in line
+
+
+def test_the_holdout_comparison_reads_no_attribution_so_it_may_start_before_the_orders_are_attributed(
+        store: Store, ledger: Ledger) -> None:
+    """``lifecycle report`` starts it, then attributes the new orders, then builds the rest."""
+    o = Outcomes(store)
+    held, treated = store.customer("held"), store.customer("treated")
+    o.send(held, CART, ago(days=3), "held_out", stage="new", template=DE)
+    o.order(held, ago(days=2), total=70.0)  # neither is attributed yet
+    o.order(treated, ago(days=2), total=15.0)
+    policy = Policy()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        early = holdouts_meanwhile(pool, store.engine, since=SINCE, until=UNTIL, policy=policy, now=NOW,
+                                   effect=0.03)
+        early_lifts = early.result()
+        attribute(store.engine, policy.attribution, NOW)
+        found = report(store, now=NOW, effect=0.03, holdouts=early)
+    assert found.holdouts == early_lifts == report(store, now=NOW, effect=0.03).holdouts
+    assert found.holdouts != report(store, now=NOW).holdouts  # another effect, another sample size
+    assert found.rows == report(store, now=NOW).rows
+    [cart] = found.holdouts
+    assert cart.held_out.conversions == 1
 
 
 def test_json_has_the_documented_schema(store: Store, ledger: Ledger) -> None:

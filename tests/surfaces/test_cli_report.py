@@ -98,7 +98,22 @@ def test_report_period_and_trigger_options(settings: Settings, store: Store) -> 
     assert backwards.exit_code == 2
 
 
-def test_report_shows_the_holdout_lift_with_its_interval_and_verdict(settings: Settings, store: Store) -> None:
+def test_report_with_two_triggers_reports_both_and_only_them(settings: Settings, store: Store) -> None:
+    o = Outcomes(store)
+    for trigger in ("abandoned-cart", "winback-lapsed", "spring-sale"):
+        clicked_and_bought(store, trigger=trigger)
+        o.send(store.customer(f"held-{trigger}"), trigger, ago(days=4), "held_out")
+    result = runner.invoke(app, ["report", "--format", "json", "--trigger", "winback-lapsed",
+                                 "--trigger", "spring-sale", *AT])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {r["trigger"] for r in data["rows"]} == {"winback-lapsed", "spring-sale"}
+    assert {h["trigger"] for h in data["holdouts"]} == {"winback-lapsed", "spring-sale"}
+    everything = json.loads(runner.invoke(app, ["report", "--format", "json", *AT]).stdout)
+    assert {r["trigger"] for r in everything["rows"]} == {"abandoned-cart", "winback-lapsed", "spring-sale"}
+
+
+def holdout_of_six_against_two(store: Store) -> None:
     o = Outcomes(store)
     for n in range(6):
         person = store.customer(f"T{n}")
@@ -107,6 +122,34 @@ def test_report_shows_the_holdout_lift_with_its_interval_and_verdict(settings: S
             o.order(person, ago(days=19))
     for n in range(2):
         o.send(store.customer(f"H{n}"), "winback-lapsed", ago(days=20), "held_out", stage="lapsed")
+
+
+def test_report_effect_sets_the_lift_a_holdout_s_sample_size_is_for(settings: Settings, store: Store) -> None:
+    from flows.analysis.lift import sample_size
+
+    holdout_of_six_against_two(store)
+
+    def holdout(*options: str) -> dict:
+        result = runner.invoke(app, ["report", "--format", "json", *options, *AT])
+        assert result.exit_code == 0, result.output
+        [found] = json.loads(result.stdout)["holdouts"]
+        return found
+
+    # Both arms: 8 recipients, 3 converted; 6 treated per 2 held out.
+    usual, two, half = holdout(), holdout("--effect", "2%"), holdout("--effect", "0.5")
+    assert usual["needed_per_arm"] == sample_size(3 / 8, 0.01, 3.0)
+    assert two["needed_per_arm"] == sample_size(3 / 8, 0.02, 3.0) < usual["needed_per_arm"]
+    assert half["needed_per_arm"] == sample_size(3 / 8, 0.005, 3.0) > usual["needed_per_arm"]
+    assert "would detect a lift of 1.0 points" in usual["verdict"]
+    assert "would detect a lift of 2.0 points" in two["verdict"]
+    assert two["lift_ci"] == usual["lift_ci"]  # the effect changes the sample size only
+    for bad in ("0%", "100", "-1%", "two"):
+        refused = runner.invoke(app, ["report", "--effect", bad, *AT])
+        assert refused.exit_code == 2 and "--effect must be a lift in percentage points" in refused.stderr, bad
+
+
+def test_report_shows_the_holdout_lift_with_its_interval_and_verdict(settings: Settings, store: Store) -> None:
+    holdout_of_six_against_two(store)
     result = runner.invoke(app, ["report", *AT])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
