@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         return self.secret.get_secret_value()
 
     @property
+    def reports_page_on(self) -> bool:
+        """``lifecycle web`` serves the reports page only with a non-empty ``LIFECYCLE_ADMIN_TOKEN``:
+        an empty one is no token (the page and the report's artifacts agree on it)."""
+        return self.admin_token is not None and bool(self.admin_token.get_secret_value())
+
+    @property
     def claim_lease(self) -> timedelta:
         return timedelta(seconds=self.claim_lease_seconds)
 

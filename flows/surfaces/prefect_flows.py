@@ -269,10 +269,11 @@ def _attribute_orders(engine: Engine, project: Project, now: datetime) -> "Attri
     return attribute(engine, project.policy.attribution, now, keep_for=project.policy.tracking.keep_for)
 
 
-def _build_report(engine: Engine, project: Project, since: datetime, until: datetime) -> "Report":
+def _build_report(engine: Engine, project: Project, since: datetime, until: datetime, now: datetime) -> "Report":
+    """The report of ``[since, until)`` as of ``now``: clicks and orders after it are left out."""
     from flows.analysis.report import build_report
 
-    return build_report(engine, since=since, until=until, policy=project.policy)
+    return build_report(engine, since=since, until=until, policy=project.policy, now=now)
 
 
 # ``quote``-wrapped arguments, as the trigger flow's tasks (see above): typed with any parameters.
@@ -291,7 +292,7 @@ def report_flow(now: str | None = None, since: str | None = None, days: int = RE
     engine = engine or get_engine(settings.database_url)
     tally = attribute_orders(quote(engine), quote(project), moment)
     start, stop = report_period(moment, since, days)
-    report = build_report_task(quote(engine), quote(project), start, stop)
+    report = build_report_task(quote(engine), quote(project), start, stop, moment)
     publish_report(report, tally, settings)
     message = (f"attributed {tally.attributed} of {tally.orders_seen} new order(s); "
                f"{len(report.triggers)} trigger(s) reported")
@@ -361,7 +362,7 @@ def _rate(rate: float | None) -> str:
 def publish_report(report: "Report", tally: "AttributionTally", settings: Settings) -> None:
     """The report's artifacts: a markdown summary, a table, and a link to the reports page."""
     link = reports_link(settings, report)
-    page_on = settings.admin_token is not None
+    page_on = settings.reports_page_on
     headline = f"{len(report.triggers)} trigger(s), {tally.attributed} new order(s) attributed"
     create_markdown_artifact(key="lifecycle-report-summary", markdown=report_markdown(report, tally, link, page_on),
                              description=headline)

@@ -20,6 +20,7 @@ from models import Attribution, Order, Send
 from models.types import utcnow
 from tests.support import ROOT
 from tests.support.builders import NOW, Store
+from tests.support.outcomes import Outcomes
 
 TRIGGER = "abandoned-cart"
 
@@ -185,3 +186,50 @@ def test_serve_s_daily_job_attributes_the_new_orders(settings: Settings, store: 
         assert session.execute(select(func.count()).select_from(Order)).scalar_one() == 2
     assert "Attribution: 2 new order(s), 1 attributed, 1 with no mail to credit" in caplog.text
     assert f"{TRIGGER}: 1 delivered" in caplog.text
+
+
+@pytest.mark.usefixtures("prefect")
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_run_as_of_a_past_moment_leaves_out_the_clicks_and_orders_that_came_later(settings: Settings,
+                                                                                  store: Store) -> None:
+    from flows.surfaces.prefect_flows import report_flow
+
+    o = Outcomes(store)
+    customer = store.customer("Lea")
+    sent = NOW - timedelta(days=3)
+    send = o.send(customer, TRIGGER, sent)
+    o.click(send, sent + timedelta(days=1))
+    o.order(customer, sent + timedelta(days=1, hours=1), total=59.0)
+    assert report_flow(now=NOW.isoformat(), return_state=True).is_completed()  # the order is attributed now
+    today = report_flow(now=NOW.isoformat(), return_state=True).result().row(TRIGGER)
+    assert (today.delivered, today.unique_clicks, today.conversions, today.revenue) == (1, 1, 1, {"EUR": 5_900})
+
+    back_then = report_flow(now=(sent + timedelta(hours=12)).isoformat(), return_state=True).result()
+    row = back_then.row(TRIGGER)
+    assert (row.delivered, row.unique_clicks, row.conversions, row.revenue) == (1, 0, 0, {})
+
+
+@pytest.mark.parametrize("token, page_on", [(None, False), ("", False), ("reports-token-0123456789", True)])
+def test_the_artifacts_say_the_page_is_off_exactly_when_lifecycle_web_serves_none(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, token: str | None, page_on: bool) -> None:
+    from fastapi import FastAPI
+    from pydantic import SecretStr
+
+    from flows.analysis.attribution import AttributionTally
+    from flows.analysis.report import Report, Unattributed
+    from flows.surfaces import prefect_flows
+    from flows.surfaces.web_reports import PATH, add_reports
+
+    made: dict[str, str] = {}
+    monkeypatch.setattr(prefect_flows, "create_markdown_artifact", lambda **kw: made.update(kw))
+    monkeypatch.setattr(prefect_flows, "create_table_artifact", lambda **kw: None)
+    monkeypatch.setattr(prefect_flows, "create_link_artifact", lambda **kw: None)
+    configured = settings.model_copy(update={"admin_token": None if token is None else SecretStr(token)})
+    report = Report(since=NOW - timedelta(days=7), until=NOW, window=timedelta(days=5), basis=("click",), rows=[],
+                    unattributed=Unattributed(orders=0, revenue={}, pending=0), holdouts=[])
+    prefect_flows.publish_report(report, AttributionTally(), configured)
+    assert ("off until LIFECYCLE_ADMIN_TOKEN is set" not in made["markdown"]) is page_on
+
+    app = FastAPI()
+    add_reports(app, configured, engine=None)  # type: ignore[arg-type]  # no request is made
+    assert any(getattr(route, "path", None) == PATH for route in app.routes) is page_on
