@@ -4,6 +4,7 @@ its charts render and its cards show what the store holds."""
 import base64
 import contextlib
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.support.web_server import WebServer
 TOKEN = "reports-token-0123456789abcdef"
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = ROOT / "docs" / "screenshots" / "reports.png"
+UPDATE_SCREENSHOTS = "LIFECYCLE_UPDATE_SCREENSHOTS"  # =1: the Chromium test rewrites the README's screenshot
 SINCE, UNTIL = "2026-02-16", "2026-03-17"  # four weeks up to and including NOW's day
 WINDOW = timedelta(days=5)
 
@@ -289,10 +291,26 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
+def screenshot_path(tmp_path: Path) -> Path:
+    """Where the Chromium test saves its screenshot: the README's (docs/) only when
+    LIFECYCLE_UPDATE_SCREENSHOTS=1, so that a test run leaves the tree as it was."""
+    return SCREENSHOT if os.environ.get(UPDATE_SCREENSHOTS) == "1" else tmp_path / "reports.png"
+
+
+def test_the_screenshot_goes_to_docs_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(UPDATE_SCREENSHOTS, raising=False)
+    assert screenshot_path(tmp_path) == tmp_path / "reports.png"
+    monkeypatch.setenv(UPDATE_SCREENSHOTS, "0")
+    assert screenshot_path(tmp_path) == tmp_path / "reports.png"
+    monkeypatch.setenv(UPDATE_SCREENSHOTS, "1")
+    assert screenshot_path(tmp_path) == SCREENSHOT
+
+
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"Debian's chromium is not installed at {CHROMIUM} "
                                                            "(.ci/run installs it: apt-get install chromium)")
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_in_chromium_the_charts_render_and_the_cards_show_the_figures(web: tuple[WebServer, Shop]) -> None:
+def test_in_chromium_the_charts_render_and_the_cards_show_the_figures(web: tuple[WebServer, Shop],
+                                                                      tmp_path: Path) -> None:
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
@@ -337,8 +355,9 @@ def test_in_chromium_the_charts_render_and_the_cards_show_the_figures(web: tuple
             if csp_wired():  # the stylesheet applies, nothing on the page was refused; the README shows this page
                 assert page.locator(".cards").evaluate("e => getComputedStyle(e).display") == "grid"
                 assert violations == []
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(SCREENSHOT), full_page=True)
-                assert Path(SCREENSHOT).stat().st_size > 10_000
+                shot = screenshot_path(tmp_path)
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.stat().st_size > 10_000
         finally:
             browser.close()
