@@ -1,6 +1,7 @@
 """Report speed: ``build_report`` and ``lifecycle report`` end to end over the outcomes store.
 
     python bench/report.py [--sqlite PATH] [--postgres URL] [--customers N | --scale S] [--build]
+    python bench/report.py --sqlite PATH --against OTHER_CHECKOUT [--rounds 6]
 
 The store is ``bench/outcomes_store.py``'s (1 M customers, 10 M events, 1.5 M sends over
 180 days, 300 k orders, their clicks and opens), built unless it is there at that size
@@ -17,10 +18,16 @@ has no attributions yet. Then, each the best of three:
    printed.
 
 The target is 5 s at 1 M customers on 2 cores.
+
+``--against`` compares two checkouts instead (a change against its base, e.g. made with
+``git worktree add``): ``lifecycle report`` end to end of this checkout and of the other,
+each its own code over the same store, alternated A B B A for ``--rounds`` pairs; it
+prints every run, and each side's best and median.
 """
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -71,14 +78,28 @@ def ready(url: str, size: outcomes_store.Size, build: bool) -> Engine:
     return engine
 
 
-def command(url: str) -> float:
-    """``lifecycle report`` as a process, its table written to a pipe."""
-    env = {**os.environ, "LIFECYCLE_DATABASE_URL": url, "LIFECYCLE_TRIGGERS_DIR": str(ROOT / "triggers"),
-           "LIFECYCLE_TEMPLATES_DIR": str(ROOT / "templates"), "LIFECYCLE_SECRET": "bench-secret-0123456789"}
+def command(url: str, root: Path = ROOT) -> float:
+    """``lifecycle report`` of the checkout at ``root`` as a process, its table written to a pipe."""
+    env = {**os.environ, "LIFECYCLE_DATABASE_URL": url, "LIFECYCLE_TRIGGERS_DIR": str(root / "triggers"),
+           "LIFECYCLE_TEMPLATES_DIR": str(root / "templates"), "LIFECYCLE_SECRET": "bench-secret-0123456789",
+           "PYTHONPATH": str(root)}
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.surfaces.cli", "report", "--now", NOW.isoformat()], cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "flows.surfaces.cli", "report", "--now", NOW.isoformat()], cwd=root,
                    env=env, check=True, stdout=subprocess.PIPE)
     return time.perf_counter() - began
+
+
+def against(url: str, other: Path, rounds: int) -> None:
+    """This checkout's ``lifecycle report`` and ``other``'s, alternated A B B A."""
+    sides = {"this": ROOT, "other": other.resolve()}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for n in range(rounds):
+        for name in ("this", "other") if n % 2 == 0 else ("other", "this"):
+            times[name].append(command(url, sides[name]))
+            print(f"  {name:<5} {times[name][-1]:6.2f} s", flush=True)
+    for name, seconds in times.items():
+        print(f"  {name} ({sides[name]}): best {min(seconds):.2f} s, median {statistics.median(seconds):.2f} s",
+              flush=True)
 
 
 def measure(engine: Engine, url: str) -> dict[str, float]:
@@ -103,11 +124,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     outcomes_store.add_store_arguments(parser)
     parser.add_argument("--build", action="store_true", help="build the store anew")
+    parser.add_argument("--against", type=Path, help="another checkout: its lifecycle report against this one's")
+    parser.add_argument("--rounds", type=int, default=6, help="with --against: pairs of runs (default 6)")
     args = parser.parse_args()
     size, urls = outcomes_store.store_of(parser, args)
     for url in urls:
         print(f"{url.split(':')[0]}: {size.customers:,} customers", flush=True)
         engine = ready(url, size, args.build)
+        if args.against:
+            against(url, args.against, args.rounds)
+            engine.dispose()
+            continue
         for label, seconds in measure(engine, url).items():
             print(f"  {label:<42} {seconds:6.2f} s", flush=True)
         engine.dispose()
