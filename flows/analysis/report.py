@@ -46,7 +46,7 @@ DELIVERED = (SendStatus.SENT.value, SendStatus.COMPLAINED.value)
 DIMENSIONS = ("trigger", "stage", "template", "variant")
 OPENS_NOTE = ("opens are unreliable: Apple Mail Privacy Protection fetches every image, so an open may be nobody; "
               "never used for attribution by default")
-NO_VARIANT = ""  # variants are not in the ledger yet: every send is the default one
+NO_VARIANT = ""  # a mail of no experiment: the report calls it the default one
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def _marketing_sends(since: datetime, until: datetime, triggers: list[str] | Non
     return where
 
 
-_Fine = tuple[str, str, str]  # (trigger, stage, template)
+_Fine = tuple[str, str, str, str]  # (trigger, stage, template, variant)
 
 
 def holdouts_meanwhile(pool: ThreadPoolExecutor, engine: Engine, *, since: datetime, until: datetime,
@@ -294,7 +294,7 @@ def build_report(engine: Engine, *, since: datetime, until: datetime, triggers: 
                          *(func.sum(case((col(Attribution.currency) == currency, col(Attribution.total_cents)),
                                          else_=0)).label(f"cents_{i}") for i, currency in enumerate(currencies)))
                   .where(*earned_by).group_by(col(Attribution.send_id)).subquery("earned"))
-        group = (col(Send.trigger), col(Send.stage), col(Send.template))
+        group = (col(Send.trigger), col(Send.stage), col(Send.template), col(Send.variant))
         query = (select(*group,
                         func.sum(case((col(Send.status).in_(DELIVERED), 1), else_=0)),
                         func.sum(case((col(Send.status) == SendStatus.BOUNCED.value, 1), else_=0)),
@@ -305,11 +305,11 @@ def build_report(engine: Engine, *, since: datetime, until: datetime, triggers: 
                  .outerjoin(touched, touched.c.send_id == col(Send.id))
                  .outerjoin(earned, earned.c.send_id == col(Send.id))
                  .where(*_marketing_sends(since, until, triggers))
-                 .group_by(col(Send.stage), col(Send.template), col(Send.trigger)))  # stage first: see above
-        for trigger, stage, template, delivered, bounced, clicked, opened, orders, converted, *cents in (
+                 .group_by(col(Send.stage), col(Send.template), col(Send.trigger), col(Send.variant)))  # see above
+        for trigger, stage, template, variant, delivered, bounced, clicked, opened, orders, converted, *cents in (
                 connection.execute(query)):
             revenue = {currency: int(n) for currency, n in zip(currencies, cents, strict=True) if n}
-            fine[(trigger, stage, template)] = _Counts(int(delivered or 0), int(bounced or 0), int(clicked),
+            fine[(trigger, stage, template, variant)] = _Counts(int(delivered or 0), int(bounced or 0), int(clicked),
                                                        int(opened), int(orders), int(converted), revenue)
         unattributed = _unattributed(connection, since, until, now)
         lifted = lifts.result()
@@ -346,11 +346,11 @@ def template_folder(template: str) -> str:
 
 def _rolled_up(fine: dict[_Fine, _Counts]) -> list[ReportRow]:
     keyed: dict[tuple[str, str, str], _Counts] = defaultdict(_Counts)
-    for (trigger, stage, template), counts in fine.items():
+    for (trigger, stage, template, variant), counts in fine.items():
         keyed[(trigger, "trigger", "")] += counts
         keyed[(trigger, "stage", stage)] += counts
         keyed[(trigger, "template", template_folder(template))] += counts
-        keyed[(trigger, "variant", NO_VARIANT)] += counts
+        keyed[(trigger, "variant", variant or NO_VARIANT)] += counts
     order = {d: i for i, d in enumerate(DIMENSIONS)}
     return [ReportRow(trigger, dimension, value, c.delivered, c.bounced, c.unique_clicks, c.opens, c.conversions,
                       c.converted_sends, dict(sorted(c.revenue.items())))

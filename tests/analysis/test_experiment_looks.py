@@ -114,6 +114,16 @@ def test_the_better_subject_wins_at_its_checkpoint_and_takes_every_later_mail(
     arms = {arm["variant"]: arm for arm in experiment["arms"]}
     assert set(arms) == {"a", "b"} and arms["b"]["recipients"] == len(by_variant["b"]) + 30
     assert arms["b"]["clicks"] == (len(by_variant["b"]) + 1) // 2 and arms["b"]["click_p_best"] > 0.99
+    # The report's rows per variant are the arms too.
+    from flows.analysis.report import build_report
+    from flows.spec.policy import Policy
+
+    report = build_report(engine, since=NOW - timedelta(days=1), until=NOW + timedelta(days=4), policy=Policy(),
+                          now=NOW + timedelta(days=3))
+    variants = {row.value: row for row in report.rows_of("variant") if row.trigger == "winback-ab"}
+    assert set(variants) == {"a", "b"}
+    assert variants["a"].delivered == len(by_variant["a"]) and variants["b"].delivered == len(by_variant["b"]) + 30
+    assert variants["b"].unique_clicks == (len(by_variant["b"]) + 1) // 2
 
 
 def test_the_report_gives_each_arm_its_rates_intervals_and_p_best_and_the_held_out_their_own(

@@ -104,7 +104,7 @@ def test_stage_template_and_variant_rows_add_up_to_their_trigger(store: Store, l
     assert (new.delivered, new.bounced, new.unique_clicks, new.conversions) == (2, 0, 1, 3)
     assert (loyal.delivered, loyal.bounced, loyal.unique_clicks, loyal.conversions) == (1, 1, 0, 0)
     assert [r.value for r in found.rows_of("template") if r.trigger == CART] == ["abandoned_cart"]  # the folder
-    assert [r.value for r in found.rows_of("variant")] == ["", ""]  # no variants yet: the default one
+    assert [r.value for r in found.rows_of("variant")] == ["", ""]  # mails of no experiment: the default one
     for trigger in found.triggers:
         whole = found.row(trigger)
         assert whole is not None
