@@ -35,15 +35,20 @@ MAILED = (SendStatus.SENT, SendStatus.BOUNCED, SendStatus.COMPLAINED)
 
 
 def recorded_winner(session: Session, trigger: str, step: str, salt: str) -> str | None:
-    return session.execute(select(col(ExperimentLook.winner)).where(
+    look = winning_look(session, trigger, step, salt)
+    return look.winner if look is not None else None
+
+
+def winning_look(session: Session, trigger: str, step: str, salt: str) -> ExperimentLook | None:
+    return session.execute(select(ExperimentLook).where(
         col(ExperimentLook.trigger) == trigger, col(ExperimentLook.step) == step, col(ExperimentLook.salt) == salt,
         col(ExperimentLook.winner).is_not(None)).order_by(col(ExperimentLook.look))).scalars().first()
 
 
 def decide(context: RunContext, logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
            ) -> tuple[str | None, str | None]:
-    """The step's winner (None: the split as written), and what the rule said now if it took
-    a look (a dry run takes it too, and records nothing).
+    """The step's winner (None: the split as written), and what the rule says: the look it took
+    now (a dry run takes it too, and records nothing), or the winning look on record.
 
     Only the experiment's own mails count (its salt: a new salt is a new experiment), and only
     its arms with a weight: one switched off (weight 0) grows no more, so the rule compares the
@@ -56,10 +61,11 @@ def decide(context: RunContext, logger: logging.Logger | logging.LoggerAdapter[l
     trigger, salt = context.trigger.name, experiment.salt or ""
     names = [v.name for v in experiment.variants if v.weight > 0]
     with Session(context.engine) as session:
-        winner = recorded_winner(session, trigger, plan.name, salt)
-        if winner is not None:
+        won = winning_look(session, trigger, plan.name, salt)
+        winner = won.winner if won is not None else None
+        if won is not None and winner is not None:
             if winner in names:
-                return winner, None
+                return winner, f"{winner} won at look {won.look} ({won.decided_at:%Y-%m-%d}): {won.reason}"
             logger.warning("%s, step %s: the experiment's winner %r is no longer one of its variants with a "
                            "weight (%s): the split as written goes on", trigger, plan.name, winner, ", ".join(names))
             return None, f"winner {winner} is no longer a variant with a weight: the split as written"

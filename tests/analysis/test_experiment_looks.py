@@ -83,7 +83,7 @@ def test_the_better_subject_wins_at_its_checkpoint_and_takes_every_later_mail(
     assert all(s.status == SendStatus.SENT for s in late)
 
     again = run(settings, "winback-ab", NOW + timedelta(days=3))
-    assert again.decisions == {} and len(looks(engine)) == 1
+    assert again.decisions == {"first": "b won at look 1 (2026-03-18): " + look.reason} and len(looks(engine)) == 1
 
     # Support sees the arm a customer got, and the decision, in `lifecycle customer`.
     with Session(engine) as session:
