@@ -89,7 +89,8 @@ AnyRow = Row[*tuple[Any, ...]]
 
 
 def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime,
-                   deferred_only: bool = False, step: StepPlan | None = None) -> AnySelect:
+                   deferred_only: bool = False, step: StepPlan | None = None,
+                   customer: int | None = None) -> AnySelect:
     """Everyone due, in customer order, each customer's stage computed once.
 
     ``deferred_only`` keeps the customers with a deferral of this trigger that has come
@@ -99,6 +100,7 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     For a journey ``step``, the first step's audience is the kind's (the entry) and a later
     step's is the ledger's (``flows.audience.journey.step_due``); either way the step's
     conditions and the goals reached come out as columns (``journey.step_columns``).
+    ``customer``: only that customer's rows (``lifecycle customer``: what a run would decide now).
     """
     due = kind.due(trigger, now) if step is None or step.first else journey.step_due(trigger.name, step, now,
                                                                                       trigger.step_expires_after)
@@ -152,6 +154,8 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     )
     if step is not None and refs is not None:
         query = query.add_columns(*journey.step_columns(step, refs, now), *extra)
+    if customer is not None:
+        query = query.where(col(Customer.id) == customer)
     if deferred_only:  # driven by the few deferrals, not by a probe per customer
         query = query.where(col(Customer.id).in_(select(col(Send.customer_id))
                                                  .where(awaiting(trigger.name, now, ledger_steps(step)))))
@@ -252,6 +256,7 @@ def stream_candidates(
     lease: timedelta = timedelta(minutes=10),
     languages: frozenset[str] | None = None,
     step: StepPlan | None = None,
+    customer: int | None = None,
 ) -> Generator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
 
@@ -266,7 +271,7 @@ def stream_candidates(
     by re-entry, or held back by the caps, exactly as the run that sends the first would
     find it in the ledger. That is what makes a dry run predict the run.
     """
-    query = audience_query(trigger, kind, rules, now, deferred_only, step)
+    query = audience_query(trigger, kind, rules, now, deferred_only, step, customer)
     # A journey's later step is never "re-entered": its key is the entry's, once.
     rule = trigger.reentry if step is None or step.first else Reentry(mode="every_occurrence")
     in_run = _InRun(rule.mode != "every_occurrence")

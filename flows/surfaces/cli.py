@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from flows.analysis.attribution import AttributionTally
+    from flows.analysis.decisions import Decision
     from flows.spec.policy import Policy
     from flows.spec.problems import Problem
     from flows.spec.project import Project
@@ -785,10 +786,35 @@ def customer(
                      "to show.[/]" if erased else f"[red]No customer is known as {escape(repr(customer_id))}.[/]",
                      highlight=False)
         raise typer.Exit(1)
+    now_decided = _decisions_now(settings, engine, found.external_id, moment)
     if format_ is ShortFormat.json:
-        _write_json(found.to_json())
+        _write_json({**found.to_json(), "now": [d.to_json() for d in now_decided]})
         return
     show(timeline_table(found))
+    if now_decided:
+        from flows.surfaces.terminal import decisions_table
+
+        show(decisions_table(now_decided, moment))
+
+
+def _decisions_now(settings: Settings, engine: "Engine", external_id: str,
+                   moment: datetime) -> "list[Decision]":
+    """What each enabled trigger would decide for the customer now (``flows.analysis.decisions``);
+    nothing when the project does not load (the timeline still shows)."""
+    from sqlmodel import Session
+
+    from flows.analysis.decisions import decisions_now
+    from flows.run_context import load, prepare
+    from models.identity import customer_by_id
+
+    project = load(settings)
+    with Session(engine) as session:
+        customer = customer_by_id(session, external_id)
+    if customer is None or customer.id is None or project.stages is None:
+        return []
+    contexts = [prepare(name, moment, settings=settings, project=project, engine=engine, dry_run=True)
+                for name, trigger in sorted(project.triggers.items()) if trigger.enabled]
+    return decisions_now(contexts, customer.id)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from flows.spec.problems import Problem
 from flows.summary import RunSummary
 
 if TYPE_CHECKING:  # imported where used: every command loads this module, few need the analyses
+    from flows.analysis.decisions import Decision
     from flows.analysis.experiment_looks import ExperimentResult
     from flows.analysis.holdouts import HoldoutLift
     from flows.analysis.report import Report, ReportRow
@@ -218,6 +219,15 @@ def timeline_table(found: "Timeline") -> Table:
     table = _table(title, ["when (UTC)", "what", "trigger", ""], left=4)
     for entry in found.entries:
         table.add_row(f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.kind, escape(entry.trigger or "-"), escape(entry.what))
+    return table
+
+
+def decisions_table(found: "Sequence[Decision]", now: Any) -> Table:
+    """What each trigger due for the customer would decide now, and why not, if not."""
+    table = _table(f"If the triggers ran now ({now:%Y-%m-%d %H:%M} UTC)", ["trigger", "step", "decision"], left=3)
+    for d in found:
+        until = f" until {d.not_before:%Y-%m-%d %H:%M} UTC" if d.not_before else ""
+        table.add_row(escape(d.trigger), escape(d.step or "-"), escape(f"{d.outcome}{until}"))
     return table
 
 

@@ -174,6 +174,27 @@ def test_customer_shows_a_click_and_an_attributed_order(settings: Settings, stor
     assert unknown.exit_code == 1 and "No customer is known as 'nobody'" in unknown.stderr
 
 
+def test_customer_says_why_a_trigger_due_for_them_would_not_mail_them_now(settings: Settings, store: Store) -> None:
+    """A skip leaves no ledger row: the timeline asks each trigger what it would decide now."""
+    quiet = store.customer("Quinn", consent=False)
+    store.cart(quiet, ago(hours=3))  # abandoned-cart's audience
+    result = runner.invoke(app, ["customer", quiet.external_id, *AT])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "If the triggers ran now (2026-03-16 12:00 UTC)" in text
+    assert "abandoned-cart │ reminder │ skipped:no_consent" in text
+    data = json.loads(runner.invoke(app, ["customer", quiet.external_id, "--format", "json", *AT]).stdout)
+    decided = {(d["trigger"], d["step"]): d["outcome"] for d in data["now"]}
+    assert decided[("abandoned-cart", "reminder")] == "skipped:no_consent"
+    assert ("abandoned-cart", "nudge") not in decided  # not due: nothing to say
+    with_consent = store.customer("Wendy")
+    store.cart(with_consent, ago(hours=3))
+    data = json.loads(runner.invoke(app, ["customer", with_consent.external_id, "--format", "json", *AT]).stdout)
+    assert {(d["trigger"], d["step"]): d["outcome"] for d in data["now"]}[("abandoned-cart", "reminder")] == \
+        "would_send"
+    assert [e["kind"] for e in data["entries"]] == []  # and nothing was written
+
+
 def test_attribute_prints_the_tally_and_a_rebuild_gives_the_same(settings: Settings, store: Store) -> None:
     clicked_and_bought(store)
     Outcomes(store).order(store.customer("Ohne"), ago(days=1))  # no mail: unattributed
