@@ -99,14 +99,17 @@ def project(folder: Path, mails: int, customers: int) -> Path:
 
 def in_flight(count: int, customers: int, mails: int) -> list[tuple]:
     """The series' rows: ``first`` for ``count`` customers spread over the store, entered 3–12
-    days ago; ``second`` 3 days after it for all but ``mails`` of them, who are due for it now.
-    Those whose ``second`` is 4 days old or more are due for ``third``."""
+    days ago; ``second`` 3 days after it for all but ``mails`` of them, who entered 3–9 days
+    ago and are due for it now. Those whose ``second`` is 4 days old or more are due for
+    ``third``."""
     rows = []
     stride = max(1, customers // count)
     stamp = "%Y-%m-%d %H:%M:%S.%f"
     for n in range(count):
         i = 1 + n * stride
-        entered = (NOW - timedelta(days=3 + n % 10, hours=n % 7)).replace(tzinfo=None)
+        # Those due for the second step entered 3 to 9 days ago: within its step_expires_after (7 d).
+        days = 3 + (n % 7 if n < mails else n % 10)
+        entered = (NOW - timedelta(days=days, hours=n % 7)).replace(tzinfo=None)
         key, occurrence, address = f"{SERIES}/{i}/quiet-since:bench", "quiet-since:bench", f"kunde{i}@example.de"
         steps = [("first", key, occurrence, entered)]
         if n >= mails:
