@@ -77,6 +77,11 @@ def _strip(value: ColumnElement[str], suffix: str) -> ColumnElement[str]:
     return func.substr(value, 1, func.length(value) - len(suffix))
 
 
+def entry_key_of(key: ColumnElement[str], step: str) -> ColumnElement[str]:
+    """The entry's key from a later step's own key (``ENTRY/step``)."""
+    return _strip(key, "/" + step)
+
+
 def step_due(trigger: str, plan: StepPlan, now: datetime, expires_after: timedelta) -> DueQuery:
     """The rows due for a later step (not the first): ``customer_id``, ``ref_id``, ``ref_time``
     (the entry's moment), ``occurrence``, ``send_key``, ``previous_at`` and ``entry_stage``.

@@ -126,7 +126,7 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     if step is not None:
         later = not step.first
         refs = journey.Refs(entered=ref_time if later else literal(now, UtcDateTime()),
-                            entry_key=_entry_key(subquery.c.send_key, step) if later else literal(""),
+                            entry_key=journey.entry_key_of(subquery.c.send_key, step.name) if later else literal(""),
                             ref_id=ref_id, entry_stage=subquery.c.entry_stage if later else None, stage=stage,
                             category=kind.name)
         if later:
@@ -185,11 +185,6 @@ def ledger_steps(step: StepPlan | None) -> tuple[str, ...]:
     if step is None:
         return ("",)
     return ("", step.name) if step.first else (step.name,)
-
-
-def _entry_key(key: Any, step: StepPlan) -> Any:
-    """The entry's key from a later step's own key (``ENTRY/step``)."""
-    return func.substr(key, 1, func.length(key) - len(step.name) - 1)
 
 
 def _over_customers(due: AnySelect) -> bool:
