@@ -144,7 +144,7 @@ def load_in_flight(url: str, count: int, customers: int, mails: int) -> dict[str
 
 def audiences(settings: "object", url: str) -> list[tuple[str, float, float, int]]:
     """(step, streamed s, SQL s, candidates) for each step of the series."""
-    from flows.audience.query import audience_query, stream_candidates
+    from flows.audience.query import audience_query, plain_plans, stream_candidates
     from flows.run_context import prepare
     from models.db import get_engine
 
@@ -155,6 +155,7 @@ def audiences(settings: "object", url: str) -> list[tuple[str, float, float, int
         assert part.step is not None
         start = time.perf_counter()
         with engine.connect() as connection:
+            plain_plans(connection)  # as a run reads it
             for _ in connection.execute(audience_query(part.trigger, part.kind, part.stages, NOW, step=part.step)):
                 pass
         queried = time.perf_counter() - start
@@ -169,7 +170,7 @@ def audiences(settings: "object", url: str) -> list[tuple[str, float, float, int
 def entry_alone(settings: "object", url: str) -> list[tuple[str, float, float, int]]:
     """The series' entry as a single mail of the same kind over the same store: the first
     step's audience is this one, with its conditions and the entries' re-entry as columns."""
-    from flows.audience.query import audience_query, stream_candidates
+    from flows.audience.query import audience_query, plain_plans, stream_candidates
     from flows.run_context import prepare
     from models.db import get_engine
 
@@ -177,6 +178,7 @@ def entry_alone(settings: "object", url: str) -> list[tuple[str, float, float, i
     context = prepare(ENTRY, NOW, settings=settings)  # type: ignore[arg-type]
     start = time.perf_counter()
     with engine.connect() as connection:
+        plain_plans(connection)
         for _ in connection.execute(audience_query(context.trigger, context.kind, context.stages, NOW)):
             pass
     queried = time.perf_counter() - start

@@ -140,7 +140,10 @@ def step_due(trigger: str, plan: StepPlan, now: datetime, expires_after: timedel
     # branch taken rules this one out.
     for other in (*plan.rivals, *plan.later):
         taken = aliased(Send, name="taken")
-        query = query.where(~exists().where(col(taken.send_key) == step_key(entry_key, other, plan.first_step)))
+        # The trigger and step as well as the key, though the key alone decides: PostgreSQL
+        # otherwise hashes the whole ledger to probe it (1.5 s at 900,000 rows).
+        query = query.where(~exists().where(col(taken.send_key) == step_key(entry_key, other, plan.first_step),
+                                            col(taken.trigger) == trigger, col(taken.step) == other))
     if first:
         entered = func.coalesce(col(previous.entered_at), col(previous.evaluated_at))
         entry_stage = col(previous.stage)

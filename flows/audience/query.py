@@ -232,6 +232,15 @@ def _cooldown(rule: Reentry) -> timedelta:
     return rule.cooldown
 
 
+def plain_plans(connection: Connection) -> None:
+    """No JIT compilation for this connection's transaction (PostgreSQL): an audience query
+    is costed above ``jit_above_cost`` and compiled anew each run, for longer than it runs
+    (at 1,000,000 customers: 3.1 s of compiling for a 0.2 s second step, 1.4 s for the third).
+    Nothing to do on SQLite."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL jit = off")
+
+
 def shared_addresses(connection: Connection) -> frozenset[str]:
     """Mailboxes that several customer records share (few; a walk of one index, once per
     run, where a probe per audience row cost a third of the audience's time)."""
@@ -274,6 +283,7 @@ def stream_candidates(
     in_run = _InRun(rule.mode != "every_occurrence")
     # Batches are handled (sent, in a run) while this waits at ``yield``, still frozen.
     with frozen_heap(), engine.connect() as reader, Session(engine) as ledger:
+        plain_plans(reader)
         shared = shared_addresses(reader) if kind.category == "marketing" else frozenset()
         classify = _classifier(trigger, kind, now, default_language, languages, shared, step, policy)
         chunks = reader.execution_options(yield_per=batch_size).execute(query).partitions(batch_size)

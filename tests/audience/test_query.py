@@ -183,3 +183,32 @@ def test_each_occurrence_counts_the_customers_orders_once(store: Store) -> None:
                   for c in b]
     assert [(c.customer_id, c.stage, c.skip) for c in candidates] == [(customer.id, "active", None)] * 2
     assert len({c.send_key for c in candidates}) == 2
+
+
+def test_the_audience_is_read_without_jit_compilation_on_postgresql(store: Store) -> None:
+    """PostgreSQL would compile each run's audience query anew for longer than it runs; only
+    the audience's own transaction turns it off, the rest of the connection keeps the default."""
+    from sqlalchemy import event
+
+    due = store.customer("Due")
+    store.cart(due, ago(hours=3))
+    seen: list[tuple[int, str]] = []
+
+    def statement(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        seen.append((id(conn.connection.dbapi_connection), sql))
+
+    with store.engine.connect() as connection:
+        default = connection.exec_driver_sql("SHOW jit").scalar() if store.engine.dialect.name == "postgresql" else ""
+    event.listen(store.engine, "before_cursor_execute", statement)
+    try:
+        assert plan(store, spec("abandoned_cart", idle_for="2h")) == {due.id: None}
+    finally:
+        event.remove(store.engine, "before_cursor_execute", statement)
+    audience = next((conn, sql) for conn, sql in seen if "AS reentry_blocked" in sql)
+    off = [(conn, sql) for conn, sql in seen if sql == "SET LOCAL jit = off"]
+    if store.engine.dialect.name == "postgresql":
+        assert off and off[0][0] == audience[0] and seen.index(off[0]) < seen.index(audience)
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql("SHOW jit").scalar() == default
+    else:
+        assert off == []
