@@ -33,7 +33,7 @@ from sqlmodel import Session, col
 
 from flows.audience import journey
 from flows.audience.stage_sql import customer_stage, order_count, order_value, with_orders
-from flows.audience.timing import QUIET_HOURS, customer_zone, longest_window, next_allowed
+from flows.audience.timing import QUIET_HOURS, capped, customer_zone, longest_window, next_allowed
 from flows.consent import suppressed_for
 from flows.content.render import language_of
 from flows.kinds.base import Kind
@@ -521,19 +521,20 @@ def _apply_policy(session: Session, batch: list[Candidate], policy: Policy, now:
             recent.setdefault(mailbox, []).append((key, at))
         session.rollback()
     out = []
-    unsent: dict[str | None, tuple[datetime, str | None]] = {}  # by time zone, for customers with no recent send
+    unsent: dict[str | None, tuple[datetime, str | None]] = {}  # by time zone, for customers no cap holds back
     for c in batch:
         if c.skip is None:
             planned = in_run.earlier(c.customer_id)
             earlier = [at for key, at in recent.get((c.email or "").lower(), ())
                        if key != c.send_key and key not in planned]
             earlier += [now] * len(planned)
-            if not earlier and c.timezone in unsent:
+            free = not earlier or not capped(now, earlier, policy)  # then only the zone matters
+            if free and c.timezone in unsent:
                 moment, reason = unsent[c.timezone]
             else:
                 zone = customer_zone(c.timezone, policy, c.external_id)
                 moment, reason = next_allowed(now, earlier, zone, policy)
-                if not earlier:
+                if free:
                     unsent[c.timezone] = moment, reason
             if reason is not None:
                 c = c._replace(skip=Outcome.QUIET_HOURS if reason == QUIET_HOURS else Outcome.FREQUENCY_CAP,

@@ -63,6 +63,14 @@ def next_allowed(now: datetime, recent: Sequence[datetime], zone: ZoneInfo,
     return moment, reason
 
 
+def capped(now: datetime, recent: Sequence[datetime], policy: Policy) -> bool:
+    """Whether a cap holds at ``now`` given ``recent`` (none later than ``now``). If none
+    does, ``recent`` changes nothing: every window only slides forward from ``now``, so
+    ``next_allowed`` is what it is with no earlier mail, the same for everyone in a zone
+    (a run works that out once per zone rather than once per customer)."""
+    return any(sum(t > now - cap.per for t in recent) >= cap.max for cap in policy.frequency_caps)
+
+
 def longest_window(policy: Policy) -> timedelta:
     return max((cap.per for cap in policy.frequency_caps), default=timedelta(0))
 

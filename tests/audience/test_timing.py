@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from flows.audience.query import stream_candidates
-from flows.audience.timing import customer_zone, next_allowed
+from flows.audience.timing import capped, customer_zone, next_allowed
 from flows.message.prepare import claim_for
 from flows.run import execute
 from flows.run_context import prepare
@@ -33,6 +33,30 @@ POLICY = Policy.model_validate({"default_timezone": "Europe/Berlin",
 
 def at(day: int, hour: int, minute: int = 0) -> datetime:
     return datetime(2026, 3, day, hour, minute, tzinfo=UTC)
+
+
+def test_earlier_mail_that_no_cap_counts_up_to_its_max_changes_nothing() -> None:
+    """What lets a run work out the moment once per zone for everyone no cap holds back: a
+    seeded walk over earlier mails, moments of day, caps and zones."""
+    import random
+
+    draw = random.Random(20261203)
+    zones = [BERLIN, ZoneInfo("America/New_York"), ZoneInfo("Asia/Tokyo")]
+    held = free = 0
+    for _ in range(3000):
+        now = at(16, 0) + timedelta(minutes=draw.randrange(24 * 60))
+        policy = Policy.model_validate({"default_timezone": "Europe/Berlin", "frequency_caps": [
+            {"max": draw.randint(1, 3), "per": f"{draw.randint(1, 48)}h"}, {"max": draw.randint(2, 5), "per": "7d"}],
+            "quiet_hours": {"start": "21:00", "end": "08:00"}})
+        earlier = [now - timedelta(minutes=draw.randrange(10 * 24 * 60)) for _ in range(draw.randint(1, 5))]
+        zone = draw.choice(zones)
+        if capped(now, earlier, policy):
+            held += 1
+            assert next_allowed(now, earlier, zone, policy)[1] == "frequency_cap"
+        else:
+            free += 1
+            assert next_allowed(now, earlier, zone, policy) == next_allowed(now, [], zone, policy)
+    assert held > 300 and free > 300  # both sides of the rule were walked
 
 
 def test_a_mail_may_go_now_when_no_rule_applies() -> None:
