@@ -26,7 +26,6 @@ from sqlalchemy import (
     case,
     exists,
     func,
-    inspect,
     literal,
     not_,
     null,
@@ -98,13 +97,13 @@ class _InCustomerOrder(Alias):
 
 @compiles(_InCustomerOrder, "sqlite")
 def _indexed_by(element: _InCustomerOrder, compiler: SQLCompiler, **kw: Any) -> str:
-    text: str = compiler.visit_alias(element, **kw)  # type: ignore[no-untyped-call]  # SQLAlchemy's own, untyped
+    text: str = compiler.visit_alias(element, **kw)
     return f"{text} INDEXED BY {element.index}" if kw.get("asfrom") and not kw.get("ashint") else text
 
 
 @compiles(_InCustomerOrder)
 def _plain_alias(element: _InCustomerOrder, compiler: SQLCompiler, **kw: Any) -> str:
-    text: str = compiler.visit_alias(element, **kw)  # type: ignore[no-untyped-call]  # SQLAlchemy's own, untyped
+    text: str = compiler.visit_alias(element, **kw)
     return text
 
 
@@ -117,7 +116,7 @@ def step_due(trigger: str, plan: StepPlan, now: datetime, expires_after: timedel
     ``step_expires_after``): a step that could not go for that long is not sent late, and the
     query reads the last days' rows of the step before, never every entry there ever was."""
     assert plan.previous is not None, "the first step's audience is its kind's"
-    previous = aliased(Send, _InCustomerOrder._construct(inspect(Send).local_table, name="previous"))
+    previous = aliased(Send, _InCustomerOrder._construct(Send.__table__, name="previous"))
     first = plan.previous == plan.first_step
     suffix = "" if first else "/" + plan.previous
     previous_key = cast(ColumnElement[str], previous.send_key)
