@@ -117,10 +117,8 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
         ref_id, ref_time = subquery.c.ref_id, subquery.c.ref_time
         if step is not None and not step.first:
             extra = [subquery.c.previous_at, subquery.c.occurrence, subquery.c.send_key]
-        # One group per occurrence (the kind's due rows are one per occurrence); a later step's
-        # rows first in the order its ledger index gives them, so they stream unsorted.
-        order = [subquery.c[name] for name in journey.ORDER] if step is not None and not step.first else []
-        occurrence = [*order, col(Customer.id), ref_id, ref_time, *extra]
+        # One group per occurrence (the kind's due rows are one per occurrence).
+        occurrence = [col(Customer.id), ref_id, ref_time, *extra]
         base = select().select_from(subquery).join(Customer, col(Customer.id) == subquery.c.customer_id)
     stage = customer_stage(rules, now)
     audience = trigger.audience

@@ -330,33 +330,3 @@ def test_a_step_that_could_not_go_for_step_expires_after_is_not_sent_late(
     run(settings, "cart-series")
     run(settings, "cart-series", NOW + timedelta(hours=22) + late)  # no run since the nudge fell due
     assert ("Nudge for Anna" in subjects(smtp)) is sent
-
-
-def test_a_later_steps_audience_comes_in_customer_order_and_streams_unsorted(
-        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
-    """Customer order is what a run's in-run rules rely on (a customer's rows are adjacent); on
-    SQLite it comes from the ledger index, so the first batch is out before the last row is read."""
-    from flows.audience.query import audience_query, stream_candidates
-    from flows.run_context import prepare
-
-    write(settings, SERIES)
-    people = [store.customer(name) for name in ("Anna", "Ben", "Cem")]
-    for minutes, person in zip((150, 90, 30), reversed(people), strict=True):  # one entry an hour, the last first
-        store.cart(person, ago(minutes=minutes))
-    for hours in (0, 1, 2):
-        run(settings, "cart-series", NOW + timedelta(hours=hours))
-    assert [r.customer_id for r in sorted(rows(engine), key=lambda r: r.evaluated_at)] == [p.id for p in people][::-1]
-
-    later = NOW + timedelta(hours=2 + 22)
-    nudge = next(p for p in prepare("cart-series", later, settings=settings).passes()
-                 if p.step is not None and p.step.name == "nudge")
-    assert nudge.step is not None
-    due = [c.customer_id for batch in stream_candidates(engine, nudge.trigger, nudge.kind, nudge.stages, later, 2,
-                                                         "de", nudge.policy, step=nudge.step) for c in batch]
-    assert due == [p.id for p in people]
-    if engine.dialect.name == "sqlite":
-        query = audience_query(nudge.trigger, nudge.kind, nudge.stages, later, step=nudge.step)
-        with engine.connect() as connection:
-            plan = [row[3] for row in connection.exec_driver_sql(
-                "EXPLAIN QUERY PLAN " + str(query.compile(engine, compile_kwargs={"literal_binds": True})))]
-        assert not [step for step in plan if "TEMP B-TREE" in step], plan
