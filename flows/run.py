@@ -20,7 +20,8 @@ from typing import Any
 
 from flows.analysis import experiment_looks
 from flows.audience.holdout import held_out
-from flows.audience.query import Candidate, ledger_steps, stream_candidates
+from flows.audience.query import Candidate, ledger_steps, shared_addresses, stream_candidates
+from flows.audience.shards import split
 from flows.audience.variants import winner_takes_all
 from flows.content.diagram import mermaid
 from flows.feedback.bounces import trigger_complaints
@@ -32,6 +33,7 @@ from flows.send.batch import PLANNED_LINES, BatchOutcome, DispatchStep, RenderSt
 from flows.send.probe import check_smtp
 from flows.send.senders import SenderPool
 from flows.settings import Settings
+from flows.shards import run_slices
 from flows.summary import RunSummary
 from models import SendStatus
 from models.types import utcnow
@@ -95,13 +97,16 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
     and the audience is read ahead by at most two batches per sender: memory stays flat
     however large the audience.
     """
+    if context.shards > 1 and context.shard is None:
+        return _execute_sharded(context, render, dispatch, should_stop, audience, submit, logger)
     log = logger
     settings, engine = context.settings, context.engine
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
     step = context.step.name if context.step is not None else ""
     steps = ledger_steps(context.step)
-    log.info("Evaluating %s (%s%s) as of %s%s", context.trigger.name, context.trigger.kind,
-             f", step {step}" if step else "", context.now.isoformat(), " (dry run)" if context.dry_run else "")
+    log.info("Evaluating %s (%s%s%s) as of %s%s", context.trigger.name, context.trigger.kind,
+             f", step {step}" if step else "", f", shard {context.shard.label}" if context.shard else "",
+             context.now.isoformat(), " (dry run)" if context.dry_run else "")
 
     def finish(number: int, size: int, due: int, why: str, outcome: BatchOutcome) -> None:
         summary.merge(outcome.counts)
@@ -125,12 +130,13 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
     parallel = settings.workers > 1 and not context.dry_run
     senders: SenderPool | None = None
     pending: deque[tuple[int, int, int, str, Any, threading.Event]] = deque()  # handed to senders, oldest first
-    deferrals = _Deferrals(claims.awaiting_keys(engine, context.trigger.name, context.now, steps))
+    deferrals = _Deferrals(claims.awaiting_keys(engine, context.trigger.name, context.now, steps, context.shard))
     with ExitStack() as stack:
         batches = stream_candidates(engine, context.trigger, context.kind, context.stages, context.now,
                                     settings.batch_size, settings.default_language, context.policy,
                                     deferred_only=not audience, lease=settings.claim_lease,
-                                    languages=context.catalog.languages_for(context.email), step=context.step)
+                                    languages=context.catalog.languages_for(context.email), step=context.step,
+                                    shard=context.shard)
         stack.callback(batches.close)  # on every way out, a failure too: it holds a connection
         for number, batch in enumerate(batches, start=1):
             if should_stop():
@@ -161,6 +167,31 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
             log.info("%d deferred send(s) closed unsent: past deferred_expires_after, or no longer due", len(closed))
     log.info(summary.headline())
     return summary
+
+
+def _execute_sharded(context: RunContext, render: RenderStep, dispatch: DispatchStep,
+                     should_stop: Callable[[], bool], audience: bool, submit: SubmitStep,
+                     logger: Logger) -> RunSummary:
+    """One pass in ``context.shards`` slices at once (``flows.shards``), their summaries added
+    up. The mailboxes several records share are read once, here, so every slice agrees on
+    them; the cores are shared out, each slice starting its own senders from its share."""
+    with context.engine.connect() as connection:
+        shared = shared_addresses(connection)
+    settings = context.settings.model_copy(update={"workers": max(1, context.settings.workers // context.shards)})
+    contexts = [replace(context, settings=settings, shard=shard) for shard in split(context.shards, shared)]
+    logger.info("Reading the audience in %d slices at once", context.shards)
+    parts = run_slices(contexts, audience, should_stop=should_stop, here=lambda c: _execute_pass(
+        c, render, dispatch, should_stop, audience, submit, logger))
+    summary = RunSummary(context.trigger.name, context.now, context.dry_run)
+    for part in parts:
+        summary.combine(part, PLANNED_LINES)
+    logger.info("All %d slices: %s", context.shards, summary.headline())
+    return summary
+
+
+def execute_slice(context: RunContext, *, audience: bool, should_stop: Callable[[], bool]) -> RunSummary:
+    """One slice of one pass, as a shard process runs it (the real render and dispatch steps)."""
+    return _execute_pass(context, render_candidates, dispatch_prepared, should_stop, audience, _to_sender, log)
 
 
 class _Deferrals:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from flows.audience.shards import Shard
 from flows.content.render import TemplateCatalog
 from flows.kinds import KINDS
 from flows.kinds.base import Kind
@@ -57,6 +58,10 @@ class RunContext:
     # step, and the experiment's winner once the rule named one (None: the split as written).
     step: StepPlan | None = None
     winner: str | None = None
+    # A large run reads and sends its audience in ``shards`` slices at once (``flows.shards``),
+    # each pass of each slice with its own context: ``shard`` says which slice.
+    shards: int = 1
+    shard: Shard | None = None
 
     @property
     def email(self) -> EmailSpec:
@@ -103,15 +108,16 @@ class RunContext:
     def __reduce__(self) -> tuple[Any, ...]:
         """What a sender process receives: the values; the catalog and engine are its own."""
         return (_in_sender, (self.trigger, self.stages, self.policy, self.settings, self.now, self.run_id,
-                             self.dry_run, self.step, self.winner))
+                             self.dry_run, self.step, self.winner, self.shards, self.shard))
 
 
 def _in_sender(trigger: TriggerBase, stages: StageRules, policy: Policy, settings: Settings, now: datetime,
-               run_id: str, dry_run: bool, step: StepPlan | None, winner: str | None) -> RunContext:
+               run_id: str, dry_run: bool, step: StepPlan | None, winner: str | None, shards: int,
+               shard: Shard | None) -> RunContext:
     return RunContext(trigger=trigger, kind=KINDS[trigger.kind], stages=stages, policy=policy, settings=settings,
                       catalog=TemplateCatalog(settings.templates_dir, settings.default_language),
                       engine=get_engine(settings.database_url), now=now, run_id=run_id, dry_run=dry_run,
-                      step=step, winner=winner)
+                      step=step, winner=winner, shards=shards, shard=shard)
 
 
 def load(settings: Settings, only: Collection[str] | None = None) -> Project:
@@ -130,10 +136,12 @@ def prepare(
     engine: Engine | None = None,
     dry_run: bool = False,
     run_id: str | None = None,
+    shards: int | None = None,
 ) -> RunContext:
     """The run's context, validated before anything is sent: a ``SpecError`` names the file,
     line and field of whatever is wrong with the trigger or its templates. A caller that
-    has loaded the project already (``lifecycle run --all``, the deferred sweep) passes it."""
+    has loaded the project already (``lifecycle run --all``, the deferred sweep) passes it.
+    ``shards`` overrides the trigger's own ``shards:``."""
     project = project or load(settings, only=[trigger_name])
     if project.stages is None:  # every run needs the stage rules: their own problems say why they did not load
         raise SpecError([p for p in project.problems if Path(p.file).name == STAGES_FILE] or project.problems)
@@ -150,4 +158,5 @@ def prepare(
         now=now,
         run_id=run_id or uuid.uuid4().hex,
         dry_run=dry_run,
+        shards=trigger.shards if shards is None else shards,
     )

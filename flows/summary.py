@@ -42,11 +42,17 @@ class RunSummary:
 
     def absorb(self, step: str, part: "RunSummary") -> None:
         """A journey step's pass, counted in the run's totals and on its own."""
+        self.combine(part)
+        self.steps[step] = part.outcomes
+
+    def combine(self, part: "RunSummary", planned_limit: int | None = None) -> None:
+        """Another part of the same run counted in (a step's pass, a shard's slice), with at
+        most ``planned_limit`` planned mails listed in all."""
         self.merge(part.counts)
-        self.planned.extend(part.planned)
+        room = len(part.planned) if planned_limit is None else max(0, planned_limit - len(self.planned))
+        self.planned.extend(part.planned[:room])
         self.templates.update(part.templates)
         self.interrupted = self.interrupted or part.interrupted
-        self.steps[step] = part.outcomes
         self.decisions.update(part.decisions)
 
     def step_table(self) -> list[dict[str, object]]:

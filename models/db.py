@@ -137,10 +137,10 @@ def one_of(column: Any, values: Collection[Any], dialect: str) -> ColumnElement[
     values = list(values)
     condition: ColumnElement[bool]
     if dialect == "postgresql":
-        condition = column == any_(bindparam("one_of", values, type_=ARRAY(column.type)))
+        condition = column == any_(bindparam("one_of", values, type_=ARRAY(column.type), unique=True))
         return condition
     listed: Select[Any] = select(literal_column("value")).select_from(
-        func.json_each(bindparam("one_of", json.dumps(values)))
+        func.json_each(bindparam("one_of", json.dumps(values), unique=True))
     )
     condition = column.in_(listed)
     return condition

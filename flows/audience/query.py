@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlmodel import Session, col
 
 from flows.audience import journey
+from flows.audience.shards import Shard
 from flows.audience.stage_sql import customer_stage, order_count, order_value, with_orders
 from flows.audience.timing import QUIET_HOURS, capped, customer_zone, longest_window, next_allowed
 from flows.consent import suppressed_for
@@ -261,6 +262,7 @@ def stream_candidates(
     languages: frozenset[str] | None = None,
     step: StepPlan | None = None,
     customer: int | None = None,
+    shard: Shard | None = None,
 ) -> Generator[list[Candidate]]:
     """Batches of candidates, each already classified (``skip`` set or ``None`` for due).
 
@@ -274,15 +276,21 @@ def stream_candidates(
     customer within this run is seen as what it is, even across a batch boundary: blocked
     by re-entry, or held back by the caps, exactly as the run that sends the first would
     find it in the ledger. That is what makes a dry run predict the run.
+
+    A ``shard`` reads its slice of the audience (``flows.audience.shards``), with the shared
+    mailboxes its run read once.
     """
     query = audience_query(trigger, kind, rules, now, deferred_only, step, customer)
+    if shard is not None:
+        query = query.where(shard.where(engine.dialect.name))
     # A journey's later step is never "re-entered": its key is the entry's, once.
     rule = trigger.reentry if step is None or step.first else Reentry(mode="every_occurrence")
     in_run = _InRun(rule.mode != "every_occurrence")
     # Batches are handled (sent, in a run) while this waits at ``yield``, still frozen.
     with frozen_heap(), engine.connect() as reader, Session(engine) as ledger:
         plain_plans(reader)
-        shared = shared_addresses(reader) if kind.category == "marketing" else frozenset()
+        shared = frozenset() if kind.category != "marketing" else (
+            shared_addresses(reader) if shard is None else shard.shared)
         classify = _classifier(trigger, kind, now, default_language, languages, shared, step, policy)
         chunks = reader.execution_options(yield_per=batch_size).execute(query).partitions(batch_size)
         for rows in chunks if engine.dialect.name == "sqlite" else _read_ahead(chunks):

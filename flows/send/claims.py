@@ -28,7 +28,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlmodel import col
 
-from models import Send, SendStatus
+from flows.audience.shards import Shard
+from models import Customer, Send, SendStatus
 from models.db import insert_for, one_of
 from models.types import utcnow
 
@@ -196,10 +197,15 @@ def awaiting(trigger: str, now: datetime, steps: tuple[str, ...] = ("",)) -> Col
                 or_(col(Send.not_before) <= now, col(Send.expires_at) <= now))
 
 
-def awaiting_keys(engine: Engine, trigger: str, now: datetime, steps: tuple[str, ...] = ("",)) -> set[str]:
-    """The keys of ``awaiting`` deferrals, as a pass over the audience begins."""
+def awaiting_keys(engine: Engine, trigger: str, now: datetime, steps: tuple[str, ...] = ("",),
+                  shard: Shard | None = None) -> set[str]:
+    """The keys of ``awaiting`` deferrals, as a pass over the audience begins (a ``shard``'s
+    pass: of its customers, by their mailbox as the audience reads it)."""
+    query = select(col(Send.send_key)).where(awaiting(trigger, now, steps))
+    if shard is not None:
+        query = query.join(Customer, col(Customer.id) == col(Send.customer_id)).where(shard.where(engine.dialect.name))
     with engine.connect() as connection:
-        return set(connection.execute(select(col(Send.send_key)).where(awaiting(trigger, now, steps))).scalars())
+        return set(connection.execute(query).scalars())
 
 
 def close_steps(engine: Engine, claims: Sequence[tuple[Claim, SendStatus, str]], run_id: str,

@@ -45,7 +45,7 @@ class SenderDied(RuntimeError):
     """A sender process ended while it had a batch, or before it was ready."""
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Linux kills this process when the thread that started it ends (SIGKILL included)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -55,7 +55,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _portable(error: BaseException) -> BaseException:
+def portable(error: BaseException) -> BaseException:
     """The error as the flow's process can unpickle it, with the sender's traceback as a note."""
     error.add_note("".join(traceback.format_exception(error)).rstrip() + f"\n(in sender process {os.getpid()})")
     try:
@@ -75,7 +75,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     one_malloc_arena()
     parent = requests.recv()
-    _die_with_parent(parent)
+    die_with_parent(parent)
     try:
         context: RunContext = requests.recv()  # its catalog and engine made here (RunContext.__reduce__)
         # What the first batch would build, built now so the freeze below keeps it out of the
@@ -84,7 +84,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         with context.engine.connect():
             pass
     except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it
-        replies.send(("failed", _portable(error)))
+        replies.send(("failed", portable(error)))
         return
     gc.freeze()  # what the sender starts with stays out of the collector's scans (see flows.memory)
     replies.send(("ready", os.getpid()))
@@ -96,7 +96,25 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         try:
             replies.send(("done", deliver(context, candidates, batch)))
         except Exception as error:  # noqa: BLE001 - the run fails the batch with it
-            replies.send(("failed", _portable(error)))
+            replies.send(("failed", portable(error)))
+
+
+def spawn(module: str) -> tuple[subprocess.Popen[bytes], Connection, Connection]:
+    """A fresh interpreter running ``module.serve(requests, replies)`` over a pair of pipes,
+    told this process's pid first (it dies with this process: ``die_with_parent``)."""
+    requests_in, requests_out = os.pipe()  # the run writes, the child reads
+    replies_in, replies_out = os.pipe()  # the child writes, the run reads
+    code = f"from {module} import serve; serve({requests_in}, {replies_out})"
+    process = subprocess.Popen(
+        [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],  # type: ignore[attr-defined]  # private, undeclared
+        pass_fds=(requests_in, replies_out),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # what the run imports, it imports
+    )
+    os.close(requests_in)
+    os.close(replies_out)
+    requests, replies = Connection(requests_out, readable=False), Connection(replies_in, writable=False)
+    requests.send(os.getpid())
+    return process, requests, replies
 
 
 _Work = tuple["Future[BatchOutcome]", list[Candidate], int] | None  # None: no more batches for this sender
@@ -106,19 +124,7 @@ class _Sender:
     """One sender process and the thread in the run's process that feeds it a batch at a time."""
 
     def __init__(self, context: bytes) -> None:
-        requests_in, requests_out = os.pipe()  # batches: the run writes, the sender reads
-        replies_in, replies_out = os.pipe()  # outcomes: the sender writes, the run reads
-        code = f"from flows.send.senders import serve; serve({requests_in}, {replies_out})"
-        self.process = subprocess.Popen(
-            [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],  # type: ignore[attr-defined]  # private, undeclared
-            pass_fds=(requests_in, replies_out),
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # what the run imports, it imports
-        )
-        os.close(requests_in)
-        os.close(replies_out)
-        self._requests = Connection(requests_out, readable=False)
-        self._replies = Connection(replies_in, writable=False)
-        self._requests.send(os.getpid())
+        self.process, self._requests, self._replies = spawn("flows.send.senders")
         self._requests.send_bytes(context)
         self.thread: threading.Thread | None = None
 

@@ -44,6 +44,10 @@ class TriggerBase(StrictModel):
         default=None, min_length=1, max_length=64,
         description="Mixed into the holdout's hash with the trigger's name (default: the name alone); a new salt "
                     "draws a new group.")
+    shards: int = Field(
+        default=1, ge=1, le=64,
+        description="Split each run's audience into this many slices, read and sent at once by as many processes "
+                    "(each customer in exactly one). For large audiences; one per core is the most that helps.")
     # Service mail (complaint replies, confirmations) must reach everyone: never held out.
     service: ClassVar[bool] = False
 

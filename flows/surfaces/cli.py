@@ -197,6 +197,9 @@ def run(
     now: Annotated[str | None, typer.Option(help="Evaluate as of this ISO-8601 moment (default: now).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run",
                                           help="Show who would get what; send and record nothing.")] = False,
+    shards: Annotated[int | None, typer.Option(
+        min=1, max=64, help="Read and send each audience in this many slices at once, one process each "
+                            "(default: the trigger's `shards:`, else 1).")] = None,
 ) -> None:
     """Run triggers through Prefect (or, with --dry-run, just show the plan)."""
     from flows.run import execute
@@ -219,12 +222,13 @@ def run(
             link = None
             if dry_run:
                 summary = execute(prepare(name, moment, settings=settings, dry_run=True, project=project,
-                                          engine=engine))
+                                          engine=engine, shards=shards))
             else:
                 from flows.surfaces.prefect_flows import run_in_prefect, ui_link
 
                 spec = project.trigger(name)
-                started = run_in_prefect(spec, moment.isoformat(), settings=settings, project=project, engine=engine)
+                started = run_in_prefect(spec, moment.isoformat(), settings=settings, project=project, engine=engine,
+                                         shards=shards)
                 summary, link = started.summary, ui_link(started.id)
         except SpecError as exc:
             print_problems(exc.problems)

@@ -134,11 +134,12 @@ def _start() -> tuple[Settings, Project | None, Engine | None]:
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name, validate_parameters=True)
-def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False) -> State:
-    """Evaluate one trigger at ``now`` (ISO 8601; default: the current time) and send."""
+def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False, shards: int | None = None) -> State:
+    """Evaluate one trigger at ``now`` (ISO 8601; default: the current time) and send
+    (``shards``: in that many slices at once, instead of the trigger's own ``shards:``)."""
     settings, project, engine = _start()
     context = prepare(trigger, parse_now(now), settings=settings, project=project, engine=engine, dry_run=dry_run,
-                      run_id=str(flow_run.id or ""))
+                      run_id=str(flow_run.id or ""), shards=shards)
     summary = run(context, logger=get_run_logger(), render=_render_task, dispatch=_dispatch_task, submit=_send_task)
     publish(summary, context.settings)
     return Completed(message=summary.state_message(), data=summary)
@@ -183,12 +184,12 @@ class FlowRun:
 
 
 def run_in_prefect(trigger: TriggerBase, now: str, *, settings: Settings, project: Project,
-                   engine: Engine | None = None) -> FlowRun:
+                   engine: Engine | None = None, shards: int | None = None) -> FlowRun:
     """A run of ``trigger`` as a run of the one flow, with the trigger's tags, from this
     process (``lifecycle run``, serve, the demo): the flow gets this caller's settings,
     project and store instead of reading them again. A failed run raises what failed it."""
     with _handing(settings, project, engine), tags(*run_tags(trigger)):
-        state = trigger_flow(trigger=trigger.name, now=now, dry_run=False, return_state=True)
+        state = trigger_flow(trigger=trigger.name, now=now, dry_run=False, shards=shards, return_state=True)
     summary = state.result()  # raises the run's own error when it failed
     assert isinstance(summary, RunSummary)
     return FlowRun(summary, state.state_details.flow_run_id)

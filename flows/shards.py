@@ -1,0 +1,140 @@
+"""Shard processes: a large pass reads, classifies and sends its audience in slices at once.
+
+One process reads an audience at about one core's pace: at a million customers, reading and
+classifying the rows is most of a pass, and sender processes cannot help with it. A
+trigger with ``shards: N`` (or ``lifecycle run --shards N``) splits each pass into N
+slices of its customers (``flows.audience.shards``): the run's own process takes the first,
+and N - 1 fresh interpreters take one each, all at once. Each slice is a whole pass over
+its customers, exactly as an unsharded pass is over all of them: the same query with the
+slice's predicate, the same ledger claims before every send, its own deferrals closed. So
+exactly-once is unchanged, and the slices' summaries add up to the pass's.
+
+A shard process is started like a sender (``flows.send.senders.spawn``): it receives its
+context once, dies with the run, and is asked to stop between batches when the run is
+(graceful shutdown). It sends through the real steps; a caller's own render and dispatch
+steps (the Prefect tasks, a test's) apply to the run's own slice.
+"""
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from flows.run_context import RunContext
+from flows.send.senders import die_with_parent, portable, spawn
+from flows.summary import RunSummary
+
+if TYPE_CHECKING:
+    import subprocess
+    from multiprocessing.connection import Connection
+
+
+class ShardFailed(RuntimeError):
+    """A shard process failed, or ended without its summary."""
+
+
+def serve(requests_fd: int, replies_fd: int) -> None:
+    """A shard process's life: receive the slice's context, run its pass, reply its summary."""
+    from multiprocessing.connection import Connection
+
+    requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides when to stop, and says so
+    die_with_parent(requests.recv())
+    stop = threading.Event()
+    try:
+        context: RunContext = requests.recv()
+        audience: bool = requests.recv()
+        label = context.shard.label if context.shard is not None else "?"
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {label} %(levelname)s %(message)s")
+
+        def listen() -> None:
+            try:
+                requests.recv()  # the only message after the context: stop
+            except EOFError:
+                return
+            stop.set()
+
+        threading.Thread(target=listen, name="shard-stop", daemon=True).start()
+        from flows.run import execute_slice
+
+        replies.send(("done", execute_slice(context, audience=audience, should_stop=stop.is_set)))
+    except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it
+        replies.send(("failed", portable(error)))
+
+
+class ShardProcess:
+    """One slice's pass in its own process, started at once; ``result()`` waits for it."""
+
+    def __init__(self, context: RunContext, audience: bool) -> None:
+        self.label = context.shard.label if context.shard is not None else "?"
+        self.process: subprocess.Popen[bytes]
+        self._requests: Connection
+        self.process, self._requests, self._replies = spawn("flows.shards")
+        self._requests.send(context)
+        self._requests.send(audience)
+
+    def stop(self) -> None:
+        """Ask the slice to stop between batches (it finishes the batch it has)."""
+        try:
+            self._requests.send("stop")
+        except OSError:  # it has ended already
+            pass
+
+    def result(self) -> RunSummary:
+        try:
+            status, detail = self._replies.recv()
+        except EOFError:
+            code = self.process.wait()
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise ShardFailed(f"shard {self.label} (process {self.process.pid}) {how} before it finished") from None
+        finally:
+            self._requests.close()
+            self.process.wait()
+            self._replies.close()
+        if status == "failed":
+            raise ShardFailed(f"shard {self.label} failed: {detail}") from detail
+        assert isinstance(detail, RunSummary)
+        return detail
+
+
+def run_slices(contexts: list[RunContext], audience: bool, here: Callable[[RunContext], RunSummary],
+               should_stop: Callable[[], bool]) -> list[RunSummary]:
+    """The first context's slice run by ``here`` in this process, every other one in a shard
+    process, all at once; their summaries in order. A failed slice fails the run once every
+    other slice is done (what they sent stays sent: each send was claimed in the ledger)."""
+    others = [ShardProcess(context, audience) for context in contexts[1:]]
+    finished = threading.Event()
+
+    def relay_stop() -> None:  # a shutdown reaches every slice, not only the one run here
+        while not finished.wait(0.2):
+            if should_stop():
+                for other in others:
+                    other.stop()
+                return
+
+    relay = threading.Thread(target=relay_stop, name="shard-stop-relay", daemon=True)
+    relay.start()
+    outcomes: list[RunSummary | BaseException] = []
+    try:
+        try:
+            outcomes.append(here(contexts[0]))
+        except Exception as error:  # noqa: BLE001 - the others finish first; then the run fails with it
+            for other in others:
+                other.stop()
+            outcomes.append(error)
+        for other in others:
+            try:
+                outcomes.append(other.result())
+            except ShardFailed as error:
+                outcomes.append(error)
+    finally:
+        finished.set()
+        relay.join()
+        for other in others:
+            if other.process.poll() is None:
+                other.process.kill()
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        raise failures[0]
+    return [o for o in outcomes if isinstance(o, RunSummary)]
