@@ -9,7 +9,8 @@ only for those who did not click ``first``; it ends on an order.
 
 1. Each step's audience as a run streams it (read and classified: conditions, exits,
    consent, suppressions, re-entry, the sending policy), and its SQL alone, on SQLite and
-   PostgreSQL.
+   PostgreSQL; then as a run with ``shards: N`` reads it, in ``--shards`` slices at once (one
+   per core by default), timed from the start of the slices' processes to the last row.
    Beside them, the series' entry as a single mail of the same kind: the first step's
    audience is that one, with its columns added.
 2. Sending: the series' second step (``--mails`` due) against a single-mail trigger with
@@ -18,7 +19,7 @@ only for those who did not click ``first``; it ends on an order.
    on loopback), the ledger reset between runs. Prints mails/s of each and their ratio.
 
     python bench/journey.py [--customers 1000000] [--in-flight 300000] [--databases sqlite,postgresql]
-                            [--keep DIR] [--mails 20000] [--rounds 2]
+                            [--keep DIR] [--mails 20000] [--rounds 2] [--shards 2]
 
 ``--keep DIR`` keeps the SQLite store there (and the PostgreSQL one in its database), so a
 second run skips the 3–4 minute build.
@@ -167,6 +168,43 @@ def audiences(settings: "object", url: str) -> list[tuple[str, float, float, int
     return out
 
 
+def stream_slice(context: "object", *, audience: bool = True, should_stop: "object" = None) -> tuple[float, int]:
+    """A shard process's job here: stream and classify its slice of the pass's audience, as
+    the run's slice would, and say how long it took and how many rows it classified."""
+    from flows.audience.query import stream_candidates
+    from flows.run_context import RunContext
+
+    assert isinstance(context, RunContext)
+    start, candidates = time.perf_counter(), 0
+    for batch in stream_candidates(context.engine, context.trigger, context.kind, context.stages, NOW, 5000, "en",
+                                   context.policy, step=context.step, shard=context.shard):
+        candidates += len(batch)
+    return time.perf_counter() - start, candidates
+
+
+def sliced_audiences(settings: "object", url: str, shards: int) -> list[tuple[str, float, float, int]]:
+    """(step, seconds from the start of the slices' processes to the last row of the slowest
+    one, that slowest slice's own streaming, candidates) for each step, read in ``shards``
+    slices at once by the run's machinery (``flows.shards.run_slices``)."""
+    from dataclasses import replace
+
+    from flows.run import slices
+    from flows.run_context import prepare
+    from flows.shards import run_slices
+
+    context = prepare(SERIES, NOW, settings=settings)  # type: ignore[arg-type]
+    out = []
+    for part in context.passes():
+        assert part.step is not None
+        whole = replace(part, shards=shards)
+        start = time.perf_counter()
+        parts = run_slices(shards, lambda: slices(whole), here=stream_slice,  # noqa: B023 - called right here
+                           should_stop=lambda: False, job="bench.journey:stream_slice")
+        out.append((part.step.name, time.perf_counter() - start, max(seconds for seconds, _ in parts),
+                    sum(n for _, n in parts)))
+    return out
+
+
 def entry_alone(settings: "object", url: str) -> list[tuple[str, float, float, int]]:
     """The series' entry as a single mail of the same kind over the same store: the first
     step's audience is this one, with its conditions and the entries' re-entry as columns."""
@@ -221,6 +259,8 @@ def main() -> None:
     parser.add_argument("--mails", type=int, default=20_000, help="due for each of the two sending runs")
     parser.add_argument("--rounds", type=int, default=2, help="A B B A rounds of the sending comparison")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shards", type=int, default=os.cpu_count() or 1,
+                        help="also read each step's audience in this many slices at once (1: not)")
     args = parser.parse_args()
 
     from sqlalchemy import func, select
@@ -265,6 +305,11 @@ def main() -> None:
             for step, streamed, queried, candidates in [*audiences(settings, url), *entry_alone(settings, url)]:
                 print(f"  audience of {step:>6}: {streamed:5.2f} s streamed and classified, {queried:5.2f} s SQL "
                       f"alone, {candidates:,} candidates", flush=True)
+            if args.shards > 1:
+                for step, wall, slowest, candidates in sliced_audiences(settings, url, args.shards):
+                    print(f"  audience of {step:>6} in {args.shards} slices at once: {wall:5.2f} s from the start of "
+                          f"their processes to the last row ({slowest:5.2f} s the slowest slice's own streaming), "
+                          f"{candidates:,} candidates", flush=True)
             rates: dict[str, list[float]] = {SINGLE: [], SERIES: []}
             for _ in range(args.rounds):
                 for trigger in (SINGLE, SERIES, SERIES, SINGLE):
@@ -273,6 +318,8 @@ def main() -> None:
                     label = "series, second step" if trigger == SERIES else "single mail"
                     print(f"  {label:>20}: {sent:,} mails in {seconds:.1f} s, {sent / seconds:,.0f}/s ({others})",
                           flush=True)
+            if not args.rounds:
+                continue
             single, series = statistics.mean(rates[SINGLE]), statistics.mean(rates[SERIES])
             print(f"  {database}: series step / single mail: {series:,.0f} / {single:,.0f} mails/s = "
                   f"{series / single:.3f}", flush=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from flows.analysis import experiment_looks
 from flows.audience.holdout import held_out
-from flows.audience.query import Candidate, ledger_steps, shared_addresses, stream_candidates
+from flows.audience.query import Candidate, ledger_steps, shared_records, stream_candidates
 from flows.audience.shards import split
 from flows.audience.variants import winner_takes_all
 from flows.content.diagram import mermaid
@@ -175,18 +175,22 @@ def _execute_sharded(context: RunContext, render: RenderStep, dispatch: Dispatch
     """One pass in ``context.shards`` slices at once (``flows.shards``), their summaries added
     up. The mailboxes several records share are read once, here, so every slice agrees on
     them; the cores are shared out, each slice starting its own senders from its share."""
-    with context.engine.connect() as connection:
-        shared = shared_addresses(connection)
-    settings = context.settings.model_copy(update={"workers": max(1, context.settings.workers // context.shards)})
-    contexts = [replace(context, settings=settings, shard=shard) for shard in split(context.shards, shared)]
     logger.info("Reading the audience in %d slices at once", context.shards)
-    parts = run_slices(contexts, audience, should_stop=should_stop, here=lambda c: _execute_pass(
-        c, render, dispatch, should_stop, audience, submit, logger))
+    parts = run_slices(context.shards, lambda: slices(context), should_stop=should_stop, audience=audience,
+                       here=lambda c: _execute_pass(c, render, dispatch, should_stop, audience, submit, logger))
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
     for part in parts:
         summary.combine(part, PLANNED_LINES)
     logger.info("All %d slices: %s", context.shards, summary.headline())
     return summary
+
+
+def slices(context: RunContext) -> list[RunContext]:
+    """The contexts of a pass's slices: the shared mailboxes read once, the cores shared out."""
+    with context.engine.connect() as connection:
+        members, shared = shared_records(connection)
+    settings = context.settings.model_copy(update={"workers": max(1, context.settings.workers // context.shards)})
+    return [replace(context, settings=settings, shard=shard) for shard in split(context.shards, members, shared)]
 
 
 def execute_slice(context: RunContext, *, audience: bool, should_stop: Callable[[], bool]) -> RunSummary:

@@ -15,15 +15,15 @@ context once, dies with the run, and is asked to stop between batches when the r
 steps (the Prefect tasks, a test's) apply to the run's own slice.
 """
 
+import importlib
 import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from flows.run_context import RunContext
 from flows.send.senders import die_with_parent, portable, spawn
-from flows.summary import RunSummary
 
 if TYPE_CHECKING:
     import subprocess
@@ -35,7 +35,8 @@ class ShardFailed(RuntimeError):
 
 
 def serve(requests_fd: int, replies_fd: int) -> None:
-    """A shard process's life: receive the slice's context, run its pass, reply its summary."""
+    """A shard process's life: receive what to run (``module:function``) and the slice's
+    context, run it, reply its result."""
     from multiprocessing.connection import Connection
 
     requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
@@ -43,6 +44,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
     die_with_parent(requests.recv())
     stop = threading.Event()
     try:
+        job: str = requests.recv()
         context: RunContext = requests.recv()
         audience: bool = requests.recv()
         label = context.shard.label if context.shard is not None else "?"
@@ -56,23 +58,30 @@ def serve(requests_fd: int, replies_fd: int) -> None:
             stop.set()
 
         threading.Thread(target=listen, name="shard-stop", daemon=True).start()
-        from flows.run import execute_slice
-
-        replies.send(("done", execute_slice(context, audience=audience, should_stop=stop.is_set)))
+        module, _, name = job.partition(":")
+        work = getattr(importlib.import_module(module), name)
+        replies.send(("done", work(context, audience=audience, should_stop=stop.is_set)))
     except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it
         replies.send(("failed", portable(error)))
 
 
 class ShardProcess:
-    """One slice's pass in its own process, started at once; ``result()`` waits for it."""
+    """One slice's pass in its own process: started first (an interpreter takes a while to
+    start), then given its work; ``result()`` waits for it."""
 
-    def __init__(self, context: RunContext, audience: bool) -> None:
-        self.label = context.shard.label if context.shard is not None else "?"
+    def __init__(self) -> None:
+        self.label = "?"
         self.process: subprocess.Popen[bytes]
         self._requests: Connection
         self.process, self._requests, self._replies = spawn("flows.shards")
-        self._requests.send(context)
-        self._requests.send(audience)
+
+    def start(self, job: str, context: RunContext, audience: bool) -> None:
+        self.label = context.shard.label if context.shard is not None else "?"
+        try:
+            for message in (job, context, audience):
+                self._requests.send(message)
+        except OSError:  # it died at start: result() says how
+            pass
 
     def stop(self) -> None:
         """Ask the slice to stop between batches (it finishes the batch it has)."""
@@ -81,7 +90,7 @@ class ShardProcess:
         except OSError:  # it has ended already
             pass
 
-    def result(self) -> RunSummary:
+    def result(self) -> Any:
         try:
             status, detail = self._replies.recv()
         except EOFError:
@@ -94,16 +103,21 @@ class ShardProcess:
             self._replies.close()
         if status == "failed":
             raise ShardFailed(f"shard {self.label} failed: {detail}") from detail
-        assert isinstance(detail, RunSummary)
         return detail
 
 
-def run_slices(contexts: list[RunContext], audience: bool, here: Callable[[RunContext], RunSummary],
-               should_stop: Callable[[], bool]) -> list[RunSummary]:
-    """The first context's slice run by ``here`` in this process, every other one in a shard
-    process, all at once; their summaries in order. A failed slice fails the run once every
-    other slice is done (what they sent stays sent: each send was claimed in the ledger)."""
-    others = [ShardProcess(context, audience) for context in contexts[1:]]
+T = TypeVar("T")
+
+
+def run_slices(count: int, contexts: Callable[[], list[RunContext]], here: Callable[[RunContext], T],
+               should_stop: Callable[[], bool], audience: bool = True,
+               job: str = "flows.run:execute_slice") -> list[T]:
+    """The slices of one pass at once: ``count - 1`` shard processes started, then the
+    slices' ``contexts`` made (meanwhile they start), the first run by ``here`` in this
+    process and each other one by ``job`` in its own; their results in order. A failed
+    slice fails the run once every other slice is done (what they sent stays sent: each
+    send was claimed in the ledger)."""
+    others = [ShardProcess() for _ in range(count - 1)]
     finished = threading.Event()
 
     def relay_stop() -> None:  # a shutdown reaches every slice, not only the one run here
@@ -113,12 +127,16 @@ def run_slices(contexts: list[RunContext], audience: bool, here: Callable[[RunCo
                     other.stop()
                 return
 
+    outcomes: list[T | BaseException] = []
     relay = threading.Thread(target=relay_stop, name="shard-stop-relay", daemon=True)
-    relay.start()
-    outcomes: list[RunSummary | BaseException] = []
     try:
+        made = contexts()
+        assert len(made) == count
+        for other, context in zip(others, made[1:], strict=True):
+            other.start(job, context, audience)
+        relay.start()
         try:
-            outcomes.append(here(contexts[0]))
+            outcomes.append(here(made[0]))
         except Exception as error:  # noqa: BLE001 - the others finish first; then the run fails with it
             for other in others:
                 other.stop()
@@ -130,11 +148,13 @@ def run_slices(contexts: list[RunContext], audience: bool, here: Callable[[RunCo
                 outcomes.append(error)
     finally:
         finished.set()
-        relay.join()
+        if relay.is_alive():
+            relay.join()
         for other in others:
             if other.process.poll() is None:
                 other.process.kill()
+                other.process.wait()
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     if failures:
         raise failures[0]
-    return [o for o in outcomes if isinstance(o, RunSummary)]
+    return cast(list[T], outcomes)

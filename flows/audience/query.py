@@ -91,7 +91,7 @@ AnyRow = Row[*tuple[Any, ...]]
 
 def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: datetime,
                    deferred_only: bool = False, step: StepPlan | None = None,
-                   customer: int | None = None) -> AnySelect:
+                   customer: int | None = None, shard: Shard | None = None) -> AnySelect:
     """Everyone due, in customer order, each customer's stage computed once.
 
     ``deferred_only`` keeps the customers with a deferral of this trigger that has come
@@ -102,9 +102,13 @@ def audience_query(trigger: TriggerBase, kind: Kind, rules: StageRules, now: dat
     step's is the ledger's (``flows.audience.journey.step_due``); either way the step's
     conditions and the goals reached come out as columns (``journey.step_columns``).
     ``customer``: only that customer's rows (``lifecycle customer``: what a run would decide now).
+    ``shard``: only its slice (``flows.audience.shards``), filtered with the due rows themselves,
+    before anything is looked up for them.
     """
     due = kind.due(trigger, now) if step is None or step.first else journey.step_due(trigger.name, step, now,
                                                                                       trigger.step_expires_after)
+    if shard is not None:
+        due = due.where(shard.where(due.selected_columns.customer_id))
     extra: list[Any] = []  # a later step's own columns of its due rows, grouped like the occurrence
     if _over_customers(due):
         # The kind's filter goes straight into this query: joining customers to a
@@ -243,9 +247,22 @@ def plain_plans(connection: Connection) -> None:
 def shared_addresses(connection: Connection) -> frozenset[str]:
     """Mailboxes that several customer records share (few; a walk of one index, once per
     run, where a probe per audience row cost a third of the audience's time)."""
-    mailbox = address(Customer.email)
-    return frozenset(connection.execute(select(mailbox).where(col(Customer.email).is_not(None)).group_by(mailbox)
-                                        .having(func.count() > 1)).scalars())
+    return frozenset(connection.execute(_shared_mailboxes()).scalars())
+
+
+def shared_records(connection: Connection) -> tuple[frozenset[int], frozenset[str]]:
+    """The customer records whose mailbox another record shares, and those mailboxes: what
+    a run split in shards reads once (``flows.audience.shards``)."""
+    shared = _shared_mailboxes().subquery()
+    rows = connection.execute(select(col(Customer.id), address(Customer.email))
+                              .where(address(Customer.email).in_(select(shared.c.mailbox)))).all()
+    return frozenset(customer for customer, _ in rows if customer is not None), frozenset(m for _, m in rows)
+
+
+def _shared_mailboxes() -> Select[str]:
+    mailbox = address(Customer.email).label("mailbox")
+    return (select(mailbox).where(col(Customer.email).is_not(None)).group_by(address(Customer.email))
+            .having(func.count() > 1))
 
 
 def stream_candidates(
@@ -280,9 +297,7 @@ def stream_candidates(
     A ``shard`` reads its slice of the audience (``flows.audience.shards``), with the shared
     mailboxes its run read once.
     """
-    query = audience_query(trigger, kind, rules, now, deferred_only, step, customer)
-    if shard is not None:
-        query = query.where(shard.where(engine.dialect.name))
+    query = audience_query(trigger, kind, rules, now, deferred_only, step, customer, shard)
     # A journey's later step is never "re-entered": its key is the entry's, once.
     rule = trigger.reentry if step is None or step.first else Reentry(mode="every_occurrence")
     in_run = _InRun(rule.mode != "every_occurrence")

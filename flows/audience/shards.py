@@ -1,32 +1,32 @@
 """A run's audience in slices: each customer in exactly one shard, whatever the step.
 
-A customer's shard is their id modulo the shard count, except for customers whose mailbox
-several records share (few): those all go to shard 0, because one mail per mailbox is
-decided within one pass (``query._InRun.mailbox``), so records sharing one must never be in
-two. The shared mailboxes are read once, by whoever splits the run, and travel with every
-shard, so all shards agree on them even while the store changes.
+A customer's shard is their id modulo the shard count, except for the customer records
+whose mailbox another record shares (few): those all go to shard 0, because one mail per
+mailbox is decided within one pass (``query._InRun.mailbox``), so records sharing one must
+never be in two. Whoever splits the run reads those records once (``query.shared_records``)
+and every shard carries them, so all shards agree even while the store changes.
 
-The same slice is one SQL predicate (``Shard.where``, for the audience and for the
-deferrals a pass closes) and one Python test (``Shard.holds``), and the two agree: tests
-check both against each other.
+A shard is a test of the customer's id alone, so it applies to any row that names a
+customer, as early as the query can: to a kind's due rows, to a journey step's ledger rows,
+to the deferrals a pass closes. It is one SQL predicate (``Shard.where``) and one Python
+test (``Shard.holds``), and the two agree: tests check one against the other.
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import ColumnElement, String, case, func, literal, true
-from sqlmodel import col
-
-from models import Customer
-from models.db import one_of
+from sqlalchemy import ColumnElement, bindparam, case, literal, true
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard ``index`` of ``count`` (0-based), with the mailboxes shared by several records."""
+    """Shard ``index`` of ``count`` (0-based), with the records and mailboxes that several
+    customer records share."""
 
     index: int
     count: int
-    shared: frozenset[str] = field(default=frozenset(), repr=False)
+    members: frozenset[int] = field(default=frozenset(), repr=False)  # records sharing a mailbox: shard 0
+    shared: frozenset[str] = field(default=frozenset(), repr=False)  # their mailboxes (``query._InRun.mailbox``)
 
     def __post_init__(self) -> None:
         if not (self.count >= 1 and 0 <= self.index < self.count):
@@ -37,23 +37,23 @@ class Shard:
         """As people count them, from 1: ``2/4``."""
         return f"{self.index + 1}/{self.count}"
 
-    def holds(self, customer_id: int, email: str | None) -> bool:
-        mailbox = (email or "").lower()
-        home = 0 if mailbox and mailbox in self.shared else customer_id % self.count
-        return home == self.index
+    def holds(self, customer_id: int) -> bool:
+        return (0 if customer_id in self.members else customer_id % self.count) == self.index
 
-    def where(self, dialect: str) -> ColumnElement[bool]:
-        """The SQL test for a row of ``customers`` (joined to whatever a query reads)."""
+    def where(self, customer_id: Any) -> ColumnElement[bool]:
+        """The SQL test for a row naming the customer in ``customer_id`` (a column)."""
         if self.count == 1:
             return true()
-        email = col(Customer.email)
-        home: ColumnElement[int | None] = col(Customer.id) % self.count
-        if self.shared:
-            home = case((one_of(func.lower(email, type_=String()), self.shared, dialect), literal(0)), else_=home)
+        home: ColumnElement[Any] = customer_id % self.count
+        if self.members:
+            # Integers written into the statement: no bound-parameter limit, however many.
+            listed: Any = bindparam("shard_members", sorted(self.members), expanding=True, literal_execute=True,
+                               unique=True)
+            home = case((customer_id.in_(listed), literal(0)), else_=home)
         held: ColumnElement[bool] = home == self.index
         return held
 
 
-def split(count: int, shared: frozenset[str]) -> list[Shard]:
+def split(count: int, members: frozenset[int] = frozenset(), shared: frozenset[str] = frozenset()) -> list[Shard]:
     """Every shard of a run split ``count`` ways: together they hold each customer once."""
-    return [Shard(index, count, shared) for index in range(count)]
+    return [Shard(index, count, members, shared) for index in range(count)]
