@@ -68,8 +68,6 @@ def test_a_journey_runs_every_step_in_slices(settings: Settings, store: Store, s
         store.cart(customer, ago(hours=3))
         carts.append(customer)
     store.order(carts[0], ago(hours=1))  # ordered: no further mail
-    for spelt in ("Familie@Example.de", "familie@example.de"):  # two records, one mailbox: one series
-        store.cart(store.customer("Familie", email=spelt), ago(hours=3))
 
     def step(at: timedelta, shards: int) -> RunSummary:
         context = prepare("abandoned-cart", NOW + at, settings=settings.model_copy(
@@ -77,12 +75,11 @@ def test_a_journey_runs_every_step_in_slices(settings: Settings, store: Store, s
         return run(context)
 
     first = step(timedelta(0), 3)
-    reminder = first.steps["reminder"]
-    assert reminder[Outcome.SENT] == 9 and reminder.total() == 10  # the mailbox's second record skipped
+    assert first.steps["reminder"] == {Outcome.SENT: 8}
     second = step(timedelta(hours=24), 3)
-    assert sum(second.steps[name][Outcome.SENT] for name in second.steps if name != "reminder") == 9
-    received = Counter(r.recipients[0].lower() for r in smtp.received)
-    assert set(received.values()) == {2} and len(received) == 9  # two steps each, once
+    assert second.steps["nudge"] == {Outcome.SENT: 8}
+    received = Counter(r.recipients[0] for r in smtp.received)
+    assert set(received.values()) == {2} and len(received) == 8  # two steps each, once
 
 
 def test_a_killed_slice_fails_the_run_and_the_rerun_sends_nothing_twice(settings: Settings, store: Store) -> None:
