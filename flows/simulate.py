@@ -314,10 +314,11 @@ def simulate(trigger: str, start: datetime, end: datetime, every: timedelta, *, 
     project = project or load(settings, only=[trigger])
     project.trigger(trigger)  # an unknown or broken trigger fails before the copy
     with scratch_store(source, trigger, start) as (scratch, copy_seconds):
-        # One process, one store: sender processes would dispatch for real, and open the store by URL.
+        # One process, one store: sender and shard processes would dispatch for real, and open
+        # the store by URL.
         local = settings.model_copy(update={"database_url": scratch.url.render_as_string(hide_password=False),
                                             "workers": 1})
-        base = prepare(trigger, start, settings=local, project=project, engine=scratch)
+        base = prepare(trigger, start, settings=local, project=project, engine=scratch, shards=1)
         assert base.engine is scratch
         runs = f"simulate-{uuid.uuid4().hex[:12]}-"
         first = plans(base.trigger.journey)[0].name if base.trigger.journey is not None else ONE_MAIL

@@ -130,6 +130,18 @@ def test_a_single_mail_trigger_is_one_step(settings: Settings, store: Store, eng
     assert smtp.received == []
 
 
+def test_a_trigger_in_shards_is_simulated_in_one_process_and_sends_nothing(
+        settings: Settings, store: Store, engine: Engine, smtp: SmtpServer) -> None:
+    write(settings, SERIES.replace("reentry:", "shards: 3\nreentry:", 1))
+    for name in ("Anna", "Ben", "Cleo", "Dora"):
+        store.cart(store.customer(name), ago(hours=3))
+    found = simulate("cart-series", NOW, NOW + timedelta(days=1), timedelta(hours=1), settings=settings,
+                     source=engine)
+    steps = by_step(found.steps)
+    assert found.entered == 4 and steps["reminder"].sent == 4 and steps["nudge"].sent == 4
+    assert smtp.received == []  # a slice in its own process would have dispatched for real
+
+
 def test_a_timeline_must_run_forward_in_steps_and_end(settings: Settings) -> None:
     assert ticks(NOW, NOW, timedelta(hours=1)) == [NOW]
     assert ticks(NOW, NOW + timedelta(minutes=150), timedelta(hours=1))[-1] == NOW + timedelta(hours=2)
