@@ -1,6 +1,6 @@
 """Throughput benchmark against real SMTP peers (Postfix's smtp-sink and smtp-source).
 
-    python bench/run.py [--customers N] [--naive N] [--databases sqlite,postgresql]
+    python bench/run.py [--customers N] [--naive N] [--databases sqlite,postgresql] [--dkim]
 
 Grows a synthetic store (``bench/store.py``: about ten events per customer) through
 10,000, 100,000 and 1,000,000 customers, up to ``--customers`` (default 100,000), and
@@ -242,9 +242,10 @@ if __name__ == "__main__":
 """
 
 
-def end_to_end(url: str, port: int, api_url: str, workers: int) -> dict:
-    """The win-back flow in a fresh process, as a worker would run it; its whole tree is measured."""
-    env = {**os.environ, "PREFECT_API_URL": api_url, "LIFECYCLE_DATABASE_URL": url,
+def end_to_end(url: str, port: int, api_url: str, workers: int, extra: dict[str, str] | None = None) -> dict:
+    """The win-back flow in a fresh process, as a worker would run it; its whole tree is measured
+    (``extra``: more settings, such as a DKIM key)."""
+    env = {**os.environ, **(extra or {}), "PREFECT_API_URL": api_url, "LIFECYCLE_DATABASE_URL": url,
            "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{port}?connections={CONNECTIONS}",
            "LIFECYCLE_TRIGGERS_DIR": str(ROOT / "triggers"), "LIFECYCLE_TEMPLATES_DIR": str(ROOT / "templates"),
            "LIFECYCLE_BATCH_SIZE": str(BATCH_SIZE), "LIFECYCLE_IN_FLIGHT": "200", "LIFECYCLE_WORKERS": str(workers),
@@ -266,6 +267,54 @@ def end_to_end(url: str, port: int, api_url: str, workers: int) -> dict:
     result["peak_pss_mb"] = memory.peak_pss / 1024
     result["peak_process_rss_mb"] = memory.peak_process_rss / 1024
     return result
+
+
+def dkim_settings() -> dict[str, str]:
+    """A fresh RSA-2048 key as a shop would configure it (``LIFECYCLE_DKIM_*``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    return {"LIFECYCLE_DKIM_SELECTOR": "bench2026", "LIFECYCLE_DKIM_PRIVATE_KEY": pem}
+
+
+def signing_cost(pem: str) -> dict[str, float]:
+    """What one signature costs: Lifecycle's signer on a win-back mail, in this process, against
+    ``openssl speed rsa2048`` (the physical limit: RSA-2048 private-key operations per second)."""
+    from flows.message.dkim import DkimKey, DkimSigner
+
+    message = sample_message()
+    signer = DkimSigner("shop.example", (DkimKey("bench2026", "rsa-sha256", pem.encode()),))
+    signer.sign(message)  # the key is parsed at the first signature
+    count, start = 2000, time.perf_counter()
+    for _ in range(count):
+        signer.sign(message)
+    per_message = (time.perf_counter() - start) / count
+    out = subprocess.run(["openssl", "speed", "-seconds", "3", "rsa2048"], capture_output=True, text=True,
+                         check=True).stdout
+    line = next(row for row in out.splitlines() if row.startswith("rsa 2048"))
+    signs_per_s = float(line.split()[-2])  # "rsa 2048 bits 0.000695s 0.000021s 1438.8 47619.0": sign/s, verify/s
+    return {"lifecycle_sign_us": round(per_message * 1e6, 1), "lifecycle_signs_per_s": round(1 / per_message, 1),
+            "openssl_signs_per_s": signs_per_s, "openssl_sign_us": round(1e6 / signs_per_s, 1)}
+
+
+def sample_message() -> bytes:
+    """One win-back mail as Lifecycle builds it (unsigned)."""
+    from flows.content.context import sample_contexts
+    from flows.message.compose import Sender, build_message, message_id
+    from flows.run_context import load
+    from flows.settings import Settings
+
+    settings = Settings(triggers_dir=ROOT / "triggers", templates_dir=ROOT / "templates")
+    project = load(settings)
+    trigger = project.trigger("winback-lapsed")
+    context = {**sample_contexts(None, settings.base_url, settings.shop_url)[0], "stage": "lapsed", "lang": "de"}
+    rendered = project.catalog.render(trigger.email, context)
+    sender = Sender.parse(settings.sender)
+    return build_message(rendered, sender=sender, to_address="kunde1@example.de", to_name="Jürgen Groß",
+                         msg_id=message_id("x", sender, secrets.token_urlsafe(32)), date=NOW)
 
 
 def message_size() -> int:
@@ -330,6 +379,8 @@ def main() -> None:
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="sending processes, the run's own included (LIFECYCLE_WORKERS)")
+    parser.add_argument("--dkim", action="store_true",
+                        help="also run each end-to-end measurement DKIM-signed (RSA-2048), right after it")
     args = parser.parse_args()
     from models.db import create_schema, make_engine
 
@@ -376,6 +427,8 @@ def main() -> None:
             results["peak_process_rss_mb"][str(size)] = round(e2e["peak_process_rss_mb"], 1)
             print(f"  {e2e['sent']:,} mails in {e2e['seconds']:.1f} s: {e2e['msgs_per_s']:,.0f}/s, "
                   f"peak {e2e['peak_rss_mb']:.0f} MB RSS / {e2e['peak_pss_mb']:.0f} MB PSS", flush=True)
+            if args.dkim:
+                signed_run(results, f"{database}/{size}", urls[database], port, api_url, args.workers, e2e)
         for database in databases[1:]:  # the production store too, at the largest size
             print(f"End to end on {database}, {sizes[-1]:,} customers …", flush=True)
             e2e = end_to_end(urls[database], port, api_url, args.workers)
@@ -384,6 +437,8 @@ def main() -> None:
                                                          for k, v in e2e.items()}
         for engine in engines.values():
             engine.dispose()
+        if args.dkim:
+            results["dkim_signing"] = signing_cost(dkim_settings()["LIFECYCLE_DKIM_PRIVATE_KEY"])
         size = message_size()
         sessions = args.workers * CONNECTIONS
         results["message_bytes"] = size
@@ -401,6 +456,19 @@ def main() -> None:
     print_table(results)
 
 
+def signed_run(results: dict, key: str, url: str, port: int, api_url: str, workers: int, unsigned: dict) -> None:
+    """The same run DKIM-signed, over the same store, right after the unsigned one."""
+    print(f"  DKIM-signed (RSA-2048), {key} …", flush=True)
+    signed = end_to_end(url, port, api_url, workers, dkim_settings())
+    clear_ledger(url)
+    ratio = signed["msgs_per_s"] / unsigned["msgs_per_s"]
+    results.setdefault("e2e_signed", {})[key] = {k: round(v, 1) if isinstance(v, float) else v
+                                                 for k, v in signed.items()}
+    results.setdefault("signed_vs_unsigned", {})[key] = round(ratio, 3)
+    print(f"  {signed['sent']:,} signed mails in {signed['seconds']:.1f} s: {signed['msgs_per_s']:,.0f}/s, "
+          f"{ratio:.1%} of unsigned", flush=True)
+
+
 def print_table(results: dict) -> None:
     def row(label: str, value: str) -> None:
         print(f"{label:<52} {value:>14}")
@@ -411,6 +479,13 @@ def print_table(results: dict) -> None:
     for key, e2e in results["e2e"].items():
         row(f"end to end, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
         row("  mails sent / seconds", f"{e2e['sent']:,} / {e2e['seconds']:.1f}")
+    for key, e2e in results.get("e2e_signed", {}).items():
+        row(f"end to end DKIM-signed, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
+        row("  signed / unsigned, same store, same run", f"{results['signed_vs_unsigned'][key]:.1%}")
+    if "dkim_signing" in results:
+        cost = results["dkim_signing"]
+        row("one RSA-2048 DKIM signature, Lifecycle (µs)", f"{cost['lifecycle_sign_us']:,.0f}")
+        row("  openssl speed rsa2048, one sign (µs)", f"{cost['openssl_sign_us']:,.0f}")
     parallel = results["ceiling_parallel_sessions"]
     row("smtp-source ceiling, its default 1 session (msgs/s)", f"{results['ceiling_msgs_per_s']:,.0f}")
     row(f"smtp-source, {parallel} parallel sessions (msgs/s)", f"{results['ceiling_parallel_msgs_per_s']:,.0f}")

@@ -51,7 +51,7 @@ def _to_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> 
 
 def execute(context: RunContext, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
             should_stop: Callable[[], bool] = lambda: False, audience: bool = True,
-            submit: SubmitStep = _to_sender, logger: Logger = log) -> RunSummary:
+            submit: SubmitStep = _to_sender, logger: Logger = log, steps_wrap_real: bool = False) -> RunSummary:
     """Run the stages batch by batch over everyone due (``audience=False``: only those whose
     deferral has come due, the deferred sweep). ``should_stop`` is asked between batches
     (graceful shutdown).
@@ -60,10 +60,17 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
     audience (``flows.audience.journey``): the entry first, then every later step whose
     wait is over. An experiment's winner rule takes its look as its step's pass begins
     (``flows.analysis.experiment_looks``). The summary counts every pass, step by step.
+
+    A trigger's ``shards`` split each pass over the audience into slices at once
+    (``flows.shards``); the other slices send through the real steps, so a caller's own
+    ``render``, ``dispatch`` or ``submit`` keeps the pass in one process, unless they only
+    wrap the real ones (``steps_wrap_real``: the Prefect tasks).
     """
+    parts = (render, dispatch, submit)
+    real = steps_wrap_real or parts == (render_candidates, dispatch_prepared, _to_sender)
     passes = context.passes()
     if len(passes) == 1 and passes[0].step is None:
-        return _execute_pass(context, render, dispatch, should_stop, audience, submit, logger)
+        return _execute_pass(context, render, dispatch, should_stop, audience, submit, logger, real)
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
     if context.trigger.journey is not None:
         summary.diagram = mermaid(context.trigger.journey, context.kind.name)
@@ -74,7 +81,7 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
         if plan.step.experiment is not None:
             winner, said = experiment_looks.decide(part, logger)
             part = replace(part, winner=winner)
-        done = _execute_pass(part, render, dispatch, should_stop, audience, submit, logger)
+        done = _execute_pass(part, render, dispatch, should_stop, audience, submit, logger, real)
         if said:
             done.decisions[plan.name] = said
         summary.absorb(plan.name, done)
@@ -84,7 +91,7 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
 
 
 def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchStep, should_stop: Callable[[], bool],
-                  audience: bool, submit: SubmitStep, logger: Logger) -> RunSummary:
+                  audience: bool, submit: SubmitStep, logger: Logger, real: bool = True) -> RunSummary:
     """One pass over one audience: the trigger's one mail, or one journey step's.
 
     A deferral is decided by the same query and rules as fresh mail; the deferrals whose
@@ -97,8 +104,12 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
     and the audience is read ahead by at most two batches per sender: memory stays flat
     however large the audience.
     """
-    if context.shards > 1 and context.shard is None:
-        return _execute_sharded(context, render, dispatch, should_stop, audience, submit, logger)
+    # Not the deferred sweep's few: slices cost their processes' start, every few minutes.
+    if context.shards > 1 and context.shard is None and audience:
+        if real:
+            return _execute_sharded(context, render, dispatch, should_stop, audience, submit, logger)
+        logger.info("Reading the audience in one process, not %d slices: this run's own steps would not be "
+                    "used by the other slices", context.shards)
     log = logger
     settings, engine = context.settings, context.engine
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
@@ -287,13 +298,13 @@ def run_trigger(trigger: str, *, settings: Settings, now: datetime | None = None
 
 def run(context: RunContext, *, should_stop: Callable[[], bool] = lambda: False, logger: Logger = log,
         render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
-        submit: SubmitStep | None = None) -> RunSummary:
+        submit: SubmitStep | None = None, steps_wrap_real: bool = False) -> RunSummary:
     """A whole run over a prepared context: the relay checked first (unless a dry run),
     every batch sent, and the trigger's recent complaint rate attached to the summary."""
     if not context.dry_run:
         check_smtp(context.settings)
     summary = execute(context, render=render, dispatch=dispatch, should_stop=should_stop, logger=logger,
-                      submit=submit or _to_sender)
+                      submit=submit or _to_sender, steps_wrap_real=steps_wrap_real)
     summary.complaints = (None if context.dry_run
                           else trigger_complaints(context.engine, context.trigger.name, context.now))
     return summary

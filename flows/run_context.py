@@ -102,8 +102,10 @@ class RunContext:
     def signer(self) -> DkimSigner | None:
         s = self.settings
         key = s.dkim_private_key.get_secret_value() if s.dkim_private_key else None
+        ed25519 = s.dkim_ed25519_private_key.get_secret_value() if s.dkim_ed25519_private_key else None
         return DkimSigner.from_settings(s.dkim_selector, s.dkim_domain, key, s.dkim_private_key_file,
-                                        self.sender.domain)
+                                        self.sender.domain, s.dkim_ed25519_selector, ed25519,
+                                        s.dkim_ed25519_private_key_file)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """What a sender process receives: the values; the catalog and engine are its own."""
@@ -142,6 +144,8 @@ def prepare(
     line and field of whatever is wrong with the trigger or its templates. A caller that
     has loaded the project already (``lifecycle run --all``, the deferred sweep) passes it.
     ``shards`` overrides the trigger's own ``shards:``."""
+    if shards is not None and not 1 <= shards <= 64:
+        raise ValueError(f"shards must be from 1 to 64, got {shards}")
     project = project or load(settings, only=[trigger_name])
     if project.stages is None:  # every run needs the stage rules: their own problems say why they did not load
         raise SpecError([p for p in project.problems if Path(p.file).name == STAGES_FILE] or project.problems)

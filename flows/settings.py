@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     dkim_domain: str | None = Field(None, description="d= of the signature; default: the sender's domain.")
     dkim_private_key: SecretStr | None = Field(None, description="PEM; or use dkim_private_key_file.")
     dkim_private_key_file: Path | None = None
+    dkim_ed25519_selector: str | None = Field(
+        None, description="Adds an Ed25519 signature (RFC 8463) beside the RSA one; receivers still need RSA.")
+    dkim_ed25519_private_key: SecretStr | None = Field(None, description="PEM; or use dkim_ed25519_private_key_file.")
+    dkim_ed25519_private_key_file: Path | None = None
     batch_size: int = Field(500, ge=1, le=20000, description="Recipients per render/dispatch task.")
     in_flight: int = Field(32, ge=1, le=5000, description="Ledger claims taken at once while sending.")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64,
@@ -144,7 +148,8 @@ class Settings(BaseSettings):
                              f"({TOKEN_LENGTH + 1} characters) it must fit 64 octets")
         return value.strip()
 
-    @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password",
+    @field_validator("database_url", "smtp_url", "secret", "dkim_private_key", "dkim_ed25519_private_key",
+                     "postmark_webhook_password",
                      "admin_token", "write_keys", mode="before")
     @classmethod
     def _no_secret_block_name(cls, value: object) -> object:

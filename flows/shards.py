@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
 
+log = logging.getLogger("lifecycle")
+
+
 class ShardFailed(RuntimeError):
     """A shard process failed, or ended without its summary."""
 
@@ -39,8 +42,15 @@ def serve(requests_fd: int, replies_fd: int) -> None:
     context, run it, reply its result."""
     from multiprocessing.connection import Connection
 
+    from flows.memory import one_malloc_arena
+    from flows.redaction import redact_every_record
+
     requests, replies = Connection(requests_fd, writable=False), Connection(replies_fd, readable=False)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides when to stop, and says so
+    # Ctrl-C reaches the terminal's whole process group, and systemd's SIGTERM every process
+    # of the service: only the run decides, and says so (or dies, and closes the pipe).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    one_malloc_arena()
     die_with_parent(requests.recv())
     stop = threading.Event()
     try:
@@ -48,13 +58,18 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         context: RunContext = requests.recv()
         audience: bool = requests.recv()
         label = context.shard.label if context.shard is not None else "?"
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {label} %(levelname)s %(message)s")
+        redact_every_record()  # no password or token in any record, as in the run's own process
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s shard {label} %(levelname)s %(message)s"))
+        lifecycle = logging.getLogger("lifecycle")
+        lifecycle.addHandler(handler)
+        lifecycle.setLevel(logging.INFO)
 
         def listen() -> None:
             try:
                 requests.recv()  # the only message after the context: stop
-            except EOFError:
-                return
+            except EOFError:  # the run is gone (or gave up on this slice): stop all the same
+                pass
             stop.set()
 
         threading.Thread(target=listen, name="shard-stop", daemon=True).start()
@@ -62,7 +77,7 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         work = getattr(importlib.import_module(module), name)
         replies.send(("done", work(context, audience=audience, should_stop=stop.is_set)))
     except BaseException as error:  # noqa: BLE001 - reported to the run, which fails with it
-        replies.send(("failed", portable(error)))
+        replies.send(("failed", portable(error, "shard")))
 
 
 class ShardProcess:
@@ -91,16 +106,22 @@ class ShardProcess:
             pass
 
     def result(self) -> Any:
+        """The slice's result; ``ShardFailed`` if it failed or died. A Ctrl-C while waiting asks
+        it to stop and leaves it to be waited for again."""
         try:
-            status, detail = self._replies.recv()
+            reply = self._replies.recv()
         except EOFError:
-            code = self.process.wait()
+            reply = None
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        self._requests.close()
+        code = self.process.wait()
+        self._replies.close()
+        if reply is None:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            raise ShardFailed(f"shard {self.label} (process {self.process.pid}) {how} before it finished") from None
-        finally:
-            self._requests.close()
-            self.process.wait()
-            self._replies.close()
+            raise ShardFailed(f"shard {self.label} (process {self.process.pid}) {how} before it finished")
+        status, detail = reply
         if status == "failed":
             raise ShardFailed(f"shard {self.label} failed: {detail}") from detail
         return detail
@@ -137,24 +158,39 @@ def run_slices(count: int, contexts: Callable[[], list[RunContext]], here: Calla
         relay.start()
         try:
             outcomes.append(here(made[0]))
-        except Exception as error:  # noqa: BLE001 - the others finish first; then the run fails with it
+        except BaseException as error:  # noqa: BLE001 - Ctrl-C too: the others stop between batches first
             for other in others:
                 other.stop()
             outcomes.append(error)
         for other in others:
-            try:
-                outcomes.append(other.result())
-            except ShardFailed as error:
-                outcomes.append(error)
+            outcomes.append(_wait(other, others))
     finally:
         finished.set()
         if relay.is_alive():
             relay.join()
-        for other in others:
+        for other in others:  # only on a second Ctrl-C: a slice that outlives the run would go on sending
             if other.process.poll() is None:
                 other.process.kill()
                 other.process.wait()
     failures = [o for o in outcomes if isinstance(o, BaseException)]
+    for failure in failures[1:]:
+        log.error("Also failed: %s", failure)
     if failures:
         raise failures[0]
     return cast(list[T], outcomes)
+
+
+def _wait(other: ShardProcess, others: list[ShardProcess]) -> Any:
+    """A slice's result or failure; a Ctrl-C meanwhile asks every slice to stop and waits on."""
+    try:
+        return other.result()
+    except ShardFailed as error:
+        return error
+    except KeyboardInterrupt as error:
+        for each in others:
+            each.stop()
+        try:
+            other.result()
+        except ShardFailed:
+            pass
+        return error

@@ -1,9 +1,12 @@
 """A pass in slices at once: every due mail sent once, the slices' summaries adding up to the
 whole pass's, a journey's steps sliced alike, a killed slice failing the run with nothing
-twice on the rerun, and a shutdown reaching every slice."""
+twice on the rerun, a shutdown and a Ctrl-C reaching every slice; a run with its own steps,
+and the deferred sweep, in one process."""
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,12 +18,14 @@ from sqlmodel import Session, col, select
 from flows.outcomes import Outcome
 from flows.run import execute, run
 from flows.run_context import RunContext, prepare
+from flows.send.batch import dispatch_prepared
 from flows.settings import Settings
 from flows.shards import ShardFailed
 from flows.summary import RunSummary
 from models import Customer
 from tests.send.test_senders import children, wait_until
 from tests.support.builders import NOW, Store, ago
+from tests.support.children import child_env
 from tests.support.ledger import addresses
 from tests.support.smtp_server import SmtpServer
 
@@ -141,3 +146,63 @@ def test_a_shutdown_reaches_every_slice_and_the_next_run_carries_on(settings: Se
         slow.stop()
     received = Counter(r.recipients[0] for r in slow.received)
     assert set(received) == emails and set(received.values()) == {1}
+
+
+def test_a_run_with_its_own_dispatch_step_stays_in_one_process(
+        settings: Settings, store: Store, smtp: SmtpServer, capfd: pytest.CaptureFixture[str]) -> None:
+    """The other slices would send through the real steps, around the caller's."""
+    emails = store.lapsed(12)
+    seen: list[str] = []
+
+    def dispatch(context: RunContext, prepared: list, batch: int = 0) -> object:
+        seen.extend(p.candidate.email for p in prepared)
+        return dispatch_prepared(context, prepared, batch=batch)
+
+    summary = execute(sliced(settings, 3, workers=1), dispatch=dispatch)  # no senders either
+    assert summary.outcomes[Outcome.SENT] == 12 and sorted(seen) == sorted(emails)  # every mail through it
+    assert "shard 2/3" not in capfd.readouterr().err
+
+
+def test_the_deferred_sweep_is_not_sliced(settings: Settings, store: Store, capfd: pytest.CaptureFixture[str]) -> None:
+    store.lapsed(6)
+    execute(sliced(settings, 3), audience=False)
+    assert "shard 2/3" not in capfd.readouterr().err
+    with pytest.raises(ValueError, match="shards must be from 1 to 64"):
+        prepare("winback-lapsed", NOW, settings=settings, shards=0)
+
+
+CTRL_C = """
+import sys
+from datetime import datetime
+from flows.run import execute
+from flows.run_context import prepare
+from flows.surfaces.environment import settings_from_environment
+execute(prepare("winback-lapsed", datetime.fromisoformat(sys.argv[1]), settings=settings_from_environment(), shards=2))
+"""
+
+
+def test_a_ctrl_c_lets_every_slice_finish_its_batch_and_the_rerun_sends_the_rest(
+        settings: Settings, store: Store) -> None:
+    emails = set(store.lapsed(60))
+    with Session(store.engine) as session:
+        slice_of = {email: customer_id % 2 for customer_id, email in session.exec(
+            select(col(Customer.id), col(Customer.email))).all()}
+    slow = SmtpServer(data_delay=0.05).start()
+    try:
+        run_settings = settings.model_copy(update={"smtp_url": slow.url, "batch_size": 4, "workers": 2, "in_flight": 1})
+        child = subprocess.Popen([sys.executable, "-c", CTRL_C, NOW.isoformat()], env=child_env(run_settings),
+                                 stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: {slice_of[r.recipients[0]] for r in slow.received} == {0, 1})  # both slices sending
+        os.kill(child.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the run
+        _, err = child.communicate(timeout=120)
+        assert child.returncode != 0 and "KeyboardInterrupt" in err
+        sent = Counter(slice_of[r.recipients[0]] for r in slow.received)
+        assert 0 < sent[1] < 30  # the other slice stopped between its batches, not at the end
+        assert not set(addresses(store.engine, "sending")) & {e for e, s in slice_of.items() if s == 1}
+        run(sliced(settings.model_copy(update={"smtp_url": slow.url, "claim_lease_seconds": 0}), 2))
+    finally:
+        slow.stop()
+    received = Counter(r.recipients[0] for r in slow.received)
+    in_doubt = addresses(store.engine, "sending")
+    assert set(received.values()) == {1}
+    assert set(received) | in_doubt == emails and len(in_doubt) <= 1  # at most the run's own one on the wire

@@ -55,9 +55,9 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def portable(error: BaseException) -> BaseException:
-    """The error as the flow's process can unpickle it, with the sender's traceback as a note."""
-    error.add_note("".join(traceback.format_exception(error)).rstrip() + f"\n(in sender process {os.getpid()})")
+def portable(error: BaseException, role: str = "sender") -> BaseException:
+    """The error as the flow's process can unpickle it, with the child's traceback as a note."""
+    error.add_note("".join(traceback.format_exception(error)).rstrip() + f"\n(in {role} process {os.getpid()})")
     try:
         pickle.loads(pickle.dumps(error))
         return error

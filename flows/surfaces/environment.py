@@ -12,8 +12,8 @@ from typing import Any
 
 from flows.settings import SECRET_BLOCK_PREFIX, Settings
 
-SECRET_BLOCK_FIELDS = ("database_url", "smtp_url", "secret", "dkim_private_key", "postmark_webhook_password",
-                       "admin_token", "write_keys")
+SECRET_BLOCK_FIELDS = ("database_url", "smtp_url", "secret", "dkim_private_key", "dkim_ed25519_private_key",
+                       "postmark_webhook_password", "admin_token", "write_keys")
 
 
 @lru_cache

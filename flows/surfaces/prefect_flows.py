@@ -140,7 +140,8 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False, sh
     settings, project, engine = _start()
     context = prepare(trigger, parse_now(now), settings=settings, project=project, engine=engine, dry_run=dry_run,
                       run_id=str(flow_run.id or ""), shards=shards)
-    summary = run(context, logger=get_run_logger(), render=_render_task, dispatch=_dispatch_task, submit=_send_task)
+    summary = run(context, logger=get_run_logger(), render=_render_task, dispatch=_dispatch_task, submit=_send_task,
+                  steps_wrap_real=True)
     publish(summary, context.settings)
     return Completed(message=summary.state_message(), data=summary)
 
