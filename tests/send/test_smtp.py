@@ -292,3 +292,66 @@ def test_a_run_fails_a_non_ascii_local_part_once_and_sends_the_idn_addresses(set
         assert session.get(Suppression, failed.email) is None  # the relay's limit, not the address's fault
     assert again.outcomes == {"skipped:already_sent": 3}, again.outcomes  # failed once, recorded, not again
     assert len(server.received) == 2
+
+
+def _over_a_link(server_port: int, envelopes: list[Envelope], connections: int = 1) -> tuple[dict[str, Delivery], int]:
+    """Send across a 10 ms link (the latency proxy); the deliveries and the round trips counted on the wire."""
+    from tests.support.latency_proxy import LatencyProxy
+
+    with LatencyProxy(server_port, delay=0.005) as link:
+        results = send(f"smtp://127.0.0.1:{link.port}?connections={connections}&timeout=5", envelopes)
+        return results, link.round_trips
+
+
+@pytest.mark.parametrize(("pipelining", "per_mail"), [(True, 2), (False, 4)])
+def test_with_pipelining_a_mail_costs_two_round_trips_and_without_it_four(pipelining: bool, per_mail: int) -> None:
+    server = SmtpServer(pipelining=pipelining).start()
+    try:
+        results, trips = _over_a_link(server.port, [envelope(f"r{i}@example.de") for i in range(20)])
+    finally:
+        server.stop()
+    assert {d.result for d in results.values()} == {Outcome.SENT} and len(server.received) == 20
+    # EHLO, the session's first mail one command at a time (aiosmtplib greets with it), then
+    # per_mail for each of the other 19, and QUIT.
+    assert trips == 1 + 4 + per_mail * 19 + 1
+
+
+def test_a_refused_recipient_in_a_pipelined_group_fails_only_that_mail() -> None:
+    server = SmtpServer(pipelining=True).start()
+    server.handler.scripts["gone@example.de"] = Script(rcpt=["550 5.1.1 no such user"])
+    server.handler.scripts["later@example.de"] = Script(rcpt=["451 4.3.0 try again later"])
+    server.handler.scripts["big@example.de"] = Script(data=["552 5.3.4 message too big"])
+    try:
+        names = ["a", "gone", "b", "later", "c", "big", "d"]
+        results, _ = _over_a_link(server.port, [envelope(f"{n}@example.de") for n in names])
+    finally:
+        server.stop()
+    outcomes = {key.split("@")[0]: d.result for key, d in results.items()}
+    assert outcomes == {"a": Outcome.SENT, "gone": Outcome.BOUNCED, "b": Outcome.SENT, "later": Outcome.SENT,
+                        "c": Outcome.SENT, "big": Outcome.REJECTED, "d": Outcome.SENT}
+    assert sorted(r.recipients[0] for r in server.received) == sorted(
+        f"{n}@example.de" for n in ("a", "b", "later", "c", "d"))  # the refused never, the deferred once
+    assert results["gone@example.de"].reply.startswith("550 5.1.1")
+
+
+def test_smtp_sinks_refusals_at_rcpt_are_matched_to_their_mail_in_pipelined_groups() -> None:
+    """Postfix's smtp-sink offers PIPELINING; with its fault flags every RCPT is refused, and
+    each reply still lands on its own mail: the session never falls out of step."""
+    from tests.support.smtp_server import PostfixSink
+
+    envelopes = [envelope(f"r{i}@example.de") for i in range(12)]
+    soft = PostfixSink("-r", "RCPT").start()  # 4xx at every RCPT: each mail retried, then left for later
+    try:
+        results = send(f"smtp://127.0.0.1:{soft.port}?connections=2&timeout=5", envelopes, RetryPolicy(2, 0.01, 0.02))
+    finally:
+        soft.stop()
+    assert {d.result for d in results.values()} == {Outcome.RETRY} and len(results) == 12
+    assert {d.reply[:1] for d in results.values()} == {"4"} and soft.recipients() == []
+
+    hard = PostfixSink("-f", "RCPT").start()  # 5xx at every RCPT: a relay refusing all, the breaker's case
+    try:
+        with pytest.raises(RelayRefused, match=r"500 5\.3\.0") as refused:
+            send(f"smtp://127.0.0.1:{hard.port}?connections=2&timeout=5", envelopes)
+    finally:
+        hard.stop()
+    assert hard.recipients() == [] and refused.value.done == []  # nobody blamed for the relay

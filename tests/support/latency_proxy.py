@@ -58,6 +58,9 @@ class LatencyProxy:
         self._thread = threading.Thread(target=self._run, name="latency-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
         self.connections = 0
+        # Round trips, counted where they happen: each time the client speaks after the
+        # server did (or first), a new one begins.
+        self.round_trips = 0
 
     def _run(self) -> None:
         # A busy machine (the test suite on every core) would add its scheduling delay to the
@@ -100,14 +103,18 @@ class LatencyProxy:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
-        await asyncio.gather(self._pump(client_reader, _Direction(loop, upstream_writer, self.delay)),
-                             self._pump(upstream_reader, _Direction(loop, client_writer, self.delay)),
+        turn = ["server"]  # who spoke last on this connection
+        await asyncio.gather(self._pump(client_reader, _Direction(loop, upstream_writer, self.delay), turn, "client"),
+                             self._pump(upstream_reader, _Direction(loop, client_writer, self.delay), turn, "server"),
                              return_exceptions=True)
         for writer in (client_writer, upstream_writer):
             writer.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, direction: _Direction) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, direction: _Direction, turn: list[str], side: str) -> None:
         while data := await reader.read(65536):
+            if side == "client" and turn[0] != "client":
+                self.round_trips += 1
+            turn[0] = side
             direction.push(data)
         direction.push(None)
         while direction.queue:  # what is still on its way arrives before the connection closes

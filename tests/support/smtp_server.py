@@ -44,13 +44,20 @@ class Script:
 
 
 class RecordingHandler:
-    def __init__(self, data_delay: float = 0.0) -> None:
+    def __init__(self, data_delay: float = 0.0, pipelining: bool = False) -> None:
         self.data_delay = data_delay  # seconds before answering DATA: a slow server
+        self.pipelining = pipelining  # offer PIPELINING (RFC 2920); aiosmtpd reads commands in order either way
         self.received: list[Received] = []
         self.scripts: dict[str, Script] = defaultdict(Script)
         self.rcpt_attempts: dict[str, int] = defaultdict(int)
         self.refuse_every_rcpt: str | None = None  # a reply to every RCPT no script answers: a broken relay
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
@@ -92,8 +99,8 @@ class SmtpServer:
     takes only this login; ``auth_required``: MAIL before a login is answered 530."""
 
     def __init__(self, data_delay: float = 0.0, credentials: tuple[str, str] | None = None,
-                 auth_required: bool = False) -> None:
-        self.handler = RecordingHandler(data_delay)
+                 auth_required: bool = False, pipelining: bool = False) -> None:
+        self.handler = RecordingHandler(data_delay, pipelining)
         self.port = free_port()
         self.credentials = credentials
         self.logins: list[tuple[str, bool]] = []  # (login, accepted), one per AUTH attempt
