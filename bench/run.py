@@ -1,6 +1,6 @@
 """Throughput benchmark against real SMTP peers (Postfix's smtp-sink and smtp-source).
 
-    python bench/run.py [--customers N] [--naive N] [--databases sqlite,postgresql] [--dkim]
+    python bench/run.py [--customers N] [--naive N] [--databases sqlite,postgresql] [--dkim] [--rtt MS]
 
 Grows a synthetic store (``bench/store.py``: about ten events per customer) through
 10,000, 100,000 and 1,000,000 customers, up to ``--customers`` (default 100,000), and
@@ -242,11 +242,12 @@ if __name__ == "__main__":
 """
 
 
-def end_to_end(url: str, port: int, api_url: str, workers: int, extra: dict[str, str] | None = None) -> dict:
+def end_to_end(url: str, port: int, api_url: str, workers: int, extra: dict[str, str] | None = None,
+               connections: int = CONNECTIONS) -> dict:
     """The win-back flow in a fresh process, as a worker would run it; its whole tree is measured
-    (``extra``: more settings, such as a DKIM key)."""
+    (``extra``: more settings, such as a DKIM key; ``connections``: SMTP sessions per sender)."""
     env = {**os.environ, **(extra or {}), "PREFECT_API_URL": api_url, "LIFECYCLE_DATABASE_URL": url,
-           "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{port}?connections={CONNECTIONS}",
+           "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{port}?connections={connections}",
            "LIFECYCLE_TRIGGERS_DIR": str(ROOT / "triggers"), "LIFECYCLE_TEMPLATES_DIR": str(ROOT / "templates"),
            "LIFECYCLE_BATCH_SIZE": str(BATCH_SIZE), "LIFECYCLE_IN_FLIGHT": "200", "LIFECYCLE_WORKERS": str(workers),
            "PYTHONPATH": str(ROOT)}
@@ -379,6 +380,10 @@ def main() -> None:
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="sending processes, the run's own included (LIFECYCLE_WORKERS)")
+    parser.add_argument("--rtt", type=float, default=0.0,
+                        help="also run end to end with this round trip (ms) to the sink, through a latency proxy")
+    parser.add_argument("--rtt-connections", type=int, default=32,
+                        help="SMTP sessions in all for the --rtt run (split over the sending processes)")
     parser.add_argument("--dkim", action="store_true",
                         help="also run each end-to-end measurement DKIM-signed (RSA-2048), right after it")
     args = parser.parse_args()
@@ -437,6 +442,9 @@ def main() -> None:
                                                          for k, v in e2e.items()}
         for engine in engines.values():
             engine.dispose()
+        if args.rtt:
+            results["rtt"] = across_the_network(urls[databases[0]], port, api_url, args.workers, args.rtt,
+                                                args.rtt_connections)
         if args.dkim:
             results["dkim_signing"] = signing_cost(dkim_settings()["LIFECYCLE_DKIM_PRIVATE_KEY"])
         size = message_size()
@@ -454,6 +462,28 @@ def main() -> None:
     results["e2e_vs_naive"] = round(results["e2e_msgs_per_s"] / results["naive_msgs_per_s"], 1)
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+
+
+def across_the_network(url: str, port: int, api_url: str, workers: int, rtt_ms: float, connections: int) -> dict:
+    """The same run with the sink ``rtt_ms`` away (a latency proxy: half of it each way), over
+    ``connections`` SMTP sessions in all; the round trips counted on the wire, against the
+    model's limit: connections / (round trips a mail × round trip)."""
+    from tests.support.latency_proxy import LatencyProxy
+
+    per_sender = max(1, connections // workers)
+    print(f"End to end {rtt_ms:g} ms from the sink, {per_sender * workers} sessions …", flush=True)
+    with LatencyProxy(port, delay=rtt_ms / 2000) as link:
+        e2e = end_to_end(url, link.port, api_url, workers, connections=per_sender)
+        trips = link.round_trips
+    clear_ledger(url)
+    per_mail = trips / e2e["sent"]
+    model = per_sender * workers / (per_mail * rtt_ms / 1000)
+    print(f"  {e2e['sent']:,} mails in {e2e['seconds']:.1f} s: {e2e['msgs_per_s']:,.0f}/s, {per_mail:.2f} round trips "
+          f"a mail, {e2e['msgs_per_s'] / model:.1%} of the model's {model:,.0f}/s", flush=True)
+    return {"rtt_ms": rtt_ms, "connections": per_sender * workers, "sent": e2e["sent"],
+            "seconds": round(e2e["seconds"], 1), "msgs_per_s": round(e2e["msgs_per_s"], 1),
+            "round_trips": trips, "round_trips_per_mail": round(per_mail, 3), "model_msgs_per_s": round(model, 1),
+            "vs_model": round(e2e["msgs_per_s"] / model, 3)}
 
 
 def signed_run(results: dict, key: str, url: str, port: int, api_url: str, workers: int, unsigned: dict) -> None:
@@ -482,6 +512,12 @@ def print_table(results: dict) -> None:
     for key, e2e in results.get("e2e_signed", {}).items():
         row(f"end to end DKIM-signed, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
         row("  signed / unsigned, same store, same run", f"{results['signed_vs_unsigned'][key]:.1%}")
+    if "rtt" in results:
+        rtt = results["rtt"]
+        label = f"end to end, {rtt['rtt_ms']:g} ms RTT, {rtt['connections']} sessions (msgs/s)"
+        row(label, f"{rtt['msgs_per_s']:,.0f}")
+        row("  SMTP round trips a mail, counted on the wire", f"{rtt['round_trips_per_mail']:.2f}")
+        row("  of the model's connections / (round trips × RTT)", f"{rtt['vs_model']:.1%}")
     if "dkim_signing" in results:
         cost = results["dkim_signing"]
         row("one RSA-2048 DKIM signature, Lifecycle (µs)", f"{cost['lifecycle_sign_us']:,.0f}")

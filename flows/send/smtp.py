@@ -458,7 +458,7 @@ class Mailer:
                     raise _NoSmtpUtf8(f"553 5.6.7 {client.hostname} does not offer SMTPUTF8, which the address's "
                                       "Unicode local part needs: not sent")
                 await _command(client, b"MAIL", b"FROM:", envelope.sender, SMTPSenderRefused, (250,), utf8=True)
-            elif client.is_ehlo_or_helo_needed:  # a session's first: aiosmtplib greets (EHLO, else HELO)
+            elif client.is_ehlo_or_helo_needed and not await _greet(client):  # HELO: no extensions
                 await client.mail(envelope.sender)
             elif client.supports_extension("pipelining"):
                 await self._pipelined(client, envelope.sender, recipient)
@@ -600,6 +600,16 @@ async def _command(client: aiosmtplib.SMTP, verb: bytes, prefix: bytes, address:
     response = await client.execute_command(verb, line, *([b"SMTPUTF8"] if utf8 and verb == b"MAIL" else []))
     if response.code not in accepted:
         raise refused(response.code, response.message, address)
+
+
+async def _greet(client: aiosmtplib.SMTP) -> bool:
+    """EHLO, so that a session's first mail may be pipelined too; False if the server wants
+    HELO (then aiosmtplib's MAIL greets it, and no extension applies)."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        return False
+    return True
 
 
 async def _reset(client: aiosmtplib.SMTP) -> None:

@@ -82,9 +82,10 @@ class LatencyProxy:
         async def close() -> None:
             assert self._server is not None
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)  # the connections end here, quietly
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -104,9 +105,13 @@ class LatencyProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
         turn = ["server"]  # who spoke last on this connection
-        await asyncio.gather(self._pump(client_reader, _Direction(loop, upstream_writer, self.delay), turn, "client"),
-                             self._pump(upstream_reader, _Direction(loop, client_writer, self.delay), turn, "server"),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(
+                self._pump(client_reader, _Direction(loop, upstream_writer, self.delay), turn, "client"),
+                self._pump(upstream_reader, _Direction(loop, client_writer, self.delay), turn, "server"),
+                return_exceptions=True)
+        except asyncio.CancelledError:  # the proxy is closing: end the connection without a traceback
+            pass
         for writer in (client_writer, upstream_writer):
             writer.close()
 
