@@ -111,8 +111,8 @@ def test_branches_and_variants_are_counted_where_they_happen(
     assert found["reminder"].branch == "after welcome: else" and found["reminder"].sent == 2
 
     write(settings, EXPERIMENT, "winback-ab")
-    for i in range(20):
-        store.customer(f"P{i}", last_seen=ago(days=200))
+    for i in range(20):  # ids of their own: the draws must not depend on which tests ran before
+        store.customer(f"P{i}", last_seen=ago(days=200), external_id=f"ab-{i}")
     (arm,) = simulate("winback-ab", NOW, NOW, timedelta(hours=1), settings=settings, source=engine).steps
     assert arm.held_out and arm.held_out + arm.sent == 20
     assert set(arm.variants) == {"a", "b"} and sum(arm.variants.values()) == arm.sent

@@ -481,17 +481,24 @@ class Mailer:
         group = (_line(b"MAIL", b"FROM:", sender, SMTPSenderRefused) + _line(b"RCPT", b"TO:", recipient,
                                                                                  SMTPRecipientRefused) + b"DATA\r\n")
         timeout = self.config.timeout
+        replies: list[aiosmtplib.SMTPResponse] = []
         protocol.pipelined = True
         try:
             protocol._response_pending = True  # aiosmtplib's flag: a reply is awaited
             protocol.write(group)
-            mail, rcpt, start = [await protocol.read_response(timeout) for _ in range(3)]
+            for _ in range(3):
+                replies.append(await protocol.read_response(timeout))
         except Exception as exc:
-            if _connection_lost(exc):
-                await self._close(client)
-            raise
+            if not _connection_lost(exc):
+                raise
+            await self._close(client)
+            # A server that refuses and hangs up (421 at RCPT) is answered by its refusal, as one
+            # command at a time would have seen it; lost before any refusal, the loss it is.
+            if all(reply.code in (250, 251) for reply in replies):
+                raise
         finally:
             protocol.pipelined = False
+        mail, rcpt, start = (replies + [aiosmtplib.SMTPResponse(-1, "")] * 3)[:3]
         if start.code == 354 and (mail.code != 250 or rcpt.code not in (250, 251)):
             # The server took DATA though MAIL or RCPT failed: end it with nothing in it (RFC 2920 3.1).
             protocol.write(b".\r\n")
