@@ -320,19 +320,7 @@ def sample_message() -> bytes:
 
 def message_size() -> int:
     """The size of one win-back mail as Lifecycle builds it, for smtp-source to match."""
-    from flows.content.context import sample_contexts
-    from flows.message.compose import Sender, build_message, message_id
-    from flows.run_context import load
-    from flows.settings import Settings
-
-    settings = Settings(triggers_dir=ROOT / "triggers", templates_dir=ROOT / "templates")
-    project = load(settings)
-    trigger = project.trigger("winback-lapsed")
-    context = {**sample_contexts(None, settings.base_url, settings.shop_url)[0], "stage": "lapsed", "lang": "de"}
-    rendered = project.catalog.render(trigger.email, context)
-    sender = Sender.parse(settings.sender)
-    return len(build_message(rendered, sender=sender, to_address="kunde1@example.de", to_name="Jürgen Groß",
-                             msg_id=message_id("x", sender, secrets.token_urlsafe(32)), date=NOW))
+    return len(sample_message())
 
 
 NAIVE = """
