@@ -42,6 +42,10 @@ log = logging.getLogger("lifecycle")
 
 # Hands a batch to a sender process; returns something with ``.result()`` (a Future, a PrefectFuture).
 SubmitStep = Callable[[SenderPool, list[Candidate], int], Any]
+# Runs a sharded pass's slices elsewhere (flow runs over a work pool: ``prefect_shards``); their summaries in order.
+Spread = Callable[[list[RunContext]], list[RunSummary]]
+# Told of each batch of a pass as it comes (a shard's progress).
+BatchHook = Callable[[Sequence[Candidate]], None]
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
@@ -51,7 +55,8 @@ def _to_sender(senders: SenderPool, candidates: list[Candidate], batch: int) -> 
 
 def execute(context: RunContext, render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
             should_stop: Callable[[], bool] = lambda: False, audience: bool = True,
-            submit: SubmitStep = _to_sender, logger: Logger = log, steps_wrap_real: bool = False) -> RunSummary:
+            submit: SubmitStep = _to_sender, logger: Logger = log, steps_wrap_real: bool = False,
+            spread: Spread | None = None) -> RunSummary:
     """Run the stages batch by batch over everyone due (``audience=False``: only those whose
     deferral has come due, the deferred sweep). ``should_stop`` is asked between batches
     (graceful shutdown).
@@ -64,13 +69,14 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
     A trigger's ``shards`` split each pass over the audience into slices at once
     (``flows.shards``); the other slices send through the real steps, so a caller's own
     ``render``, ``dispatch`` or ``submit`` keeps the pass in one process, unless they only
-    wrap the real ones (``steps_wrap_real``: the Prefect tasks).
+    wrap the real ones (``steps_wrap_real``: the Prefect tasks). ``spread`` runs the slices
+    elsewhere instead (a deployed run: flow runs of its deployment, ``prefect_shards``).
     """
     parts = (render, dispatch, submit)
     real = steps_wrap_real or parts == (render_candidates, dispatch_prepared, _to_sender)
     passes = context.passes()
     if len(passes) == 1 and passes[0].step is None:
-        return _execute_pass(context, render, dispatch, should_stop, audience, submit, logger, real)
+        return _execute_pass(context, render, dispatch, should_stop, audience, submit, logger, real, spread)
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
     if context.trigger.journey is not None:
         summary.diagram = mermaid(context.trigger.journey, context.kind.name)
@@ -81,7 +87,7 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
         if plan.step.experiment is not None:
             winner, said = experiment_looks.decide(part, logger)
             part = replace(part, winner=winner)
-        done = _execute_pass(part, render, dispatch, should_stop, audience, submit, logger, real)
+        done = _execute_pass(part, render, dispatch, should_stop, audience, submit, logger, real, spread)
         if said:
             done.decisions[plan.name] = said
         summary.absorb(plan.name, done)
@@ -91,7 +97,8 @@ def execute(context: RunContext, render: RenderStep = render_candidates, dispatc
 
 
 def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchStep, should_stop: Callable[[], bool],
-                  audience: bool, submit: SubmitStep, logger: Logger, real: bool = True) -> RunSummary:
+                  audience: bool, submit: SubmitStep, logger: Logger, real: bool = True,
+                  spread: Spread | None = None, on_batch: BatchHook | None = None) -> RunSummary:
     """One pass over one audience: the trigger's one mail, or one journey step's.
 
     A deferral is decided by the same query and rules as fresh mail; the deferrals whose
@@ -106,6 +113,8 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
     """
     # Not the deferred sweep's few: slices cost their processes' start, every few minutes.
     if context.shards > 1 and context.shard is None and audience:
+        if spread is not None:
+            return _spread(context, spread, logger)
         if real:
             return _execute_sharded(context, render, dispatch, should_stop, audience, submit, logger)
         logger.info("Reading the audience in one process, not %d slices: this run's own steps would not be "
@@ -154,6 +163,8 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
                 log.warning("Stopping before batch %d: shutdown requested; the next run carries on", number)
                 summary.interrupted = True
                 break
+            if on_batch is not None:
+                on_batch(batch)
             deferrals.met(batch)
             due, why = _classify(context, batch, summary)
             if not due:
@@ -196,6 +207,16 @@ def _execute_sharded(context: RunContext, render: RenderStep, dispatch: Dispatch
     return summary
 
 
+def _spread(context: RunContext, spread: Spread, logger: Logger) -> RunSummary:
+    """One pass as ``context.shards`` slices run elsewhere, their summaries added up."""
+    logger.info("Spreading the audience over %d shards", context.shards)
+    summary = RunSummary(context.trigger.name, context.now, context.dry_run)
+    for part in spread(slices(context)):
+        summary.combine(part, PLANNED_LINES)
+    logger.info("All %d shards: %s", context.shards, summary.headline())
+    return summary
+
+
 def slices(context: RunContext) -> list[RunContext]:
     """The contexts of a pass's slices: the shared mailboxes read once, the cores shared out."""
     with context.engine.connect() as connection:
@@ -204,9 +225,11 @@ def slices(context: RunContext) -> list[RunContext]:
     return [replace(context, settings=settings, shard=shard) for shard in split(context.shards, members, shared)]
 
 
-def execute_slice(context: RunContext, *, audience: bool, should_stop: Callable[[], bool]) -> RunSummary:
-    """One slice of one pass, as a shard process runs it (the real render and dispatch steps)."""
-    return _execute_pass(context, render_candidates, dispatch_prepared, should_stop, audience, _to_sender, log)
+def execute_slice(context: RunContext, *, audience: bool, should_stop: Callable[[], bool],
+                  on_batch: BatchHook | None = None, logger: Logger = log) -> RunSummary:
+    """One slice of one pass, as a shard runs it (the real render and dispatch steps)."""
+    return _execute_pass(context, render_candidates, dispatch_prepared, should_stop, audience, _to_sender, logger,
+                         on_batch=on_batch)
 
 
 class _Deferrals:
@@ -298,13 +321,13 @@ def run_trigger(trigger: str, *, settings: Settings, now: datetime | None = None
 
 def run(context: RunContext, *, should_stop: Callable[[], bool] = lambda: False, logger: Logger = log,
         render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared,
-        submit: SubmitStep | None = None, steps_wrap_real: bool = False) -> RunSummary:
+        submit: SubmitStep | None = None, steps_wrap_real: bool = False, spread: Spread | None = None) -> RunSummary:
     """A whole run over a prepared context: the relay checked first (unless a dry run),
     every batch sent, and the trigger's recent complaint rate attached to the summary."""
     if not context.dry_run:
         check_smtp(context.settings)
     summary = execute(context, render=render, dispatch=dispatch, should_stop=should_stop, logger=logger,
-                      submit=submit or _to_sender, steps_wrap_real=steps_wrap_real)
+                      submit=submit or _to_sender, steps_wrap_real=steps_wrap_real, spread=spread)
     summary.complaints = (None if context.dry_run
                           else trigger_complaints(context.engine, context.trigger.name, context.now))
     return summary

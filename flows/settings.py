@@ -64,6 +64,10 @@ class Settings(BaseSettings):
                          description="Processes that send a run of more than one batch, the run's own included "
                                      "(1: only the run's process).")
     claim_lease_seconds: float = Field(600, ge=0, description="After this, a dead run's unsent claims are taken over.")
+    shard_attempts: int = Field(3, ge=1, le=10, description="A deployed run's shard that fails, crashes or stalls "
+                                "is run again, up to this many runs in all.")
+    shard_stall_seconds: float = Field(600, gt=0, description="A deployed run's shard whose progress stands still "
+                                       "this long is taken for lost (its worker gone): marked Crashed, run again.")
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)
     smtp_backoff_max_seconds: float = Field(30.0, ge=0)

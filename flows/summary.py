@@ -2,8 +2,9 @@
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import Any
 
 from flows.outcomes import FAMILIES, Outcome
 
@@ -54,6 +55,25 @@ class RunSummary:
         self.templates.update(part.templates)
         self.interrupted = self.interrupted or part.interrupted
         self.decisions.update(part.decisions)
+
+    def to_record(self) -> dict[str, Any]:
+        """What a part of a run (a shard's slice of one pass) hands the run that adds it up, as
+        JSON: its counts, planned mails, templates and whether it was interrupted."""
+        return {"trigger": self.trigger, "evaluated_at": self.evaluated_at.isoformat(), "dry_run": self.dry_run,
+                "counts": [[stage, outcome.value, n] for (stage, outcome), n in sorted(self.counts.items())],
+                "planned": [asdict(mail) for mail in self.planned],
+                "templates": sorted(list(t) for t in self.templates), "interrupted": self.interrupted}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "RunSummary":
+        """The part ``to_record`` wrote (the whole-run fields, steps to diagram, are the run's own)."""
+        summary = cls(record["trigger"], datetime.fromisoformat(record["evaluated_at"]), record["dry_run"],
+                      interrupted=record["interrupted"])
+        for stage, outcome, n in record["counts"]:
+            summary.add(stage, Outcome(outcome), n)
+        summary.planned = [PlannedMail(**mail) for mail in record["planned"]]
+        summary.templates = {(a, b, c, d, e) for a, b, c, d, e in record["templates"]}
+        return summary
 
     def step_table(self) -> list[dict[str, object]]:
         """A journey's run: one row per step, one column per outcome."""

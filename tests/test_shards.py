@@ -15,6 +15,7 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session, col, select
 
+from flows.audience.shards import spread
 from flows.outcomes import Outcome
 from flows.run import execute, run
 from flows.run_context import RunContext, prepare
@@ -126,7 +127,7 @@ def test_a_killed_slice_fails_the_run_and_the_rerun_sends_nothing_twice(settings
 def test_a_shutdown_reaches_every_slice_and_the_next_run_carries_on(settings: Settings, store: Store) -> None:
     emails = set(store.lapsed(80))
     with Session(store.engine) as session:
-        slice_of = {email: customer_id % 2 for customer_id, email in session.exec(
+        slice_of = {email: spread(customer_id) % 2 for customer_id, email in session.exec(
             select(col(Customer.id), col(Customer.email))).all()}
     slow = SmtpServer(data_delay=0.1).start()  # 40 a slice: 4 s each, at least
     try:
@@ -185,7 +186,7 @@ def test_a_ctrl_c_lets_every_slice_finish_its_batch_and_the_rerun_sends_the_rest
         settings: Settings, store: Store) -> None:
     emails = set(store.lapsed(60))
     with Session(store.engine) as session:
-        slice_of = {email: customer_id % 2 for customer_id, email in session.exec(
+        slice_of = {email: spread(customer_id) % 2 for customer_id, email in session.exec(
             select(col(Customer.id), col(Customer.email))).all()}
     slow = SmtpServer(data_delay=0.05).start()
     try:

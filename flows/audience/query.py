@@ -5,7 +5,7 @@ and the trigger's send history, so each row arrives with everything needed to de
 "send" or "skip, because …" without another query per customer.
 """
 
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -257,6 +257,16 @@ def shared_records(connection: Connection) -> tuple[frozenset[int], frozenset[st
     rows = connection.execute(select(col(Customer.id), address(Customer.email))
                               .where(address(Customer.email).in_(select(shared.c.mailbox)))).all()
     return frozenset(customer for customer, _ in rows if customer is not None), frozenset(m for _, m in rows)
+
+
+def mailboxes_of(connection: Connection, records: Collection[int]) -> frozenset[str]:
+    """The mailboxes of these customer records (a shard run elsewhere gets the records its
+    parent read with ``shared_records``, ids only, and looks their mailboxes up)."""
+    if not records:
+        return frozenset()
+    rows = connection.execute(select(address(Customer.email)).where(
+        one_of(col(Customer.id), records, connection.dialect.name), col(Customer.email).is_not(None)))
+    return frozenset(rows.scalars())
 
 
 def _shared_mailboxes() -> Select[str]:

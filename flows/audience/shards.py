@@ -1,7 +1,9 @@
 """A run's audience in slices: each customer in exactly one shard, whatever the step.
 
-A customer's shard is their id modulo the shard count, except for the customer records
-whose mailbox another record shares (few): those all go to shard 0, because one mail per
+A customer's shard is a stable hash of their id (Knuth's multiplicative hash: the high
+bits of ``id * 2654435761`` modulo 2**32) modulo the shard count: ids alone would follow whatever pattern the shop's ids have (a
+store whose every fourth customer has no order would give one shard of four nobody to
+mail). The customer records whose mailbox another record shares (few) all go to shard 0, because one mail per
 mailbox is decided within one pass (``query._InRun.mailbox``), so records sharing one must
 never be in two. Whoever splits the run reads those records once (``query.shared_records``)
 and every shard carries them, so all shards agree even while the store changes.
@@ -16,6 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, case, literal, true
+
+_GOLDEN = 2654435761  # about 2**32 / the golden ratio, odd: a bijection of 32-bit words
+_WORD = 2**32
+_LOW = 2**16
+
+
+def spread(customer_id: int) -> int:
+    """The id scattered over 16 bits, the same in Python as in SQL (64-bit integers in both
+    databases: exact for ids below 2**31). The high bits of the product: its low bits follow
+    the id's own (``id * odd`` is ``id`` modulo any power of two)."""
+    return customer_id * _GOLDEN % _WORD // _LOW
 
 
 @dataclass(frozen=True)
@@ -38,13 +51,13 @@ class Shard:
         return f"{self.index + 1}/{self.count}"
 
     def holds(self, customer_id: int) -> bool:
-        return (0 if customer_id in self.members else customer_id % self.count) == self.index
+        return (0 if customer_id in self.members else spread(customer_id) % self.count) == self.index
 
     def where(self, customer_id: Any) -> ColumnElement[bool]:
         """The SQL test for a row naming the customer in ``customer_id`` (a column)."""
         if self.count == 1:
             return true()
-        home: ColumnElement[Any] = customer_id % self.count
+        home: ColumnElement[Any] = customer_id * literal(_GOLDEN) % literal(_WORD) // literal(_LOW) % self.count
         if self.members:
             # Integers written into the statement: no bound-parameter limit, however many.
             listed: Any = bindparam("shard_members", sorted(self.members), expanding=True, literal_execute=True,

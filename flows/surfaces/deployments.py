@@ -101,3 +101,8 @@ def diff(path: Path, triggers: list[TriggerBase]) -> str:
 
     return "".join(difflib.unified_diff(lines(have), lines(want), fromfile=f"{path} (deployments as they are)",
                                         tofile=f"{path} (deployments from triggers/)"))
+
+
+def artifact_key(trigger: str) -> str:
+    """A trigger's name as an artifact key (lowercase letters, digits and dashes)."""
+    return "".join(ch if ch.isalnum() else "-" for ch in trigger.lower())

@@ -29,7 +29,7 @@ from prefect import State, Task, flow, tags, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 from prefect.utilities.annotations import quote
 from sqlalchemy import Engine
@@ -49,8 +49,9 @@ from flows.settings import Settings
 from flows.spec.project import Project
 from flows.spec.trigger import TriggerBase
 from flows.summary import RunSummary
-from flows.surfaces.deployments import run_tags
+from flows.surfaces.deployments import artifact_key, run_tags
 from flows.surfaces.environment import settings_from_environment
+from flows.surfaces.prefect_shards import ShardOrder, run_slice, spread_for
 from models.db import get_engine
 from models.types import utcnow
 
@@ -89,6 +90,11 @@ def _run_name() -> str:
     parameters = flow_run.parameters
     moment = parse_now(parameters.get("now"))
     suffix = " (dry run)" if parameters.get("dry_run") else ""
+    order = parameters.get("shard")
+    if order:  # one slice of a deployed run's pass (``prefect_shards``)
+        order = ShardOrder.model_validate(order)
+        suffix += f", step {order.step}" if order.step else ""
+        suffix += f", shard {order.label}"
     return f"{parameters['trigger']} @ {moment:%Y-%m-%d %H:%M} UTC{suffix}"
 
 
@@ -134,14 +140,29 @@ def _start() -> tuple[Settings, Project | None, Engine | None]:
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name, validate_parameters=True)
-def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False, shards: int | None = None) -> State:
+def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False, shards: int | None = None,
+                 shard: ShardOrder | None = None) -> State:
     """Evaluate one trigger at ``now`` (ISO 8601; default: the current time) and send
-    (``shards``: in that many slices at once, instead of the trigger's own ``shards:``)."""
+    (``shards``: in that many slices, instead of the trigger's own ``shards:``; a deployed
+    run's slices are flow runs of its deployment, each given its ``shard``)."""
     settings, project, engine = _start()
     context = prepare(trigger, parse_now(now), settings=settings, project=project, engine=engine, dry_run=dry_run,
                       run_id=str(flow_run.id or ""), shards=shards)
-    summary = run(context, logger=get_run_logger(), render=_render_task, dispatch=_dispatch_task, submit=_send_task,
-                  steps_wrap_real=True)
+    logger = get_run_logger()
+    if shard is not None:
+        if not context.dry_run:
+            check_smtp(context.settings)
+        part = run_slice(context, shard, logger)
+        return Completed(message=part.state_message(), data=part)
+    spread = spread_for(deployment.id, flow_run.id, run_tags(context.trigger), context.settings.shard_attempts,
+                        context.settings.shard_stall_seconds, logger)
+    try:
+        summary = run(context, logger=logger, render=_render_task, dispatch=_dispatch_task, submit=_send_task,
+                      steps_wrap_real=True, spread=spread)
+    finally:
+        if spread is not None and spread.report:
+            create_table_artifact(key=f"{artifact_key(context.trigger.name)}-shards", table=spread.report,
+                                  description="Each shard's flow runs and outcome")
     publish(summary, context.settings)
     return Completed(message=summary.state_message(), data=summary)
 
@@ -210,7 +231,7 @@ def ui_link(flow_run_id: UUID | None) -> str | None:
 
 def publish(summary: RunSummary, settings: Settings) -> None:
     """Artifacts for the Prefect UI: the summary (with preview links to `lifecycle web`) and the counts."""
-    key = "".join(ch if ch.isalnum() else "-" for ch in summary.trigger.lower())
+    key = artifact_key(summary.trigger)
     secret, made = settings.signing_secret, utcnow()  # a preview link expires after its making, not the run's --now
 
     def preview(stage: str, language: str, step: str, variant: str) -> str:

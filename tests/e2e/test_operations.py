@@ -3,7 +3,6 @@
 
 import json
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,11 +20,10 @@ from flows.spec.project import load_project
 from flows.surfaces.outbox import free_port
 from flows.surfaces.prefect_events import COMPLAINT_EVENT, COMPLAINT_RESOURCE_PREFIX
 from models.db import create_schema, make_engine
-from tests.support import ROOT
 from tests.support.builders import NOW, Store, ago
 from tests.support.children import lifecycle_bin, lifecycle_variables
 from tests.support.ledger import sends
-from tests.support.prefect_server import PrefectServer, prefect_bin, stop
+from tests.support.prefect_server import PrefectServer, copy_project, stop
 from tests.support.smtp_server import SmtpServer
 
 # One worker for the module under pytest-xdist (--dist loadgroup): its site, a Prefect server and a
@@ -45,27 +43,20 @@ class Site:
         """What the worker and the commands get on top of the Prefect server's environment."""
         settings = Settings(database_url=self.database_url, smtp_url=self.smtp.url,
                             secret=SecretStr("operations-test-secret"))
-        return {**lifecycle_variables(settings), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+        return {**lifecycle_variables(settings), "PREFECT_LOGGING_LEVEL": "INFO"}
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("site")
-    for folder in ("flows", "models", "triggers", "templates"):
-        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "prefect.yaml", root / "prefect.yaml")
+    root = copy_project(tmp_path_factory.mktemp("site"))
     server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).start()
     smtp = SmtpServer().start()
     site = Site(root, server, smtp, f"sqlite:///{root / 'store.db'}")
-    create_schema(site.engine)
     worker = None
     try:
-        created = server.run("work-pool", "create", "lifecycle", "--type", "process")
-        assert created.returncode == 0, created.stdout + created.stderr
-        deployed = server.run("deploy", "--all", cwd=root)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        worker = server.spawn([prefect_bin(), "worker", "start", "--pool", "lifecycle", "--type", "process"],
-                              cwd=root, log=root / "worker.log", **site.env())
+        server.deploy(root)
+        create_schema(site.engine)
+        worker = server.worker(root, root / "worker.log", **site.env())
         yield site
     finally:
         if worker:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from flows.surfaces.outbox import free_port
+from tests.support import ROOT
 
 
 def prefect_bin() -> str:
@@ -59,9 +60,31 @@ class PrefectServer:
         return subprocess.Popen(args, cwd=cwd, env=self.env(**env), stdout=log.open("wb"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
+    def deploy(self, root: Path, pool: str = "lifecycle", only: str | None = None) -> None:
+        """The project in ``root`` (``copy_project``) deployed (``prefect deploy --all``, or
+        ``--name only``) to a new process pool."""
+        created = self.run("work-pool", "create", pool, "--type", "process")
+        assert created.returncode == 0, created.stdout + created.stderr
+        deployed = self.run("deploy", *(["--name", only] if only else ["--all"]), cwd=root)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    def worker(self, root: Path, log: Path, pool: str = "lifecycle", *options: str,
+               **env: str) -> subprocess.Popen[bytes]:
+        """A process worker of ``pool`` in ``root``, polling every second."""
+        return self.spawn([prefect_bin(), "worker", "start", "--pool", pool, "--type", "process", *options],
+                          cwd=root, log=log, PREFECT_WORKER_QUERY_SECONDS="1", **env)
+
     def stop(self) -> None:
         if self.process:
             stop(self.process)
+
+
+def copy_project(root: Path) -> Path:
+    """This project's flows, models, triggers, templates and ``prefect.yaml`` in ``root``, as a site deploys them."""
+    for folder in ("flows", "models", "triggers", "templates"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", root / "prefect.yaml")
+    return root
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 20) -> None:

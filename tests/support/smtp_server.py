@@ -44,8 +44,9 @@ class Script:
 
 
 class RecordingHandler:
-    def __init__(self, data_delay: float = 0.0, pipelining: bool = False) -> None:
+    def __init__(self, data_delay: float = 0.0, pipelining: bool = False, keep_data: bool = True) -> None:
         self.data_delay = data_delay  # seconds before answering DATA: a slow server
+        self.keep_data = keep_data  # False: envelopes only (a large campaign counted at the server)
         self.pipelining = pipelining  # offer PIPELINING (RFC 2920); aiosmtpd reads commands in order either way
         self.received: list[Received] = []
         self.scripts: dict[str, Script] = defaultdict(Script)
@@ -86,8 +87,9 @@ class RecordingHandler:
                 return "421 closing"
             if script and script.data:
                 return script.data.pop(0)
-            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
-                                          tuple(session.peer), time.monotonic()))
+            data = envelope.original_content if self.keep_data else b""
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), data, tuple(session.peer),
+                                          time.monotonic()))
         return "250 2.0.0 queued"
 
     def to(self, address: str) -> list[Received]:
@@ -99,8 +101,8 @@ class SmtpServer:
     takes only this login; ``auth_required``: MAIL before a login is answered 530."""
 
     def __init__(self, data_delay: float = 0.0, credentials: tuple[str, str] | None = None,
-                 auth_required: bool = False, pipelining: bool = False) -> None:
-        self.handler = RecordingHandler(data_delay, pipelining)
+                 auth_required: bool = False, pipelining: bool = False, keep_data: bool = True) -> None:
+        self.handler = RecordingHandler(data_delay, pipelining, keep_data)
         self.port = free_port()
         self.credentials = credentials
         self.logins: list[tuple[str, bool]] = []  # (login, accepted), one per AUTH attempt
