@@ -1,12 +1,13 @@
 """A run's audience in slices: each customer in exactly one shard, whatever the step.
 
 A customer's shard is a stable hash of their id (Knuth's multiplicative hash: the high
-bits of ``id * 2654435761`` modulo 2**32) modulo the shard count: ids alone would follow whatever pattern the shop's ids have (a
-store whose every fourth customer has no order would give one shard of four nobody to
-mail). The customer records whose mailbox another record shares (few) all go to shard 0, because one mail per
-mailbox is decided within one pass (``query._InRun.mailbox``), so records sharing one must
-never be in two. Whoever splits the run reads those records once (``query.shared_records``)
-and every shard carries them, so all shards agree even while the store changes.
+bits of ``id * 2654435761`` modulo 2**32) modulo the shard count. The id alone would follow
+whatever pattern the shop's ids have: a store whose every fourth customer has no order
+would give one shard of four nobody to mail. The customer records whose mailbox another
+record shares (few) all go to shard 0, because one mail per mailbox is decided within one
+pass (``query._InRun.mailbox``), so records sharing one must never be in two. Whoever
+splits the run reads those records once (``query.shared_records``) and every shard carries
+them, so all shards agree even while the store changes.
 
 A shard is a test of the customer's id alone, so it applies to any row that names a
 customer, as early as the query can: to a kind's due rows, to a journey step's ledger rows,

@@ -132,17 +132,21 @@ def run_slice(context: RunContext, order: ShardOrder, logger: Logger) -> RunSumm
     progress = Progress(part)
     summary = execute_slice(part, audience=True, should_stop=lambda: False, on_batch=progress.batch, logger=logger)
     progress.done()
-    record = json.dumps(summary.to_record(), sort_keys=True)
-    where = f"Shard {order.label}" + (f", step {order.step}" if order.step else "")
     create_markdown_artifact(key=f"{artifact_key(context.trigger.name)}-{SLICE_ARTIFACT}",
                              description=f"shard {order.label}: {summary.state_message()}",
-                             markdown=f"# {summary.headline()}\n\n{where}. The parent run adds this up:\n\n"
-                                      f"```json\n{record}\n```\n")
+                             markdown=slice_markdown(summary, order))
     return summary
 
 
+def slice_markdown(summary: RunSummary, order: ShardOrder) -> str:
+    """A slice's summary artifact: its headline for people, its record for the parent (``read_record``)."""
+    record = json.dumps(summary.to_record(), sort_keys=True)
+    where = f"Shard {order.label}" + (f", step {order.step}" if order.step else "")
+    return f"# {summary.headline()}\n\n{where}. The parent run adds this up:\n\n```json\n{record}\n```\n"
+
+
 def read_record(markdown: str) -> RunSummary:
-    """The summary a slice's artifact carries (``run_slice``)."""
+    """The summary a slice's artifact carries (``slice_markdown``)."""
     start = markdown.index("```json\n") + len("```json\n")
     return RunSummary.from_record(json.loads(markdown[start:markdown.index("\n```", start)]))
 

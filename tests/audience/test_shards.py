@@ -97,3 +97,13 @@ def test_each_slice_closes_only_its_own_customers_deferrals(store: Store) -> Non
     assert sorted(key for part in parts for key in part) == sorted(every)
     for shard, part in zip(shards, parts, strict=True):
         assert part == {key for key in every if shard.holds(int(key.split("/")[1]))}
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 8])
+def test_slices_are_even_whatever_pattern_the_ids_follow(count: int) -> None:
+    """A store whose every fourth customer is alike (say, has no order yet) still gives every
+    slice its share of them: the slice is a hash of the id, not the id itself."""
+    for step in (1, 2, 4, 8):
+        ids = range(step, 40_000 * step + 1, step)
+        sizes = Counter(next(s.index for s in split(count) if s.holds(i)) for i in ids)
+        assert len(sizes) == count and max(sizes.values()) < 1.05 * len(ids) / count, (step, sizes)

@@ -1,4 +1,5 @@
-"""Shards over a work pool, for real: a Prefect server, PostgreSQL, two process workers and a
+"""Shards over a work pool: a slice's parameters give its run the parent's very slice, its
+summary comes back through its artifact; and for real: a Prefect server, PostgreSQL, two process workers and a
 200,000-customer campaign in 4 shards. Every due mail reaches the SMTP server once; both
 workers run shards; a worker killed mid-shard (SIGKILL, with every process it started: a
 machine lost) leaves its shards to be marked Crashed and run again, with nothing sent twice
@@ -21,13 +22,16 @@ from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from bench.store import grow
+from flows.audience.shards import Shard
 from flows.outcomes import Outcome
-from flows.run import execute
+from flows.run import execute, slices
 from flows.run_context import prepare
 from flows.settings import Settings
+from flows.summary import RunSummary
+from flows.surfaces.prefect_shards import ShardOrder, order_for, read_record, slice_context, slice_markdown
 from models.db import create_schema, dispose_engines, make_engine
 from tests.conftest import ensure_database, postgres_url
-from tests.support.builders import NOW
+from tests.support.builders import NOW, Store
 from tests.support.children import lifecycle_variables
 from tests.support.ledger import sends
 from tests.support.prefect_server import PrefectServer, copy_project, stop
@@ -37,9 +41,6 @@ CUSTOMERS = 200_000
 SHARDS = 4
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 STALL = 30  # seconds without progress before a shard run is taken for lost
-
-pytestmark = pytest.mark.xdist_group("pool-shards")
-
 
 def descendants(pid: int) -> list[int]:
     """Every process started by ``pid``, and by those, from /proc."""
@@ -69,6 +70,38 @@ def flow_runs(api: str) -> list[dict]:
     return httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}).json()
 
 
+def test_a_slice_ordered_by_parameters_is_the_slice_its_parent_made(settings: Settings, store: Store) -> None:
+    """What the parent puts in a shard run's parameters (ids only) gives the run the very slice
+    the parent split off, the mailboxes its records share looked up again."""
+    store.lapsed(6)
+    family = [store.customer("Familie", email=address) for address in ("Familie@Example.de", "familie@example.de")]
+    context = prepare("winback-lapsed", NOW, settings=settings, shards=3)
+    for made in slices(context):
+        order = ShardOrder.model_validate(json.loads(json.dumps(order_for(made).model_dump())))
+        again = slice_context(context, order)
+        assert again.shard == made.shard and again.shard is not None
+        assert again.shard.members == {c.id for c in family} and again.shard.shared == {"familie@example.de"}
+        assert (again.step, again.winner, again.shards) == (made.step, made.winner, 3)
+
+
+def test_a_journey_slice_is_of_its_step_and_a_step_gone_is_refused(settings: Settings) -> None:
+    context = prepare("abandoned-cart", NOW, settings=settings, shards=2)
+    order = ShardOrder(index=1, count=2, step="nudge", winner=None)
+    part = slice_context(context, order)
+    assert part.step is not None and part.step.name == "nudge" and part.shard == Shard(1, 2)
+    with pytest.raises(ValueError, match="no step 'gone'"):
+        slice_context(context, order.model_copy(update={"step": "gone"}))
+
+
+def test_a_slices_artifact_carries_its_summary_to_the_parent() -> None:
+    part = RunSummary("winback-lapsed", NOW)
+    part.add("lapsed", Outcome.SENT, 3)
+    part.add("lapsed", Outcome.HELD_OUT, 1)
+    markdown = slice_markdown(part, ShardOrder(index=0, count=4))
+    assert markdown.startswith("# winback-lapsed @ 2026-03-16 12:00:00 UTC: sent 3") and "Shard 1/4" in markdown
+    assert read_record(markdown) == part
+
+
 @pytest.fixture
 def campaign_store() -> Iterator[str]:
     url = postgres_url("_pool")
@@ -90,6 +123,7 @@ def campaign_store() -> Iterator[str]:
     dispose_engines()
 
 
+@pytest.mark.xdist_group("pool-shards")
 def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
         tmp_path_factory: pytest.TempPathFactory, campaign_store: str) -> None:
     root = copy_project(tmp_path_factory.mktemp("pool-site"))
