@@ -83,4 +83,4 @@ def test_the_entrypoint_is_importable_as_a_flow() -> None:
     from flows.surfaces.prefect_flows import trigger_flow
 
     assert trigger_flow.name == "lifecycle-trigger"
-    assert set(trigger_flow.parameters.properties) == {"trigger", "now", "dry_run", "shards"}
+    assert set(trigger_flow.parameters.properties) == {"trigger", "now", "dry_run", "shards", "shard"}
