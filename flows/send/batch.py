@@ -124,10 +124,19 @@ RenderStep = Callable[..., Any]  # render_candidates, or a Prefect task around i
 DispatchStep = Callable[..., Any]  # dispatch_prepared, or a Prefect task around it
 
 
+Rendered = tuple[list[Prepared], list[Failure]]  # a batch made into mail, and who could not be
+
+
 def deliver(context: RunContext, candidates: Sequence[Candidate], batch: int = 0,
             render: RenderStep = render_candidates, dispatch: DispatchStep = dispatch_prepared) -> BatchOutcome:
     """Render the batch, then send it (a dry run only plans it)."""
     prepared, failures = render(context, candidates, batch=batch)
+    return send_rendered(context, prepared, failures, batch, dispatch)
+
+
+def send_rendered(context: RunContext, prepared: list[Prepared], failures: list[Failure], batch: int = 0,
+                  dispatch: DispatchStep = dispatch_prepared) -> BatchOutcome:
+    """A rendered batch sent (a dry run only plans it), and what it did."""
     outcome = BatchOutcome(failures=failures)
     outcome.counts.update((f.candidate.stage, f.outcome) for f in failures)
     outcome.templates.update((p.claim.template, p.candidate.stage, p.candidate.language, p.claim.step,

@@ -27,16 +27,18 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
 
 from flows.audience.query import Candidate
 from flows.memory import one_malloc_arena
+from flows.message.prepare import render_candidates
 from flows.run_context import RunContext
-from flows.send.batch import BatchOutcome, deliver
+from flows.send.batch import BatchOutcome, Rendered, send_rendered
 
 _PR_SET_PDEATHSIG = 1
 
@@ -88,15 +90,30 @@ def serve(requests_fd: int, replies_fd: int) -> None:
         return
     gc.freeze()  # what the sender starts with stays out of the collector's scans (see flows.memory)
     replies.send(("ready", os.getpid()))
+    rendered: queue.Queue[tuple[int, Future[Rendered]] | None] = queue.Queue()
+    with ThreadPoolExecutor(1, thread_name_prefix="render") as renderer:
+        threading.Thread(target=_receive_and_render, args=(requests, renderer, context, rendered),
+                         name="receive", daemon=True).start()
+        while (item := rendered.get()) is not None:
+            batch, rendering = item
+            try:
+                replies.send(("done", send_rendered(context, *rendering.result(), batch)))
+            except Exception as error:  # noqa: BLE001 - the run fails the batch with it
+                replies.send(("failed", portable(error)))
+
+
+def _receive_and_render(requests: Connection, renderer: ThreadPoolExecutor, context: RunContext,
+                        rendered: "queue.Queue[tuple[int, Future[Rendered]] | None]") -> None:
+    """Each batch as it arrives, rendering at once (in the render thread) while the one
+    before it is on the wire: a relay far away waits on round trips, not on the CPU, and
+    the connections would idle while the next batch renders."""
     while True:
         try:
             candidates, batch = requests.recv()
         except EOFError:  # the run is done with this sender
+            rendered.put(None)
             return
-        try:
-            replies.send(("done", deliver(context, candidates, batch)))
-        except Exception as error:  # noqa: BLE001 - the run fails the batch with it
-            replies.send(("failed", portable(error)))
+        rendered.put((batch, renderer.submit(render_candidates, context, candidates, batch=batch)))
 
 
 def spawn(module: str) -> tuple[subprocess.Popen[bytes], Connection, Connection]:
@@ -118,6 +135,8 @@ def spawn(module: str) -> tuple[subprocess.Popen[bytes], Connection, Connection]
 
 
 _Work = tuple["Future[BatchOutcome]", list[Candidate], int] | None  # None: no more batches for this sender
+_AHEAD = 2  # batches in a sender's pipe at once: the one it sends, the one it renders meanwhile
+_POLL = 0.02  # seconds between looks for a second batch to hand a busy sender
 
 
 class _Sender:
@@ -135,35 +154,54 @@ class _Sender:
             raise detail
 
     def feed(self, work: "queue.Queue[_Work]", on_death: Callable[[SenderDied], None]) -> None:
-        """Hand this sender the queue's batches one after the other (its thread's body)."""
-        while (item := work.get()) is not None:
-            future, candidates, batch = item
-            if not future.set_running_or_notify_cancel():
+        """Hand this sender the queue's batches (its thread's body), two at a time in its
+        pipe: it renders the second while it sends the first (``serve``)."""
+        handed: deque[tuple[Future[BatchOutcome], int]] = deque()  # in the pipe, oldest first
+        ending = False
+        while handed or not ending:
+            while not ending and len(handed) < _AHEAD:
+                try:
+                    item = work.get() if not handed else work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    ending = True
+                    break
+                future, candidates, batch = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    self._requests.send((candidates, batch))  # pickled whole before the first byte is written
+                except OSError:
+                    self._fail(future, handed, self._died(f"while it was sending batch {batch}"), on_death)
+                    return
+                except Exception as error:  # noqa: BLE001 - a batch that does not pickle
+                    future.set_exception(error)
+                    continue
+                handed.append((future, batch))
+            if not handed:
                 continue
+            if len(handed) < _AHEAD and not ending and not self._replies.poll(_POLL):
+                continue  # the sender is on its batch: look for another to hand it meanwhile
+            future, batch = handed.popleft()
             try:
-                status, detail = self._exchange(candidates, batch)
+                status, detail = self._receive(f"while it was sending batch {batch}")
             except SenderDied as death:
-                future.set_exception(death)
-                on_death(death)
-                break
-            except Exception as error:  # noqa: BLE001 - a batch or reply that does not pickle
-                future.set_exception(error)
-                continue
+                self._fail(future, handed, death, on_death)
+                return
             if status == "done":
                 future.set_result(detail)
             else:
                 future.set_exception(detail)
         self.close()
 
-    # A reply is ``(status, detail)`` as unpickled from the sender: "ready" with its pid,
-    # "done" with a BatchOutcome, "failed" with the exception.
-    def _exchange(self, candidates: list[Candidate], batch: int) -> tuple[str, Any]:
-        when = f"while it was sending batch {batch}"
-        try:
-            self._requests.send((candidates, batch))  # pickled whole before the first byte is written
-        except OSError:
-            raise self._died(when) from None
-        return self._receive(when)
+    def _fail(self, future: "Future[BatchOutcome]", handed: deque[tuple["Future[BatchOutcome]", int]],
+              death: SenderDied, on_death: Callable[[SenderDied], None]) -> None:
+        """The sender died: its batches fail, and so does every batch still waiting."""
+        for each in (future, *(f for f, _ in handed)):
+            each.set_exception(death)
+        on_death(death)
+        self.close()
 
     def close(self) -> None:
         self._requests.close()  # the sender reads the end of its pipe and exits
