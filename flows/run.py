@@ -113,10 +113,8 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
     """
     # Not the deferred sweep's few: slices cost their processes' start, every few minutes.
     if context.shards > 1 and context.shard is None and audience:
-        if spread is not None:
-            return _spread(context, spread, logger)
-        if real:
-            return _execute_sharded(context, render, dispatch, should_stop, audience, submit, logger)
+        if real or spread is not None:
+            return _execute_sharded(context, render, dispatch, should_stop, audience, submit, logger, spread)
         logger.info("Reading the audience in one process, not %d slices: this run's own steps would not be "
                     "used by the other slices", context.shards)
     log = logger
@@ -193,27 +191,22 @@ def _execute_pass(context: RunContext, render: RenderStep, dispatch: DispatchSte
 
 def _execute_sharded(context: RunContext, render: RenderStep, dispatch: DispatchStep,
                      should_stop: Callable[[], bool], audience: bool, submit: SubmitStep,
-                     logger: Logger) -> RunSummary:
-    """One pass in ``context.shards`` slices at once (``flows.shards``), their summaries added
-    up. The mailboxes several records share are read once, here, so every slice agrees on
-    them; the cores are shared out, each slice starting its own senders from its share."""
-    logger.info("Reading the audience in %d slices at once", context.shards)
-    parts = run_slices(context.shards, lambda: slices(context), should_stop=should_stop, audience=audience,
-                       here=lambda c: _execute_pass(c, render, dispatch, should_stop, audience, submit, logger))
+                     logger: Logger, spread: Spread | None) -> RunSummary:
+    """One pass in ``context.shards`` slices, their summaries added up: at once in processes
+    of this machine (``flows.shards``), or run elsewhere by ``spread``. The mailboxes several
+    records share are read once, here, so every slice agrees on them; on this machine the
+    cores are shared out, each slice starting its own senders from its share."""
+    if spread is not None:
+        logger.info("Spreading the audience over %d shards", context.shards)
+        parts = spread(slices(context))
+    else:
+        logger.info("Reading the audience in %d slices at once", context.shards)
+        parts = run_slices(context.shards, lambda: slices(context), should_stop=should_stop, audience=audience,
+                           here=lambda c: _execute_pass(c, render, dispatch, should_stop, audience, submit, logger))
     summary = RunSummary(context.trigger.name, context.now, context.dry_run)
     for part in parts:
         summary.combine(part, PLANNED_LINES)
     logger.info("All %d slices: %s", context.shards, summary.headline())
-    return summary
-
-
-def _spread(context: RunContext, spread: Spread, logger: Logger) -> RunSummary:
-    """One pass as ``context.shards`` slices run elsewhere, their summaries added up."""
-    logger.info("Spreading the audience over %d shards", context.shards)
-    summary = RunSummary(context.trigger.name, context.now, context.dry_run)
-    for part in spread(slices(context)):
-        summary.combine(part, PLANNED_LINES)
-    logger.info("All %d shards: %s", context.shards, summary.headline())
     return summary
 
 
