@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     claim_lease_seconds: float = Field(600, ge=0, description="After this, a dead run's unsent claims are taken over.")
     shard_attempts: int = Field(3, ge=1, le=10, description="A deployed run's shard that fails, crashes or stalls "
                                 "is run again, up to this many runs in all.")
-    shard_stall_seconds: float = Field(600, gt=0, description="A deployed run's shard whose progress stands still "
+    shard_stall_seconds: float = Field(900, gt=0, description="A deployed run's shard whose progress stands still "
                                        "this long is taken for lost (its worker gone): marked Crashed, run again.")
     smtp_attempts: int = Field(5, ge=1, le=20)
     smtp_backoff_seconds: float = Field(1.0, ge=0)
@@ -191,6 +191,15 @@ class Settings(BaseSettings):
     @classmethod
     def _sender(cls, value: str) -> str:
         return check_sender(value)
+
+    @model_validator(mode="after")
+    def _stall_outlasts_the_lease(self) -> "Settings":
+        """A shard run taken for lost is run again once its claims can be taken over: sooner,
+        the new run would skip the lost one's claimed mails, and they would wait a run."""
+        if self.shard_stall_seconds <= self.claim_lease_seconds:
+            raise ValueError(f"LIFECYCLE_SHARD_STALL_SECONDS ({self.shard_stall_seconds:g}) must be longer than "
+                             f"LIFECYCLE_CLAIM_LEASE_SECONDS ({self.claim_lease_seconds:g})")
+        return self
 
     @model_validator(mode="after")
     def _no_unsafe_defaults(self) -> "Settings":

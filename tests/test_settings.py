@@ -59,3 +59,13 @@ def test_a_key_value_database_url_is_shown_without_its_password() -> None:
     shown = redact_url("host=db port=5432 user=app password=Sup3r-marker-pw dbname=shop")
     assert "Sup3r-marker-pw" not in shown and "password=***" in shown and "host=db" in shown
     assert "marker" not in redact_url("host=db password='a quoted marker' dbname=shop")
+
+
+def test_a_shards_stall_limit_must_outlast_the_claim_lease(monkeypatch) -> None:
+    """A lost shard's run is replaced only once its claims can be taken over."""
+    monkeypatch.setenv("LIFECYCLE_CLAIM_LEASE_SECONDS", "900")
+    with pytest.raises(ValidationError, match=r"LIFECYCLE_SHARD_STALL_SECONDS \(900\) must be longer than "
+                                              r"LIFECYCLE_CLAIM_LEASE_SECONDS \(900\)"):
+        Settings()
+    monkeypatch.setenv("LIFECYCLE_SHARD_STALL_SECONDS", "901")
+    assert Settings().shard_stall_seconds == 901

@@ -1,4 +1,5 @@
-"""The run summary: what a part of a run hands the run that adds it up survives JSON unchanged."""
+"""The run summary: what a part of a run hands the run that adds it up survives JSON unchanged, but for
+the planned mails, which are personal."""
 
 import json
 from collections import Counter
@@ -18,6 +19,8 @@ def test_a_parts_record_comes_back_as_the_same_summary_through_json() -> None:
 
     back = RunSummary.from_record(json.loads(json.dumps(part.to_record())))
 
+    assert back.planned == [] and "Jürgen" not in json.dumps(part.to_record())  # personal: kept to the terminal
+    back.planned = part.planned
     assert back == part
 
 

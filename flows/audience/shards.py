@@ -1,7 +1,8 @@
 """A run's audience in slices: each customer in exactly one shard, whatever the step.
 
 A customer's shard is a stable hash of their id (Knuth's multiplicative hash: the high
-bits of ``id * 2654435761`` modulo 2**32) modulo the shard count. The id alone would follow
+bits of ``id * 2654435761`` modulo 2**32, the id first brought below 2**31) modulo the
+shard count. The id alone would follow
 whatever pattern the shop's ids have: a store whose every fourth customer has no order
 would give one shard of four nobody to mail. The customer records whose mailbox another
 record shares (few) all go to shard 0, because one mail per mailbox is decided within one
@@ -22,14 +23,16 @@ from sqlalchemy import ColumnElement, bindparam, case, literal, true
 
 _GOLDEN = 2654435761  # about 2**32 / the golden ratio, odd: a bijection of 32-bit words
 _WORD = 2**32
+_HALF = 2**31
 _LOW = 2**16
 
 
 def spread(customer_id: int) -> int:
-    """The id scattered over 16 bits, the same in Python as in SQL (64-bit integers in both
-    databases: exact for ids below 2**31). The high bits of the product: its low bits follow
+    """The id scattered over 16 bits, the same in Python as in SQL for every 64-bit id. The
+    id is first brought into ``[0, 2**31)`` (SQL's ``%`` keeps a negative sign; the product
+    then stays below 2**63), and the high bits of the product are kept: its low bits follow
     the id's own (``id * odd`` is ``id`` modulo any power of two)."""
-    return customer_id * _GOLDEN % _WORD // _LOW
+    return (customer_id % _HALF + _HALF) % _HALF * _GOLDEN % _WORD // _LOW
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,9 @@ class Shard:
         """The SQL test for a row naming the customer in ``customer_id`` (a column)."""
         if self.count == 1:
             return true()
-        home: ColumnElement[Any] = customer_id * literal(_GOLDEN) % literal(_WORD) // literal(_LOW) % self.count
+        half = literal(_HALF)
+        home: ColumnElement[Any] = ((customer_id % half + half) % half * literal(_GOLDEN) % literal(_WORD)
+                                    // literal(_LOW) % self.count)
         if self.members:
             # Integers written into the statement: no bound-parameter limit, however many.
             listed: Any = bindparam("shard_members", sorted(self.members), expanding=True, literal_execute=True,

@@ -154,8 +154,7 @@ def trigger_flow(trigger: str, now: str | None = None, dry_run: bool = False, sh
             check_smtp(context.settings)
         part = run_slice(context, shard, logger)
         return Completed(message=part.state_message(), data=part)
-    spread = spread_for(deployment.id, flow_run.id, run_tags(context.trigger), context.settings.shard_attempts,
-                        context.settings.shard_stall_seconds, logger)
+    spread = spread_for(context, deployment.id, flow_run.id, flow_run.run_count, run_tags(context.trigger), logger)
     try:
         summary = run(context, logger=logger, render=_render_task, dispatch=_dispatch_task, submit=_send_task,
                       steps_wrap_real=True, spread=spread)

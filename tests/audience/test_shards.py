@@ -5,6 +5,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from sqlalchemy import BigInteger, literal
 from sqlmodel import Session, col, select
 
 from flows.audience.query import shared_records, stream_candidates
@@ -107,3 +108,15 @@ def test_slices_are_even_whatever_pattern_the_ids_follow(count: int) -> None:
         ids = range(step, 40_000 * step + 1, step)
         sizes = Counter(next(s.index for s in split(count) if s.holds(i)) for i in ids)
         assert len(sizes) == count and max(sizes.values()) < 1.05 * len(ids) / count, (step, sizes)
+
+
+@pytest.mark.parametrize("count", [2, 3, 7])
+def test_the_sql_slice_is_the_python_slice_for_any_id(engine: Any, count: int) -> None:
+    """Negative ids, the largest int4 and 64-bit ids included: every id in exactly one slice,
+    the same in the database as in Python (SQL's ``%`` keeps a negative sign)."""
+    ids = [-(2**63) + 1, -(2**31), -5, -1, 0, 1, 2, 65535, 2**31 - 1, 2**31, 3_474_701_534, 2**40 + 3, 2**63 - 1]
+    shards = split(count)
+    with engine.connect() as connection:
+        for i in ids:
+            in_sql = [s.index for s in shards if connection.execute(select(s.where(literal(i, BigInteger)))).scalar()]
+            assert in_sql == [s.index for s in shards if s.holds(i)] and len(in_sql) == 1, i
