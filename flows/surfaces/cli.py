@@ -22,6 +22,8 @@ from flows.surfaces.environment import settings_from_environment
 from flows.surfaces.terminal import console, errors, planned_table, print_problems, show, summary_table
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from sqlalchemy import Engine
 
     from flows.analysis.attribution import AttributionTally
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from flows.spec.problems import Problem
     from flows.spec.project import Project
     from flows.spec.stages import StageRules
+    from flows.spec.trigger import TriggerBase
 
 app = typer.Typer(help="Lifecycle email triggers compiled into Prefect flows.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -200,6 +203,9 @@ def run(
     shards: Annotated[int | None, typer.Option(
         min=1, max=64, help="Read and send each audience in this many slices at once, one process each "
                             "(default: the trigger's `shards:`, else 1).")] = None,
+    on_pool: Annotated[bool, typer.Option(
+        "--on-pool", help="Run each as a flow run of its deployment, for the work pool's workers (its shards "
+                          "too, spread over them), and wait for it; needs PREFECT_API_URL.")] = False,
 ) -> None:
     """Run triggers through Prefect (or, with --dry-run, just show the plan)."""
     from flows.run import execute
@@ -207,6 +213,9 @@ def run(
 
     if bool(triggers) == all_:
         errors.print("[red]Name one or more triggers, or pass --all.[/]")
+        raise typer.Exit(2)
+    if on_pool and dry_run:
+        errors.print("[red]--on-pool starts runs on the pool's workers; a dry run is shown here: pass one.[/]")
         raise typer.Exit(2)
     settings = _settings()
     moment = _now(now)
@@ -220,6 +229,9 @@ def run(
     for name in names:
         try:
             link = None
+            if on_pool:
+                _run_on_pool(project.trigger(name), moment.isoformat(), shards)
+                continue
             if dry_run:
                 summary = execute(prepare(name, moment, settings=settings, dry_run=True, project=project,
                                           engine=engine, shards=shards))
@@ -248,6 +260,22 @@ def run(
             console.print(planned_table(summary))
     if failed:
         raise typer.Exit(1)
+
+
+def _run_on_pool(trigger: "TriggerBase", now: str, shards: int | None) -> None:
+    """One trigger's run on the pool, told as it starts and as it ends; a run that did not
+    complete raises, naming its state."""
+    from flows.surfaces.prefect_flows import run_on_pool, ui_link
+
+    def started(run_id: "UUID") -> None:
+        link = ui_link(run_id)
+        console.print(f"Started flow run {run_id} of deployment {trigger.name}" + (f": {link}" if link else ""),
+                      highlight=False, soft_wrap=True)
+
+    run_id, state = run_on_pool(trigger, now, shards=shards, started=started)
+    if not state.is_completed():
+        raise RuntimeError(f"flow run {run_id} ended {state.name}: {state.message or 'no message'}")
+    console.print(f"{trigger.name}: {state.message or 'completed'}", highlight=False, soft_wrap=True)
 
 
 @app.command()

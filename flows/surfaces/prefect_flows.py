@@ -17,7 +17,8 @@ started in-process (the CLI, serve, the demo) hands in its own settings, loaded 
 and store (``run_in_prefect``), so a run loads and validates the project once.
 """
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from uuid import UUID
 from prefect import State, Task, flow, tags, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun as PrefectFlowRun
 from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
@@ -214,6 +216,24 @@ def run_in_prefect(trigger: TriggerBase, now: str, *, settings: Settings, projec
     summary = state.result()  # raises the run's own error when it failed
     assert isinstance(summary, RunSummary)
     return FlowRun(summary, state.state_details.flow_run_id)
+
+
+def run_on_pool(trigger: TriggerBase, now: str, *, shards: int | None,
+                started: Callable[[UUID], None] = lambda _: None, poll: float = 2.0) -> tuple[UUID, State]:
+    """A run of ``trigger`` as a flow run of its deployment, for any worker of its pool
+    (``lifecycle run --on-pool``; its shards spread over the pool too), waited for to its
+    end: its id (told to ``started`` at once) and final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    parameters: dict[str, Any] = {"now": now, **({"shards": shards} if shards else {})}
+    run_ = run_deployment(f"{FLOW_NAME}/{trigger.name}", parameters=parameters, timeout=0, as_subflow=False)
+    assert isinstance(run_, PrefectFlowRun)  # called from sync code: the value, not a coroutine
+    started(run_.id)
+    with get_client(sync_client=True) as client:
+        while (state := client.read_flow_run(run_.id).state) is None or not state.is_final():
+            time.sleep(poll)
+    return run_.id, state
 
 
 def ui_link(flow_run_id: UUID | None) -> str | None:

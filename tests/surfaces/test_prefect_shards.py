@@ -32,7 +32,7 @@ from flows.surfaces.prefect_shards import ShardOrder, order_for, read_record, sl
 from models.db import create_schema, dispose_engines, make_engine
 from tests.conftest import ensure_database, postgres_url
 from tests.support.builders import NOW, Store
-from tests.support.children import lifecycle_variables
+from tests.support.children import lifecycle_bin, lifecycle_variables
 from tests.support.ledger import sends
 from tests.support.prefect_server import PrefectServer, copy_project, stop
 from tests.support.smtp_server import SmtpServer
@@ -135,6 +135,7 @@ def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
     smtp = SmtpServer(keep_data=False).start()
     server = PrefectServer(tmp_path_factory.mktemp("pool-prefect"))
     workers: dict[str, object] = {}
+    command = None
     settings = Settings(database_url=campaign_store, smtp_url=smtp.url, secret=SecretStr("pool-test-secret"),
                         triggers_dir=root / "triggers", templates_dir=root / "templates", workers=1,
                         shard_stall_seconds=STALL, claim_lease_seconds=5)
@@ -149,10 +150,16 @@ def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
         for name in ("a", "b"):  # at most 3 runs each: the parent and 4 shards cannot all go to one
             workers[name] = server.worker(root, root / f"worker-{name}.log", "lifecycle", "--limit", "3",
                                           "--name", f"worker-{name}", **env)
-        started = server.run("deployment", "run", "lifecycle-trigger/winback-lapsed", "--param",
-                             f"now={NOW.isoformat()}", "--param", f"shards={SHARDS}", cwd=root)
-        assert started.returncode == 0, started.stdout + started.stderr
-        parent = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)  # type: ignore[union-attr]
+        # As ops would: `lifecycle run --on-pool` starts the deployment's run and waits for it.
+        told = root / "run.log"
+        command = server.spawn([lifecycle_bin(), "run", "winback-lapsed", "--on-pool", "--shards", str(SHARDS),
+                                "--now", NOW.isoformat()], cwd=root, log=told, **env)
+        deadline = time.monotonic() + 120
+        while not (said := re.search(r"Started flow run ([0-9a-f-]{36}) of deployment winback-lapsed",
+                                     told.read_text())):
+            assert time.monotonic() < deadline and command.poll() is None, told.read_text()
+            time.sleep(0.2)
+        parent = said.group(1)
 
         def log(name: str) -> str:
             return (root / f"worker-{name}.log").read_text()
@@ -190,6 +197,7 @@ def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
             assert time.monotonic() < deadline, log("a")[-5000:] + log("b")[-3000:]
             time.sleep(0.5)
         survivor = next(name for name in workers if name != victim)
+        assert command.wait(60) == 0, told.read_text()
         phase(f"parent {state.lower()}")
         assert state == "COMPLETED", log(survivor)[-6000:]
         message = httpx.get(f"{server.api_url}/flow_runs/{parent}").json()["state"]["message"]
@@ -199,8 +207,8 @@ def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
             if a["key"] == "winback-lapsed-shards")
         taken = {name: took(name) for name in workers}
     finally:
-        for worker in workers.values():
-            stop(worker)  # type: ignore[arg-type]
+        for process in [*workers.values(), *([command] if command else [])]:
+            stop(process)  # type: ignore[arg-type]
         server.stop()
         smtp.stop()
 
@@ -230,4 +238,5 @@ def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
     # The parent's counts are the sum of the runs that counted, as the ledger has them.
     by_run = Counter(r.run_id for r in rows if r.status == "sent")
     assert f"sent {sum(by_run[i] for i in counted.values())};" in message
+    assert f"winback-lapsed: {message}" in told.read_text()  # what the command said as the run ended
     assert sum(by_run[i] for i in victims) > 0  # the lost runs had sent part of their slices
