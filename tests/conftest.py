@@ -41,6 +41,7 @@ from sqlmodel import SQLModel  # noqa: E402 - after the environment set-up above
 from flows.settings import Settings  # noqa: E402 - after the environment set-up above
 from flows.surfaces.environment import settings_from_environment  # noqa: E402 - after the environment set-up above
 from models.db import create_schema, dispose_engines, make_engine  # noqa: E402 - after the environment set-up above
+from tests.support import copy_project  # noqa: E402 - after the environment set-up above
 from tests.support.builders import Store  # noqa: E402 - after the environment set-up above
 from tests.support.smtp_server import SmtpServer  # noqa: E402 - after the environment set-up above
 
@@ -151,15 +152,7 @@ def project_dir(tmp_path: Path) -> Path:
     """A copy of the shipped triggers and templates that a test may edit, without the shipped
     holdouts: a test that counts mails to a handful of customers must not depend on which of
     them a hash holds out. The holdout tests set their own (tests/audience/test_holdout.py)."""
-    target = tmp_path / "project"
-    shutil.copytree(ROOT / "triggers", target / "triggers")
-    shutil.copytree(ROOT / "templates", target / "templates")
-    for trigger in (target / "triggers").glob("*.yaml"):
-        text = trigger.read_text()
-        if "\nholdout" in text:
-            trigger.write_text("".join(line for line in text.splitlines(keepends=True)
-                                       if not line.startswith("holdout")))
-    return target
+    return copy_project(tmp_path / "project")
 
 
 @pytest.fixture
