@@ -34,15 +34,17 @@ if WORKER and _TERMINAL is not None:
 import pytest  # noqa: E402 - after the environment set-up above
 from hypothesis import HealthCheck, Phase  # noqa: E402 - after the environment set-up above
 from hypothesis import settings as hypothesis_settings  # noqa: E402 - after the environment set-up above
-from sqlalchemy import Engine, create_engine, make_url, text  # noqa: E402 - after the environment set-up above
+from sqlalchemy import Connection, Engine, create_engine, make_url, text  # noqa: E402 - after the environment set-up above
 from sqlalchemy.exc import DBAPIError  # noqa: E402 - after the environment set-up above
 from sqlmodel import SQLModel  # noqa: E402 - after the environment set-up above
 
 from flows.settings import Settings  # noqa: E402 - after the environment set-up above
 from flows.surfaces.environment import settings_from_environment  # noqa: E402 - after the environment set-up above
 from models.db import create_schema, dispose_engines, make_engine  # noqa: E402 - after the environment set-up above
+from tests.support import copy_project  # noqa: E402 - after the environment set-up above
 from tests.support.builders import Store  # noqa: E402 - after the environment set-up above
 from tests.support.smtp_server import SmtpServer  # noqa: E402 - after the environment set-up above
+from tests.support.stores import empty_tables  # noqa: E402 - after the environment set-up above
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,9 +111,96 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["LIFECYCLE_TEST_TERMINAL"] = json.dumps(terminal)
 
 
+# A store migrated from nothing costs about a second on PostgreSQL and under half a second on
+# SQLite, and most store tests begin with one. The migrations give every such store the same empty
+# tables, so each is made once per worker and then handed out again: on SQLite a copy of a
+# migrated file, on PostgreSQL the same tables emptied, as long as nothing changed the schema
+# since they were migrated (a catalog fingerprint says so; anything else is dropped and migrated
+# anew, as before). The engine fixture still runs the migrations on it: at head, they check
+# the version and do nothing.
+_SQLITE_TEMPLATE: Path | None = None
+_MIGRATED: str | None = None  # the PostgreSQL catalog's fingerprint just after the last migration from nothing
+
+# Every object outside the system schemas, as the migrations (or a test) left it, and alembic's version.
+_CATALOG = """
+SELECT md5(string_agg(item, E'\\n' ORDER BY item)) FROM (
+  SELECT format('rel %s.%s %s', n.nspname, c.relname, c.relkind) AS item
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+         AND n.nspname NOT LIKE 'pg_temp%'
+  UNION ALL
+  SELECT format('col %s.%s %s %s %s %s %s', n.nspname, c.relname, a.attnum, a.attname,
+                format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+         AND n.nspname NOT LIKE 'pg_temp%' AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+  SELECT format('idx %s.%s %s', schemaname, indexname, indexdef) FROM pg_indexes
+   WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+  UNION ALL
+  SELECT format('con %s.%s %s %s', n.nspname, c.conname, c.conrelid::regclass, pg_get_constraintdef(c.oid))
+    FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  UNION ALL
+  SELECT format('trg %s', pg_get_triggerdef(t.oid)) FROM pg_trigger t WHERE NOT t.tgisinternal
+  UNION ALL
+  SELECT format('fn %s.%s %s', n.nspname, p.proname, md5(p.prosrc))
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  UNION ALL
+  SELECT format('view %s.%s %s', schemaname, viewname, md5(definition)) FROM pg_views
+   WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+  UNION ALL
+  SELECT format('type %s.%s %s', n.nspname, t.typname, t.typtype) FROM pg_type t
+    JOIN pg_namespace n ON n.oid = t.typnamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND t.typtype IN ('e', 'd', 'r', 'm')
+  UNION ALL
+  SELECT format('schema %s', nspname) FROM pg_namespace
+   WHERE nspname NOT LIKE 'pg_temp%' AND nspname NOT LIKE 'pg_toast_temp%'
+  UNION ALL
+  SELECT format('ext %s %s', extname, extversion) FROM pg_extension
+) catalog
+"""
+
+
+def _catalog(connection: Connection) -> str:
+    version = connection.execute(text(
+        "SELECT string_agg(version_num, ',' ORDER BY version_num) FROM alembic_version"
+        if connection.execute(text("SELECT to_regclass('public.alembic_version')")).scalar() else "SELECT ''")).scalar()
+    return f"{connection.execute(text(_CATALOG)).scalar()} {version}"
+
+
+def _empty_migrated_tables(engine: Engine) -> bool:
+    """Empty the model tables if the schema is as the last migration from nothing left it."""
+    import models  # noqa: F401
+
+    with engine.begin() as connection:
+        if _MIGRATED is None or _catalog(connection) != _MIGRATED:
+            return False
+        empty_tables(connection)
+    return True
+
+
+def _sqlite_template(folder: Path) -> Path:
+    """One file per worker, migrated from nothing, its WAL folded in: what every copy starts as."""
+    global _SQLITE_TEMPLATE
+    if _SQLITE_TEMPLATE is None:
+        path = folder / "migrated.db"
+        engine = make_engine(f"sqlite:///{path}")
+        create_schema(engine)
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        engine.dispose()
+        _SQLITE_TEMPLATE = path
+    return _SQLITE_TEMPLATE
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Every store test runs on a fresh SQLite file and on a clean PostgreSQL database."""
+    """Every store test runs on a fresh SQLite file and on a clean PostgreSQL database (its tables
+    emptied, when the test asks for the migrated ``engine`` and the schema is unchanged)."""
+    global _MIGRATED
     dispose_engines()
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
@@ -119,17 +208,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     engine = make_engine(POSTGRES_URL)
     import models  # noqa: F401
 
-    SQLModel.metadata.drop_all(engine)
-    with engine.begin() as connection:
-        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    if "engine" not in request.fixturenames or not _empty_migrated_tables(engine):
+        _MIGRATED = None
+        SQLModel.metadata.drop_all(engine)
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
     yield POSTGRES_URL
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
+def engine(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    global _MIGRATED
+    if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).exists():
+        shutil.copy(_sqlite_template(tmp_path_factory.getbasetemp()), db_url.removeprefix("sqlite:///"))
     engine = make_engine(db_url)
     create_schema(engine)
+    if engine.dialect.name == "postgresql" and _MIGRATED is None:  # migrated from nothing just now
+        with engine.connect() as connection:
+            _MIGRATED = _catalog(connection)
     yield engine
     engine.dispose()
 
@@ -151,15 +248,7 @@ def project_dir(tmp_path: Path) -> Path:
     """A copy of the shipped triggers and templates that a test may edit, without the shipped
     holdouts: a test that counts mails to a handful of customers must not depend on which of
     them a hash holds out. The holdout tests set their own (tests/audience/test_holdout.py)."""
-    target = tmp_path / "project"
-    shutil.copytree(ROOT / "triggers", target / "triggers")
-    shutil.copytree(ROOT / "templates", target / "templates")
-    for trigger in (target / "triggers").glob("*.yaml"):
-        text = trigger.read_text()
-        if "\nholdout" in text:
-            trigger.write_text("".join(line for line in text.splitlines(keepends=True)
-                                       if not line.startswith("holdout")))
-    return target
+    return copy_project(tmp_path / "project")
 
 
 @pytest.fixture

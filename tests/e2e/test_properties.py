@@ -27,7 +27,7 @@ import yaml
 from hypothesis import event, given, target
 
 from flows.settings import Settings
-from tests.support import ROOT
+from tests.support import ROOT, copy_project
 from tests.support.smtp_server import SmtpServer
 from tests.support.timelines import (
     MAILBOXES,
@@ -317,9 +317,11 @@ def stores(db_url: str, tmp_path: Path) -> Stores:
     return Stores(db_url, tmp_path)
 
 
-@pytest.fixture
-def projects(project_dir: Path) -> Projects:
-    return Projects(project_dir)
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory: pytest.TempPathFactory) -> Projects:
+    """One for the module: loading a policy variant's project (every template checked) costs
+    half a second, and the tests only read it, so each variant is loaded once, not once a test."""
+    return Projects(copy_project(tmp_path_factory.mktemp("projects") / "project"))
 
 
 # -- the property -------------------------------------------------------------------

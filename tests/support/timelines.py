@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, select, update
 from sqlmodel import Session
 
 from flows.message.prepare import Prepared
@@ -44,6 +44,7 @@ from models import (
 from models.db import create_schema, dispose_engines, make_engine
 from models.types import utcnow
 from tests.support.smtp_server import SmtpServer
+from tests.support.stores import empty_tables
 
 # The shipped triggers, marketing first; a shrunk example names the first that still fails.
 TRIGGERS = ("winback-lapsed", "abandoned-cart", "we-miss-you", "onboarding-day-0",
@@ -296,10 +297,7 @@ class Stores:
             return url, make_engine(url)
         engine = make_engine(self.db_url)
         with engine.begin() as connection:
-            tables = connection.execute(text(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
-            )).scalars().all()
-            connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+            empty_tables(connection)
         return self.db_url, engine
 
 
