@@ -23,7 +23,7 @@ from models.db import create_schema, make_engine
 from tests.support.builders import NOW, Store, ago
 from tests.support.children import lifecycle_bin, lifecycle_variables
 from tests.support.ledger import sends
-from tests.support.prefect_server import PrefectServer, copy_project, stop
+from tests.support.prefect_server import PrefectServer, copy_site, stop
 from tests.support.smtp_server import SmtpServer
 
 # One worker for the module under pytest-xdist (--dist loadgroup): its site, a Prefect server and a
@@ -48,7 +48,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = copy_project(tmp_path_factory.mktemp("site"))
+    root = copy_site(tmp_path_factory.mktemp("site"))
     server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).start()
     smtp = SmtpServer().start()
     site = Site(root, server, smtp, f"sqlite:///{root / 'store.db'}")

@@ -61,7 +61,7 @@ class PrefectServer:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def deploy(self, root: Path, pool: str = "lifecycle", only: str | None = None) -> None:
-        """The project in ``root`` (``copy_project``) deployed (``prefect deploy --all``, or
+        """The site in ``root`` (``copy_site``) deployed (``prefect deploy --all``, or
         ``--name only``) to a new process pool."""
         created = self.run("work-pool", "create", pool, "--type", "process")
         assert created.returncode == 0, created.stdout + created.stderr
@@ -79,7 +79,7 @@ class PrefectServer:
             stop(self.process)
 
 
-def copy_project(root: Path) -> Path:
+def copy_site(root: Path) -> Path:
     """This project's flows, models, triggers, templates and ``prefect.yaml`` in ``root``, as a site deploys them."""
     for folder in ("flows", "models", "triggers", "templates"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -34,7 +34,7 @@ from tests.conftest import ensure_database, postgres_url
 from tests.support.builders import NOW, Store
 from tests.support.children import lifecycle_bin, lifecycle_variables
 from tests.support.ledger import sends
-from tests.support.prefect_server import PrefectServer, copy_project, stop
+from tests.support.prefect_server import PrefectServer, copy_site, stop
 from tests.support.smtp_server import SmtpServer
 
 CUSTOMERS = 200_000
@@ -126,7 +126,7 @@ def campaign_store() -> Iterator[str]:
 @pytest.mark.xdist_group("pool-shards")
 def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
         tmp_path_factory: pytest.TempPathFactory, campaign_store: str) -> None:
-    root = copy_project(tmp_path_factory.mktemp("pool-site"))
+    root = copy_site(tmp_path_factory.mktemp("pool-site"))
     began = time.monotonic()
 
     def phase(what: str) -> None:  # where the time goes, with -s
