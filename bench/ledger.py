@@ -1,14 +1,14 @@
 """The ledger's write capacity on PostgreSQL: how many sends a second its writes allow, from
 several writers at once, and what that means for a campaign spread over many machines.
 
-Every mail costs the ledger three writes, each through the real claim protocol
-(``flows.send.claims``): the claim (an insert), ``sending`` (an update) and the outcome (an
-update). Each writer is a process doing what a sender does per window of ``--window`` mails,
-without rendering or SMTP: claim, mark, record. Writers run 1, 2, 4 … at once over disjoint
-customers, for ``--seconds`` each, and the table gives sends a second in all, and PostgreSQL's
-own share of the machine's CPU meanwhile (from ``/proc``: its processes' CPU time). Here the
-writers and PostgreSQL share the same cores, so the capacity measured is a floor for a
-PostgreSQL on a machine of its own.
+Every mail costs the ledger two writes, each through the real claim protocol
+(``flows.send.claims``): the claim, straight into ``sending`` (an insert), and the outcome
+(an update), each one statement per window. Each writer is a process doing what a sender
+does per window of ``--window`` mails, without rendering or SMTP: hand over, record.
+Writers run 1, 2, 4 … at once over disjoint customers, for ``--seconds`` each, and the
+table gives sends a second in all, and PostgreSQL's own share of the machine's CPU
+meanwhile (``PostgresCpu``). Here the writers and PostgreSQL share the same cores, so the
+capacity measured is a floor for a PostgreSQL on a machine of its own.
 
     python bench/ledger.py [--writers 1,2,4,8] [--seconds 15] [--window 200] [--customers 400000]
 
@@ -22,6 +22,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/bench_ledger")
 NOW = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)
+WRITES = 2  # a mail's writes to the ledger: its claim, handed over (an insert), and its outcome (an update)
 
 
 def writer(url: str, first: int, count: int, window: int, seconds: float, start_at: float,
@@ -52,28 +54,70 @@ def writer(url: str, first: int, count: int, window: int, seconds: float, start_
         ids = [first + (customer + i) % count for i in range(window)]
         batch = [claims.Claim(f"bench-ledger/{c}/{run}/{sent}", "bench-ledger", c, f"{run}/{sent}", "lapsed", "winback",
                               f"kunde{c}@example.de", f"<{c}.{sent}@shop.example>") for c in ids]
-        won = claims.claim(engine, batch, run, NOW)
-        claims.mark_sending(engine, won, run)
-        claims.record(engine, [claims.Decision(key, SendStatus.SENT, "250 ok") for key in won])
+        won = claims.hand_over(engine, batch, run, NOW)
+        claims.record(engine, [claims.Decision(key, SendStatus.SENT, f"250 2.0.0 Ok: queued as {sent:012X}")
+                               for key in won])
         sent += len(won)
         customer += window
     engine.dispose()
     done.put(sent)
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU seconds used so far by every PostgreSQL process on this machine."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        if name.startswith("postgres"):
+class PostgresCpu:
+    """The CPU seconds PostgreSQL spends for one database while it is entered: its backends'
+    and the server's own processes' (WAL writer, checkpointer, autovacuum), from ``/proc``,
+    leaving out the backends of other databases (other users of a shared server).
+
+    Read every ``interval`` seconds, each process as last seen: a backend's CPU time leaves
+    ``/proc`` with it when its client disconnects, so a single reading at the end would miss
+    every connection closed before it.
+    """
+
+    def __init__(self, database: str, interval: float = 0.05) -> None:
+        self.database, self.interval = database, interval
+        self._start: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "PostgresCpu":
+        self._start = self._read()
+        self._last = dict(self._start)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._last.items())
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self._last.update(self._read())
+        self._last.update(self._read())
+
+    def _read(self) -> dict[int, float]:
+        """CPU seconds so far of each PostgreSQL process that works for the database."""
+        seen: dict[int, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split()
+            except OSError:
+                continue
+            if not stat[stat.index("(") + 1:stat.rindex(")")].startswith("postgres"):
+                continue
+            # A client backend's title: "postgres: USER DATABASE HOST(PORT) STATE".
+            if len(title) > 3 and title[0] == "postgres:" and title[2] != self.database and (
+                    "(" in title[3] or title[3] == "[local]"):
+                continue
             fields = stat[stat.rindex(")") + 2:].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            seen[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+        return seen
 
 
 def main() -> None:
@@ -85,7 +129,7 @@ def main() -> None:
     parser.add_argument("--machine-rate", type=float, default=1500, help="mails/s one machine sends end to end")
     args = parser.parse_args()
 
-    from sqlalchemy import text
+    from sqlalchemy import make_url, text
     from sqlmodel import SQLModel
 
     import models  # noqa: F401
@@ -119,15 +163,15 @@ def main() -> None:
             process.start()
         while time.time() < start_at:
             time.sleep(0.01)
-        cpu = postgres_cpu_seconds()
-        time.sleep(max(0.0, start_at + args.seconds - 0.1 - time.time()))
-        cpu = postgres_cpu_seconds() - cpu  # before the writers disconnect: their backends' CPU goes with them
+        with PostgresCpu(make_url(URL).database or "") as cpu:
+            time.sleep(max(0.0, start_at + args.seconds - time.time()))
         sent = sum(done.get() for _ in processes)
         for process in processes:
             process.join()
         rate = sent / args.seconds
         best = max(best, rate)
-        print(f"{count:>8} {rate:>10,.0f} {3 * rate:>10,.0f} {cpu / (args.seconds - 0.1) / cores:>15.0%}", flush=True)
+        print(f"{count:>8} {rate:>10,.0f} {WRITES * rate:>10,.0f} {cpu.seconds / args.seconds / cores:>15.0%}",
+              flush=True)
         cleanup = make_engine(URL)
         with cleanup.begin() as connection:  # each round starts from an empty ledger
             connection.execute(text("DELETE FROM sends"))
@@ -135,7 +179,7 @@ def main() -> None:
 
     campaign = 10_000_000
     machines = best / args.machine_rate
-    print(f"\nThe ledger takes at most {best:,.0f} sends/s here (three writes each); one machine sends "
+    print(f"\nThe ledger takes at most {best:,.0f} sends/s here ({WRITES} writes each); one machine sends "
           f"{args.machine_rate:,.0f}/s: PostgreSQL is the limit beyond {machines:.1f} machines.")
     for n in (1, 4, 16):
         rate = min(n * args.machine_rate, best)

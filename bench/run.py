@@ -18,7 +18,10 @@ measures in one run:
    audience read and classified as a run streams it, and its SQL alone;
 5. peak memory of the Lifecycle run at each size: the flow's process and its sender
    processes together (sum of RSS; PSS counts shared pages once), and its largest
-   single process.
+   single process;
+6. for the PostgreSQL run: PostgreSQL's own share of the machine's CPU during the flow
+   (``bench.ledger.PostgresCpu``), the share of the ledger's row updates that were HOT,
+   and end to end against SQLite's figure in the same run.
 
 Prints a table and writes ``bench/results.json``. Needs Debian's ``postfix`` package
 (``smtp-sink``, ``smtp-source``) and, for PostgreSQL, the server at 127.0.0.1:5432.
@@ -36,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,6 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from sqlalchemy import make_url
+
+from bench.ledger import PostgresCpu
 
 NOW = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)  # a Monday, daytime in Europe
 POSTGRES_URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -253,21 +260,52 @@ def end_to_end(url: str, port: int, api_url: str, workers: int, extra: dict[str,
            "PYTHONPATH": str(ROOT)}
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write(END_TO_END)
+    postgres = url.startswith("postgresql")
+    database = make_url(url).database or ""
+    updates = sends_updates(url) if postgres else (0, 0)
     try:
-        process = subprocess.Popen([sys.executable, script.name, NOW.isoformat()], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with TreeMemory(process.pid) as memory:
-            out, err = process.communicate()
+        with PostgresCpu(database) if postgres else nullcontext() as cpu:
+            process = subprocess.Popen([sys.executable, script.name, NOW.isoformat()], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            with TreeMemory(process.pid) as memory:
+                out, err = process.communicate()
     finally:
         os.unlink(script.name)
     if process.returncode != 0:
         raise RuntimeError(f"end-to-end run failed:\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result["msgs_per_s"] = result["sent"] / result["seconds"]
+    if cpu is not None:
+        # Over the flow's own time (its process's start-up asks nothing of PostgreSQL).
+        result["postgres_cpu_share"] = cpu.seconds / result["seconds"] / (os.cpu_count() or 1)
+        done, hot = (after - before for after, before in zip(sends_updates(url, at_least=updates[0] + 1), updates,
+                                                             strict=True))
+        result["sends_updates"], result["sends_hot_update_share"] = done, hot / done if done else 0.0
     result["peak_rss_mb"] = memory.peak_rss / 1024
     result["peak_pss_mb"] = memory.peak_pss / 1024
     result["peak_process_rss_mb"] = memory.peak_process_rss / 1024
     return result
+
+
+def sends_updates(url: str, at_least: int = 0) -> tuple[int, int]:
+    """``(updates, HOT updates)`` of the ledger's rows so far, as PostgreSQL counts them; with
+    ``at_least``, once they count that many (a backend reports its counts as it ends)."""
+    from sqlalchemy import text
+
+    from models.db import make_engine
+
+    engine = make_engine(url)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            with engine.connect() as connection:
+                done, hot = connection.execute(text(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sends'")).one()
+            if done >= at_least or time.monotonic() > deadline:
+                return int(done), int(hot)
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
 
 
 def dkim_settings() -> dict[str, str]:
@@ -443,6 +481,9 @@ def main() -> None:
         results["ceiling_parallel_msgs_per_s"] = round(ceiling(port, 50_000, size, sessions), 1)
         results["naive_msgs_per_s"] = round(naive(port, args.naive, size, api_url), 1)
     headline = results["e2e"][f"{databases[0]}/{sizes[-1]}"]
+    if {"sqlite", "postgresql"} <= set(databases):
+        results["postgresql_vs_sqlite"] = round(results["e2e"][f"postgresql/{sizes[-1]}"]["msgs_per_s"]
+                                                / results["e2e"][f"sqlite/{sizes[-1]}"]["msgs_per_s"], 3)
     results["e2e_msgs_per_s"] = headline["msgs_per_s"]
     results["e2e_sent"] = headline["sent"]
     results["e2e_vs_ceiling"] = round(results["e2e_msgs_per_s"] / results["ceiling_msgs_per_s"], 3)
@@ -497,6 +538,11 @@ def print_table(results: dict) -> None:
     for key, e2e in results["e2e"].items():
         row(f"end to end, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
         row("  mails sent / seconds", f"{e2e['sent']:,} / {e2e['seconds']:.1f}")
+        if "postgres_cpu_share" in e2e:
+            row(f"  PostgreSQL's own CPU, share of {results['cores']} cores", f"{e2e['postgres_cpu_share']:.1%}")
+            row("  updates of sends rows that were HOT", f"{e2e['sends_hot_update_share']:.1%}")
+    if "postgresql_vs_sqlite" in results:
+        row("end to end, PostgreSQL / SQLite, same run", f"{results['postgresql_vs_sqlite']:.1%}")
     for key, e2e in results.get("e2e_signed", {}).items():
         row(f"end to end DKIM-signed, {key} (msgs/s)", f"{e2e['msgs_per_s']:,.0f}")
         row("  signed / unsigned, same store, same run", f"{results['signed_vs_unsigned'][key]:.1%}")

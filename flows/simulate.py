@@ -153,7 +153,7 @@ def scratch_store(source: Engine, trigger: str, start: datetime) -> Iterator[tup
 # -- the dispatch step that sends nothing ----------------------------------------------
 
 def accept_everything(context: RunContext, prepared: Sequence[Prepared], batch: int = 0) -> Counts:
-    """The dispatch step of a simulation: claim, mark and record each mail as the relay's
+    """The dispatch step of a simulation: claim (handed over) and record each mail as the relay's
     acceptance would (``sent``), in the scratch store; no connection is made. A customer who
     withdrew is skipped as a real dispatch skips them."""
     engine = context.engine
@@ -163,8 +163,8 @@ def accept_everything(context: RunContext, prepared: Sequence[Prepared], batch: 
         if p.candidate.customer_id in gone:
             counts[(p.candidate.stage, Outcome.UNSUBSCRIBED)] += 1
     prepared = [p for p in prepared if p.candidate.customer_id not in gone]
-    won = claims.claim(engine, [p.claim for p in prepared], context.run_id, context.now, context.settings.claim_lease)
-    handed = claims.mark_sending(engine, won, context.run_id)
+    handed = claims.hand_over(engine, [p.claim for p in prepared], context.run_id, context.now,
+                              context.settings.claim_lease)
     claims.record(engine, [claims.Decision(key, SendStatus.SENT, reply=SIMULATED_REPLY) for key in sorted(handed)])
     for p in prepared:
         counts[(p.candidate.stage, Outcome.SENT if p.claim.send_key in handed else Outcome.ALREADY_SENT)] += 1

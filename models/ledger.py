@@ -2,13 +2,15 @@
 
 States (a row only ever moves forward):
 
-``claimed``  reserved by a run, not yet handed to the SMTP server. Claims are taken
-             a few dozen at a time; if the run dies, a later run takes them over
-             once the claim is older than the lease (``LIFECYCLE_CLAIM_LEASE_SECONDS``),
-             and sends them: nothing reached the server, so nothing is sent twice.
-``sending``  set just before DATA, when a message starts to be handed over; it becomes
-             ``sent`` when its window of claims is recorded. If the run is killed in
-             between, the server may or may not have accepted it: the row is "in
+``claimed``  reserved by a run, not yet handed to the SMTP server (a holdout's row on its
+             way to ``held_out``; or a claim ``mark_sending`` then hands over). If the run
+             dies, a later run takes it over once the claim is older than the lease
+             (``LIFECYCLE_CLAIM_LEASE_SECONDS``), and sends it: nothing reached the server,
+             so nothing is sent twice.
+``sending``  handed to the SMTP server: the send path claims a window of keys straight
+             into this state (``flows.send.claims.hand_over``), just before the window's
+             first DATA; it becomes ``sent`` when its window is recorded. If the run is
+             killed in between, the server may or may not have accepted it: the row is "in
              doubt" — at most ``LIFECYCLE_IN_FLIGHT`` per sending process. It is never
              sent again automatically (a duplicate is worse than a gap); ``lifecycle
              ledger in-doubt`` lists them and ``lifecycle ledger release`` frees
@@ -47,6 +49,9 @@ from sqlmodel import Field, SQLModel
 
 from models.types import UtcDateTime
 
+# Percent of a ``sends`` page that inserts fill on PostgreSQL: the rest is for the rows' HOT updates.
+FILLFACTOR = 45
+
 
 class SendStatus(StrEnum):
     CLAIMED = "claimed"
@@ -67,7 +72,10 @@ class Send(SQLModel, table=True):
     __table_args__ = (
         Index("ix_sends_trigger_customer_evaluated", "trigger", "customer_id", "evaluated_at"),
         Index("ix_sends_customer_category_evaluated", "customer_id", "category", "evaluated_at"),
-        Index("ix_sends_trigger_status_not_before", "trigger", "status", "not_before"),
+        # Deferrals whose moment has come: every deferral has a ``not_before`` (and keeps it once
+        # sent), most sends never had one, so the partial index holds a small share of the rows.
+        Index("ix_sends_trigger_not_before", "trigger", "not_before",
+              postgresql_where=Column("not_before").is_not(None), sqlite_where=Column("not_before").is_not(None)),
         # A journey step's audience: the rows of the step before it, old enough.
         Index("ix_sends_trigger_step_evaluated", "trigger", "step", "evaluated_at"),
         # One mailbox, one mail: customers sharing an address are one recipient, so the same
@@ -76,6 +84,12 @@ class Send(SQLModel, table=True):
         Index("ux_sends_address_trigger_occurrence", func.lower(Column("email")), "trigger", "occurrence", unique=True),
         # Bounces name a send by its Message-ID's digest (a VERP token) or its whole Message-ID.
         Index("ix_sends_message_digest", func.substr(Column("message_id"), literal_column("2"), literal_column("32"))),
+        # A send's state changes (``sending``, then ``sent`` with its reply) touch no indexed
+        # column, not even an index's WHERE: PostgreSQL then updates the row in place on its page
+        # (a HOT update), writing no index entry. The free room a page keeps for that new row
+        # version is the fillfactor's; a run's own read transaction keeps old versions alive
+        # until it ends, so each row needs room for two on its page (migration 0011).
+        {"postgresql_with": {"fillfactor": FILLFACTOR}},
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -85,7 +99,7 @@ class Send(SQLModel, table=True):
     occurrence: str = Field(max_length=128)
     category: str = Field(default="marketing", max_length=16, description="marketing or transactional")
     ref_id: int | None = Field(default=None, description="The cart or complaint the mail is about.")
-    status: str = Field(max_length=16, index=True)
+    status: str = Field(max_length=16)  # in no index: see ``__table_args__``
     run_id: str = Field(max_length=64)
     stage: str = Field(default="", max_length=32)
     template: str = Field(default="", max_length=255)

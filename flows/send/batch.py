@@ -36,14 +36,15 @@ def dispatch_prepared(context: RunContext, prepared: Sequence[Prepared], batch: 
 
 async def _dispatch(context: RunContext, prepared: Sequence[Prepared], config: SmtpConfig, policy: RetryPolicy,
                     breaker: BreakerPolicy) -> Counts:
-    """Claim a window of keys, mark it handed over, send it, record it; repeat.
+    """Claim a window of keys straight into ``sending`` (``claims.hand_over``), send it,
+    record it; repeat.
 
     At most ``in_flight`` keys are ever ``sending`` at once, which bounds what a crash
     can leave in doubt; besides those, the refusals the breaker holds undecided (at most
-    its streak or its sample's share). Marking a whole window in one statement, not each
-    message, keeps the ledger off the hot path. If the relay fails the batch (unreachable,
-    or the breaker trips), every claim handed over but not decided is released: the next
-    run sends it.
+    its streak or its sample's share). A window costs the ledger two statements, its claim
+    and its outcomes, and each row two writes, which keeps the ledger off the hot path. If
+    the relay fails the batch (unreachable, or the breaker trips), every claim handed over
+    but not decided is released: the next run sends it.
     """
     engine, settings = context.engine, context.settings
     counts: Counts = Counter()
@@ -65,11 +66,9 @@ async def _dispatch(context: RunContext, prepared: Sequence[Prepared], config: S
         try:
             for window in (prepared[i : i + size] for i in range(0, len(prepared), size)):
                 keys = [p.claim.send_key for p in window]
-                won = await asyncio.to_thread(claims.claim, engine, [p.claim for p in window], context.run_id,
-                                              context.now, lease)
-                handing = await asyncio.to_thread(claims.mark_sending, engine, won, context.run_id)
-                # Not won, or (after a stall longer than the lease) taken over by another run since.
-                for key in set(keys) - handing:
+                handing = await asyncio.to_thread(claims.hand_over, engine, [p.claim for p in window],
+                                                  context.run_id, context.now, lease)
+                for key in set(keys) - handing:  # another run's, or already decided
                     counts[(by_key[key].candidate.stage, Outcome.ALREADY_SENT)] += 1
                 envelopes = [p.envelope for p in window if p.claim.send_key in handing]
                 if not envelopes:

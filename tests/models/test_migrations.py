@@ -73,3 +73,48 @@ def test_a_ledger_that_mailed_a_shared_mailbox_twice_upgrades_and_keeps_both_row
     assert tuple(rows[0]) == ("w/1/slot:1", "slot:1")
     assert rows[1][0] == "w/2/slot:1" and rows[1][1].startswith("slot:1#")
     engine.dispose()
+
+
+def test_0011_takes_the_status_out_of_the_ledgers_indexes_and_back_on_downgrade(db_url: str) -> None:
+    """The due deferrals keep an index (partial: only rows with a moment), the status is in none,
+    so a send's state changes are HOT updates on PostgreSQL, whose pages keep room for them."""
+    from sqlalchemy import text
+
+    from models.db import make_engine
+    from models.migrate import downgrade, upgrade
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0010")
+    assert {"ix_sends_status", "ix_sends_trigger_status_not_before"} <= send_indexes(engine)
+    upgrade(engine, "0011")
+    indexes = send_indexes(engine)
+    assert "ix_sends_trigger_not_before" in indexes
+    assert not {"ix_sends_status", "ix_sends_trigger_status_not_before"} & indexes
+    assert not [name for name, columns in index_columns(engine).items() if "status" in columns]
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT reloptions FROM pg_class WHERE relname = 'sends'")).scalar_one() \
+                == ["fillfactor=45"]
+    downgrade(engine, "0010")
+    assert {"ix_sends_status", "ix_sends_trigger_status_not_before"} <= send_indexes(engine)
+    assert "ix_sends_trigger_not_before" not in send_indexes(engine)
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT reloptions FROM pg_class WHERE relname = 'sends'")).scalar_one() \
+                is None
+    engine.dispose()
+
+
+def send_indexes(engine) -> set[str]:
+    return set(index_columns(engine))
+
+
+def index_columns(engine) -> dict[str, str]:
+    """Each index of ``sends`` and what it reads: its columns, expressions and WHERE, as the database has them."""
+    from sqlalchemy import text
+
+    query = ("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'sends'" if engine.dialect.name ==
+             "postgresql" else "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sends' "
+             "AND sql IS NOT NULL")
+    with engine.connect() as connection:
+        return {name: definition.split(" ON ", 1)[1] for name, definition in connection.execute(text(query))}

@@ -1,9 +1,13 @@
 """The ledger decides every race: a send key is claimed by exactly one run."""
 
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta, timezone
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import Engine, event, select, text
 from sqlmodel import Session
 
 from flows import consent
@@ -37,6 +41,18 @@ def test_two_runs_claiming_the_same_keys_at_once_split_them_without_overlap(stor
         t.join()
     assert won["a"].isdisjoint(won["b"])
     assert won["a"] | won["b"] == {c.send_key for c in wanted}
+
+
+def test_a_window_handed_over_goes_straight_to_sending_and_only_its_winner_sends(store: Store) -> None:
+    customer = store.customer()
+    wanted = claims(customer.id, 3)
+    assert ledger.claim(store.engine, wanted[:1], "other-run", NOW) == {wanted[0].send_key}
+    assert ledger.hand_over(store.engine, wanted, "run", NOW) == {c.send_key for c in wanted[1:]}
+    assert ledger.hand_over(store.engine, wanted, "third-run", NOW, lease=timedelta(0)) == {wanted[0].send_key}
+    with Session(store.engine) as session:
+        rows = dict(session.execute(select(Send.send_key, Send.status)).all())
+    assert set(rows.values()) == {SendStatus.SENDING}  # a crash now leaves them in doubt, never resent
+    assert ledger.hand_over(store.engine, wanted, "fourth-run", NOW, lease=timedelta(0)) == set()
 
 
 def test_a_claim_stores_every_field_as_given_and_its_moment_in_utc(store: Store) -> None:
@@ -162,3 +178,80 @@ def test_a_released_claim_of_a_deferral_goes_back_to_being_that_deferral(store: 
     with Session(store.engine) as session:
         [row] = session.execute(select(Send)).scalars().all()
     assert (row.send_key, row.status, row.expires_at) == (deferral.send_key, SendStatus.DEFERRED, expires)
+
+
+def sends_window(customer_id: int, count: int) -> list[ledger.Claim]:
+    """A window of sends as a win-back campaign writes them: keys, Message-IDs and links of their real length."""
+    return [ledger.Claim(f"winback-lapsed/{customer_id}/slot:2026-03-16T12:00:00+00:00#{i}", "winback-lapsed",
+                         customer_id, f"slot:2026-03-16T12:00:00+00:00#{i}", "lapsed", "winback_lapsed.html",
+                         f"kunde{i}@example.de", f"<{i:032x}@shop.example>",
+                         links=("https://shop.example/winback?utm_source=lifecycle", "https://shop.example/account"))
+            for i in range(count)]
+
+
+def decided(window: list[ledger.Claim]) -> list[ledger.Decision]:
+    return [ledger.Decision(c.send_key, SendStatus.SENT, reply=f"250 2.0.0 Ok: queued as 4Fq{i:09d}")
+            for i, c in enumerate(window)]
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """Every statement the engine sends, an executemany's once per row (the server runs each)."""
+    sent: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, parameters: object, _context: object,
+              executemany: bool) -> None:
+        sent.extend([statement] * (len(parameters) if executemany and isinstance(parameters, list) else 1))
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def postgres_only(store: Store) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a property of PostgreSQL's statements and heap pages")
+
+
+@pytest.mark.parametrize("size", [2, 200])
+def test_a_window_costs_postgresql_two_statements_whatever_its_size(store: Store, size: int) -> None:
+    postgres_only(store)
+    window = sends_window(store.customer().id, size)
+    with statements(store.engine) as sent:
+        won = ledger.hand_over(store.engine, window, "run", NOW)
+        ledger.record(store.engine, decided(window))
+    assert len(won) == size
+    assert [s.split()[0] for s in sent if not s.startswith(("BEGIN", "COMMIT"))] == ["INSERT", "UPDATE"]
+
+
+def test_a_sends_state_changes_update_its_row_in_place_on_postgresql_while_a_run_reads(store: Store) -> None:
+    """HOT updates: no indexed column changes, and the page has room for the row's next version
+    even while a run's audience stream keeps the old one alive (its read transaction)."""
+    postgres_only(store)
+    customer = store.customer()
+    windows = [sends_window(customer.id, 1000)[i:i + 200] for i in range(0, 1000, 200)]
+    with store.engine.connect() as reader:
+        reader.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        reader.execute(text("SELECT count(*) FROM sends")).scalar_one()  # its snapshot, held to the end
+        for window in windows:
+            ledger.hand_over(store.engine, window, "run", NOW)
+            ledger.record(store.engine, decided(window))
+        held_out = sends_window(customer.id, 1100)[1000:]
+        ledger.hold_out(store.engine, held_out, "run", NOW)
+    store.engine.dispose()  # each backend reports its counts as it ends
+    assert updates_of_sends(store.engine, 1100) == (1100, 1100)
+
+
+def updates_of_sends(engine: Engine, expected: int) -> tuple[int, int]:
+    """``(updates, HOT updates)`` of ``sends`` as PostgreSQL's statistics have them, once they
+    count ``expected`` updates (backends report theirs shortly after they end)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with engine.connect() as connection:
+            done, hot = connection.execute(text(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sends'")).one()
+        if done >= expected or time.monotonic() > deadline:
+            return done, hot
+        time.sleep(0.1)

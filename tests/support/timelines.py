@@ -505,8 +505,7 @@ class Player:
                 dispatch_prepared(job, sent, batch)
             lease = job.settings.claim_lease
             doubt = accepted + lost
-            won = ledger.claim(self.engine, [p.claim for p in doubt], job.run_id, job.now, lease)
-            handing = ledger.mark_sending(self.engine, won, job.run_id)
+            handing = ledger.hand_over(self.engine, [p.claim for p in doubt], job.run_id, job.now, lease)
             with smtplib.SMTP(host, port, timeout=5) as client:
                 for p in accepted:
                     if p.claim.send_key in handing:
