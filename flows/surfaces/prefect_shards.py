@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
@@ -46,6 +47,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Crashed
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+from sqlmodel import col
 
 from flows.audience.query import Candidate, mailboxes_of
 from flows.audience.shards import Shard
@@ -54,7 +56,8 @@ from flows.run import Logger, execute_slice
 from flows.run_context import RunContext
 from flows.summary import RunSummary
 from flows.surfaces.deployments import artifact_key
-from models import Customer
+from models import Customer, Send, SendStatus
+from models.db import one_of
 
 log = logging.getLogger("lifecycle")
 
@@ -235,11 +238,13 @@ class PoolShards:
                 self._look(client, pending)
             for each in slices:
                 self._bury(client, each)
+        others = _sent_by(contexts[0], [str(r.id) for s in slices for r in s.runs if str(r.id) != s.counted])
         for each in slices:
             self.report.append({"step": each.order.step or "", "shard": each.order.label, "runs": len(each.runs),
                                 "counted run": each.counted,
                                 "outcome": each.summary.state_message() if each.summary else
-                                "failed: " + redact("; ".join(each.failures))[:500]})
+                                "failed: " + redact("; ".join(each.failures))[:500],
+                                "sent by its other runs": sum(others[str(r.id)] for r in each.runs)})
         lost = [s for s in slices if s.summary is None]
         if lost:
             raise ShardFailed("; ".join(f"shard {s.order.label}{f' of step {s.order.step}' if s.order.step else ''} "
@@ -353,6 +358,18 @@ class PoolShards:
                     client.set_flow_run_state(run.id, Crashed(
                         message=f"Lifecycle: no progress for {self.stall:.0f} s (its worker gone, or hanging); "
                                 "its shard was run again"), force=True)
+
+
+def _sent_by(context: RunContext, runs: list[str]) -> Counter[str]:
+    """The ledger's sent mails of these runs (the parent counts only the runs that counted:
+    what a lost run sent, its replacement found sent)."""
+    if not runs:
+        return Counter()
+    with context.engine.connect() as connection:
+        rows = connection.execute(select(col(Send.run_id), func.count()).where(
+            one_of(col(Send.run_id), runs, connection.dialect.name), col(Send.status) == SendStatus.SENT)
+            .group_by(col(Send.run_id))).all()
+    return Counter({run: n for run, n in rows})
 
 
 def spread_for(context: RunContext, deployment: UUID | str | None, parent: UUID | str | None, run_count: int,
