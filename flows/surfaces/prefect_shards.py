@@ -228,10 +228,12 @@ class PoolShards:
 
     def __call__(self, contexts: list[RunContext]) -> list[RunSummary]:
         slices = [_Slice(c, order_for(c)) for c in contexts]
-        # Each start in a copy of this context: a run started without the flow run's context
-        # would not be linked to it as a subflow, and cancelling the parent would not reach it.
+        # Each start in a copy of this thread's context, taken here (a thread of the pool has its
+        # own, empty one): a run started without the flow run's context would not be linked to
+        # it as a subflow, and cancelling the parent would not reach it.
+        copies = [copy_context() for _ in slices]
         with ThreadPoolExecutor(len(slices), thread_name_prefix="shard-start") as starting:
-            list(starting.map(lambda each: copy_context().run(self._start, each), slices))
+            list(starting.map(lambda copy, each: copy.run(self._start, each), copies, slices))
         with get_client(sync_client=True) as client:
             while pending := [s for s in slices if s.waiting]:
                 time.sleep(self.poll)

@@ -226,6 +226,7 @@ def test_a_campaign_in_four_shards_over_two_workers_survives_a_lost_worker(
     # Both workers ran shards; the lost one's were marked Crashed and run again by the other.
     shard_runs = {i: r for i, r in runs.items() if ", shard " in r["name"]}
     assert all(taken[name] & set(shard_runs) for name in workers)
+    assert all(r["parent_task_run_id"] for r in shard_runs.values())  # subflows: cancelling the parent reaches them
     listed = {row["shard"]: row for row in json.loads(table["data"])}
     assert sorted(listed) == [f"{n}/{SHARDS}" for n in range(1, SHARDS + 1)]
     counted = {label: row["counted run"] for label, row in listed.items()}
