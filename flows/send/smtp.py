@@ -2,10 +2,12 @@
 
 Only this module talks to the SMTP server. Each message goes MAIL → RCPT → DATA on
 one of ``connections`` open sessions. When the server offers PIPELINING (RFC 2920),
-MAIL, RCPT and DATA go in one write and their three replies are read in order, so a
-message costs two round trips (that group, then the content) instead of four: across a
-network, round trips are what a send costs. A server without it gets one command per
-round trip. A 4xx reply or a dropped connection before
+MAIL, RCPT and DATA go in one write and their three replies are read in order; and a
+message's content goes in one write with the next message's MAIL, RCPT and DATA (the
+RFC lets the content open a group), its reply read before theirs. So a session's first
+message costs two round trips and each one after it one, where one command at a time
+costs four: across a network, round trips are what a send costs. A server without it
+gets one command per round trip. A 4xx reply or a dropped connection before
 DATA is retried with exponential backoff (tenacity); a 5xx is final. A connection
 lost *during* DATA is ambiguous (the server may have accepted the message), so it
 is never retried: it is reported ``in_doubt`` and its claim stays in the ledger.
@@ -20,7 +22,7 @@ are handed back undecided, so nobody is blamed for the relay's configuration.
 import asyncio
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -280,6 +282,31 @@ class _PipelinedProtocol(aiosmtplib.protocol.SMTPProtocol):
                 waiter.set_result(response)
 
 
+@dataclass(eq=False)
+class _Ahead:
+    """The next mail of a session, its MAIL, RCPT and DATA written behind the content of the
+    one before it (``_content``): the session they went out on, their replies once read (or
+    what lost them), and, if the mail ahead of it was retried on that session, this mail's
+    whole outcome, sent to its end first (``Mailer._finish``)."""
+
+    envelope: "Envelope"
+    protocol: object
+    replies: list[aiosmtplib.SMTPResponse] = field(default_factory=list)
+    error: BaseException | None = None
+    answered: bool = False  # the replies were read (all three, or up to ``error``)
+    outcome: str | BaseException | None = None
+
+
+class _Offer:
+    """A session's next mail, offered to the content write of the mail before it: ``take``
+    hands it over (or None: it needs its own transaction, or there is none); ``ahead`` is
+    what became of it."""
+
+    def __init__(self, take: "Callable[[], Envelope | None]") -> None:
+        self.take = take
+        self.ahead: _Ahead | None = None
+
+
 class _NoSmtpUtf8(Exception):
     """The recipient needs SMTPUTF8 and the server does not offer it."""
 
@@ -377,20 +404,56 @@ class Mailer:
         unreachable: list[BaseException] = []
         breaker = self.breaker
 
+        def stopped() -> bool:
+            return bool(unreachable) or breaker.tripped is not None
+
+        def take() -> Envelope | None:
+            """The next mail, if its commands may follow a content in one write."""
+            if not queue or stopped() or self._pace is not None:
+                return None
+            following = queue[0]
+            if not following.recipient.isascii() or not _group_safe(following):
+                return None  # its own transaction says what is wrong with it, or sends it over SMTPUTF8
+            return queue.popleft()
+
+        def report(delivery: Delivery) -> None:
+            done.extend([delivery] if delivery.ours else breaker.observe(delivery))
+
         async def worker() -> None:
             client = self._idle.pop() if self._idle else None
+            ahead: _Ahead | None = None  # its commands already on this session, behind the last content
             try:
-                while queue and not unreachable and breaker.tripped is None:
-                    envelope = queue.popleft()
+                while ahead is not None or (queue and not stopped()):
+                    if ahead is not None and stopped() and ahead.outcome is None:
+                        # Its DATA may be accepted but its content never went: ending the
+                        # session drops it, and its claim goes back with the batch's.
+                        if client is not None:
+                            client.close()
+                        client, ahead = None, None
+                        break
+                    current, ahead = ahead, None
+                    envelope = current.envelope if current is not None else queue.popleft()
+                    offer = _Offer(take)
                     try:
-                        delivery, client = await self._deliver(client, envelope)
+                        delivery, client = await self._deliver(client, envelope, current, offer)
                     except Exception as exc:  # noqa: BLE001 - connection failures outlasting every retry
                         unreachable.append(exc)
+                        sent_ahead = offer.ahead.outcome if offer.ahead is not None else None
+                        if sent_ahead is not None and not (isinstance(sent_ahead, BaseException)
+                                                           and is_transient(sent_ahead)):
+                            # Sent to its end before this mail's retries ran out: its outcome is
+                            # known and needs no session (a temporary refusal just goes back).
+                            assert offer.ahead is not None
+                            report((await self._deliver(None, offer.ahead.envelope, offer.ahead))[0])
                         return
-                    done.extend([delivery] if delivery.ours else breaker.observe(delivery))
+                    report(delivery)
+                    ahead = offer.ahead
             finally:
                 if client is not None and client.is_connected:
-                    self._idle.append(client)
+                    if ahead is None:
+                        self._idle.append(client)
+                    else:  # commands of a mail not sent wait on it: nobody else may use it
+                        client.close()
 
         workers = min(self.config.connections, len(envelopes))
         await asyncio.gather(*(worker() for _ in range(workers)))
@@ -400,24 +463,34 @@ class Mailer:
             raise SmtpUnavailable(self._unreachable(unreachable[0]), done)
         return done
 
-    async def _deliver(self, client: aiosmtplib.SMTP | None,
-                       envelope: Envelope) -> tuple[Delivery, aiosmtplib.SMTP | None]:
+    async def _deliver(self, client: aiosmtplib.SMTP | None, envelope: Envelope, ahead: _Ahead | None = None,
+                       offer: _Offer | None = None) -> tuple[Delivery, aiosmtplib.SMTP | None]:
+        """One mail, with its retries. ``ahead``: its commands went out behind the last
+        content (or it was sent to its end already); ``offer``: the session's next mail,
+        for this one's content write to carry its commands (first attempt only)."""
         connection = client
 
         async def attempt() -> str:
-            nonlocal connection
+            nonlocal connection, ahead, offer
+            answered, ahead = ahead, None  # an answer read ahead is used once
+            offered, offer = offer, None
+            if answered is not None and answered.outcome is not None:
+                if isinstance(answered.outcome, BaseException):
+                    raise answered.outcome
+                return answered.outcome
             if self._pace is not None:
                 await self._pace.acquire()
             if connection is None or not connection.is_connected:
                 connection = await self._connect()
             try:
-                return await self._transaction(connection, envelope)
+                return await self._transaction(connection, envelope, answered, offered)
             except Exception as exc:
                 if _connection_lost(exc) or _code(exc) == 421:
                     await self._close(connection)
                     connection = None
                 raise
 
+        first_offer = offer
         try:
             try:
                 # Nearly every mail goes on its first try: that one skips the retry machinery
@@ -426,6 +499,8 @@ class Mailer:
             except Exception as exc:
                 if not is_transient(exc) or self.policy.attempts < 2:
                     raise
+                if first_offer is not None and first_offer.ahead is not None:
+                    await self._finish(connection, first_offer.ahead)  # the session is this mail's again
                 await asyncio.sleep(min(self.policy.backoff, self.policy.backoff_max))
                 reply = await self._retrying(after_first=True)(attempt)
             return Delivery(envelope.key, Outcome.SENT, reply), connection
@@ -444,7 +519,27 @@ class Mailer:
                 return Delivery(envelope.key, Outcome.refused(verdict.kind), reply, verdict, code), connection
             return Delivery(envelope.key, Outcome.RETRY, reply), connection
 
-    async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope) -> str:
+    async def _finish(self, client: aiosmtplib.SMTP | None, ahead: _Ahead) -> None:
+        """The mail whose commands followed a content that failed, sent to its end (its
+        outcome kept for its turn), so that the failed one's retry finds the session free."""
+        if not ahead.answered or ahead.error is not None or client is None or not client.is_connected \
+                or client.protocol is not ahead.protocol:
+            return  # its commands were lost with the session: it starts afresh on its turn
+        try:
+            ahead.outcome = await self._transaction(client, ahead.envelope, ahead, None)
+        except Exception as exc:  # noqa: BLE001 - kept, and raised on its turn as if it happened then
+            ahead.outcome = exc
+
+    async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope, ahead: _Ahead | None = None,
+                           offer: _Offer | None = None) -> str:
+        if ahead is not None and ahead.answered and client.protocol is ahead.protocol:
+            try:
+                await self._answer(client, ahead.envelope.sender, ahead.envelope.recipient, ahead.replies,
+                                   ahead.error)
+            except SMTPResponseException:
+                await _reset(client)
+                raise
+            return await self._data(client, envelope.data, True, offer)
         recipient = envelope.recipient
         if not recipient.isascii():  # the domain in ASCII, if a store still held Unicode
             recipient = stored_address(recipient)
@@ -470,7 +565,7 @@ class Mailer:
         except SMTPResponseException:
             await _reset(client)
             raise
-        return await self._data(client, envelope.data, started)
+        return await self._data(client, envelope.data, started, offer)
 
     async def _pipelined(self, client: aiosmtplib.SMTP, sender: str, recipient: str) -> None:
         """MAIL, RCPT and DATA in one write, their three replies matched in order (RFC 2920):
@@ -478,31 +573,28 @@ class Mailer:
         Returns once DATA is accepted (354)."""
         protocol = client.protocol
         assert isinstance(protocol, _PipelinedProtocol), "a session's protocol is set as it connects"
-        group = (_line(b"MAIL", b"FROM:", sender, SMTPSenderRefused) + _line(b"RCPT", b"TO:", recipient,
-                                                                                 SMTPRecipientRefused) + b"DATA\r\n")
-        timeout = self.config.timeout
-        replies: list[aiosmtplib.SMTPResponse] = []
-        protocol.pipelined = True
-        try:
-            protocol._response_pending = True  # aiosmtplib's flag: a reply is awaited
-            protocol.write(group)
-            for _ in range(3):
-                replies.append(await protocol.read_response(timeout))
-        except Exception as exc:
-            if not _connection_lost(exc):
-                raise
+        protocol._response_pending = True  # aiosmtplib's flag: a reply is awaited
+        protocol.write(_group(sender, recipient))
+        replies, error = await _read_group(protocol, self.config.timeout)
+        await self._answer(client, sender, recipient, replies, error)
+
+    async def _answer(self, client: aiosmtplib.SMTP, sender: str, recipient: str,
+                      replies: list[aiosmtplib.SMTPResponse], error: BaseException | None) -> None:
+        """A pipelined group's replies, judged: returns once DATA is accepted (354), raises
+        the first refusal, or the loss of the session."""
+        protocol = client.protocol
+        assert protocol is not None
+        if error is not None:
             await self._close(client)
             # A server that refuses and hangs up (421 at RCPT) is answered by its refusal, as one
             # command at a time would have seen it; lost before any refusal, the loss it is.
             if all(reply.code in (250, 251) for reply in replies):
-                raise
-        finally:
-            protocol.pipelined = False
+                raise error
         mail, rcpt, start = (replies + [aiosmtplib.SMTPResponse(-1, "")] * 3)[:3]
         if start.code == 354 and (mail.code != 250 or rcpt.code not in (250, 251)):
             # The server took DATA though MAIL or RCPT failed: end it with nothing in it (RFC 2920 3.1).
             protocol.write(b".\r\n")
-            await protocol.read_response(timeout)
+            await protocol.read_response(self.config.timeout)
         if mail.code != 250:
             raise SMTPSenderRefused(mail.code, mail.message, sender)
         if rcpt.code not in (250, 251):
@@ -510,15 +602,18 @@ class Mailer:
         if start.code != 354:
             raise SMTPDataError(start.code, start.message)
 
-    async def _data(self, client: aiosmtplib.SMTP, data: bytes, started: bool = False) -> str:
-        """The message's content (``started``: DATA was already accepted, pipelined)."""
+    async def _data(self, client: aiosmtplib.SMTP, data: bytes, started: bool = False,
+                    offer: _Offer | None = None) -> str:
+        """The message's content (``started``: DATA was already accepted, pipelined; then
+        ``offer``'s mail, if it takes one, has its commands written right behind it)."""
         try:
             if started:
-                response = await _content(client, data, self.config.timeout)
+                response = await _content(client, data, self.config.timeout, offer)
             else:
                 response = await client.data(data)
         except SMTPResponseException:
-            await _reset(client)
+            if offer is None or offer.ahead is None:  # its transaction is over; so is the next one's group
+                await _reset(client)
             raise
         except Exception as exc:
             if _connection_lost(exc):
@@ -583,15 +678,66 @@ def _line(verb: bytes, prefix: bytes, address: str,
     return verb + b" " + _safe(address, prefix, refused) + b"\r\n"
 
 
-async def _content(client: aiosmtplib.SMTP, data: bytes, timeout: float) -> aiosmtplib.SMTPResponse:
-    """The message after a pipelined DATA's 354: dot-stuffed and ended as aiosmtplib would."""
+def _group(sender: str, recipient: str) -> bytes:
+    """MAIL, RCPT and DATA as one pipelined write (ASCII addresses only)."""
+    return (_line(b"MAIL", b"FROM:", sender, SMTPSenderRefused)
+            + _line(b"RCPT", b"TO:", recipient, SMTPRecipientRefused) + b"DATA\r\n")
+
+
+def _group_safe(envelope: Envelope) -> bool:
+    try:
+        _group(envelope.sender, envelope.recipient)
+    except SMTPResponseException:
+        return False
+    return True
+
+
+async def _read_group(protocol: "_PipelinedProtocol", timeout: float) -> tuple[list[aiosmtplib.SMTPResponse],
+                                                                              BaseException | None]:
+    """The three replies to a pipelined MAIL, RCPT and DATA, in order; or those read before
+    the session was lost, and the loss."""
+    replies: list[aiosmtplib.SMTPResponse] = []
+    protocol.pipelined = True
+    try:
+        for _ in range(3):
+            replies.append(await protocol.read_response(timeout))
+    except Exception as exc:
+        if not _connection_lost(exc):
+            raise
+        return replies, exc
+    finally:
+        protocol.pipelined = False
+    return replies, None
+
+
+async def _content(client: aiosmtplib.SMTP, data: bytes, timeout: float,
+                   offer: _Offer | None = None) -> aiosmtplib.SMTPResponse:
+    """The message after a pipelined DATA's 354: dot-stuffed and ended as aiosmtplib would,
+    and, if ``offer`` hands over the session's next mail, its MAIL, RCPT and DATA in the
+    same write. This message's reply comes first, then theirs (kept in ``offer.ahead``):
+    this message is decided by its own reply, whatever happens to the session after it."""
     from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
     protocol = client.protocol
-    assert protocol is not None
+    assert isinstance(protocol, _PipelinedProtocol), "a session's protocol is set as it connects"
+    following = offer.take() if offer is not None else None
+    group = b""
+    if following is not None:
+        assert offer is not None
+        group = _group(following.sender, following.recipient)
+        offer.ahead = _Ahead(following, protocol)  # from here on, the worker owes it a turn
     protocol._response_pending = True  # aiosmtplib's flag: a reply is awaited
-    protocol.write(PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n")
-    response = await protocol.read_response(timeout)
+    protocol.pipelined = bool(group)  # replies to several commands in one write: keep every byte
+    try:
+        protocol.write(PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n" + group)
+        response = await protocol.read_response(timeout)
+    finally:
+        protocol.pipelined = False
+    if offer is not None and offer.ahead is not None:
+        offer.ahead.replies, offer.ahead.error = await _read_group(protocol, timeout)
+        offer.ahead.answered = True
+        if offer.ahead.error is not None:
+            client.close()  # this message has its reply; the session is gone for the next one
     if response.code != 250:
         raise SMTPDataError(response.code, response.message)
     return response

@@ -303,15 +303,66 @@ def _over_a_link(server_port: int, envelopes: list[Envelope], connections: int =
         return results, link.round_trips
 
 
-@pytest.mark.parametrize(("pipelining", "per_mail"), [(True, 2), (False, 4)])
-def test_with_pipelining_a_mail_costs_two_round_trips_and_without_it_four(pipelining: bool, per_mail: int) -> None:
+@pytest.mark.parametrize(("pipelining", "trips_for_twenty"), [(True, 1 + 20), (False, 4 * 20)])
+def test_with_pipelining_each_mail_after_a_sessions_first_costs_one_round_trip_and_without_it_four(
+        pipelining: bool, trips_for_twenty: int) -> None:
+    """Pipelined, a mail's content goes in one write with the next mail's MAIL, RCPT and DATA:
+    the first mail's group, then one round trip a mail (its content, the next one's group)."""
     server = SmtpServer(pipelining=pipelining).start()
     try:
         results, trips = _over_a_link(server.port, [envelope(f"r{i}@example.de") for i in range(20)])
     finally:
         server.stop()
     assert {d.result for d in results.values()} == {Outcome.SENT} and len(server.received) == 20
-    assert trips == 1 + per_mail * 20 + 1  # EHLO, each mail, QUIT
+    assert [r.recipients[0] for r in server.received] == [f"r{i}@example.de" for i in range(20)]
+    assert trips == 1 + trips_for_twenty + 1  # EHLO, the mails, QUIT
+
+
+def test_a_temporary_refusal_of_a_content_sends_the_mail_behind_it_before_the_retry() -> None:
+    """The mail whose commands followed a refused content is sent to its end first, so the
+    retry finds the session free; each mail arrives once, and none is decided twice."""
+    server = SmtpServer(pipelining=True).start()
+    server.handler.scripts["later@example.de"] = Script(data=["451 4.3.0 try again later"])
+    try:
+        results, _ = _over_a_link(server.port, [envelope(f"{n}@example.de") for n in ("a", "later", "b", "c")])
+    finally:
+        server.stop()
+    assert {key: d.result for key, d in results.items()} == {
+        f"{n}@example.de": Outcome.SENT for n in ("a", "later", "b", "c")}
+    assert [r.recipients[0].split("@")[0] for r in server.received] == ["a", "b", "later", "c"]
+
+
+def test_a_session_lost_at_a_contents_end_leaves_that_mail_in_doubt_and_sends_the_next_afresh() -> None:
+    """The next mail's commands were lost with the session, its content never sent: it goes
+    on a new session, once; the lost one may have been accepted, so it is not retried."""
+    server = SmtpServer(pipelining=True).start()
+    server.handler.scripts["lost@example.de"] = Script(drop_at_data=1)
+    try:
+        results, _ = _over_a_link(server.port, [envelope(f"{n}@example.de") for n in ("a", "lost", "b", "c")])
+    finally:
+        server.stop()
+    outcomes = {key.split("@")[0]: d.result for key, d in results.items()}
+    assert outcomes == {"a": Outcome.SENT, "lost": Outcome.IN_DOUBT, "b": Outcome.SENT, "c": Outcome.SENT}
+    received = {r.recipients[0].split("@")[0]: r.peer for r in server.received}
+    assert sorted(received) == ["a", "b", "c"] and len(server.received) == 3
+    assert received["a"] != received["b"] == received["c"]  # a new session from b on
+
+
+def test_a_tripped_breaker_drops_the_mail_whose_commands_followed_the_last_content() -> None:
+    """Its DATA was accepted, its content not yet sent: the session is closed instead, so the
+    relay gets nothing more, and the mail is not decided (its claim goes back with the batch's)."""
+    server = SmtpServer(pipelining=True).start()
+    for n in range(3):
+        server.handler.scripts[f"r{n}@example.de"] = Script(data=["554 5.7.1 rejected by policy"])
+    url = f"smtp://127.0.0.1:{server.port}?connections=1&timeout=5"
+    try:
+        decided, trip = send_windows(url, [envelope(f"r{n}@example.de") for n in range(6)],
+                                     BreakerPolicy(consecutive=3, sample=50, share=0.9, bounce_share=0.9), window=6)
+    finally:
+        server.stop()
+    assert trip is not None and "3 mails in a row" in str(trip)
+    assert decided == [] and server.received == []  # r3's commands went out behind r2's content; its content never
+    assert server.handler.rcpt_attempts["r3@example.de"] == 1 and "r4@example.de" not in server.handler.rcpt_attempts
 
 
 def test_a_refused_recipient_in_a_pipelined_group_fails_only_that_mail() -> None:

@@ -114,6 +114,9 @@ def test_preview_with_a_real_customer_uses_their_cart(settings: Settings, store:
     assert "Rucksack 28 l" in html and "Hallo Jürgen" in html
 
 
+# The demo makes its own SQLite store unless told otherwise; the runs it makes are the
+# pipeline's, tested on both databases elsewhere (tests/e2e/test_pipeline.py).
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.usefixtures("prefect")
 def test_demo_sends_into_the_outbox_and_a_second_run_sends_nothing(settings: Settings, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
