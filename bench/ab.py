@@ -10,7 +10,7 @@ win-back flow of this checkout and of ``OTHER_CHECKOUT`` (e.g. ``git worktree ad
 ``smtp-sink`` and one Prefect server, deleting each run's sends before the next. Each
 run is a fresh process in its own checkout, started from the flow entrypoint in that
 checkout's ``prefect.yaml``, so either side may be any release. Prints msgs/s per run and
-the mean ratio.
+the mean ratio, and each run's peak memory.
 """
 
 import argparse
@@ -48,7 +48,8 @@ def entrypoint(checkout: Path) -> tuple[str, str]:
     return path.removesuffix(".py").replace("/", "."), function
 
 
-def one_run(checkout: Path, url: str, port: int, api_url: str, workers: int) -> float:
+def one_run(checkout: Path, url: str, port: int, api_url: str, workers: int) -> tuple[float, float, float]:
+    """msgs/s, and the peak memory of the run's processes and of the largest of them (MB RSS)."""
     module, function = entrypoint(checkout)
     env = {**os.environ, "PREFECT_API_URL": api_url, "LIFECYCLE_DATABASE_URL": url,
            "LIFECYCLE_SMTP_URL": f"smtp://127.0.0.1:{port}?connections={bench.CONNECTIONS}",
@@ -59,14 +60,16 @@ def one_run(checkout: Path, url: str, port: int, api_url: str, workers: int) -> 
         script.write(SCRIPT.format(module=module, function=function))
     try:
         # The checkout is the working directory too: its sender processes import from there.
-        done = subprocess.run([sys.executable, script.name, bench.NOW.isoformat()], env=env, cwd=checkout,
-                              capture_output=True, text=True)
+        process = subprocess.Popen([sys.executable, script.name, bench.NOW.isoformat()], env=env, cwd=checkout,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with bench.TreeMemory(process.pid) as memory:
+            out, err = process.communicate()
     finally:
         os.unlink(script.name)
-    if done.returncode != 0:
-        raise RuntimeError(f"the run of {checkout} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(result["sent"]) / float(result["seconds"])
+    if process.returncode != 0:
+        raise RuntimeError(f"the run of {checkout} failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return float(result["sent"]) / float(result["seconds"]), memory.peak_rss / 1024, memory.peak_process_rss / 1024
 
 
 def main() -> None:
@@ -94,19 +97,22 @@ def main() -> None:
         with engine.begin() as connection:
             grown = connection.execute(text("SELECT coalesce(max(id), 0) FROM sends")).scalar_one()
         rates: dict[str, list[float]] = {"A": [], "B": []}
+        memories: dict[str, list[float]] = {"A": [], "B": []}
         with bench.smtp_sink() as port, bench.prefect_server(Path(folder)) as api_url:
             for side in ["A", "B", "B", "A"] * args.rounds:
                 started = time.perf_counter()
-                rate = one_run(sides[side], url, port, api_url, args.workers)
+                rate, rss, largest = one_run(sides[side], url, port, api_url, args.workers)
                 rates[side].append(rate)
-                print(f"  {side} ({sides[side]}): {rate:,.0f} msgs/s ({time.perf_counter() - started:.1f} s)",
-                      flush=True)
+                memories[side].append(rss)
+                print(f"  {side} ({sides[side]}): {rate:,.0f} msgs/s, peak {rss:.0f} MB RSS (largest process "
+                      f"{largest:.0f}) ({time.perf_counter() - started:.1f} s)", flush=True)
                 with engine.begin() as connection:  # the next run finds the store as grown
                     connection.execute(text("DELETE FROM sends WHERE id > :grown"), {"grown": grown})
     mean = {side: statistics.mean(values) for side, values in rates.items()}
     spread = {side: (min(values), max(values)) for side, values in rates.items()}
     for side in "AB":
-        print(f"{side}: mean {mean[side]:,.0f} msgs/s, runs {spread[side][0]:,.0f} to {spread[side][1]:,.0f}")
+        print(f"{side}: mean {mean[side]:,.0f} msgs/s, runs {spread[side][0]:,.0f} to {spread[side][1]:,.0f}; "
+              f"peak memory {max(memories[side]):.0f} MB RSS")
     print(f"A / B: {mean['A'] / mean['B']:.3f}")
 
 

@@ -3,7 +3,7 @@
 States (a row only ever moves forward):
 
 ``claimed``  reserved by a run, not yet handed to the SMTP server (a holdout's row on its
-             way to ``held_out``; or a claim ``mark_sending`` then hands over). If the run
+             way to ``held_out``; or a lapsed claim a later window takes over). If the run
              dies, a later run takes it over once the claim is older than the lease
              (``LIFECYCLE_CLAIM_LEASE_SECONDS``), and sends it: nothing reached the server,
              so nothing is sent twice.

@@ -5,7 +5,7 @@ plan the same key; only one INSERT wins, and only the winner sends. See
 ``models.ledger`` for the states and what a crash leaves behind.
 """
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -167,22 +167,6 @@ def hold_out(engine: Engine, claims: Sequence[Claim], run_id: str, evaluated_at:
                                                   col(Send.status) == SendStatus.CLAIMED, col(Send.run_id) == run_id)
                                .values(status=SendStatus.HELD_OUT, finished_at=utcnow()))
     return won
-
-
-def mark_sending(engine: Engine, keys: Iterable[str], run_id: str) -> set[str]:
-    """Just before a window's first DATA: from here on a crash leaves these keys in doubt.
-
-    Only keys still ``claimed`` by this run move on (returned): a run that stalled past
-    its lease may have lost a claim to another run, and must then not send it.
-    """
-    keys = list(keys)
-    if not keys:
-        return set()
-    with engine.begin() as connection:
-        return set(connection.execute(
-            update(Send).where(one_of(Send.send_key, keys, engine.dialect.name),
-                               col(Send.status) == SendStatus.CLAIMED, col(Send.run_id) == run_id)
-            .values(status=SendStatus.SENDING).returning(col(Send.send_key))).scalars())
 
 
 def defer(engine: Engine, claims: Sequence[tuple[Claim, datetime, datetime | None]], run_id: str,

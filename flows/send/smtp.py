@@ -290,7 +290,7 @@ class _Ahead:
     whole outcome, sent to its end first (``Mailer._finish``)."""
 
     envelope: "Envelope"
-    protocol: object
+    protocol: "_PipelinedProtocol"
     replies: list[aiosmtplib.SMTPResponse] = field(default_factory=list)
     error: BaseException | None = None
     answered: bool = False  # the replies were read (all three, or up to ``error``)
@@ -534,8 +534,8 @@ class Mailer:
                            offer: _Offer | None = None) -> str:
         if ahead is not None and ahead.answered and client.protocol is ahead.protocol:
             try:
-                await self._answer(client, ahead.envelope.sender, ahead.envelope.recipient, ahead.replies,
-                                   ahead.error)
+                await self._answer(client, ahead.protocol, ahead.envelope.sender, ahead.envelope.recipient,
+                                   ahead.replies, ahead.error)
             except SMTPResponseException:
                 await _reset(client)
                 raise
@@ -576,14 +576,13 @@ class Mailer:
         protocol._response_pending = True  # aiosmtplib's flag: a reply is awaited
         protocol.write(_group(sender, recipient))
         replies, error = await _read_group(protocol, self.config.timeout)
-        await self._answer(client, sender, recipient, replies, error)
+        await self._answer(client, protocol, sender, recipient, replies, error)
 
-    async def _answer(self, client: aiosmtplib.SMTP, sender: str, recipient: str,
+    async def _answer(self, client: aiosmtplib.SMTP, protocol: "_PipelinedProtocol", sender: str, recipient: str,
                       replies: list[aiosmtplib.SMTPResponse], error: BaseException | None) -> None:
         """A pipelined group's replies, judged: returns once DATA is accepted (354), raises
-        the first refusal, or the loss of the session."""
-        protocol = client.protocol
-        assert protocol is not None
+        the first refusal, or the loss of the session. ``protocol``: the session's, as the
+        group was written (a lost session's client has none any more)."""
         if error is not None:
             await self._close(client)
             # A server that refuses and hangs up (421 at RCPT) is answered by its refusal, as one

@@ -15,6 +15,7 @@ from flows.send import claims as ledger
 from models import Send, SendStatus, Suppression, SuppressionReason
 from models.types import utcnow
 from tests.support.builders import NOW, Store
+from tests.support.ledger import status_of
 
 
 def claims(customer_id: int, count: int) -> list[ledger.Claim]:
@@ -91,8 +92,7 @@ def test_recording_marks_sent_and_failed_and_releases_deferred(store: Store) -> 
 def test_in_doubt_lists_claims_left_behind_and_release_frees_them(store: Store) -> None:
     customer = store.customer()
     [stuck] = claims(customer.id, 1)
-    ledger.claim(store.engine, [stuck], "crashed-run", NOW)
-    assert ledger.mark_sending(store.engine, [stuck.send_key], "crashed-run") == {stuck.send_key}  # then it died
+    assert ledger.hand_over(store.engine, [stuck], "crashed-run", NOW) == {stuck.send_key}  # then it died
     assert ledger.claim(store.engine, [stuck], "second-run", NOW, lease=timedelta(0)) == set()
     assert ledger.in_doubt(store.engine, timedelta(minutes=10)) == []  # a live run may still hold it
     assert [r.send_key for r in ledger.in_doubt(store.engine, timedelta(seconds=-1))] == [stuck.send_key]
@@ -127,12 +127,15 @@ def test_a_dead_runs_unsent_claims_are_taken_over_once_its_lease_has_passed(stor
 
 
 def test_a_run_that_stalled_past_its_lease_cannot_send_what_another_run_took_over(store: Store) -> None:
+    """A claim held past its lease goes to the next run's window, straight to ``sending``;
+    the stalled run, waking up, wins nothing (a key being sent is never taken over)."""
     customer = store.customer()
     [key] = claims(customer.id, 1)
     assert ledger.claim(store.engine, [key], "stalled-run", NOW) == {key.send_key}
-    assert ledger.claim(store.engine, [key], "next-run", NOW, lease=timedelta(0)) == {key.send_key}
-    assert ledger.mark_sending(store.engine, [key.send_key], "stalled-run") == set()  # it wakes up: too late
-    assert ledger.mark_sending(store.engine, [key.send_key], "next-run") == {key.send_key}
+    assert ledger.hand_over(store.engine, [key], "next-run", NOW) == set()  # its lease has not passed
+    assert ledger.hand_over(store.engine, [key], "next-run", NOW, lease=timedelta(0)) == {key.send_key}
+    assert ledger.hand_over(store.engine, [key], "stalled-run", NOW, lease=timedelta(0)) == set()  # too late
+    assert status_of(store.engine, key.send_key) == SendStatus.SENDING
 
 
 def test_two_customer_records_of_one_mailbox_cannot_both_claim_an_occurrence(store: Store) -> None:

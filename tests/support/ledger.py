@@ -43,12 +43,11 @@ def status_of(engine: Engine, send_key: str) -> str:
 
 
 def seed_send(store: Store, key: str, email: str, status: SendStatus = SendStatus.SENT) -> None:
-    """A send in the ledger as a run leaves it: claimed, then recorded as sent (or ``status``)."""
+    """A send in the ledger as a run leaves it: handed over, then recorded as sent (or ``status``)."""
     customer = store.customer("Kim", email=email)
     claim = claims.Claim(key, key.split("/")[0], customer.id, key.rsplit("/", 1)[1], "lapsed", "winback_lapsed",
                          email, f"<{send_digest(SECRET, key)}@shop.example>")
-    assert claims.claim(store.engine, [claim], "run-1", NOW) == {key}
-    claims.mark_sending(store.engine, [key], "run-1")
+    assert claims.hand_over(store.engine, [claim], "run-1", NOW) == {key}
     claims.record(store.engine, [claims.Decision(key, status)])
 
 
