@@ -43,11 +43,12 @@ winner at most 5 % of the time when the variants are equal.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple
 
 from flows.analysis.lift import Interval, wilson
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Posterior standard deviations either side of each mean that the grid spans: a Beta's mass
 # beyond 12 of them is below 1e-6 even at k = 0, where its tail is exponential.
@@ -110,6 +111,8 @@ class Decision:
 
 def probability_best(counts: Sequence[tuple[int, int]]) -> tuple[float, ...]:
     """P(best) of each ``(k, n)``: the chance its rate is the highest, under Beta(1 + k, 1 + n - k) posteriors."""
+    import numpy as np  # here, not on import: a run imports this module, and numpy is 16 MB of its memory
+
     for k, n in counts:
         if not 0 <= k <= n:
             raise ValueError(f"0 <= k <= n, got k={k}, n={n}")
@@ -136,7 +139,9 @@ def probability_best(counts: Sequence[tuple[int, int]]) -> tuple[float, ...]:
     return tuple(best)
 
 
-def _times(factor: np.ndarray, logs: np.ndarray) -> np.ndarray:
+def _times(factor: "np.ndarray", logs: "np.ndarray") -> "np.ndarray":
+    import numpy as np
+
     out = np.zeros((len(factor), len(logs)))
     np.multiply(factor[:, None], logs[None, :], out=out, where=factor[:, None] != 0)
     return out
