@@ -173,42 +173,59 @@ class Breaker:
     for the ledger) once the sample is over and a later mail was accepted, or when the
     batch ends untripped (``settle``). When the breaker trips, whatever it holds stays
     undecided: those claims go back to the ledger unsent.
+
+    "Later" is by when a mail started, not when its reply came: over several sessions, and
+    with a mail's commands sent ahead behind another's content, a mail started before a
+    refusal came back may be answered after it, and its acceptance says nothing about the
+    relay since. An accepted mail vouches for what was observed before it started
+    (``observe``'s ``started``): only those refusals leave the streak, and only those held
+    are decided.
     """
 
     def __init__(self, policy: BreakerPolicy, recipients: int | None = None) -> None:
         self.policy = policy
         self.sample = min(policy.sample, recipients) if recipients else policy.sample
-        self.seen = self.streak = self.sampled_refusals = self.sampled_bounces = self.accepted = 0
+        self.seen = self.sampled_refusals = self.sampled_bounces = self.accepted = 0
         self.held: dict[str, Delivery] = {}
+        self._held_at: dict[str, int] = {}  # each held delivery's place among those observed
+        self._refusals: list[int] = []  # the places of the message-level refusals no acceptance vouched for
+        self._vouched = 0  # every delivery observed up to here is vouched for by a later acceptance
         self.tripped: str | None = None  # why, in the relay's words
 
-    def observe(self, delivery: Delivery) -> list[Delivery]:
+    @property
+    def streak(self) -> int:
+        """Message-level refusals in a row: since the last acceptance that vouches for them."""
+        return len(self._refusals)
+
+    def observe(self, delivery: Delivery, started: int | None = None) -> list[Delivery]:
         """Count one delivery; returns the deliveries decided by it (itself, or none, or
         the refusals it clears). A bounce within the sample is held as well: until the
-        sample is judged, it may be the relay calling everyone unknown."""
+        sample is judged, it may be the relay calling everyone unknown. ``started``: how
+        many deliveries had been observed when this mail started (``seen`` then; None: it
+        started after all of them)."""
         self.seen += 1
         verdict, in_sample = delivery.verdict, self.seen <= self.sample
-        if verdict is not None and not verdict.about_the_address:
-            self.held[delivery.key] = delivery
-            self.streak += 1
-            if in_sample:
-                self.sampled_refusals += 1
-            if self.tripped is None:
-                self.tripped = self._trips(delivery)
-            return []
-        if verdict is not None and in_sample:
-            self.held[delivery.key] = delivery
-            self.sampled_bounces += 1
+        if verdict is not None and (not verdict.about_the_address or in_sample):
+            self.held[delivery.key], self._held_at[delivery.key] = delivery, self.seen
+            if not verdict.about_the_address:
+                self._refusals.append(self.seen)
+                if in_sample:
+                    self.sampled_refusals += 1
+            else:
+                self.sampled_bounces += 1
             if self.tripped is None:
                 self.tripped = self._trips(delivery)
             return []
         if delivery.result == Outcome.SENT:
-            self.streak = 0
             self.accepted += 1
+            self._vouched = max(self._vouched, self.seen if started is None else started)
+            self._refusals = [place for place in self._refusals if place > self._vouched]
         decided = [delivery]
-        if self.tripped is None and self.streak == 0 and self.seen >= self.sample:
-            decided.extend(self.held.values())
-            self.held.clear()
+        if self.tripped is None and self.seen >= self.sample:
+            cleared = [key for key, place in self._held_at.items() if place <= self._vouched]
+            decided.extend(self.held.pop(key) for key in cleared)
+            for key in cleared:
+                del self._held_at[key]
         return decided
 
     def _trips(self, refusal: Delivery) -> str | None:
@@ -238,6 +255,7 @@ class Breaker:
         decided = [] if self.tripped else list(self.held.values())
         if decided:
             self.held.clear()
+            self._held_at.clear()
         return decided
 
 
@@ -295,6 +313,7 @@ class _Ahead:
     error: BaseException | None = None
     answered: bool = False  # the replies were read (all three, or up to ``error``)
     outcome: str | BaseException | None = None
+    started: int = 0  # deliveries the breaker had observed when its commands went out
 
 
 class _Offer:
@@ -302,8 +321,8 @@ class _Offer:
     hands it over (or None: it needs its own transaction, or there is none); ``ahead`` is
     what became of it."""
 
-    def __init__(self, take: "Callable[[], Envelope | None]") -> None:
-        self.take = take
+    def __init__(self, take: "Callable[[], tuple[Envelope, int] | None]", stopped: Callable[[], bool]) -> None:
+        self.take, self.stopped = take, stopped
         self.ahead: _Ahead | None = None
 
 
@@ -407,17 +426,17 @@ class Mailer:
         def stopped() -> bool:
             return bool(unreachable) or breaker.tripped is not None
 
-        def take() -> Envelope | None:
-            """The next mail, if its commands may follow a content in one write."""
+        def take() -> tuple[Envelope, int] | None:
+            """The next mail, if its commands may follow a content in one write, and when it started."""
             if not queue or stopped() or self._pace is not None:
                 return None
             following = queue[0]
             if not following.recipient.isascii() or not _group_safe(following):
                 return None  # its own transaction says what is wrong with it, or sends it over SMTPUTF8
-            return queue.popleft()
+            return queue.popleft(), breaker.seen
 
-        def report(delivery: Delivery) -> None:
-            done.extend([delivery] if delivery.ours else breaker.observe(delivery))
+        def report(delivery: Delivery, started: int) -> None:
+            done.extend([delivery] if delivery.ours else breaker.observe(delivery, started))
 
         async def worker() -> None:
             client = self._idle.pop() if self._idle else None
@@ -432,8 +451,11 @@ class Mailer:
                         client, ahead = None, None
                         break
                     current, ahead = ahead, None
-                    envelope = current.envelope if current is not None else queue.popleft()
-                    offer = _Offer(take)
+                    if current is not None:
+                        envelope, started = current.envelope, current.started
+                    else:
+                        envelope, started = queue.popleft(), breaker.seen
+                    offer = _Offer(take, stopped)
                     try:
                         delivery, client = await self._deliver(client, envelope, current, offer)
                     except Exception as exc:  # noqa: BLE001 - connection failures outlasting every retry
@@ -444,9 +466,10 @@ class Mailer:
                             # Sent to its end before this mail's retries ran out: its outcome is
                             # known and needs no session (a temporary refusal just goes back).
                             assert offer.ahead is not None
-                            report((await self._deliver(None, offer.ahead.envelope, offer.ahead))[0])
+                            report((await self._deliver(None, offer.ahead.envelope, offer.ahead))[0],
+                                   offer.ahead.started)
                         return
-                    report(delivery)
+                    report(delivery, started)
                     ahead = offer.ahead
             finally:
                 if client is not None and client.is_connected:
@@ -500,7 +523,8 @@ class Mailer:
                 if not is_transient(exc) or self.policy.attempts < 2:
                     raise
                 if first_offer is not None and first_offer.ahead is not None:
-                    await self._finish(connection, first_offer.ahead)  # the session is this mail's again
+                    # The session is this mail's again.
+                    await self._finish(connection, first_offer.ahead, first_offer.stopped)
                 await asyncio.sleep(min(self.policy.backoff, self.policy.backoff_max))
                 reply = await self._retrying(after_first=True)(attempt)
             return Delivery(envelope.key, Outcome.SENT, reply), connection
@@ -519,16 +543,25 @@ class Mailer:
                 return Delivery(envelope.key, Outcome.refused(verdict.kind), reply, verdict, code), connection
             return Delivery(envelope.key, Outcome.RETRY, reply), connection
 
-    async def _finish(self, client: aiosmtplib.SMTP | None, ahead: _Ahead) -> None:
+    async def _finish(self, client: aiosmtplib.SMTP | None, ahead: _Ahead, stopped: Callable[[], bool]) -> None:
         """The mail whose commands followed a content that failed, sent to its end (its
-        outcome kept for its turn), so that the failed one's retry finds the session free."""
+        outcome kept for its turn), so that the failed one's retry finds the session free.
+        If the batch is stopping, its content is not sent: the session is ended instead (the
+        worker then drops the mail, unsent), as when the breaker trips between two mails."""
         if not ahead.answered or ahead.error is not None or client is None or not client.is_connected \
                 or client.protocol is not ahead.protocol:
             return  # its commands were lost with the session: it starts afresh on its turn
+        if stopped():
+            client.close()
+            return
         try:
             ahead.outcome = await self._transaction(client, ahead.envelope, ahead, None)
         except Exception as exc:  # noqa: BLE001 - kept, and raised on its turn as if it happened then
             ahead.outcome = exc
+            if _connection_lost(exc) or not isinstance(exc, SMTPResponseException) or _code(exc) in (421, -1):
+                # The session's state is not known (a reply late, lost, or unreadable): a reply
+                # still on its way must not be read as the retried mail's.
+                await self._close(client)
 
     async def _transaction(self, client: aiosmtplib.SMTP, envelope: Envelope, ahead: _Ahead | None = None,
                            offer: _Offer | None = None) -> str:
@@ -719,12 +752,13 @@ async def _content(client: aiosmtplib.SMTP, data: bytes, timeout: float,
 
     protocol = client.protocol
     assert isinstance(protocol, _PipelinedProtocol), "a session's protocol is set as it connects"
-    following = offer.take() if offer is not None else None
+    taken = offer.take() if offer is not None else None
     group = b""
-    if following is not None:
+    if taken is not None:
         assert offer is not None
+        following, started = taken
         group = _group(following.sender, following.recipient)
-        offer.ahead = _Ahead(following, protocol)  # from here on, the worker owes it a turn
+        offer.ahead = _Ahead(following, protocol, started=started)  # from here on, the worker owes it a turn
     protocol._response_pending = True  # aiosmtplib's flag: a reply is awaited
     protocol.pipelined = bool(group)  # replies to several commands in one write: keep every byte
     try:
@@ -733,7 +767,10 @@ async def _content(client: aiosmtplib.SMTP, data: bytes, timeout: float,
     finally:
         protocol.pipelined = False
     if offer is not None and offer.ahead is not None:
-        offer.ahead.replies, offer.ahead.error = await _read_group(protocol, timeout)
+        try:
+            offer.ahead.replies, offer.ahead.error = await _read_group(protocol, timeout)
+        except Exception as exc:  # noqa: BLE001 - a reply that cannot be read: the next mail's, not this one's
+            offer.ahead.replies, offer.ahead.error = [], exc
         offer.ahead.answered = True
         if offer.ahead.error is not None:
             client.close()  # this message has its reply; the session is gone for the next one

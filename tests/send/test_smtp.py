@@ -2,6 +2,7 @@
 
 import asyncio
 import pickle
+from collections.abc import Callable
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -9,6 +10,7 @@ from aiosmtpd.controller import Controller
 from flows.feedback.bounces import Verdict
 from flows.outcomes import Outcome
 from flows.send.smtp import (
+    Breaker,
     BreakerPolicy,
     Delivery,
     Envelope,
@@ -20,6 +22,8 @@ from flows.send.smtp import (
 )
 from flows.surfaces.outbox import free_port
 from models import FeedbackKind
+from tests.support.scripted_smtp import ScriptedSmtp
+from tests.support.scripted_smtp import Session as ScriptedSession
 from tests.support.smtp_server import Script, SmtpServer
 
 FAST = RetryPolicy(attempts=4, backoff=0.01, backoff_max=0.05)
@@ -404,3 +408,116 @@ def test_smtp_sinks_refusals_at_rcpt_are_matched_to_their_mail_in_pipelined_grou
     finally:
         hard.stop()
     assert hard.recipients() == [] and refused.value.done == []  # nobody blamed for the relay
+
+
+def _scripted(script: Callable[[ScriptedSession, str], tuple[bytes, float] | None]) -> ScriptedSmtp:
+    return ScriptedSmtp(script).start()
+
+
+def test_an_unreadable_reply_to_the_next_mails_commands_is_that_mails_not_the_accepted_ones() -> None:
+    """The mail ahead had its 250: it is sent, whatever comes after it; the next one starts afresh."""
+    mails = []
+
+    def script(session: ScriptedSession, command: str) -> tuple[bytes, float] | None:
+        if command.startswith("MAIL"):
+            mails.append(command)
+            if len(mails) == 2:  # r1's MAIL, written behind r0's content
+                return b"2.5.0 Ok\r\n", 0.0  # no reply code: a broken server or middlebox
+        return None
+
+    server = _scripted(script)
+    try:
+        results = send(f"smtp://127.0.0.1:{server.port}?connections=1&timeout=5",
+                       [envelope(f"r{i}@example.de") for i in range(3)])
+    finally:
+        server.stop()
+    assert {key: d.result for key, d in results.items()} == {f"r{i}@example.de": Outcome.SENT for i in range(3)}
+    assert sorted(r for _, [r] in server.delivered) == [f"r{i}@example.de" for i in range(3)]  # each once
+
+
+def test_a_late_reply_on_the_mail_behind_a_refused_content_is_never_read_as_the_retried_mails() -> None:
+    """r0's content is refused for now; r1's commands behind it: RCPT refused, DATA taken all
+    the same, and the empty content that ends it answered after the client gave up. That
+    session is ended, so r0's retry reads its own reply on a new one."""
+    ends = []
+
+    def script(session: ScriptedSession, command: str) -> tuple[bytes, float] | None:
+        if command == ".":
+            ends.append(session.recipients)
+            if len(ends) == 1:
+                return b"451 4.3.0 try again later\r\n", 0.0  # r0's content
+            if not session.recipients:
+                return b"554 5.5.1 no valid recipients\r\n", 1.5 if len(ends) == 2 else 0.0
+        if command.startswith("RCPT") and "r1@" in command:
+            return b"550 5.1.1 no such user\r\n", 0.0
+        return None
+
+    server = _scripted(script)
+    try:
+        results = send(f"smtp://127.0.0.1:{server.port}?connections=1&timeout=1",
+                       [envelope(f"r{i}@example.de") for i in range(3)])
+    finally:
+        server.stop()
+    assert {key.split("@")[0]: d.result for key, d in results.items()} == {
+        "r0": Outcome.SENT, "r1": Outcome.BOUNCED, "r2": Outcome.SENT}
+    assert results["r0@example.de"].reply.startswith("250") and results["r1@example.de"].reply.startswith("550")
+    assert sorted(r for _, [r] in server.delivered) == ["r0@example.de", "r2@example.de"]
+
+
+def test_a_breaker_tripped_meanwhile_stops_the_mail_behind_a_refused_content_before_its_content() -> None:
+    """Two sessions: r0's content waits on a slow "try later" with r1's commands behind it,
+    while the other session's refusals trip the breaker. r1's content is never sent."""
+    def script(session: ScriptedSession, command: str) -> tuple[bytes, float] | None:
+        if command.startswith("RCPT") and "deny" in command:
+            return b"554 5.7.1 Relay access denied\r\n", 0.05
+        if command == "." and session.recipients == ["r0@example.de"] and not tried:
+            tried.append(True)
+            return b"451 4.3.0 try again later\r\n", 0.5
+        return None
+
+    tried: list[bool] = []
+    server = _scripted(script)
+    envelopes = [envelope("r0@example.de"), envelope("deny0@example.de"), envelope("r1@example.de"),
+                 *(envelope(f"deny{i}@example.de") for i in range(1, 8))]
+    try:
+        decided, trip = send_windows(f"smtp://127.0.0.1:{server.port}?connections=2&timeout=5", envelopes,
+                                     BreakerPolicy(consecutive=3, sample=50, share=0.9, bounce_share=0.9), window=10)
+    finally:
+        server.stop()
+    assert trip is not None and "3 mails in a row" in str(trip)
+    assert "r1@example.de" not in {r for _, rs in server.delivered for r in rs}
+    assert "r1@example.de" not in {d.key for d in decided}  # undecided: its claim goes back
+
+
+def test_an_acceptance_vouches_only_for_refusals_observed_before_the_mail_started() -> None:
+    """Over several sessions a mail started before a refusal came back may be answered after
+    it: its acceptance neither ends the streak nor decides that refusal."""
+    refused = Delivery("no0", Outcome.REJECTED, "554 5.7.1 Relay access denied",
+                       Verdict(FeedbackKind.MESSAGE_FAILURE, "5.7.1"), 554)
+    breaker = Breaker(BreakerPolicy(consecutive=3, sample=2, share=0.9, bounce_share=0.9))
+    for i in range(2):
+        breaker.observe(Delivery(f"ok{i}", Outcome.SENT, "250"), started=breaker.seen)
+    before = breaker.seen
+    assert breaker.observe(refused, started=before) == []
+    late = Delivery("ok2", Outcome.SENT, "250")
+    assert breaker.observe(late, started=before) == [late]  # started before no0 was answered
+    assert breaker.streak == 1 and "no0" in breaker.held
+    after = Delivery("ok3", Outcome.SENT, "250")
+    assert breaker.observe(after, started=breaker.seen) == [after, refused]  # started after it: vouches
+    assert breaker.streak == 0 and not breaker.held
+
+
+def test_with_pipelining_over_two_sessions_a_streak_of_policy_refusals_still_blames_nobody() -> None:
+    for _ in range(5):  # the order of replies over two sessions varies from run to run
+        server = SmtpServer(pipelining=True).start()
+        healthy = [envelope(f"ok{i}@example.de") for i in range(60)]
+        denied = [envelope(f"no{i}@example.de") for i in range(40)]
+        for e in denied:
+            server.handler.scripts[e.recipient] = Script(rcpt=["554 5.7.1 Relay access denied"])
+        try:
+            decided, trip = send_windows(f"smtp://127.0.0.1:{server.port}?connections=2&timeout=5",
+                                         healthy + denied, BreakerPolicy(consecutive=10, sample=50, share=0.2))
+        finally:
+            server.stop()
+        assert trip is not None
+        assert {d.key for d in decided} == {e.key for e in healthy}  # no refusal decided: all released
