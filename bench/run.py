@@ -53,7 +53,8 @@ from sqlalchemy import make_url
 from bench.ledger import PostgresCpu
 
 NOW = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)  # a Monday, daytime in Europe
-POSTGRES_URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# A database of its own: the tests empty theirs (`test` and its per-worker copies) as they go.
+POSTGRES_URL = os.environ.get("LIFECYCLE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/bench_run")
 SIZES = (10_000, 100_000, 1_000_000)
 CONNECTIONS = 4  # SMTP sessions per sender process
 BATCH_SIZE = 1000
@@ -129,7 +130,9 @@ def reset_postgres() -> None:
 
     import models  # noqa: F401
     from models.db import make_engine
+    from tests.conftest import ensure_database
 
+    ensure_database(POSTGRES_URL)
     engine = make_engine(POSTGRES_URL)
     SQLModel.metadata.drop_all(engine)
     with engine.begin() as connection:
