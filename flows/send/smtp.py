@@ -321,7 +321,7 @@ class _Offer:
     hands it over (or None: it needs its own transaction, or there is none); ``ahead`` is
     what became of it."""
 
-    def __init__(self, take: "Callable[[], tuple[Envelope, int] | None]", stopped: Callable[[], bool]) -> None:
+    def __init__(self, take: "Callable[[], tuple[Envelope, bytes, int] | None]", stopped: Callable[[], bool]) -> None:
         self.take, self.stopped = take, stopped
         self.ahead: _Ahead | None = None
 
@@ -426,14 +426,16 @@ class Mailer:
         def stopped() -> bool:
             return bool(unreachable) or breaker.tripped is not None
 
-        def take() -> tuple[Envelope, int] | None:
-            """The next mail, if its commands may follow a content in one write, and when it started."""
-            if not queue or stopped() or self._pace is not None:
-                return None
-            following = queue[0]
-            if not following.recipient.isascii() or not _group_safe(following):
-                return None  # its own transaction says what is wrong with it, or sends it over SMTPUTF8
-            return queue.popleft(), breaker.seen
+        def take() -> tuple[Envelope, bytes, int] | None:
+            """The next mail, if its commands may follow a content in one write: it, those
+            commands, and when it started."""
+            if not queue or stopped() or self._pace is not None or not queue[0].recipient.isascii():
+                return None  # over SMTPUTF8, a mail has a transaction of its own
+            try:
+                group = _group(queue[0].sender, queue[0].recipient)
+            except SMTPResponseException:
+                return None  # its own transaction says what is wrong with it
+            return queue.popleft(), group, breaker.seen
 
         def report(delivery: Delivery, started: int) -> None:
             done.extend([delivery] if delivery.ours else breaker.observe(delivery, started))
@@ -716,14 +718,6 @@ def _group(sender: str, recipient: str) -> bytes:
             + _line(b"RCPT", b"TO:", recipient, SMTPRecipientRefused) + b"DATA\r\n")
 
 
-def _group_safe(envelope: Envelope) -> bool:
-    try:
-        _group(envelope.sender, envelope.recipient)
-    except SMTPResponseException:
-        return False
-    return True
-
-
 async def _read_group(protocol: "_PipelinedProtocol", timeout: float) -> tuple[list[aiosmtplib.SMTPResponse],
                                                                               BaseException | None]:
     """The three replies to a pipelined MAIL, RCPT and DATA, in order; or those read before
@@ -756,8 +750,7 @@ async def _content(client: aiosmtplib.SMTP, data: bytes, timeout: float,
     group = b""
     if taken is not None:
         assert offer is not None
-        following, started = taken
-        group = _group(following.sender, following.recipient)
+        following, group, started = taken
         offer.ahead = _Ahead(following, protocol, started=started)  # from here on, the worker owes it a turn
     protocol._response_pending = True  # aiosmtplib's flag: a reply is awaited
     protocol.pipelined = bool(group)  # replies to several commands in one write: keep every byte
