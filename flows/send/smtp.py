@@ -560,7 +560,7 @@ class Mailer:
             ahead.outcome = await self._transaction(client, ahead.envelope, ahead, None)
         except Exception as exc:  # noqa: BLE001 - kept, and raised on its turn as if it happened then
             ahead.outcome = exc
-            if _connection_lost(exc) or not isinstance(exc, SMTPResponseException) or _code(exc) in (421, -1):
+            if not isinstance(exc, SMTPResponseException) or exc.code in (421, -1):
                 # The session's state is not known (a reply late, lost, or unreadable): a reply
                 # still on its way must not be read as the retried mail's.
                 await self._close(client)

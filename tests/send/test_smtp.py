@@ -414,6 +414,17 @@ def _scripted(script: Callable[[ScriptedSession, str], tuple[bytes, float] | Non
     return ScriptedSmtp(script).start()
 
 
+def _three_through(script: Callable[[ScriptedSession, str], tuple[bytes, float] | None],
+                   timeout: float = 5) -> tuple[dict[str, Delivery], ScriptedSmtp]:
+    """r0, r1 and r2 sent over one session to a scripted server; the deliveries and the server."""
+    server = _scripted(script)
+    try:
+        return send(f"smtp://127.0.0.1:{server.port}?connections=1&timeout={timeout:g}",
+                    [envelope(f"r{i}@example.de") for i in range(3)]), server
+    finally:
+        server.stop()
+
+
 def test_an_unreadable_reply_to_the_next_mails_commands_is_that_mails_not_the_accepted_ones() -> None:
     """The mail ahead had its 250: it is sent, whatever comes after it; the next one starts afresh."""
     mails = []
@@ -425,12 +436,7 @@ def test_an_unreadable_reply_to_the_next_mails_commands_is_that_mails_not_the_ac
                 return b"2.5.0 Ok\r\n", 0.0  # no reply code: a broken server or middlebox
         return None
 
-    server = _scripted(script)
-    try:
-        results = send(f"smtp://127.0.0.1:{server.port}?connections=1&timeout=5",
-                       [envelope(f"r{i}@example.de") for i in range(3)])
-    finally:
-        server.stop()
+    results, server = _three_through(script)
     assert {key: d.result for key, d in results.items()} == {f"r{i}@example.de": Outcome.SENT for i in range(3)}
     assert sorted(r for _, [r] in server.delivered) == [f"r{i}@example.de" for i in range(3)]  # each once
 
@@ -452,12 +458,7 @@ def test_a_late_reply_on_the_mail_behind_a_refused_content_is_never_read_as_the_
             return b"550 5.1.1 no such user\r\n", 0.0
         return None
 
-    server = _scripted(script)
-    try:
-        results = send(f"smtp://127.0.0.1:{server.port}?connections=1&timeout=1",
-                       [envelope(f"r{i}@example.de") for i in range(3)])
-    finally:
-        server.stop()
+    results, server = _three_through(script, timeout=1)
     assert {key.split("@")[0]: d.result for key, d in results.items()} == {
         "r0": Outcome.SENT, "r1": Outcome.BOUNCED, "r2": Outcome.SENT}
     assert results["r0@example.de"].reply.startswith("250") and results["r1@example.de"].reply.startswith("550")
